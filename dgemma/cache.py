@@ -1,0 +1,103 @@
+"""KVCache: preallocated per-layer key/value buffers that the encoder writes and the denoiser only reads.
+
+Each layer owns a ring of `capacity` slots plus one trash slot (index `capacity`) where writes that must be
+dropped land. A token at absolute position p lives in slot `p % capacity`, so:
+- full-attention layers get capacity = the longest context, and the ring never wraps;
+- sliding-window layers get capacity = sliding_window - 1, exactly what transformers' DynamicCache keeps, so
+  memory does not grow with the context and the denoiser's block-anchored window falls out of the layout.
+
+Every row keeps its own length, so rows with prompts of different lengths share one batch without padding the
+cache, and a row's keys never depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class CacheFullError(ValueError):
+    """The context (prompt plus committed canvases) would exceed the cache's capacity."""
+
+
+class KVCache:
+    """Per-layer ring buffers `[rows, kv_heads, capacity + 1, head_dim]` and per-row lengths `[rows]`."""
+
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, *, dtype=torch.float32, device=None,
+                 sliding_ring: bool = True):
+        if max_len <= 0:
+            raise ValueError("max_len must be positive")
+        self.cfg = cfg
+        self.max_len = max_len
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.capacity: list[int] = []
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for i in range(cfg.num_hidden_layers):
+            ring = sliding_ring and cfg.is_sliding(i)
+            cap = min(max_len, cfg.sliding_window - 1) if ring else max_len
+            cap = max(cap, 1)
+            shape = (rows, cfg.layer_kv_heads(i), cap + 1, cfg.layer_head_dim(i))
+            self.capacity.append(cap)
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            # V = K on full layers, but after different norms (k_norm + RoPE vs v_norm), so V is stored too.
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def slot_positions(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute position held by each slot `[rows, capacity+1]` and whether it holds a valid token."""
+        L = self.lengths[:, None]
+        s = torch.arange(capacity + 1, device=L.device)[None, :]
+        pos = L - 1 - torch.remainder(L - 1 - s, capacity)
+        valid = (pos >= 0) & (s < capacity)
+        return pos, valid
+
+    def check_room(self, n_new: torch.Tensor | int) -> None:
+        """Raise before a write that would push a row past max_len (the full layers' capacity)."""
+        need = self.lengths + n_new
+        if bool((need > self.max_len).any()):
+            raise CacheFullError(
+                f"context of {int(need.max())} tokens exceeds the cache capacity of {self.max_len}"
+            )
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor) -> None:
+        """Store the K/V of `n_valid[b]` new tokens of each row (right-padded `[rows, heads, T, dim]`).
+
+        Only the last `capacity` valid tokens of a row can survive in a ring, so the rest (and padding) are
+        routed to the trash slot. Lengths are advanced by `advance`, once for all layers.
+        """
+        cap = self.capacity[layer]
+        T = k.shape[2]
+        t = torch.arange(T, device=k.device)[None, :]
+        n = n_valid[:, None]
+        keep = (t < n) & (t >= n - cap)
+        slot = torch.where(keep, torch.remainder(self.lengths[:, None] + t, cap), torch.full_like(t, cap))
+        idx = slot[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k[layer].scatter_(2, idx, k.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, idx, v.to(self.v[layer].dtype))
+
+    def advance(self, n_valid: torch.Tensor) -> None:
+        self.lengths += n_valid
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Forget the context of all rows, or of the rows in a bool mask (their buffers are simply overwritten)."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+    def fork(self, row: int, copies: int) -> "KVCache":
+        """A new cache whose `copies` rows all start from row `row` of this one (e.g. n samples of one prompt)."""
+        new = object.__new__(KVCache)
+        new.cfg, new.max_len, new.capacity = self.cfg, self.max_len, list(self.capacity)
+        new.lengths = self.lengths[row:row + 1].repeat(copies)
+        new.k = [t[row:row + 1].repeat(copies, 1, 1, 1) for t in self.k]
+        new.v = [t[row:row + 1].repeat(copies, 1, 1, 1) for t in self.v]
+        return new

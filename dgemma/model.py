@@ -1,0 +1,366 @@
+"""The DiffusionGemma text model: one Gemma-4 MoE stack that runs as a causal encoder or a bidirectional denoiser.
+
+There is no mode inside the model. A call either *encodes* (causal mask, writes the KV cache, encoder layer
+scalars) or *denoises* a canvas (bidirectional over the canvas, reads the cache without writing it, input through
+the self-conditioning block, decoder layer scalars). Both are `forward` with one flag; `encode` and `denoise` name
+the two uses. Parameter names follow the Hugging Face checkpoint (`model.decoder.*`) so loading is a prefix rename.
+
+Shapes: B rows, T new tokens, H hidden size, V vocabulary, hd head dim, Hq query heads, Hkv key/value heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import denoiser_mask, encoder_mask, no_cache_mask
+from .cache import KVCache
+from .config import FULL, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma-4 RMSNorm: `x * (mean(x^2) + eps)^-0.5 * w`, in fp32 (w multiplies directly, not 1 + w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        # torch.pow(., -0.5) rather than rsqrt: the reference does this to match JAX bit for bit.
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.type_as(x)
+
+
+def rope_inv_freq(cfg: ModelConfig, layer_type: str) -> torch.Tensor:
+    """Inverse frequencies `[hd/2]` for one layer type.
+
+    default: `theta^(-2i/d)` over `d = hd * partial_rotary_factor`. proportional (full layers): the first
+    `partial * hd / 2` frequencies use the *whole* head dim as denominator and the rest are 0 (identity), so
+    only a quarter of the 512 dims rotate.
+    """
+    rp = cfg.rope_parameters[layer_type]
+    hd = cfg.global_head_dim if layer_type == FULL else cfg.head_dim
+    theta = float(rp["rope_theta"])
+    partial = float(rp.get("partial_rotary_factor", 1.0))
+    if rp.get("rope_type", "default") == "proportional":
+        n_rot = int(partial * hd // 2)
+        rot = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64).float() / hd))
+        inv = torch.cat([rot, torch.zeros(hd // 2 - n_rot)]) if hd // 2 > n_rot else rot
+        return inv / float(rp.get("factor", 1.0))
+    d = int(hd * partial)
+    return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[B, T, hd]` for NeoX rotate-half RoPE at absolute `positions` `[B, T]`."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, T, heads, hd]`, cos/sin `[B, T, hd]`."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class Attention(nn.Module):
+    """Sliding or full attention. Full layers have no v_proj: V is the raw k projection (taken before k_norm)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.sliding = cfg.is_sliding(layer)
+        self.window = cfg.sliding_window if self.sliding else None
+        self.head_dim = hd = cfg.layer_head_dim(layer)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.layer_kv_heads(layer)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=bias) if self.sliding else None
+        self.o_proj = nn.Linear(self.n_heads * hd, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(hd, cfg.rms_norm_eps, with_scale=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_Ctx") -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, hd)), cos, sin)
+        k_raw = self.k_proj(x).view(B, T, self.n_kv, hd)
+        v = self.v_norm(self.v_proj(x).view(B, T, self.n_kv, hd) if self.v_proj is not None else k_raw)
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+
+        cache = ctx.cache
+        if cache is None:
+            keys, values = k, v
+            mask = no_cache_mask(T, causal=not ctx.denoise, window=self.window, device=x.device)
+        else:
+            slot_pos, slot_valid = ctx.slots[cache.capacity[self.layer]]
+            keys = torch.cat([cache.k[self.layer].to(k.dtype), k], dim=2)
+            values = torch.cat([cache.v[self.layer].to(v.dtype), v], dim=2)
+            if ctx.denoise:
+                mask = denoiser_mask(cache.lengths, slot_pos, slot_valid, T, self.window)
+            else:
+                mask = encoder_mask(ctx.positions, slot_pos, slot_valid, ctx.n_valid, self.window)
+                cache.write(self.layer, k, v, ctx.n_valid)
+        # Gemma 4 uses attention scale 1.0: q and k are RMS-normalised per head instead of scaled by 1/sqrt(d).
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+
+class DenseMLP(nn.Module):
+    """`down(gelu_tanh(gate(x)) * up(x))`: the always-on MLP beside the MoE, also the self-conditioning MLP."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Routes on the raw residual: `softmax(proj(rmsnorm(r) * scale / sqrt(H)))`, top-k renormalised, then
+    multiplied by the chosen experts' per_expert_scale."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+        self.root = cfg.hidden_size ** -0.5
+
+    def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.norm(r) * self.scale * self.root
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """The MoE experts as stacked weights: gate_up_proj `[E, 2I, H]` (gate first), down_proj `[E, H, I]`.
+
+    Each expert runs once over the tokens routed to it (a sort by expert, then one matmul per hit expert),
+    never over every token.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]
+        ws = weights.reshape(-1)[order]
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = xs[start:start + n]
+            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(gelu_tanh(gate) * up, self.down_proj[e]) * ws[start:start + n, None])
+            start += n
+        y = torch.zeros_like(x)
+        if outs:
+            y.index_add_(0, token, torch.cat(outs).to(x.dtype))
+        return y
+
+
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+               "post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2")
+
+
+class Block(nn.Module):
+    """Attention, then the dense MLP in parallel with the MoE, three post-norms, and the per-layer scalar."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = DenseMLP(H, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in LAYER_NORMS:
+            setattr(self, name, RMSNorm(H, eps))
+        # Two scalars: the checkpoint stores the decoder's and the encoder's separately (buffers are not tied).
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, h: torch.Tensor, cos, sin, ctx: "_Ctx") -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, ctx))
+        r = h
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        flat = r.reshape(-1, r.shape[-1])
+        w, idx = self.router(flat)  # routes on the raw residual, not a normed copy
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(r.shape)
+        h = r + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return h * (self.layer_scalar if ctx.denoise else self.encoder_layer_scalar)
+
+
+class SelfConditioning(nn.Module):
+    """`post_norm(e_canvas + MLP(pre_norm(s)))` where s is the previous step's soft embedding (0 on a first step)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.pre_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(H, cfg.rms_norm_eps, with_scale=False)
+        self.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+
+    def forward(self, e: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        if s is None:
+            # MLP(pre_norm(0)) = 0 exactly (no biases), so skip the work: the input is just post_norm(e).
+            return self.post_norm(e)
+        n = self.pre_norm(s)
+        return self.post_norm(e + self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n)))
+
+
+class _Ctx:
+    """What every layer of one forward needs to know: the cache, the flag, positions and slot layouts."""
+
+    __slots__ = ("cache", "denoise", "positions", "n_valid", "slots")
+
+    def __init__(self, cache, denoise, positions, n_valid, slots):
+        self.cache, self.denoise, self.positions, self.n_valid, self.slots = cache, denoise, positions, n_valid, slots
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        self.rebuild_buffers()
+
+    def rebuild_buffers(self, device=None) -> None:
+        """(Re)create the non-persistent RoPE tables, e.g. after loading onto a model built on the meta device."""
+        for kind in set(self.cfg.layer_types):
+            inv = rope_inv_freq(self.cfg, kind)
+            self.register_buffer(f"inv_freq_{kind}", inv if device is None else inv.to(device), persistent=False)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed_scale(self, dtype=None) -> torch.Tensor:
+        # The scale is rounded to the weight dtype first (bf16: sqrt(2816) = 53.0, not 53.07), as the reference does.
+        return torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(dtype or self.dtype)
+
+    def soft_embed(self, sc_logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input from the previous step's processed logits: `softmax(l) @ E * scale` `[B,T,H]`."""
+        E = self.embed_tokens.weight
+        return (F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype) @ E) * self.embed_scale(E.dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`."""
+        out = F.linear(h, self.embed_tokens.weight).float()
+        cap = self.cfg.final_logit_softcapping
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def new_cache(self, rows: int, max_len: int, **kw) -> KVCache:
+        kw.setdefault("dtype", self.dtype)
+        kw.setdefault("device", self.device)
+        return KVCache(self.cfg, rows, max_len, **kw)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, *, denoise: bool = False,
+                sc: torch.Tensor | None = None, n_valid: torch.Tensor | None = None,
+                head: bool = True) -> torch.Tensor:
+        """Run the stack over `ids` `[B, T]` placed right after each row's cached context.
+
+        denoise=False (encode): causal; writes the K/V of the first `n_valid[b]` tokens of each row into `cache`
+            and advances its lengths. Used for prefill, for committing a canvas, and for autoregressive decoding.
+        denoise=True: bidirectional over the canvas, reads the cache and leaves it untouched; `sc` `[B, T, H]` is
+            the self-conditioning soft embedding (None on a canvas's first step).
+        Returns fp32 soft-capped logits `[B, T, V]`, or the final-normed hidden states if head=False.
+        """
+        B, T = ids.shape
+        if cache is not None:
+            lengths = cache.lengths
+            if n_valid is None:
+                n_valid = torch.full((B,), T, dtype=torch.long, device=ids.device)
+            if not denoise:
+                cache.check_room(n_valid)
+            positions = lengths[:, None] + torch.arange(T, device=ids.device)[None, :]
+            slots = {cap: cache.slot_positions(cap) for cap in set(cache.capacity)}
+        else:
+            positions = torch.arange(T, device=ids.device)[None, :].expand(B, T)
+            slots = None
+        ctx = _Ctx(cache, denoise, positions, n_valid, slots)
+
+        h = self.embed_tokens(ids) * self.embed_scale()
+        if denoise:
+            h = self.self_conditioning(h, sc)
+        rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, h.dtype)
+                for kind in set(self.cfg.layer_types)}
+        for layer, block in zip(self.layers, self.cfg.layer_types):
+            h = layer(h, *rope[block], ctx)
+        if cache is not None and not denoise:
+            cache.advance(n_valid)
+        h = self.norm(h)
+        return self.logits(h) if head else h
+
+    def encode(self, ids, cache, n_valid=None, head=True):
+        return self.forward(ids, cache, denoise=False, n_valid=n_valid, head=head)
+
+    def denoise(self, canvas, cache, sc=None, head=True):
+        return self.forward(canvas, cache, denoise=True, sc=sc, head=head)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "DiffusionGemma":
+        """Random weights as transformers initialises them (normal(0, 0.02), norms and scales at one)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,257 @@
+"""Checkpoints in the Hugging Face DiffusionGemma format: resolve, load (memory-mapped), save (atomically).
+
+The HF model ties the encoder's text weights to the decoder's, so the shared stack is stored once under
+`model.decoder.*`; only the per-layer `layer_scalar` buffers exist twice (`model.encoder.language_model.layers.N.
+layer_scalar`). dgemma's parameter names are the decoder's with the prefix removed, so the map is a rename.
+Vision-tower tensors are not used for text and are carried through to a save untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, ModelConfig
+from .io import atomic_dir
+from .model import DiffusionGemma
+
+DECODER = "model.decoder."
+ENC_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+PASSTHROUGH = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+# Keys a checkpoint may carry that dgemma neither needs nor writes back (tied copies of decoder weights).
+TIED = ("lm_head.weight", "model.encoder.language_model.")
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, with the reason."""
+
+
+# ---------------------------------------------------------------- names
+def hf_name(name: str) -> str:
+    """dgemma state_dict key -> HF checkpoint key."""
+    m = re.match(r"^layers\.(\d+)\.encoder_layer_scalar$", name)
+    if m:
+        return f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar"
+    return DECODER + name
+
+
+def dgemma_name(key: str) -> str | None:
+    """HF checkpoint key -> dgemma state_dict key (None for keys dgemma does not use)."""
+    if key.startswith(DECODER):
+        return key[len(DECODER):]
+    m = ENC_SCALAR.match(key)
+    if m:
+        return f"layers.{m.group(1)}.encoder_layer_scalar"
+    return None
+
+
+# ---------------------------------------------------------------- resolve
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a hub id fetched through huggingface_hub (its cache first when offline)."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"{p} is a file; a checkpoint is a directory holding config.json and weights")
+        return p
+    s = str(path_or_id)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")):
+        raise CheckpointError(f"no checkpoint directory at {s!r} (and it is not a Hugging Face hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model"]
+    try:
+        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    try:
+        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{s!r} was not found on the Hugging Face Hub (or needs a token: set HF_TOKEN)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CheckpointError(
+            f"cannot fetch {s!r}: the Hugging Face Hub is not reachable and the model is not in the local cache "
+            f"({type(e).__name__})"
+        ) from None
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    if (ckpt / INDEX).exists():
+        try:
+            index = json.loads((ckpt / INDEX).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt / INDEX} is not a valid safetensors index: {e}") from None
+        files = [ckpt / n for n in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{ckpt} is missing shard(s) named in {INDEX}: {', '.join(missing)}")
+        return files
+    if (ckpt / SINGLE).exists():
+        return [ckpt / SINGLE]
+    raise CheckpointError(f"{ckpt} has no weights: expected {SINGLE} or {INDEX}")
+
+
+# ---------------------------------------------------------------- load
+def _open(f: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(f), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_config(ckpt: Path) -> ModelConfig:
+    if not (ckpt / "config.json").exists():
+        raise CheckpointError(f"{ckpt} has no config.json")
+    try:
+        return ModelConfig.load(ckpt)
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
+
+
+def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               revision: str | None = None, quiet: bool = False) -> DiffusionGemma:
+    """Build the model on the meta device, then assign the checkpoint's tensors (memory-mapped) into it.
+
+    dtype: None keeps the checkpoint's dtype; otherwise tensors are converted (which copies them).
+    """
+    ckpt = resolve(path_or_id, revision)
+    cfg = load_config(ckpt)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    passthrough: dict[str, Path] = {}
+    unused: list[str] = []
+    from safetensors import SafetensorError
+
+    for f in weight_files(ckpt):
+        handle = _open(f)
+        for key in handle.keys():
+            name = dgemma_name(key)
+            if name is None:
+                if key.startswith(PASSTHROUGH):
+                    passthrough[key] = f
+                elif not key.startswith(TIED):
+                    unused.append(key)
+                continue
+            if name not in expected:
+                unused.append(key)
+                continue
+            try:
+                t = handle.get_tensor(key)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"cannot read tensor {key} from {f} (truncated or corrupt?): {e}") from None
+            want = tuple(expected[name].shape)
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"tensor {key} in {f.name} has shape {tuple(t.shape)}, expected {want}")
+            if dtype is not None and t.dtype != dtype:
+                t = t.to(dtype)
+            state[name] = t.to(device) if str(device) != "cpu" else t
+    missing = [hf_name(k) for k in expected if k not in state]
+    # A checkpoint without the encoder's own layer scalars (some converters write one copy) uses the decoder's.
+    for k in list(missing):
+        m = ENC_SCALAR.match(k)
+        if m:
+            dec = f"layers.{m.group(1)}.layer_scalar"
+            if dec in state:
+                state[f"layers.{m.group(1)}.encoder_layer_scalar"] = state[dec].clone()
+                missing.remove(k)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{ckpt} is missing tensor(s): {', '.join(missing[:5])}{more}")
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise CheckpointError(f"{ckpt} has tensor(s) dgemma does not know: {', '.join(unused[:3])}{more}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.rebuild_buffers(device)
+    model.passthrough = passthrough
+    model.source = ckpt
+    if passthrough and not quiet:
+        print(f"dgemma: skipping {len(passthrough)} vision-tower tensors (text-only; image input is not supported yet)",
+              file=sys.stderr)
+    return model
+
+
+# ---------------------------------------------------------------- save
+def state_for_save(model: DiffusionGemma) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        out[hf_name(name)] = t.detach().to("cpu").contiguous()
+    for key, f in getattr(model, "passthrough", {}).items():
+        out[key] = _open(f).get_tensor(key)
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [tensors]
+    shards, cur, size = [], {}, 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = t
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def save_model(model: DiffusionGemma, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               max_shard_bytes: int | None = None, generation_config: dict | None = None,
+               tokenizer=None, copy_from: Path | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write config.json, weights (one file or shards + index), generation_config.json and tokenizer files.
+
+    The whole directory is written beside the target and renamed into place, so a kill leaves the old one intact.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tensors = state_for_save(model)
+    if dtype is not None:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    src = copy_from if copy_from is not None else getattr(model, "source", None)
+    with atomic_dir(out) as tmp:
+        model.cfg.save(tmp / "config.json")
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE), metadata=meta)
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=meta)
+                for k, t in shard.items():
+                    weight_map[k] = name
+                    total += t.numel() * t.element_size()
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
+        if src is not None:  # also when overwriting in place: the old files are still there until the rename
+            for name in CHECKPOINT_FILES[1:]:
+                if (Path(src) / name).exists():
+                    (tmp / name).write_bytes((Path(src) / name).read_bytes())
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return out
+
+
+def init_random(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> DiffusionGemma:
+    """A randomly initialised model (for tests, benchmarks and training from scratch)."""
+    model = DiffusionGemma(cfg).init_weights(seed)
+    return model.to(dtype)
