@@ -73,15 +73,7 @@ class KVCache:
         Only the last `capacity` valid tokens of a row can survive in a ring, so the rest (and padding) are
         routed to the trash slot. Lengths are advanced by `advance`, once for all layers.
         """
-        cap = self.capacity[layer]
-        T = k.shape[2]
-        t = torch.arange(T, device=k.device)[None, :]
-        n = n_valid[:, None]
-        keep = (t < n) & (t >= n - cap)
-        slot = torch.where(keep, torch.remainder(self.lengths[:, None] + t, cap), torch.full_like(t, cap))
-        idx = slot[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k[layer].scatter_(2, idx, k.to(self.k[layer].dtype))
-        self.v[layer].scatter_(2, idx, v.to(self.v[layer].dtype))
+        _scatter(self.k[layer], self.v[layer], self.capacity[layer], self.lengths, k, v, n_valid)
 
     def advance(self, n_valid: torch.Tensor) -> None:
         self.lengths += n_valid
@@ -93,6 +85,10 @@ class KVCache:
         else:
             self.lengths[rows] = 0
 
+    def select(self, rows: torch.Tensor | None) -> "KVCache | RowView":
+        """The same interface over a subset of rows (None = all rows, no copy). Reads gather, writes scatter back."""
+        return self if rows is None else RowView(self, rows)
+
     def fork(self, row: int, copies: int) -> "KVCache":
         """A new cache whose `copies` rows all start from row `row` of this one (e.g. n samples of one prompt)."""
         new = object.__new__(KVCache)
@@ -101,3 +97,52 @@ class KVCache:
         new.k = [t[row:row + 1].repeat(copies, 1, 1, 1) for t in self.k]
         new.v = [t[row:row + 1].repeat(copies, 1, 1, 1) for t in self.v]
         return new
+
+
+def _scatter(kbuf, vbuf, cap, lengths, k, v, n_valid) -> None:
+    T = k.shape[2]
+    t = torch.arange(T, device=k.device)[None, :]
+    n = n_valid[:, None]
+    keep = (t < n) & (t >= n - cap)
+    slot = torch.where(keep, torch.remainder(lengths[:, None] + t, cap), torch.full_like(t, cap))
+    idx = slot[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    kbuf.scatter_(2, idx, k.to(kbuf.dtype))
+    vbuf.scatter_(2, idx, v.to(vbuf.dtype))
+
+
+class _Gather:
+    """`view.k[layer]`: that layer's buffer for the selected rows (a copy, made when asked for)."""
+
+    def __init__(self, bufs, rows):
+        self.bufs, self.rows = bufs, rows
+
+    def __getitem__(self, layer):
+        return self.bufs[layer].index_select(0, self.rows)
+
+    def __len__(self):
+        return len(self.bufs)
+
+
+class RowView:
+    """A subset of a KVCache's rows, used like a KVCache by the model (step-level batching of requests)."""
+
+    def __init__(self, parent: KVCache, rows: torch.Tensor):
+        self.parent, self.rows = parent, rows
+        self.cfg, self.max_len, self.capacity = parent.cfg, parent.max_len, parent.capacity
+        self.k, self.v = _Gather(parent.k, rows), _Gather(parent.v, rows)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.parent.lengths.index_select(0, self.rows)
+
+    slot_positions = KVCache.slot_positions
+    check_room = KVCache.check_room
+
+    def write(self, layer, k, v, n_valid) -> None:
+        kb, vb = self.k[layer], self.v[layer]
+        _scatter(kb, vb, self.capacity[layer], self.lengths, k, v, n_valid)
+        self.parent.k[layer].index_copy_(0, self.rows, kb)
+        self.parent.v[layer].index_copy_(0, self.rows, vb)
+
+    def advance(self, n_valid: torch.Tensor) -> None:
+        self.parent.lengths.index_add_(0, self.rows, n_valid)

@@ -174,7 +174,7 @@ class ModelConfig:
             hd, kv = self.layer_head_dim(i), self.layer_kv_heads(i)
             q = self.num_attention_heads * hd
             attn = h * q + h * kv * hd + (h * kv * hd if self.is_sliding(i) else 0) + q * h + 2 * hd
-            layer = attn + dense + router + 7 * norm + 1
+            layer = attn + dense + router + 7 * norm  # layer_scalar is a buffer, not a parameter
             total += layer + self.num_experts * expert
             active += layer + self.top_k_experts * expert
         return {"total": total, "active": active}
