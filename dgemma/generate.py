@@ -1,0 +1,468 @@
+"""Generation: block-autoregressive diffusion decoding (and autoregressive decoding of the same weights).
+
+For each request (one *row*):
+  1. prefill   encode the prompt causally into the KV cache
+  2. canvas    start a canvas of uniform random tokens (or the caller's warm-start canvas)
+  3. denoise   each step: decoder pass with self-conditioning -> sampler step (accept, renoise, draft, stop)
+  4. emit      when the canvas is stable and confident, or its steps are spent: its argmax, cut after the
+               first EOS, is the canvas's output
+  5. commit    unless the row is finished (EOS, max_new_tokens, a stop string), encode that argmax canvas into
+               the cache (positions continue) and go to 2
+Rows are independent: each keeps its own cache row, step count, seed and options, so rows join and leave the
+batch between steps and a row's tokens never depend on what else is in the batch. Every engine step runs at
+most one prefill, one denoise and one commit forward over all rows that need it.
+
+Randomness: by default each row owns a torch.Generator, reseeded per canvas (`sampler.canvas_seed`), and the
+fused, vocabulary-chunked sampler step draws from it. `rng="reference"` instead replays transformers'
+`generate` draw for draw from the global torch RNG (exact for one prompt at a time; see the sampler module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import sampler as S
+from .model import DiffusionGemma
+from .sampler import SamplerConfig
+
+DIFFUSION, AR = "diffusion", "ar"
+
+
+class GenerationError(ValueError):
+    """A request that cannot be run as given (reported to the caller, never a crash)."""
+
+
+# ---------------------------------------------------------------- requests and events
+@dataclass
+class GenerationParams:
+    """Everything one request may set. Unset sampler options come from the checkpoint's generation_config."""
+
+    max_new_tokens: int = 256
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    mode: str = DIFFUSION  # or AR: autoregressive decoding through the encoder, the baseline
+    ar_temperature: float = 0.0  # AR only: 0 = greedy
+    fixed: dict[int, int] | None = None  # first canvas: position -> token kept fixed (infill / edit)
+    init_canvas: Sequence[int] | None = None  # first canvas's starting tokens (transformers' decoder_input_ids)
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks that force a length)
+    rng: str = "row"  # "row": per-row generators (batch-invariant); "reference": transformers' global draws
+
+    def validate(self, canvas: int, vocab: int) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.mode not in (DIFFUSION, AR):
+            raise GenerationError(f"mode must be {DIFFUSION!r} or {AR!r}, got {self.mode!r}")
+        if self.rng not in ("row", "reference"):
+            raise GenerationError(f"rng must be 'row' or 'reference', got {self.rng!r}")
+        if self.ar_temperature < 0:
+            raise GenerationError("ar_temperature must be >= 0")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise GenerationError("stop strings must be non-empty strings")
+        for pos, tok in (self.fixed or {}).items():
+            if not 0 <= pos < canvas:
+                raise GenerationError(f"fixed position {pos} is outside the canvas (0..{canvas - 1})")
+            if not 0 <= tok < vocab:
+                raise GenerationError(f"fixed token {tok} is outside the vocabulary")
+        if self.init_canvas is not None:
+            if len(self.init_canvas) != canvas:
+                raise GenerationError(f"init_canvas must hold {canvas} tokens, got {len(self.init_canvas)}")
+            if any(not 0 <= t < vocab for t in self.init_canvas):
+                raise GenerationError("init_canvas has a token outside the vocabulary")
+
+    def replace(self, **kw) -> "GenerationParams":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class Draft:
+    """One denoising step of one row: the argmax canvas, which positions were accepted, the mean entropy."""
+
+    request: int
+    canvas: int
+    step: int
+    tokens: list[int]
+    accepted: list[bool]
+    mean_entropy: float
+
+
+@dataclass
+class Commit:
+    """A finished canvas (or, for AR, one token): the tokens it adds to the output."""
+
+    request: int
+    canvas: int
+    tokens: list[int]
+    steps: int
+
+
+@dataclass
+class Done:
+    request: int
+    tokens: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: dict[str, Any]
+
+
+Event = Draft | Commit | Done
+
+
+# ---------------------------------------------------------------- per-row state
+class _Row:
+    def __init__(self, rid: int, slot: int, prompt: list[int], params: GenerationParams, vocab: int, canvas: int):
+        self.id, self.slot, self.prompt, self.p = rid, slot, prompt, params
+        self.phase = "prefill"
+        self.gen = torch.Generator().manual_seed(params.seed)
+        self.canvas_idx = 0
+        self.step = 0
+        self.canvas: torch.Tensor | None = None
+        self.argmax: torch.Tensor | None = None
+        self.sc: torch.Tensor | None = None  # [T, H] soft embedding, or None on a canvas's first step
+        self.sc_logits: torch.Tensor | None = None  # reference rng: processed logits of the last step
+        self.history: list[torch.Tensor] = []
+        self.out: list[int] = []
+        self.steps_per_canvas: list[int] = []
+        self.decoder_passes = 0
+        self.encoder_passes = 0
+        self.finished: str | None = None
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        fixed = params.fixed or {}
+        self.fixed_pos = torch.tensor(sorted(fixed), dtype=torch.long)
+        self.fixed_tok = torch.tensor([fixed[k] for k in sorted(fixed)], dtype=torch.long)
+
+
+# ---------------------------------------------------------------- the engine
+class Engine:
+    """Runs many requests through one model and one KV cache, one step at a time.
+
+    `add` queues a request; `step` advances every live row by one forward of each kind it needs and returns the
+    events; `run` drives both until all given requests are done.
+    """
+
+    def __init__(self, model: DiffusionGemma, tokenizer=None, *, max_rows: int = 8, max_len: int | None = None,
+                 eos_ids: Iterable[int] | None = None, drafts: bool = False, sampler_chunk: int | None = None):
+        self.model = model.eval()
+        self.tok = tokenizer
+        cfg = model.cfg
+        self.cfg = cfg
+        self.T = cfg.canvas_length
+        self.V = cfg.vocab_size
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.cache = model.new_cache(max_rows, self.max_len)
+        self.free = list(range(max_rows))
+        self.rows: dict[int, _Row] = {}
+        self.next_id = 0
+        eos = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else cfg.eos_token_id)
+        self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long)
+        self.pad = cfg.pad_token_id
+        self.drafts = drafts
+        self.sampler_chunk = sampler_chunk
+
+    # ------------------------------------------------------------ requests
+    def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
+        if len(prompt) == 0:
+            raise GenerationError("the prompt is empty")
+        if any(not 0 <= t < self.V for t in prompt):
+            raise GenerationError("the prompt has a token outside the vocabulary")
+        params.validate(self.T, self.V)
+        if params.stop and self.tok is None:
+            raise GenerationError("stop strings need a tokenizer")
+        # The last canvas is never committed, so the cache must hold the prompt plus all canvases but one.
+        commits = -(-params.max_new_tokens // self.T) - 1 if params.mode == DIFFUSION else params.max_new_tokens - 1
+        need = len(prompt) + (commits * self.T if params.mode == DIFFUSION else commits)
+        positions = len(prompt) + params.max_new_tokens
+        if need > self.max_len or positions > self.cfg.max_position_embeddings:
+            raise GenerationError(
+                f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the context "
+                f"of {min(self.max_len, self.cfg.max_position_embeddings)} tokens"
+            )
+
+    def add(self, prompt: Sequence[int], params: GenerationParams) -> int:
+        self.check(prompt, params)
+        if not self.free:
+            raise GenerationError("the engine is full")
+        rid = self.next_id
+        self.next_id += 1
+        row = _Row(rid, self.free.pop(0), list(prompt), params, self.V, self.T)
+        self.rows[rid] = row
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        row = self.rows.pop(rid, None)
+        if row is not None:
+            self.free.append(row.slot)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows)
+
+    # ------------------------------------------------------------ one engine step
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        rows = list(self.rows.values())
+        self._prefill([r for r in rows if r.phase == "prefill"], events)
+        self._denoise([r for r in rows if r.phase == "denoise"], events)
+        self._ar([r for r in rows if r.phase == "ar" and r.finished is None], events)
+        ended = [r for r in rows if r.phase == "emit"]
+        if ended:
+            self._emit(ended, events)
+        for r in rows:
+            if r.finished is not None:
+                events.append(self._done(r))
+                self.cancel(r.id)
+        return events
+
+    def run(self, prompts: Sequence[Sequence[int]], params: GenerationParams | Sequence[GenerationParams]
+            ) -> Iterator[Event]:
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise GenerationError("one GenerationParams per prompt, or one for all")
+        for p, prm in zip(prompts, plist):
+            self.check(p, prm)
+        if len(prompts) > len(self.free):
+            raise GenerationError(f"{len(prompts)} prompts but the engine has room for {len(self.free)}")
+        ids = [self.add(p, prm) for p, prm in zip(prompts, plist)]
+        if any(prm.rng == "reference" for prm in plist):
+            if len(ids) != 1:
+                raise GenerationError("rng='reference' replays transformers' global draws: one prompt at a time")
+            torch.manual_seed(plist[0].seed)
+        mine = set(ids)
+        while mine & set(self.rows):
+            for ev in self.step():
+                if ev.request in mine:
+                    yield ev
+
+    # ------------------------------------------------------------ phases
+    def _view(self, rows: list[_Row]):
+        if len(rows) == self.cache.rows and [r.slot for r in rows] == list(range(self.cache.rows)):
+            return self.cache
+        return self.cache.select(torch.tensor([r.slot for r in rows]))
+
+    def _prefill(self, rows: list[_Row], events) -> None:
+        if not rows:
+            return
+        n = torch.tensor([len(r.prompt) for r in rows])
+        ids = torch.full((len(rows), int(n.max())), self.pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
+        for r in rows:
+            self.cache.lengths[r.slot] = 0
+        h = self.model.encode(ids.to(self.model.device), self._view(rows), n_valid=n.to(self.model.device),
+                              head=False)
+        ar_rows = [i for i, r in enumerate(rows) if r.p.mode == AR]
+        if ar_rows:
+            idx = torch.tensor(ar_rows)
+            last = h[idx, n[idx] - 1]
+            logits = self.model.logits(last)  # only the last position: never [rows, prompt, vocab]
+            for j, i in enumerate(ar_rows):
+                self._ar_token(rows[i], logits[j], events)
+        for r in rows:
+            r.encoder_passes += 1
+            if r.p.mode == DIFFUSION:
+                self._new_canvas(r, first=True)
+
+    def _new_canvas(self, r: _Row, first: bool = False) -> None:
+        r.phase, r.step, r.sc, r.sc_logits, r.history = "denoise", 0, None, None, []
+        if r.p.rng == "reference":
+            canvas = S.reference_init_canvas(1, self.T, self.V)[0]
+        else:
+            r.gen.manual_seed(S.canvas_seed(r.p.seed, r.canvas_idx))
+            canvas = S.fused_init_canvas([r.gen], self.T, self.V)[0]
+        if first and r.p.init_canvas is not None:
+            canvas = torch.tensor(list(r.p.init_canvas), dtype=torch.long)
+        if first and len(r.fixed_pos):
+            canvas[r.fixed_pos] = r.fixed_tok
+        r.canvas = canvas
+        r.argmax = canvas.clone()
+
+    def _denoise(self, rows: list[_Row], events) -> None:
+        if not rows:
+            return
+        m = self.model
+        canvas = torch.stack([r.canvas for r in rows]).to(m.device)
+        sc = None
+        if any(r.sc is not None or r.sc_logits is not None for r in rows):
+            sc = torch.zeros(len(rows), self.T, self.cfg.hidden_size, dtype=m.dtype, device=m.device)
+            for i, r in enumerate(rows):
+                if r.sc is not None:
+                    sc[i] = r.sc
+                elif r.sc_logits is not None:
+                    sc[i] = m.soft_embed(r.sc_logits[None])[0]
+        logits = m.denoise(canvas, self._view(rows), sc=sc)
+        for i, r in enumerate(rows):
+            if r.canvas_idx == 0 and len(r.fixed_pos):
+                # A fixed position is certain: one-hot logits give it zero entropy, so it is always accepted,
+                # costs nothing in the entropy budget, and its draft and sample are the fixed token.
+                logits[i, r.fixed_pos] = float("-inf")
+                logits[i, r.fixed_pos, r.fixed_tok] = 0.0
+        # Rows sharing sampler options share one sampler call; per-row randomness keeps them independent.
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault((r.p.sampler, r.p.rng), []).append(i)
+        for (cfg, rng), idx in groups.items():
+            sub = logits if len(idx) == len(rows) else logits[torch.tensor(idx)]
+            k = torch.tensor([cfg.max_denoising_steps - rows[i].step for i in idx])
+            if rng == "reference":
+                assert len(idx) == 1
+                r = rows[idx[0]]
+                out = S.reference_step(sub, int(k[0]), cfg, r.canvas[None].to(sub.device), sc_dtype=m.dtype)
+                results = [(out.canvas[0], out.argmax[0], out.entropies[0], out.accepted[0], None, out.sc_logits[0])]
+            else:
+                out = S.fused_step(sub, k.to(sub.device), cfg, [rows[i].gen for i in idx],
+                                   embedding=m.embed_tokens.weight, embed_scale=float(m.embed_scale()),
+                                   chunk=self.sampler_chunk)
+                results = [(out.canvas[j], out.argmax[j], out.entropies[j], out.accepted[j],
+                            out.sc_embedding[j].to(m.dtype), None) for j in range(len(idx))]
+            for i, (nxt, draft, ent, acc, sc_emb, sc_log) in zip(idx, results):
+                self._after_step(rows[i], cfg, nxt.cpu(), draft.cpu(), ent, acc, sc_emb, sc_log, events)
+        del logits
+
+    def _after_step(self, r: _Row, cfg: SamplerConfig, nxt, draft, ent, acc, sc_emb, sc_log, events) -> None:
+        r.step += 1
+        r.decoder_passes += 1
+        r.canvas, r.argmax, r.sc, r.sc_logits = nxt, draft, sc_emb, sc_log
+        mean_h = float(ent.float().mean())
+        if self.drafts:
+            events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h))
+        # StableAndConfident: the draft equals each of the last `stability_threshold` drafts (none yet at the
+        # first step, so the earliest stop is step 2) and the mean entropy is under the threshold.
+        s = cfg.stability_threshold
+        stable = len(r.history) >= s and all(torch.equal(h, draft) for h in r.history[-s:]) if s else True
+        r.history = (r.history + [draft])[-s:] if s else []
+        if (stable and mean_h < cfg.confidence_threshold) or r.step >= cfg.max_denoising_steps:
+            r.phase = "emit"
+
+    def _emit(self, rows: list[_Row], events) -> None:
+        """Steps 4 and 5: output each ended canvas, then commit the rows that go on, in one encoder pass."""
+        go_on = []
+        for r in rows:
+            toks = r.argmax.clone()
+            r.steps_per_canvas.append(r.step)
+            if r.t_first is None:
+                r.t_first = time.perf_counter()
+            cut = toks.tolist()
+            hit_eos = False
+            if not r.p.ignore_eos:
+                is_eos = torch.isin(toks, self.eos)
+                if bool(is_eos.any()):
+                    first = int(is_eos.nonzero()[0, 0])
+                    cut, hit_eos = cut[:first], True
+            room = r.p.max_new_tokens - len(r.out)
+            added = cut[:room]
+            r.out.extend(added)
+            events.append(Commit(r.id, r.canvas_idx, added, r.step))
+            r.canvas_idx += 1
+            if hit_eos:
+                r.finished = "stop"
+            elif len(r.out) >= r.p.max_new_tokens:
+                r.finished = "length"
+            elif self._stop_string(r):
+                r.finished = "stop"
+            else:
+                go_on.append((r, toks))
+        if go_on:
+            rs = [r for r, _ in go_on]
+            ids = torch.stack([t for _, t in go_on]).to(self.model.device)
+            self.model.encode(ids, self._view(rs), head=False)
+            for r in rs:
+                r.encoder_passes += 1
+                self._new_canvas(r)
+
+    def _ar(self, rows: list[_Row], events) -> None:
+        if not rows:
+            return
+        ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
+        logits = self.model.encode(ids, self._view(rows))[:, 0]
+        for i, r in enumerate(rows):
+            r.encoder_passes += 1
+            self._ar_token(r, logits[i], events)
+
+    def _ar_token(self, r: _Row, logits: torch.Tensor, events) -> None:
+        if r.p.ar_temperature > 0:
+            probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)
+            tok = int(torch.multinomial(probs.cpu(), 1, generator=r.gen))
+        else:
+            tok = int(torch.argmax(logits))
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+        r.phase = "ar"
+        if not r.p.ignore_eos and tok in self.eos.tolist():
+            r.finished = "stop"
+            events.append(Commit(r.id, len(r.out), [], 1))
+            return
+        r.out.append(tok)
+        events.append(Commit(r.id, len(r.out) - 1, [tok], 1))
+        if len(r.out) >= r.p.max_new_tokens:
+            r.finished = "length"
+        elif self._stop_string(r):
+            r.finished = "stop"
+
+    # ------------------------------------------------------------ endings
+    def _stop_string(self, r: _Row) -> bool:
+        if not r.p.stop:
+            return False
+        text = self.tok.decode(r.out)
+        return any(s in text for s in r.p.stop)
+
+    def _done(self, r: _Row) -> Done:
+        tokens, text = r.out, None
+        if self.tok is not None:
+            text = self.tok.decode(tokens)
+            if r.p.stop:
+                cuts = [text.find(s) for s in r.p.stop if s in text]
+                if cuts:
+                    text = text[:min(cuts)]
+                    tokens = _tokens_for_prefix(self.tok, tokens, text)
+        wall = time.perf_counter() - r.t0
+        stats = {
+            "mode": r.p.mode,
+            "prompt_tokens": len(r.prompt),
+            "completion_tokens": len(tokens),
+            "canvases": len(r.steps_per_canvas),
+            "steps_per_canvas": r.steps_per_canvas,
+            "mean_steps_per_canvas": (sum(r.steps_per_canvas) / len(r.steps_per_canvas)
+                                      if r.steps_per_canvas else None),
+            "decoder_passes": r.decoder_passes,
+            "encoder_passes": r.encoder_passes,
+            # transformers' definition: generated (non-pad) tokens per decoder forward pass
+            "tokens_per_forward": len(r.out) / (r.decoder_passes or r.encoder_passes),
+            "wall_s": wall,
+            "time_to_first_commit_s": (r.t_first - r.t0) if r.t_first else None,
+            "tokens_per_s": len(tokens) / wall if wall > 0 else None,
+        }
+        return Done(r.id, tokens, text, r.finished or "length", stats)
+
+
+def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
+    """The longest prefix of `tokens` whose decoding is a prefix of `text` (after a stop-string cut)."""
+    for n in range(len(tokens), -1, -1):
+        if text.startswith(tok.decode(tokens[:n])):
+            return tokens[:n]
+    return []
+
+
+# ---------------------------------------------------------------- one-call API
+def generate(model: DiffusionGemma, prompts: Sequence[Sequence[int]],
+             params: GenerationParams | Sequence[GenerationParams] | None = None, *, tokenizer=None,
+             drafts: bool = False, events: bool = False, sampler_chunk: int | None = None):
+    """Generate for a batch of token-id prompts. Returns a list of `Done` (or, with events=True, an iterator)."""
+    params = params if params is not None else GenerationParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    longest = max((len(p) + prm.max_new_tokens + model.cfg.canvas_length for p, prm in zip(prompts, plist)),
+                  default=1)
+    engine = Engine(model, tokenizer, max_rows=max(len(prompts), 1), drafts=drafts, sampler_chunk=sampler_chunk,
+                    max_len=min(longest, model.cfg.max_position_embeddings))
+    stream = engine.run(prompts, plist)
+    if events:
+        return stream
+    done = {ev.request: ev for ev in stream if isinstance(ev, Done)}
+    return [done[i] for i in sorted(done)]

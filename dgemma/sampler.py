@@ -1,0 +1,545 @@
+"""The DiffusionGemma sampler: pure functions over decoder logits, plus one small stop state.
+
+One denoising *step* turns the decoder's logits for a *canvas* (a block of `canvas` positions that is
+denoised together) into the next canvas. For `k = N, N-1, ..., 1` (k counts the steps *remaining*):
+
+    1. temperature  T_k = t_min + (t_max - t_min) * k / N, processed logits l' = l / T_k
+    2. sample       candidates x_i ~ softmax(l'_i); the *draft* is argmax(l'_i)
+    3. entropy      H_i of softmax(l'_i)
+    4. accept       the longest low-entropy prefix with  sum(H) - max(H) <= entropy_bound
+    5. renoise      next canvas = candidate where accepted, a fresh uniform token elsewhere
+    6. stop         stable (draft unchanged for `stability_threshold` steps) and confident (mean H small)
+    7. self-conditioning  the next step is conditioned on softmax(l') @ E * embed_scale
+
+Two implementations of a step live here:
+
+* `reference_step` is the oracle. It replays transformers 5.23.0 `DiffusionGemmaGenerationMixin._denoising_step`
+  op for op, including how it consumes the *global* torch RNG, so a generation loop built on it reproduces
+  `generate` token for token under `torch.manual_seed(seed)`.
+* `fused_step` is the hot path. It walks the `[rows, canvas, vocab]` logits once in vocabulary chunks, draws
+  ONE uniform per position (inverse-CDF sampling instead of vocab-sized noise) from each row's own
+  `torch.Generator`, and never syncs with the host. Its results do not depend on the chunk size nor on the
+  other rows of the batch. It is a different random stream from the reference, so it is equal to the
+  reference in distribution, not token for token.
+
+RNG order of the reference `generate` (eager path, which is the default one)
+---------------------------------------------------------------------------
+Everything below draws from the global (default) generator of the logits' device:
+
+    prefill encoder pass                          no draws (eval mode: no dropout, no router noise)
+    for each canvas c = 0 .. ceil(max_new_tokens / canvas) - 1:
+        encoder pass on the previous canvas       no draws
+        initial canvas: torch.randint(0, V, (rows, canvas))
+            (always drawn, even when `decoder_input_ids` is passed: `dict.pop(key, default)` evaluates
+            the default eagerly; a user canvas only replaces the draw for canvas 0)
+        for k = N .. 1 (until EVERY row has stopped):
+            decoder pass                          no draws (the canvas is passed, so the model's own
+                                                  randint fallback is never reached)
+            torch.multinomial(probs.view(rows * canvas, V), 1)
+                (n_sample == 1 takes PyTorch's fast path: it fills a [rows*canvas, V] tensor with
+                exponential_() noise and takes argmax(p / q), so it consumes rows*canvas*V draws; the
+                probability check before it is a host sync in older PyTorch, an async assert in newer)
+            renoise: torch.randint(0, V, (rows, canvas))
+                (drawn for every row and position, including rows that already stopped, accepted
+                positions, and the last step k = 1)
+
+Rows that stopped (`finished_denoising`) or finished the sequence (EOS in an earlier canvas) are still
+denoised and still consume draws; only the early `break` when all rows stopped skips draws. So the
+draws of one row depend on the whole batch. With a compileable (static) cache `generate` compiles
+accept/renoise/stop; Inductor then replaces the renoise `torch.randint` with its own Philox stream (checked:
+compiled and eager randint differ under one seed), so that path is not reproducible by eager code.
+
+RNG protocol of `fused_step` (per row, independent of the batch)
+-----------------------------------------------------------------
+Each row r owns a generator. At the start of canvas c the loop reseeds it with
+`canvas_seed(seed_r, c)`, so a row's stream never depends on how many steps the batch ran before. Then:
+
+    fused_init_canvas       randint(0, V, (canvas,))            one call per row, rows in order
+    every step              rand(canvas, float64), then randint(0, V, (canvas,))   per row, rows in order
+
+The step always draws both, for every row, so the count is fixed and needs no host knowledge of which
+rows stopped; frozen rows simply ignore their draws (`freeze_finished`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "SamplerConfig",
+    "temperature",
+    "entropy",
+    "entropy_bound_accept",
+    "renoise",
+    "freeze_finished",
+    "stable_and_confident",
+    "StopState",
+    "reference_init_canvas",
+    "ReferenceStep",
+    "reference_step",
+    "FUSED_BLOCK",
+    "FUSED_CHUNK",
+    "canvas_seed",
+    "fused_init_canvas",
+    "draw_step_noise",
+    "FusedStep",
+    "fused_step",
+]
+
+# The class name transformers writes next to `entropy_bound` in generation_config.json.
+_SAMPLER_CLS_NAME = "EntropyBoundSamplerConfig"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Knobs of the denoising loop; defaults are transformers' `_get_default_generation_params`."""
+
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+
+    def __post_init__(self) -> None:
+        for name in ("max_denoising_steps", "stability_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"SamplerConfig.{name} must be an int, got {value!r}")
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"SamplerConfig.{name} must be a number, got {value!r}")
+            # JSON may hold `1` for 1.0; store floats so equality and serialisation are stable.
+            object.__setattr__(self, name, float(value))
+        if self.max_denoising_steps < 1:
+            raise ValueError(f"max_denoising_steps must be >= 1, got {self.max_denoising_steps}")
+        if self.entropy_bound < 0:
+            raise ValueError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
+        if not 0 < self.t_min <= self.t_max:
+            raise ValueError(f"need 0 < t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.stability_threshold < 0:
+            raise ValueError(f"stability_threshold must be >= 0, got {self.stability_threshold}")
+        if self.confidence_threshold < 0:
+            raise ValueError(f"confidence_threshold must be >= 0, got {self.confidence_threshold}")
+
+    @classmethod
+    def from_generation_config(cls, gen: dict[str, Any]) -> SamplerConfig:
+        """Read a checkpoint's generation_config.json dict; missing keys keep the defaults, others are ignored."""
+        kwargs: dict[str, Any] = {}
+        for field in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
+            if gen.get(field) is not None:
+                kwargs[field] = gen[field]
+        sampler = gen.get("sampler_config")
+        if isinstance(sampler, dict):
+            cls_name = sampler.get("_cls_name", _SAMPLER_CLS_NAME)
+            if cls_name != _SAMPLER_CLS_NAME:
+                raise ValueError(f"unsupported sampler_config._cls_name {cls_name!r}; expected {_SAMPLER_CLS_NAME!r}")
+            kwargs["entropy_bound"] = sampler["entropy_bound"]
+        elif sampler is not None:  # an EntropyBoundSamplerConfig instance
+            kwargs["entropy_bound"] = sampler.entropy_bound
+        return cls(**kwargs)
+
+    def to_generation_config(self) -> dict[str, Any]:
+        """The generation_config.json keys for this config (the inverse of `from_generation_config`)."""
+        return {
+            "max_denoising_steps": self.max_denoising_steps,
+            "sampler_config": {"entropy_bound": self.entropy_bound, "_cls_name": _SAMPLER_CLS_NAME},
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+            "stability_threshold": self.stability_threshold,
+            "confidence_threshold": self.confidence_threshold,
+        }
+
+    def replace(self, **overrides: Any) -> SamplerConfig:
+        """A copy with some fields changed; unknown names are an error rather than silently ignored."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown SamplerConfig field(s) {unknown}; valid fields are {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Pure functions
+# ----------------------------------------------------------------------------------------------------
+def temperature(k_remaining: int | Tensor, cfg: SamplerConfig, device: torch.device | str | None = None) -> Tensor:
+    """T_k = t_min + (t_max - t_min) * k / N, k = steps remaining (N at the first step, 1 at the last).
+
+    k_remaining: int or int tensor of shape [] or [rows]. Returns float32 of the same shape.
+    The first step runs at t_max and the last at t_min + (t_max - t_min) / N, never exactly t_min.
+    """
+    # The reference turns the step into an int32 tensor before dividing, so the schedule is evaluated in
+    # float32, not in Python doubles; doing the same keeps l / T bit-identical.
+    k = torch.as_tensor(k_remaining, device=device).to(torch.int32)
+    return cfg.t_min + ((cfg.t_max - cfg.t_min) * (k / cfg.max_denoising_steps))
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dim: [..., vocab] -> [...].
+
+    The exact op sequence of `torch.distributions.Categorical(logits=...).entropy()`, so it is bit-identical
+    to what the reference accepts and stops on. It materialises several vocab-sized temporaries: this is
+    the oracle; `fused_step` computes the same quantity chunk by chunk.
+    """
+    log_p = logits - logits.logsumexp(dim=-1, keepdim=True)
+    p = F.softmax(log_p, dim=-1)
+    # clamp turns -inf log-probs (masked tokens) into a finite number so that 0 * log 0 = 0, not NaN.
+    return -(torch.clamp(log_p, min=torch.finfo(log_p.dtype).min) * p).sum(-1)
+
+
+def entropy_bound_accept(entropies: Tensor, bound: float | Tensor, *, stable: bool = False) -> Tensor:
+    """Entropy-bound acceptance (Ben-Hamu et al., arXiv 2505.24857): [rows, canvas] float -> [rows, canvas] bool.
+
+    1. Sort the entropies ascending.
+    2. Accept position j of the sorted list iff cumsum(H)_j - H_j <= bound. H_j is the running max because
+       the list is sorted, so this is sum - max <= bound, an upper bound on the mutual information of the
+       accepted tokens. The lowest-entropy position always passes (H_1 - H_1 = 0).
+    3. Scatter the mask back to canvas order.
+
+    bound: float, or a float tensor broadcastable to [rows, 1] for per-row bounds.
+    stable=False is the reference's `torch.sort` call, whose tie order is whatever that kernel does; the
+    cut can fall between tied entropies, so only that call matches the reference bit for bit.
+    stable=True breaks ties by canvas position (earlier first), the same on every device.
+    """
+    if stable:
+        sorted_h, order = torch.sort(entropies, dim=-1, descending=False, stable=True)
+    else:
+        sorted_h, order = torch.sort(entropies, dim=-1, descending=False)
+    if isinstance(bound, Tensor) and bound.dim() == 1:
+        bound = bound[:, None]
+    sorted_accept = torch.cumsum(sorted_h, dim=-1) - sorted_h <= bound
+    return torch.scatter(torch.zeros_like(sorted_accept), -1, order, sorted_accept)
+
+
+def renoise(candidates: Tensor, accepted: Tensor, noise_tokens: Tensor) -> Tensor:
+    """Next canvas: the candidate where accepted, a fresh noise token elsewhere. All [rows, canvas].
+
+    The reference first falls back to the *current* canvas where not accepted and then overwrites exactly
+    those positions with noise, so the current canvas never survives a step.
+    """
+    return torch.where(accepted, candidates, noise_tokens)
+
+
+def freeze_finished(finished: Tensor, old: Tensor, new: Tensor) -> Tensor:
+    """Keep `old` for rows that already stopped: finished [rows] bool, old/new [rows, ...]."""
+    return torch.where(finished.view(-1, *([1] * (new.dim() - 1))), old, new)
+
+
+def stable_and_confident(
+    history: Tensor, argmax_canvas: Tensor, entropies: Tensor, confidence_threshold: float
+) -> tuple[Tensor, Tensor]:
+    """One update of the stable-and-confident stop: returns (stop [rows] bool, new history).
+
+    history: [S, rows, canvas] drafts of the previous S steps, -1 where none yet (S = stability_threshold;
+    S = 0 means confidence only). argmax_canvas: [rows, canvas]. entropies: [rows, canvas].
+    1. stable: the draft equals each of the S previous drafts (an empty history is trivially stable).
+    2. confident: mean entropy over the canvas < confidence_threshold.
+    3. The history drops its oldest draft and appends this one.
+    Because the history starts at -1, with S >= 1 the earliest stop is the second step of a canvas.
+    """
+    if history.shape[0] == 0:
+        stable = torch.ones(argmax_canvas.shape[0], dtype=torch.bool, device=argmax_canvas.device)
+    else:
+        stable = (history == argmax_canvas[None]).all(dim=-1).all(dim=0)
+        history = torch.cat([history[1:], argmax_canvas[None].to(history.dtype)])
+    confident = torch.mean(entropies, dim=-1) < confidence_threshold
+    return stable & confident, history
+
+
+@dataclass
+class StopState:
+    """The per-row state of the stable-and-confident stop: the last `stability_threshold` drafts."""
+
+    stability_threshold: int
+    confidence_threshold: float
+    history: Tensor | None = None  # [stability_threshold, rows, canvas]; allocated on the first update
+
+    @classmethod
+    def from_config(cls, cfg: SamplerConfig) -> StopState:
+        return cls(cfg.stability_threshold, cfg.confidence_threshold)
+
+    def reset(self, rows: Tensor | None = None) -> None:
+        """Forget the history: of every row (new canvas for the whole batch), or of the rows in a [rows] bool mask."""
+        if rows is None or self.history is None:
+            self.history = None
+        else:
+            self.history = torch.where(rows[None, :, None], -1, self.history)
+
+    def update(self, argmax_canvas: Tensor, entropies: Tensor) -> Tensor:
+        """Feed this step's draft [rows, canvas] and entropies [rows, canvas]; returns stop [rows] bool."""
+        if self.history is None:
+            shape = (self.stability_threshold, *argmax_canvas.shape)
+            self.history = torch.full(shape, -1, dtype=argmax_canvas.dtype, device=argmax_canvas.device)
+        stop, self.history = stable_and_confident(self.history, argmax_canvas, entropies, self.confidence_threshold)
+        return stop
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Reference-compatible step (global RNG, same draws as transformers `generate`)
+# ----------------------------------------------------------------------------------------------------
+def reference_init_canvas(rows: int, canvas_len: int, vocab: int, device: torch.device | str | None = None) -> Tensor:
+    """A fresh canvas of uniform tokens over the full vocab: [rows, canvas_len] int64, from the global RNG.
+
+    The same call as `EntropyBoundSampler.initialize_canvas`, which is also the renoise draw.
+    """
+    return torch.randint(low=0, high=vocab, size=(rows, canvas_len), device=device)
+
+
+class ReferenceStep(NamedTuple):
+    canvas: Tensor  # [rows, canvas] int64, the next canvas (frozen for stopped rows)
+    argmax: Tensor  # [rows, canvas] int64, the draft (frozen for stopped rows)
+    sc_logits: Tensor  # [rows, canvas, vocab] processed logits for self-conditioning (frozen, cast to sc_dtype)
+    entropies: Tensor  # [rows, canvas] float, entropies of the processed logits
+    accepted: Tensor  # [rows, canvas] bool
+    candidates: Tensor  # [rows, canvas] int64, the multinomial draws
+    finished: Tensor | None  # [rows] bool, updated stop flags (None when no stop state was given)
+
+
+def reference_step(
+    logits: Tensor,
+    k_remaining: int,
+    cfg: SamplerConfig,
+    current_canvas: Tensor,
+    *,
+    argmax_canvas: Tensor | None = None,
+    sc_logits: Tensor | None = None,
+    finished: Tensor | None = None,
+    stop: StopState | None = None,
+    sc_dtype: torch.dtype | None = None,
+) -> ReferenceStep:
+    """transformers' `_denoising_step` after the decoder pass, op for op. logits: [rows, canvas, vocab].
+
+    current_canvas / argmax_canvas: [rows, canvas] (argmax defaults to the current canvas, as at the start
+    of a canvas in the reference); sc_logits: the previous step's `sc_logits` or None at the first step;
+    finished: [rows] bool of rows that stopped in this canvas; stop: the stop state, or None to run
+    without adaptive stopping (then nothing is frozen). sc_dtype: the embedding dtype; the reference
+    stores the self-conditioning logits in it (bf16 for real checkpoints).
+
+    1. processed logits l' = l / T_k (T_k as a float32 0-dim tensor)
+    2. candidates = multinomial(softmax(l', fp32).view(rows*canvas, V), 1)   <- RNG draw 1
+    3. draft = argmax(l')
+    4. accept = entropy_bound_accept(entropy(l'), entropy_bound)
+    5. renoise with reference_init_canvas(rows, canvas, V)                   <- RNG draw 2
+    6. rows that already stopped keep their canvas, draft and sc logits; the stop flags are OR-ed
+    7. sc_logits = l' cast to sc_dtype
+    """
+    rows, canvas_len, vocab = logits.shape
+    # 1.
+    processed = logits / temperature(k_remaining, cfg, logits.device)
+    # 2. softmax in fp32 over the full vocab, then the multinomial fast path (see the module docstring).
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    candidates = torch.multinomial(probs.view(-1, vocab), num_samples=1).squeeze(-1).view(rows, canvas_len)
+    # 3.
+    argmax = torch.argmax(processed, dim=-1)
+    # 4.
+    entropies = entropy(processed)
+    accepted = entropy_bound_accept(entropies, cfg.entropy_bound)
+    # 5. drawn even for rows that stopped: the reference always renoises the whole batch.
+    canvas = renoise(candidates, accepted, reference_init_canvas(rows, canvas_len, vocab, logits.device))
+    # 6. The reference only freezes inside `if finished.any()`; an unconditional where gives the same
+    # values without the host sync.
+    if stop is not None:
+        if finished is None:
+            finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+        if argmax_canvas is None:
+            argmax_canvas = current_canvas
+        argmax = freeze_finished(finished, argmax_canvas, argmax)
+        canvas = freeze_finished(finished, current_canvas, canvas)
+        if sc_logits is not None:
+            processed = freeze_finished(finished, sc_logits, processed)
+        # The reference recomputes entropies on the frozen logits; they differ only for rows that are
+        # already finished, whose flag is OR-ed, so this step's entropies give the same flags.
+        finished = finished | stop.update(argmax, entropies)
+    # 7.
+    sc_out = processed if sc_dtype is None else processed.to(sc_dtype)
+    return ReferenceStep(canvas, argmax, sc_out, entropies, accepted, candidates, finished)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Fused, memory-bounded, batch-invariant step (per-row generators)
+# ----------------------------------------------------------------------------------------------------
+FUSED_BLOCK = 4096  # vocab entries per cumulative-sum block; results depend on it, never on the chunk
+FUSED_CHUNK = 32768  # default vocab entries per memory chunk (a multiple of FUSED_BLOCK)
+
+_F32_MIN = torch.finfo(torch.float32).min
+_F64_MIN = torch.finfo(torch.float64).min
+
+
+def canvas_seed(seed: int, canvas_index: int) -> int:
+    """A 63-bit seed for (row seed, canvas index), mixed with splitmix64 so neighbouring pairs decorrelate."""
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + canvas_index + 1) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1
+
+
+def fused_init_canvas(
+    row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None
+) -> Tensor:
+    """A fresh canvas [rows, canvas_len] int64, row r drawn from row_generators[r] only."""
+    return torch.stack(
+        [torch.randint(0, vocab, (canvas_len,), generator=g, device=device) for g in row_generators]
+    )
+
+
+def draw_step_noise(
+    row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """One step's randomness: (uniforms [rows, canvas] float64 in [0, 1), renoise tokens [rows, canvas] int64).
+
+    Per row, in row order: canvas_len uniforms, then canvas_len renoise tokens. float64 uniforms give the
+    inverse-CDF 53 bits of resolution, so even 1e-9-probability tokens keep their share.
+    """
+    uniforms, noise = [], []
+    for g in row_generators:
+        uniforms.append(torch.rand(canvas_len, dtype=torch.float64, generator=g, device=device))
+        noise.append(torch.randint(0, vocab, (canvas_len,), generator=g, device=device))
+    return torch.stack(uniforms), torch.stack(noise)
+
+
+class FusedStep(NamedTuple):
+    canvas: Tensor  # [rows, canvas] int64, the next canvas (candidates where accepted, noise elsewhere)
+    candidates: Tensor  # [rows, canvas] int64, the inverse-CDF samples of softmax(l')
+    argmax: Tensor  # [rows, canvas] int64, the draft (first index of the max, like torch.argmax)
+    entropies: Tensor  # [rows, canvas] float32
+    accepted: Tensor  # [rows, canvas] bool
+    sc_embedding: Tensor | None  # [rows, canvas, hidden] float32, softmax(l') @ E * embed_scale
+
+
+def _last_true(mask: Tensor) -> Tensor:
+    """Index of the last True along the last dim (0 if none): [..., n] bool -> [...] int64."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask, positions, 0).amax(dim=-1)
+
+
+def _block_exp(x: Tensor, block_max: Tensor) -> tuple[Tensor, Tensor]:
+    """d = x - block_max (clamped finite) and e = exp(d): [..., B] fp32, block_max [...]."""
+    # Clamping the max keeps an all -inf block at e = 0 instead of NaN; clamping d makes e * d = 0 there.
+    d = (x - block_max.clamp(min=_F32_MIN)[..., None]).clamp_(min=_F32_MIN)
+    return d, torch.exp(d)
+
+
+def fused_step(
+    logits: Tensor,
+    k_remaining: int | Tensor,
+    cfg: SamplerConfig,
+    row_generators: Sequence[torch.Generator] | None = None,
+    *,
+    draws: tuple[Tensor, Tensor] | None = None,
+    embedding: Tensor | None = None,
+    embed_scale: float = 1.0,
+    chunk: int | None = None,
+    block: int = FUSED_BLOCK,
+) -> FusedStep:
+    """One denoising step in one chunked pass over logits [rows, canvas, vocab] (any float dtype).
+
+    k_remaining: int, or [rows] int tensor when rows sit at different steps. Randomness comes from
+    `row_generators` (one per row, see `draw_step_noise`) or from precomputed `draws` (uniforms, noise).
+    embedding [vocab, hidden], if given, also returns the self-conditioning soft embedding.
+    chunk: vocab entries held in fp32 at once, a multiple of `block` (None: about FUSED_CHUNK). Peak extra
+    memory is a few [rows, canvas, chunk] fp32 temporaries plus [rows, canvas, block] for step 4.
+
+    1. Draw one uniform and one renoise token per position.
+    2. For each chunk, for each block of `block` vocab entries: x = l / T_k in fp32, block max and first
+       argmax, e = exp(x - block max), block sums of e and e * (x - block max) in fp64, and (with an
+       embedding) the running soft embedding, rescaled online like flash-attention's softmax.
+    3. Combine the blocks: global max and draft, logsumexp, entropy, block masses and their CDF.
+    4. Inverse CDF: pick the block where the CDF passes u * total, gather that block's logits again and
+       walk its within-block cumulative sum. Only [rows, canvas, block] is re-read, not the vocab.
+    5. Accept (stable tie order) and renoise.
+    Every per-block quantity is computed on whole blocks in a fixed order, so tokens, drafts, entropies and
+    accept masks are bitwise the same for any chunk size and any batch a row sits in; the soft embedding
+    goes through matmuls and is equal to float rounding only.
+    """
+    rows, canvas_len, vocab = logits.shape
+    device = logits.device
+    if chunk is None:  # the default, rounded down to whole blocks
+        chunk = max(block, FUSED_CHUNK // block * block)
+    if block < 1 or chunk < block or chunk % block:
+        raise ValueError(f"chunk ({chunk}) must be a positive multiple of block ({block})")
+    n_blocks = -(-vocab // block)
+    chunk_blocks = min(chunk // block, n_blocks)
+    temp = temperature(k_remaining, cfg, device).reshape(-1, 1, 1)  # [rows or 1, 1, 1]
+
+    # 1.
+    if draws is None:
+        if row_generators is None or len(row_generators) != rows:
+            raise ValueError("fused_step needs one generator per row (or precomputed draws)")
+        draws = draw_step_noise(row_generators, canvas_len, vocab, device)
+    uniforms, noise_tokens = draws
+
+    # 2.
+    block_max = torch.empty(rows, canvas_len, n_blocks, dtype=torch.float32, device=device)
+    block_arg = torch.empty(rows, canvas_len, n_blocks, dtype=torch.int64, device=device)
+    block_sum = torch.empty(rows, canvas_len, n_blocks, dtype=torch.float64, device=device)
+    block_sum_ed = torch.empty(rows, canvas_len, n_blocks, dtype=torch.float64, device=device)
+    if embedding is not None:
+        sc_acc = torch.zeros(rows * canvas_len, embedding.shape[1], dtype=torch.float32, device=device)
+        sc_max = torch.full((rows, canvas_len), _F32_MIN, dtype=torch.float32, device=device)
+    for b0 in range(0, n_blocks, chunk_blocks):
+        b1 = min(b0 + chunk_blocks, n_blocks)
+        lo, hi = b0 * block, min(b1 * block, vocab)
+        x = logits[..., lo:hi].float() / temp
+        if hi - lo < (b1 - b0) * block:  # the ragged last block: pad with -inf, which has zero mass
+            x = F.pad(x, (0, (b1 - b0) * block - (hi - lo)), value=float("-inf"))
+        x = x.view(rows, canvas_len, b1 - b0, block)
+        bmax, barg = x.max(dim=-1)  # max(dim) returns the first index of the max, like argmax
+        d, e = _block_exp(x, bmax)
+        block_max[..., b0:b1], block_arg[..., b0:b1] = bmax, barg
+        block_sum[..., b0:b1] = e.sum(dim=-1, dtype=torch.float64)
+        block_sum_ed[..., b0:b1] = (e * d).sum(dim=-1, dtype=torch.float64)
+        if embedding is not None:
+            bmax_safe = bmax.clamp(min=_F32_MIN)
+            new_max = torch.maximum(sc_max, bmax_safe.amax(dim=-1))
+            # Bring every block to the common running max, then one matmul per chunk.
+            p = e * torch.exp(bmax_safe - new_max[..., None])[..., None]
+            p = p.view(rows * canvas_len, -1)[:, : hi - lo]
+            part = (p.to(embedding.dtype) @ embedding[lo:hi]).float()
+            sc_acc = sc_acc * torch.exp(sc_max - new_max).view(-1, 1) + part
+            sc_max = new_max
+
+    # 3. Blocks are combined in fp64 relative to the global max m.
+    global_max, best_block = block_max.max(dim=-1)
+    argmax = best_block * block + block_arg.gather(-1, best_block[..., None]).squeeze(-1)
+    delta = (block_max.double() - global_max.double()[..., None]).clamp(min=_F64_MIN)
+    weight = torch.exp(delta)  # exp(block max - m), 0 for all -inf blocks
+    mass = block_sum * weight
+    cdf = torch.cumsum(mass, dim=-1)
+    total = cdf[..., -1]  # sum exp(x - m) >= 1: the max entry contributes exactly 1
+    # H = log s - sum_v e_v (x_v - m) / s, where the per-block sums are shifted from block max to m.
+    entropies = (torch.log(total) - (weight * (block_sum_ed + delta * block_sum)).sum(-1) / total).float()
+
+    # 4. First block whose CDF exceeds the target; rounding can leave none (u*s == s), so fall back to
+    # the last block with mass, never to a zero-probability block.
+    target = uniforms * total
+    j = torch.minimum((cdf <= target[..., None]).sum(-1), _last_true(mass > 0))
+    before = F.pad(cdf[..., :-1], (1, 0)).gather(-1, j[..., None]).squeeze(-1)
+    residual = (target - before) / weight.gather(-1, j[..., None]).squeeze(-1)  # in units of that block's e
+    index = j[..., None] * block + torch.arange(block, device=device)
+    in_vocab = index < vocab
+    xj = logits.gather(-1, index.clamp(max=vocab - 1)).float() / temp
+    xj = torch.where(in_vocab, xj, float("-inf"))
+    _, ej = _block_exp(xj, block_max.gather(-1, j[..., None]).squeeze(-1))
+    within = torch.cumsum(ej.double(), dim=-1)
+    i = torch.minimum((within <= residual[..., None]).sum(-1), _last_true(ej > 0))
+    candidates = j * block + i
+
+    # 5.
+    accepted = entropy_bound_accept(entropies, cfg.entropy_bound, stable=True)
+    canvas = renoise(candidates, accepted, noise_tokens)
+    sc = None
+    if embedding is not None:
+        sc = (sc_acc / total.float().view(-1, 1) * embed_scale).view(rows, canvas_len, -1)
+    return FusedStep(canvas, candidates, argmax, entropies, accepted, sc)

@@ -1,0 +1,216 @@
+"""Generation: token-for-token parity with transformers' generate, and the engine's own guarantees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from dgemma.generate import AR, Commit, Done, Draft, GenerationError, GenerationParams, generate
+from dgemma.model import DiffusionGemma
+from dgemma.sampler import SamplerConfig
+from dgemma.weights import save_model
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for tiny vocabularies: token t decodes to one letter."""
+
+    eos_ids = frozenset({1, 106, 50})
+
+    def decode(self, ids, skip_special=False):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(DiffusionGemma(tiny_config("a")), seed=11).eval()
+
+
+def _prompt(model, n=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist()
+
+
+# ---------------------------------------------------------------- parity with transformers
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    out = {}
+    for name, seed in (("a", 21), ("b", 22)):
+        ours = randomize(DiffusionGemma(tiny_config(name)), seed=seed).eval()
+        with torch.no_grad():  # sharper logits so that acceptance and early stopping really happen
+            ours.embed_tokens.weight.mul_(4.0)
+        d = tmp_path_factory.mktemp(f"gen_{name}")
+        save_model(ours, d)
+        hf = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(d, dtype=torch.float32).eval()
+        out[name] = (ours, hf)
+    return out
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+@pytest.mark.parametrize("sampler", [
+    dict(max_denoising_steps=6, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
+         confidence_threshold=0.005),
+    dict(max_denoising_steps=5, entropy_bound=2.0, t_min=0.2, t_max=0.5, stability_threshold=1,
+         confidence_threshold=3.0),
+    dict(max_denoising_steps=4, entropy_bound=0.5, t_min=0.3, t_max=0.9, stability_threshold=0,
+         confidence_threshold=1.5),
+])
+def test_matches_transformers_generate(hf_pair, name, sampler):
+    ours, hf = hf_pair[name]
+    T = ours.cfg.canvas_length
+    prompt = _prompt(ours, n=2 * ours.cfg.sliding_window + 1, seed=5)
+    max_new = 3 * T
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    hf_kw = {k: v for k, v in sampler.items() if k != "entropy_bound"}
+    hf_kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=sampler["entropy_bound"])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, **hf_kw).sequences[0, len(prompt):]
+        ref = ref.tolist()
+        cut = next((i for i, t in enumerate(ref) if t in (1, 106, 50)), None)
+        ref_tokens = ref[:cut] if cut is not None else ref[:max_new]
+        params = GenerationParams(max_new_tokens=max_new, sampler=SamplerConfig(**sampler), seed=seed,
+                                  rng="reference")
+        got = generate(ours, [prompt], params)[0]
+        assert got.tokens == ref_tokens, f"seed {seed}"
+        assert got.finish_reason == ("stop" if cut is not None else "length")
+
+
+# ---------------------------------------------------------------- engine guarantees
+def test_events_and_stats(model):
+    T = model.cfg.canvas_length
+    params = GenerationParams(max_new_tokens=2 * T, sampler=SamplerConfig(max_denoising_steps=5), ignore_eos=True)
+    evs = list(generate(model, [_prompt(model)], params, drafts=True, events=True))
+    drafts = [e for e in evs if isinstance(e, Draft)]
+    commits = [e for e in evs if isinstance(e, Commit)]
+    done = [e for e in evs if isinstance(e, Done)]
+    assert len(commits) == 2 and len(done) == 1 and isinstance(evs[-1], Done)
+    assert len(drafts) == sum(c.steps for c in commits) == done[0].stats["decoder_passes"]
+    assert all(len(d.tokens) == T and len(d.accepted) == T for d in drafts)
+    assert drafts[0].step == 1 and any(d.canvas == 1 for d in drafts)
+    st = done[0].stats
+    assert st["completion_tokens"] == 2 * T and st["canvases"] == 2
+    assert st["tokens_per_forward"] == pytest.approx(2 * T / st["decoder_passes"])
+    assert done[0].tokens == commits[0].tokens + commits[1].tokens
+
+
+def test_seeded_determinism_and_batch_invariance(model):
+    params = [GenerationParams(max_new_tokens=40, seed=s, sampler=SamplerConfig(max_denoising_steps=6))
+              for s in (3, 4, 5)]
+    prompts = [_prompt(model, n, seed=n) for n in (4, 17, 9)]
+    alone = [generate(model, [p], prm)[0].tokens for p, prm in zip(prompts, params)]
+    batch = [d.tokens for d in generate(model, prompts, params)]
+    assert batch == alone
+    again = generate(model, [prompts[0]], params[0])[0].tokens
+    assert again == alone[0]
+    other = generate(model, [prompts[0]], params[0].replace(seed=99))[0].tokens
+    assert other != alone[0]
+
+
+def test_rows_finish_on_their_own(model):
+    """One row stops after one canvas, the other runs three; the short row's result is unchanged."""
+    T = model.cfg.canvas_length
+    p = _prompt(model)
+    short = GenerationParams(max_new_tokens=T, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=3))
+    long = GenerationParams(max_new_tokens=3 * T, ignore_eos=True, seed=1, sampler=SamplerConfig(max_denoising_steps=3))
+    a, b = generate(model, [p, p], [short, long])
+    assert len(a.tokens) == T and len(b.tokens) == 3 * T
+    assert a.tokens == generate(model, [p], short)[0].tokens
+
+
+def test_max_new_tokens_cuts_inside_a_canvas(model):
+    T = model.cfg.canvas_length
+    d = generate(model, [_prompt(model)], GenerationParams(max_new_tokens=T + 5, ignore_eos=True,
+                                                             sampler=SamplerConfig(max_denoising_steps=3)))[0]
+    assert len(d.tokens) == T + 5 and d.finish_reason == "length" and d.stats["canvases"] == 2
+
+
+def test_eos_cut(model):
+    """An EOS fixed at canvas position 5: the output is the 5 tokens before it and the row stops."""
+    fixed = {0: 7, 1: 8, 2: 9, 3: 10, 4: 11, 5: 106}
+    params = GenerationParams(max_new_tokens=100, fixed=fixed, sampler=SamplerConfig(max_denoising_steps=4))
+    d = generate(model, [_prompt(model)], params)[0]
+    assert d.tokens == [7, 8, 9, 10, 11] and d.finish_reason == "stop" and d.stats["canvases"] == 1
+
+
+def test_infill_fixed_positions_never_change(model):
+    T = model.cfg.canvas_length
+    fixed = {0: 7, 1: 8, T - 2: 9, T - 1: 10}
+    params = GenerationParams(max_new_tokens=T, fixed=fixed, ignore_eos=True,
+                              sampler=SamplerConfig(max_denoising_steps=6))
+    evs = list(generate(model, [_prompt(model)], params, drafts=True, events=True))
+    for d in (e for e in evs if isinstance(e, Draft)):
+        assert all(d.tokens[p] == t for p, t in fixed.items())
+        assert all(d.accepted[p] for p in fixed)
+    out = evs[-1].tokens
+    assert all(out[p] == t for p, t in fixed.items())
+
+
+def test_warm_start_canvas(model):
+    T = model.cfg.canvas_length
+    init = list(range(10, 10 + T))
+    a = generate(model, [_prompt(model)], GenerationParams(max_new_tokens=T, init_canvas=init, ignore_eos=True,
+                                                             sampler=SamplerConfig(max_denoising_steps=2)))[0]
+    b = generate(model, [_prompt(model)], GenerationParams(max_new_tokens=T, ignore_eos=True,
+                                                             sampler=SamplerConfig(max_denoising_steps=2)))[0]
+    assert a.tokens != b.tokens  # the first decoder pass saw a different canvas
+
+
+def test_stop_strings(model):
+    tok = CharTokenizer()
+    params = GenerationParams(max_new_tokens=60, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=3))
+    full = generate(model, [_prompt(model)], params, tokenizer=tok)[0]
+    stop = full.text[20:23]
+    first = full.text.find(stop)
+    d = generate(model, [_prompt(model)], params.replace(stop=(stop,)), tokenizer=tok)[0]
+    assert d.finish_reason == "stop" and d.text == full.text[:first]
+    assert tok.decode(d.tokens) == d.text
+
+
+@torch.no_grad()
+def test_ar_greedy_matches_full_recompute(model):
+    """AR decoding through the KV cache equals re-encoding the whole sequence for every token."""
+    p = _prompt(model, n=21)
+    d = generate(model, [p], GenerationParams(max_new_tokens=12, mode=AR, ignore_eos=True))[0]
+    seq = list(p)
+    for _ in range(12):
+        logits = model(torch.tensor([seq]))  # no cache: causal over everything
+        seq.append(int(logits[0, -1].argmax()))
+    assert d.tokens == seq[len(p):]
+    assert d.stats["tokens_per_forward"] == pytest.approx(1.0)
+
+
+def test_ar_sampled_is_seeded(model):
+    p = _prompt(model)
+    params = GenerationParams(max_new_tokens=10, mode=AR, ar_temperature=1.0, ignore_eos=True, seed=3)
+    assert generate(model, [p], params)[0].tokens == generate(model, [p], params)[0].tokens
+
+
+@pytest.mark.parametrize("prompt,params,msg", [
+    ([], GenerationParams(), "prompt is empty"),
+    ([5] * 1000, GenerationParams(max_new_tokens=100), "exceeds the context"),
+    ([5], GenerationParams(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    ([5], GenerationParams(fixed={999: 3}), "outside the canvas"),
+    ([5], GenerationParams(mode="beam"), "mode must be"),
+])
+def test_bad_requests(model, prompt, params, msg):
+    with pytest.raises(GenerationError, match=msg):
+        generate(model, [prompt], params)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_denoising_steps=0), "max_denoising_steps"),
+    (dict(entropy_bound=-1.0), "entropy_bound"),
+])
+def test_bad_sampler_options(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplerConfig(**kw)
+
+
+def test_unknown_sampler_option():
+    with pytest.raises(ValueError, match="unknown"):
+        SamplerConfig().replace(temprature=1.0)
