@@ -330,7 +330,8 @@ class Engine:
         r.step += 1
         r.decoder_passes += 1
         r.canvas, r.argmax, r.sc, r.sc_logits = nxt, draft, sc_emb, sc_log
-        mean_h = float(ent.float().mean())
+        mean_t = ent.float().mean()  # compared in float32, as the reference does
+        mean_h = float(mean_t)
         if self.drafts:
             events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h))
         # StableAndConfident: the draft equals each of the last `stability_threshold` drafts (none yet at the
@@ -338,7 +339,7 @@ class Engine:
         s = cfg.stability_threshold
         stable = len(r.history) >= s and all(torch.equal(h, draft) for h in r.history[-s:]) if s else True
         r.history = (r.history + [draft])[-s:] if s else []
-        if (stable and mean_h < cfg.confidence_threshold) or r.step >= cfg.max_denoising_steps:
+        if (stable and bool(mean_t < cfg.confidence_threshold)) or r.step >= cfg.max_denoising_steps:
             r.phase = "emit"
 
     def _emit(self, rows: list[_Row], events) -> None:

@@ -1,0 +1,121 @@
+"""Pipeline: a loaded model with its tokenizer and its checkpoint's generation defaults.
+
+The one object the CLI, the server and the benchmarks share: it turns text (or chat messages) and per-call
+options into token ids and `GenerationParams`, and runs them through an `Engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .generate import AR, DIFFUSION, Done, Engine, GenerationError, GenerationParams, generate
+from .model import DiffusionGemma
+from .sampler import SamplerConfig
+from .weights import load_model, resolve
+
+SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
+# Short names users type (CLI flags, server body fields) for the sampler's options.
+ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
+           "confidence": "confidence_threshold"}
+PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng"}
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU (its bf16 matmuls are slower than fp32), bf16 on CUDA."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Pipeline:
+    def __init__(self, model: DiffusionGemma, tokenizer=None, generation_config: Mapping[str, Any] | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.generation_config = dict(generation_config or {})
+        self.sampler = SamplerConfig.from_generation_config(self.generation_config)
+        self.max_new_tokens = int(self.generation_config.get("max_new_tokens") or 256)
+
+    @classmethod
+    def load(cls, path_or_id: str, *, dtype: torch.dtype | None = None, device: str | None = None,
+             quiet: bool = False) -> "Pipeline":
+        device = device or default_device()
+        ckpt = resolve(path_or_id)
+        model = load_model(ckpt, dtype=dtype or default_dtype(device), device=device, quiet=quiet)
+        tok = None
+        if (ckpt / "tokenizer.json").exists():
+            from .tokenizer import Tokenizer
+
+            tok = Tokenizer.from_dir(ckpt)
+        gen = {}
+        if (ckpt / "generation_config.json").exists():
+            gen = json.loads((ckpt / "generation_config.json").read_text())
+        return cls(model, tok, gen)
+
+    # ------------------------------------------------------------ options
+    def params(self, *, ar: bool = False, **options: Any) -> GenerationParams:
+        """Per-call options on top of the checkpoint's defaults. Unknown options are a clear error."""
+        sampler_kw, param_kw = {}, {}
+        for key, value in options.items():
+            if value is None:
+                continue
+            name = ALIASES.get(key, key)
+            if name in SAMPLER_OPTIONS:
+                sampler_kw[name] = value
+            elif name in PARAM_OPTIONS:
+                param_kw[name] = value
+            else:
+                known = sorted(SAMPLER_OPTIONS | PARAM_OPTIONS | set(ALIASES) | {"ar"})
+                raise GenerationError(f"unknown option {key!r}; known options: {', '.join(known)}")
+        param_kw.setdefault("max_new_tokens", self.max_new_tokens)
+        if "stop" in param_kw:
+            stop = param_kw["stop"]
+            param_kw["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        try:
+            sampler = self.sampler.replace(**sampler_kw)
+        except (TypeError, ValueError) as e:
+            raise GenerationError(str(e)) from None
+        return GenerationParams(sampler=sampler, mode=AR if ar else DIFFUSION, **param_kw)
+
+    # ------------------------------------------------------------ prompts
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise GenerationError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+        return self.tokenizer
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._need_tokenizer().encode(text, add_bos=add_bos)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], **kw) -> list[int]:
+        try:
+            return self._need_tokenizer().encode_chat(messages, **kw)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._need_tokenizer().decode(ids)
+
+    # ------------------------------------------------------------ running
+    def engine(self, max_rows: int = 8, max_len: int | None = None, **kw) -> Engine:
+        return Engine(self.model, self.tokenizer, max_rows=max_rows, max_len=max_len, **kw)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[Done]:
+        """Text (or token-id) prompts in, `Done` results (with `.text`) out."""
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ar = bool(options.pop("ar", False))
+        return generate(self.model, ids, self.params(ar=ar, **options), tokenizer=self.tokenizer)
+
+
+def save_pipeline(pipe: Pipeline, out_dir: str | Path) -> Path:
+    """Model, tokenizer and generation defaults as one checkpoint directory."""
+    from .weights import save_model
+
+    gen = {**pipe.generation_config, **pipe.sampler.to_generation_config(), "max_new_tokens": pipe.max_new_tokens}
+    return save_model(pipe.model, out_dir, generation_config=gen, tokenizer=pipe.tokenizer)
