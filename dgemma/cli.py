@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -122,6 +123,162 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- generate / chat
+def add_model_args(s) -> None:
+    s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights dtype (default: float32 on CPU, "
+                   "bfloat16 on CUDA)")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def add_sampling_args(s) -> None:
+    g = s.add_argument_group("sampling (defaults come from the checkpoint's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--steps", type=int, help="denoising steps per canvas (max_denoising_steps)")
+    g.add_argument("--entropy-bound", type=float, help="EntropyBound acceptance budget per step")
+    g.add_argument("--t-min", type=float, help="temperature at the end of the schedule")
+    g.add_argument("--t-max", type=float, help="temperature at the start of the schedule")
+    g.add_argument("--stability", type=int, help="steps the draft must stay unchanged to stop early (0: off)")
+    g.add_argument("--confidence", type=float, help="mean entropy under which a stable canvas stops early")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ar", action="store_true", help="decode autoregressively with the same weights (baseline)")
+    g.add_argument("--ar-temperature", type=float, help="AR sampling temperature (default 0: greedy)")
+    g.add_argument("--rng", choices=["row", "reference"], help="randomness: per-row generators (default) or "
+                   "transformers' global draws (reproduces transformers' generate)")
+
+
+def sampling_options(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
+            "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
+            "stability": args.stability, "confidence": args.confidence, "stop": args.stop,
+            "ar_temperature": args.ar_temperature, "rng": args.rng}
+
+
+def load_pipeline(args):
+    import torch
+
+    from .pipeline import Pipeline
+
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    return Pipeline.load(args.model, dtype=dtype, device=getattr(args, "device", None))
+
+
+def run_one(pipe, prompt_ids, params, *, show_canvas: bool, stream_text: bool):
+    """Run one request, drawing the canvas (stderr) and/or printing text (stdout) as canvases commit."""
+    from .display import CanvasView
+    from .generate import Commit, Done, Draft
+
+    view = CanvasView(pipe.tokenizer) if show_canvas else None
+    engine = pipe.engine(max_rows=1, drafts=show_canvas,
+                         max_len=len(prompt_ids) + params.max_new_tokens + pipe.model.cfg.canvas_length)
+    done, so_far, shown = None, [], ""
+    for ev in engine.run([prompt_ids], params):
+        if isinstance(ev, Draft) and view:
+            view.draft(ev, params.sampler.max_denoising_steps)
+        elif isinstance(ev, Commit):
+            if view:
+                view.commit(ev)
+            so_far.extend(ev.tokens)
+            if stream_text and pipe.tokenizer is not None and not params.stop:
+                text = pipe.decode(so_far)
+                if text.startswith(shown):  # print only the new part (a multi-byte char may still be open)
+                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.flush()
+                    shown = text
+        elif isinstance(ev, Done):
+            done = ev
+    if stream_text:
+        rest = done.text[len(shown):] if done.text is not None and done.text.startswith(shown) else ""
+        sys.stdout.write(rest + "\n" if done.text is not None else " ".join(map(str, done.tokens)) + "\n")
+        sys.stdout.flush()
+    return done
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file:
+        try:
+            return Path(args.prompt_file).read_text()
+        except OSError as e:
+            raise UsageError(f"cannot read {args.prompt_file}: {e.strerror}") from None
+    if args.prompt is not None:
+        return args.prompt
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise UsageError("no prompt: give PROMPT, --prompt-file, or pipe text on stdin")
+
+
+def cmd_generate(args) -> int:
+    from .display import describe_stats
+
+    pipe = load_pipeline(args)
+    opts = sampling_options(args)
+    text = _read_prompt(args)
+    if text == "":
+        raise UsageError("the prompt is empty")
+    n_suffix = None
+    if args.suffix is not None:
+        if args.ar:
+            raise UsageError("--suffix (infill) needs the denoiser; it cannot run with --ar")
+        prompt_ids, params, n_suffix = pipe.infill_request(text, args.suffix, **opts)
+    else:
+        prompt_ids = pipe.encode_chat([{"role": "user", "content": text}]) if args.chat else pipe.encode(text)
+        params = pipe.params(ar=args.ar, **opts)
+    stream = not args.json and n_suffix is None
+    done = run_one(pipe, prompt_ids, params, show_canvas=args.show_canvas, stream_text=stream)
+    if n_suffix is not None:
+        done = pipe.trim_infill(done, n_suffix)
+    if args.json:
+        print(json.dumps({"text": done.text, "tokens": done.tokens, "finish_reason": done.finish_reason,
+                          "stats": done.stats}, indent=2))
+        return 0
+    if n_suffix is not None:
+        body = done.text if done.text is not None else " ".join(map(str, done.tokens))
+        print(f"{text}\x1b[4m{body}\x1b[0m{args.suffix}" if sys.stdout.isatty() else body)
+    print(f"[{describe_stats(done.stats)}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .display import describe_stats
+
+    pipe = load_pipeline(args)
+    opts = sampling_options(args)
+    pipe.params(ar=args.ar, **opts)  # validate the options before the first turn
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("dgemma chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt_ids = pipe.encode_chat(messages)
+        done = run_one(pipe, prompt_ids, pipe.params(ar=args.ar, **opts), show_canvas=args.show_canvas,
+                       stream_text=True)
+        print(f"[{describe_stats(done.stats)}]", file=sys.stderr, flush=True)
+        messages.append({"role": "model", "content": done.text})
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma engine: generate, serve, train, bench.")
@@ -133,6 +290,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", action="store_true", help="MODEL names a preset (26b-a4b, tiny, small, bench-80m)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="generate text from a prompt (diffusion, or --ar)")
+    s.add_argument("model", help="checkpoint directory or hub id")
+    s.add_argument("prompt", nargs="?", help="prompt text (or --prompt-file, or stdin)")
+    s.add_argument("--prompt-file", help="read the prompt from a file")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    s.add_argument("--suffix", help="infill: the prompt is the text before the hole, this the text after it")
+    s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
+    s.add_argument("--json", action="store_true", help="print text, tokens and stats as JSON")
+    add_sampling_args(s)
+    add_model_args(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="an interactive multi-turn chat (chat template)")
+    s.add_argument("model", help="checkpoint directory or hub id")
+    s.add_argument("--system", help="system prompt")
+    s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
+    add_sampling_args(s)
+    add_model_args(s)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
+    s.add_argument("--fast", action="store_true", help="a shorter run")
+    s.set_defaults(func=cmd_demo)
     return p
 
 
@@ -145,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        # GenerationError, CacheFullError and the sampler's option errors are ValueErrors too.
         print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -106,6 +106,33 @@ class Pipeline:
     def engine(self, max_rows: int = 8, max_len: int | None = None, **kw) -> Engine:
         return Engine(self.model, self.tokenizer, max_rows=max_rows, max_len=max_len, **kw)
 
+    def infill_request(self, prefix: str, suffix: str, **options: Any) -> tuple[list[int], GenerationParams, int]:
+        """Fill the middle between `prefix` and `suffix` through the canvas.
+
+        The prefix is the prompt (encoded into the cache); the suffix's tokens are fixed at the END of the first
+        canvas, so the denoiser sees them bidirectionally while it fills the positions before them. The answer
+        is one canvas; `trim_infill` keeps the middle (up to the first EOS, or up to the suffix).
+        """
+        T = self.model.cfg.canvas_length
+        suffix_ids = self.encode(suffix, add_bos=False) if suffix else []
+        if len(suffix_ids) >= T:
+            raise GenerationError(f"the suffix is {len(suffix_ids)} tokens; it must be shorter than the canvas ({T})")
+        options["max_new_tokens"] = T
+        fixed = {T - len(suffix_ids) + i: t for i, t in enumerate(suffix_ids)}
+        return self.encode(prefix), self.params(fixed=fixed, **options), len(suffix_ids)
+
+    def trim_infill(self, done: Done, n_suffix: int) -> Done:
+        middle = done.tokens[: self.model.cfg.canvas_length - n_suffix]
+        text = self.decode(middle) if self.tokenizer is not None else None
+        return dataclasses.replace(done, tokens=middle, text=text, finish_reason="stop")
+
+    def infill(self, prefix: str, suffix: str, **options: Any) -> Done:
+        ar = options.pop("ar", False)
+        if ar:
+            raise GenerationError("infill needs the bidirectional denoiser; it cannot run autoregressively")
+        prompt, params, n = self.infill_request(prefix, suffix, **options)
+        return self.trim_infill(generate(self.model, [prompt], params, tokenizer=self.tokenizer)[0], n)
+
     def generate(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[Done]:
         """Text (or token-id) prompts in, `Done` results (with `.text`) out."""
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]

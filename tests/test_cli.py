@@ -51,3 +51,83 @@ def test_info_errors_are_one_line(args, msg):
     assert p.returncode == 2
     assert msg in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- generate / chat
+@pytest.fixture(scope="module")
+def ckpt_tok(tmp_path_factory):
+    """A tiny checkpoint with a small byte-level tokenizer whose specials sit at DiffusionGemma's ids."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from dgemma.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("cli") / "tiny-tok"
+    cfg = tiny_config("a")
+    vocab = {f"<t{i}>": i for i in range(cfg.vocab_size)}
+    specials = {0: "<pad>", 1: "<eos>", 2: "<bos>", 50: "<|tool_response>", 105: "<|turn>", 106: "<turn|>"}
+    byte_ids = [i for i in range(3, cfg.vocab_size) if i not in specials][:256]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    for i in list(vocab.values()):
+        del vocab[f"<t{i}>"]
+    for i, name in specials.items():
+        vocab[name] = i
+    for i, ch in zip(byte_ids, sorted(alphabet)):
+        vocab[ch] = i
+    used = set(vocab.values())
+    for i in range(cfg.vocab_size):
+        if i not in used:
+            vocab[f"<unused{i}>"] = i
+    backend = HFTok(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False),
+                                                     pre_tokenizers.Split("", "isolated")])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(specials.values()))
+    tok = Tokenizer(backend, bos_id=2, eos_ids=[1, 106, 50], pad_id=0)
+    save_model(randomize(DiffusionGemma(cfg), seed=2), d, tokenizer=tok,
+               generation_config={"max_denoising_steps": 4, "max_new_tokens": 32})
+    return d
+
+
+def test_generate_text_and_json(ckpt_tok):
+    p = run("generate", str(ckpt_tok), "def f(x):", "--seed", "1", "--max-new-tokens", "20")
+    assert p.stdout.strip() and "tokens" in p.stderr and "steps/canvas" in p.stderr
+    j = json.loads(run("generate", str(ckpt_tok), "def f(x):", "--seed", "1", "--max-new-tokens", "20",
+                       "--json").stdout)
+    assert j["stats"]["completion_tokens"] == len(j["tokens"]) <= 20
+    assert j["text"] == p.stdout.rstrip("\n")  # same seed, same text, streamed or not
+    ar = json.loads(run("generate", str(ckpt_tok), "def f(x):", "--ar", "--max-new-tokens", "5", "--json").stdout)
+    assert ar["stats"]["mode"] == "ar"
+
+
+def test_generate_show_canvas_and_infill(ckpt_tok):
+    p = run("generate", str(ckpt_tok), "abc", "--show-canvas", "--max-new-tokens", "16", "--steps", "3")
+    assert "canvas 0 step 3/3" in p.stderr
+    j = json.loads(run("generate", str(ckpt_tok), "x = ", "--suffix", "+ 1", "--json", "--steps", "3").stdout)
+    assert j["finish_reason"] == "stop" and len(j["tokens"]) <= 16 - 3
+
+
+def test_chat_reads_turns_from_stdin(ckpt_tok):
+    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", str(ckpt_tok), "--max-new-tokens", "8"],
+                       input="hello\n/reset\nagain\n", capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("tokens,") == 2
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (("--steps", "0"), "max_denoising_steps must be >= 1"),
+    (("--entropy-bound", "-1"), "entropy_bound must be >= 0"),
+    (("--max-new-tokens", "0"), "max_new_tokens must be a positive integer"),
+    (("--max-new-tokens", "5000"), "exceeds the context"),
+    (("--suffix", "x", "--ar"), "cannot run with --ar"),
+])
+def test_generate_errors(ckpt_tok, extra, msg):
+    p = run("generate", str(ckpt_tok), "hi", *extra, check=False)
+    assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_generate_empty_prompt_and_unknown_option(ckpt_tok):
+    p = run("generate", str(ckpt_tok), "", check=False)
+    assert p.returncode == 2 and "prompt is empty" in p.stderr
+    p = run("generate", str(ckpt_tok), "hi", "--temprature", "1", check=False)
+    assert p.returncode == 2 and "unrecognized arguments" in p.stderr
