@@ -311,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.set_defaults(func=cmd_chat)
 
+    # `bench` has its own parser (dgemma/bench.py); main() hands it the rest of the command line.
+    sub.add_parser("bench", help="benchmarks: dgemma diffusion vs AR vs transformers (dgemma bench --help)",
+                   add_help=False)
+
     s = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     s.add_argument("--fast", action="store_true", help="a shorter run")
     s.set_defaults(func=cmd_demo)
@@ -321,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .weights import CheckpointError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -131,3 +131,14 @@ def test_generate_empty_prompt_and_unknown_option(ckpt_tok):
     assert p.returncode == 2 and "prompt is empty" in p.stderr
     p = run("generate", str(ckpt_tok), "hi", "--temprature", "1", check=False)
     assert p.returncode == 2 and "unrecognized arguments" in p.stderr
+
+
+def test_bench_smoke(tmp_path):
+    """The benchmark runs end to end (tiny settings; real figures come from `dgemma bench` itself)."""
+    out = tmp_path / "b.json"
+    p = run("bench", "--vocabs", "512", "--max-new-tokens", "16", "--steps", "2", "--prompt-tokens", "8",
+            "--engines", "dgemma-diffusion,dgemma-reference,transformers", "--out", str(out))
+    assert "dgemma-diffusion" in p.stdout
+    res = json.loads(out.read_text())["results"]
+    ref = next(r for r in res if r["engine"] == "dgemma-reference")
+    assert ref["same_tokens_as_transformers"] is True

@@ -1,0 +1,226 @@
+"""`dgemma bench`: honest side-by-side measurements on one model and one prompt.
+
+Engines, each timed in its own fresh process (so peak RSS is that engine's alone), on the same random weights:
+  dgemma-diffusion     the engine's default path: per-row RNG, fused vocabulary-chunked sampler step
+  dgemma-reference     the engine replaying transformers' global-RNG draws (same tokens as transformers)
+  dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
+  transformers         DiffusionGemmaForBlockDiffusion.generate, same weights and seed (the reference)
+Each engine loads the checkpoint, runs one untimed warm-up, then `--repeats` timed generations; we report the
+median. Wall tokens/s counts generated tokens over the whole generate call (prefill included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENGINES = ("dgemma-diffusion", "dgemma-reference", "dgemma-ar", "transformers")
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- worker (one engine, one process)
+def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, seed: int, repeats: int) -> dict:
+    import torch
+
+    from .generate import AR, DIFFUSION, GenerationParams, generate
+    from .sampler import SamplerConfig
+    from .weights import load_model
+
+    torch.set_num_threads(int(os.environ.get("DGEMMA_BENCH_THREADS", torch.get_num_threads())))
+    sampler = SamplerConfig(max_denoising_steps=steps)
+    rss_before = peak_rss_mib()
+    if engine == "transformers":
+        import transformers
+        from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+        transformers.logging.set_verbosity_error()
+        model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=torch.float32).eval()
+        kw = dict(max_new_tokens=max_new, max_denoising_steps=steps, t_min=sampler.t_min, t_max=sampler.t_max,
+                  stability_threshold=sampler.stability_threshold,
+                  confidence_threshold=sampler.confidence_threshold,
+                  sampler_config=EntropyBoundSamplerConfig(entropy_bound=sampler.entropy_bound))
+
+        def run(n_new, n_steps):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                out = model.generate(torch.tensor([prompt]), **{**kw, "max_new_tokens": n_new,
+                                                                 "max_denoising_steps": n_steps})
+            new = out.sequences[0, len(prompt):]
+            toks = new.tolist()
+            cut = next((i for i, t in enumerate(toks) if t in (1, 106, 50)), len(toks))
+            toks = toks[:min(cut, n_new)]
+            # transformers' tokens_per_forward counts every non-pad token of every canvas, also past
+            # max_new_tokens; recover its decoder-pass count and report on dgemma's basis (returned tokens).
+            passes = float((new != 0).sum()) / float(out.tokens_per_forward[0])
+            canvases = -(-new.shape[0] // model.config.canvas_length)
+            return toks, {"tokens_per_forward": len(toks) / passes, "mean_steps_per_canvas": passes / canvases}
+    else:
+        model = load_model(ckpt, dtype=torch.float32)
+        mode = AR if engine == "dgemma-ar" else DIFFUSION
+        rng = "reference" if engine == "dgemma-reference" else "row"
+
+        def run(n_new, n_steps):
+            params = GenerationParams(max_new_tokens=n_new, sampler=sampler.replace(max_denoising_steps=n_steps),
+                                      seed=seed, mode=mode, rng=rng, ignore_eos=(mode == AR))
+            done = generate(model, [prompt], params)[0]
+            return done.tokens, done.stats
+
+    load_rss = peak_rss_mib()
+    run(min(max_new, 8), 1)  # warm-up: allocator, thread pool, lazy init
+    times, toks, stats = [], None, {}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        toks, stats = run(max_new, steps)
+        times.append(time.perf_counter() - t)
+    wall = statistics.median(times)
+    return {
+        "engine": engine,
+        "tokens": len(toks),
+        "token_ids": toks,
+        "wall_s": wall,
+        "tokens_per_s": len(toks) / wall if wall > 0 else None,
+        "mean_steps_per_canvas": stats.get("mean_steps_per_canvas"),
+        "tokens_per_forward": stats.get("tokens_per_forward"),
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_after_load_mib": load_rss,
+        "rss_at_start_mib": rss_before,
+        "repeats": repeats,
+    }
+
+
+# ---------------------------------------------------------------- driver
+def _run_worker(engine, ckpt, prompt, args) -> dict:
+    cmd = [sys.executable, "-m", "dgemma.bench", "--worker", engine, "--ckpt", str(ckpt), "--prompt-ids",
+           ",".join(map(str, prompt)), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
+           "--seed", str(args.seed), "--repeats", str(args.repeats)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{engine} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def bench_config(name: str, vocab: int, args) -> list[dict]:
+    import torch
+
+    from .config import preset
+    from .weights import init_random, save_model
+
+    cfg = preset("small").replace(vocab_size=vocab)
+    with tempfile.TemporaryDirectory(prefix="dgemma-bench-") as tmp:
+        ckpt = Path(tmp) / name
+        model = init_random(cfg, seed=args.seed)
+        with torch.no_grad():  # sharper logits than a 0.02-std init, so the sampler accepts more than one token
+            model.embed_tokens.weight.mul_(args.embed_gain)
+        save_model(model, ckpt)
+        n_params = model.num_params()
+        del model
+        g = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(3, min(vocab, 30_000), (args.prompt_tokens,), generator=g).tolist()
+        rows = []
+        for engine in args.engines:
+            print(f"  {name}: {engine} ...", file=sys.stderr, flush=True)
+            r = _run_worker(engine, ckpt, prompt, args)
+            r.update(config=name, vocab=vocab, params=n_params)
+            rows.append(r)
+    ref = next((r for r in rows if r["engine"] == "transformers"), None)
+    base = next((r for r in rows if r["engine"] == "transformers"), None)
+    for r in rows:
+        if ref is not None and r["engine"] != "transformers":
+            r["same_tokens_as_transformers"] = r["token_ids"] == ref["token_ids"]
+        if base is not None and r["tokens_per_s"] and base["tokens_per_s"]:
+            r["speedup_vs_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'config':<12}{'engine':<19}{'tokens':>7}{'wall s':>9}{'tok/s':>9}{'steps/cv':>9}{'tok/fwd':>9}" \
+           f"{'peak RSS':>10}{'vs HF':>7}  same tokens as HF"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        f = lambda v, fmt: (fmt.format(v) if v is not None else "-")  # noqa: E731
+        same = r.get("same_tokens_as_transformers")
+        print(f"{r['config']:<12}{r['engine']:<19}{r['tokens']:>7}{r['wall_s']:>9.2f}"
+              f"{f(r['tokens_per_s'], '{:.1f}'):>9}{f(r['mean_steps_per_canvas'], '{:.1f}'):>9}"
+              f"{f(r['tokens_per_forward'], '{:.2f}'):>9}{r['peak_rss_mib']:>8.0f}Mi"
+              f"{f(r.get('speedup_vs_transformers'), '{:.2f}x'):>7}  {'' if same is None else same}")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dgemma bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    p.add_argument("--vocabs", default="8192,262144", help="vocabulary sizes to run (8192 small, 262144 real)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embed-gain", type=float, default=8.0, help="scale of the random embedding (sharper logits)")
+    p.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    p.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+        print(json.dumps(worker(args.worker, args.ckpt, prompt, args.max_new_tokens, args.steps, args.seed,
+                                args.repeats)))
+        return 0
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in args.engines if e not in ENGINES]
+    if bad:
+        print(f"dgemma bench: error: unknown engine(s) {bad}; choose from {', '.join(ENGINES)}", file=sys.stderr)
+        return 2
+    try:
+        vocabs = [int(v) for v in args.vocabs.split(",")]
+    except ValueError:
+        print("dgemma bench: error: --vocabs takes comma-separated integers", file=sys.stderr)
+        return 2
+    rows = []
+    for v in vocabs:
+        rows += bench_config(f"vocab-{v}", v, args)
+    print_table(rows)
+    result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items()
+                                                  if k not in ("worker", "ckpt", "prompt_ids")},
+              "results": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]}
+    from .io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
