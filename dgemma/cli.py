@@ -207,6 +207,9 @@ def _read_prompt(args) -> str:
     raise UsageError("no prompt: give PROMPT, --prompt-file, or pipe text on stdin")
 
 
+FILL = "[FILL]"
+
+
 def cmd_generate(args) -> int:
     from .display import describe_stats
 
@@ -216,6 +219,12 @@ def cmd_generate(args) -> int:
     if text == "":
         raise UsageError("the prompt is empty")
     n_suffix = None
+    if args.infill:
+        if args.suffix is not None:
+            raise UsageError("give either --infill (a [FILL] hole in the prompt) or --suffix, not both")
+        if FILL not in text:
+            raise UsageError(f"--infill needs the prompt to mark the hole with {FILL}")
+        text, args.suffix = text.split(FILL, 1)
     if args.suffix is not None:
         if args.ar:
             raise UsageError("--suffix (infill) needs the denoiser; it cannot run with --ar")
@@ -279,6 +288,36 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+# ---------------------------------------------------------------- serve
+NO_DEFAULT_MODEL = ("no default model is shipped with dgemma yet (it is still being trained); pass a checkpoint "
+                    "directory or a Hugging Face hub id: dgemma serve PATH_OR_ORG/NAME")
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    if args.model is None:
+        raise UsageError(NO_DEFAULT_MODEL)
+    try:
+        from .serve.app import check_port, run
+        from .serve.settings import ServerSettings
+    except ImportError as e:
+        raise UsageError(f"dgemma serve needs FastAPI and uvicorn ({e.name} is missing): "
+                         "pip install 'dgemma[serve]'") from None
+    settings = ServerSettings(
+        model_name=args.model_name or Path(str(args.model).rstrip("/")).name or str(args.model),
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
+        max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+        max_context=args.max_context, max_body_bytes=args.max_body_bytes,
+        cors_origins=tuple(args.cors_origin or ()))
+    check_port(settings.host, settings.port)  # before the (slow) model load
+    pipe = load_pipeline(args)
+    if pipe.tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer.json; the server needs one to read and write text")
+    run(pipe, settings, log_level=args.log_level)
+    return 0
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma engine: generate, serve, train, bench.")
@@ -297,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-file", help="read the prompt from a file")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     s.add_argument("--suffix", help="infill: the prompt is the text before the hole, this the text after it")
+    s.add_argument("--infill", action="store_true", help="infill the [FILL] hole of the prompt through the canvas")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     s.add_argument("--json", action="store_true", help="print text, tokens and stats as JSON")
     add_sampling_args(s)
@@ -314,6 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     # `bench` has its own parser (dgemma/bench.py); main() hands it the rest of the command line.
     sub.add_parser("bench", help="benchmarks: dgemma diffusion vs AR vs transformers (dgemma bench --help)",
                    add_help=False)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live draft streaming and a web page")
+    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (org/name)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
+                   "(default: $DGEMMA_API_KEY; none: open)")
+    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    s.add_argument("--max-concurrency", type=int, default=8, help="engine rows denoised together (default 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="rows waiting for an engine row (default 64); "
+                   "beyond that, 429")
+    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-context", type=int, default=8192,
+                   help="KV-cache positions per row: prompt plus committed canvases (default 8192)")
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_model_args(s)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     s.add_argument("--fast", action="store_true", help="a shorter run")

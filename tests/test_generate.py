@@ -214,3 +214,16 @@ def test_bad_sampler_options(kw, msg):
 def test_unknown_sampler_option():
     with pytest.raises(ValueError, match="unknown"):
         SamplerConfig().replace(temprature=1.0)
+
+
+def test_pipeline_options(model):
+    from dgemma.pipeline import Pipeline
+
+    pipe = Pipeline(model, generation_config={"max_denoising_steps": 7, "sampler_config": {"entropy_bound": 0.3}})
+    params = pipe.params(steps=5, seed=2, stop="x")
+    assert params.sampler.max_denoising_steps == 5 and params.sampler.entropy_bound == 0.3
+    assert params.stop == ("x",) and params.seed == 2
+    with pytest.raises(GenerationError, match="unknown option 'temprature'"):
+        pipe.params(temprature=1.0)
+    with pytest.raises(GenerationError, match="entropy_bound must be >= 0"):
+        pipe.params(entropy_bound=-0.5)
