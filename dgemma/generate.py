@@ -148,7 +148,8 @@ class Engine:
     """
 
     def __init__(self, model: DiffusionGemma, tokenizer=None, *, max_rows: int = 8, max_len: int | None = None,
-                 eos_ids: Iterable[int] | None = None, drafts: bool = False, sampler_chunk: int | None = None):
+                 eos_ids: Iterable[int] | None = None, drafts: bool = False, sampler_chunk: int | None = None,
+                 fused_head: bool = True):
         self.model = model.eval()
         self.tok = tokenizer
         cfg = model.cfg
@@ -165,6 +166,8 @@ class Engine:
         self.pad = cfg.pad_token_id
         self.drafts = drafts
         self.sampler_chunk = sampler_chunk
+        # fused_head=False is the plain path: materialise the logits, then run the sampler over them.
+        self.fused_head = fused_head
 
     # ------------------------------------------------------------ requests
     def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
@@ -297,6 +300,17 @@ class Engine:
                     sc[i] = r.sc
                 elif r.sc_logits is not None:
                     sc[i] = m.soft_embed(r.sc_logits[None])[0]
+        # Rows sharing sampler options share one sampler call; per-row randomness keeps them independent.
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault((r.p.sampler, r.p.rng), []).append(i)
+        if self.fused_head and all(rng == "row" for _, rng in groups):
+            # The default path: the LM head is fused into the sampler step, logits are never materialised.
+            h = m.denoise(canvas, self._view(rows), sc=sc, head=False)
+            for (cfg, _), idx in groups.items():
+                self._fused_group(h if len(idx) == len(rows) else h[torch.tensor(idx)], [rows[i] for i in idx],
+                                  cfg, events)
+            return
         logits = m.denoise(canvas, self._view(rows), sc=sc)
         for i, r in enumerate(rows):
             if r.canvas_idx == 0 and len(r.fixed_pos):
@@ -304,10 +318,6 @@ class Engine:
                 # costs nothing in the entropy budget, and its draft and sample are the fixed token.
                 logits[i, r.fixed_pos] = float("-inf")
                 logits[i, r.fixed_pos, r.fixed_tok] = 0.0
-        # Rows sharing sampler options share one sampler call; per-row randomness keeps them independent.
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault((r.p.sampler, r.p.rng), []).append(i)
         for (cfg, rng), idx in groups.items():
             sub = logits if len(idx) == len(rows) else logits[torch.tensor(idx)]
             k = torch.tensor([cfg.max_denoising_steps - rows[i].step for i in idx])
@@ -315,16 +325,40 @@ class Engine:
                 assert len(idx) == 1
                 r = rows[idx[0]]
                 out = S.reference_step(sub, int(k[0]), cfg, r.canvas[None].to(sub.device), sc_dtype=m.dtype)
-                results = [(out.canvas[0], out.argmax[0], out.entropies[0], out.accepted[0], None, out.sc_logits[0])]
+                self._after_step(r, cfg, out.canvas[0].cpu(), out.argmax[0].cpu(), out.entropies[0],
+                                 out.accepted[0], None, out.sc_logits[0], events)
             else:
-                out = S.fused_step(sub, k.to(sub.device), cfg, [rows[i].gen for i in idx],
-                                   embedding=m.embed_tokens.weight, embed_scale=float(m.embed_scale()),
-                                   chunk=self.sampler_chunk)
-                results = [(out.canvas[j], out.argmax[j], out.entropies[j], out.accepted[j],
-                            out.sc_embedding[j].to(m.dtype), None) for j in range(len(idx))]
-            for i, (nxt, draft, ent, acc, sc_emb, sc_log) in zip(idx, results):
-                self._after_step(rows[i], cfg, nxt.cpu(), draft.cpu(), ent, acc, sc_emb, sc_log, events)
+                self._fused_group(None, [rows[i] for i in idx], cfg, events, logits=sub)
         del logits
+
+    def _fused_group(self, h, rows: list[_Row], cfg: SamplerConfig, events, logits=None) -> None:
+        """One fused sampler step for rows that share sampler options (from hidden states, or from logits)."""
+        m = self.model
+        k = torch.tensor([cfg.max_denoising_steps - r.step for r in rows], device=m.device)
+        draws = S.draw_step_noise([r.gen for r in rows], self.T, self.V, m.device)
+        scale = float(m.embed_scale())
+        E = m.embed_tokens.weight
+        if logits is None:
+            out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
+                                    chunk=self.sampler_chunk)
+        else:
+            out = S.fused_step(logits, k, cfg, draws=draws, embedding=E, embed_scale=scale, chunk=self.sampler_chunk)
+        canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
+            out.sc_embedding
+        pinned = [(i, r) for i, r in enumerate(rows) if r.canvas_idx == 0 and len(r.fixed_pos)]
+        if pinned and logits is None:
+            # Fixed (infill) positions, exactly as if their logits were one-hot: zero entropy (so the accept set
+            # is recomputed with it), the fixed token as draft and sample, its embedding as self-conditioning.
+            cand, draft, ent, sc = cand.clone(), draft.clone(), ent.clone(), sc.clone()
+            for i, r in pinned:
+                pos, tok = r.fixed_pos.to(m.device), r.fixed_tok.to(m.device)
+                cand[i, pos], draft[i, pos], ent[i, pos] = tok, tok, 0.0
+                sc[i, pos] = E[tok].float() * torch.tensor(scale, dtype=torch.float32)
+            acc = S.entropy_bound_accept(ent, cfg.entropy_bound, stable=True)
+            canvas = S.renoise(cand, acc, draws[1])
+        for j, r in enumerate(rows):
+            self._after_step(r, cfg, canvas[j].cpu(), draft[j].cpu(), ent[j], acc[j], sc[j].to(m.dtype), None,
+                             events)
 
     def _after_step(self, r: _Row, cfg: SamplerConfig, nxt, draft, ent, acc, sc_emb, sc_log, events) -> None:
         r.step += 1
@@ -454,14 +488,14 @@ def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
 # ---------------------------------------------------------------- one-call API
 def generate(model: DiffusionGemma, prompts: Sequence[Sequence[int]],
              params: GenerationParams | Sequence[GenerationParams] | None = None, *, tokenizer=None,
-             drafts: bool = False, events: bool = False, sampler_chunk: int | None = None):
+             drafts: bool = False, events: bool = False, sampler_chunk: int | None = None, fused_head: bool = True):
     """Generate for a batch of token-id prompts. Returns a list of `Done` (or, with events=True, an iterator)."""
     params = params if params is not None else GenerationParams()
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     longest = max((len(p) + prm.max_new_tokens + model.cfg.canvas_length for p, prm in zip(prompts, plist)),
                   default=1)
     engine = Engine(model, tokenizer, max_rows=max(len(prompts), 1), drafts=drafts, sampler_chunk=sampler_chunk,
-                    max_len=min(longest, model.cfg.max_position_embeddings))
+                    max_len=min(longest, model.cfg.max_position_embeddings), fused_head=fused_head)
     stream = engine.run(prompts, plist)
     if events:
         return stream

@@ -71,6 +71,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+HEAD_BLOCK = 4096  # vocabulary entries per LM-head matmul (see head_block_logits)
+
+
+def head_block_logits(hidden: torch.Tensor, embedding: torch.Tensor, lo: int, hi: int,
+                      softcap: float | None) -> torch.Tensor:
+    """Soft-capped fp32 logits of vocabulary entries [lo, hi): hidden [N, H] @ E[lo:hi]^T -> [N, hi - lo].
+
+    The LM head and the fused sampler step (which never materialises the logits) both compute logits one
+    HEAD_BLOCK at a time through this function, so a block's logits have the same bits on either path.
+    """
+    x = F.linear(hidden, embedding[lo:hi]).float()
+    if softcap:
+        x = torch.tanh(x / softcap) * softcap
+    return x
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -290,12 +306,14 @@ class DiffusionGemma(nn.Module):
         return (F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype) @ E) * self.embed_scale(E.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`."""
-        out = F.linear(h, self.embed_tokens.weight).float()
-        cap = self.cfg.final_logit_softcapping
-        if cap:
-            out = torch.tanh(out / cap) * cap
-        return out
+        """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`, `[..., H] -> [..., V]`."""
+        E, V = self.embed_tokens.weight, self.cfg.vocab_size
+        flat = h.reshape(-1, h.shape[-1])
+        out = torch.empty(flat.shape[0], V, dtype=torch.float32, device=h.device)
+        for lo in range(0, V, HEAD_BLOCK):
+            hi = min(lo + HEAD_BLOCK, V)
+            out[:, lo:hi] = head_block_logits(flat, E, lo, hi, self.cfg.final_logit_softcapping)
+        return out.view(*h.shape[:-1], V)
 
     def new_cache(self, rows: int, max_len: int, **kw) -> KVCache:
         kw.setdefault("dtype", self.dtype)

@@ -72,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .model import HEAD_BLOCK, head_block_logits
+
 __all__ = [
     "SamplerConfig",
     "temperature",
@@ -91,6 +93,7 @@ __all__ = [
     "draw_step_noise",
     "FusedStep",
     "fused_step",
+    "fused_head_step",
 ]
 
 # The class name transformers writes next to `entropy_bound` in generation_config.json.
@@ -369,7 +372,7 @@ def reference_step(
 # ----------------------------------------------------------------------------------------------------
 # 4. Fused, memory-bounded, batch-invariant step (per-row generators)
 # ----------------------------------------------------------------------------------------------------
-FUSED_BLOCK = 4096  # vocab entries per cumulative-sum block; results depend on it, never on the chunk
+FUSED_BLOCK = HEAD_BLOCK  # vocab entries per block: results depend on it, never on the chunk
 FUSED_CHUNK = 32768  # default vocab entries per memory chunk (a multiple of FUSED_BLOCK)
 
 _F32_MIN = torch.finfo(torch.float32).min
@@ -385,6 +388,10 @@ def canvas_seed(seed: int, canvas_index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+def n_blocks(vocab: int, block: int = FUSED_BLOCK) -> int:
+    return -(-vocab // block)
+
+
 def fused_init_canvas(
     row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None
 ) -> Tensor:
@@ -395,23 +402,26 @@ def fused_init_canvas(
 
 
 def draw_step_noise(
-    row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None
+    row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None,
+    block: int = FUSED_BLOCK,
 ) -> tuple[Tensor, Tensor]:
-    """One step's randomness: (uniforms [rows, canvas] float64 in [0, 1), renoise tokens [rows, canvas] int64).
+    """One step's randomness: (uniforms [rows, canvas, n_blocks + 1] float64, renoise tokens [rows, canvas] int64).
 
-    Per row, in row order: canvas_len uniforms, then canvas_len renoise tokens. float64 uniforms give the
-    inverse-CDF 53 bits of resolution, so even 1e-9-probability tokens keep their share.
+    Per row, in row order: canvas_len * (n_blocks + 1) uniforms (per position: one per vocabulary block for the
+    block choice, then one for the token within the chosen block), then canvas_len renoise tokens. float64
+    uniforms give 53 bits of resolution, so even 1e-9-probability tokens keep their share.
     """
+    nb = n_blocks(vocab, block)
     uniforms, noise = [], []
     for g in row_generators:
-        uniforms.append(torch.rand(canvas_len, dtype=torch.float64, generator=g, device=device))
+        uniforms.append(torch.rand(canvas_len, nb + 1, dtype=torch.float64, generator=g, device=device))
         noise.append(torch.randint(0, vocab, (canvas_len,), generator=g, device=device))
     return torch.stack(uniforms), torch.stack(noise)
 
 
 class FusedStep(NamedTuple):
     canvas: Tensor  # [rows, canvas] int64, the next canvas (candidates where accepted, noise elsewhere)
-    candidates: Tensor  # [rows, canvas] int64, the inverse-CDF samples of softmax(l')
+    candidates: Tensor  # [rows, canvas] int64, samples of softmax(l')
     argmax: Tensor  # [rows, canvas] int64, the draft (first index of the max, like torch.argmax)
     entropies: Tensor  # [rows, canvas] float32
     accepted: Tensor  # [rows, canvas] bool
@@ -443,103 +453,150 @@ def fused_step(
     chunk: int | None = None,
     block: int = FUSED_BLOCK,
 ) -> FusedStep:
-    """One denoising step in one chunked pass over logits [rows, canvas, vocab] (any float dtype).
-
-    k_remaining: int, or [rows] int tensor when rows sit at different steps. Randomness comes from
-    `row_generators` (one per row, see `draw_step_noise`) or from precomputed `draws` (uniforms, noise).
-    embedding [vocab, hidden], if given, also returns the self-conditioning soft embedding.
-    chunk: vocab entries held in fp32 at once, a multiple of `block` (None: about FUSED_CHUNK). Peak extra
-    memory is a few [rows, canvas, chunk] fp32 temporaries plus [rows, canvas, block] for step 4.
-
-    1. Draw one uniform and one renoise token per position.
-    2. For each chunk, for each block of `block` vocab entries: x = l / T_k in fp32, block max and first
-       argmax, e = exp(x - block max), block sums of e and e * (x - block max) in fp64, and (with an
-       embedding) the running soft embedding, rescaled online like flash-attention's softmax.
-    3. Combine the blocks: global max and draft, logsumexp, entropy, block masses and their CDF.
-    4. Inverse CDF: pick the block where the CDF passes u * total, gather that block's logits again and
-       walk its within-block cumulative sum. Only [rows, canvas, block] is re-read, not the vocab.
-    5. Accept (stable tie order) and renoise.
-    Every per-block quantity is computed on whole blocks in a fixed order, so tokens, drafts, entropies and
-    accept masks are bitwise the same for any chunk size and any batch a row sits in; the soft embedding
-    goes through matmuls and is equal to float rounding only.
-    """
+    """One denoising step over materialised logits [rows, canvas, vocab] (any float dtype). See `_fused`."""
     rows, canvas_len, vocab = logits.shape
-    device = logits.device
+
+    def source(lo: int, hi: int) -> Tensor:
+        return logits[..., lo:hi].reshape(rows * canvas_len, hi - lo).float()
+
+    return _fused(source, rows, canvas_len, vocab, logits.device, k_remaining, cfg, row_generators, draws,
+                  embedding, embed_scale, chunk, block)
+
+
+def fused_head_step(
+    hidden: Tensor,
+    embedding: Tensor,
+    softcap: float | None,
+    k_remaining: int | Tensor,
+    cfg: SamplerConfig,
+    row_generators: Sequence[torch.Generator] | None = None,
+    *,
+    draws: tuple[Tensor, Tensor] | None = None,
+    embed_scale: float = 1.0,
+    chunk: int | None = None,
+    block: int = FUSED_BLOCK,
+) -> FusedStep:
+    """The LM head fused into the step: hidden [rows, canvas, H] (final-normed) in, logits never materialised.
+
+    Each block's logits are computed, used and dropped; bitwise the same results as
+    `fused_step(model.logits(hidden), ...)`, since the model's head computes the same blocks the same way.
+    """
+    rows, canvas_len, _ = hidden.shape
+    flat = hidden.reshape(rows * canvas_len, -1)
+    vocab = embedding.shape[0]
+
+    def source(lo: int, hi: int) -> Tensor:
+        # One matmul per block: the memory chunk only groups blocks, it never changes a block's bits.
+        return torch.cat([head_block_logits(flat, embedding, b, min(b + block, hi), softcap)
+                          for b in range(lo, hi, block)], dim=-1)
+
+    return _fused(source, rows, canvas_len, vocab, hidden.device, k_remaining, cfg, row_generators, draws,
+                  embedding, embed_scale, chunk, block)
+
+
+def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_generators, draws, embedding,
+           embed_scale, chunk, block) -> FusedStep:
+    """One denoising step in one streaming pass over the vocabulary, block by block, in a fixed order.
+
+    source(lo, hi) returns the fp32 logits of entries [lo, hi) for all N = rows * canvas positions.
+    1. Draw, per position, one uniform per block and one more, plus a renoise token.
+    2. For each block b (in order): x = l / T_k; block max and first argmax; e = exp(x - block max); block sums
+       of e and e * (x - block max) in fp64; the self-conditioning soft embedding accumulated online with a
+       running max (as flash-attention's softmax); and the *block choice* by weighted reservoir sampling: with
+       R_b the mass of blocks 0..b, block b replaces the chosen block when u_b * R_b < mass_b, so block b ends
+       up chosen with probability mass_b / R_total, exactly its share. The chosen block's x is kept per position.
+    3. Combine the blocks: global max and draft, logsumexp, entropy.
+    4. Within the chosen block: inverse CDF of its kept e with the last uniform.
+    5. Accept (stable tie order) and renoise.
+    Every quantity is computed on whole blocks in a fixed order, so tokens, drafts, entropies, accept masks and
+    the soft embedding are bitwise the same for any chunk size and any batch a row sits in (given the same
+    logits). Peak extra memory: a few [N, chunk] fp32 temporaries and one [N, block] kept block.
+    """
+    N = rows * canvas_len
+    nb = n_blocks(vocab, block)
     if chunk is None:  # the default, rounded down to whole blocks
         chunk = max(block, FUSED_CHUNK // block * block)
     if block < 1 or chunk < block or chunk % block:
         raise ValueError(f"chunk ({chunk}) must be a positive multiple of block ({block})")
-    n_blocks = -(-vocab // block)
-    chunk_blocks = min(chunk // block, n_blocks)
-    temp = temperature(k_remaining, cfg, device).reshape(-1, 1, 1)  # [rows or 1, 1, 1]
+    chunk_blocks = min(chunk // block, nb)
+    temp = temperature(k_remaining, cfg, device).reshape(-1, 1).expand(rows, canvas_len).reshape(N, 1, 1)
 
     # 1.
     if draws is None:
         if row_generators is None or len(row_generators) != rows:
             raise ValueError("fused_step needs one generator per row (or precomputed draws)")
-        draws = draw_step_noise(row_generators, canvas_len, vocab, device)
+        draws = draw_step_noise(row_generators, canvas_len, vocab, device, block)
     uniforms, noise_tokens = draws
+    if uniforms.shape != (rows, canvas_len, nb + 1):
+        raise ValueError(f"draws: uniforms must be [rows, canvas, n_blocks + 1] = {[rows, canvas_len, nb + 1]}, "
+                         f"got {list(uniforms.shape)} (draw them with the same block size)")
+    uniforms = uniforms.reshape(N, nb + 1)
 
     # 2.
-    block_max = torch.empty(rows, canvas_len, n_blocks, dtype=torch.float32, device=device)
-    block_arg = torch.empty(rows, canvas_len, n_blocks, dtype=torch.int64, device=device)
-    block_sum = torch.empty(rows, canvas_len, n_blocks, dtype=torch.float64, device=device)
-    block_sum_ed = torch.empty(rows, canvas_len, n_blocks, dtype=torch.float64, device=device)
+    block_max = torch.empty(N, nb, dtype=torch.float32, device=device)
+    block_arg = torch.empty(N, nb, dtype=torch.int64, device=device)
+    block_sum = torch.empty(N, nb, dtype=torch.float64, device=device)
+    block_sum_ed = torch.empty(N, nb, dtype=torch.float64, device=device)
+    run_max = torch.full((N,), _F32_MIN, dtype=torch.float32, device=device)
+    run_mass = torch.zeros(N, dtype=torch.float64, device=device)  # in units of exp(. - run_max)
+    kept = torch.full((N, block), float("-inf"), dtype=torch.float32, device=device)
+    kept_block = torch.zeros(N, dtype=torch.int64, device=device)
+    kept_max = torch.zeros(N, dtype=torch.float32, device=device)
     if embedding is not None:
-        sc_acc = torch.zeros(rows * canvas_len, embedding.shape[1], dtype=torch.float32, device=device)
-        sc_max = torch.full((rows, canvas_len), _F32_MIN, dtype=torch.float32, device=device)
-    for b0 in range(0, n_blocks, chunk_blocks):
-        b1 = min(b0 + chunk_blocks, n_blocks)
+        sc_acc = torch.zeros(N, embedding.shape[1], dtype=torch.float32, device=device)
+    for b0 in range(0, nb, chunk_blocks):
+        b1 = min(b0 + chunk_blocks, nb)
         lo, hi = b0 * block, min(b1 * block, vocab)
-        x = logits[..., lo:hi].float() / temp
+        x = source(lo, hi)
         if hi - lo < (b1 - b0) * block:  # the ragged last block: pad with -inf, which has zero mass
             x = F.pad(x, (0, (b1 - b0) * block - (hi - lo)), value=float("-inf"))
-        x = x.view(rows, canvas_len, b1 - b0, block)
+        x = x.view(N, b1 - b0, block) / temp
         bmax, barg = x.max(dim=-1)  # max(dim) returns the first index of the max, like argmax
         d, e = _block_exp(x, bmax)
-        block_max[..., b0:b1], block_arg[..., b0:b1] = bmax, barg
-        block_sum[..., b0:b1] = e.sum(dim=-1, dtype=torch.float64)
-        block_sum_ed[..., b0:b1] = (e * d).sum(dim=-1, dtype=torch.float64)
-        if embedding is not None:
-            bmax_safe = bmax.clamp(min=_F32_MIN)
-            new_max = torch.maximum(sc_max, bmax_safe.amax(dim=-1))
-            # Bring every block to the common running max, then one matmul per chunk.
-            p = e * torch.exp(bmax_safe - new_max[..., None])[..., None]
-            p = p.view(rows * canvas_len, -1)[:, : hi - lo]
-            part = (p.to(embedding.dtype) @ embedding[lo:hi]).float()
-            sc_acc = sc_acc * torch.exp(sc_max - new_max).view(-1, 1) + part
-            sc_max = new_max
+        bsum = e.sum(dim=-1, dtype=torch.float64)
+        block_max[:, b0:b1], block_arg[:, b0:b1] = bmax, barg
+        block_sum[:, b0:b1] = bsum
+        block_sum_ed[:, b0:b1] = (e * d).sum(dim=-1, dtype=torch.float64)
+        for j in range(b1 - b0):  # blocks strictly in order: the running state never depends on the chunk
+            b = b0 + j
+            m_b = bmax[:, j].clamp(min=_F32_MIN)
+            new_max = torch.maximum(run_max, m_b)
+            old_scale = torch.exp((run_max - new_max).double())
+            mass_b = bsum[:, j] * torch.exp((m_b - new_max).double())
+            run_mass = run_mass * old_scale + mass_b
+            take = (uniforms[:, b] * run_mass < mass_b)[:, None]
+            kept = torch.where(take, x[:, j], kept)
+            kept_block = torch.where(take[:, 0], b, kept_block)
+            kept_max = torch.where(take[:, 0], m_b, kept_max)
+            if embedding is not None:
+                p = e[:, j] * torch.exp(m_b - new_max)[:, None]
+                width = min(block, vocab - b * block)
+                part = (p[:, :width].to(embedding.dtype) @ embedding[b * block: b * block + width]).float()
+                sc_acc = sc_acc * old_scale.float()[:, None] + part
+            run_max = new_max
 
     # 3. Blocks are combined in fp64 relative to the global max m.
     global_max, best_block = block_max.max(dim=-1)
-    argmax = best_block * block + block_arg.gather(-1, best_block[..., None]).squeeze(-1)
-    delta = (block_max.double() - global_max.double()[..., None]).clamp(min=_F64_MIN)
+    argmax = best_block * block + block_arg.gather(-1, best_block[:, None]).squeeze(-1)
+    delta = (block_max.double() - global_max.double()[:, None]).clamp(min=_F64_MIN)
     weight = torch.exp(delta)  # exp(block max - m), 0 for all -inf blocks
-    mass = block_sum * weight
-    cdf = torch.cumsum(mass, dim=-1)
-    total = cdf[..., -1]  # sum exp(x - m) >= 1: the max entry contributes exactly 1
+    total = (block_sum * weight).sum(-1)  # sum exp(x - m) >= 1: the max entry contributes exactly 1
     # H = log s - sum_v e_v (x_v - m) / s, where the per-block sums are shifted from block max to m.
     entropies = (torch.log(total) - (weight * (block_sum_ed + delta * block_sum)).sum(-1) / total).float()
 
-    # 4. First block whose CDF exceeds the target; rounding can leave none (u*s == s), so fall back to
-    # the last block with mass, never to a zero-probability block.
-    target = uniforms * total
-    j = torch.minimum((cdf <= target[..., None]).sum(-1), _last_true(mass > 0))
-    before = F.pad(cdf[..., :-1], (1, 0)).gather(-1, j[..., None]).squeeze(-1)
-    residual = (target - before) / weight.gather(-1, j[..., None]).squeeze(-1)  # in units of that block's e
-    index = j[..., None] * block + torch.arange(block, device=device)
-    in_vocab = index < vocab
-    xj = logits.gather(-1, index.clamp(max=vocab - 1)).float() / temp
-    xj = torch.where(in_vocab, xj, float("-inf"))
-    _, ej = _block_exp(xj, block_max.gather(-1, j[..., None]).squeeze(-1))
-    within = torch.cumsum(ej.double(), dim=-1)
-    i = torch.minimum((within <= residual[..., None]).sum(-1), _last_true(ej > 0))
-    candidates = j * block + i
+    # 4. Rounding can leave no index with within <= target false; fall back to the last token with mass.
+    _, ek = _block_exp(kept, kept_max)
+    within = torch.cumsum(ek.double(), dim=-1)
+    target = uniforms[:, nb] * within[:, -1]
+    i = torch.minimum((within <= target[:, None]).sum(-1), _last_true(ek > 0))
+    candidates = (kept_block * block + i).view(rows, canvas_len)
 
     # 5.
+    entropies = entropies.view(rows, canvas_len)
     accepted = entropy_bound_accept(entropies, cfg.entropy_bound, stable=True)
     canvas = renoise(candidates, accepted, noise_tokens)
     sc = None
     if embedding is not None:
-        sc = (sc_acc / total.float().view(-1, 1) * embed_scale).view(rows, canvas_len, -1)
-    return FusedStep(canvas, candidates, argmax, entropies, accepted, sc)
+        # sc_acc is in units of exp(. - run_max) = exp(. - global max); divide by the total mass in those units.
+        sc = (sc_acc / total.float()[:, None] * embed_scale).view(rows, canvas_len, -1)
+    return FusedStep(canvas, candidates, argmax.view(rows, canvas_len), entropies, accepted, sc)

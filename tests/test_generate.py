@@ -227,3 +227,17 @@ def test_pipeline_options(model):
         pipe.params(temprature=1.0)
     with pytest.raises(GenerationError, match="entropy_bound must be >= 0"):
         pipe.params(entropy_bound=-0.5)
+
+
+def test_fast_path_equals_plain_path(model):
+    """The LM head fused into the sampler (default) gives the tokens of materialised logits + sampler, also
+    with fixed (infill) positions, several rows, and any sampler memory chunk."""
+    T = model.cfg.canvas_length
+    params = [GenerationParams(max_new_tokens=2 * T, seed=s, ignore_eos=True,
+                               sampler=SamplerConfig(max_denoising_steps=5, entropy_bound=0.5))
+              for s in (1, 2)]
+    params[1] = params[1].replace(fixed={0: 5, T - 1: 6})
+    prompts = [_prompt(model, 7), _prompt(model, 12, seed=3)]
+    plain = [d.tokens for d in generate(model, prompts, params, fused_head=False)]
+    for chunk in (None, 4096):
+        assert [d.tokens for d in generate(model, prompts, params, sampler_chunk=chunk)] == plain
