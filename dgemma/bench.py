@@ -1,10 +1,14 @@
 """`dgemma bench`: honest side-by-side measurements on one model and one prompt.
 
 Engines, each timed in its own fresh process (so peak RSS is that engine's alone), on the same random weights:
-  dgemma-diffusion     the engine's default path: per-row RNG, fused vocabulary-chunked sampler step
+  dgemma-diffusion     the engine's default path: per-row RNG, the LM head fused into the vocabulary-blocked
+                       sampler step (logits never materialised)
+  dgemma-plain         the same algorithm over materialised logits (must give the same tokens)
   dgemma-reference     the engine replaying transformers' global-RNG draws (same tokens as transformers)
   dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
   transformers         DiffusionGemmaForBlockDiffusion.generate, same weights and seed (the reference)
+  forward              not a generator: the machine's fp32 matmul peak, and the share of it that one canvas
+                       forward (denoiser stack + LM head) reaches
 Each engine loads the checkpoint, runs one untimed warm-up, then `--repeats` timed generations; we report the
 median. Wall tokens/s counts generated tokens over the whole generate call (prefill included).
 """
@@ -22,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("dgemma-diffusion", "dgemma-reference", "dgemma-ar", "transformers")
+ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-reference", "dgemma-ar", "transformers", "forward")
 
 
 def machine() -> dict:
@@ -58,6 +62,8 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
     torch.set_num_threads(int(os.environ.get("DGEMMA_BENCH_THREADS", torch.get_num_threads())))
     sampler = SamplerConfig(max_denoising_steps=steps)
     rss_before = peak_rss_mib()
+    if engine == "forward":
+        return forward_efficiency(ckpt, prompt, repeats)
     if engine == "transformers":
         import transformers
         from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
@@ -91,7 +97,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         def run(n_new, n_steps):
             params = GenerationParams(max_new_tokens=n_new, sampler=sampler.replace(max_denoising_steps=n_steps),
                                       seed=seed, mode=mode, rng=rng, ignore_eos=(mode == AR))
-            done = generate(model, [prompt], params)[0]
+            done = generate(model, [prompt], params, fused_head=(engine != "dgemma-plain"))[0]
             return done.tokens, done.stats
 
     load_rss = peak_rss_mib()
@@ -115,6 +121,60 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         "rss_at_start_mib": rss_before,
         "repeats": repeats,
     }
+
+
+def matmul_peak_gflops(repeats: int = 5) -> dict:
+    """The best fp32 GEMM rate this process reaches on large square matrices: the machine's own peak."""
+    import torch
+
+    best = {}
+    for n in (1024, 2048, 3072):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        t = min(_timed(lambda: a @ b) for _ in range(repeats))
+        best[n] = 2 * n**3 / t / 1e9
+    return {"gflops": max(best.values()), "by_size": best}
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def canvas_forward_flops(cfg, context: int) -> int:
+    """Matmul FLOPs of one denoiser pass over a canvas after `context` cached tokens, LM head included."""
+    T, H = cfg.canvas_length, cfg.hidden_size
+    flops = 2 * T * H * cfg.vocab_size  # LM head
+    for i in range(cfg.num_hidden_layers):
+        hd, kv = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+        q = cfg.num_attention_heads * hd
+        proj = H * q + H * kv * hd * (2 if cfg.is_sliding(i) else 1) + q * H
+        keys = T + (min(context, cfg.sliding_window - 1) if cfg.is_sliding(i) else context)
+        attn = 2 * cfg.num_attention_heads * hd * keys  # QK^T and AV, per query
+        mlp = 3 * H * cfg.intermediate_size + 3 * H * cfg.moe_intermediate_size * cfg.top_k_experts
+        flops += 2 * T * (proj + mlp + H * cfg.num_experts) + T * attn
+    return flops
+
+
+def forward_efficiency(ckpt: str, prompt: list[int], repeats: int) -> dict:
+    import torch
+
+    from .weights import load_model
+
+    model = load_model(ckpt, dtype=torch.float32).eval()
+    peak = matmul_peak_gflops()
+    cache = model.new_cache(1, len(prompt) + model.cfg.canvas_length)
+    canvas = torch.randint(0, model.cfg.vocab_size, (1, model.cfg.canvas_length))
+    with torch.no_grad():
+        model.encode(torch.tensor([prompt]), cache)
+        model.denoise(canvas, cache)
+        t = min(_timed(lambda: model.denoise(canvas, cache)) for _ in range(max(repeats, 3)))
+    flops = canvas_forward_flops(model.cfg, len(prompt))
+    return {"engine": "forward", "tokens": model.cfg.canvas_length, "wall_s": t, "tokens_per_s": None,
+            "mean_steps_per_canvas": None, "tokens_per_forward": None, "peak_rss_mib": peak_rss_mib(),
+            "token_ids": [], "canvas_forward_gflop": flops / 1e9, "canvas_forward_gflops": flops / t / 1e9,
+            "matmul_peak_gflops": peak["gflops"], "share_of_peak": flops / t / 1e9 / peak["gflops"]}
 
 
 # ---------------------------------------------------------------- driver
@@ -152,10 +212,15 @@ def bench_config(name: str, vocab: int, args) -> list[dict]:
             r.update(config=name, vocab=vocab, params=n_params)
             rows.append(r)
     ref = next((r for r in rows if r["engine"] == "transformers"), None)
-    base = next((r for r in rows if r["engine"] == "transformers"), None)
+    base = ref
+    plain = next((r for r in rows if r["engine"] == "dgemma-plain"), None)
     for r in rows:
+        if r["engine"] == "forward":
+            continue
         if ref is not None and r["engine"] != "transformers":
             r["same_tokens_as_transformers"] = r["token_ids"] == ref["token_ids"]
+        if plain is not None and r["engine"] == "dgemma-diffusion":
+            r["same_tokens_as_plain"] = r["token_ids"] == plain["token_ids"]
         if base is not None and r["tokens_per_s"] and base["tokens_per_s"]:
             r["speedup_vs_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
     return rows
@@ -168,7 +233,14 @@ def print_table(rows: list[dict]) -> None:
     print("-" * len(head))
     for r in rows:
         f = lambda v, fmt: (fmt.format(v) if v is not None else "-")  # noqa: E731
+        if r["engine"] == "forward":
+            print(f"{r['config']:<12}{'canvas forward':<19}{r['tokens']:>7}{r['wall_s']:>9.3f}  "
+                  f"{r['canvas_forward_gflops']:.1f} GFLOP/s = {100 * r['share_of_peak']:.0f}% of the "
+                  f"{r['matmul_peak_gflops']:.1f} GFLOP/s fp32 matmul peak measured")
+            continue
         same = r.get("same_tokens_as_transformers")
+        if r.get("same_tokens_as_plain") is not None:
+            same = f"{same} (same as plain: {r['same_tokens_as_plain']})"
         print(f"{r['config']:<12}{r['engine']:<19}{r['tokens']:>7}{r['wall_s']:>9.2f}"
               f"{f(r['tokens_per_s'], '{:.1f}'):>9}{f(r['mean_steps_per_canvas'], '{:.1f}'):>9}"
               f"{f(r['tokens_per_forward'], '{:.2f}'):>9}{r['peak_rss_mib']:>8.0f}Mi"
@@ -181,6 +253,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dgemma bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
+    p.add_argument("--threads", type=int, help="torch threads in each engine process (default: torch's)")
     p.add_argument("--vocabs", default="8192,262144", help="vocabulary sizes to run (8192 small, 262144 real)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
@@ -198,6 +271,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.ckpt, prompt, args.max_new_tokens, args.steps, args.seed,
                                 args.repeats)))
         return 0
+    if args.threads:
+        os.environ["DGEMMA_BENCH_THREADS"] = str(args.threads)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in args.engines if e not in ENGINES]
     if bad:
