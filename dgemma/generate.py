@@ -38,6 +38,10 @@ class GenerationError(ValueError):
     """A request that cannot be run as given (reported to the caller, never a crash)."""
 
 
+class ContextLengthError(GenerationError):
+    """The prompt plus max_new_tokens does not fit the engine's context."""
+
+
 # ---------------------------------------------------------------- requests and events
 @dataclass
 class GenerationParams:
@@ -53,6 +57,7 @@ class GenerationParams:
     init_canvas: Sequence[int] | None = None  # first canvas's starting tokens (transformers' decoder_input_ids)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks that force a length)
     rng: str = "row"  # "row": per-row generators (batch-invariant); "reference": transformers' global draws
+    drafts: bool | None = None  # emit Draft events for this row (None: the engine's `drafts` setting)
 
     def validate(self, canvas: int, vocab: int) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -183,7 +188,7 @@ class Engine:
         need = len(prompt) + (commits * self.T if params.mode == DIFFUSION else commits)
         positions = len(prompt) + params.max_new_tokens
         if need > self.max_len or positions > self.cfg.max_position_embeddings:
-            raise GenerationError(
+            raise ContextLengthError(
                 f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the context "
                 f"of {min(self.max_len, self.cfg.max_position_embeddings)} tokens"
             )
@@ -366,7 +371,7 @@ class Engine:
         r.canvas, r.argmax, r.sc, r.sc_logits = nxt, draft, sc_emb, sc_log
         mean_t = ent.float().mean()  # compared in float32, as the reference does
         mean_h = float(mean_t)
-        if self.drafts:
+        if r.p.drafts if r.p.drafts is not None else self.drafts:
             events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h))
         # StableAndConfident: the draft equals each of the last `stability_threshold` drafts (none yet at the
         # first step, so the earliest stop is step 2) and the mean entropy is under the threshold.

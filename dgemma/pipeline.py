@@ -23,7 +23,8 @@ SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
 # Short names users type (CLI flags, server body fields) for the sampler's options.
 ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
            "confidence": "confidence_threshold"}
-PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng"}
+PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng",
+                 "drafts"}
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -1,0 +1,350 @@
+"""The HTTP app: routes, auth, request bodies, SSE streaming and the web page.
+
+    GET  /                      the live-canvas web page (static/)
+    GET  /health                liveness and load, never behind the API key
+    GET  /metrics               Prometheus text format
+    GET  /v1/models[/{model}]   the one model this server serves
+    POST /v1/completions        text or token-id prompts, `suffix` fill-in-the-middle, `echo`
+    POST /v1/chat/completions   the checkpoint's chat template, multi-turn
+
+Streaming (`stream: true`) sends OpenAI chunks as SSE and ends with `data: [DONE]`. With `stream_drafts: true`
+it also sends, for every denoising step, a chunk whose only choice has an empty delta and which carries a
+top-level `dgemma` object `{type: "draft", choice, canvas_index, step, canvas, pieces, text, accepted,
+accepted_count, mean_entropy, fixed}`; the chunk that carries a finished canvas's text also carries
+`dgemma: {type: "commit", choice, canvas_index, steps, tokens}`. OpenAI clients parse these as ordinary chunks
+(extra fields are kept, the delta is empty), so they stream through them unchanged.
+
+The handlers only parse and plan; the engine runs in `engine.Worker`'s thread. A client that disconnects gets
+its rows cancelled: streaming through Starlette's disconnect listener (the generator is cancelled), and
+non-streaming through a task that waits for `http.disconnect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+
+from ..generate import Commit, Done, Draft
+from . import errors
+from .completions import Plan, Planner, chunk, commit_event, draft_event, response, usage
+from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
+from .errors import APIError
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .settings import ServerSettings
+
+log = logging.getLogger("dgemma.serve")
+STATIC = Path(__file__).parent / "static"
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+
+
+class State:
+    """Everything the routes share: the pipeline, the worker thread, the planner, metrics and settings."""
+
+    def __init__(self, pipeline, settings: ServerSettings, metrics: Metrics | None = None):
+        self.pipe, self.settings = pipeline, settings
+        self.metrics = metrics or Metrics()
+        cfg = pipeline.model.cfg
+        self.max_context = min(settings.max_context, cfg.max_position_embeddings)
+        engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context)
+        self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
+        self.planner = Planner(pipeline, self.worker, settings)
+        self.created = int(time.time())
+        m = self.metrics
+        m.gauge("dgemma_active_rows", "Rows in the engine now.", lambda: self.worker.load()[0])
+        m.gauge("dgemma_queue_depth", "Rows waiting for a free engine row.", lambda: self.worker.load()[1])
+        m.gauge("dgemma_max_rows", "Engine rows (--max-concurrency).", lambda: settings.max_concurrency)
+        m.gauge("dgemma_up", "1 while the engine worker runs.", lambda: int(self.worker.alive))
+
+    def model_card(self) -> ModelCard:
+        s = self.pipe.sampler
+        return ModelCard(id=self.settings.model_name, created=self.created, dgemma={
+            "canvas_length": self.pipe.model.cfg.canvas_length, "max_context": self.max_context,
+            "max_tokens_limit": self.settings.max_tokens_limit, "default_max_tokens": self.pipe.max_new_tokens,
+            "steps": s.max_denoising_steps, "entropy_bound": s.entropy_bound, "t_min": s.t_min, "t_max": s.t_max,
+            "stability_threshold": s.stability_threshold, "confidence_threshold": s.confidence_threshold})
+
+
+# ---------------------------------------------------------------- request plumbing
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object: 413 past `limit` bytes, 400 if it is not a JSON object."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"request body is {int(length)} bytes; the limit is {limit}", code="body_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request ({e}). The body must be a JSON "
+                            "object.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def parse(model, data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise errors.from_validation(e) from None
+
+
+def make_auth(settings: ServerSettings):
+    key = settings.api_key
+
+    async def auth(request: Request) -> None:
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    return auth
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client goes away (only after the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# ---------------------------------------------------------------- running a plan
+async def execute(request: Request, state: State, plan: Plan):
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(job: Job, events: list) -> None:  # worker thread -> event loop
+        loop.call_soon_threadsafe(queue.put_nowait, (job.tag, events))
+
+    for c in plan.choices:
+        c.job = Job(c.prompt, c.params.replace(drafts=plan.drafts), sink, drafts=plan.drafts, tag=c.index)
+    try:
+        state.worker.submit(plan.jobs)
+    except QueueFull as e:
+        state.metrics.inc(state.metrics.rejected, "queue_full")
+        raise APIError(429, f"The server is busy ({e}). Retry after {state.settings.retry_after_s} s.",
+                       code="queue_full", headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    except Unavailable as e:
+        state.metrics.inc(state.metrics.rejected, "unavailable")
+        raise APIError(503, f"The server cannot take requests now ({e}).", code="unavailable") from None
+    if plan.stream:
+        return StreamingResponse(stream(state, plan, queue), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await collect(request, state, plan, queue)
+
+
+async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Queue):
+    tok = state.pipe.tokenizer
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+
+    def gone(task: asyncio.Task) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it; either way the client is gone
+            state.worker.cancel(plan.jobs)
+
+    watcher.add_done_callback(gone)
+    try:
+        pending = len(plan.choices)
+        while pending:
+            index, events = await queue.get()
+            choice = plan.choices[index]
+            for ev in events:
+                if isinstance(ev, Commit):
+                    choice.tokens.extend(ev.tokens)
+                elif isinstance(ev, Done):
+                    choice.finish(tok, ev)
+                    pending -= 1
+                elif isinstance(ev, Failed):
+                    raise APIError(ev.status, ev.message, code="generation_failed" if ev.status >= 500 else None)
+                elif isinstance(ev, Cancelled):
+                    # Only a disconnect cancels a non-streaming request: nobody reads this answer.
+                    raise APIError(499, "client closed the request", code="cancelled")
+        return JSONResponse(response(plan).model_dump())
+    finally:
+        watcher.cancel()
+        state.worker.cancel(plan.jobs)
+
+
+async def stream(state: State, plan: Plan, queue: asyncio.Queue):
+    tok = state.pipe.tokenizer
+    first_text = True
+    try:
+        for c in plan.choices:
+            if plan.kind == "chat":
+                yield chunk(plan, c.index, text="", role=True)
+            if c.echo:
+                yield chunk(plan, c.index, text=c.echo)
+        pending = {c.index for c in plan.choices}
+        while pending:
+            index, events = await queue.get()
+            choice = plan.choices[index]
+            for ev in events:
+                if isinstance(ev, Draft):
+                    yield chunk(plan, index, dgemma=draft_event(tok, choice, ev))
+                elif isinstance(ev, Commit):
+                    choice.tokens.extend(ev.tokens)
+                    delta = choice.delta(tok)
+                    if delta or plan.drafts:
+                        if delta and first_text:
+                            first_text = False
+                            state.metrics.observe(state.metrics.ttft, time.perf_counter() - plan.t0)
+                        yield chunk(plan, index, text=delta,
+                                    dgemma=commit_event(choice, ev) if plan.drafts else None)
+                elif isinstance(ev, Done):
+                    rest = choice.finish(tok, ev)
+                    if rest:
+                        yield chunk(plan, index, text=rest)
+                    yield chunk(plan, index, finish_reason=choice.finish_reason)
+                    pending.discard(index)
+                elif isinstance(ev, Failed):
+                    yield errors_sse(APIError(ev.status, ev.message, code="generation_failed"))
+                    return
+                elif isinstance(ev, Cancelled):
+                    return
+        if plan.include_usage:
+            yield chunk(plan, None, usage_=usage(plan))
+        yield "data: [DONE]\n\n"
+    finally:
+        state.worker.cancel(plan.jobs)
+
+
+def errors_sse(e: APIError) -> str:
+    return "data: " + json.dumps(e.body()) + "\n\n"
+
+
+# ---------------------------------------------------------------- the app
+class MetricsMiddleware:
+    """Counts every response by endpoint and status and times it to the last byte (streams included)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else \
+            "/static" if path.startswith("/static/") else "other"
+        t0, status = time.perf_counter(), [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.count_request(endpoint, status[0], time.perf_counter() - t0)
+
+
+def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app serving `pipeline`. The engine worker starts and stops with the app's lifespan."""
+    settings = settings or ServerSettings()
+    state = State(pipeline, settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.worker.start()
+        try:
+            yield
+        finally:
+            state.worker.stop()
+
+    app = FastAPI(title="dgemma", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.dgemma = state
+    errors.install(app)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+
+    api = APIRouter(dependencies=[Depends(make_auth(settings))])
+
+    @api.get("/v1/models")
+    async def list_models():
+        return ModelList(data=[state.model_card()]).model_dump()
+
+    @api.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        if model != settings.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return state.model_card().model_dump()
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse(CompletionRequest, await read_json(request, settings.max_body_bytes))
+        return await execute(request, state, state.planner.completion(req))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
+        return await execute(request, state, state.planner.chat(req))
+
+    @api.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health():
+        active, waiting = state.worker.load()
+        body = {"status": "ok" if state.worker.alive else "unavailable", "model": settings.model_name,
+                "active_rows": active, "queued_rows": waiting, "max_concurrency": settings.max_concurrency,
+                "max_queue": settings.max_queue, "engine_steps": state.worker.steps}
+        if state.worker.error:
+            body["error"] = state.worker.error
+        return JSONResponse(body, status_code=200 if state.worker.alive else 503)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+# ---------------------------------------------------------------- running
+def check_port(host: str, port: int) -> None:
+    """Fail early, as one line, when the address cannot be bound (uvicorn would log a traceback-ish error)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def run(pipeline, settings: ServerSettings, log_level: str = "info") -> None:
+    import uvicorn
+
+    check_port(settings.host, settings.port)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
+                    settings.host)
+    app = create_app(pipeline, settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)

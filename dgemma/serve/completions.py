@@ -1,0 +1,405 @@
+"""OpenAI requests -> engine jobs, and engine events -> OpenAI responses and SSE chunks.
+
+A request becomes a `Plan`: one `Choice` per (prompt, n) pair, each with its own token ids and
+`GenerationParams` (choice j of a prompt gets seed `seed + j`). Everything a client can get wrong is checked
+here, before anything is queued, and raised as an `APIError` (400/404), so the engine only sees runnable rows.
+
+Fill-in-the-middle (`suffix`, completions only)
+-----------------------------------------------
+The prompt is the prefix. The suffix's tokens are pinned (`GenerationParams.fixed`) to the LAST positions of
+the first canvas, so the canvas denoises the free positions in front of them bidirectionally: the middle sees
+both the prefix (through the KV cache) and the suffix (inside the canvas). Only that one canvas is generated,
+so the middle has at most `canvas_length - len(suffix tokens)` tokens. The returned text is the middle alone:
+the canvas's tokens before the suffix, cut at the first EOS (the model ending the middle early), then at
+`max_tokens` (finish_reason "length") and at a stop string ("stop"). Reaching the suffix is "stop".
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..generate import AR, Done, GenerationError, GenerationParams
+from .engine import Job
+from .errors import APIError, from_generation, invalid, unsupported
+from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
+                       CompletionChoice, CompletionRequest, CompletionResponse, Usage, _Common)
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt: list[int]
+    params: GenerationParams
+    seed: int
+    echo: str = ""
+    suffix_len: int = 0  # > 0: fill-in-the-middle, the first canvas's last suffix_len positions are fixed
+    middle_len: int = 0  # canvas_length - suffix_len
+    max_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    job: Job | None = None
+    tokens: list[int] = field(default_factory=list)  # committed so far
+    sent: str = ""  # text already streamed (after `echo`)
+    done: Done | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    # ------------------------------------------------------------ text assembly
+    def visible(self, tok) -> str:
+        """The part of the text so far that can be streamed now: cut at a stop string; without one, holding
+        back a trailing U+FFFD (maybe half a UTF-8 character) and any tail that could start a stop string."""
+        toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
+        text = tok.decode(toks)
+        cut = _stop_cut(text, self.stop)
+        if cut is not None:
+            return text[:cut]
+        keep = len(text)
+        while keep and text[keep - 1] == "\ufffd":
+            keep -= 1
+        for s in self.stop:
+            for k in range(min(len(s) - 1, keep), 0, -1):
+                if text[keep - k:keep] == s[:k]:
+                    keep -= k
+                    break
+        return text[:keep]
+
+    def delta(self, tok) -> str:
+        text = self.visible(tok)
+        if not text.startswith(self.sent):
+            return ""
+        d, self.sent = text[len(self.sent):], text
+        return d
+
+    def finish(self, tok, done: Done) -> str:
+        """Final text, finish_reason and token count from the engine's Done; returns the unsent remainder."""
+        self.done = done
+        if self.suffix_len:
+            middle = done.tokens[:self.middle_len]
+            reason = "stop"
+            if len(middle) > self.max_tokens:
+                middle, reason = middle[:self.max_tokens], "length"
+            text = tok.decode(middle)
+            cut = _stop_cut(text, self.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+                middle = _tokens_for_prefix(tok, middle, text)
+            self.text, self.finish_reason, self.completion_tokens = text, reason, len(middle)
+        else:
+            self.text, self.finish_reason = done.text or "", done.finish_reason
+            self.completion_tokens = len(done.tokens)
+        rest = self.text[len(self.sent):] if self.text.startswith(self.sent) else ""
+        self.sent = self.text
+        return rest
+
+    def stats(self) -> dict[str, Any]:
+        s = self.done.stats if self.done else {}
+        return {"index": self.index, "seed": self.seed, "mode": s.get("mode"),
+                "steps_per_canvas": s.get("steps_per_canvas"), "tokens_per_forward": s.get("tokens_per_forward"),
+                "wall_s": s.get("wall_s"), "time_to_first_commit_s": s.get("time_to_first_commit_s")}
+
+
+@dataclass
+class Plan:
+    kind: str  # "completion" or "chat"
+    model: str
+    choices: list[Choice]
+    prompt_tokens: int
+    stream: bool
+    drafts: bool
+    include_usage: bool
+    seed: int
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    t0: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.id = self.id or ("cmpl-" if self.kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [c.job for c in self.choices if c.job is not None]
+
+
+def _stop_cut(text: str, stops) -> int | None:
+    cuts = [text.find(s) for s in stops if s in text]
+    return min(cuts) if cuts else None
+
+
+def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
+    for n in range(len(tokens), -1, -1):
+        if text.startswith(tok.decode(tokens[:n])):
+            return tokens[:n]
+    return []
+
+
+# ---------------------------------------------------------------- planning
+class Planner:
+    """Turns validated request objects into Plans, with every check that needs the model or the settings."""
+
+    def __init__(self, pipeline, worker, settings):
+        self.pipe, self.worker, self.settings = pipeline, worker, settings
+        self.canvas = pipeline.model.cfg.canvas_length
+
+    def completion(self, req: CompletionRequest) -> Plan:
+        self._common(req)
+        if req.logprobs is not None:
+            raise unsupported("logprobs are not supported yet: a diffusion canvas has no left-to-right token "
+                              "probabilities to report", "logprobs")
+        if req.best_of not in (None, 1):
+            raise unsupported("best_of is not supported; use n and pick yourself", "best_of")
+        prompts = self._prompts(req.prompt)
+        suffix_ids = self._suffix(req) if req.suffix else []
+        return self._plan("completion", req, prompts, suffix_ids, echo=req.echo, param="prompt")
+
+    def chat(self, req: ChatCompletionRequest) -> Plan:
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            raise invalid("max_tokens and max_completion_tokens disagree; send one", "max_completion_tokens")
+        if req.max_completion_tokens is not None:
+            req.max_tokens = req.max_completion_tokens
+        self._common(req)
+        if req.logprobs or req.top_logprobs is not None:
+            raise unsupported("logprobs are not supported yet: a diffusion canvas has no left-to-right token "
+                              "probabilities to report", "logprobs" if req.logprobs else "top_logprobs")
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise unsupported(f"structured output (response_format {fmt!r}) is not supported yet: the canvas is "
+                              "denoised in parallel, not left to right, so a grammar cannot be applied token by "
+                              "token; ask for JSON in the prompt instead", "response_format")
+        if req.tools or req.functions:
+            raise unsupported("tool calling is not supported yet", "tools" if req.tools else "functions")
+        if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
+            raise unsupported("tool calling is not supported yet", "tool_choice")
+        messages = []
+        for i, m in enumerate(req.messages):
+            if m.role == "tool" or m.tool_calls or m.tool_call_id:
+                raise unsupported("tool calling is not supported yet", f"messages.{i}")
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for j, part in enumerate(content):
+                    if part.type != "text" or part.text is None:
+                        raise unsupported(f"content parts of type {part.type!r} (images, audio, files) are not "
+                                          "supported yet: send text", f"messages.{i}.content.{j}")
+                    parts.append(part.text)
+                content = "\n".join(parts)
+            messages.append({"role": m.role, "content": content if content is not None else ""})
+        kw = dict(req.chat_template_kwargs or {})
+        if set(kw) - {"enable_thinking"}:
+            raise invalid(f"chat_template_kwargs: only enable_thinking is supported, got {sorted(kw)}",
+                          "chat_template_kwargs")
+        if "enable_thinking" in kw and not isinstance(kw["enable_thinking"], bool):
+            raise invalid("chat_template_kwargs.enable_thinking must be a boolean", "chat_template_kwargs")
+        try:
+            prompt = self.pipe.encode_chat(messages, **kw)
+        except GenerationError as e:
+            raise invalid(str(e), "messages") from None
+        return self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages")
+
+    # ------------------------------------------------------------ pieces
+    def _common(self, req: _Common) -> None:
+        if req.model is not None and req.model != self.settings.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
+                                f"`{self.settings.model_name}`.", param="model", code="model_not_found")
+        if req.logit_bias:
+            raise unsupported("logit_bias is not supported", "logit_bias")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise unsupported(f"{name} is not supported by diffusion decoding; leave it at 0", name)
+        if req.max_tokens is not None and req.max_tokens > self.settings.max_tokens_limit:
+            raise invalid(f"max_tokens is {req.max_tokens}; this server allows at most "
+                          f"{self.settings.max_tokens_limit}", "max_tokens", code="max_tokens_exceeded")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise invalid("stop must be up to 16 non-empty strings", "stop")
+        if req.stream_options is not None and not req.stream:
+            raise invalid("stream_options is only allowed with stream: true", "stream_options")
+        if req.stream_drafts and req.ar:
+            raise invalid("stream_drafts needs diffusion decoding: AR decoding has no draft canvas",
+                          "stream_drafts")
+
+    def _prompts(self, prompt) -> list[tuple[list[int], str | None]]:
+        """(token ids, text as given) per prompt; text prompts get BOS, token-id prompts are taken as they are."""
+        if isinstance(prompt, str):
+            return [(self._encode(prompt), prompt)]
+        if not prompt:
+            raise invalid("prompt is empty", "prompt")
+        if isinstance(prompt[0], str):
+            return [(self._encode(p), p) for p in prompt]
+        if isinstance(prompt[0], int):
+            return [(list(prompt), None)]
+        return [(list(p), None) for p in prompt]
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return self.pipe.encode(text)
+        except GenerationError as e:
+            raise invalid(str(e), "prompt") from None
+
+    def _suffix(self, req: CompletionRequest) -> list[int]:
+        if req.ar:
+            raise invalid("suffix (fill-in-the-middle) needs diffusion decoding; it cannot be combined with "
+                          "ar: true", "suffix")
+        try:
+            ids = self.pipe.tokenizer.encode(req.suffix) if self.pipe.tokenizer is not None else None
+        except Exception as e:
+            raise invalid(f"cannot tokenize suffix: {e}", "suffix") from None
+        if ids is None:
+            raise invalid("this checkpoint has no tokenizer, so suffix cannot be used", "suffix")
+        if len(ids) >= self.canvas:
+            raise invalid(f"suffix is {len(ids)} tokens; it must leave room in the {self.canvas}-token canvas "
+                          f"(at most {self.canvas - 1} tokens)", "suffix")
+        return ids
+
+    def _plan(self, kind: str, req: _Common, prompts: list[tuple[list[int], str | None]], suffix_ids: list[int],
+              *, echo: bool, param: str) -> Plan:
+        n_rows = len(prompts) * req.n
+        room = self.worker.max_rows + self.worker.max_queue
+        if n_rows > room:
+            raise invalid(f"this request needs {n_rows} rows (prompts x n) but the server holds at most {room}",
+                          "n")
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        if seed + req.n - 1 >= SEED_LIMIT:
+            raise invalid("seed + n - 1 must be below 2**63", "seed")
+        stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
+        base = dict(req.sampler_options(), ignore_eos=req.ignore_eos)
+        if req.ar:
+            base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
+        fixed = None
+        if suffix_ids:
+            fixed = {self.canvas - len(suffix_ids) + k: t for k, t in enumerate(suffix_ids)}
+        choices = []
+        for p_i, (prompt, text) in enumerate(prompts):
+            if not prompt:
+                raise invalid("prompt is empty", param)
+            text_echo = "" if not echo else text if text is not None else self.pipe.decode(prompt)
+            max_tokens = self._max_tokens(req, prompt, base, fixed, param)
+            for j in range(req.n):
+                opts = dict(base, seed=seed + j)
+                if suffix_ids:
+                    opts.update(max_new_tokens=self.canvas, fixed=fixed)
+                else:
+                    opts.update(max_new_tokens=max_tokens, stop=stops)
+                params = self._params(req.ar, opts)
+                self._check(prompt, params, param)
+                choices.append(Choice(index=p_i * req.n + j, prompt=prompt, params=params, seed=seed + j,
+                                      echo=text_echo, suffix_len=len(suffix_ids),
+                                      middle_len=self.canvas - len(suffix_ids), max_tokens=max_tokens,
+                                      stop=stops))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Plan(kind=kind, model=self.settings.model_name, choices=choices,
+                    prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
+                    include_usage=include_usage, seed=seed)
+
+    def _params(self, ar: bool, opts: dict) -> GenerationParams:
+        try:
+            return self.pipe.params(ar=ar, **opts)
+        except GenerationError as e:
+            raise from_generation(e) from None
+
+    def _check(self, prompt: list[int], params: GenerationParams, param: str) -> None:
+        try:
+            self.worker.check(prompt, params)
+        except GenerationError as e:
+            raise from_generation(e, param) from None
+
+    def _max_tokens(self, req: _Common, prompt: list[int], base: dict, fixed, param: str) -> int:
+        """The client's max_tokens, or the default (the checkpoint's max_new_tokens, capped by the server's
+        limit and shrunk to what the context still holds after this prompt)."""
+        if req.max_tokens is not None:
+            return req.max_tokens
+        default = min(self.pipe.max_new_tokens, self.settings.max_tokens_limit)
+        if fixed:
+            return default
+
+        def fits(m: int) -> bool:
+            try:
+                self.worker.check(prompt, self._params(req.ar, dict(base, max_new_tokens=m)))
+                return True
+            except GenerationError:
+                return False
+
+        if fits(default):
+            return default
+        lo, hi = 0, default  # fits(lo) or lo == 0; not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        if lo == 0:
+            self._check(prompt, self._params(req.ar, dict(base, max_new_tokens=1)), param)  # raises the reason
+        return lo
+
+
+# ---------------------------------------------------------------- responses
+def usage(plan: Plan) -> Usage:
+    done = [c for c in plan.choices if c.done is not None]
+    steps = [s for c in done for s in c.done.stats["steps_per_canvas"]]
+    passes = sum(c.done.stats["decoder_passes"] if c.done.stats["mode"] != AR else c.done.stats["encoder_passes"]
+                 for c in done)
+    generated = sum(len(c.done.tokens) for c in done)
+    completion = sum(c.completion_tokens for c in plan.choices)
+    return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion,
+                 total_tokens=plan.prompt_tokens + completion,
+                 steps_per_canvas=round(sum(steps) / len(steps), 3) if steps else None,
+                 tokens_per_forward=round(generated / passes, 3) if passes else None,
+                 forward_passes=passes, canvases=len(steps))
+
+
+def response(plan: Plan) -> CompletionResponse | ChatCompletionResponse:
+    extra = {"seed": plan.seed, "choices": [c.stats() for c in plan.choices]}
+    if plan.kind == "completion":
+        choices = [CompletionChoice(index=c.index, text=c.echo + (c.text or ""), finish_reason=c.finish_reason)
+                   for c in plan.choices]
+        return CompletionResponse(id=plan.id, created=plan.created, model=plan.model, choices=choices,
+                                  usage=usage(plan), dgemma=extra)
+    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text or ""),
+                          finish_reason=c.finish_reason) for c in plan.choices]
+    return ChatCompletionResponse(id=plan.id, created=plan.created, model=plan.model, choices=choices,
+                                  usage=usage(plan), dgemma=extra)
+
+
+# ---------------------------------------------------------------- SSE chunks
+def sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool = False,
+          finish_reason: str | None = None, dgemma: dict | None = None, usage_: Usage | None = None) -> str:
+    """One streaming chunk. `index=None` gives `choices: []` (the usage chunk)."""
+    obj: dict[str, Any] = {"id": plan.id, "created": plan.created, "model": plan.model}
+    if plan.kind == "completion":
+        obj["object"] = "text_completion"
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    else:
+        obj["object"] = "chat.completion.chunk"
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    obj["choices"] = [] if index is None else [choice]
+    if usage_ is not None:
+        obj["usage"] = usage_.model_dump()
+    if dgemma is not None:
+        obj["dgemma"] = dgemma
+    return sse(obj)
+
+
+def draft_event(tok, choice: Choice, ev) -> dict[str, Any]:
+    """The `dgemma` object of a draft chunk: one denoising step of one choice's canvas."""
+    pieces = tok.backend.decode_batch([[t] for t in ev.tokens], skip_special_tokens=False) if tok else []
+    return {"type": "draft", "choice": choice.index, "canvas_index": ev.canvas, "step": ev.step,
+            "canvas": ev.tokens, "pieces": pieces, "text": tok.decode(ev.tokens) if tok else "",
+            "accepted": ev.accepted, "accepted_count": sum(ev.accepted), "mean_entropy": ev.mean_entropy,
+            "fixed": choice.suffix_len if ev.canvas == 0 else 0}
+
+
+def commit_event(choice: Choice, ev) -> dict[str, Any]:
+    return {"type": "commit", "choice": choice.index, "canvas_index": ev.canvas, "steps": ev.steps,
+            "tokens": ev.tokens}

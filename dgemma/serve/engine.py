@@ -1,0 +1,245 @@
+"""The batching worker: one thread owns the `Engine` and steps it; the event loop only submits and cancels.
+
+    event loop (FastAPI)                         worker thread
+    --------------------                         -------------
+    submit(jobs)  -> waiting deque  ---lock--->  admit waiting jobs while the engine has free rows
+    cancel(jobs)  -> cancel list    ---lock--->  drop them from the deque or `Engine.cancel` their rows
+                                                 events = engine.step()   (one forward of each kind, all rows)
+    job.sink(...) <- call_soon_threadsafe <----  route each Draft / Commit / Done to its job
+
+Requests join and leave the batch between steps; each row keeps its own seed and options (the engine is
+batch-invariant). Memory is bounded: at most `max_rows` rows in the engine and `max_queue` rows waiting;
+`submit` refuses anything beyond that (the app answers 429 with Retry-After). Every job ends with exactly one
+terminal event: the engine's `Done`, `Failed` (engine error, shutdown) or `Cancelled`, so nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..generate import Commit, Done, Draft, Engine, GenerationError, GenerationParams
+from .metrics import Metrics
+
+log = logging.getLogger("dgemma.serve")
+
+
+@dataclass
+class Failed:
+    """The job could not finish: `status` 500 for an engine fault, 503 when the server shuts down."""
+
+    status: int
+    message: str
+
+
+@dataclass
+class Cancelled:
+    pass
+
+
+class QueueFull(Exception):
+    """No room: the engine rows and the waiting queue are all taken."""
+
+
+class Unavailable(Exception):
+    """The worker is not running (shutting down, or it died)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One engine row: a prompt, its params and where its events go.
+
+    `sink(job, events)` is called from the worker thread with the job's events of one engine step (Draft events
+    only when `drafts` is set); the app makes it hand them to the event loop."""
+
+    prompt: list[int]
+    params: GenerationParams
+    sink: Callable[["Job", list], None]
+    drafts: bool = False
+    tag: Any = None
+    rid: int | None = None
+    state: str = "new"  # new -> waiting -> running -> done (or cancelled / failed)
+    t_submit: float = field(default_factory=time.perf_counter)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled", "failed")
+
+
+class Worker:
+    def __init__(self, engine: Engine, *, max_queue: int, metrics: Metrics | None = None):
+        self.engine = engine
+        self.max_rows = len(engine.free) + len(engine.rows)
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._cancels: list[Job] = []
+        self._running: dict[int, Job] = {}  # engine request id -> job (worker thread only)
+        self._active = 0  # len(_running), readable under the lock
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.error: str | None = None  # set if the thread died
+
+    # ------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dgemma-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
+        """Raise GenerationError if the engine could never run this row (read-only, safe from any thread)."""
+        self.engine.check(prompt, params)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue all of `jobs` or none: QueueFull when engine rows plus queue would overflow."""
+        with self._cond:
+            if not self.alive:
+                raise Unavailable("the engine is not running")
+            if self._active + len(self._waiting) + len(jobs) > self.max_rows + self.max_queue:
+                raise QueueFull(f"{self._active} rows running and {len(self._waiting)} waiting (limits: "
+                                f"{self.max_rows} rows, {self.max_queue} waiting)")
+            for job in jobs:
+                job.state, job.t_submit = "waiting", time.perf_counter()
+                self._waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """Ask the worker to drop these jobs (a client went away). Finished jobs are ignored."""
+        with self._cond:
+            todo = [j for j in jobs if not j.finished and j.state != "new"]
+            if todo:
+                self._cancels.extend(todo)
+                self._cond.notify_all()
+
+    def load(self) -> tuple[int, int]:
+        """(rows running, rows waiting)."""
+        with self._cond:
+            return self._active, len(self._waiting)
+
+    # ------------------------------------------------------------ worker thread
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stop or self._waiting or self._cancels or self._running):
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    # A job may be cancelled twice (disconnect watcher and handler cleanup): once is enough.
+                    cancels, self._cancels = list(dict.fromkeys(self._cancels)), []
+                    waiting_cancelled = [j for j in cancels if j.state == "waiting"]
+                    for job in waiting_cancelled:
+                        self._waiting.remove(job)
+                    admitted = []
+                    # Cancelled rows free their slots below, before the admitted rows take theirs.
+                    room = len(self.engine.free) + sum(j.state == "running" for j in cancels)
+                    while self._waiting and len(admitted) < room:
+                        admitted.append(self._waiting.popleft())
+                    self._active = len(self._running) + len(admitted)
+                for job in cancels:
+                    if job.state == "running":
+                        self.engine.cancel(job.rid)
+                        self._running.pop(job.rid, None)
+                    if job.state in ("waiting", "running"):
+                        self._finish(job, "cancelled", Cancelled())
+                for job in admitted:
+                    self._admit(job)
+                with self._cond:
+                    self._active = len(self._running)
+                if self._running:
+                    self._step()
+                    with self._cond:
+                        self._active = len(self._running)
+        except BaseException as e:  # the thread must never die silently: fail everything it holds
+            log.exception("engine worker died")
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            with self._cond:
+                self._stop = True
+                left = list(self._waiting) + list(self._running.values())
+                self._waiting.clear()
+                self._active = 0
+            for job in left:
+                if job.rid is not None:
+                    self.engine.cancel(job.rid)
+                self._finish(job, "failed", Failed(503, "the server is shutting down"
+                                                   if self.error is None else "the engine stopped"))
+            self._running.clear()
+
+    def _admit(self, job: Job) -> None:
+        try:
+            job.rid = self.engine.add(job.prompt, job.params)
+        except GenerationError as e:  # checked at submit, so only a race with the context limit lands here
+            self._finish(job, "failed", Failed(400, str(e)))
+            return
+        job.state = "running"
+        self._running[job.rid] = job
+        self.metrics.observe(self.metrics.queue_wait, time.perf_counter() - job.t_submit)
+        self.metrics.inc(self.metrics.prompt_tokens, by=len(job.prompt))
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            events = self.engine.step()
+        except Exception as e:  # an engine fault fails the rows it was running, never the server
+            log.exception("engine step failed; failing %d rows", len(self._running))
+            for rid, job in list(self._running.items()):
+                self.engine.cancel(rid)
+                self._finish(job, "failed", Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+            self._running.clear()
+            return
+        self.steps += 1
+        self.metrics.observe(self.metrics.step_time, time.perf_counter() - t0)
+        self.metrics.inc(self.metrics.engine_steps)
+        per_job: dict[int, list] = {}
+        for ev in events:
+            job = self._running.get(ev.request)
+            if job is None or (isinstance(ev, Draft) and not job.drafts):
+                continue
+            per_job.setdefault(ev.request, []).append(ev)
+        for rid, evs in per_job.items():
+            job = self._running[rid]
+            if isinstance(evs[-1], Done):
+                del self._running[rid]
+                self._record(evs[-1])
+                job.state = "done"
+            self._emit(job, evs)
+
+    def _record(self, done: Done) -> None:
+        m = self.metrics
+        with m.lock:
+            m.tokens.inc(done.stats["mode"], by=done.stats["completion_tokens"])
+            m.rows.inc("done")
+            for s in done.stats["steps_per_canvas"]:
+                m.steps_per_canvas.observe(s)
+
+    def _finish(self, job: Job, state: str, event) -> None:
+        job.state = state
+        self.metrics.inc(self.metrics.rows, state)
+        self._emit(job, [event])
+
+    def _emit(self, job: Job, events: list) -> None:
+        try:
+            job.sink(job, events)
+        except Exception:  # a sink must not take the engine down (e.g. its event loop has closed)
+            log.debug("dropping events for a job whose sink failed", exc_info=True)
+
+
+__all__ = ["Worker", "Job", "Failed", "Cancelled", "QueueFull", "Unavailable", "Commit", "Done", "Draft"]

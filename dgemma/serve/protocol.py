@@ -1,0 +1,167 @@
+"""Request and response types of the OpenAI-compatible API (pydantic), plus dgemma's extra body fields.
+
+Requests reject unknown fields (as OpenAI does: "Unrecognized request argument"), so a typo in a diffusion option
+is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (logprobs, structured output,
+tools, penalties, logit_bias) are declared so that `completions.py` can refuse them with a clear 400.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+SEED_LIMIT = 2**63
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's name; accepted, no effect
+
+
+class DiffusionOptions(_Strict):
+    """dgemma's extra body fields (pass them with the openai client's `extra_body=`)."""
+
+    steps: int | None = Field(None, ge=1, le=4096, validation_alias=AliasChoices("steps", "max_denoising_steps"))
+    entropy_bound: float | None = Field(None, ge=0)
+    t_min: float | None = Field(None, gt=0)
+    t_max: float | None = Field(None, gt=0)
+    stability_threshold: int | None = Field(None, ge=0)
+    confidence_threshold: float | None = Field(None, ge=0)
+    ar: bool = False  # autoregressive decoding of the same weights (the baseline)
+    stream_drafts: bool = False  # also stream every step's draft canvas (see app.py for the chunk shape)
+    ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks that force a length)
+
+    def sampler_options(self) -> dict[str, Any]:
+        opts = dict(steps=self.steps, entropy_bound=self.entropy_bound, t_min=self.t_min, t_max=self.t_max,
+                    stability_threshold=self.stability_threshold, confidence_threshold=self.confidence_threshold)
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+class _Common(DiffusionOptions):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # diffusion: ignored (fixed schedule); AR: 0 = greedy
+    top_p: float | None = Field(None, ge=0, le=1)  # accepted, ignored
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    # Lenient: clients echo back assistant messages with refusal/annotations/audio fields set to null.
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+
+
+# ---------------------------------------------------------------- responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    # dgemma's additions: how hard the sampler worked for these tokens.
+    steps_per_canvas: float | None = None  # mean denoising steps per canvas (None for AR)
+    tokens_per_forward: float | None = None  # generated tokens per decoder forward (AR: per encoder forward)
+    forward_passes: int = 0  # decoder forwards (diffusion) or encoder forwards (AR), all choices together
+    canvases: int = 0
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    dgemma: dict[str, Any] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    dgemma: dict[str, Any] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "dgemma"
+    dgemma: dict[str, Any] | None = None  # canvas length, context, default sampler options
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

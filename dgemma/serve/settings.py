@@ -1,0 +1,34 @@
+"""Server settings: what `dgemma serve` flags set, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "dgemma"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # Bearer token for /v1/* and /metrics; None = open
+    max_concurrency: int = 8  # engine rows: canvases denoised together in one forward
+    max_queue: int = 64  # rows waiting for a free engine row; beyond that, 429
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for (and the cap on the default)
+    max_context: int = 8192  # KV-cache positions per row: prompt + committed canvases (capped by the model)
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are named
+    retry_after_s: int = 1  # Retry-After on 429
+
+    def __post_init__(self) -> None:
+        self.cors_origins = tuple(self.cors_origins)
+        for name in ("max_concurrency", "max_tokens_limit", "max_context", "max_body_bytes", "retry_after_s"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"max-queue must be >= 0, got {self.max_queue!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api-key is empty")
+        if not self.model_name:
+            raise ValueError("model-name is empty")

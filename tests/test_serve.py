@@ -1,0 +1,628 @@
+"""`dgemma serve`: the OpenAI-compatible server, driven through the official `openai` client (and raw httpx for
+the error cases) on a tiny random model with a byte-level tokenizer. Servers run in-process (uvicorn in a thread).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from conftest import randomize, tiny_config  # noqa: E402
+from dgemma.model import DiffusionGemma  # noqa: E402
+from dgemma.pipeline import Pipeline  # noqa: E402
+from dgemma.serve import ServerSettings, create_app  # noqa: E402
+from dgemma.tokenizer import GEMMA4_CONTROL_TOKENS, GEMMA4_SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from dgemma.weights import save_model  # noqa: E402
+
+STEPS = 4  # denoising steps per canvas in the test checkpoint (a random model never stops early)
+CANVAS = 16  # tiny_config("a")
+NAME = "tiny"
+
+
+# ---------------------------------------------------------------- a tiny checkpoint with a real tokenizer
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer and decoder use)."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    """A byte-level tokenizer that fits a tiny vocabulary: Gemma 4's special tokens at their real ids (those below
+    `vocab_size`: <pad> 0, <eos> 1, <bos> 2, <|tool_response> 50, <|channel> 100, <|turn> 105, <turn|> 106 ...),
+    the 256 bytes in the ids left over, and `<unusedN>` fillers after them. Any text round-trips."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    specials = {i: t for i, t in {**GEMMA4_SPECIAL_TOKENS, **GEMMA4_CONTROL_TOKENS}.items() if i < vocab_size}
+    free = iter(i for i in range(vocab_size) if i not in specials)
+    vocab = {t: i for i, t in specials.items()}
+    for _, ch in sorted(_byte_chars().items()):
+        vocab[ch] = next(free)
+    for k, i in enumerate(free):
+        vocab[f"<unused{k}>"] = i
+    backend = Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in sorted(specials.items())])
+    return Tokenizer(backend, bos_id=2, eos_ids=[1, 106, 50], pad_id=0)
+
+
+def build_checkpoint(path: Path, tokenizer: Tokenizer | None = None, steps: int = STEPS, seed: int = 1) -> Path:
+    model = randomize(DiffusionGemma(tiny_config("a")), seed=seed)
+    gen = {"max_denoising_steps": steps, "max_new_tokens": 32, "t_min": 0.4, "t_max": 0.8, "eos_token_id": [1, 106, 50]}
+    return save_model(model, path, generation_config=gen, tokenizer=tokenizer or byte_tokenizer())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
+
+    def __init__(self, app):
+        self.app, self.port = app, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    return Pipeline.load(str(ckpt), device="cpu", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    settings = ServerSettings(model_name=NAME, max_concurrency=4, max_queue=16, max_tokens_limit=512,
+                              max_context=1024, max_body_bytes=64 * 1024)
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def busy_server(ckpt):
+    """One engine row, no queue, an API key and one CORS origin."""
+    settings = ServerSettings(model_name=NAME, max_concurrency=1, max_queue=0, api_key="sekret",
+                              cors_origins=("http://example.test",))
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def complete(client, prompt="Hello", **kw):
+    kw.setdefault("max_tokens", 24)
+    extra = {k: kw.pop(k) for k in list(kw) if k in ("ignore_eos", "steps", "ar", "stream_drafts", "entropy_bound",
+                                                      "t_min", "t_max", "stability_threshold",
+                                                      "confidence_threshold")}
+    return client.completions.create(model=NAME, prompt=prompt, extra_body=extra or None, **kw)
+
+
+def assert_error(r, status, code=None, param=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def wait_until(fn, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if fn():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------- models, completions, chat
+def test_models(client, http):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    card = client.models.retrieve(NAME)
+    assert card.id == NAME and card.model_extra["dgemma"]["canvas_length"] == CANVAS
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_completion_matches_the_engine(client, pipe):
+    r = complete(client, "Hello there", seed=5, max_tokens=24, ignore_eos=True)
+    ref = pipe.generate(["Hello there"], seed=5, max_new_tokens=24, ignore_eos=True)[0]
+    assert r.object == "text_completion" and len(r.choices) == 1
+    assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length"
+    u = r.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.total_tokens) == (len(pipe.encode("Hello there")), 24,
+                                                                       len(pipe.encode("Hello there")) + 24)
+    extra = u.model_extra
+    assert extra["steps_per_canvas"] == STEPS and extra["canvases"] == 2 and extra["forward_passes"] == 2 * STEPS
+    assert extra["tokens_per_forward"] == pytest.approx(ref.stats["tokens_per_forward"])
+
+
+def test_token_id_prompts_and_echo(client, pipe):
+    ids = pipe.encode("Hi!")
+    a = complete(client, ids, seed=2, ignore_eos=True)
+    b = complete(client, "Hi!", seed=2, ignore_eos=True)
+    assert a.choices[0].text == b.choices[0].text
+    e = complete(client, "Hi!", seed=2, ignore_eos=True, echo=True)  # echo: the prompt as sent, then the text
+    assert e.choices[0].text == "Hi!" + b.choices[0].text
+    e = complete(client, ids, seed=2, ignore_eos=True, echo=True)
+    assert e.choices[0].text == pipe.decode(ids) + b.choices[0].text
+    batch = complete(client, ["Hi!", "Yo"], seed=2, ignore_eos=True)  # a list of prompts: one choice each
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == b.choices[0].text
+
+
+def test_chat_multi_turn_uses_the_chat_template(client, pipe):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And now?"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, seed=3, max_tokens=20,
+                                       extra_body={"ignore_eos": True})
+    ids = pipe.encode_chat(messages)
+    ref = pipe.generate([ids], seed=3, max_new_tokens=20, ignore_eos=True)[0]
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == len(ids)
+    # content as a list of text parts, and max_completion_tokens, are the same request
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    r2 = client.chat.completions.create(model=NAME, messages=parts, seed=3, max_completion_tokens=20,
+                                        extra_body={"ignore_eos": True})
+    assert r2.choices[0].message.content == ref.text
+
+
+# ---------------------------------------------------------------- streaming
+def test_streaming_equals_non_streaming(client):
+    for seed in (4, 9):
+        full = complete(client, "Stream me", seed=seed, max_tokens=40)
+        chunks = list(complete(client, "Stream me", seed=seed, max_tokens=40, stream=True,
+                               stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == full.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    msgs = [{"role": "user", "content": "Hi"}]
+    full = client.chat.completions.create(model=NAME, messages=msgs, seed=1, max_tokens=40)
+    chunks = list(client.chat.completions.create(model=NAME, messages=msgs, seed=1, max_tokens=40, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_raw_sse_framing(http):
+    with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+def test_draft_streaming_through_the_openai_client(client):
+    msgs = [{"role": "user", "content": "Draw"}]
+    kw = dict(model=NAME, messages=msgs, seed=6, max_tokens=32, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    stream = client.chat.completions.create(stream=True, **{**kw, "extra_body": {"ignore_eos": True,
+                                                                                 "stream_drafts": True}})
+    drafts, commits, text = [], [], ""
+    for chunk in stream:  # the client parses draft chunks as ordinary ones: an empty delta plus `dgemma`
+        ev = (chunk.model_extra or {}).get("dgemma")
+        if ev and ev["type"] == "draft":
+            assert chunk.choices[0].delta.content is None
+            drafts.append(ev)
+        elif ev and ev["type"] == "commit":
+            commits.append(ev)
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+    assert text == full.choices[0].message.content
+    assert [(d["canvas_index"], d["step"]) for d in drafts] == [(c, s) for c in range(2) for s in range(1, STEPS + 1)]
+    for d in drafts:
+        assert len(d["canvas"]) == len(d["accepted"]) == len(d["pieces"]) == CANVAS
+        assert d["accepted_count"] == sum(d["accepted"]) >= 1 and d["mean_entropy"] >= 0
+        assert isinstance(d["text"], str)
+    assert [c["canvas_index"] for c in commits] == [0, 1] and all(c["steps"] == STEPS for c in commits)
+    last = {d["canvas_index"]: d["canvas"] for d in drafts}  # the committed canvas is the last step's draft
+    assert [t for c in commits for t in c["tokens"]] == last[0] + last[1]
+
+
+# ---------------------------------------------------------------- options
+def test_seeds_and_n(client):
+    a = complete(client, seed=11, ignore_eos=True).choices[0].text
+    assert complete(client, seed=11, ignore_eos=True).choices[0].text == a
+    assert complete(client, seed=12, ignore_eos=True).choices[0].text != a
+    r = complete(client, seed=11, n=3, ignore_eos=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for i, c in enumerate(r.choices):  # choice i runs with seed + i
+        assert c.text == complete(client, seed=11 + i, ignore_eos=True).choices[0].text
+    assert r.usage.completion_tokens == 3 * 24
+    assert r.model_extra["dgemma"]["seed"] == 11
+
+
+def test_stop_strings(client):
+    full = complete(client, "Stop here", seed=8, max_tokens=48, ignore_eos=True).choices[0].text
+    k = next(i for i in range(6, len(full) - 2) if full[i].isprintable() and full[i] != "\ufffd")
+    stop = full[k:k + 2]
+    want = full[:full.find(stop)]
+    r = complete(client, "Stop here", seed=8, max_tokens=48, ignore_eos=True, stop=[stop, "never-appears"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in complete(client, "Stop here", seed=8, max_tokens=48,
+                                                            ignore_eos=True, stop=stop, stream=True))
+    assert streamed == want
+
+
+def test_diffusion_options_change_the_run(client):
+    r = complete(client, seed=3, ignore_eos=True, steps=2, entropy_bound=0.5, t_min=0.3, t_max=0.9,
+                 stability_threshold=0, confidence_threshold=0.0)
+    assert r.usage.model_extra["steps_per_canvas"] == 2
+    # temperature / top_p are accepted and ignored by diffusion (fixed schedule)
+    assert complete(client, seed=3, ignore_eos=True, temperature=1.7, top_p=0.1).choices[0].text == \
+        complete(client, seed=3, ignore_eos=True).choices[0].text
+
+
+def test_autoregressive_mode(client, pipe):
+    r = complete(client, "Hello", seed=1, max_tokens=12, ar=True, temperature=0, ignore_eos=True)
+    ref = pipe.generate(["Hello"], ar=True, seed=1, max_new_tokens=12, ar_temperature=0.0, ignore_eos=True)[0]
+    assert r.choices[0].text == ref.text
+    u = r.usage.model_extra
+    assert u["steps_per_canvas"] is None and u["canvases"] == 0 and u["forward_passes"] == 12
+    chunks = [c for c in complete(client, "Hello", seed=1, max_tokens=12, ar=True, temperature=0, ignore_eos=True,
+                                  stream=True) if c.choices and c.choices[0].text]
+    assert len(chunks) > 1 and "".join(c.choices[0].text for c in chunks) == ref.text
+    # temperature > 0 samples, seeded
+    s1 = complete(client, "Hello", seed=1, max_tokens=12, ar=True, temperature=1.5, ignore_eos=True)
+    s2 = complete(client, "Hello", seed=1, max_tokens=12, ar=True, temperature=1.5, ignore_eos=True)
+    assert s1.choices[0].text == s2.choices[0].text
+
+
+def test_suffix_fills_the_middle(client, pipe):
+    suffix = "END!"
+    sids = pipe.tokenizer.encode(suffix)
+    stream = complete(client, "Begin:", suffix=suffix, seed=4, max_tokens=64, stream=True, stream_drafts=True)
+    drafts, text = [], ""
+    for c in stream:
+        ev = (c.model_extra or {}).get("dgemma")
+        if ev and ev["type"] == "draft":
+            drafts.append(ev)
+        text += c.choices[0].text if c.choices else ""
+    assert drafts and {d["canvas_index"] for d in drafts} == {0}  # one canvas only
+    for d in drafts:  # the suffix is pinned at the END of the canvas on every step
+        assert d["canvas"][-len(sids):] == sids and d["fixed"] == len(sids)
+        assert all(d["accepted"][-len(sids):])
+    middle = drafts[-1]["canvas"][:CANVAS - len(sids)]
+    eos = [i for i, t in enumerate(middle) if t in pipe.tokenizer.eos_ids]
+    middle = middle[:eos[0]] if eos else middle
+    r = complete(client, "Begin:", suffix=suffix, seed=4, max_tokens=64)
+    assert r.choices[0].text == text == pipe.decode(middle)  # the suffix is trimmed off
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == len(middle)
+    short = complete(client, "Begin:", suffix=suffix, seed=4, max_tokens=3)
+    assert short.choices[0].text == pipe.decode(middle[:3]) and short.choices[0].finish_reason == "length"
+
+
+# ---------------------------------------------------------------- batching
+def test_concurrent_streams_and_batch_invariance(client, http):
+    alone = complete(client, "Batch me", seed=7, max_tokens=48, ignore_eos=True).choices[0].text
+    steps0 = http.get("/health").json()["engine_steps"]
+
+    def one(seed):
+        chunks = complete(client, "Batch me" if seed == 7 else f"Other prompt {seed}", seed=seed, max_tokens=48,
+                          ignore_eos=True, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    seeds = [1, 2, 7, 3, 4, 5]  # 6 streams on 4 engine rows: two wait in the queue
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        texts = dict(zip(seeds, pool.map(one, seeds)))
+    assert texts[7] == alone  # same text alone and in a batch of strangers
+    assert len(set(texts.values())) == len(seeds)
+    steps = http.get("/health").json()["engine_steps"] - steps0
+    assert steps < len(seeds) * 3 * STEPS * 0.75  # rows shared forwards (alone each needs 3 canvases x STEPS)
+
+
+# ---------------------------------------------------------------- limits, auth, cancellation
+def test_api_key(busy_server):
+    url = busy_server.url
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert_error(httpx.get(url + "/v1/models"), 401, code="invalid_api_key")
+    assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 401)
+    assert_error(httpx.get(url + "/metrics"), 401)
+    ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+    assert ok.models.list().data[0].id == NAME
+    assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
+    assert httpx.get(url + "/").status_code == 200
+
+
+def test_cors_is_off_by_default(http, busy_server):
+    r = http.get("/v1/models", headers={"Origin": "http://example.test"})
+    assert "access-control-allow-origin" not in r.headers
+    pre = httpx.options(busy_server.url + "/v1/completions", headers={
+        "Origin": "http://example.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://example.test"
+
+
+def _active(url):
+    return httpx.get(url + "/health").json()["active_rows"]
+
+
+def _metric(url, line_start, key="sekret"):
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    found = [ln for ln in text.splitlines() if ln.startswith(line_start)]
+    return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+
+def test_queue_full_429_and_stream_disconnect_cancels(busy_server):
+    url, auth = busy_server.url, {"Authorization": "Bearer sekret"}
+    long = {"prompt": "long", "max_tokens": 1000, "steps": 8, "ignore_eos": True, "stream": True}
+    cancelled0 = _metric(url, 'dgemma_rows_total{outcome="cancelled"}')
+    with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=long) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # keep a reference: a collected iterator closes the response
+            next(lines)  # running now: the one engine row is taken and the queue holds 0
+            busy = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+            err = assert_error(busy, 429, code="queue_full")
+            assert busy.headers["retry-after"] == "1" and err["type"] == "rate_limit_error"
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0).completions.create(
+                    model=NAME, prompt="x", max_tokens=4)
+        # leaving the block closed the connection mid-stream: the row must be cancelled, not run to the end
+    assert wait_until(lambda: _active(url) == 0, timeout=5)
+    assert _metric(url, 'dgemma_rows_total{outcome="cancelled"}') == cancelled0 + 1
+    assert _metric(url, 'dgemma_rejected_total{reason="queue_full"}') >= 2
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, headers=auth)
+    assert r.status_code == 200  # the row was freed
+
+
+def test_non_streaming_disconnect_cancels_running_and_queued_rows(server):
+    body = {"prompt": "long", "max_tokens": 512, "steps": 16, "ignore_eos": True}  # ~10 s of work each
+
+    def gone(n):  # n=2 on 4 engine rows: 2 + 2 + 2 rows = 4 running, 2 queued
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json={**body, "n": n}, timeout=httpx.Timeout(60, read=1.0))
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(gone, [2, 2, 2]))
+    assert wait_until(lambda: httpx.get(server.url + "/health").json()["queued_rows"] == 0, timeout=4)
+    assert wait_until(lambda: _active(server.url) == 0, timeout=4)
+
+
+def test_an_engine_fault_fails_its_rows_and_the_server_recovers(server, client):
+    engine = server.app.state.dgemma.worker.engine
+    real = engine.step
+
+    def broken():
+        engine.step = real  # fail once
+        raise RuntimeError("simulated device error")
+
+    engine.step = broken
+    with pytest.raises(openai.InternalServerError, match="simulated device error"):
+        complete(client, max_tokens=4)
+    engine.step = broken
+    with pytest.raises(openai.APIError, match="simulated device error"):
+        for _ in complete(client, max_tokens=4, stream=True):
+            pass
+    assert engine.step == real and _active(server.url) == 0
+    assert complete(client, max_tokens=4, ignore_eos=True).choices[0].finish_reason == "length"
+
+
+def test_worker_cancels_each_job_once(pipe):
+    from dgemma.serve.engine import Cancelled, Done, Job, QueueFull, Worker
+
+    worker = Worker(pipe.engine(max_rows=1, max_len=256), max_queue=1)
+    worker.start()
+    seen: dict[int, list] = {0: [], 1: []}
+    got = threading.Event()
+
+    def sink(job, events):
+        seen[job.tag].extend(events)
+        if any(isinstance(e, (Done, Cancelled)) for e in seen[0]) and \
+                any(isinstance(e, (Done, Cancelled)) for e in seen[1]):
+            got.set()
+
+    params = pipe.params(max_new_tokens=256, ignore_eos=True, seed=0)
+    jobs = [Job(pipe.encode("x"), params, sink, tag=i) for i in range(2)]
+    try:
+        worker.submit(jobs)  # one runs, one waits
+        with pytest.raises(QueueFull):
+            worker.submit([Job(pipe.encode("y"), params, sink, tag=9)])
+        for _ in range(3):
+            worker.cancel(jobs)  # again and again: running and waiting jobs alike
+        assert got.wait(10) and worker.alive
+        assert all(sum(isinstance(e, Cancelled) for e in seen[i]) == 1 for i in (0, 1))
+        assert worker.load() == (0, 0) and len(worker.engine.free) == 1
+    finally:
+        worker.stop()
+
+
+# ---------------------------------------------------------------- errors: status and OpenAI's shape
+BAD_REQUESTS = [
+    # (path, body, status, code, param)
+    ("/v1/completions", b"{not json", 400, "invalid_json", None),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json", None),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model_not_found", "model"),
+    ("/v1/completions", {}, 400, "missing_required_parameter", "prompt"),
+    ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, "unrecognized_argument", "bogus"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens_exceeded", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": 9}, 400, "invalid_value", "temperature"),
+    ("/v1/completions", {"prompt": "x", "steps": 0}, 400, "invalid_value", "steps"),
+    ("/v1/completions", {"prompt": "x", "steps": "many"}, 400, "invalid_value", "steps"),
+    ("/v1/completions", {"prompt": "x", "t_min": 0.9, "t_max": 0.5}, 400, "invalid_value", None),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "invalid_value", "seed"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "invalid_value", "n"),
+    ("/v1/completions", {"prompt": "x", "n": 100}, 400, "invalid_value", "n"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "invalid_value", "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, 400, "invalid_value", "stop"),
+    ("/v1/completions", {"prompt": 5}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {"prompt": [5, 99999]}, 400, "invalid_value", "prompt"),
+    ("/v1/completions", {"prompt": "x" * 2000}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {"prompt": "x" * 900, "max_tokens": 300}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y" * 40}, 400, "invalid_value", "suffix"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y", "ar": True}, 400, "invalid_value", "suffix"),
+    ("/v1/completions", {"prompt": "x", "ar": True, "stream_drafts": True}, 400, "invalid_value", "stream_drafts"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, None, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1}}, 400, "unsupported_parameter", "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 1}, 400, "unsupported_parameter", "presence_penalty"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_value", "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "invalid_value", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "unsupported_parameter",
+     "messages.0.content.0"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, 400,
+     "unsupported_parameter", "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_object"}}, 400, "unsupported_parameter", "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
+     "unsupported_parameter", "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter", "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999},
+     400, "max_tokens_exceeded", "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"evil": 1}}, 400, "invalid_value", "chat_template_kwargs"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,code,param", BAD_REQUESTS,
+                         ids=[f"{i}-{b if isinstance(b, bytes) else sorted(b)}"[:60] for i, (_, b, *_) in
+                              enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_openai_errors(http, path, body, status, code, param):
+    if isinstance(body, bytes):
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(path, json=body)
+    assert_error(r, status, code=code, param=param)
+
+
+def test_oversized_body_unknown_routes_and_methods(http):
+    assert_error(http.post("/v1/completions", json={"prompt": "x" * 70_000}), 413, code="body_too_large")
+    chunked = http.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * 70_000, b'"}']),
+                        headers={"content-type": "application/json"})  # no Content-Length: counted while reading
+    assert_error(chunked, 413, code="body_too_large")
+    assert_error(http.get("/v1/nothing-here"), 404)
+    assert_error(http.get("/v1/completions"), 405)
+
+
+def test_openai_client_raises_clean_errors(client):
+    with pytest.raises(openai.BadRequestError, match="structured output"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, "x" * 2000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+
+
+# ---------------------------------------------------------------- health, metrics, page
+def test_health_and_metrics(server, http):
+    h = http.get("/health").json()
+    assert h["status"] == "ok" and h["model"] == NAME and h["max_concurrency"] == 4
+    http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+    http.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for needle in ('dgemma_requests_total{endpoint="/v1/completions",status="200"}',
+                   'dgemma_requests_total{endpoint="/v1/completions",status="400"}',
+                   "dgemma_queue_depth 0", "dgemma_active_rows", 'dgemma_steps_per_canvas_bucket{le="4"}',
+                   'dgemma_generated_tokens_total{mode="diffusion"}', "dgemma_request_latency_seconds_bucket",
+                   "dgemma_engine_step_seconds_count", "dgemma_time_to_first_token_seconds_count",
+                   "process_resident_memory_bytes", "dgemma_peak_resident_memory_bytes"):
+        assert needle in text, needle
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+]+$')
+    for line in text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+
+
+def test_web_page_is_served(http):
+    page = http.get("/")
+    assert page.status_code == 200 and 'id="grid"' in page.text and "/static/app.js" in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert http.get(asset).status_code == 200
+
+
+# ---------------------------------------------------------------- the CLI
+def test_cli_serve_without_a_model_is_one_line():
+    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "no default model" in p.stderr and "dgemma serve PATH" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cli_serve_runs(ckpt):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(port),
+                             "--device", "cpu", "--max-concurrency", "2", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is None and False
+
+        assert wait_until(up, timeout=60), proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == ckpt.name
+        taken = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(port)],
+                               capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 2 and "cannot listen" in taken.stderr
+        assert len(taken.stderr.strip().splitlines()) == 1
+    finally:
+        proc.terminate()
+        proc.wait(15)
