@@ -318,6 +318,365 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train
+def _add_train_options(s, *, steps=1000, batch=32, lr=3e-4, warmup=100, wd=0.0, beta2=0.95, save_every=500,
+                       eval_every=0, log_every=10) -> None:
+    """Optimizer, objective and run options shared by `train` and `sudoku train`."""
+    s.add_argument("--out", help="run directory: train_config.json, log.jsonl, checkpoints/, final/")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(options come from the run's train_config.json)")
+    s.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    s.add_argument("--batch-size", type=int, default=batch,
+                   help=f"examples per optimizer step, over all processes (default {batch})")
+    s.add_argument("--micro-batch", type=int, help="examples per forward per process (gradient accumulation)")
+    s.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default 0.1)")
+    s.add_argument("--warmup", type=int, default=warmup, help=f"linear warmup steps (default {warmup})")
+    s.add_argument("--weight-decay", type=float, default=wd, help=f"AdamW weight decay on matrices (default {wd})")
+    s.add_argument("--beta1", type=float, default=0.9)
+    s.add_argument("--beta2", type=float, default=beta2)
+    s.add_argument("--clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1.0)")
+    s.add_argument("--eps", type=float, default=1e-3, help="noise level t ~ U(eps, 1) (default 1e-3)")
+    s.add_argument("--sc-prob", type=float, default=0.5, help="self-conditioning probability (default 0.5)")
+    s.add_argument("--diffusion-weight", type=float, default=1.0, help="weight of the canvas loss (default 1)")
+    s.add_argument("--ar-weight", type=float, default=1.0, help="weight of the encoder's AR loss (default 1)")
+    s.add_argument("--ar-on-prompt", action="store_true", help="also train next-token prediction on the prompt")
+    s.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = full training)")
+    s.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled alpha/rank")
+    s.add_argument("--lora-targets", default="all", help="comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                   "up_proj,down_proj,experts,router, or all (default: all but the router)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log-every", type=int, default=log_every, help=f"log interval in steps (default {log_every})")
+    s.add_argument("--save-every", type=int, default=save_every, help=f"checkpoint interval (default {save_every})")
+    s.add_argument("--keep", type=int, default=3, help="checkpoints kept, 0 = all (default 3)")
+    s.add_argument("--eval-every", type=int, default=eval_every, help="evaluation interval, 0 = at the end only")
+    s.add_argument("--eval-examples", type=int, default=256, help="held-out examples per evaluation (default 256)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    s.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (fp32 master weights)")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
+                   help="model config override for a new model, e.g. --set hidden_size=128 (repeatable)")
+
+
+def _train_config(args):
+    from .train.trainer import TrainConfig
+
+    if not args.out:
+        raise UsageError("--out DIR is required")
+    return TrainConfig(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay, beta1=args.beta1,
+        beta2=args.beta2, clip=args.clip, eps=args.eps, sc_prob=args.sc_prob, diffusion_weight=args.diffusion_weight,
+        ar_weight=args.ar_weight, ar_on_prompt=args.ar_on_prompt, seed=args.seed, log_every=args.log_every,
+        save_every=args.save_every, eval_every=args.eval_every, eval_examples=args.eval_examples, keep=args.keep,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        device=args.device, bf16=args.bf16, threads=args.threads)
+
+
+def _finish_training(trainer) -> int:
+    last = trainer.fit()
+    if trainer.dist.main:
+        shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+        print(json.dumps({"out": str(trainer.out), "step": trainer.step, **shown}))
+    trainer.dist.close()
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.run import merge, parse_overrides, prepare
+
+    if args.train_cmd == "merge":
+        out = merge(args.base, args.adapter, args.merged)
+        print(f"merged {args.adapter} into {args.base} -> {out}")
+        return 0
+    if args.resume:
+        if not args.out:
+            raise UsageError("--resume needs --out RUN_DIR")
+        return _finish_training(prepare(None, None, resume=True, out=args.out))
+    if args.model and (args.preset or args.config):
+        raise UsageError("give either --model PATH (fine-tune) or --preset/--config (from scratch), not both")
+    source = {"model": args.model, "preset": args.preset, "config": args.config,
+              "overrides": _overrides(args, parse_overrides), "tokenizer": args.tokenizer, "data": args.data,
+              "eval_data": args.eval_data, "max_len": args.max_len}
+    return _finish_training(prepare(_train_config(args), source))
+
+
+def _overrides(args, parse) -> dict:
+    over = parse(args.overrides)
+    if over and getattr(args, "model", None):
+        raise UsageError("--set changes the config of a new model; it cannot be used with --model")
+    return over
+
+
+def _add_train_parser(sub) -> None:
+    s = sub.add_parser("train", help="train or fine-tune (full or LoRA) on JSONL data; torchrun for data parallel",
+                       description="Train with the DiffusionGemma objective (canvas CE + encoder AR CE). "
+                       "`dgemma train merge BASE ADAPTER OUT` folds a LoRA adapter into its base.")
+    s.add_argument("--data", help="training JSONL: {prompt, response}, {messages} or {prompt_ids, response_ids}")
+    s.add_argument("--eval-data", help="held-out JSONL, evaluated every --eval-every steps")
+    src = s.add_argument_group("model (one of)")
+    src.add_argument("--model", help="checkpoint to fine-tune (directory or hub id)")
+    src.add_argument("--preset", help="train a new model from scratch: tiny, small, bench-80m, 26b-a4b")
+    src.add_argument("--config", help="train a new model from scratch from this config.json")
+    s.add_argument("--tokenizer", help="directory with tokenizer.json (default: the model's)")
+    s.add_argument("--max-len", type=int, help="skip examples longer than this (prompt + padded response)")
+    _add_train_options(s)
+    ts = s.add_subparsers(dest="train_cmd", metavar="[merge]")
+    m = ts.add_parser("merge", help="fold a LoRA adapter into its base model: merge BASE ADAPTER OUT")
+    m.add_argument("base", help="base checkpoint")
+    m.add_argument("adapter", help="adapter directory (adapter_model.safetensors + adapter_config.json)")
+    m.add_argument("merged", metavar="out", help="output checkpoint directory")
+    s.set_defaults(func=cmd_train, train_cmd=None)
+
+
+# ---------------------------------------------------------------- sudoku
+def _clue_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise UsageError(f"--clues expects N or LO-HI, e.g. 30-36; got {text!r}") from None
+    if not 17 <= lo_i <= hi_i <= 80:
+        raise UsageError(f"--clues must lie within 17-80 with LO <= HI; got {text!r}")
+    return lo_i, hi_i
+
+
+def cmd_sudoku(args) -> int:
+    from .tasks import sudoku as SU
+
+    if args.sudoku_cmd == "gen":
+        from .io import atomic_path
+
+        clues = _clue_range(args.clues)
+        if args.n <= 0:
+            raise UsageError("--n must be positive")
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            for rec in SU.generate(args.n, clues, args.seed, workers=args.workers, progress=True):
+                f.write(json.dumps(rec) + "\n")
+        print(f"wrote {args.n} puzzles ({args.clues} clues) to {args.out}")
+        return 0
+    if args.sudoku_cmd == "train":
+        from .train.run import parse_overrides
+
+        if args.resume:
+            if not args.out:
+                raise UsageError("--resume needs --out RUN_DIR")
+            return _finish_training(SU.prepare_training(None, None, resume=True, out=args.out))
+        if not args.data:
+            raise UsageError("--data TRAIN.jsonl is required (make one with `dgemma sudoku gen`)")
+        source = {"task": "sudoku", "data": args.data, "eval_data": args.eval_data, "eval_puzzles": args.eval_puzzles,
+                  "eval_steps": args.eval_steps, "augment": not args.no_augment,
+                  "overrides": parse_overrides(args.overrides)}
+        return _finish_training(SU.prepare_training(_train_config(args), source))
+    from .tasks import sudoku_eval as EV
+    from .weights import load_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    if args.sudoku_cmd == "eval":
+        budgets = _int_list(args.steps)
+        pairs = SU.read_puzzles(args.data, limit=args.n)
+        model = load_model(args.model, dtype=torch_float32(), quiet=True).eval()
+        rows = []
+        for st in EV.settings(budgets, early=not args.no_early, fixed=not args.no_fixed, ar=not args.no_ar,
+                              seed=args.seed):
+            r = EV.evaluate(model, pairs, st, batch=args.batch)
+            rows.append(r)
+            print(f"{r['setting']:<28} solve {100 * r['solve_rate']:6.2f}%  cells {100 * r['cell_accuracy']:6.2f}%  "
+                  f"mean steps {r['mean_steps']:6.2f}  ({r['wall_s']:.1f}s)", flush=True)
+        if args.json:
+            from .io import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps({"model": args.model, "data": args.data, "results": rows},
+                                                    indent=2) + "\n")
+        return 0
+    # solve
+    from .generate import Done, GenerationParams
+    from .sampler import SamplerConfig
+    from .tasks.sudoku_board import is_solution, parse, pretty, solve, to_string
+
+    cells = parse(args.puzzle)  # a bad string is a one-line error before the model loads
+    model = load_model(args.model, dtype=torch_float32(), quiet=True).eval()
+    sampler = SamplerConfig(max_denoising_steps=args.steps, confidence_threshold=0.0 if args.no_early else 0.005)
+    params = GenerationParams(max_new_tokens=81, seed=args.seed, sampler=sampler)
+    tty = sys.stdout.isatty()
+    print(pretty(cells) + "\n")
+    board, steps, shown_lines = None, 0, 0
+    for item in EV.solve_frames(model, to_string(cells), params):
+        if isinstance(item, Done):
+            board, steps = SU.board_from_ids(item.tokens), item.stats["steps_per_canvas"][0]
+            break
+        step, shown, h = item
+        frame = f"step {step:2d}  accepted {81 - shown.count('.'):2d}/81 cells  mean entropy {h:.4f}\n{pretty(shown)}\n"
+        if tty and shown_lines:  # redraw in place
+            print(f"\033[{shown_lines}A\033[J", end="")
+        print(frame, flush=True)
+        shown_lines = frame.count("\n") + 1
+    if board is None:
+        print(f"no board: the model did not write 81 digits ({steps} steps)")
+        return 1
+    ok = is_solution(cells, [int(c) for c in board])
+    print(pretty(board))
+    n_sol = len(solve(cells, 2))
+    verdict = ("solved" if ok else "wrong") + f" in {steps} denoising steps"
+    verdict += " (the unique solution)" if ok and n_sol == 1 else (
+        f" (the puzzle has {'no' if not n_sol else 'more than one'} solution)" if n_sol != 1 else "")
+    print(verdict)
+    return 0 if ok else 1
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"expected a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise UsageError(f"step budgets must be positive integers, got {text!r}")
+    return vals
+
+
+def _add_sudoku_parser(sub) -> None:
+    s = sub.add_parser("sudoku", help="the Sudoku recipe: gen | train | eval | solve")
+    ss = s.add_subparsers(dest="sudoku_cmd", metavar="gen|train|eval|solve")
+    ss.required = True
+    g = ss.add_parser("gen", help="generate puzzles with unique solutions (JSONL)")
+    g.add_argument("--out", required=True, help="output JSONL file")
+    g.add_argument("--n", type=int, default=1000, help="number of puzzles (default 1000)")
+    g.add_argument("--clues", default="30-36", help="clue count N or range LO-HI (default 30-36)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    t = ss.add_parser("train", help="train the recipe's model from scratch (see recipes/sudoku.md)")
+    t.add_argument("--data", help="training puzzles (JSONL from `sudoku gen`)")
+    t.add_argument("--eval-data", help="held-out puzzles: eval loss and solve rate during training")
+    t.add_argument("--eval-puzzles", type=int, default=200, help="puzzles in each solve-rate check (default 200)")
+    t.add_argument("--eval-steps", type=int, default=12, help="step budget of that check (default 12)")
+    t.add_argument("--no-augment", action="store_true", help="no random symmetries of the training puzzles")
+    _add_train_options(t, steps=20000, batch=64, lr=1e-3, warmup=500, wd=0.01, beta2=0.98, save_every=500,
+                       eval_every=1000, log_every=20)
+    e = ss.add_parser("eval", help="solve rate and denoising steps at step budgets, vs AR decoding")
+    e.add_argument("model", help="checkpoint directory")
+    e.add_argument("--data", required=True, help="puzzles JSONL")
+    e.add_argument("--n", type=int, default=1000, help="puzzles to evaluate (default 1000)")
+    e.add_argument("--steps", default="12,24,48", help="step budgets (default 12,24,48)")
+    e.add_argument("--no-early", action="store_true", help="skip the early-stopping runs")
+    e.add_argument("--no-fixed", action="store_true", help="skip the runs without early stopping")
+    e.add_argument("--no-ar", action="store_true", help="skip autoregressive decoding")
+    e.add_argument("--batch", type=int, default=250, help="puzzles decoded together (default 250)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    v = ss.add_parser("solve", help="solve one puzzle, showing the board fill in step by step")
+    v.add_argument("model", help="checkpoint directory")
+    v.add_argument("puzzle", help="81 characters: digits, and 0 or . for blanks")
+    v.add_argument("--steps", type=int, default=48, help="step budget (default 48)")
+    v.add_argument("--no-early", action="store_true", help="run all steps (no early stop)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    s.set_defaults(func=cmd_sudoku)
+
+
+# ---------------------------------------------------------------- quantize
+def _check_destination(dst: Path, overwrite: bool) -> Path:
+    """Fail before any work if DST cannot be written; returns the existing directory it will be created in."""
+    import os
+
+    if dst.exists():
+        if not overwrite:
+            raise UsageError(f"{dst} already exists; choose a new directory (or --overwrite to replace the "
+                             "checkpoint there)")
+        if not (dst / "config.json").is_file():
+            raise UsageError(f"refusing to replace {dst}: it is not a checkpoint directory (no config.json)")
+    parent = dst.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {dst}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {dst}: {parent} is not writable")
+    return parent
+
+
+def cmd_quantize(args) -> int:
+    import shutil
+    import time
+
+    import torch
+
+    from .config import preset
+    from .quant import QuantConfig, quantize_checkpoint, weight_bytes, write_random_quantized
+    from .weights import load_config, resolve
+
+    if args.scheme is None:
+        raise UsageError("give --scheme int8 or --scheme int4")
+    qcfg = QuantConfig(args.scheme, args.group_size)
+    paths = [p for p in (args.src, args.dst) if p is not None]
+    if args.random_preset:
+        if len(paths) != 1:
+            raise UsageError("with --random-preset NAME give only DST")
+        src, dst, cfg = None, Path(paths[0]), preset(args.random_preset)
+    else:
+        if len(paths) != 2:
+            raise UsageError("give SRC and DST (or --random-preset NAME DST)")
+        src, dst = resolve(paths[0]), Path(paths[1])
+        if dst.absolute() == src.absolute():
+            raise UsageError("DST must be a new directory, not SRC")
+        cfg = load_config(src)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    parent = _check_destination(dst, args.overwrite)
+    need = weight_bytes(cfg, qcfg, dtype or torch.bfloat16)
+    if shutil.disk_usage(parent).free < need * 1.05:
+        raise UsageError(f"{parent} has {_fmt_bytes(shutil.disk_usage(parent).free)} free; the quantized "
+                         f"checkpoint needs about {_fmt_bytes(need)}")
+    log = None if args.quiet else (lambda m: print(f"dgemma quantize: {m}", file=sys.stderr, flush=True))
+    shard = int(args.max_shard_gib * (1 << 30))
+    t0 = time.perf_counter()
+    try:
+        if src is None:
+            write_random_quantized(cfg, dst, qcfg, seed=args.seed, dtype=dtype or torch.bfloat16,
+                                   max_shard_bytes=shard, log=log)
+        else:
+            quantize_checkpoint(src, dst, qcfg, dtype=dtype, max_shard_bytes=shard, log=log)
+    except OSError as e:  # disk full, permissions changed mid-way: the partial output was already removed
+        raise UsageError(f"writing {dst} failed: {e.strerror or e}") from None
+    size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+    g = f" group {qcfg.group_size}" if qcfg.group_size else ""
+    print(f"{dst}: {qcfg.scheme}{g}, {_fmt_bytes(size)} of weights "
+          f"(float32: {_fmt_bytes(weight_bytes(cfg, None, torch.float32))}), {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _add_quantize_parser(sub) -> None:
+    s = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint",
+                       usage="dgemma quantize SRC DST --scheme {int8,int4} [options]\n"
+                             "       dgemma quantize --random-preset NAME DST --scheme {int8,int4} [options]",
+                       description="Quantize the attention, dense-MLP, self-conditioning and expert weights "
+                       "(router, norms and embedding stay as they are). The result loads with every dgemma "
+                       "command; transformers cannot load it.")
+    s.add_argument("src", nargs="?", metavar="SRC", help="full-precision checkpoint directory or hub id")
+    s.add_argument("dst", nargs="?", metavar="DST", help="new directory to write (atomically)")
+    s.add_argument("--scheme", help="int8 (per output channel) or int4 (group-wise)")
+    s.add_argument("--group-size", type=int, help="int4 inputs per scale: 32, 64 or 128 (default 128)")
+    s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype of the tensors kept at full precision "
+                   "(default: as in SRC; bfloat16 with --random-preset)")
+    s.add_argument("--random-preset", metavar="NAME", help="write random weights of a preset (e.g. 26b-a4b) "
+                   "layer by layer instead of reading SRC (for memory and speed tests)")
+    s.add_argument("--seed", type=int, default=0, help="seed for --random-preset (default 0)")
+    s.add_argument("--max-shard-gib", type=float, default=2.0, help="largest safetensors file (default 2)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(func=cmd_quantize)
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma engine: generate, serve, train, bench.")
@@ -378,6 +737,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     s.add_argument("--fast", action="store_true", help="a shorter run")
     s.set_defaults(func=cmd_demo)
+
+    _add_train_parser(sub)
+    _add_sudoku_parser(sub)
+    _add_quantize_parser(sub)
     return p
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .config import ConfigError, ModelConfig
 from .io import atomic_dir
 from .model import DiffusionGemma
@@ -130,6 +131,13 @@ def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | to
     cfg = load_config(ckpt)
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
+    # --- quantized checkpoints (quant.py): config.json's quantization_config swaps in quantized modules here,
+    # before assigning, so their int8/uint8 codes and scales are memory-mapped like every other tensor.
+    try:
+        qnames = quant.prepare_for_load(model)
+    except quant.QuantError as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
+    # ---
     expected = {k: v for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     passthrough: dict[str, Path] = {}
@@ -156,7 +164,11 @@ def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | to
             want = tuple(expected[name].shape)
             if tuple(t.shape) != want:
                 raise CheckpointError(f"tensor {key} in {f.name} has shape {tuple(t.shape)}, expected {want}")
-            if dtype is not None and t.dtype != dtype:
+            if name in qnames:  # quantized codes and scales keep their stored dtype
+                problem = quant.dtype_problem(t, expected[name])
+                if problem:
+                    raise CheckpointError(f"tensor {key} in {f.name} {problem}")
+            elif dtype is not None and t.dtype != dtype:
                 t = t.to(dtype)
             state[name] = t.to(device) if str(device) != "cpu" else t
     missing = [hf_name(k) for k in expected if k not in state]
@@ -221,9 +233,10 @@ def save_model(model: DiffusionGemma, out_dir: str | os.PathLike, *, dtype: torc
 
     out = Path(out_dir)
     tensors = state_for_save(model)
+    keep = {hf_name(n) for n in quant.quantized_names(model)}  # quantized codes and scales keep their dtype
     if dtype is not None:
-        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    meta = {"format": "pt", **(metadata or {})}
+        tensors = {k: (v.to(dtype) if v.is_floating_point() and k not in keep else v) for k, v in tensors.items()}
+    meta = {"format": "pt", **quant.safetensors_metadata(model.cfg), **(metadata or {})}
     src = copy_from if copy_from is not None else getattr(model, "source", None)
     with atomic_dir(out) as tmp:
         model.cfg.save(tmp / "config.json")
