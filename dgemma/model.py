@@ -187,28 +187,40 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
+    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x `[n, H]`. Quantized and LoRA experts override this, not the dispatch."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`."""
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[token]
-        ws = weights.reshape(-1)[order]
-        outs = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            xe = xs[start:start + n]
-            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(gelu_tanh(gate) * up, self.down_proj[e]) * ws[start:start + n, None])
-            start += n
-        y = torch.zeros_like(x)
-        if outs:
-            y.index_add_(0, token, torch.cat(outs).to(x.dtype))
-        return y
+        return moe_dispatch(x, weights, idx, self.num_experts, self.expert_mlp)
+
+
+def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, expert_mlp
+                 ) -> torch.Tensor:
+    """Route tokens to experts: x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`.
+
+    The (token, expert) pairs are sorted by expert so each hit expert runs one matmul over exactly its tokens;
+    the outputs, scaled by their routing weights, are summed back per token.
+    """
+    N, k = idx.shape
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    xs = x[token]
+    ws = weights.reshape(-1)[order]
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        outs.append(expert_mlp(e, xs[start:start + n]) * ws[start:start + n, None])
+        start += n
+    y = torch.zeros_like(x)
+    if outs:
+        y.index_add_(0, token, torch.cat(outs).to(x.dtype))
+    return y
 
 
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
