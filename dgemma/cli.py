@@ -467,7 +467,7 @@ def cmd_sudoku(args) -> int:
             raise UsageError("--data TRAIN.jsonl is required (make one with `dgemma sudoku gen`)")
         source = {"task": "sudoku", "data": args.data, "eval_data": args.eval_data, "eval_puzzles": args.eval_puzzles,
                   "eval_steps": args.eval_steps, "augment": not args.no_augment,
-                  "overrides": parse_overrides(args.overrides)}
+                  "overrides": parse_overrides(args.overrides), "init_from": args.init_from}
         return _finish_training(SU.prepare_training(_train_config(args), source))
     from .tasks import sudoku_eval as EV
     from .weights import load_model
@@ -561,6 +561,8 @@ def _add_sudoku_parser(sub) -> None:
     t.add_argument("--eval-puzzles", type=int, default=200, help="puzzles in each solve-rate check (default 200)")
     t.add_argument("--eval-steps", type=int, default=12, help="step budget of that check (default 12)")
     t.add_argument("--no-augment", action="store_true", help="no random symmetries of the training puzzles")
+    t.add_argument("--init-from", help="start from this Sudoku checkpoint (e.g. a finished run's final/) with a "
+                   "new schedule, instead of a new model")
     _add_train_options(t, steps=20000, batch=64, lr=1e-3, warmup=500, wd=0.01, beta2=0.98, save_every=500,
                        eval_every=1000, log_every=20)
     e = ss.add_parser("eval", help="solve rate and denoising steps at step budgets, vs AR decoding")

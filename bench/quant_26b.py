@@ -1,0 +1,122 @@
+"""The real-size check: a random int4 (or int8) 26B-A4B checkpoint, loaded memory-mapped on a small machine,
+running one prefill and denoising steps over a full 256-token canvas.
+
+    python bench/quant_26b.py [--dir DIR] [--scheme int4] [--group-size 128] [--keep]
+
+1. write   `dgemma quantize --random-preset 26b-a4b DIR --scheme int4` in a child process: random weights made
+           and quantized layer by layer (one expert at a time), never the ~100 GB fp32 model. Full-precision
+           tensors (embedding, norms, router) are stored in bfloat16, like the released checkpoint.
+2. measure in a fresh child process (so its peak RSS is its own): `load_model(DIR, dtype=float32)` (the CPU
+           default: the bf16 embedding is converted, everything quantized stays memory-mapped), one prefill of
+           `--prompt-tokens` tokens, a first denoise step (no self-conditioning) and a second one with it.
+           Peak RSS is `ru_maxrss`, which counts the mapped checkpoint pages a step touches (page cache the
+           kernel can drop) as well as anonymous memory; both are reported at the end from /proc/self/status.
+3. delete  DIR, unless --keep.
+Prints one JSON object (also written to --out). On a machine where other jobs hold a core, pass --threads 1: there
+two OpenMP threads made the MoE (thousands of small per-expert ops) about 6x slower than one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _status() -> dict:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            out[k] = round(int(v.split()[0]) / 1024 / 1024, 2)  # GiB
+    return out
+
+
+def measure(ckpt: str, prompt_tokens: int, threads: int, steps: int) -> dict:
+    import torch
+
+    from dgemma.bench import machine
+    from dgemma.weights import load_model
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    model = load_model(ckpt, dtype=torch.float32, quiet=True)
+    load_s = time.perf_counter() - t
+    after_load = _status()
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, cfg.vocab_size, (1, prompt_tokens), generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    res = {"load_s": load_s, "rss_after_load_gib": after_load}
+    with torch.no_grad():
+        cache = model.new_cache(1, prompt_tokens + cfg.canvas_length)
+        t = time.perf_counter()
+        model.encode(prompt, cache)
+        res["prefill_s"] = time.perf_counter() - t
+        sc, step_s = None, []
+        for _ in range(steps):
+            t = time.perf_counter()
+            logits = model.denoise(canvas, cache, sc=sc)
+            step_s.append(time.perf_counter() - t)
+            assert torch.isfinite(logits).all()
+            sc = model.soft_embed(logits / 0.8)  # the next step's self-conditioning input
+        res["denoise_step_s"] = step_s
+    res.update(peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, rss_at_end_gib=_status(),
+               machine=machine(), quantization=cfg.extra.get("quantization_config"),
+               prompt_tokens=prompt_tokens, canvas_tokens=cfg.canvas_length)
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", help="checkpoint directory (default: a new one under the system temp dir)")
+    p.add_argument("--preset", default="26b-a4b")
+    p.add_argument("--scheme", default="int4")
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2, help="denoise steps to time (the first has no self-conditioning)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--keep", action="store_true", help="keep the checkpoint (and reuse it if it exists)")
+    p.add_argument("--out", default="quant_26b.json")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.dir, args.prompt_tokens, args.threads, args.steps)))
+        return 0
+
+    ckpt = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="dgemma-26b-")) / "ckpt"
+    created = not (ckpt / "config.json").exists()  # only what this run writes is ever deleted
+    result = {"checkpoint": str(ckpt)}
+    try:
+        if created:
+            cmd = [sys.executable, "-m", "dgemma.cli", "quantize", "--random-preset", args.preset, str(ckpt),
+                   "--scheme", args.scheme, "--dtype", "bfloat16"]
+            if args.group_size:
+                cmd += ["--group-size", str(args.group_size)]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            result["write_s"] = time.perf_counter() - t
+            result["write_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+        result["checkpoint_gib"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1024 ** 3
+        cmd = [sys.executable, __file__, "--worker", "--dir", str(ckpt), "--prompt-tokens", str(args.prompt_tokens),
+               "--threads", str(args.threads), "--steps", str(args.steps)]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        result.update(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        if created and not args.keep:
+            shutil.rmtree(ckpt if args.dir else ckpt.parent, ignore_errors=True)
+            result["deleted"] = True
+    print(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,525 @@
+"""Weight-only quantization as a module swap: int8 per output channel, int4 group-wise.
+
+The model never sees it (gpt-fast's `WeightOnlyInt8QuantHandler` is the pattern): `quantize_model` replaces each
+`nn.Linear` of the attention, the dense MLP and the self-conditioning MLP with a `QuantLinear`, and each `Experts`
+with a `QuantExperts`; both keep the forward signature of what they replace. The router, the norms and the
+embedding / tied LM head stay at full precision (the model reads `embed_tokens.weight` directly in three places).
+
+Schemes (`w` is one output row, `K` input features):
+  int8   symmetric, one scale per output channel:   w ~ q * scale,              q in [-127, 127]
+  int4   asymmetric, one scale and zero per group of `group_size` consecutive inputs (the last group of a row
+         is shorter when K is not a multiple; the 26B model's 704 and 2112 are not multiples of 128):
+                                                    w ~ (q - 8) * scale + zero,  q in [0, 15]
+         Asymmetric because a group's weights are not centred on 0: min-max spends all 16 levels on the range
+         actually present (symmetric int4 is set by the larger side of the group; on Gaussian weights its RMS
+         error is 10-25% higher at every group size, bench/quant_accuracy.py). `(q - 8) * scale + zero` is
+         tinygemm's convention (`_weight_int4pack_mm`), so those kernels could take these scales and zeros as is.
+
+Tensors (HF names; `P` is `model.decoder.layers.N.self_attn.q_proj` and the like, or `...experts.gate_up_proj`):
+  int8   P.weight int8 [out, in]                 P.weight_scale float32 [out]
+  int4   P.weight uint8 [out, in/2]              P.weight_scale bfloat16 [out, G]   P.weight_zero bfloat16 [out, G]
+         byte j of a row holds input j in its low nibble and input j + in/2 in its high nibble, so unpacking
+         writes two contiguous halves.
+  experts: the same with a leading [E] and no `.weight` (`...experts.gate_up_proj`, `..._scale`, `..._zero`).
+config.json records `"quantization_config": {"quant_method": "dgemma", "scheme": ..., "group_size": ...}` (also
+in each safetensors file's metadata) and `weights.load_model` swaps the modules before assigning the memory-mapped
+tensors. transformers cannot load these checkpoints (it knows no `dgemma` quant_method).
+
+Matmul (bench/quant_kernels.py): dequantize to the activation dtype, then `F.linear` (int8 scales the output, not
+the weight). With fp32 activations on this CPU (AVX2) torch's weight-only kernels are scalar loops: for 16-256
+rows dequantize+linear is 10-20x faster than `_weight_int8pack_mm` and 25-80x faster than
+`_weight_int4pack_mm_for_cpu`. In bf16/fp16 on CPU `_weight_int8pack_mm` is vectorised and ~3x faster than
+dequantizing, so int8 uses it there. The int4 kernel also wins in bf16, but its packed layout depends on the CPU's
+ISA (AVX2 and AVX-512 pack differently), so it cannot be memory-mapped from a portable checkpoint: not used.
+Dequantizing is also the path on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+from .model import DiffusionGemma, Experts, Router, gelu_tanh, moe_dispatch
+
+QUANT_KEY = "quantization_config"
+METHOD = "dgemma"
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 128
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+class QuantError(ConfigError):
+    """A quantization request or a quantized checkpoint that dgemma cannot handle, with the reason."""
+
+
+# ---------------------------------------------------------------- schemes
+class Int8:
+    """Symmetric int8, one float32 scale per output channel."""
+
+    name = "int8"
+    group_size = None
+    suffixes = ("", "_scale")
+
+    def specs(self, lead: tuple[int, ...], out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"": ((*lead, out, inp), torch.int8), "_scale": ((*lead, out), torch.float32)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = w.float()
+        scale = (w.abs().amax(-1) / 127).clamp_min(1e-30)
+        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+        return {"": q, "_scale": scale}
+
+    def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return t[""].to(dtype) * t["_scale"].to(dtype)[..., None]
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, scale = t[""], t["_scale"].to(x.dtype)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            # Vectorised only in half precision on CPU (for fp32 it is ~10x slower than the line below).
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            return torch.ops.aten._weight_int8pack_mm(x2, q, scale).view(*x.shape[:-1], q.shape[0])
+        # The scale is per output channel, so it multiplies the (smaller) output, not the weight.
+        return F.linear(x, q.to(x.dtype)) * scale
+
+
+class Int4:
+    """Asymmetric int4, one bfloat16 scale and zero per group of `group_size` inputs (last group may be short)."""
+
+    name = "int4"
+    suffixes = ("", "_scale", "_zero")
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE):
+        self.group_size = group_size
+
+    def groups(self, inp: int) -> int:
+        return -(-inp // self.group_size)
+
+    def specs(self, lead, out, inp):
+        if inp % 2:
+            raise QuantError(f"int4 packs two inputs per byte; a layer with {inp} (odd) inputs cannot be packed")
+        g = (*lead, out, self.groups(inp))
+        return {"": ((*lead, out, inp // 2), torch.uint8), "_scale": (g, torch.bfloat16), "_zero": (g, torch.bfloat16)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        *lead, out, inp = w.shape
+        self.specs(tuple(lead), out, inp)  # checks inp is even
+        g, G = self.group_size, self.groups(inp)
+        w = w.float()
+        if G * g != inp:  # repeat the last input into the padding: the short group's min and max are unchanged
+            w = torch.cat([w, w[..., -1:].expand(*lead, out, G * g - inp)], dim=-1)
+        wg = w.view(*lead, out, G, g)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-12).to(torch.bfloat16)
+        zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+        # Codes from the *stored* (bf16-rounded) scale and zero, so dequantization rounds to the nearest level:
+        # q = round((w - zero) / scale + 8), as one multiply-add (this runs over all 25B weights of the 26B model).
+        inv = 1 / scale.float()
+        q = torch.addcmul((8 - zero.float() * inv)[..., None], wg, inv[..., None]).round_().clamp_(0, 15)
+        q = q.view(*lead, out, G * g)[..., :inp]
+        half = inp // 2
+        packed = torch.add(q[..., :half], q[..., half:], alpha=16).to(torch.uint8)  # low nibble j, high j + half
+        return {"": packed, "_scale": scale, "_zero": zero}
+
+    def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        packed = t[""]
+        *lead, out, half = packed.shape
+        inp, g = 2 * half, self.group_size
+        w = torch.empty(*lead, out, inp, dtype=dtype, device=packed.device)
+        w[..., :half] = packed & 15
+        w[..., half:] = packed >> 4
+        scale = t["_scale"].to(dtype)
+        offset = t["_zero"].to(dtype) - 8 * scale  # w = q * scale + (zero - 8 * scale): one multiply-add
+        full = inp // g
+        if full:
+            main = w[..., :full * g].view(*lead, out, full, g)  # a view: the in-place ops below write into w
+            main.mul_(scale[..., :full, None]).add_(offset[..., :full, None])
+        if full * g != inp:
+            tail = w[..., full * g:]
+            tail.mul_(scale[..., -1:]).add_(offset[..., -1:])
+        return w
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, self.dequantize(t, x.dtype))
+
+
+# ---------------------------------------------------------------- config
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `config.json`'s `quantization_config` records. group_size applies to int4 only (default 128)."""
+
+    scheme: str
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("int8", "int4"):
+            raise QuantError(f"unknown quantization scheme {self.scheme!r}; choose int8 or int4")
+        if self.scheme == "int8":
+            if self.group_size is not None:
+                raise QuantError("int8 is per output channel; --group-size applies to int4 only")
+        elif self.group_size is None:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+        elif self.group_size not in GROUP_SIZES:
+            raise QuantError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                             f"got {self.group_size}")
+
+    def make(self) -> Int8 | Int4:
+        return Int8() if self.scheme == "int8" else Int4(self.group_size)
+
+    def to_dict(self) -> dict:
+        return {"quant_method": METHOD, "scheme": self.scheme, "group_size": self.group_size}
+
+    @classmethod
+    def from_dict(cls, d) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise QuantError(f"{QUANT_KEY} must be a JSON object")
+        method = d.get("quant_method")
+        if method != METHOD:
+            raise QuantError(f"{QUANT_KEY} has quant_method {method!r}; dgemma loads only its own int8/int4 "
+                             f"checkpoints (quant_method {METHOD!r}), not FP8/NVFP4/GGUF/MLX exports")
+        return cls(scheme=d.get("scheme"), group_size=d.get("group_size"))
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "QuantConfig | None":
+        """The quantization a model config records (None: full precision)."""
+        d = cfg.extra.get(QUANT_KEY)
+        return None if d is None else cls.from_dict(d)
+
+    def apply_to(self, cfg: ModelConfig) -> ModelConfig:
+        """A copy of cfg that records this quantization (the original object is left alone)."""
+        return cfg.replace(extra={**cfg.extra, QUANT_KEY: self.to_dict()})
+
+
+# ---------------------------------------------------------------- modules
+class QuantLinear(nn.Module):
+    """Stand-in for a bias-optional `nn.Linear` holding quantized codes (`weight`) and `weight_scale` [/ `_zero`]."""
+
+    def __init__(self, in_features: int, out_features: int, scheme, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        for suffix, (shape, dtype) in scheme.specs((), out_features, in_features).items():
+            self.register_buffer("weight" + suffix, torch.zeros(shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, scheme) -> "QuantLinear":
+        q = cls(lin.in_features, lin.out_features, scheme, bias=lin.bias is not None, device=lin.weight.device)
+        with torch.no_grad():
+            for suffix, t in scheme.quantize(lin.weight.detach()).items():
+                setattr(q, "weight" + suffix, t)
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return q
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {s: getattr(self, "weight" + s) for s in self.scheme.suffixes}
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.scheme.dequantize(self.tensors(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.scheme.linear(x, self.tensors())
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.name}{g}"
+
+
+class QuantExperts(nn.Module):
+    """Stand-in for `model.Experts`: the same stacked layout ([E, 2I, H] and [E, H, I]) and forward, quantized."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int, scheme, device=None):
+        super().__init__()
+        self.num_experts, self.scheme = num_experts, scheme
+        shapes = {"gate_up_proj": (2 * inner, hidden), "down_proj": (hidden, inner)}
+        for name, (out, inp) in shapes.items():
+            for suffix, (shape, dtype) in scheme.specs((num_experts,), out, inp).items():
+                self.register_buffer(name + suffix, torch.zeros(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def from_experts(cls, ex: Experts, scheme) -> "QuantExperts":
+        E, two_i, H = ex.gate_up_proj.shape
+        q = cls(E, H, two_i // 2, scheme, device=ex.gate_up_proj.device)
+        with torch.no_grad():
+            for name in EXPERT_WEIGHTS:
+                w = getattr(ex, name).detach()
+                for suffix, t in quantize_stacked(scheme, lambda e: w[e], E).items():
+                    setattr(q, name + suffix, t)
+        return q
+
+    def expert(self, name: str, e: int) -> dict[str, torch.Tensor]:
+        return {s: getattr(self, name + s)[e] for s in self.scheme.suffixes}
+
+    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x `[n, H]` (`Experts.expert_mlp`, with the quantized weights)."""
+        gate, up = self.scheme.linear(x, self.expert("gate_up_proj", e)).chunk(2, dim=-1)
+        return self.scheme.linear(gelu_tanh(gate) * up, self.expert("down_proj", e))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`, through the model's own routing (`moe_dispatch`)."""
+        return moe_dispatch(x, weights, idx, self.num_experts, self.expert_mlp)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""
+        return f"num_experts={self.num_experts}, {self.scheme.name}{g}"
+
+
+def quantize_stacked(scheme, get: Callable[[int], torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Quantize n stacked matrices one at a time (`get(i)` -> `[out, in]`), so only one is ever in fp32."""
+    first = get(0)
+    specs = scheme.specs((n,), *first.shape)
+    out = {s: torch.empty(shape, dtype=dtype, device=first.device) for s, (shape, dtype) in specs.items()}
+    for i in range(n):
+        for s, t in scheme.quantize(first if i == 0 else get(i)).items():
+            out[s][i] = t
+    return out
+
+
+# ---------------------------------------------------------------- the swap
+def _targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """(qualified name, parent, attribute, module) for every layer that is quantized: every Linear but the
+    routers' (routing decisions are discrete: keep them exact, the router is tiny) and every Experts."""
+    for prefix, parent in list(model.named_modules()):
+        if isinstance(parent, (Router, QuantLinear, QuantExperts)):
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Linear, Experts)):
+                yield (f"{prefix}.{name}" if prefix else name), parent, name, child
+
+
+def quantize_model(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
+    """Quantize the model's weights in place (one layer at a time) and record the scheme in `model.cfg`."""
+    if QuantConfig.of(model.cfg) is not None:
+        raise QuantError(f"the model is already quantized ({QuantConfig.of(model.cfg).scheme})")
+    scheme = qcfg.make()
+    for _, parent, name, child in list(_targets(model)):
+        new = (QuantLinear.from_linear(child, scheme) if isinstance(child, nn.Linear)
+               else QuantExperts.from_experts(child, scheme))
+        setattr(parent, name, new)
+    model.cfg = qcfg.apply_to(model.cfg)
+    return model
+
+
+def swap_modules(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
+    """Replace the quantized layers with empty quantized modules on the same device (meta, for loading)."""
+    scheme = qcfg.make()
+    for _, parent, name, child in list(_targets(model)):
+        if isinstance(child, nn.Linear):
+            new = QuantLinear(child.in_features, child.out_features, scheme, bias=child.bias is not None,
+                              device=child.weight.device)
+        else:
+            E, two_i, H = child.gate_up_proj.shape
+            new = QuantExperts(E, H, two_i // 2, scheme, device=child.gate_up_proj.device)
+        setattr(parent, name, new)
+    return model
+
+
+def prepare_for_load(model: DiffusionGemma) -> set[str]:
+    """`weights.load_model`'s hook: swap in quantized modules if model.cfg records a quantization; returns the
+    state-dict names of the quantized tensors (they keep their stored dtype)."""
+    qcfg = QuantConfig.of(model.cfg)
+    if qcfg is not None:
+        swap_modules(model, qcfg)
+    return quantized_names(model)
+
+
+def quantized_names(model: nn.Module) -> set[str]:
+    """State-dict names of the codes, scales and zeros of every quantized module (empty for a float model)."""
+    out = set()
+    for prefix, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantExperts)):
+            out.update(f"{prefix}.{n}" for n, _ in m.named_buffers(recurse=False))
+    return out
+
+
+def dtype_problem(t: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Why a stored quantized tensor cannot go where `expected` (a meta tensor) is, or None."""
+    if expected.is_floating_point() and t.is_floating_point():
+        return None  # scales and zeros: any float dtype (kept as stored)
+    if t.dtype != expected.dtype:
+        return f"has dtype {t.dtype}, expected {expected.dtype} (does config.json's {QUANT_KEY} match the weights?)"
+    return None
+
+
+def safetensors_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """Extra safetensors metadata for a quantized model (informational; config.json is what loading reads)."""
+    qcfg = QuantConfig.of(cfg)
+    return {} if qcfg is None else {"dgemma_quantization": json.dumps(qcfg.to_dict(), sort_keys=True)}
+
+
+def weight_bytes(cfg: ModelConfig, qcfg: QuantConfig | None = None, dtype=torch.float32) -> int:
+    """Bytes of the model's tensors (quantized codes and scales as stored; everything else in `dtype`)."""
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    if qcfg is not None:
+        swap_modules(model, qcfg)
+    q = quantized_names(model)
+    return sum(t.numel() * (t.element_size() if n in q else torch.empty((), dtype=dtype).element_size())
+               for n, t in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- checkpoints, streamed
+DEFAULT_SHARD_BYTES = 2 << 30
+
+
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_bytes` as they arrive, then the index."""
+
+    def __init__(self, out: Path, max_bytes: int, metadata: dict[str, str]):
+        self.out, self.max_bytes, self.metadata = out, max_bytes, {"format": "pt", **metadata}
+        self.cur: dict[str, torch.Tensor] = {}
+        self.size, self.files, self.weight_map, self.total = 0, [], {}, 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if self.cur and self.size + n > self.max_bytes:
+            self.flush()
+        self.cur[key] = t.contiguous()
+        self.size += n
+        self.total += n
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.cur:
+            return
+        path = self.out / f".part-{len(self.files):05d}.safetensors"
+        save_file(self.cur, str(path), metadata=self.metadata)
+        self.files.append((path, list(self.cur)))
+        self.cur, self.size = {}, 0
+
+    def finish(self) -> int:
+        """Name the shards as `save_model` does; returns the number of shards."""
+        from .weights import INDEX, SINGLE
+
+        self.flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.out / SINGLE)
+            return 1
+        n = len(self.files)
+        for i, (path, keys) in enumerate(self.files, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / name)
+            self.weight_map.update({k: name for k in keys})
+        (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
+                                                  "weight_map": self.weight_map}, indent=2) + "\n")
+        return n
+
+
+def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.Tensor], torch.Tensor],
+            get_expert: Callable[[str, torch.Tensor, int], torch.Tensor]
+            ) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(state name, tensor, is_quantized) in state-dict order, quantizing the target layers' weights as they come.
+
+    `model` gives names and shapes only (it may live on the meta device); `get(name, like)` returns the full-
+    precision tensor of one state entry and `get_expert(name, like, e)` one expert's matrix of a stacked weight.
+    """
+    scheme = qcfg.make()
+    linears, experts = set(), set()
+    for qname, _, _, child in _targets(model):
+        if isinstance(child, nn.Linear):
+            linears.add(qname + ".weight")
+        else:
+            experts.update(f"{qname}.{w}" for w in EXPERT_WEIGHTS)
+    for name, like in model.state_dict().items():
+        if name in linears:
+            for s, t in scheme.quantize(get(name, like)).items():
+                yield name + s, t, True
+        elif name in experts:
+            for s, t in quantize_stacked(scheme, lambda e: get_expert(name, like, e), like.shape[0]).items():
+                yield name + s, t, True
+        else:
+            yield name, get(name, like), False
+
+
+def _write(dst: Path, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor, bool]], *, dtype,
+           max_shard_bytes: int, copy_from: Path | None = None, passthrough: dict[str, Path] | None = None,
+           log=None) -> Path:
+    """Write a checkpoint directory atomically (beside dst, renamed into place) from a stream of tensors."""
+    from safetensors import safe_open
+
+    from .io import atomic_dir
+    from .weights import CHECKPOINT_FILES, hf_name
+
+    with atomic_dir(dst) as tmp:
+        w = _ShardWriter(tmp, max_shard_bytes, safetensors_metadata(cfg))
+        for name, t, quantized in tensors:
+            if dtype is not None and t.is_floating_point() and not quantized:
+                t = t.to(dtype)
+            if log is not None and name.startswith("layers.") and name.endswith(".layer_scalar"):
+                log(f"layer {int(name.split('.')[1]) + 1}/{cfg.num_hidden_layers}")
+            w.add(hf_name(name), t)
+        by_file: dict[Path, list[str]] = {}
+        for key, f in (passthrough or {}).items():  # vision-tower tensors, copied through untouched
+            by_file.setdefault(f, []).append(key)
+        for f, keys in by_file.items():
+            with safe_open(str(f), framework="pt") as h:
+                for key in keys:
+                    w.add(key, h.get_tensor(key))
+        w.finish()
+        cfg.save(tmp / "config.json")
+        if copy_from is not None:
+            for fname in CHECKPOINT_FILES[1:]:
+                if (copy_from / fname).exists():
+                    (tmp / fname).write_bytes((copy_from / fname).read_bytes())
+    return dst
+
+
+def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, log=None) -> Path:
+    """Quantize checkpoint `src` into `dst`, streaming: the source stays memory-mapped and each layer is read,
+    quantized (one expert at a time) and written before the next, so memory holds about one shard.
+
+    dtype converts the tensors that stay at full precision (embedding, norms, router); None keeps the source's.
+    """
+    from .weights import load_model
+
+    model = load_model(src, quiet=True)  # built on meta, tensors memory-mapped: nothing is copied yet
+    if QuantConfig.of(model.cfg) is not None:
+        raise QuantError(f"{src} is already quantized ({QuantConfig.of(model.cfg).scheme}); "
+                         "quantize the full-precision checkpoint")
+    state = model.state_dict()
+    tensors = _stream(model, qcfg, lambda name, like: state[name], lambda name, like, e: state[name][e])
+    return _write(Path(dst), qcfg.apply_to(model.cfg), tensors, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                  copy_from=Path(model.source), passthrough=getattr(model, "passthrough", {}), log=log)
+
+
+def write_random_quantized(cfg: ModelConfig, dst, qcfg: QuantConfig, *, seed: int = 0,
+                           dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                           log=None) -> Path:
+    """A randomly initialised, quantized checkpoint written layer by layer, without ever building the float model
+    (the 26B preset is ~100 GB in fp32). Initialisation follows `DiffusionGemma.init_weights`: normal(0, std)
+    weights, norms and scales at one. Full-precision tensors are stored in `dtype`."""
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    g = torch.Generator().manual_seed(seed)
+    std = cfg.initializer_range
+
+    def ones(name: str) -> bool:
+        return (name.endswith(("norm.weight", "router.scale", "per_expert_scale", "layer_scalar"))
+                or "layernorm" in name)
+
+    def get(name, like):
+        if ones(name):
+            return torch.ones(like.shape, dtype=dtype)
+        if name.endswith("bias"):
+            return torch.zeros(like.shape, dtype=dtype)
+        return (torch.randn(like.shape, generator=g) * std).to(dtype)
+
+    def get_expert(name, like, e):
+        return torch.randn(like.shape[1:], generator=g) * std
+
+    tensors = _stream(model, qcfg, get, get_expert)
+    return _write(Path(dst), qcfg.apply_to(cfg), tensors, dtype=None, max_shard_bytes=max_shard_bytes, log=log)
+
+
+__all__ = ["QuantConfig", "QuantError", "QuantLinear", "QuantExperts", "Int8", "Int4", "quantize_model",
+           "swap_modules", "prepare_for_load", "quantized_names", "quantize_checkpoint", "write_random_quantized",
+           "weight_bytes", "safetensors_metadata"]
