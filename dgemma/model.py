@@ -295,7 +295,7 @@ class DiffusionGemma(nn.Module):
 
     def rebuild_buffers(self, device=None) -> None:
         """(Re)create the non-persistent RoPE tables, e.g. after loading onto a model built on the meta device."""
-        for kind in set(self.cfg.layer_types):
+        for kind in sorted(set(self.cfg.layer_types)):  # fixed order: DDP pairs buffers by position across processes
             inv = rope_inv_freq(self.cfg, kind)
             self.register_buffer(f"inv_freq_{kind}", inv if device is None else inv.to(device), persistent=False)
 

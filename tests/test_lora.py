@@ -1,0 +1,150 @@
+"""LoRA: a merged adapter gives the same logits as base + adapter; only adapters train; files; CLI merge; resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from dgemma.model import DiffusionGemma
+from dgemma.train.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRAError, LoRAExperts, LoRALinear,
+                               apply_lora, has_lora, load_adapter, merge_lora, save_adapter)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process on a shared machine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def base_model(seed=1):
+    return randomize(DiffusionGemma(tiny_config("a")), seed=seed).eval()
+
+
+def perturb(model, seed=0):
+    """Random nonzero B (a fresh adapter has B = 0 and changes nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith(("gate_up_B", "down_B")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@torch.no_grad()
+def logits(model, ids, canvas):
+    cache = model.new_cache(ids.shape[0], 64)
+    enc = model.encode(ids, cache)
+    first = model.denoise(canvas, cache)
+    second = model.denoise(canvas, cache, sc=model.soft_embed(first))  # the self-conditioning MLP too
+    return torch.cat([enc.flatten(), first.flatten(), second.flatten()])
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 320, (2, 11), generator=g), torch.randint(0, 320, (2, 16), generator=g)
+
+
+@pytest.mark.parametrize("targets", [("all",), ("q_proj", "v_proj"), ("experts",), ("all", "router")])
+def test_merged_adapter_equals_base_plus_adapter(inputs, targets):
+    model = base_model()
+    base = logits(model, *inputs)
+    names = apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=targets))
+    assert names and has_lora(model)
+    assert torch.equal(logits(model, *inputs), base)  # B = 0
+    perturb(model)
+    adapted = logits(model, *inputs)
+    assert (adapted - base).abs().max() > 1e-3
+    merge_lora(model)
+    assert not has_lora(model)
+    assert (logits(model, *inputs) - adapted).abs().max() < 1e-4
+    # the merged model is a plain model: same state_dict keys as the base
+    assert set(model.state_dict()) == set(base_model().state_dict())
+
+
+def test_default_targets_cover_every_linear_layer_and_the_experts():
+    model = base_model()
+    apply_lora(model, LoRAConfig(rank=2))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"LoRALinear", "LoRAExperts"} <= kinds
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"}
+    assert any(n.startswith("self_conditioning.") for n, m in model.named_modules() if isinstance(m, LoRALinear))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.endswith(("_A", "_B")) for n in trainable)
+    with pytest.raises(LoRAError, match="unknown LoRA target"):
+        LoRAConfig(targets=("qproj",))
+
+
+def test_adapter_files_roundtrip(tmp_path, inputs):
+    model = base_model()
+    apply_lora(model, LoRAConfig(rank=3, alpha=6.0))
+    perturb(model, seed=5)
+    want = logits(model, *inputs)
+    save_adapter(model, tmp_path / "ad", base="some/base")
+    assert (tmp_path / "ad" / ADAPTER_WEIGHTS).is_file() and (tmp_path / "ad" / ADAPTER_CONFIG).is_file()
+    fresh = load_adapter(base_model(), tmp_path / "ad")
+    assert torch.equal(logits(fresh, *inputs), want)
+    with pytest.raises(LoRAError, match="not a LoRA adapter"):
+        load_adapter(base_model(), tmp_path)
+
+
+def test_lora_training_updates_only_adapters_and_resumes_exactly(tmp_path):
+    from dgemma.train.data import Example
+    from dgemma.train.trainer import ListDataset, TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    exs = [Example(tuple(torch.randint(5, 320, (6,), generator=g).tolist()),
+                   tuple(torch.randint(5, 320, (10,), generator=g).tolist()) + (1,)) for _ in range(8)]
+    kw = dict(steps=6, batch_size=4, lr=1e-2, warmup=1, lora_rank=4, save_every=3, log_every=1)
+    before = {k: v.clone() for k, v in base_model().state_dict().items()}
+
+    def trainer(out, resume=None):
+        return Trainer(base_model(), ListDataset(exs), TrainConfig(out=str(out), **kw), quiet=True, resume_from=resume)
+
+    full = trainer(tmp_path / "full")
+    curve = [full.train_step()["loss"] for _ in range(6)]
+    for name, t in full.model.state_dict().items():
+        if name in before:  # base weights are frozen
+            assert torch.equal(t, before[name]), name
+    half = trainer(tmp_path / "half")
+    for _ in range(3):
+        half.train_step()
+    ckpt = half.save()
+    assert (ckpt / ADAPTER_WEIGHTS).is_file() and not (ckpt / "model.safetensors").exists()
+    resumed = trainer(tmp_path / "half", resume=ckpt)
+    assert resumed.step == 3
+    assert [resumed.train_step()["loss"] for _ in range(3)] == curve[3:]
+
+
+def test_cli_lora_train_then_merge(tmp_path, inputs):
+    from dgemma.weights import load_model, save_model
+
+    base_dir = tmp_path / "base"
+    save_model(base_model(), base_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt_ids": [2, {5 + i}, 9], "response_ids": [{7 + i}, 8, 1]}}\n' for i in range(8)))
+    run = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", "--model", str(base_dir), "--data", str(data),
+                          "--out", str(tmp_path / "run"), "--lora-rank", "4", "--steps", "3", "--batch-size", "4",
+                          "--lr", "1e-2", "--threads", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
+    assert run.returncode == 0, run.stderr
+    final = tmp_path / "run" / "final"
+    assert (final / ADAPTER_WEIGHTS).stat().st_size < (base_dir / "model.safetensors").stat().st_size / 3
+    merged = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", "merge", str(base_dir), str(final),
+                             str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
+    assert merged.returncode == 0, merged.stderr
+    with_adapter = load_adapter(load_model(base_dir, quiet=True), final).eval()
+    out = load_model(tmp_path / "merged", quiet=True).eval()
+    assert (logits(out, *inputs) - logits(with_adapter, *inputs)).abs().max() < 1e-4
+    assert (logits(out, *inputs) - logits(base_model(), *inputs)).abs().max() > 1e-4  # training did something
