@@ -316,7 +316,9 @@ class Engine:
                 self._fused_group(h if len(idx) == len(rows) else h[torch.tensor(idx)], [rows[i] for i in idx],
                                   cfg, events)
             return
-        logits = m.denoise(canvas, self._view(rows), sc=sc)
+        # Replaying transformers' draws needs its logits bit for bit: one lm_head matmul over the vocabulary.
+        reference = any(rng == "reference" for _, rng in groups)
+        logits = m.logits(m.denoise(canvas, self._view(rows), sc=sc, head=False), blocked=not reference)
         for i, r in enumerate(rows):
             if r.canvas_idx == 0 and len(r.fixed_pos):
                 # A fixed position is certain: one-hot logits give it zero entropy, so it is always accepted,

@@ -317,9 +317,15 @@ class DiffusionGemma(nn.Module):
         E = self.embed_tokens.weight
         return (F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype) @ E) * self.embed_scale(E.dtype)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`, `[..., H] -> [..., V]`."""
+    def logits(self, h: torch.Tensor, blocked: bool = True) -> torch.Tensor:
+        """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`, `[..., H] -> [..., V]`.
+
+        blocked=True computes HEAD_BLOCK entries per matmul, the bits the fused sampler step sees; blocked=False
+        is one matmul over the whole vocabulary, the bits transformers' lm_head gives (for replaying its draws).
+        """
         E, V = self.embed_tokens.weight, self.cfg.vocab_size
+        if not blocked:
+            return head_block_logits(h, E, 0, V, self.cfg.final_logit_softcapping)
         flat = h.reshape(-1, h.shape[-1])
         out = torch.empty(flat.shape[0], V, dtype=torch.float32, device=h.device)
         for lo in range(0, V, HEAD_BLOCK):

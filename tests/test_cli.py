@@ -141,9 +141,10 @@ def test_generate_empty_prompt_and_unknown_option(ckpt_tok):
 
 
 def test_bench_smoke(tmp_path):
-    """The benchmark runs end to end (tiny settings; real figures come from `dgemma bench` itself)."""
+    """The benchmark runs end to end (tiny settings; real figures come from `dgemma bench` itself). A vocabulary
+    over one LM-head block checks that the reference path still gives transformers' tokens."""
     out = tmp_path / "b.json"
-    p = run("bench", "--vocabs", "512", "--max-new-tokens", "16", "--steps", "2", "--prompt-tokens", "8",
+    p = run("bench", "--vocabs", "4500", "--max-new-tokens", "16", "--steps", "2", "--prompt-tokens", "8",
             "--engines", "dgemma-diffusion,dgemma-reference,transformers", "--out", str(out))
     assert "dgemma-diffusion" in p.stdout
     res = json.loads(out.read_text())["results"]
