@@ -56,3 +56,18 @@ def gemma_tokenizer_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# ---------------------------------------------------------------- the models shipped inside the package
+SHIPPED_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL = "code"  # what `generate`, `chat` and `serve` load when no model is named
+
+
+def shipped_model(name: str = DEFAULT_MODEL) -> Path:
+    """The directory of a model shipped in the package (`dgemma/models/<name>`: code, sudoku)."""
+    path = SHIPPED_DIR / name
+    if not (path / "config.json").is_file():
+        have = sorted(p.name for p in SHIPPED_DIR.glob("*") if (p / "config.json").is_file()) \
+            if SHIPPED_DIR.is_dir() else []
+        raise FileNotFoundError(f"no shipped model {name!r} in {SHIPPED_DIR} (shipped: {', '.join(have) or 'none'})")
+    return path

@@ -1,8 +1,9 @@
 """`dgemma bench`: honest side-by-side measurements on one model and one prompt.
 
 Engines, each timed in its own fresh process (so peak RSS is that engine's alone), on the same random weights:
-  dgemma-diffusion     the engine's default path: per-row RNG, the LM head fused into the vocabulary-blocked
-                       sampler step (logits never materialised)
+  dgemma-diffusion     the engine's default path: per-row RNG; the LM head fused into the vocabulary-blocked
+                       sampler step (logits never materialised) when a step's logits would pass 64 MiB (the
+                       262,144 vocabulary), one head matmul below that (8,192)
   dgemma-plain         the same algorithm over materialised logits (must give the same tokens)
   dgemma-reference     the engine replaying transformers' global-RNG draws (same tokens as transformers)
   dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
@@ -97,7 +98,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         def run(n_new, n_steps):
             params = GenerationParams(max_new_tokens=n_new, sampler=sampler.replace(max_denoising_steps=n_steps),
                                       seed=seed, mode=mode, rng=rng, ignore_eos=(mode == AR))
-            done = generate(model, [prompt], params, fused_head=(engine != "dgemma-plain"))[0]
+            done = generate(model, [prompt], params, fused_head=False if engine == "dgemma-plain" else None)[0]
             return done.tokens, done.stats
 
     load_rss = peak_rss_mib()

@@ -154,13 +154,40 @@ def sampling_options(args) -> dict:
             "ar_temperature": args.ar_temperature, "rng": args.rng}
 
 
+def model_path(args) -> str:
+    """MODEL as given, or the shipped default code model when none is named."""
+    if getattr(args, "model", None):
+        return args.model
+    from .assets import shipped_model
+
+    try:
+        return str(shipped_model())
+    except FileNotFoundError as e:
+        raise UsageError(f"{e}; name a checkpoint directory or a Hugging Face hub id") from None
+
+
 def load_pipeline(args):
     import torch
 
     from .pipeline import Pipeline
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    return Pipeline.load(args.model, dtype=dtype, device=getattr(args, "device", None))
+    return Pipeline.load(model_path(args), dtype=dtype, device=getattr(args, "device", None))
+
+
+def split_model_prompt(args) -> None:
+    """`generate [MODEL] PROMPT`: one positional is the prompt (default model) unless it names a model: an
+    existing directory, or an org/name hub id while the prompt comes from --prompt-file or stdin."""
+    import re
+
+    if args.prompt is not None or args.model is None:
+        return
+    given = args.model
+    if Path(given).expanduser().is_dir():
+        return
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", given) and (args.prompt_file or not sys.stdin.isatty()):
+        return
+    args.model, args.prompt = None, given
 
 
 def run_one(pipe, prompt_ids, params, *, show_canvas: bool, stream_text: bool):
@@ -213,9 +240,10 @@ FILL = "[FILL]"
 def cmd_generate(args) -> int:
     from .display import describe_stats
 
+    split_model_prompt(args)
+    text = _read_prompt(args)
     pipe = load_pipeline(args)
     opts = sampling_options(args)
-    text = _read_prompt(args)
     if text == "":
         raise UsageError("the prompt is empty")
     n_suffix = None
@@ -226,9 +254,7 @@ def cmd_generate(args) -> int:
             raise UsageError(f"--infill needs the prompt to mark the hole with {FILL}")
         text, args.suffix = text.split(FILL, 1)
     if args.suffix is not None:
-        if args.ar:
-            raise UsageError("--suffix (infill) needs the denoiser; it cannot run with --ar")
-        prompt_ids, params, n_suffix = pipe.infill_request(text, args.suffix, **opts)
+        prompt_ids, params, n_suffix = pipe.infill_request(text, args.suffix, ar=args.ar, **opts)
     else:
         prompt_ids = pipe.encode_chat([{"role": "user", "content": text}]) if args.chat else pipe.encode(text)
         params = pipe.params(ar=args.ar, **opts)
@@ -289,15 +315,9 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- serve
-NO_DEFAULT_MODEL = ("no default model is shipped with dgemma yet (it is still being trained); pass a checkpoint "
-                    "directory or a Hugging Face hub id: dgemma serve PATH_OR_ORG/NAME")
-
-
 def cmd_serve(args) -> int:
     import os
 
-    if args.model is None:
-        raise UsageError(NO_DEFAULT_MODEL)
     try:
         from .serve.app import check_port, run
         from .serve.settings import ServerSettings
@@ -305,7 +325,7 @@ def cmd_serve(args) -> int:
         raise UsageError(f"dgemma serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'dgemma[serve]'") from None
     settings = ServerSettings(
-        model_name=args.model_name or Path(str(args.model).rstrip("/")).name or str(args.model),
+        model_name=args.model_name or (Path(str(args.model).rstrip("/")).name if args.model else "dgemma-code"),
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
         max_context=args.max_context, max_body_bytes=args.max_body_bytes,
@@ -313,7 +333,7 @@ def cmd_serve(args) -> int:
     check_port(settings.host, settings.port)  # before the (slow) model load
     pipe = load_pipeline(args)
     if pipe.tokenizer is None:
-        raise UsageError(f"{args.model} has no tokenizer.json; the server needs one to read and write text")
+        raise UsageError(f"{model_path(args)} has no tokenizer.json; the server needs one to read and write text")
     run(pipe, settings, log_level=args.log_level)
     return 0
 
@@ -495,27 +515,28 @@ def cmd_sudoku(args) -> int:
                                                     indent=2) + "\n")
         return 0
     # solve
-    from .generate import Done, GenerationParams
+    from .generate import GenerationParams
     from .sampler import SamplerConfig
     from .tasks.sudoku_board import is_solution, parse, pretty, solve, to_string
 
+    if args.puzzle is None:  # `sudoku solve PUZZLE`: the shipped model
+        if args.model is None:
+            raise UsageError("give the puzzle: 81 characters, digits and . or 0 for blanks")
+        args.model, args.puzzle = None, args.model
     cells = parse(args.puzzle)  # a bad string is a one-line error before the model loads
+    if args.model is None:
+        from .assets import shipped_model
+
+        try:
+            args.model = str(shipped_model("sudoku"))
+        except FileNotFoundError as e:
+            raise UsageError(f"{e}; name a Sudoku checkpoint: dgemma sudoku solve MODEL PUZZLE") from None
     model = load_model(args.model, dtype=torch_float32(), quiet=True).eval()
     sampler = SamplerConfig(max_denoising_steps=args.steps, confidence_threshold=0.0 if args.no_early else 0.005)
     params = GenerationParams(max_new_tokens=81, seed=args.seed, sampler=sampler)
-    tty = sys.stdout.isatty()
     print(pretty(cells) + "\n")
-    board, steps, shown_lines = None, 0, 0
-    for item in EV.solve_frames(model, to_string(cells), params):
-        if isinstance(item, Done):
-            board, steps = SU.board_from_ids(item.tokens), item.stats["steps_per_canvas"][0]
-            break
-        step, shown, h = item
-        frame = f"step {step:2d}  accepted {81 - shown.count('.'):2d}/81 cells  mean entropy {h:.4f}\n{pretty(shown)}\n"
-        if tty and shown_lines:  # redraw in place
-            print(f"\033[{shown_lines}A\033[J", end="")
-        print(frame, flush=True)
-        shown_lines = frame.count("\n") + 1
+    done = EV.print_solve(model, to_string(cells), params)
+    board, steps = SU.board_from_ids(done.tokens), done.stats["steps_per_canvas"][0]
     if board is None:
         print(f"no board: the model did not write 81 digits ({steps} steps)")
         return 1
@@ -578,13 +599,73 @@ def _add_sudoku_parser(sub) -> None:
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     v = ss.add_parser("solve", help="solve one puzzle, showing the board fill in step by step")
-    v.add_argument("model", help="checkpoint directory")
-    v.add_argument("puzzle", help="81 characters: digits, and 0 or . for blanks")
+    v.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped Sudoku model)")
+    v.add_argument("puzzle", nargs="?", help="81 characters: digits, and 0 or . for blanks")
     v.add_argument("--steps", type=int, default=48, help="step budget (default 48)")
     v.add_argument("--no-early", action="store_true", help="run all steps (no early stop)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     s.set_defaults(func=cmd_sudoku)
+
+
+# ---------------------------------------------------------------- code
+def cmd_code(args) -> int:
+    from .tasks import code as CO
+
+    if args.code_cmd == "data":
+        m = CO.build_data(args.out, root=args.source, vocab_size=args.vocab_size)
+        print(f"{m['train_files']} training files ({m['train_tokens']:,} tokens), {m['heldout_files']} held-out files, "
+              f"vocabulary {m['vocab_size']:,} -> {args.out} ({m['seconds']:.0f}s)")
+        return 0
+    if args.code_cmd == "train":
+        from .train.run import parse_overrides
+
+        if args.resume:
+            if not args.out:
+                raise UsageError("--resume needs --out RUN_DIR")
+            return _finish_training(CO.prepare_training(None, None, resume=True, out=args.out))
+        if not args.data:
+            raise UsageError("--data DIR is required (make it with `dgemma code data --out DIR`)")
+        source = {"task": "code", "data": args.data, "overrides": parse_overrides(args.overrides)}
+        return _finish_training(CO.prepare_training(_train_config(args), source))
+    from .tasks import code_eval as CE
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = CE.run_eval(args.model, args.data, n=args.n, steps=args.steps, seed=args.seed, loss_examples=args.loss_examples,
+                         progress=True)
+    print(CE.format_report(report))
+    if args.json:
+        from .io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _add_code_parser(sub) -> None:
+    s = sub.add_parser("code", help="the default code model's recipe: data | train | eval (see recipes/code.md)")
+    ss = s.add_subparsers(dest="code_cmd", metavar="data|train|eval")
+    ss.required = True
+    d = ss.add_parser("data", help="tokenizer + tokenized training split + held-out files from Python sources")
+    d.add_argument("--out", required=True, help="data directory")
+    d.add_argument("--source", help="directory of .py files (default: this Python's standard library)")
+    d.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    t = ss.add_parser("train", help="train the code model from scratch")
+    t.add_argument("--data", help="data directory from `dgemma code data`")
+    _add_train_options(t, steps=1000, batch=16, lr=2e-3, warmup=100, wd=0.01, beta2=0.98, save_every=50,
+                       eval_every=250, log_every=10)
+    e = ss.add_parser("eval", help="held-out loss, and completion/infill of held-out functions, diffusion vs AR")
+    e.add_argument("model", help="checkpoint directory")
+    e.add_argument("--data", required=True, help="data directory from `dgemma code data` (its held-out files)")
+    e.add_argument("--n", type=int, default=200, help="held-out functions (default 200)")
+    e.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (default 16)")
+    e.add_argument("--loss-examples", type=int, default=256, help="held-out examples for the loss (default 256)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="also write the report to this JSON file")
+    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    s.set_defaults(func=cmd_code)
 
 
 # ---------------------------------------------------------------- quantize
@@ -691,8 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("generate", help="generate text from a prompt (diffusion, or --ar)")
-    s.add_argument("model", help="checkpoint directory or hub id")
+    s = sub.add_parser("generate", help="generate text from a prompt (diffusion, or --ar)",
+                       usage="dgemma generate [MODEL] [PROMPT] [options]")
+    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (default: the shipped code model)")
     s.add_argument("prompt", nargs="?", help="prompt text (or --prompt-file, or stdin)")
     s.add_argument("--prompt-file", help="read the prompt from a file")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
@@ -705,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="an interactive multi-turn chat (chat template)")
-    s.add_argument("model", help="checkpoint directory or hub id")
+    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (default: the shipped code model)")
     s.add_argument("--system", help="system prompt")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     add_sampling_args(s)
@@ -717,7 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live draft streaming and a web page")
-    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (org/name)")
+    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (org/name); default: the shipped code "
+                   "model")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
@@ -742,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
     _add_sudoku_parser(sub)
+    _add_code_parser(sub)
     _add_quantize_parser(sub)
     return p
 

@@ -1,59 +1,145 @@
-"""`dgemma demo` (what `make demo` runs): the engine end to end, diffusion beside autoregressive.
+"""`dgemma demo` (what `make demo` runs): the shipped models end to end, diffusion beside autoregressive decoding.
 
-Until the embedded default models are trained and shipped (Sudoku, and a small code model), the demo runs on a
-randomly initialised DiffusionGemma with the real 262,144-token Gemma vocabulary: its words are noise, but the
-canvas, the steps, acceptance, commits and the timings are the engine's real ones. It says so when it runs.
+  1. Sudoku: the shipped Sudoku model fills a board it has never seen, the canvas drawn after every denoising
+     step, then the same checkpoint decodes it left to right.
+  2. Code completion: the shipped code model writes a function body from its signature, the canvas drawn live.
+  3. Infill: the same model fills a function body between its signature and the code after it (the suffix is
+     fixed at the canvas end); autoregressive decoding infills through a fill-in-the-middle prompt.
+Each run prints its stats (steps per canvas, tokens per forward pass, tokens/s) next to the other decoder's.
+Without shipped models (a checkout that has not got them) it runs a random model with the real Gemma vocabulary
+and says so.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-SHIPPED = Path(__file__).parent / "models"
+from .assets import shipped_model
+
+PUZZLE = "...7..89......2.5.3.........26...9.....57.2..8....36459.4...18668715..24..2.6.5.."  # 32 clues, unseen
+
+COMPLETION = '''def count_words(text):
+    """Return a dict mapping each word of text to the number of times it occurs."""
+'''
+INFILL_PREFIX = '''def is_palindrome(s):
+    """Return True if s reads the same forwards and backwards, ignoring case."""
+'''
+INFILL_SUFFIX = '''
+
+if __name__ == "__main__":
+    print(is_palindrome("Level"))
+'''
 
 
 def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", file=sys.stderr, flush=True)
+    print(f"\n=== {text} ===", flush=True)
+
+
+def _stats(label: str, done) -> str:
+    from .display import describe_stats
+
+    return f"  {label:<15} {describe_stats(done.stats)}"
+
+
+def _sudoku(steps: int) -> None:
+    from .generate import AR, GenerationParams, generate
+    from .sampler import SamplerConfig
+    from .tasks.sudoku import board_from_ids, prompt_ids
+    from .tasks.sudoku_board import is_solution, parse, pretty
+    from .tasks.sudoku_eval import print_solve
+    from .weights import load_model
+
+    path = shipped_model("sudoku")
+    model = load_model(path, dtype=torch.float32, quiet=True).eval()
+    _banner(f"1. Sudoku: {model.num_params() / 1e6:.1f}M-parameter model ({path.name}), all 81 cells denoised at once")
+    cells = parse(PUZZLE)
+    print(pretty(PUZZLE) + "\n")
+    params = GenerationParams(max_new_tokens=81, seed=0, sampler=SamplerConfig(max_denoising_steps=steps))
+    done = print_solve(model, PUZZLE, params)
+    board = board_from_ids(done.tokens)
+    ok = board is not None and is_solution(cells, [int(c) for c in board])
+    print(pretty(board) if board else "(the model did not write 81 digits)")
+    print(f"diffusion: {'SOLVED' if ok else 'not solved'} in {done.stats['steps_per_canvas'][0]} denoising steps")
+    ar = generate(model, [prompt_ids(PUZZLE)], GenerationParams(max_new_tokens=81, mode=AR))[0]
+    ar_board = board_from_ids(ar.tokens)
+    ar_ok = ar_board is not None and is_solution(cells, [int(c) for c in ar_board])
+    print(f"autoregressive (same weights): {'SOLVED' if ar_ok else 'not solved'} in {ar.stats['encoder_passes']} "
+          "forward passes")
+    print(_stats("diffusion", done))
+    print(_stats("autoregressive", ar))
+
+
+def _code(pipe, steps: int) -> None:
+    from .cli import run_one
+
+    _banner(f"2. Code completion: {pipe.model.num_params() / 1e6:.1f}M-parameter code model, canvas "
+            f"{pipe.model.cfg.canvas_length}")
+    print(COMPLETION, end="")
+    print("--- diffusion (the canvas after every step: accepted tokens bright, re-noised dim) ---", flush=True)
+    prompt = pipe.encode(COMPLETION)
+    results = {}
+    for label, ar in (("diffusion", False), ("autoregressive", True)):
+        params = pipe.params(ar=ar, steps=steps, seed=0, max_new_tokens=pipe.model.cfg.canvas_length)
+        if ar:
+            print("--- autoregressive, same weights ---", flush=True)
+        results[label] = run_one(pipe, prompt, params, show_canvas=not ar, stream_text=False)
+        print(COMPLETION + _body(results[label].text), flush=True)
+    for label, done in results.items():
+        print(_stats(label, done))
+
+    _banner("3. Infill: the body between a signature and the code after it (suffix fixed at the canvas end)")
+    print(INFILL_PREFIX + "    <FILL>" + INFILL_SUFFIX)
+    results = {}
+    for label, ar in (("diffusion", False), ("autoregressive", True)):
+        prompt, params, n = pipe.infill_request(INFILL_PREFIX, INFILL_SUFFIX, ar=ar, steps=steps, seed=0)
+        done = run_one(pipe, prompt, params, show_canvas=not ar, stream_text=False)
+        done = pipe.trim_infill(done, n)
+        results[label] = done
+        how = "diffusion (canvas infill)" if not ar else "autoregressive (fill-in-the-middle prompt)"
+        print(f"--- {how} ---\n{INFILL_PREFIX}{done.text}{INFILL_SUFFIX}", flush=True)
+    for label, done in results.items():
+        print(_stats(label, done))
+
+
+def _body(text: str | None) -> str:
+    from .tasks.code_eval import completion_body
+
+    return completion_body(text or "", 0)
 
 
 def run_demo(args) -> int:
+    from .pipeline import Pipeline
+
+    steps = 12 if args.fast else 16
+    try:
+        code = shipped_model("code")
+        shipped_model("sudoku")
+    except FileNotFoundError:
+        return _random_demo(args)
+    _sudoku(12)
+    pipe = Pipeline.load(str(code), dtype=torch.float32, device="cpu", quiet=True)
+    _code(pipe, steps)
+    return 0
+
+
+def _random_demo(args) -> int:
+    """No shipped models: the engine on a random model with the real Gemma vocabulary (its words are noise)."""
     from .assets import gemma_tokenizer_dir
     from .cli import run_one
     from .config import preset
-    from .display import describe_stats
     from .pipeline import Pipeline
     from .tokenizer import Tokenizer
     from .weights import init_random
 
-    shipped = sorted(p for p in SHIPPED.glob("*") if (p / "config.json").exists()) if SHIPPED.exists() else []
-    if shipped:
-        pipe = Pipeline.load(str(shipped[0]), quiet=True)
-        _banner(f"model: {shipped[0].name}")
-    else:
-        _banner("no trained default model is shipped yet: a RANDOMLY INITIALISED DiffusionGemma (output is noise)")
-        cfg = preset("bench-80m")
-        torch.manual_seed(0)
-        pipe = Pipeline(init_random(cfg, seed=0), Tokenizer.from_dir(gemma_tokenizer_dir()))
-        n = pipe.model.num_params()
-        print(f"~{n / 1e6:.0f}M parameters, vocabulary {cfg.vocab_size:,}, canvas {cfg.canvas_length}, "
-              f"{cfg.num_hidden_layers} layers, {cfg.num_experts} experts (top-{cfg.top_k_experts})", file=sys.stderr)
-
-    steps = 8 if args.fast else 16
-    max_new = pipe.model.cfg.canvas_length
+    _banner("no trained models are shipped in this checkout: a RANDOMLY INITIALISED DiffusionGemma (output is noise)")
+    cfg = preset("bench-80m")
+    pipe = Pipeline(init_random(cfg, seed=0), Tokenizer.from_dir(gemma_tokenizer_dir()))
     prompt = pipe.encode_chat([{"role": "user", "content": "Write a haiku about parallel decoding."}])
     results = {}
-    for label, ar in (("diffusion (the canvas, drawn live)", False), ("autoregressive, same weights", True)):
-        _banner(label)
-        params = pipe.params(ar=ar, max_new_tokens=max_new if not ar else min(max_new, 64), steps=steps,
+    for label, ar in (("diffusion", False), ("autoregressive", True)):
+        params = pipe.params(ar=ar, max_new_tokens=cfg.canvas_length if not ar else 64, steps=8 if args.fast else 16,
                              ignore_eos=True)
-        done = run_one(pipe, prompt, params, show_canvas=not ar, stream_text=True)
-        results[label] = done
-        print(f"[{describe_stats(done.stats)}]", file=sys.stderr)
-    d, a = results.values()
-    _banner("comparison")
-    print(f"diffusion: {d.stats['tokens_per_s']:.1f} tok/s, {d.stats['tokens_per_forward']:.1f} tokens per decoder "
-          f"pass; autoregressive: {a.stats['tokens_per_s']:.1f} tok/s, 1 token per pass", file=sys.stderr)
+        results[label] = run_one(pipe, prompt, params, show_canvas=not ar, stream_text=True)
+    for label, done in results.items():
+        print(_stats(label, done))
     return 0

@@ -32,6 +32,7 @@ from .model import DiffusionGemma
 from .sampler import SamplerConfig
 
 DIFFUSION, AR = "diffusion", "ar"
+LOGITS_BUDGET = 64 * 2**20  # bytes of fp32 logits per step above which the LM head is fused (auto)
 
 
 class GenerationError(ValueError):
@@ -154,7 +155,7 @@ class Engine:
 
     def __init__(self, model: DiffusionGemma, tokenizer=None, *, max_rows: int = 8, max_len: int | None = None,
                  eos_ids: Iterable[int] | None = None, drafts: bool = False, sampler_chunk: int | None = None,
-                 fused_head: bool = True):
+                 fused_head: bool | None = None):
         self.model = model.eval()
         self.tok = tokenizer
         cfg = model.cfg
@@ -171,7 +172,10 @@ class Engine:
         self.pad = cfg.pad_token_id
         self.drafts = drafts
         self.sampler_chunk = sampler_chunk
-        # fused_head=False is the plain path: materialise the logits, then run the sampler over them.
+        # fused_head=False is the plain path: materialise the logits, then run the sampler over them. None (auto)
+        # fuses only when a step's logits would pass LOGITS_BUDGET bytes: at small vocabularies one head matmul
+        # beats the per-block loop, at 262,144 the logits of one 256-canvas row alone are 256 MiB. Both paths give
+        # the same tokens bit for bit.
         self.fused_head = fused_head
 
     # ------------------------------------------------------------ requests
@@ -309,7 +313,9 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault((r.p.sampler, r.p.rng), []).append(i)
-        if self.fused_head and all(rng == "row" for _, rng in groups):
+        fused = self.fused_head if self.fused_head is not None else \
+            len(rows) * self.T * self.V * 4 > LOGITS_BUDGET
+        if fused and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
             h = m.denoise(canvas, self._view(rows), sc=sc, head=False)
             for (cfg, _), idx in groups.items():
@@ -495,7 +501,8 @@ def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
 # ---------------------------------------------------------------- one-call API
 def generate(model: DiffusionGemma, prompts: Sequence[Sequence[int]],
              params: GenerationParams | Sequence[GenerationParams] | None = None, *, tokenizer=None,
-             drafts: bool = False, events: bool = False, sampler_chunk: int | None = None, fused_head: bool = True):
+             drafts: bool = False, events: bool = False, sampler_chunk: int | None = None,
+             fused_head: bool | None = None):
     """Generate for a batch of token-id prompts. Returns a list of `Done` (or, with events=True, an iterator)."""
     params = params if params is not None else GenerationParams()
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)

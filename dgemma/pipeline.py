@@ -25,6 +25,7 @@ ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
            "confidence": "confidence_threshold"}
 PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng",
                  "drafts"}
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -107,20 +108,39 @@ class Pipeline:
     def engine(self, max_rows: int = 8, max_len: int | None = None, **kw) -> Engine:
         return Engine(self.model, self.tokenizer, max_rows=max_rows, max_len=max_len, **kw)
 
-    def infill_request(self, prefix: str, suffix: str, **options: Any) -> tuple[list[int], GenerationParams, int]:
-        """Fill the middle between `prefix` and `suffix` through the canvas.
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """The suffix tokens an infill uses: its first quarter-canvas (the rest is too far away to matter)."""
+        T = self.model.cfg.canvas_length
+        return (self.encode(suffix, add_bos=False) if suffix else [])[:max(T // 4, 1)]
 
-        The prefix is the prompt (encoded into the cache); the suffix's tokens are fixed at the END of the first
-        canvas, so the denoiser sees them bidirectionally while it fills the positions before them. The answer
-        is one canvas; `trim_infill` keeps the middle (up to the first EOS, or up to the suffix).
+    def fim_prompt(self, prefix_ids: Sequence[int], suffix: str) -> list[int]:
+        """<bos><|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>: infill as a prompt, for checkpoints
+        trained with those tokens (the shipped code model is); autoregressive decoding infills this way."""
+        tok = self._need_tokenizer()
+        ids = [tok.token_to_id(t) for t in FIM_TOKENS]
+        if None in ids:
+            raise GenerationError("autoregressive infill needs fill-in-the-middle tokens (" + ", ".join(FIM_TOKENS)
+                                  + ") that this checkpoint's tokenizer lacks; infill with diffusion instead")
+        fp, fs, fm = ids
+        body = list(prefix_ids[1:] if prefix_ids[:1] == [tok.bos_id] else prefix_ids)
+        return [tok.bos_id, fp, *body, fs, *self.suffix_ids(suffix), fm]
+
+    def infill_request(self, prefix: str, suffix: str, *, ar: bool = False, **options: Any
+                       ) -> tuple[list[int], GenerationParams, int]:
+        """Fill the middle between `prefix` and `suffix`. Returns (prompt ids, params, suffix tokens in the canvas).
+
+        Diffusion: the prefix is the prompt (encoded into the cache); the suffix's first tokens (`suffix_ids`) are
+        fixed at the END of the first canvas, so the denoiser sees them bidirectionally while it fills the
+        positions before them. The answer is one canvas; `trim_infill` keeps the middle (up to the first EOS, or
+        up to the suffix). ar=True: the FIM prompt (`fim_prompt`), decoded left to right up to EOS.
         """
         T = self.model.cfg.canvas_length
-        suffix_ids = self.encode(suffix, add_bos=False) if suffix else []
-        if len(suffix_ids) >= T:
-            raise GenerationError(f"the suffix is {len(suffix_ids)} tokens; it must be shorter than the canvas ({T})")
         options["max_new_tokens"] = T
-        fixed = {T - len(suffix_ids) + i: t for i, t in enumerate(suffix_ids)}
-        return self.encode(prefix), self.params(fixed=fixed, **options), len(suffix_ids)
+        if ar:
+            return self.fim_prompt(self.encode(prefix), suffix), self.params(ar=True, **options), 0
+        sids = self.suffix_ids(suffix)
+        fixed = {T - len(sids) + i: t for i, t in enumerate(sids)}
+        return self.encode(prefix), self.params(fixed=fixed, **options), len(sids)
 
     def trim_infill(self, done: Done, n_suffix: int) -> Done:
         middle = done.tokens[: self.model.cfg.canvas_length - n_suffix]
@@ -128,9 +148,6 @@ class Pipeline:
         return dataclasses.replace(done, tokens=middle, text=text, finish_reason="stop")
 
     def infill(self, prefix: str, suffix: str, **options: Any) -> Done:
-        ar = options.pop("ar", False)
-        if ar:
-            raise GenerationError("infill needs the bidirectional denoiser; it cannot run autoregressively")
         prompt, params, n = self.infill_request(prefix, suffix, **options)
         return self.trim_infill(generate(self.model, [prompt], params, tokenizer=self.tokenizer)[0], n)
 

@@ -240,4 +240,5 @@ def test_fast_path_equals_plain_path(model):
     prompts = [_prompt(model, 7), _prompt(model, 12, seed=3)]
     plain = [d.tokens for d in generate(model, prompts, params, fused_head=False)]
     for chunk in (None, 4096):
-        assert [d.tokens for d in generate(model, prompts, params, sampler_chunk=chunk)] == plain
+        assert [d.tokens for d in generate(model, prompts, params, sampler_chunk=chunk, fused_head=True)] == plain
+    assert [d.tokens for d in generate(model, prompts, params)] == plain  # auto: plain at this vocabulary

@@ -347,6 +347,14 @@ def test_suffix_fills_the_middle(client, pipe):
     assert short.choices[0].text == pipe.decode(middle[:3]) and short.choices[0].finish_reason == "length"
 
 
+def test_long_suffix_keeps_its_first_quarter_canvas(client, pipe):
+    suffix = "0123456789" * 20  # far longer than the canvas: only its first CANVAS // 4 tokens are pinned
+    stream = complete(client, "Begin:", suffix=suffix, seed=1, max_tokens=8, stream=True, stream_drafts=True)
+    drafts = [ev for c in stream if (ev := (c.model_extra or {}).get("dgemma")) and ev["type"] == "draft"]
+    assert drafts and all(d["fixed"] == CANVAS // 4 for d in drafts)
+    assert drafts[0]["canvas"][-(CANVAS // 4):] == pipe.tokenizer.encode(suffix)[:CANVAS // 4]
+
+
 # ---------------------------------------------------------------- batching
 def test_concurrent_streams_and_batch_invariance(client, http):
     alone = complete(client, "Batch me", seed=7, max_tokens=48, ignore_eos=True).choices[0].text
@@ -507,7 +515,6 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [5, 99999]}, 400, "invalid_value", "prompt"),
     ("/v1/completions", {"prompt": "x" * 2000}, 400, "context_length_exceeded", "prompt"),
     ("/v1/completions", {"prompt": "x" * 900, "max_tokens": 300}, 400, "context_length_exceeded", "prompt"),
-    ("/v1/completions", {"prompt": "x", "suffix": "y" * 40}, 400, "invalid_value", "suffix"),
     ("/v1/completions", {"prompt": "x", "suffix": "y", "ar": True}, 400, "invalid_value", "suffix"),
     ("/v1/completions", {"prompt": "x", "ar": True, "stream_drafts": True}, 400, "invalid_value", "stream_drafts"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, None, "stream_options"),
@@ -597,15 +604,18 @@ def test_web_page_is_served(http):
 
 
 # ---------------------------------------------------------------- the CLI
-def test_cli_serve_without_a_model_is_one_line():
-    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "no default model" in p.stderr and "dgemma serve PATH" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("named", [True, False], ids=["named", "default-model"])
+def test_cli_serve_runs(ckpt, named):
+    from dgemma.assets import shipped_model
 
-
-def test_cli_serve_runs(ckpt):
+    if not named:
+        try:
+            shipped_model()
+        except FileNotFoundError:
+            pytest.skip("no shipped default model")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(port),
+    model = [str(ckpt)] if named else []  # no MODEL: the shipped code model
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", *model, "--port", str(port),
                              "--device", "cpu", "--max-concurrency", "2", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -618,8 +628,8 @@ def test_cli_serve_runs(ckpt):
                 return proc.poll() is None and False
 
         assert wait_until(up, timeout=60), proc.stdout.read() if proc.poll() is not None else "no answer"
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == ckpt.name
-        taken = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(port)],
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == (ckpt.name if named else "dgemma-code")
+        taken = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", *model, "--port", str(port)],
                                capture_output=True, text=True, timeout=60)
         assert taken.returncode == 2 and "cannot listen" in taken.stderr
         assert len(taken.stderr.strip().splitlines()) == 1

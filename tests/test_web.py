@@ -4,8 +4,9 @@ Chromium is driven over the DevTools protocol through `--remote-debugging-pipe` 
 3 and 4, each ended by a NUL byte), so the test needs no websocket client and no browser-automation package: the
 standard library talks to the browser. The test loads `/`, runs a prompt against a tiny random model (a real
 forward pass per step, drafts arriving through `stream_drafts`), checks that the canvas was drawn step by step and
-finished, replays a step with the slider, runs the autoregressive comparison, and saves a screenshot to
-docs/web-canvas.png.
+finished, replays a step with the slider, runs the autoregressive comparison, and takes a screenshot. The
+screenshot replaces docs/web-canvas.png only when asked (DGEMMA_UPDATE_SCREENSHOT=1), so test runs leave the tree
+clean.
 
 Chromium comes from Debian's `chromium` package. When it is missing and apt is usable (root, apt-get present),
 the set-up installs it; otherwise the test is skipped with the reason. Set DGEMMA_NO_APT=1 to never install.
@@ -293,5 +294,6 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
     shot = chrome.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})
     png = base64.b64decode(shot["data"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    SCREENSHOT.write_bytes(png)
+    if os.environ.get("DGEMMA_UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        SCREENSHOT.write_bytes(png)

@@ -6,12 +6,14 @@ here, before anything is queued, and raised as an `APIError` (400/404), so the e
 
 Fill-in-the-middle (`suffix`, completions only)
 -----------------------------------------------
-The prompt is the prefix. The suffix's tokens are pinned (`GenerationParams.fixed`) to the LAST positions of
-the first canvas, so the canvas denoises the free positions in front of them bidirectionally: the middle sees
+The prompt is the prefix. The suffix's first tokens (a quarter-canvas at most) are pinned
+(`GenerationParams.fixed`) to the LAST positions of the first canvas, so the canvas denoises the free positions in front of them bidirectionally: the middle sees
 both the prefix (through the KV cache) and the suffix (inside the canvas). Only that one canvas is generated,
 so the middle has at most `canvas_length - len(suffix tokens)` tokens. The returned text is the middle alone:
 the canvas's tokens before the suffix, cut at the first EOS (the model ending the middle early), then at
 `max_tokens` (finish_reason "length") and at a stop string ("stop"). Reaching the suffix is "stop".
+With `ar: true` the request becomes a fill-in-the-middle prompt (<|fim_prefix|> prefix <|fim_suffix|> suffix
+<|fim_middle|>) decoded left to right, for checkpoints whose tokenizer has those tokens (400 otherwise).
 """
 
 from __future__ import annotations
@@ -153,7 +155,10 @@ class Planner:
         if req.best_of not in (None, 1):
             raise unsupported("best_of is not supported; use n and pick yourself", "best_of")
         prompts = self._prompts(req.prompt)
-        suffix_ids = self._suffix(req) if req.suffix else []
+        if req.suffix and req.ar:
+            prompts, suffix_ids = self._fim(req, prompts), []
+        else:
+            suffix_ids = self._suffix(req) if req.suffix else []
         return self._plan("completion", req, prompts, suffix_ids, echo=req.echo, param="prompt")
 
     def chat(self, req: ChatCompletionRequest) -> Plan:
@@ -242,19 +247,20 @@ class Planner:
             raise invalid(str(e), "prompt") from None
 
     def _suffix(self, req: CompletionRequest) -> list[int]:
-        if req.ar:
-            raise invalid("suffix (fill-in-the-middle) needs diffusion decoding; it cannot be combined with "
-                          "ar: true", "suffix")
+        """The suffix tokens pinned at the canvas end (`Pipeline.suffix_ids`: the first quarter-canvas)."""
+        if self.pipe.tokenizer is None:
+            raise invalid("this checkpoint has no tokenizer, so suffix cannot be used", "suffix")
         try:
-            ids = self.pipe.tokenizer.encode(req.suffix) if self.pipe.tokenizer is not None else None
+            return self.pipe.suffix_ids(req.suffix)
         except Exception as e:
             raise invalid(f"cannot tokenize suffix: {e}", "suffix") from None
-        if ids is None:
-            raise invalid("this checkpoint has no tokenizer, so suffix cannot be used", "suffix")
-        if len(ids) >= self.canvas:
-            raise invalid(f"suffix is {len(ids)} tokens; it must leave room in the {self.canvas}-token canvas "
-                          f"(at most {self.canvas - 1} tokens)", "suffix")
-        return ids
+
+    def _fim(self, req: CompletionRequest, prompts):
+        """ar: true with a suffix: each prompt becomes a fill-in-the-middle prompt, decoded left to right."""
+        try:
+            return [(self.pipe.fim_prompt(ids, req.suffix), text) for ids, text in prompts]
+        except GenerationError as e:
+            raise invalid(str(e), "suffix") from None
 
     def _plan(self, kind: str, req: _Common, prompts: list[tuple[list[int], str | None]], suffix_ids: list[int],
               *, echo: bool, param: str) -> Plan:

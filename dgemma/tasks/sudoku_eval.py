@@ -78,3 +78,23 @@ def solve_frames(model, puzzle: str, params: GenerationParams) -> Iterator[tuple
             yield ev.step, "".join(c if c in "123456789" else "." for c in cells), ev.mean_entropy
         elif isinstance(ev, Done):
             yield ev
+
+
+def print_solve(model, puzzle: str, params: GenerationParams, out=None) -> Done:
+    """Draw the board after every denoising step (redrawn in place on a terminal); returns the final `Done`."""
+    import sys
+
+    from .sudoku_board import pretty
+
+    out = out or sys.stdout
+    tty, shown_lines = out.isatty(), 0
+    for item in solve_frames(model, puzzle, params):
+        if isinstance(item, Done):
+            return item
+        step, shown, h = item
+        frame = f"step {step:2d}  accepted {81 - shown.count('.'):2d}/81 cells  mean entropy {h:.4f}\n{pretty(shown)}\n"
+        if tty and shown_lines:
+            print(f"\033[{shown_lines}A\033[J", end="", file=out)
+        print(frame, file=out, flush=True)
+        shown_lines = frame.count("\n") + 1
+    raise RuntimeError("generation ended without a result")

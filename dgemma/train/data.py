@@ -38,6 +38,9 @@ class DataError(ValueError):
 class Example:
     prompt: tuple[int, ...]
     response: tuple[int, ...]  # ends with its terminator (an EOS id); never empty
+    # The last `fixed` response tokens stay clean in the noised canvas, as inference's fixed positions are (an
+    # infill suffix at the canvas end): only in the block that holds them.
+    fixed: int = 0
 
     def n_blocks(self, canvas: int) -> int:
         return math.ceil(len(self.response) / canvas)
@@ -231,6 +234,12 @@ def make_batch(examples: Sequence[Example], draws: Sequence[NoiseDraw], *, canva
     t = torch.tensor([d.t for d in draws], dtype=torch.float64)
     noisy, hit = corrupt(clean, t[:, None], torch.stack([d.uniforms for d in draws]),
                          torch.stack([d.tokens for d in draws]))
+    for i, (ex, d) in enumerate(zip(examples, draws)):
+        if ex.fixed:  # response positions R-fixed .. R-1, as positions of the selected block
+            lo, hi = len(ex.response) - ex.fixed - d.block * canvas, len(ex.response) - d.block * canvas
+            lo, hi = max(lo, 0), min(hi, canvas)
+            if lo < hi:
+                noisy[i, lo:hi], hit[i, lo:hi] = clean[i, lo:hi], False
     return Batch(enc_ids=enc_ids, enc_len=torch.tensor([len(r[0]) for r in rows]), ar_targets=ar_targets,
                  canvas_start=torch.tensor([r[2] for r in rows]), clean=clean, noisy=noisy, corrupted=hit,
                  t=t.float(), self_condition=torch.tensor([d.self_condition for d in draws]))

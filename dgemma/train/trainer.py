@@ -162,6 +162,26 @@ class LossModule(nn.Module):
         return loss, vec
 
 
+@torch.no_grad()
+def heldout_stats(module: LossModule, examples: Sequence[Example], *, seed: int = 0, micro: int = 16,
+                  eps: float = 1e-3, sc_prob: float = 0.5, pad: int = 0, ar_on_prompt: bool = False,
+                  device: str | torch.device = "cpu", autocast=contextlib.nullcontext) -> dict:
+    """The objective over held-out examples with fixed noise (example i draws from (seed, -1, i)), per token."""
+    model, ocfg = module.model, module.ocfg
+    T, vocab = model.cfg.canvas_length, model.cfg.vocab_size
+    stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
+    for lo in range(0, len(examples), micro):
+        chunk = examples[lo:lo + micro]
+        gens = [example_generator(seed, -1, lo + j) for j in range(len(chunk))]
+        draws = draw_for(chunk, gens, canvas=T, vocab=vocab, eps=eps, sc_prob=sc_prob)
+        batch = make_batch(chunk, draws, canvas=T, pad=pad, with_ar=ocfg.ar_weight > 0,
+                           ar_on_prompt=ar_on_prompt).to(device)
+        with autocast():
+            _, vec = module(batch, 1.0, 1.0)
+        stats += vec
+    return summarize(stats, ocfg)
+
+
 def summarize(vec: torch.Tensor, ocfg: ObjectiveConfig) -> dict:
     c_sum, c_ok, c_n, a_sum, a_ok, a_n = vec.tolist()
     out = {"diffusion_loss": c_sum / max(c_n, 1), "canvas_acc": c_ok / max(c_n, 1)}
@@ -361,20 +381,11 @@ class Trainer:
         try:
             if self.eval_data is not None and len(self.eval_data):
                 n = min(len(self.eval_data), self.cfg.eval_examples)
-                exs = [self.eval_data.example(i, 0) for i in range(n)]
-                with_ar = self.ocfg.ar_weight > 0
-                stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
-                for lo in range(0, n, self.micro):
-                    chunk = exs[lo:lo + self.micro]
-                    gens = [example_generator(self.cfg.seed, -1, lo + j) for j in range(len(chunk))]
-                    draws = draw_for(chunk, gens, canvas=self.T, vocab=self.vocab, eps=self.cfg.eps,
-                                     sc_prob=self.cfg.sc_prob)
-                    batch = make_batch(chunk, draws, canvas=self.T, pad=self.pad, with_ar=with_ar,
-                                       ar_on_prompt=self.cfg.ar_on_prompt).to(self.device)
-                    with self._autocast():
-                        _, vec = self.module(batch, 1.0, 1.0)
-                    stats += vec
-                out.update({f"eval_{k}": v for k, v in summarize(stats, self.ocfg).items()})
+                stats = heldout_stats(self.module, [self.eval_data.example(i, 0) for i in range(n)],
+                                      seed=self.cfg.seed, micro=self.micro, eps=self.cfg.eps, sc_prob=self.cfg.sc_prob,
+                                      pad=self.pad, ar_on_prompt=self.cfg.ar_on_prompt, device=self.device,
+                                      autocast=self._autocast)
+                out.update({f"eval_{k}": v for k, v in stats.items()})
             if self.eval_hook is not None:
                 out.update(self.eval_hook(model))
         finally:
