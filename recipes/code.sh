@@ -30,8 +30,9 @@ eval_() {
 }
 
 ship() {
-  # bf16 weights into the package, with checksums (tests/test_shipped.py checks them)
-  $PY -m dgemma.cli code ship "$RUN/final" dgemma/models/code --log "$RUN/log.jsonl"
+  # bf16 weights into the package, with the loss curve, the command and checksums (tests/test_shipped.py checks them)
+  $PY -m dgemma.tasks.ship "$RUN/final" dgemma/models/code --log "$RUN/log.jsonl" --dtype bfloat16 \
+    --eval "$RUN/eval.json" --command "./recipes/code.sh data && ./recipes/code.sh train  # see recipes/code.sh"
 }
 
 case "${1:-}" in
