@@ -35,43 +35,15 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 # ---------------------------------------------------------------- a random checkpoint to serve
-def byte_tokenizer(vocab_size: int):
-    """Byte-level tokenizer with Gemma 4's special ids (those below vocab_size); fillers for the rest."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    from dgemma.tokenizer import GEMMA4_CONTROL_TOKENS, GEMMA4_SPECIAL_TOKENS, Tokenizer
-
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = dict(zip(bs, map(chr, cs)))
-    specials = {i: t for i, t in {**GEMMA4_SPECIAL_TOKENS, **GEMMA4_CONTROL_TOKENS}.items() if i < vocab_size}
-    free = iter(i for i in range(vocab_size) if i not in specials)
-    vocab = {t: i for i, t in specials.items()}
-    for _, ch in sorted(chars.items()):
-        vocab[ch] = next(free)
-    for k, i in enumerate(free):
-        vocab[f"<unused{k}>"] = i
-    backend = Backend(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in sorted(specials.items())])
-    return Tokenizer(backend, bos_id=2, eos_ids=[1, 106, 50], pad_id=0)
-
-
 def random_checkpoint(preset_name: str, out: Path, steps: int) -> Path:
     from dgemma.config import preset
+    from dgemma.tokenizer import byte_level
     from dgemma.weights import init_random, save_model
 
     cfg = preset(preset_name)
     model = init_random(cfg, seed=0)
     gen = {"max_denoising_steps": steps, "max_new_tokens": 256, "eos_token_id": [1, 106, 50]}
-    return save_model(model, out, generation_config=gen, tokenizer=byte_tokenizer(cfg.vocab_size))
+    return save_model(model, out, generation_config=gen, tokenizer=byte_level(cfg.vocab_size))
 
 
 def free_port() -> int:

@@ -538,3 +538,33 @@ def _merges_from_vocab(tokens: list[str], vocab: dict[str, int]) -> list[list[st
             if left in vocab and right in vocab:
                 merges.append([left, right])
     return merges
+
+
+def byte_level(vocab_size: int = 320) -> Tokenizer:
+    """A byte-level tokenizer for a small vocabulary (tests, benchmarks of random models): Gemma 4's special tokens at
+    their real ids (those below `vocab_size`: <pad> 0, <eos> 1, <bos> 2, <|tool_response> 50, <|turn> 105 ...), the
+    256 bytes in the ids left over, `<unusedN>` fillers after them. Any text round-trips; no merges."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs, n = bs[:], 0
+    for b in range(256):  # GPT-2's byte -> printable character map, as the ByteLevel pre-tokenizer uses
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = dict(zip(bs, map(chr, cs)))
+    specials = {i: t for i, t in {**GEMMA4_SPECIAL_TOKENS, **GEMMA4_CONTROL_TOKENS}.items() if i < vocab_size}
+    if vocab_size < len(specials) + 256:
+        raise ValueError(f"a byte-level vocabulary needs at least {len(specials) + 256} ids, got {vocab_size}")
+    free = iter(i for i in range(vocab_size) if i not in specials)
+    vocab = {t: i for i, t in specials.items()}
+    for _, ch in sorted(chars.items()):
+        vocab[ch] = next(free)
+    for k, i in enumerate(free):
+        vocab[f"<unused{k}>"] = i
+    backend = _Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in sorted(specials.items())])
+    return Tokenizer(backend, bos_id=2, eos_ids=[1, 106, 50], pad_id=0)

@@ -25,7 +25,7 @@ from conftest import randomize, tiny_config  # noqa: E402
 from dgemma.model import DiffusionGemma  # noqa: E402
 from dgemma.pipeline import Pipeline  # noqa: E402
 from dgemma.serve import ServerSettings, create_app  # noqa: E402
-from dgemma.tokenizer import GEMMA4_CONTROL_TOKENS, GEMMA4_SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from dgemma.tokenizer import Tokenizer, byte_level  # noqa: E402
 from dgemma.weights import save_model  # noqa: E402
 
 STEPS = 4  # denoising steps per canvas in the test checkpoint (a random model never stops early)
@@ -34,43 +34,10 @@ NAME = "tiny"
 
 
 # ---------------------------------------------------------------- a tiny checkpoint with a real tokenizer
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer and decoder use)."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def byte_tokenizer(vocab_size: int = 320) -> Tokenizer:
-    """A byte-level tokenizer that fits a tiny vocabulary: Gemma 4's special tokens at their real ids (those below
-    `vocab_size`: <pad> 0, <eos> 1, <bos> 2, <|tool_response> 50, <|channel> 100, <|turn> 105, <turn|> 106 ...),
-    the 256 bytes in the ids left over, and `<unusedN>` fillers after them. Any text round-trips."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-
-    specials = {i: t for i, t in {**GEMMA4_SPECIAL_TOKENS, **GEMMA4_CONTROL_TOKENS}.items() if i < vocab_size}
-    free = iter(i for i in range(vocab_size) if i not in specials)
-    vocab = {t: i for i, t in specials.items()}
-    for _, ch in sorted(_byte_chars().items()):
-        vocab[ch] = next(free)
-    for k, i in enumerate(free):
-        vocab[f"<unused{k}>"] = i
-    backend = Backend(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in sorted(specials.items())])
-    return Tokenizer(backend, bos_id=2, eos_ids=[1, 106, 50], pad_id=0)
-
-
 def build_checkpoint(path: Path, tokenizer: Tokenizer | None = None, steps: int = STEPS, seed: int = 1) -> Path:
     model = randomize(DiffusionGemma(tiny_config("a")), seed=seed)
     gen = {"max_denoising_steps": steps, "max_new_tokens": 32, "t_min": 0.4, "t_max": 0.8, "eos_token_id": [1, 106, 50]}
-    return save_model(model, path, generation_config=gen, tokenizer=tokenizer or byte_tokenizer())
+    return save_model(model, path, generation_config=gen, tokenizer=tokenizer or byte_level())
 
 
 def free_port() -> int:

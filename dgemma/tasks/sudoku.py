@@ -14,7 +14,6 @@ per (puzzle, epoch): digit relabelling, band/stack and row/column-within-band pe
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import random
 import sys
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import FULL, SLIDING, ModelConfig
-from ..train.data import DataError, Example
+from ..train.data import DataError, Example, iter_jsonl
 from ..train.noise import mix_seed
 from .sudoku_board import BoardError, make_puzzle, parse, to_string
 
@@ -129,27 +128,19 @@ def read_puzzles(path: str | Path, limit: int | None = None) -> list[tuple[str, 
     if not path.is_file():
         raise DataError(f"Sudoku file not found: {path}")
     out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "prompt" not in rec or "response" not in rec:
-                raise DataError(f"{where}: expected an object with 'prompt' (puzzle) and 'response' (solution)")
-            try:
-                p = to_string(parse(rec["prompt"]))
-                s = to_string(parse(rec["response"], what="solution"))
-            except BoardError as e:
-                raise DataError(f"{where}: {e}") from None
-            if "." in s or any(a != "." and a != b for a, b in zip(p, s)):
-                raise DataError(f"{where}: the solution is incomplete or does not keep the puzzle's givens")
-            out.append((p, s))
-            if limit and len(out) >= limit:
-                break
+    for where, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or "prompt" not in rec or "response" not in rec:
+            raise DataError(f"{where}: expected an object with 'prompt' (puzzle) and 'response' (solution)")
+        try:
+            p = to_string(parse(rec["prompt"]))
+            s = to_string(parse(rec["response"], what="solution"))
+        except BoardError as e:
+            raise DataError(f"{where}: {e}") from None
+        if "." in s or any(a != "." and a != b for a, b in zip(p, s)):
+            raise DataError(f"{where}: the solution is incomplete or does not keep the puzzle's givens")
+        out.append((p, s))
+        if limit and len(out) >= limit:
+            break
     if not out:
         raise DataError(f"{path} holds no puzzles")
     return out

@@ -110,6 +110,19 @@ def record_to_example(rec, where: str, tokenizer, *, vocab: int, eos: int, eos_s
     return Example(tuple(prompt), _terminated(tokenizer.encode(rec["response"]), eos, eos_set))
 
 
+def iter_jsonl(path: Path):
+    """(where, record) for each non-blank line of a JSONL file; `where` is "file:line" for error messages."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+
+
 def load_jsonl(path: str | Path, tokenizer=None, *, vocab: int, eos: int, eos_set=(), canvas: int,
                max_len: int, quiet: bool = False) -> list[Example]:
     """Read and tokenize a JSONL file. Examples longer than `max_len` positions (after canvas padding) are skipped
@@ -119,20 +132,12 @@ def load_jsonl(path: str | Path, tokenizer=None, *, vocab: int, eos: int, eos_se
         raise DataError(f"dataset not found: {path}")
     eos_set = frozenset(eos_set) | {eos}
     out, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            ex = record_to_example(rec, where, tokenizer, vocab=vocab, eos=eos, eos_set=eos_set)
-            if ex.length(canvas) > max_len:
-                skipped += 1
-                continue
-            out.append(ex)
+    for where, rec in iter_jsonl(path):
+        ex = record_to_example(rec, where, tokenizer, vocab=vocab, eos=eos, eos_set=eos_set)
+        if ex.length(canvas) > max_len:
+            skipped += 1
+            continue
+        out.append(ex)
     if skipped and not quiet:
         print(f"dgemma train: skipped {skipped} example(s) of {path} longer than {max_len} positions", file=sys.stderr)
     if not out:
