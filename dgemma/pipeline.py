@@ -113,6 +113,10 @@ class Pipeline:
         T = self.model.cfg.canvas_length
         return (self.encode(suffix, add_bos=False) if suffix else [])[:max(T // 4, 1)]
 
+    def has_fim(self) -> bool:
+        tok = self.tokenizer
+        return tok is not None and all(tok.token_to_id(t) is not None for t in FIM_TOKENS)
+
     def fim_prompt(self, prefix_ids: Sequence[int], suffix: str) -> list[int]:
         """<bos><|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>: infill as a prompt, for checkpoints
         trained with those tokens (the shipped code model is); autoregressive decoding infills this way."""

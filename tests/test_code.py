@@ -171,7 +171,13 @@ def test_functions_and_eval_end_to_end(data, tmp_path):
                           layer_types=["sliding_attention", "full_attention"], num_attention_heads=2,
                           num_key_value_heads=1, head_dim=16, global_head_dim=16, moe_intermediate_size=16,
                           num_experts=4, canvas_length=96, sliding_window=16)
-    ckpt = save_pipeline(Pipeline(init_random(cfg, seed=0), tok, CO.generation_config(4)), tmp_path / "m")
+    pipe = Pipeline(init_random(cfg, seed=0), tok, CO.generation_config(4))
+    assert pipe.has_fim()
+    prefix = pipe.encode("def f(x):\n")
+    fim = pipe.fim_prompt(prefix, "\nprint(f(1))\n" * 40)
+    assert fim[:2] == [CO.BOS, CO.FIM_PREFIX] and fim[2:len(prefix) + 1] == prefix[1:] and fim[-1] == CO.FIM_MIDDLE
+    assert fim[len(prefix) + 1] == CO.FIM_SUFFIX and len(fim) == len(prefix) + 3 + 96 // 4  # a quarter-canvas
+    ckpt = save_pipeline(pipe, tmp_path / "m")
     out = Path(shutil.copytree(out, tmp_path / "data"))
     (out / "heldout.jsonl").write_text(json.dumps({"path": "m.py", "text": FUNCS}) + "\n")
     report = CE.run_eval(str(ckpt), str(out), n=2, steps=4, loss_examples=4)

@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_config
 
 from dgemma.assets import SHIPPED_DIR, shipped_model
+from dgemma.tasks.code import EOS as CO_EOS
 from dgemma.tasks.ship import check_sums, ship
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,9 @@ def test_code_model_generates_deterministically():
     assert ar1.tokens == ar2.tokens and len(ar1.tokens) > 0
     fill = pipe.infill("def double(x):\n", "\n\nprint(double(2))\n", seed=0, steps=8)
     assert fill.tokens == pipe.infill("def double(x):\n", "\n\nprint(double(2))\n", seed=0, steps=8).tokens
+    assert pipe.has_fim()  # so the same weights infill left to right too, through a FIM prompt
+    ar_fill = pipe.infill("def double(x):\n", "\n\nprint(double(2))\n", ar=True)
+    assert ar_fill.stats["mode"] == "ar" and CO_EOS not in ar_fill.tokens
 
 
 def test_sudoku_model_writes_a_board():

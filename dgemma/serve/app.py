@@ -73,7 +73,9 @@ class State:
             "canvas_length": self.pipe.model.cfg.canvas_length, "max_context": self.max_context,
             "max_tokens_limit": self.settings.max_tokens_limit, "default_max_tokens": self.pipe.max_new_tokens,
             "steps": s.max_denoising_steps, "entropy_bound": s.entropy_bound, "t_min": s.t_min, "t_max": s.t_max,
-            "stability_threshold": s.stability_threshold, "confidence_threshold": s.confidence_threshold})
+            "stability_threshold": s.stability_threshold, "confidence_threshold": s.confidence_threshold,
+            # fill-in-the-middle tokens: `suffix` also works with ar: true (and the page starts in completion mode)
+            "fim": self.pipe.has_fim()})
 
 
 # ---------------------------------------------------------------- request plumbing

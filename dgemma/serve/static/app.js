@@ -38,6 +38,10 @@ async function loadModel() {
       `entropy bound ${d.entropy_bound}`;
     $("steps").placeholder = d.steps ? `${d.steps}` : "default";
     if (d.entropy_bound !== undefined) $("entropy-bound").placeholder = `${d.entropy_bound}`;
+    if (d.fim && !state.touched) {  // a code model (it knows fill-in-the-middle): start with a completion of code
+      document.querySelector('input[name="mode"][value="completion"]').checked = true;
+      $("prompt").value = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n';
+    }
     drawEmpty();
     setState("idle");
     return true;
@@ -266,6 +270,7 @@ async function run() {
 $("run").addEventListener("click", run);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
+$("prompt").addEventListener("input", () => { state.touched = true; });
 $("api-key").addEventListener("change", () => { localStorage.setItem("dgemma-api-key", $("api-key").value); loadModel(); });
 
 // ------------------------------------------------------------------ start
