@@ -89,7 +89,7 @@ def svg_curve(rows: list[dict], title: str) -> str:
 
 
 def ship(src: str | Path, dst: str | Path, *, log: str | Path, dtype: str = "float32", commands: list[str],
-         evaluation: str | Path | None = None, notes: str = "") -> Path:
+         evaluation: list[str | Path] | None = None, notes: str = "") -> Path:
     import torch
 
     from ..io import atomic_dir
@@ -119,7 +119,7 @@ def ship(src: str | Path, dst: str | Path, *, log: str | Path, dtype: str = "flo
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
                 "notes": notes, "files": files}
         if evaluation:
-            info["evaluation"] = json.loads(Path(evaluation).read_text())
+            info["evaluation"] = {Path(e).name: json.loads(Path(e).read_text()) for e in evaluation}
         (tmp / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
         write_sums(tmp)
     return dst
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", required=True, help="the run's log.jsonl")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--command", action="append", required=True, help="a command that trained it (repeatable)")
-    ap.add_argument("--eval", help="an evaluation JSON to record")
+    ap.add_argument("--eval", action="append", help="an evaluation JSON to record (repeatable)")
     ap.add_argument("--notes", default="")
     a = ap.parse_args(argv)
     out = ship(a.src, a.dst, log=a.log, dtype=a.dtype, commands=a.command, evaluation=a.eval, notes=a.notes)
