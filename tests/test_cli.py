@@ -121,7 +121,7 @@ def test_chat_reads_turns_from_stdin(ckpt_tok):
     (("--entropy-bound", "-1"), "entropy_bound must be >= 0"),
     (("--max-new-tokens", "0"), "max_new_tokens must be a positive integer"),
     (("--max-new-tokens", "5000"), "exceeds the context"),
-    (("--suffix", "x", "--ar"), "cannot run with --ar"),
+    (("--suffix", "x", "--ar"), "autoregressive infill needs fill-in-the-middle tokens"),
     (("--infill",), "mark the hole with [FILL]"),
 ])
 def test_generate_errors(ckpt_tok, extra, msg, capsys):
