@@ -99,24 +99,18 @@ def test_invalid_sudoku_strings(text, msg):
 
 def test_format_tokenizer_and_augmentation():
     tok = SU.tokenizer()
-    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.vocab_size) == (0, 1, 2, 5 + 810)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.vocab_size) == (0, 1, 2, 16)
     puzzle, solution = make_puzzle(30, random.Random(1))
     p, s = to_string(puzzle), to_string(solution)
-    assert SU.to_text(p).split()[:2] == [f"r1c1={p[0]}", f"r1c2={p[1]}"]
-    assert tok.encode(SU.to_text(p), add_bos=True) == SU.prompt_ids(p) and len(SU.prompt_ids(p)) == 82
-    ids = tok.encode(SU.to_text(s))
-    assert tok.decode(ids) == SU.to_text(s) and SU.board_from_ids(ids) == s
-    assert list(SU.solution_ids(s)) == ids + [SU.EOS]
-    # a digit token of another cell is not a digit of this one
-    swapped = [ids[1], ids[0], *ids[2:]]
-    assert SU.board_from_ids(swapped) is None and SU.cell_chars(swapped)[:3] == ".." + s[2]
+    assert tok.encode(p, add_bos=True) == SU.prompt_ids(p) and len(SU.prompt_ids(p)) == 82
+    assert tok.decode(tok.encode(s)) == s and SU.board_from_ids(tok.encode(s)) == s
     ds = SU.SudokuDataset([(p, s)], augment=True, seed=0)
     seen = set()
     for epoch in range(5):
         ex = ds.example(0, epoch)
         assert ex.response[-1] == SU.EOS and len(ex.response) == 82
-        ap = SU.cell_chars(ex.prompt[1:])
-        asol = SU.board_from_ids(ex.response[:-1])
+        ap = "".join(SU.ID_CHAR[i] for i in ex.prompt[1:])
+        asol = "".join(SU.ID_CHAR[i] for i in ex.response[:-1])
         assert is_solution(parse(ap), [int(c) for c in asol]) and reference_count(parse(ap)) == 1
         assert ap.count(".") == p.count(".")
         seen.add(ap)

@@ -1,19 +1,15 @@
-"""The Sudoku recipe: text format, tokenizer, datasets, the model to train from scratch, evaluation.
+"""The Sudoku recipe: text format, a 16-token tokenizer, datasets, the model to train from scratch, evaluation.
 
-Format (one puzzle = one prompt/response pair, the response fits one canvas). Every cell is written with its
-coordinates, `r<row>c<col>=<digit>` (`.` for a blank), one token each:
-    prompt    <bos> + the 81 cells of the puzzle, row by row ("r1c1=. r1c2=3 ...")          (82 tokens)
-    response  the 81 cells of the solution ("r1c1=4 r1c2=3 ...") + <eos>, EOS-padded to the canvas (96)
-Vocabulary: DiffusionGemma's specials at their ids (0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>), then the 810
-cell tokens (815). A token says which cell it fills, so every Sudoku constraint (same row, column or box) is a
-relation between token *contents* that attention reads directly, instead of a function of absolute position that
-a RoPE model must first reconstruct; and a uniform-noise token is usually visibly out of place (another cell's).
-Uniform noise draws from all 815 tokens, as inference does.
+Format (one puzzle = one prompt/response pair, the response fits one canvas):
+    prompt    <bos> + 81 cells row by row, '1'-'9' or '.' for a blank           (82 tokens)
+    response  81 digits of the solution + <eos>, EOS-padded to the canvas (96)
+Vocabulary: DiffusionGemma's specials at their ids (0 <pad>, 1 <eos>, 2 <bos>, 3 <unk>, 4 <mask>), then '.',
+'1'-'9' and '|' (a separator for display). Uniform noise draws from all 16 tokens, as inference does.
 
-Training data: `generate_file` writes JSONL records {"prompt": puzzle, "response": solution, "clues": n} with
-81-character boards. `SudokuDataset` serves them with a fresh validity-preserving symmetry per (puzzle, epoch):
-digit relabelling, band/stack and row/column-within-band permutations, transposition (about 1.2e12 variants per
-puzzle), so a 100k-puzzle file never repeats an example in practice.
+Training data: `generate_file` writes JSONL records {"prompt": puzzle, "response": solution, "clues": n} (valid
+input for the generic `dgemma train` too). `SudokuDataset` serves them with a fresh validity-preserving symmetry
+per (puzzle, epoch): digit relabelling, band/stack and row/column-within-band permutations, transposition (about
+1.2e12 variants per puzzle), so a 100k-puzzle file never repeats an example in practice.
 """
 
 from __future__ import annotations
@@ -32,21 +28,12 @@ from ..train.noise import mix_seed
 from .sudoku_board import BoardError, make_puzzle, parse, to_string
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-CELLS = [f"r{i // 9 + 1}c{i % 9 + 1}={ch}" for i in range(81) for ch in ".123456789"]
-VOCAB = {tok: i for i, tok in enumerate(SPECIALS + CELLS)}  # 815 tokens
+SYMBOLS = [".", *"123456789", "|"]
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS)}  # 16 tokens
 PAD, EOS, BOS = 0, 1, 2
 CANVAS = 96
-ID_CELL = {VOCAB[t]: (i, t[-1]) for i, t in ((k // 10, t) for k, t in enumerate(CELLS))}  # id -> (cell, char)
-
-
-def cell_id(cell: int, ch: str) -> int:
-    """The token of `cell` (0-80, row by row) holding `ch` ('.' or '1'-'9')."""
-    return len(SPECIALS) + 10 * cell + ".123456789".index(ch)
-
-
-def to_text(board: str) -> str:
-    """An 81-character board as the model's text: "r1c1=. r1c2=3 ..."."""
-    return " ".join(CELLS[10 * i + ".123456789".index(ch)] for i, ch in enumerate(board))
+CELL_IDS = {c: VOCAB[c] for c in ".123456789"}
+ID_CHAR = {i: c for c, i in VOCAB.items() if len(c) == 1}
 
 
 # ---------------------------------------------------------------- the model and tokenizer
@@ -66,14 +53,15 @@ def model_config(**overrides) -> ModelConfig:
 
 def tokenizer():
     """The 16-token character tokenizer as a dgemma `Tokenizer` (saved with checkpoints as tokenizer.json)."""
-    from tokenizers import models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
     from ..tokenizer import Tokenizer
 
     tk = Backend(models.WordLevel(dict(VOCAB), unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.add_special_tokens(SPECIALS)
+    tk.decoder = decoders.Fuse()
     return Tokenizer(tk, bos_id=BOS, eos_ids=[EOS], pad_id=PAD, eos_id=EOS,
                      chat_template="{{ bos_token }}{{ messages[-1]['content'] }}")
 
@@ -86,26 +74,13 @@ def generation_config(steps: int = 48) -> dict:
 
 
 def prompt_ids(puzzle: str) -> list[int]:
-    return [BOS] + [cell_id(i, c) for i, c in enumerate(puzzle)]
-
-
-def solution_ids(solution: str) -> tuple[int, ...]:
-    return tuple(cell_id(i, c) for i, c in enumerate(solution)) + (EOS,)
-
-
-def cell_chars(ids: Sequence[int]) -> str:
-    """What each position shows: its digit if it holds a digit token of *that* cell, else '.'."""
-    out = []
-    for pos, t in enumerate(ids):
-        cell, ch = ID_CELL.get(int(t), (None, "."))
-        out.append(ch if cell == pos else ".")
-    return "".join(out)
+    return [BOS] + [CELL_IDS[c] for c in puzzle]
 
 
 def board_from_ids(ids: Sequence[int]) -> str | None:
-    """The 81-digit board a model wrote, or None unless position i holds a digit token of cell i for all 81."""
-    s = cell_chars(list(ids)[:81])
-    return s if len(s) == 81 and "." not in s else None
+    """The 81-digit board a model wrote, or None if it is not 81 digits."""
+    s = "".join(ID_CHAR.get(int(i), "?") for i in ids)
+    return s if len(s) == 81 and s.isdigit() and "0" not in s else None
 
 
 # ---------------------------------------------------------------- data files
@@ -207,7 +182,7 @@ class SudokuDataset:
         if self.augment:
             sym = symmetry(random.Random(mix_seed(self.seed, index, epoch)))
             p, s = apply_symmetry(p, sym), apply_symmetry(s, sym)
-        return Example(tuple(prompt_ids(p)), solution_ids(s))
+        return Example(tuple(prompt_ids(p)), tuple(CELL_IDS[c] for c in s) + (EOS,))
 
 
 # ---------------------------------------------------------------- training run
@@ -264,7 +239,7 @@ def prepare_training(cfg, source: dict | None, *, resume: bool = False, out: str
         return {"solve_rate": r["solve_rate"], "solve_mean_steps": r["mean_steps"],
                 "solve_cell_acc": r["cell_accuracy"]}
 
-    evald = ListDataset([Example(tuple(prompt_ids(p)), solution_ids(s))
+    evald = ListDataset([Example(tuple(prompt_ids(p)), tuple(CELL_IDS[c] for c in s) + (EOS,))
                          for p, s in held[:cfg.eval_examples]]) if held else None
     return Trainer(model, train, cfg, eval_data=evald, tokenizer=tokenizer(), generation_config=generation_config(),
                    eval_hook=solve_check if held and n_solve else None, resume_from=ckpt, dist=dist, quiet=quiet)

@@ -15,7 +15,7 @@ import torch
 
 from ..generate import AR, DIFFUSION, Draft, Done, GenerationParams, generate
 from ..sampler import SamplerConfig
-from .sudoku import board_from_ids, cell_chars, prompt_ids
+from .sudoku import ID_CHAR, board_from_ids, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def solve_frames(model, puzzle: str, params: GenerationParams) -> Iterator[tuple
     accepted at that step (the canvas keeps them) and '.' where the step renoised."""
     for ev in generate(model, [prompt_ids(puzzle)], params, drafts=True, events=True):
         if isinstance(ev, Draft):
-            shown = cell_chars([t if ok else -1 for t, ok in zip(ev.tokens[:81], ev.accepted)])
-            yield ev.step, shown, ev.mean_entropy
+            cells = "".join(ID_CHAR.get(tok, "?") if ok else "." for tok, ok in zip(ev.tokens[:81], ev.accepted))
+            yield ev.step, "".join(c if c in "123456789" else "." for c in cells), ev.mean_entropy
         elif isinstance(ev, Done):
             yield ev
 
