@@ -67,7 +67,14 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
                                   "sliding_layers_fixed": sliding_fixed[name]} for name in DTYPE_BYTES},
         "special_tokens": {"pad": cfg.pad_token_id, "bos": cfg.bos_token_id, "eos": cfg.eos_token_id},
     }
+    from .quant import QuantConfig, weight_bytes
+
+    qcfg = QuantConfig.of(cfg)
+    if qcfg is not None:  # codes and scales at their stored size, the rest (embedding, norms) per dtype
+        out["quantization"] = qcfg.to_dict()
+        out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch_mod(), name)) for name in DTYPE_BYTES}
     if ckpt is not None:
+        out["files_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         gen = ckpt / "generation_config.json"
         if gen.exists():
             out["generation_config"] = json.loads(gen.read_text())
@@ -83,6 +90,12 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
     return out
 
 
+def torch_mod():
+    import torch
+
+    return torch
+
+
 def print_info(d: dict) -> None:
     p = d["parameters"]
     print(f"{d['architecture']}  ({d['source']})")
@@ -95,8 +108,9 @@ def print_info(d: dict) -> None:
     print(f"  mlp             dense {d['dense_mlp_width']} + MoE {e['count']} experts x {e['width']}, top-{e['top_k']}")
     print(f"  canvas          {d['canvas_length']} tokens")
     print(f"  parameters      {_fmt_count(p['total'])} total, {_fmt_count(p['active'])} active per token")
+    quant = f", {d['quantization']['scheme']} quantized" if "quantization" in d else ""
     print("  memory          " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in d["weights_bytes"].items())
-          + "  (weights)")
+          + f"  (weights{quant}" + (f"; {_fmt_bytes(d['files_bytes'])} on disk)" if d.get("files_bytes") else ")"))
     kv = d["kv_cache_bytes"]
     print("  kv cache        " + ", ".join(
         f"{k} {_fmt_bytes(v['per_token_full_layers'] * 1024)}/1k tokens + {_fmt_bytes(v['sliding_layers_fixed'])}"

@@ -298,6 +298,12 @@ def test_cli_quantize(float_ckpt, tmp_path, capsys):
     rc, out, err = _cli(capsys, "--random-preset", "tiny", tmp_path / "r8", "--scheme", "int8", "--quiet")
     assert rc == 0, err
     assert load_model(tmp_path / "r8").cfg.extra["quantization_config"]["scheme"] == "int8"
+    from dgemma.cli import info_dict
+
+    full, q4 = info_dict(str(src)), info_dict(str(tmp_path / "q4"))  # info reports the quantized sizes
+    assert q4["quantization"]["scheme"] == "int4" and "quantization" not in full
+    assert q4["weights_bytes"]["float32"] < full["weights_bytes"]["float32"]
+    assert q4["files_bytes"] < full["files_bytes"]
 
 
 @pytest.mark.parametrize("args,msg", [
