@@ -1,6 +1,7 @@
 """Accuracy and memory of dgemma's weight-only quantization (int8 per channel, int4 group-wise).
 
     python bench/quant_accuracy.py [--presets tiny-a,tiny-b,tiny-c,small] [--threads 1]
+    python bench/quant_accuracy.py --checkpoints dgemma/models/code,dgemma/models/sudoku   # trained models
 
 Accuracy: logits of a quantized model vs the same fp32 model, over a prefill (32 tokens), a first denoise step and
 a second one with self-conditioning (batch 1). Max and mean absolute error, the fp32 logits' standard deviation
@@ -64,21 +65,35 @@ def logits(model, seed=0):
     return [enc[0], den[0], den2[0]]
 
 
+HEADER = f"{'model':<8}{'init':<10}{'scheme':<10}{'max abs':>10}{'mean abs':>10}{'logit std':>11}{'top-1':>8}"
+
+
+def compare(name: str, init: str, base) -> None:
+    ref = logits(base)
+    r = torch.cat([t.flatten() for t in ref])
+    for q in SCHEMES:
+        out = logits(quantize_model(copy.deepcopy(base), q))
+        d = (torch.cat([t.flatten() for t in out]) - r).abs()
+        top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(out, ref)]).mean()
+        tag = q.scheme + (f"-g{q.group_size}" if q.group_size else "")
+        print(f"{name:<8}{init:<10}{tag:<10}{d.max():>10.2e}{d.mean():>10.2e}{r.std():>11.3f}{top1:>8.3f}", flush=True)
+
+
 def accuracy(names, inits) -> None:
-    print(f"{'model':<8}{'init':<10}{'scheme':<10}{'max abs':>10}{'mean abs':>10}{'logit std':>11}{'top-1':>8}")
+    print(HEADER)
     for name in names:
         cfg = config(name)
         for init in inits:
-            base = model_for(cfg, init)
-            ref = logits(base)
-            r = torch.cat([t.flatten() for t in ref])
-            for q in SCHEMES:
-                out = logits(quantize_model(copy.deepcopy(base), q))
-                d = (torch.cat([t.flatten() for t in out]) - r).abs()
-                top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(out, ref)]).mean()
-                tag = q.scheme + (f"-g{q.group_size}" if q.group_size else "")
-                print(f"{name:<8}{init:<10}{tag:<10}{d.max():>10.2e}{d.mean():>10.2e}{r.std():>11.3f}{top1:>8.3f}",
-                      flush=True)
+            compare(name, init, model_for(cfg, init))
+
+
+def accuracy_trained(paths) -> None:
+    """Trained checkpoints (the shipped models): weights as trained, random token inputs as above."""
+    from dgemma.weights import load_model
+
+    print(HEADER)
+    for path in paths:
+        compare(Path(path).name, "trained", load_model(path, dtype=torch.float32, quiet=True).eval())
 
 
 def int4_symmetric_vs_asymmetric() -> None:
@@ -117,8 +132,13 @@ def main() -> None:
     p.add_argument("--inits", default="hf,tempered,smooth")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--checkpoints", help="comma list of trained checkpoints to measure instead of random models, "
+                   "e.g. dgemma/models/code,dgemma/models/sudoku")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.checkpoints:
+        accuracy_trained(args.checkpoints.split(","))
+        return
     if not args.skip_accuracy:
         accuracy(args.presets.split(","), args.inits.split(","))
     int4_symmetric_vs_asymmetric()
