@@ -274,18 +274,12 @@ def prepare_training(cfg, source: dict | None, *, resume: bool = False, out: str
     from ..tokenizer import Tokenizer
     from ..train import state as S
     from ..train.dist import DistEnv
-    from ..train.run import _resume_point
-    from ..train.trainer import ListDataset, TrainConfig, Trainer, TrainError, build_model
+    from ..train.run import task_run
+    from ..train.trainer import ListDataset, Trainer, TrainError, build_model
     from ..weights import init_random
 
     dist = DistEnv.from_env()
-    if resume:
-        saved = S.load_run_config(Path(out or cfg.out))
-        if saved["source"].get("task") != "code":
-            raise TrainError(f"{out or cfg.out} is not a code run")
-        cfg, source = TrainConfig.from_dict(saved["train"]), saved["source"]
-    out_dir = Path(cfg.out)
-    ckpt = _resume_point(out_dir, resume)
+    cfg, source, out_dir, ckpt = task_run("code", cfg, source, resume=resume, out=out)
     try:
         mcfg = model_config(**(source.get("overrides") or {}))
     except TypeError as e:

@@ -195,21 +195,15 @@ def prepare_training(cfg, source: dict | None, *, resume: bool = False, out: str
     """
     from ..train import state as S
     from ..train.dist import DistEnv
-    from ..train.run import _resume_point
-    from ..train.trainer import ListDataset, TrainConfig, Trainer, TrainError, build_model
+    from ..train.run import task_run
+    from ..train.trainer import ListDataset, Trainer, TrainError, build_model
     import torch
 
     from ..weights import init_random, load_config, load_model, resolve
     from .sudoku_eval import evaluate, settings
 
     dist = DistEnv.from_env()
-    if resume:
-        saved = S.load_run_config(Path(out or cfg.out))
-        if saved["source"].get("task") != "sudoku":
-            raise TrainError(f"{out or cfg.out} is not a Sudoku run: resume it with `dgemma train --resume`")
-        cfg, source = TrainConfig.from_dict(saved["train"]), saved["source"]
-    out_dir = Path(cfg.out)
-    ckpt = _resume_point(out_dir, resume)
+    cfg, source, out_dir, ckpt = task_run("sudoku", cfg, source, resume=resume, out=out)
     init_from = source.get("init_from")
     if init_from and source.get("overrides"):
         raise TrainError("--set changes the config of a new model; it cannot be used with --init-from")

@@ -122,6 +122,18 @@ def _resume_point(out: Path, resume: bool) -> Path | None:
     return None
 
 
+def task_run(task: str, cfg, source: dict | None, *, resume: bool, out: str | None):
+    """A recipe's run (`dgemma sudoku|code train`): (cfg, source, out dir, checkpoint to resume or None). With
+    resume, cfg and source come from <out>/train_config.json, which must belong to the same task."""
+    if resume:
+        saved = S.load_run_config(Path(out or cfg.out))
+        if saved["source"].get("task") != task:
+            raise TrainError(f"{out or cfg.out} is not a {task} run: resume it with the command that started it")
+        cfg, source = TrainConfig.from_dict(saved["train"]), saved["source"]
+    out_dir = Path(cfg.out)
+    return cfg, source, out_dir, _resume_point(out_dir, resume)
+
+
 def _default_generation_config(mc: ModelConfig) -> dict:
     from ..sampler import SamplerConfig
 
