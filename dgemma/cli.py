@@ -67,12 +67,14 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
                                   "sliding_layers_fixed": sliding_fixed[name]} for name in DTYPE_BYTES},
         "special_tokens": {"pad": cfg.pad_token_id, "bos": cfg.bos_token_id, "eos": cfg.eos_token_id},
     }
+    import torch
+
     from .quant import QuantConfig, weight_bytes
 
     qcfg = QuantConfig.of(cfg)
     if qcfg is not None:  # codes and scales at their stored size, the rest (embedding, norms) per dtype
         out["quantization"] = qcfg.to_dict()
-        out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch_mod(), name)) for name in DTYPE_BYTES}
+        out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch, name)) for name in DTYPE_BYTES}
     if ckpt is not None:
         out["files_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         gen = ckpt / "generation_config.json"
@@ -88,12 +90,6 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
             except Exception as e:  # a broken tokenizer should not hide the rest of the report
                 out["tokenizer"] = {"error": str(e)}
     return out
-
-
-def torch_mod():
-    import torch
-
-    return torch
 
 
 def print_info(d: dict) -> None:

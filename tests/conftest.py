@@ -28,6 +28,16 @@ TINY_CONFIGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (use with pytestmark): on a shared 2-core machine, two OpenMP threads competing
+    with other jobs run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(name: str = "a", **kw) -> ModelConfig:
     return ModelConfig(**{**TINY_CONFIGS[name], "max_position_embeddings": 1024,
                           "vision_soft_tokens_per_image": None, **kw})

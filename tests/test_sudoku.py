@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dgemma.tasks import sudoku as SU
 from dgemma.tasks.sudoku_board import (BoardError, count_solutions, is_solution, make_puzzle, parse, random_grid,
@@ -19,12 +18,7 @@ from dgemma.tasks.sudoku_board import (BoardError, count_solutions, is_solution,
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 def reference_count(cells: list[int], limit: int = 2) -> int:

@@ -25,13 +25,7 @@ from dgemma.train.trainer import ListDataset, TrainConfig, Trainer, lr_factor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # One thread: on a shared 2-core machine, two OpenMP threads competing with other jobs run many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,8 @@ def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> di
     tok, T = pipe.tokenizer, pipe.model.cfg.canvas_length
     ok = first = gen_tokens = 0
     wall, passes, step_counts, samples = 0.0, 0, [], []
+    kind, mode = name.split(":")
     for i, task in enumerate(tasks):
-        kind, mode = name.split(":")
         opts = dict(max_new_tokens=T, seed=seed + i, steps=steps)
         if kind == "infill-canvas":
             suffix = tok.encode(task.suffix, add_bos=False)[:T // 4]
