@@ -382,8 +382,10 @@ def _add_train_options(s, *, steps=1000, batch=32, lr=3e-4, warmup=100, wd=0.0, 
     s.add_argument("--eval-every", type=int, default=eval_every, help="evaluation interval, 0 = at the end only")
     s.add_argument("--eval-examples", type=int, default=256, help="held-out examples per evaluation (default 256)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    s.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (fp32 master weights)")
+    s.add_argument("--bf16", action="store_true", help="bfloat16 autocast, fp32 master weights (for CUDA; on the CPU it works but is slower than fp32)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
+    s.add_argument("--workers", type=int, default=0, help="processes that build batches ahead of the GPU "
+                   "(default 0: inline; the batches are the same either way)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
                    help="model config override for a new model, e.g. --set hidden_size=128 (repeatable)")
 
@@ -401,7 +403,7 @@ def _train_config(args):
         save_every=args.save_every, eval_every=args.eval_every, eval_examples=args.eval_examples, keep=args.keep,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-        device=args.device, bf16=args.bf16, threads=args.threads)
+        device=args.device, bf16=args.bf16, threads=args.threads, workers=args.workers)
 
 
 def _finish_training(trainer) -> int:

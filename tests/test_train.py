@@ -349,6 +349,20 @@ def test_resume_after_kill_reproduces_the_loss_curve(tmp_path, data):
     assert len(list((run / "checkpoints").iterdir())) == 2  # --keep 2
 
 
+def test_loader_workers_give_the_same_run(tmp_path, data):
+    # batches built ahead in 2 worker processes are the inline batches: the same loss curve, the same weights
+    from safetensors.torch import load_file
+
+    args = ["train", "--data", str(data), *TINY, "--steps", "6", "--batch-size", "4", "--log-every", "1"]
+    a = cli(*args, "--out", str(tmp_path / "inline"))
+    b = cli(*args, "--out", str(tmp_path / "workers"), "--workers", "2")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert losses(tmp_path / "inline") == losses(tmp_path / "workers")
+    wa = load_file(tmp_path / "inline" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "workers" / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize("lines,msg", [
     (['{"prompt_ids": [2, 5], "response_ids": [6]}', '{"prompt_ids": [2, 5]'], "train.jsonl:2: not valid JSON"),
     (['{"prompt_ids": [2, 5]}'], "train.jsonl:1: missing field 'response_ids'"),

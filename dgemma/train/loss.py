@@ -162,7 +162,7 @@ def objective(model, batch: Batch, ocfg: ObjectiveConfig, *, canvas_norm: float,
             first = model.forward(batch.noisy[rows], cache.select(rows), denoise=True)
             sc = torch.zeros(batch.rows, *batch.noisy.shape[1:], cfg.hidden_size, dtype=model.dtype,
                              device=first.device)
-            sc[rows] = model.soft_embed(first)
+            sc[rows] = model.soft_embed(first).to(sc.dtype)  # bf16 under autocast
         del first
     h = model.forward(batch.noisy, cache, denoise=True, sc=sc, head=False)
     # 6. canvas loss over all positions

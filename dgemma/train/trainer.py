@@ -90,8 +90,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("all",)
     device: str = "auto"
-    bf16: bool = False  # CUDA autocast; fp32 master weights
+    bf16: bool = False  # bfloat16 autocast (for CUDA; works on the CPU too); fp32 master weights
     threads: int = 0  # torch CPU threads per process (0 = leave torch's default)
+    workers: int = 0  # processes that build the next steps' batches ahead (0 = inline); results are identical
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
@@ -104,7 +105,7 @@ class TrainConfig:
                 (self.diffusion_weight + self.ar_weight > 0, "at least one loss weight must be positive"),
                 (self.micro_batch is None or self.micro_batch > 0, "--micro-batch must be positive"),
                 (self.save_every >= 0 and self.eval_every >= 0 and self.log_every > 0, "intervals must be >= 0"),
-                (self.lora_rank >= 0, "--lora-rank must be >= 0")]
+                (self.lora_rank >= 0, "--lora-rank must be >= 0"), (self.workers >= 0, "--workers must be >= 0")]
         for ok, msg in need:
             if not ok:
                 raise TrainError(msg)
@@ -197,6 +198,47 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+@dataclass
+class HostStep:
+    """One optimizer step's data for one rank, built on the host: its micro-batches and the global normalisers."""
+
+    canvas_norm: float
+    ar_norm: float
+    batches: list
+
+
+class StepData(torch.utils.data.Dataset):
+    """Optimizer step -> `HostStep` (steps 1-2 of the module docstring). A pure function of the step, so loader
+    workers can build steps ahead and a resumed run sees the same batches."""
+
+    def __init__(self, data: Dataset, order: Order, cfg: TrainConfig, *, canvas: int, vocab: int, pad: int,
+                 rank: int, local: int, micro: int):
+        self.data, self.order, self.cfg = data, order, cfg
+        self.canvas, self.vocab, self.pad, self.rank, self.local, self.micro = canvas, vocab, pad, rank, local, micro
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def examples(self, step: int) -> list[Example]:
+        return [self.data.example(i, e) for i, e in self.order.indices(step, self.cfg.batch_size)]
+
+    def __getitem__(self, step: int) -> HostStep:
+        cfg = self.cfg
+        examples = self.examples(step)
+        with_ar = cfg.ar_weight > 0
+        ar_norm = float(sum(ar_count(ex, cfg.ar_on_prompt) for ex in examples)) if with_ar else 1.0
+        lo = self.rank * self.local
+        batches = []
+        for m in range(self.local // self.micro):
+            positions = range(lo + m * self.micro, lo + (m + 1) * self.micro)
+            exs = [examples[p] for p in positions]
+            gens = [example_generator(cfg.seed, step, p) for p in positions]
+            draws = draw_for(exs, gens, canvas=self.canvas, vocab=self.vocab, eps=cfg.eps, sc_prob=cfg.sc_prob)
+            batches.append(make_batch(exs, draws, canvas=self.canvas, pad=self.pad, with_ar=with_ar,
+                                      ar_on_prompt=cfg.ar_on_prompt))
+        return HostStep(float(len(examples) * self.canvas), ar_norm, batches)
+
+
 class Progress:
     """One status line on stderr, rewritten in place on a terminal; a plain line per log interval otherwise."""
 
@@ -280,6 +322,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
         self.order = Order(len(train_data), cfg.seed)
+        self.step_data = StepData(train_data, self.order, cfg, canvas=self.T, vocab=self.vocab, pad=self.pad,
+                                  rank=self.dist.rank, local=self.local, micro=self.micro)
         self.data_fp = fingerprint(_Fp(train_data))
         self.step = 0
         if resume_from is not None:
@@ -327,35 +371,34 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
     def _examples(self, step: int) -> list[Example]:
-        return [self.data.example(i, e) for i, e in self.order.indices(step, self.cfg.batch_size)]
+        return self.step_data.examples(step)
 
-    def train_step(self) -> dict:
+    def _host_steps(self):
+        """HostStep for self.step, self.step + 1, ...: inline, or from `cfg.workers` loader processes."""
+        if not self.cfg.workers:
+            return (self.step_data[s] for s in range(self.step, self.cfg.steps))
+        return iter(torch.utils.data.DataLoader(
+            self.step_data, sampler=range(self.step, self.cfg.steps), batch_size=None, num_workers=self.cfg.workers,
+            prefetch_factor=4, pin_memory=self.device.type == "cuda"))
+
+    def train_step(self, host: HostStep | None = None) -> dict:
         """Steps 1-5 of the module docstring for optimizer step `self.step`; returns the global metrics."""
-        cfg, world = self.cfg, self.dist.world
-        examples = self._examples(self.step)
-        with_ar = self.ocfg.ar_weight > 0
-        canvas_norm = float(len(examples) * self.T)
-        ar_norm = float(sum(ar_count(ex, cfg.ar_on_prompt) for ex in examples)) if with_ar else 1.0
-        lo = self.dist.rank * self.local
+        world = self.dist.world
+        host = host if host is not None else self.step_data[self.step]
         stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64)
         enc_tokens = 0
         runner = self.ddp or self.module
-        n_micro = self.local // self.micro
-        for m in range(n_micro):
-            positions = range(lo + m * self.micro, lo + (m + 1) * self.micro)
-            exs = [examples[p] for p in positions]
-            gens = [example_generator(cfg.seed, self.step, p) for p in positions]
-            draws = draw_for(exs, gens, canvas=self.T, vocab=self.vocab, eps=cfg.eps, sc_prob=cfg.sc_prob)
-            batch = make_batch(exs, draws, canvas=self.T, pad=self.pad, with_ar=with_ar,
-                               ar_on_prompt=cfg.ar_on_prompt).to(self.device)
-            enc_tokens += int(batch.enc_len.sum())
+        n_micro = len(host.batches)
+        for m, cpu_batch in enumerate(host.batches):
+            batch = cpu_batch.to(self.device)
+            enc_tokens += int(cpu_batch.enc_len.sum())
             sync = self.ddp is None or m == n_micro - 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
-                loss, vec = runner(batch, canvas_norm, ar_norm)
+                loss, vec = runner(batch, host.canvas_norm, host.ar_norm)
             # DDP averages gradients over ranks; the normalised losses must be summed, hence * world.
             (loss * world).backward()
             stats += vec
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip else float("inf"))
         lr = self.sched.get_last_lr()[0]  # the rate this update uses
         self.opt.step()
         self.sched.step()
@@ -368,8 +411,9 @@ class Trainer:
         return metrics
 
     def _autocast(self):
-        if self.cfg.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        # bf16 autocast also on the CPU (slower there than fp32), so the CPU tests cover the GPU path's code
+        if self.cfg.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------ evaluation
@@ -405,9 +449,10 @@ class Trainer:
             prog.note(f"resuming at step {self.step}/{cfg.steps} from {self.out}")
         log = open(self.out / S.LOG_FILE, "a") if dist.main else None
         last: dict = {}
+        host_steps = self._host_steps()
         try:
             while self.step < cfg.steps:
-                metrics = self.train_step()
+                metrics = self.train_step(next(host_steps))
                 last = metrics
                 at_end = self.step == cfg.steps
                 want_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or (
@@ -418,7 +463,8 @@ class Trainer:
                     dist.barrier()
                 logged = self.step % cfg.log_every == 0 or at_end or want_eval
                 if dist.main and logged:
-                    log.write(json.dumps({"step": self.step, **{k: _round(v) for k, v in metrics.items()}}) + "\n")
+                    log.write(json.dumps({"step": self.step, **{k: _round(v) for k, v in metrics.items()},
+                                          "time": round(time.time(), 2)}) + "\n")
                     log.flush()
                 if prog:
                     prog.update(self.step, metrics, metrics["tokens"], force=logged)
