@@ -127,7 +127,7 @@ class RowView:
     """A subset of a KVCache's rows, used like a KVCache by the model (step-level batching of requests)."""
 
     def __init__(self, parent: KVCache, rows: torch.Tensor):
-        self.parent, self.rows = parent, rows
+        self.parent, self.rows = parent, rows.to(parent.lengths.device)
         self.cfg, self.max_len, self.capacity = parent.cfg, parent.max_len, parent.capacity
         self.k, self.v = _Gather(parent.k, rows), _Gather(parent.v, rows)
 

@@ -395,10 +395,11 @@ def n_blocks(vocab: int, block: int = FUSED_BLOCK) -> int:
 def fused_init_canvas(
     row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None
 ) -> Tensor:
-    """A fresh canvas [rows, canvas_len] int64, row r drawn from row_generators[r] only."""
+    """A fresh canvas [rows, canvas_len] int64, row r drawn from row_generators[r] only (on the generator's own
+    device, then moved: CPU generators give the same canvas on every device)."""
     return torch.stack(
-        [torch.randint(0, vocab, (canvas_len,), generator=g, device=device) for g in row_generators]
-    )
+        [torch.randint(0, vocab, (canvas_len,), generator=g, device=g.device) for g in row_generators]
+    ).to(device)
 
 
 def draw_step_noise(
@@ -413,10 +414,10 @@ def draw_step_noise(
     """
     nb = n_blocks(vocab, block)
     uniforms, noise = [], []
-    for g in row_generators:
-        uniforms.append(torch.rand(canvas_len, nb + 1, dtype=torch.float64, generator=g, device=device))
-        noise.append(torch.randint(0, vocab, (canvas_len,), generator=g, device=device))
-    return torch.stack(uniforms), torch.stack(noise)
+    for g in row_generators:  # drawn where the generator lives (the same draws on every device), then moved
+        uniforms.append(torch.rand(canvas_len, nb + 1, dtype=torch.float64, generator=g, device=g.device))
+        noise.append(torch.randint(0, vocab, (canvas_len,), generator=g, device=g.device))
+    return torch.stack(uniforms).to(device), torch.stack(noise).to(device)
 
 
 class FusedStep(NamedTuple):
