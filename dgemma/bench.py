@@ -8,10 +8,12 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
   dgemma-reference     the engine replaying transformers' global-RNG draws (same tokens as transformers)
   dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
   transformers         DiffusionGemmaForBlockDiffusion.generate, same weights and seed (the reference)
-  forward              not a generator: the machine's fp32 matmul peak, and the share of it that one canvas
-                       forward (denoiser stack + LM head) reaches
+  forward              not a generator: the machine's matmul peak (in the bench's dtype), and the share of it
+                       that one canvas forward (denoiser stack + LM head) reaches
 Each engine loads the checkpoint, runs one untimed warm-up, then `--repeats` timed generations; we report the
 median. Wall tokens/s counts generated tokens over the whole generate call (prefill included).
+--device cuda runs every engine on the GPU (bfloat16 unless --dtype says otherwise; timings synchronise the device)
+and adds each engine's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ def peak_rss_mib() -> float:
 
 
 # ---------------------------------------------------------------- worker (one engine, one process)
+def _device_dtype():
+    """The bench's device and dtype (set by the driver for its worker processes)."""
+    import torch
+
+    dev = torch.device(os.environ.get("DGEMMA_BENCH_DEVICE", "cpu"))
+    dtype = getattr(torch, os.environ.get("DGEMMA_BENCH_DTYPE", "float32"))
+    return dev, dtype
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, seed: int, repeats: int) -> dict:
     import torch
 
@@ -62,6 +80,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
 
     torch.set_num_threads(int(os.environ.get("DGEMMA_BENCH_THREADS", torch.get_num_threads())))
     sampler = SamplerConfig(max_denoising_steps=steps)
+    dev, dtype = _device_dtype()
     rss_before = peak_rss_mib()
     if engine == "forward":
         return forward_efficiency(ckpt, prompt, repeats)
@@ -70,7 +89,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
         transformers.logging.set_verbosity_error()
-        model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=torch.float32).eval()
+        model = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=dtype).to(dev).eval()
         kw = dict(max_new_tokens=max_new, max_denoising_steps=steps, t_min=sampler.t_min, t_max=sampler.t_max,
                   stability_threshold=sampler.stability_threshold,
                   confidence_threshold=sampler.confidence_threshold,
@@ -79,7 +98,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         def run(n_new, n_steps):
             torch.manual_seed(seed)
             with torch.no_grad():
-                out = model.generate(torch.tensor([prompt]), **{**kw, "max_new_tokens": n_new,
+                out = model.generate(torch.tensor([prompt], device=dev), **{**kw, "max_new_tokens": n_new,
                                                                  "max_denoising_steps": n_steps})
             new = out.sequences[0, len(prompt):]
             toks = new.tolist()
@@ -91,7 +110,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
             canvases = -(-new.shape[0] // model.config.canvas_length)
             return toks, {"tokens_per_forward": len(toks) / passes, "mean_steps_per_canvas": passes / canvases}
     else:
-        model = load_model(ckpt, dtype=torch.float32)
+        model = load_model(ckpt, dtype=dtype, device=dev)
         mode = AR if engine == "dgemma-ar" else DIFFUSION
         rng = "reference" if engine == "dgemma-reference" else "row"
 
@@ -105,8 +124,10 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
     run(min(max_new, 8), 1)  # warm-up: allocator, thread pool, lazy init
     times, toks, stats = [], None, {}
     for _ in range(repeats):
+        _sync(dev)
         t = time.perf_counter()
         toks, stats = run(max_new, steps)
+        _sync(dev)
         times.append(time.perf_counter() - t)
     wall = statistics.median(times)
     return {
@@ -121,25 +142,39 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         "rss_after_load_mib": load_rss,
         "rss_at_start_mib": rss_before,
         "repeats": repeats,
+        **_gpu_memory(dev),
     }
 
 
-def matmul_peak_gflops(repeats: int = 5) -> dict:
-    """The best fp32 GEMM rate this process reaches on large square matrices: the machine's own peak."""
+def _gpu_memory(dev) -> dict:
     import torch
 
+    return {"peak_gpu_mib": torch.cuda.max_memory_allocated(dev) / 2**20} if dev.type == "cuda" else {}
+
+
+def matmul_peak_gflops(repeats: int = 5, device=None, dtype=None) -> dict:
+    """The best GEMM rate this process reaches on large square random matrices: the machine's own peak."""
+    import torch
+
+    device, dtype = torch.device(device or "cpu"), dtype or torch.float32
+    sizes = (1024, 2048, 3072) if device.type == "cpu" else (4096, 8192)
     best = {}
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b
-        t = min(_timed(lambda: a @ b) for _ in range(repeats))
+        t = min(_timed(lambda: a @ b, device) for _ in range(repeats))
         best[n] = 2 * n**3 / t / 1e9
     return {"gflops": max(best.values()), "by_size": best}
 
 
-def _timed(f) -> float:
+def _timed(f, device=None) -> float:
+    if device is not None:
+        _sync(device)
     t = time.perf_counter()
     f()
+    if device is not None:
+        _sync(device)
     return time.perf_counter() - t
 
 
@@ -163,19 +198,21 @@ def forward_efficiency(ckpt: str, prompt: list[int], repeats: int) -> dict:
 
     from .weights import load_model
 
-    model = load_model(ckpt, dtype=torch.float32).eval()
-    peak = matmul_peak_gflops()
+    dev, dtype = _device_dtype()
+    model = load_model(ckpt, dtype=dtype, device=dev).eval()
+    peak = matmul_peak_gflops(device=dev, dtype=dtype)
     cache = model.new_cache(1, len(prompt) + model.cfg.canvas_length)
-    canvas = torch.randint(0, model.cfg.vocab_size, (1, model.cfg.canvas_length))
+    canvas = torch.randint(0, model.cfg.vocab_size, (1, model.cfg.canvas_length), device=dev)
     with torch.no_grad():
-        model.encode(torch.tensor([prompt]), cache)
+        model.encode(torch.tensor([prompt], device=dev), cache)
         model.denoise(canvas, cache)
-        t = min(_timed(lambda: model.denoise(canvas, cache)) for _ in range(max(repeats, 3)))
+        t = min(_timed(lambda: model.denoise(canvas, cache), dev) for _ in range(max(repeats, 3, 10 * (dev.type == "cuda"))))
     flops = canvas_forward_flops(model.cfg, len(prompt))
     return {"engine": "forward", "tokens": model.cfg.canvas_length, "wall_s": t, "tokens_per_s": None,
             "mean_steps_per_canvas": None, "tokens_per_forward": None, "peak_rss_mib": peak_rss_mib(),
             "token_ids": [], "canvas_forward_gflop": flops / 1e9, "canvas_forward_gflops": flops / t / 1e9,
-            "matmul_peak_gflops": peak["gflops"], "share_of_peak": flops / t / 1e9 / peak["gflops"]}
+            "matmul_peak_gflops": peak["gflops"], "share_of_peak": flops / t / 1e9 / peak["gflops"],
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 # ---------------------------------------------------------------- driver
@@ -237,7 +274,7 @@ def print_table(rows: list[dict]) -> None:
         if r["engine"] == "forward":
             print(f"{r['config']:<12}{'canvas forward':<19}{r['tokens']:>7}{r['wall_s']:>9.3f}  "
                   f"{r['canvas_forward_gflops']:.1f} GFLOP/s = {100 * r['share_of_peak']:.0f}% of the "
-                  f"{r['matmul_peak_gflops']:.1f} GFLOP/s fp32 matmul peak measured")
+                  f"{r['matmul_peak_gflops']:.1f} GFLOP/s {r.get('dtype', 'float32')} matmul peak measured")
             continue
         same = r.get("same_tokens_as_transformers")
         if r.get("same_tokens_as_plain") is not None:
@@ -245,7 +282,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['config']:<12}{r['engine']:<19}{r['tokens']:>7}{r['wall_s']:>9.2f}"
               f"{f(r['tokens_per_s'], '{:.1f}'):>9}{f(r['mean_steps_per_canvas'], '{:.1f}'):>9}"
               f"{f(r['tokens_per_forward'], '{:.2f}'):>9}{r['peak_rss_mib']:>8.0f}Mi"
-              f"{f(r.get('speedup_vs_transformers'), '{:.2f}x'):>7}  {'' if same is None else same}")
+              f"{f(r.get('speedup_vs_transformers'), '{:.2f}x'):>7}  {'' if same is None else same}"
+              + (f"  (GPU peak {r['peak_gpu_mib']:.0f} MiB)" if "peak_gpu_mib" in r else ""))
 
 
 def main(argv=None) -> int:
@@ -255,6 +293,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
     p.add_argument("--threads", type=int, help="torch threads in each engine process (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations (default: float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--vocabs", default="8192,262144", help="vocabulary sizes to run (8192 small, 262144 real)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
@@ -274,6 +315,17 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         os.environ["DGEMMA_BENCH_THREADS"] = str(args.threads)
+    import torch
+
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        print(f"dgemma bench: error: --device {args.device}: use cpu, or cuda on a machine with CUDA", file=sys.stderr)
+        return 2
+    args.dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    os.environ["DGEMMA_BENCH_DEVICE"], os.environ["DGEMMA_BENCH_DTYPE"] = str(dev), args.dtype
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in args.engines if e not in ENGINES]
     if bad:
