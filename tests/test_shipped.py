@@ -106,3 +106,14 @@ def test_ship_writes_checksums_and_curve(tmp_path):
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
     assert check_sums(dst) == ["model.safetensors"]
+
+
+def test_wall_time_comes_from_the_log_clock(tmp_path):
+    # a run trained elsewhere (a lent GPU) is shipped here: its wall time is the log's, not the file dates'
+    from dgemma.tasks.ship import run_wall_s
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0, "time": 1000.0 + 60 * s}) + "\n" for s in (1, 2, 9)))
+    assert run_wall_s(log, tmp_path) == 480
+    log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert run_wall_s(log, tmp_path) is None  # no clock and no train_config.json: unknown, not a guess

@@ -146,23 +146,26 @@ def build_data(out: str | Path, root: str | Path | None = None, vocab_size: int 
 
 # ---------------------------------------------------------------- the model
 def model_config(**overrides) -> ModelConfig:
-    """The default code model: every DiffusionGemma feature (5:1 sliding/full layers, GQA, V=K full layers with
-    their own head size, 8 experts top-2 beside a dense MLP, self-conditioning) at a size this CPU trains in
-    hours. 128-token canvas; sliding window 128."""
-    base = dict(vocab_size=VOCAB_SIZE, hidden_size=192, intermediate_size=384, num_hidden_layers=6,
-                num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=48,
-                global_head_dim=96, sliding_window=128,
-                layer_types=[SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL],
-                num_experts=8, top_k_experts=2, moe_intermediate_size=192, max_position_embeddings=8192,
+    """The default code model: every DiffusionGemma feature (3:1 sliding/full layers, GQA, V=K full layers with
+    their own head size, 8 experts top-2 beside a dense MLP, self-conditioning) at 20M parameters (10.6M active):
+    40 MB in bf16. 128-token canvas; sliding window 128."""
+    base = dict(vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=64,
+                global_head_dim=128, sliding_window=128,
+                layer_types=[SLIDING, SLIDING, SLIDING, FULL] * 2,
+                num_experts=8, top_k_experts=2, moe_intermediate_size=256, max_position_embeddings=8192,
                 canvas_length=CANVAS, eos_token_id=[EOS, TURN_END], pad_token_id=PAD, bos_token_id=BOS,
                 vision_soft_tokens_per_image=None)
     return ModelConfig(**{**base, **overrides})
 
 
 def generation_config(steps: int = 16) -> dict:
+    """The model's sampling defaults. Temperature 0.5 -> 0.2 instead of DiffusionGemma's 0.8 -> 0.4: on 40 held-out
+    functions (none of the 200 that `code eval` scores) completions parsed 40% of the time against 27.5%."""
     from ..sampler import SamplerConfig
 
-    return {**SamplerConfig(max_denoising_steps=steps).to_generation_config(), "max_new_tokens": CANVAS,
+    return {**SamplerConfig(max_denoising_steps=steps, t_min=0.2, t_max=0.5).to_generation_config(),
+            "max_new_tokens": CANVAS,
             "eos_token_id": [EOS, TURN_END], "pad_token_id": PAD, "bos_token_id": BOS}
 
 

@@ -88,8 +88,18 @@ def svg_curve(rows: list[dict], title: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def run_wall_s(log: Path, src: Path) -> int | None:
+    """Wall time of the run: from the first to the last log line's clock ("time", written by the trainer), else
+    from the run's train_config.json (written at its start) to the checkpoint's files."""
+    times = [r["time"] for r in map(json.loads, filter(str.strip, log.read_text().splitlines())) if "time" in r]
+    if len(times) >= 2:
+        return round(times[-1] - times[0])
+    cfg = log.parent / "train_config.json"
+    return round((src / "config.json").stat().st_mtime - cfg.stat().st_mtime) if cfg.is_file() else None
+
+
 def ship(src: str | Path, dst: str | Path, *, log: str | Path, dtype: str = "float32", commands: list[str],
-         evaluation: list[str | Path] | None = None, notes: str = "") -> Path:
+         evaluation: list[str | Path] | None = None, notes: str = "", machine: str | None = None) -> Path:
     import torch
 
     from ..io import atomic_dir
@@ -99,9 +109,7 @@ def ship(src: str | Path, dst: str | Path, *, log: str | Path, dtype: str = "flo
     src, dst = Path(src), Path(dst)
     pipe = Pipeline.load(str(src), dtype=torch.float32, device="cpu", quiet=True)
     rows = read_log(Path(log))
-    run = Path(log).parent  # wall time of the run: its train_config.json (written at the start) to this checkpoint
-    wall = (round((src / "config.json").stat().st_mtime - (run / "train_config.json").stat().st_mtime)
-            if (run / "train_config.json").is_file() else None)
+    wall = run_wall_s(Path(log), src)
     with atomic_dir(dst) as tmp:
         ck = save_model(pipe.model, tmp / "ckpt", dtype=getattr(torch, dtype),
                         generation_config=pipe.generation_config, tokenizer=pipe.tokenizer)
@@ -116,7 +124,7 @@ def ship(src: str | Path, dst: str | Path, *, log: str | Path, dtype: str = "flo
         (tmp / "loss_curve.svg").write_text(svg_curve(rows, f"{dst.name}: training loss (nats/token)"))
         info = {"source_run": str(src), "commands": commands, "steps": rows[-1]["step"] if rows else None,
                 "wall_s": wall, "weights_dtype": dtype, "parameters": pipe.model.num_params(),
-                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
+                "machine": machine or f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
                 "notes": notes, "files": files}
         if evaluation:
             info["evaluation"] = {Path(e).name: json.loads(Path(e).read_text()) for e in evaluation}
@@ -134,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--command", action="append", required=True, help="a command that trained it (repeatable)")
     ap.add_argument("--eval", action="append", help="an evaluation JSON to record (repeatable)")
     ap.add_argument("--notes", default="")
+    ap.add_argument("--machine", help="where it was trained (default: this machine)")
     a = ap.parse_args(argv)
-    out = ship(a.src, a.dst, log=a.log, dtype=a.dtype, commands=a.command, evaluation=a.eval, notes=a.notes)
+    out = ship(a.src, a.dst, log=a.log, dtype=a.dtype, commands=a.command, evaluation=a.eval, notes=a.notes,
+               machine=a.machine)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"shipped {a.src} -> {out} ({size / 2**20:.1f} MiB)", file=sys.stderr)
     return 0

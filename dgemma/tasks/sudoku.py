@@ -39,13 +39,13 @@ ID_CHAR = {i: c for c, i in VOCAB.items() if len(c) == 1}
 # ---------------------------------------------------------------- the model and tokenizer
 def model_config(**overrides) -> ModelConfig:
     """The recipe's model: every DiffusionGemma feature (sliding + full layers, GQA, V=K full layers, MoE top-2,
-    self-conditioning) at a size this CPU trains from scratch. The window (256) exceeds prompt + canvas (178),
-    so sliding layers attend everything: Sudoku constraints link any cell to any other."""
-    base = dict(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=32,
+    self-conditioning) at 8.3M parameters (6.7M active). The window (256) exceeds prompt + canvas (178), so
+    sliding layers attend everything: Sudoku constraints link any cell to any other."""
+    base = dict(vocab_size=len(VOCAB), hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, num_global_key_value_heads=1, head_dim=32,
                 global_head_dim=64, sliding_window=256,
                 layer_types=[SLIDING, SLIDING, SLIDING, FULL, SLIDING, SLIDING, SLIDING, FULL],
-                num_experts=4, top_k_experts=2, moe_intermediate_size=64, max_position_embeddings=512,
+                num_experts=4, top_k_experts=2, moe_intermediate_size=128, max_position_embeddings=512,
                 canvas_length=CANVAS, eos_token_id=[EOS], pad_token_id=PAD, bos_token_id=BOS,
                 vision_soft_tokens_per_image=None)
     return ModelConfig(**{**base, **overrides})
