@@ -206,7 +206,8 @@ def forward_efficiency(ckpt: str, prompt: list[int], repeats: int) -> dict:
     with torch.no_grad():
         model.encode(torch.tensor([prompt], device=dev), cache)
         model.denoise(canvas, cache)
-        t = min(_timed(lambda: model.denoise(canvas, cache), dev) for _ in range(max(repeats, 3, 10 * (dev.type == "cuda"))))
+        tries = max(repeats, 10 if dev.type == "cuda" else 3)
+        t = min(_timed(lambda: model.denoise(canvas, cache), dev) for _ in range(tries))
     flops = canvas_forward_flops(model.cfg, len(prompt))
     return {"engine": "forward", "tokens": model.cfg.canvas_length, "wall_s": t, "tokens_per_s": None,
             "mean_steps_per_canvas": None, "tokens_per_forward": None, "peak_rss_mib": peak_rss_mib(),

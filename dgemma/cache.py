@@ -129,7 +129,7 @@ class RowView:
     def __init__(self, parent: KVCache, rows: torch.Tensor):
         self.parent, self.rows = parent, rows.to(parent.lengths.device)
         self.cfg, self.max_len, self.capacity = parent.cfg, parent.max_len, parent.capacity
-        self.k, self.v = _Gather(parent.k, rows), _Gather(parent.v, rows)
+        self.k, self.v = _Gather(parent.k, self.rows), _Gather(parent.v, self.rows)
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -382,7 +382,8 @@ def _add_train_options(s, *, steps=1000, batch=32, lr=3e-4, warmup=100, wd=0.0, 
     s.add_argument("--eval-every", type=int, default=eval_every, help="evaluation interval, 0 = at the end only")
     s.add_argument("--eval-examples", type=int, default=256, help="held-out examples per evaluation (default 256)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    s.add_argument("--bf16", action="store_true", help="bfloat16 autocast, fp32 master weights (for CUDA; on the CPU it works but is slower than fp32)")
+    s.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast, fp32 master weights (for CUDA; on the CPU it works but is slower)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
     s.add_argument("--workers", type=int, default=0, help="processes that build batches ahead of the GPU "
                    "(default 0: inline; the batches are the same either way)")
@@ -646,8 +647,8 @@ def cmd_code(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = CE.run_eval(args.model, args.data, n=args.n, steps=args.steps, seed=args.seed, loss_examples=args.loss_examples,
-                         progress=True)
+    report = CE.run_eval(args.model, args.data, n=args.n, steps=args.steps, seed=args.seed,
+                         loss_examples=args.loss_examples, progress=True)
     print(CE.format_report(report))
     if args.json:
         from .io import atomic_write_text

@@ -136,7 +136,8 @@ def build_data(out: str | Path, root: str | Path | None = None, vocab_size: int 
         for r, t in held:
             f.write(json.dumps({"path": r, "text": t}) + "\n")
     manifest = {"source": str(root), "python": sys.version.split()[0], "train_files": len(train),
-                "heldout_files": len(held), "train_tokens": int(flat.size), "train_bytes": sum(len(t) for _, t in train),
+                "heldout_files": len(held), "train_tokens": int(flat.size),
+                "train_bytes": sum(len(t) for _, t in train),
                 "vocab_size": tok.vocab_size, "heldout_paths": [r for r, _ in held],
                 "seconds": round(time.perf_counter() - t0, 1)}
     with atomic_path(out / "manifest.json") as tmp:

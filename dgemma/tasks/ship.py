@@ -124,7 +124,8 @@ def ship(src: str | Path, dst: str | Path, *, log: str | Path, dtype: str = "flo
         (tmp / "loss_curve.svg").write_text(svg_curve(rows, f"{dst.name}: training loss (nats/token)"))
         info = {"source_run": str(src), "commands": commands, "steps": rows[-1]["step"] if rows else None,
                 "wall_s": wall, "weights_dtype": dtype, "parameters": pipe.model.num_params(),
-                "machine": machine or f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
+                "machine": machine or f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+                                      f"torch {torch.__version__}",
                 "notes": notes, "files": files}
         if evaluation:
             info["evaluation"] = {Path(e).name: json.loads(Path(e).read_text()) for e in evaluation}

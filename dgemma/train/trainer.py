@@ -370,9 +370,6 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------ one step
-    def _examples(self, step: int) -> list[Example]:
-        return self.step_data.examples(step)
-
     def _host_steps(self):
         """HostStep for self.step, self.step + 1, ...: inline, or from `cfg.workers` loader processes."""
         if not self.cfg.workers:
