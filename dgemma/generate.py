@@ -13,7 +13,7 @@ batch between steps and a row's tokens never depend on what else is in the batch
 most one prefill, one denoise and one commit forward over all rows that need it.
 
 Randomness: by default each row owns a torch.Generator, reseeded per canvas (`sampler.canvas_seed`), and the
-fused, vocabulary-chunked sampler step draws from it. `rng="reference"` instead replays transformers'
+fused, block-by-block sampler step draws from it. `rng="reference"` instead replays transformers'
 `generate` draw for draw from the global torch RNG (exact for one prompt at a time; see the sampler module).
 """
 
@@ -154,7 +154,7 @@ class Engine:
     """
 
     def __init__(self, model: DiffusionGemma, tokenizer=None, *, max_rows: int = 8, max_len: int | None = None,
-                 eos_ids: Iterable[int] | None = None, drafts: bool = False, sampler_chunk: int | None = None,
+                 eos_ids: Iterable[int] | None = None, drafts: bool = False,
                  fused_head: bool | None = None):
         self.model = model.eval()
         self.tok = tokenizer
@@ -171,7 +171,6 @@ class Engine:
         self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long)
         self.pad = cfg.pad_token_id
         self.drafts = drafts
-        self.sampler_chunk = sampler_chunk
         # fused_head=False is the plain path: materialise the logits, then run the sampler over them. None (auto)
         # fuses only when a step's logits would pass LOGITS_BUDGET bytes: at small vocabularies one head matmul
         # beats the per-block loop, at 262,144 the logits of one 256-canvas row alone are 256 MiB. Both paths give
@@ -352,10 +351,9 @@ class Engine:
         scale = float(m.embed_scale())
         E = m.embed_tokens.weight
         if logits is None:
-            out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
-                                    chunk=self.sampler_chunk)
+            out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale)
         else:
-            out = S.fused_step(logits, k, cfg, draws=draws, embedding=E, embed_scale=scale, chunk=self.sampler_chunk)
+            out = S.fused_step(logits, k, cfg, draws=draws, embedding=E, embed_scale=scale)
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
         pinned = [(i, r) for i, r in enumerate(rows) if r.canvas_idx == 0 and len(r.fixed_pos)]
@@ -501,14 +499,14 @@ def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
 # ---------------------------------------------------------------- one-call API
 def generate(model: DiffusionGemma, prompts: Sequence[Sequence[int]],
              params: GenerationParams | Sequence[GenerationParams] | None = None, *, tokenizer=None,
-             drafts: bool = False, events: bool = False, sampler_chunk: int | None = None,
+             drafts: bool = False, events: bool = False,
              fused_head: bool | None = None):
     """Generate for a batch of token-id prompts. Returns a list of `Done` (or, with events=True, an iterator)."""
     params = params if params is not None else GenerationParams()
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     longest = max((len(p) + prm.max_new_tokens + model.cfg.canvas_length for p, prm in zip(prompts, plist)),
                   default=1)
-    engine = Engine(model, tokenizer, max_rows=max(len(prompts), 1), drafts=drafts, sampler_chunk=sampler_chunk,
+    engine = Engine(model, tokenizer, max_rows=max(len(prompts), 1), drafts=drafts,
                     max_len=min(longest, model.cfg.max_position_embeddings), fused_head=fused_head)
     stream = engine.run(prompts, plist)
     if events:

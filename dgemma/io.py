@@ -62,6 +62,9 @@ def atomic_dir(path: str | Path):
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) create private 0600 files; give them open()'s mode
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~_umask())
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

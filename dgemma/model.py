@@ -83,7 +83,10 @@ def head_block_logits(hidden: torch.Tensor, embedding: torch.Tensor, lo: int, hi
     """
     x = F.linear(hidden, embedding[lo:hi]).float()
     if softcap:
-        x = torch.tanh(x / softcap) * softcap
+        if x.requires_grad:  # training: autograd needs tanh's output intact
+            x = torch.tanh(x / softcap) * softcap
+        else:  # the same bits in place, without two block-sized temporaries (x is fresh from the matmul)
+            x.div_(softcap).tanh_().mul_(softcap)
     return x
 
 

@@ -16,10 +16,10 @@ Two implementations of a step live here:
 * `reference_step` is the oracle. It replays transformers 5.23.0 `DiffusionGemmaGenerationMixin._denoising_step`
   op for op, including how it consumes the *global* torch RNG, so a generation loop built on it reproduces
   `generate` token for token under `torch.manual_seed(seed)`.
-* `fused_step` is the hot path. It walks the `[rows, canvas, vocab]` logits once in vocabulary chunks, draws
+* `fused_step` is the hot path. It walks the `[rows, canvas, vocab]` logits once, block by block, draws
   ONE uniform per position (inverse-CDF sampling instead of vocab-sized noise) from each row's own
-  `torch.Generator`, and never syncs with the host. Its results do not depend on the chunk size nor on the
-  other rows of the batch. It is a different random stream from the reference, so it is equal to the
+  `torch.Generator`, and never syncs with the host. Its results do not depend on the other rows of the
+  batch. It is a different random stream from the reference, so it is equal to the
   reference in distribution, not token for token.
 
 RNG order of the reference `generate` (eager path, which is the default one)
@@ -87,7 +87,6 @@ __all__ = [
     "ReferenceStep",
     "reference_step",
     "FUSED_BLOCK",
-    "FUSED_CHUNK",
     "canvas_seed",
     "fused_init_canvas",
     "draw_step_noise",
@@ -193,7 +192,7 @@ def entropy(logits: Tensor) -> Tensor:
 
     The exact op sequence of `torch.distributions.Categorical(logits=...).entropy()`, so it is bit-identical
     to what the reference accepts and stops on. It materialises several vocab-sized temporaries: this is
-    the oracle; `fused_step` computes the same quantity chunk by chunk.
+    the oracle; `fused_step` computes the same quantity block by block.
     """
     log_p = logits - logits.logsumexp(dim=-1, keepdim=True)
     p = F.softmax(log_p, dim=-1)
@@ -372,8 +371,7 @@ def reference_step(
 # ----------------------------------------------------------------------------------------------------
 # 4. Fused, memory-bounded, batch-invariant step (per-row generators)
 # ----------------------------------------------------------------------------------------------------
-FUSED_BLOCK = HEAD_BLOCK  # vocab entries per block: results depend on it, never on the chunk
-FUSED_CHUNK = 32768  # default vocab entries per memory chunk (a multiple of FUSED_BLOCK)
+FUSED_BLOCK = HEAD_BLOCK  # vocab entries per block: the draws and results depend on it
 
 _F32_MIN = torch.finfo(torch.float32).min
 _F64_MIN = torch.finfo(torch.float64).min
@@ -435,13 +433,6 @@ def _last_true(mask: Tensor) -> Tensor:
     return torch.where(mask, positions, 0).amax(dim=-1)
 
 
-def _block_exp(x: Tensor, block_max: Tensor) -> tuple[Tensor, Tensor]:
-    """d = x - block_max (clamped finite) and e = exp(d): [..., B] fp32, block_max [...]."""
-    # Clamping the max keeps an all -inf block at e = 0 instead of NaN; clamping d makes e * d = 0 there.
-    d = (x - block_max.clamp(min=_F32_MIN)[..., None]).clamp_(min=_F32_MIN)
-    return d, torch.exp(d)
-
-
 def fused_step(
     logits: Tensor,
     k_remaining: int | Tensor,
@@ -451,7 +442,6 @@ def fused_step(
     draws: tuple[Tensor, Tensor] | None = None,
     embedding: Tensor | None = None,
     embed_scale: float = 1.0,
-    chunk: int | None = None,
     block: int = FUSED_BLOCK,
 ) -> FusedStep:
     """One denoising step over materialised logits [rows, canvas, vocab] (any float dtype). See `_fused`."""
@@ -461,7 +451,7 @@ def fused_step(
         return logits[..., lo:hi].reshape(rows * canvas_len, hi - lo).float()
 
     return _fused(source, rows, canvas_len, vocab, logits.device, k_remaining, cfg, row_generators, draws,
-                  embedding, embed_scale, chunk, block)
+                  embedding, embed_scale, block)
 
 
 def fused_head_step(
@@ -474,7 +464,6 @@ def fused_head_step(
     *,
     draws: tuple[Tensor, Tensor] | None = None,
     embed_scale: float = 1.0,
-    chunk: int | None = None,
     block: int = FUSED_BLOCK,
 ) -> FusedStep:
     """The LM head fused into the step: hidden [rows, canvas, H] (final-normed) in, logits never materialised.
@@ -487,45 +476,40 @@ def fused_head_step(
     vocab = embedding.shape[0]
 
     def source(lo: int, hi: int) -> Tensor:
-        # One matmul per block: the memory chunk only groups blocks, it never changes a block's bits.
-        return torch.cat([head_block_logits(flat, embedding, b, min(b + block, hi), softcap)
-                          for b in range(lo, hi, block)], dim=-1)
+        return head_block_logits(flat, embedding, lo, hi, softcap)
 
     return _fused(source, rows, canvas_len, vocab, hidden.device, k_remaining, cfg, row_generators, draws,
-                  embedding, embed_scale, chunk, block)
+                  embedding, embed_scale, block)
 
 
 def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_generators, draws, embedding,
-           embed_scale, chunk, block) -> FusedStep:
-    """One denoising step in one streaming pass over the vocabulary, block by block, in a fixed order.
+           embed_scale, block) -> FusedStep:
+    """One denoising step in one streaming pass over the vocabulary, one block at a time, in a fixed order.
 
-    source(lo, hi) returns the fp32 logits of entries [lo, hi) for all N = rows * canvas positions.
+    source(lo, hi) returns the fp32 logits of entries [lo, hi) (at most one block) for all N = rows * canvas
+    positions.
     1. Draw, per position, one uniform per block and one more, plus a renoise token.
-    2. For each block b (in order): x = l / T_k; block max and first argmax; e = exp(x - block max); block sums
-       of e and e * (x - block max) in fp64; the self-conditioning soft embedding accumulated online with a
-       running max (as flash-attention's softmax); and the *block choice* by weighted reservoir sampling: with
-       R_b the mass of blocks 0..b, block b replaces the chosen block when u_b * R_b < mass_b, so block b ends
-       up chosen with probability mass_b / R_total, exactly its share. The chosen block's x is kept per position.
-    3. Combine the blocks: global max and draft, logsumexp, entropy.
-    4. Within the chosen block: inverse CDF of its kept e with the last uniform.
+    2. For each block b (in order): x = l / T_k; block max and first argmax; d = x - block max and e = exp(d);
+       block sums of e and e * d; the self-conditioning soft embedding accumulated online with a running max (as
+       flash-attention's softmax); and the *block choice* by weighted reservoir sampling: with R_b the mass of
+       blocks 0..b, block b replaces the chosen block when u_b * R_b < mass_b, so block b ends up chosen with
+       probability mass_b / R_total, exactly its share. The chosen block's d is kept per position.
+    3. Combine the blocks in fp64: global max and draft, logsumexp, entropy.
+    4. Within the chosen block: inverse CDF of its kept exp(d) with the last uniform.
     5. Accept (stable tie order) and renoise.
-    Every quantity is computed on whole blocks in a fixed order, so tokens, drafts, entropies, accept masks and
-    the soft embedding are bitwise the same for any chunk size and any batch a row sits in (given the same
-    logits). Peak extra memory: a few [N, chunk] fp32 temporaries and one [N, block] kept block.
+    Every quantity is computed on whole blocks in a fixed order and reduced along the vocabulary only, so tokens,
+    drafts, entropies and accept masks are bitwise the same for any batch a row sits in (given the same
+    logits). A block of [N, 4096] fp32 temporaries stays in the CPU's cache between the ~10 elementwise passes
+    over it; peak extra memory is a few of them.
     """
     N = rows * canvas_len
     # A vocabulary smaller than one block is a single block of `vocab` entries: the same draws (n_blocks is 1
     # either way), without padding every position to FUSED_BLOCK entries (256x the work for a 16-token vocab).
-    if vocab < block:
-        block = vocab
-        chunk = None if chunk is None else max(block, chunk // block * block)
+    block = min(block, vocab)
+    if block < 1:
+        raise ValueError(f"block must be positive, got {block}")
     nb = n_blocks(vocab, block)
-    if chunk is None:  # the default, rounded down to whole blocks
-        chunk = max(block, FUSED_CHUNK // block * block)
-    if block < 1 or chunk < block or chunk % block:
-        raise ValueError(f"chunk ({chunk}) must be a positive multiple of block ({block})")
-    chunk_blocks = min(chunk // block, nb)
-    temp = temperature(k_remaining, cfg, device).reshape(-1, 1).expand(rows, canvas_len).reshape(N, 1, 1)
+    temp = temperature(k_remaining, cfg, device).reshape(-1, 1).expand(rows, canvas_len).reshape(N, 1)
 
     # 1.
     if draws is None:
@@ -541,57 +525,52 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     # 2.
     block_max = torch.empty(N, nb, dtype=torch.float32, device=device)
     block_arg = torch.empty(N, nb, dtype=torch.int64, device=device)
-    block_sum = torch.empty(N, nb, dtype=torch.float64, device=device)
-    block_sum_ed = torch.empty(N, nb, dtype=torch.float64, device=device)
+    block_sum = torch.empty(N, nb, dtype=torch.float32, device=device)
+    block_sum_ed = torch.empty(N, nb, dtype=torch.float32, device=device)
     run_max = torch.full((N,), _F32_MIN, dtype=torch.float32, device=device)
     run_mass = torch.zeros(N, dtype=torch.float64, device=device)  # in units of exp(. - run_max)
-    kept = torch.full((N, block), float("-inf"), dtype=torch.float32, device=device)
+    kept = torch.full((N, block), float("-inf"), dtype=torch.float32, device=device)  # d of the chosen block
     kept_block = torch.zeros(N, dtype=torch.int64, device=device)
-    kept_max = torch.zeros(N, dtype=torch.float32, device=device)
     if embedding is not None:
         sc_acc = torch.zeros(N, embedding.shape[1], dtype=torch.float32, device=device)
-    for b0 in range(0, nb, chunk_blocks):
-        b1 = min(b0 + chunk_blocks, nb)
-        lo, hi = b0 * block, min(b1 * block, vocab)
-        x = source(lo, hi)
-        if hi - lo < (b1 - b0) * block:  # the ragged last block: pad with -inf, which has zero mass
-            x = F.pad(x, (0, (b1 - b0) * block - (hi - lo)), value=float("-inf"))
-        x = x.view(N, b1 - b0, block) / temp
+    for b in range(nb):
+        lo, hi = b * block, min(b * block + block, vocab)
+        x = source(lo, hi) / temp
         bmax, barg = x.max(dim=-1)  # max(dim) returns the first index of the max, like argmax
-        d, e = _block_exp(x, bmax)
-        bsum = e.sum(dim=-1, dtype=torch.float64)
-        block_max[:, b0:b1], block_arg[:, b0:b1] = bmax, barg
-        block_sum[:, b0:b1] = bsum
-        block_sum_ed[:, b0:b1] = (e * d).sum(dim=-1, dtype=torch.float64)
-        for j in range(b1 - b0):  # blocks strictly in order: the running state never depends on the chunk
-            b = b0 + j
-            m_b = bmax[:, j].clamp(min=_F32_MIN)
-            new_max = torch.maximum(run_max, m_b)
-            old_scale = torch.exp((run_max - new_max).double())
-            mass_b = bsum[:, j] * torch.exp((m_b - new_max).double())
-            run_mass = run_mass * old_scale + mass_b
-            take = (uniforms[:, b] * run_mass < mass_b)[:, None]
-            kept = torch.where(take, x[:, j], kept)
-            kept_block = torch.where(take[:, 0], b, kept_block)
-            kept_max = torch.where(take[:, 0], m_b, kept_max)
-            if embedding is not None:
-                p = e[:, j] * torch.exp(m_b - new_max)[:, None]
-                width = min(block, vocab - b * block)
-                part = (p[:, :width].to(embedding.dtype) @ embedding[b * block: b * block + width]).float()
-                sc_acc = sc_acc * old_scale.float()[:, None] + part
-            run_max = new_max
+        block_max[:, b], block_arg[:, b] = bmax, barg
+        # Clamping the max keeps an all -inf block at e = 0 instead of NaN; clamping d makes e * d = 0 there.
+        m_b = bmax.clamp(min=_F32_MIN)
+        d = x.sub_(m_b[:, None]).clamp_(min=_F32_MIN)
+        e = torch.exp(d)
+        bsum = e.sum(dim=-1)
+        block_sum[:, b] = bsum
+        new_max = torch.maximum(run_max, m_b)
+        old_scale = torch.exp((run_max - new_max).double())
+        mass_b = bsum.double() * torch.exp((m_b - new_max).double())
+        run_mass = run_mass * old_scale + mass_b
+        take = uniforms[:, b] * run_mass < mass_b
+        if hi - lo < block:  # the ragged last block: pad with -inf, which has zero mass
+            d = F.pad(d, (0, block - (hi - lo)), value=float("-inf"))
+        kept = torch.where(take[:, None], d, kept)
+        kept_block = torch.where(take, b, kept_block)
+        if embedding is not None:
+            part = (e.to(embedding.dtype) @ embedding[lo:hi]).float()
+            sc_acc = sc_acc * old_scale.float()[:, None] + part * torch.exp(m_b - new_max)[:, None]
+        block_sum_ed[:, b] = torch.linalg.vecdot(e, d[:, :hi - lo])
+        run_max = new_max
 
     # 3. Blocks are combined in fp64 relative to the global max m.
     global_max, best_block = block_max.max(dim=-1)
     argmax = best_block * block + block_arg.gather(-1, best_block[:, None]).squeeze(-1)
     delta = (block_max.double() - global_max.double()[:, None]).clamp(min=_F64_MIN)
     weight = torch.exp(delta)  # exp(block max - m), 0 for all -inf blocks
-    total = (block_sum * weight).sum(-1)  # sum exp(x - m) >= 1: the max entry contributes exactly 1
+    total = (block_sum.double() * weight).sum(-1)  # sum exp(x - m) >= 1: the max entry contributes exactly 1
     # H = log s - sum_v e_v (x_v - m) / s, where the per-block sums are shifted from block max to m.
-    entropies = (torch.log(total) - (weight * (block_sum_ed + delta * block_sum)).sum(-1) / total).float()
+    entropies = (torch.log(total) - (weight * (block_sum_ed.double() + delta * block_sum.double())).sum(-1)
+                 / total).float()
 
     # 4. Rounding can leave no index with within <= target false; fall back to the last token with mass.
-    _, ek = _block_exp(kept, kept_max)
+    ek = torch.exp(kept)
     within = torch.cumsum(ek.double(), dim=-1)
     target = uniforms[:, nb] * within[:, -1]
     i = torch.minimum((within <= target[:, None]).sum(-1), _last_true(ek > 0))

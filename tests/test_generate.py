@@ -231,7 +231,7 @@ def test_pipeline_options(model):
 
 def test_fast_path_equals_plain_path(model):
     """The LM head fused into the sampler (default) gives the tokens of materialised logits + sampler, also
-    with fixed (infill) positions, several rows, and any sampler memory chunk."""
+    with fixed (infill) positions and several rows."""
     T = model.cfg.canvas_length
     params = [GenerationParams(max_new_tokens=2 * T, seed=s, ignore_eos=True,
                                sampler=SamplerConfig(max_denoising_steps=5, entropy_bound=0.5))
@@ -239,6 +239,5 @@ def test_fast_path_equals_plain_path(model):
     params[1] = params[1].replace(fixed={0: 5, T - 1: 6})
     prompts = [_prompt(model, 7), _prompt(model, 12, seed=3)]
     plain = [d.tokens for d in generate(model, prompts, params, fused_head=False)]
-    for chunk in (None, 4096):
-        assert [d.tokens for d in generate(model, prompts, params, sampler_chunk=chunk, fused_head=True)] == plain
+    assert [d.tokens for d in generate(model, prompts, params, fused_head=True)] == plain
     assert [d.tokens for d in generate(model, prompts, params)] == plain  # auto: plain at this vocabulary

@@ -323,7 +323,7 @@ def test_fused_step_matches_direct_computation():
     cfg = SamplerConfig()
     logits, emb = _case()
     draws = draw_step_noise(_gens(1, 2, 3), CANVAS, VOCAB, block=BLOCK)
-    out = fused_step(logits, 10, cfg, draws=draws, embedding=emb, embed_scale=1.5, chunk=3 * BLOCK, block=BLOCK)
+    out = fused_step(logits, 10, cfg, draws=draws, embedding=emb, embed_scale=1.5, block=BLOCK)
     processed = logits / temperature(10, cfg)
     assert torch.equal(out.argmax, processed.argmax(-1))
     torch.testing.assert_close(out.entropies, entropy(processed), atol=1e-5, rtol=1e-5)
@@ -335,27 +335,14 @@ def test_fused_step_matches_direct_computation():
     assert (out.sc_embedding - direct).abs().max() < 1e-5
 
 
-def test_fused_step_chunk_invariance():
-    cfg = SamplerConfig()
-    logits, emb = _case(1)
-    draws = draw_step_noise(_gens(4, 5, 6), CANVAS, VOCAB, block=BLOCK)
-    outs = [
-        fused_step(logits, 30, cfg, draws=draws, embedding=emb, chunk=c, block=BLOCK)
-        for c in (BLOCK, 3 * BLOCK, 16 * BLOCK, None)  # one block, several, the whole vocab, the default
-    ]
-    for out in outs[1:]:
-        for a, b in zip(out, outs[0]):  # the soft embedding too: its matmuls run one block at a time
-            assert torch.equal(a, b)
-
-
 def test_fused_step_batch_invariance():
     cfg = SamplerConfig()
     logits, emb = _case(2)
     seeds = (11, 12, 13)
     k = torch.tensor([48, 20, 1])  # rows at different steps
-    batch = fused_step(logits, k, cfg, _gens(*seeds), embedding=emb, chunk=2 * BLOCK, block=BLOCK)
+    batch = fused_step(logits, k, cfg, _gens(*seeds), embedding=emb, block=BLOCK)
     for r, seed in enumerate(seeds):
-        alone = fused_step(logits[r : r + 1], int(k[r]), cfg, _gens(seed), embedding=emb, chunk=5 * BLOCK, block=BLOCK)
+        alone = fused_step(logits[r : r + 1], int(k[r]), cfg, _gens(seed), embedding=emb, block=BLOCK)
         for a, b in zip(alone[:5], batch[:5]):
             assert torch.equal(a[0], b[r])
         torch.testing.assert_close(alone.sc_embedding[0], batch.sc_embedding[r], atol=1e-6, rtol=1e-5)
@@ -366,7 +353,7 @@ def test_fused_step_sampling_distribution():
     vocab, n = 10, 40000
     row = torch.tensor([0.0, 1.0, 2.0, float("-inf"), -1.0, 0.5, 3.0, -3.0, 1.5, 2.5])
     logits = row.expand(1, n, vocab).contiguous()
-    out = fused_step(logits, 1, cfg, _gens(7), chunk=4, block=4)  # 3 blocks, the last one ragged
+    out = fused_step(logits, 1, cfg, _gens(7), block=4)  # 3 blocks, the last one ragged
     freq = torch.bincount(out.candidates[0], minlength=vocab).double() / n
     p = torch.softmax(row.double(), dim=-1)
     assert freq[3] == 0
@@ -382,7 +369,7 @@ def test_fused_step_uniform_edges():
     row[[2, 9]] = 0.0
     logits = row.expand(1, 2, 12).contiguous()
     u = torch.stack([torch.zeros(4, dtype=torch.float64), torch.full((4,), 1.0 - 2.0**-53, dtype=torch.float64)])[None]
-    out = fused_step(logits, 1, cfg, draws=(u, torch.zeros(1, 2, dtype=torch.long)), chunk=4, block=4)
+    out = fused_step(logits, 1, cfg, draws=(u, torch.zeros(1, 2, dtype=torch.long)), block=4)
     assert out.candidates.tolist() == [[9, 2]]
 
 
@@ -418,10 +405,10 @@ def test_fused_step_has_no_host_sync(monkeypatch):
     fused_step(logits, torch.tensor([3, 2, 1]), SamplerConfig(), draws=draws, embedding=emb, block=BLOCK)
 
 
-def test_fused_step_rejects_bad_chunk():
+def test_fused_step_rejects_bad_block():
     logits, _ = _case()
-    with pytest.raises(ValueError, match="multiple of block"):
-        fused_step(logits, 1, SamplerConfig(), _gens(1, 2, 3), chunk=100, block=BLOCK)
+    with pytest.raises(ValueError, match="block must be positive"):
+        fused_step(logits, 1, SamplerConfig(), _gens(1, 2, 3), block=0)
 
 
 def test_fused_head_step_equals_materialised_logits():
@@ -437,8 +424,7 @@ def test_fused_head_step_equals_materialised_logits():
                         for lo in range(0, vocab, block)], dim=-1).view(2, 8, vocab)
     cfg = SamplerConfig()
     draws = draw_step_noise(_gens(1, 2), 8, vocab, block=block)
-    ref = fused_step(logits, 7, cfg, draws=draws, embedding=emb, embed_scale=2.0, chunk=block, block=block)
-    for c in (block, 2 * block, 5 * block):
-        got = fused_head_step(h, emb, 30.0, 7, cfg, draws=draws, embed_scale=2.0, chunk=c, block=block)
-        for a, b in zip(got, ref):
-            assert torch.equal(a, b)
+    ref = fused_step(logits, 7, cfg, draws=draws, embedding=emb, embed_scale=2.0, block=block)
+    got = fused_head_step(h, emb, 30.0, 7, cfg, draws=draws, embed_scale=2.0, block=block)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -63,6 +64,10 @@ def test_hf_layout_on_disk(saved):
     assert "model.decoder.layers.1.self_attn.v_proj.weight" not in keys  # full layer: V = K, no v_proj
     assert "model.decoder.layers.0.self_attn.v_proj.weight" in keys
     assert not any(k.startswith("lm_head") for k in keys)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in d.iterdir():  # the mode open() gives (safetensors itself writes 0600 files)
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
 
 
 def test_dgemma_loads_transformers_save(saved, tmp_path):
