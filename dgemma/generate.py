@@ -173,8 +173,8 @@ class Engine:
         self.drafts = drafts
         # fused_head=False is the plain path: materialise the logits, then run the sampler over them. None (auto)
         # fuses only when a step's logits would pass LOGITS_BUDGET bytes: at small vocabularies one head matmul
-        # beats the per-block loop, at 262,144 the logits of one 256-canvas row alone are 256 MiB. Both paths give
-        # the same tokens bit for bit.
+        # is as fast as the per-block loop, at 262,144 the logits of one 256-canvas row alone are 256 MiB. Both
+        # paths give the same tokens bit for bit.
         self.fused_head = fused_head
 
     # ------------------------------------------------------------ requests

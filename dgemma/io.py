@@ -59,12 +59,13 @@ def atomic_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())
+    umask = _umask()
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         for f in tmp.rglob("*"):  # some writers (safetensors) create private 0600 files; give them open()'s mode
             if f.is_file() and not f.is_symlink():
-                f.chmod(0o666 & ~_umask())
+                f.chmod(0o666 & ~umask)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -564,10 +564,10 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     argmax = best_block * block + block_arg.gather(-1, best_block[:, None]).squeeze(-1)
     delta = (block_max.double() - global_max.double()[:, None]).clamp(min=_F64_MIN)
     weight = torch.exp(delta)  # exp(block max - m), 0 for all -inf blocks
-    total = (block_sum.double() * weight).sum(-1)  # sum exp(x - m) >= 1: the max entry contributes exactly 1
+    block_sum = block_sum.double()
+    total = (block_sum * weight).sum(-1)  # sum exp(x - m) >= 1: the max entry contributes exactly 1
     # H = log s - sum_v e_v (x_v - m) / s, where the per-block sums are shifted from block max to m.
-    entropies = (torch.log(total) - (weight * (block_sum_ed.double() + delta * block_sum.double())).sum(-1)
-                 / total).float()
+    entropies = (torch.log(total) - (weight * (block_sum_ed.double() + delta * block_sum)).sum(-1) / total).float()
 
     # 4. Rounding can leave no index with within <= target false; fall back to the last token with mass.
     ek = torch.exp(kept)
