@@ -48,6 +48,15 @@ class KVCache:
     def rows(self) -> int:
         return self.lengths.shape[0]
 
+    @property
+    def row_slots(self) -> range:
+        """Which row of the buffers (`storage`) holds each row of this cache."""
+        return range(self.rows)
+
+    def storage(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole K and V buffers `[buffer rows, kv_heads, capacity + 1, head_dim]`, for views."""
+        return self.k[layer], self.v[layer]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
@@ -128,8 +137,10 @@ class RowView:
 
     def __init__(self, parent: KVCache, rows: torch.Tensor):
         self.parent, self.rows = parent, rows.to(parent.lengths.device)
+        self.row_slots = rows.tolist()
         self.cfg, self.max_len, self.capacity = parent.cfg, parent.max_len, parent.capacity
         self.k, self.v = _Gather(parent.k, self.rows), _Gather(parent.v, self.rows)
+        self.storage = parent.storage
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -514,9 +514,12 @@ def cmd_sudoku(args) -> int:
         budgets = _int_list(args.steps)
         pairs = SU.read_puzzles(args.data, limit=args.n)
         model = load_model(args.model, dtype=torch_float32(), quiet=True).eval()
+        base = _sudoku_sampler(args)
+        print(f"sampler: temperature {base.t_min:g}-{base.t_max:g}, entropy bound {base.entropy_bound:g}, early stop "
+              f"after {base.stability_threshold} stable step(s) under mean entropy {base.confidence_threshold:g}")
         rows = []
         for st in EV.settings(budgets, early=not args.no_early, fixed=not args.no_fixed, ar=not args.no_ar,
-                              seed=args.seed):
+                              seed=args.seed, sampler=base):
             r = EV.evaluate(model, pairs, st, batch=args.batch)
             rows.append(r)
             print(f"{r['setting']:<28} solve {100 * r['solve_rate']:6.2f}%  cells {100 * r['cell_accuracy']:6.2f}%  "
@@ -529,7 +532,6 @@ def cmd_sudoku(args) -> int:
         return 0
     # solve
     from .generate import GenerationParams
-    from .sampler import SamplerConfig
     from .tasks.sudoku_board import is_solution, parse, pretty, solve, to_string
 
     if args.puzzle is None:  # `sudoku solve PUZZLE`: the shipped model
@@ -545,7 +547,9 @@ def cmd_sudoku(args) -> int:
         except FileNotFoundError as e:
             raise UsageError(f"{e}; name a Sudoku checkpoint: dgemma sudoku solve MODEL PUZZLE") from None
     model = load_model(args.model, dtype=torch_float32(), quiet=True).eval()
-    sampler = SamplerConfig(max_denoising_steps=args.steps, confidence_threshold=0.0 if args.no_early else 0.005)
+    sampler = _sudoku_sampler(args).replace(max_denoising_steps=args.steps)
+    if args.no_early:
+        sampler = sampler.replace(confidence_threshold=0.0)
     params = GenerationParams(max_new_tokens=81, seed=args.seed, sampler=sampler)
     print(pretty(cells) + "\n")
     done = EV.print_solve(model, to_string(cells), params)
@@ -561,6 +565,32 @@ def cmd_sudoku(args) -> int:
         f" (the puzzle has {'no' if not n_sol else 'more than one'} solution)" if n_sol != 1 else "")
     print(verdict)
     return 0 if ok else 1
+
+
+def _sudoku_sampler(args):
+    """The checkpoint's own decoding settings (generation_config.json), with --t-min/--t-max/--entropy-bound on top."""
+    from .sampler import SamplerConfig
+    from .weights import resolve
+
+    gen_file = resolve(args.model) / "generation_config.json"
+    try:
+        base = SamplerConfig.from_generation_config(json.loads(gen_file.read_text())) if gen_file.exists() \
+            else SamplerConfig()
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{gen_file}: bad sampler settings: {e}") from None
+    overrides = {k: v for k, v in (("t_min", args.t_min), ("t_max", args.t_max),
+                                   ("entropy_bound", args.entropy_bound)) if v is not None}
+    try:
+        return base.replace(**overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _add_sudoku_sampler_args(p) -> None:
+    g = p.add_argument_group("sampler (defaults come from the checkpoint's generation_config.json)")
+    g.add_argument("--t-min", type=float, help="temperature at the end of the schedule")
+    g.add_argument("--t-max", type=float, help="temperature at the start of the schedule")
+    g.add_argument("--entropy-bound", type=float, help="EntropyBound acceptance budget per step")
 
 
 def torch_float32():
@@ -611,6 +641,7 @@ def _add_sudoku_parser(sub) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    _add_sudoku_sampler_args(e)
     v = ss.add_parser("solve", help="solve one puzzle, showing the board fill in step by step")
     v.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped Sudoku model)")
     v.add_argument("puzzle", nargs="?", help="81 characters: digits, and 0 or . for blanks")
@@ -618,6 +649,7 @@ def _add_sudoku_parser(sub) -> None:
     v.add_argument("--no-early", action="store_true", help="run all steps (no early stop)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    _add_sudoku_sampler_args(v)
     s.set_defaults(func=cmd_sudoku)
 
 

@@ -11,6 +11,8 @@ Without a shipped code model it runs a random model with the real Gemma vocabula
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from .assets import shipped_model
@@ -53,7 +55,9 @@ def _sudoku(steps: int) -> None:
     _banner(f"1. Sudoku: {model.num_params() / 1e6:.1f}M-parameter model ({path.name}), all 81 cells denoised at once")
     cells = parse(PUZZLE)
     print(pretty(PUZZLE) + "\n")
-    params = GenerationParams(max_new_tokens=81, seed=0, sampler=SamplerConfig(max_denoising_steps=steps))
+    gen = json.loads((path / "generation_config.json").read_text())
+    params = GenerationParams(max_new_tokens=81, seed=0,
+                              sampler=SamplerConfig.from_generation_config(gen).replace(max_denoising_steps=steps))
     done = print_solve(model, PUZZLE, params)
     board = board_from_ids(done.tokens)
     ok = board is not None and is_solution(cells, [int(c) for c in board])

@@ -137,6 +137,7 @@ class _Row:
         self.steps_per_canvas: list[int] = []
         self.decoder_passes = 0
         self.encoder_passes = 0
+        self.cached = 0  # tokens of this row in the KV cache (host copy of cache.lengths[slot])
         self.finished: str | None = None
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
@@ -267,8 +268,11 @@ class Engine:
             ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
         for r in rows:
             self.cache.lengths[r.slot] = 0
+            r.cached = 0
         h = self.model.encode(ids.to(self.model.device), self._view(rows), n_valid=n.to(self.model.device),
-                              head=False)
+                              head=False, known_lengths=[0] * len(rows))
+        for r in rows:
+            r.cached = len(r.prompt)
         ar_rows = [i for i, r in enumerate(rows) if r.p.mode == AR]
         if ar_rows:
             idx = torch.tensor(ar_rows)
@@ -316,14 +320,15 @@ class Engine:
             len(rows) * self.T * self.V * 4 > LOGITS_BUDGET
         if fused and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
-            h = m.denoise(canvas, self._view(rows), sc=sc, head=False)
+            h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
             for (cfg, _), idx in groups.items():
                 self._fused_group(h if len(idx) == len(rows) else h[torch.tensor(idx)], [rows[i] for i in idx],
                                   cfg, events)
             return
         # Replaying transformers' draws needs its logits bit for bit: one lm_head matmul over the vocabulary.
         reference = any(rng == "reference" for _, rng in groups)
-        logits = m.logits(m.denoise(canvas, self._view(rows), sc=sc, head=False), blocked=not reference)
+        h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
+        logits = m.logits(h, blocked=not reference)
         for i, r in enumerate(rows):
             if r.canvas_idx == 0 and len(r.fixed_pos):
                 # A fixed position is certain: one-hot logits give it zero entropy, so it is always accepted,
@@ -418,8 +423,9 @@ class Engine:
         if go_on:
             rs = [r for r, _ in go_on]
             ids = torch.stack([t for _, t in go_on]).to(self.model.device)
-            self.model.encode(ids, self._view(rs), head=False)
+            self.model.encode(ids, self._view(rs), head=False, known_lengths=[r.cached for r in rs])
             for r in rs:
+                r.cached += self.T
                 r.encoder_passes += 1
                 self._new_canvas(r)
 
@@ -427,8 +433,9 @@ class Engine:
         if not rows:
             return
         ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
-        logits = self.model.encode(ids, self._view(rows))[:, 0]
+        logits = self.model.encode(ids, self._view(rows), known_lengths=[r.cached for r in rows])[:, 0]
         for i, r in enumerate(rows):
+            r.cached += 1
             r.encoder_passes += 1
             self._ar_token(r, logits[i], events)
 

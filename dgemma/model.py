@@ -10,6 +10,8 @@ Shapes: B rows, T new tokens, H hidden size, V vocabulary, hd head dim, Hq query
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,23 +77,40 @@ HEAD_BLOCK = 4096  # vocabulary entries per LM-head matmul (see head_block_logit
 
 
 def head_block_logits(hidden: torch.Tensor, embedding: torch.Tensor, lo: int, hi: int,
-                      softcap: float | None) -> torch.Tensor:
+                      softcap: float | None, exact: bool = False) -> torch.Tensor:
     """Soft-capped fp32 logits of vocabulary entries [lo, hi): hidden [N, H] @ E[lo:hi]^T -> [N, hi - lo].
 
     The LM head and the fused sampler step (which never materialises the logits) both compute logits one
     HEAD_BLOCK at a time through this function, so a block's logits have the same bits on either path.
+
+    At inference the cap runs in place as `2c * sigmoid(2x / c) - c`, which is `c * tanh(x / c)`: torch's CPU
+    tanh is ~3x slower than its sigmoid (at the real vocabulary the cap cost a quarter of the head's matmul). It
+    is exact math; the rounding differs from tanh's by ~1e-5 on logits up to the cap. `exact=True` keeps
+    transformers' `tanh(x / c) * c`, bit for bit (for replaying its draws).
     """
     x = F.linear(hidden, embedding[lo:hi]).float()
     if softcap:
         if x.requires_grad:  # training: autograd needs tanh's output intact
             x = torch.tanh(x / softcap) * softcap
-        else:  # the same bits in place, without two block-sized temporaries (x is fresh from the matmul)
+        elif exact:  # transformers' bits, in place (x is fresh from the matmul)
             x.div_(softcap).tanh_().mul_(softcap)
+        else:
+            x.mul_(2.0 / softcap).sigmoid_().mul_(2.0 * softcap).sub_(softcap)
     return x
 
 
+_GELU_A = 2 * (2 / math.pi) ** 0.5  # gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+_GELU_B = _GELU_A * 0.044715
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+    """Gemma's gelu_pytorch_tanh. At fp32 CPU inference it runs as `x * sigmoid(x (a + b x^2))`, the same
+    function in sigmoid form: torch's CPU tanh-GELU is ~2x slower, and the max error against fp64 is the same
+    (5e-7). Elsewhere (autograd, bf16, CUDA's one fused kernel) it is F.gelu itself."""
+    if x.requires_grad or x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.gelu(x, approximate="tanh")
+    u = x * x
+    return u.mul_(_GELU_B).add_(_GELU_A).mul_(x).sigmoid_().mul_(x)
 
 
 class Attention(nn.Module):
@@ -124,6 +143,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
 
         cache = ctx.cache
+        if cache is not None and ctx.known is not None:
+            out = self._per_row(q, k, v, cache, ctx)
+            if not ctx.denoise:
+                cache.write(self.layer, k, v, ctx.n_valid)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
         if cache is None:
             keys, values = k, v
             mask = no_cache_mask(T, causal=not ctx.denoise, window=self.window, device=x.device)
@@ -140,6 +164,36 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+    def _per_row(self, q, k, v, cache, ctx: "_Ctx") -> torch.Tensor:
+        """Attention row by row over exactly the cached keys each row can see, when the caller knows every row's
+        cached length on the host (`ctx.known`, the engine does).
+
+        The batched path attends over the whole preallocated buffer and masks the empty slots: with a context of
+        8k tokens, a 256-token canvas after a 64-token prompt would compute 8,448 keys to use 320. Here each row
+        takes a view of its own filled slots (no copy), so the cost follows the real context, the denoiser needs
+        no mask at all, and a row's key set depends on its own context only, never on the longest row's.
+        """
+        cap, layer = cache.capacity[self.layer], self.layer
+        kbuf, vbuf = cache.storage(layer)
+        wraps = cap < cache.max_len  # a sliding ring: slot s holds the latest position congruent to s
+        outs = []
+        for i, (slot, L) in enumerate(zip(cache.row_slots, ctx.known)):
+            if wraps:
+                lo, hi = 0, min(L, cap)
+            else:  # linear slots (slot = position); a sliding layer sees the last W - 1 of them
+                lo, hi = (max(0, L - (self.window - 1)) if self.window else 0), L
+            keys = torch.cat([kbuf[slot:slot + 1, :, lo:hi].to(k.dtype), k[i:i + 1]], dim=2)
+            values = torch.cat([vbuf[slot:slot + 1, :, lo:hi].to(v.dtype), v[i:i + 1]], dim=2)
+            mask = None  # the denoiser sees every one of these keys from every canvas position
+            if not ctx.denoise:
+                s = torch.arange(lo, hi, device=q.device)
+                pos = (L - 1 - torch.remainder(L - 1 - s, cap)) if wraps else s
+                mask = encoder_mask(ctx.positions[i:i + 1], pos[None], torch.ones_like(pos, dtype=torch.bool)[None],
+                                    ctx.n_valid[i:i + 1], self.window)
+            outs.append(F.scaled_dot_product_attention(q[i:i + 1], keys, values, attn_mask=mask, scale=1.0,
+                                                       enable_gqa=self.n_kv != self.n_heads))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class DenseMLP(nn.Module):
@@ -280,10 +334,11 @@ class SelfConditioning(nn.Module):
 class _Ctx:
     """What every layer of one forward needs to know: the cache, the flag, positions and slot layouts."""
 
-    __slots__ = ("cache", "denoise", "positions", "n_valid", "slots")
+    __slots__ = ("cache", "denoise", "positions", "n_valid", "slots", "known")
 
-    def __init__(self, cache, denoise, positions, n_valid, slots):
+    def __init__(self, cache, denoise, positions, n_valid, slots, known=None):
         self.cache, self.denoise, self.positions, self.n_valid, self.slots = cache, denoise, positions, n_valid, slots
+        self.known = known
 
 
 class DiffusionGemma(nn.Module):
@@ -328,7 +383,7 @@ class DiffusionGemma(nn.Module):
         """
         E, V = self.embed_tokens.weight, self.cfg.vocab_size
         if not blocked:
-            return head_block_logits(h, E, 0, V, self.cfg.final_logit_softcapping)
+            return head_block_logits(h, E, 0, V, self.cfg.final_logit_softcapping, exact=True)
         flat = h.reshape(-1, h.shape[-1])
         out = torch.empty(flat.shape[0], V, dtype=torch.float32, device=h.device)
         for lo in range(0, V, HEAD_BLOCK):
@@ -344,13 +399,15 @@ class DiffusionGemma(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, *, denoise: bool = False,
                 sc: torch.Tensor | None = None, n_valid: torch.Tensor | None = None,
-                head: bool = True) -> torch.Tensor:
+                head: bool = True, known_lengths: list[int] | None = None) -> torch.Tensor:
         """Run the stack over `ids` `[B, T]` placed right after each row's cached context.
 
         denoise=False (encode): causal; writes the K/V of the first `n_valid[b]` tokens of each row into `cache`
             and advances its lengths. Used for prefill, for committing a canvas, and for autoregressive decoding.
         denoise=True: bidirectional over the canvas, reads the cache and leaves it untouched; `sc` `[B, T, H]` is
             the self-conditioning soft embedding (None on a canvas's first step).
+        known_lengths: every row's cached length as host ints (exactly `cache.lengths`), when the caller tracks
+            them: attention then reads only each row's filled slots (see `Attention._per_row`).
         Returns fp32 soft-capped logits `[B, T, V]`, or the final-normed hidden states if head=False.
         """
         B, T = ids.shape
@@ -361,11 +418,14 @@ class DiffusionGemma(nn.Module):
             if not denoise:
                 cache.check_room(n_valid)
             positions = lengths[:, None] + torch.arange(T, device=ids.device)[None, :]
-            slots = {cap: cache.slot_positions(cap) for cap in set(cache.capacity)}
+            slots = None if known_lengths is not None else \
+                {cap: cache.slot_positions(cap) for cap in set(cache.capacity)}
         else:
             positions = torch.arange(T, device=ids.device)[None, :].expand(B, T)
             slots = None
-        ctx = _Ctx(cache, denoise, positions, n_valid, slots)
+        if known_lengths is not None and (cache is None or len(known_lengths) != B):
+            raise ValueError("known_lengths needs a cache and one length per row")
+        ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths)
 
         h = self.embed_tokens(ids) * self.embed_scale()
         if denoise:
@@ -379,11 +439,11 @@ class DiffusionGemma(nn.Module):
         h = self.norm(h)
         return self.logits(h) if head else h
 
-    def encode(self, ids, cache, n_valid=None, head=True):
-        return self.forward(ids, cache, denoise=False, n_valid=n_valid, head=head)
+    def encode(self, ids, cache, n_valid=None, head=True, known_lengths=None):
+        return self.forward(ids, cache, denoise=False, n_valid=n_valid, head=head, known_lengths=known_lengths)
 
-    def denoise(self, canvas, cache, sc=None, head=True):
-        return self.forward(canvas, cache, denoise=True, sc=sc, head=head)
+    def denoise(self, canvas, cache, sc=None, head=True, known_lengths=None):
+        return self.forward(canvas, cache, denoise=True, sc=sc, head=head, known_lengths=known_lengths)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

@@ -40,7 +40,9 @@ def _same(a_model, b_model, exact=True):
         if exact:
             assert torch.equal(a, b)
         else:
-            assert (a - b).abs().max() <= 1e-6
+            # 1e-7 apart before the head; the soft cap's sigmoid form (model.head_block_logits) maps that to up
+            # to one sigmoid ulp times 2 * cap
+            assert (a - b).abs().max() <= 1e-5
 
 
 def test_save_load_identical_logits(saved, tmp_path):

@@ -25,18 +25,21 @@ class Setting:
 
 
 def settings(budgets: Sequence[int] = (12, 24, 48), *, early: bool = True, fixed: bool = True, ar: bool = True,
-             seed: int = 0) -> list[Setting]:
-    """The comparison grid: each step budget with early stopping and/or run to the end, plus AR greedy."""
+             seed: int = 0, sampler: SamplerConfig | None = None) -> list[Setting]:
+    """The comparison grid: each step budget with early stopping and/or run to the end, plus AR greedy.
+    `sampler` gives the temperature schedule, entropy bound and early-stop thresholds (default: SamplerConfig's);
+    each budget replaces its step count."""
+    base = sampler or SamplerConfig()
     out = []
     for n in budgets:
         if early:
             out.append(Setting(f"diffusion N={n} early-stop",
                                GenerationParams(max_new_tokens=81, seed=seed,
-                                                sampler=SamplerConfig(max_denoising_steps=n))))
+                                                sampler=base.replace(max_denoising_steps=n))))
         if fixed:
             # confidence 0 can never be undercut, so the canvas runs all N steps
-            sampler = SamplerConfig(max_denoising_steps=n, confidence_threshold=0.0)
-            params = GenerationParams(max_new_tokens=81, seed=seed, sampler=sampler)
+            params = GenerationParams(max_new_tokens=81, seed=seed,
+                                      sampler=base.replace(max_denoising_steps=n, confidence_threshold=0.0))
             out.append(Setting(f"diffusion N={n} fixed", params))
     if ar:
         out.append(Setting("autoregressive (greedy)", GenerationParams(max_new_tokens=81, mode=AR)))
@@ -65,7 +68,8 @@ def evaluate(model, pairs: Sequence[tuple[str, str]], setting: Setting, batch: i
                          else d.stats["encoder_passes"])
     wall = time.perf_counter() - t0
     n = len(pairs)
-    return {"setting": setting.name, "puzzles": n, "solve_rate": solved / n, "cell_accuracy": cells_ok / max(blanks, 1),
+    sampler = setting.params.sampler.to_generation_config() if setting.params.mode == DIFFUSION else None
+    return {"setting": setting.name, "sampler": sampler, "puzzles": n, "solve_rate": solved / n, "cell_accuracy": cells_ok / max(blanks, 1),
             "mean_steps": sum(steps) / n, "max_steps": max(steps), "wall_s": round(wall, 2)}
 
 
