@@ -267,21 +267,21 @@ def bench_config(name: str, vocab: int, args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'config':<12}{'engine':<19}{'tokens':>7}{'wall s':>9}{'tok/s':>9}{'steps/cv':>9}{'tok/fwd':>9}" \
+    head = f"{'config':<14}{'engine':<19}{'tokens':>7}{'wall s':>9}{'tok/s':>9}{'steps/cv':>9}{'tok/fwd':>9}" \
            f"{'peak RSS':>10}{'vs HF':>7}  same tokens as HF"
     print(head)
     print("-" * len(head))
     for r in rows:
         f = lambda v, fmt: (fmt.format(v) if v is not None else "-")  # noqa: E731
         if r["engine"] == "forward":
-            print(f"{r['config']:<12}{'canvas forward':<19}{r['tokens']:>7}{r['wall_s']:>9.3f}  "
+            print(f"{r['config']:<14}{'canvas forward':<19}{r['tokens']:>7}{r['wall_s']:>9.3f}  "
                   f"{r['canvas_forward_gflops']:.1f} GFLOP/s = {100 * r['share_of_peak']:.0f}% of the "
                   f"{r['matmul_peak_gflops']:.1f} GFLOP/s {r.get('dtype', 'float32')} matmul peak measured")
             continue
         same = r.get("same_tokens_as_transformers")
         if r.get("same_tokens_as_plain") is not None:
             same = f"{same} (same as plain: {r['same_tokens_as_plain']})"
-        print(f"{r['config']:<12}{r['engine']:<19}{r['tokens']:>7}{r['wall_s']:>9.2f}"
+        print(f"{r['config']:<14}{r['engine']:<19}{r['tokens']:>7}{r['wall_s']:>9.2f}"
               f"{f(r['tokens_per_s'], '{:.1f}'):>9}{f(r['mean_steps_per_canvas'], '{:.1f}'):>9}"
               f"{f(r['tokens_per_forward'], '{:.2f}'):>9}{r['peak_rss_mib']:>8.0f}Mi"
               f"{f(r.get('speedup_vs_transformers'), '{:.2f}x'):>7}  {'' if same is None else same}"
