@@ -150,10 +150,13 @@ class RowView:
     check_room = KVCache.check_room
 
     def write(self, layer, k, v, n_valid) -> None:
-        kb, vb = self.k[layer], self.v[layer]
-        _scatter(kb, vb, self.capacity[layer], self.lengths, k, v, n_valid)
-        self.parent.k[layer].index_copy_(0, self.rows, kb)
-        self.parent.v[layer].index_copy_(0, self.rows, vb)
+        # Straight into each row of the parent's buffers (a scatter into a view writes through), rather than
+        # gathering the rows' whole buffers, scattering, and copying them back.
+        kb, vb = self.parent.storage(layer)
+        lengths = self.lengths
+        for i, s in enumerate(self.row_slots):
+            _scatter(kb[s:s + 1], vb[s:s + 1], self.capacity[layer], lengths[i:i + 1], k[i:i + 1], v[i:i + 1],
+                     n_valid[i:i + 1])
 
     def advance(self, n_valid: torch.Tensor) -> None:
         self.parent.lengths.index_add_(0, self.rows, n_valid)

@@ -99,7 +99,8 @@ def head_block_logits(hidden: torch.Tensor, embedding: torch.Tensor, lo: int, hi
     return x
 
 
-_GELU_A = 2 * (2 / math.pi) ** 0.5  # gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+# gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u) with u = sqrt(2/pi) (x + 0.044715 x^3) = x (A + B x^2) / 2
+_GELU_A = 2 * (2 / math.pi) ** 0.5
 _GELU_B = _GELU_A * 0.044715
 
 

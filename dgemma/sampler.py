@@ -427,10 +427,18 @@ class FusedStep(NamedTuple):
     sc_embedding: Tensor | None  # [rows, canvas, hidden] float32, softmax(l') @ E * embed_scale
 
 
-def _last_true(mask: Tensor) -> Tensor:
-    """Index of the last True along the last dim (0 if none): [..., n] bool -> [...] int64."""
-    positions = torch.arange(mask.shape[-1], device=mask.device)
-    return torch.where(mask, positions, 0).amax(dim=-1)
+def _keep(kept: Tensor, take: Tensor, chosen: Tensor, by_index: bool) -> Tensor:
+    """Rows where `take` holds get `chosen`'s row, the others keep theirs (the same bits either way).
+
+    by_index (CPU) copies only the rows that switch blocks (after the first few blocks, few do); without it (a
+    GPU, where the index list would cost a host sync) it is one elementwise select over the whole block.
+    """
+    if not by_index:
+        return torch.where(take[:, None], chosen, kept)
+    rows = take.nonzero().squeeze(1)
+    if rows.numel():
+        kept.index_copy_(0, rows, chosen.index_select(0, rows))
+    return kept
 
 
 def fused_step(
@@ -493,9 +501,10 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
        block sums of e and e * d; the self-conditioning soft embedding accumulated online with a running max (as
        flash-attention's softmax); and the *block choice* by weighted reservoir sampling: with R_b the mass of
        blocks 0..b, block b replaces the chosen block when u_b * R_b < mass_b, so block b ends up chosen with
-       probability mass_b / R_total, exactly its share. The chosen block's d is kept per position.
+       probability mass_b / R_total, exactly its share. The chosen block's e is kept per position.
     3. Combine the blocks in fp64: global max and draft, logsumexp, entropy.
-    4. Within the chosen block: inverse CDF of its kept exp(d) with the last uniform.
+    4. Within the chosen block: inverse CDF of its kept e with the last uniform (a binary search of the
+       cumulative sums).
     5. Accept (stable tie order) and renoise.
     Every quantity is computed on whole blocks in a fixed order and reduced along the vocabulary only, so tokens,
     drafts, entropies and accept masks are bitwise the same for any batch a row sits in (given the same
@@ -529,7 +538,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     block_sum_ed = torch.empty(N, nb, dtype=torch.float32, device=device)
     run_max = torch.full((N,), _F32_MIN, dtype=torch.float32, device=device)
     run_mass = torch.zeros(N, dtype=torch.float64, device=device)  # in units of exp(. - run_max)
-    kept = torch.full((N, block), float("-inf"), dtype=torch.float32, device=device)  # d of the chosen block
+    kept = torch.zeros(N, block, dtype=torch.float32, device=device)  # e of the chosen block
     kept_block = torch.zeros(N, dtype=torch.int64, device=device)
     if embedding is not None:
         sc_acc = torch.zeros(N, embedding.shape[1], dtype=torch.float32, device=device)
@@ -549,9 +558,8 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
         mass_b = bsum.double() * torch.exp((m_b - new_max).double())
         run_mass = run_mass * old_scale + mass_b
         take = uniforms[:, b] * run_mass < mass_b
-        if hi - lo < block:  # the ragged last block: pad with -inf, which has zero mass
-            d = F.pad(d, (0, block - (hi - lo)), value=float("-inf"))
-        kept = torch.where(take[:, None], d, kept)
+        chosen = e if hi - lo == block else F.pad(e, (0, block - (hi - lo)))  # ragged last block: zero mass
+        kept = _keep(kept, take, chosen, by_index=device.type == "cpu")
         kept_block = torch.where(take, b, kept_block)
         if embedding is not None:
             part = (e.to(embedding.dtype) @ embedding[lo:hi]).float()
@@ -570,10 +578,10 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     entropies = (torch.log(total) - (weight * (block_sum_ed.double() + delta * block_sum)).sum(-1) / total).float()
 
     # 4. Rounding can leave no index with within <= target false; fall back to the last token with mass.
-    ek = torch.exp(kept)
-    within = torch.cumsum(ek.double(), dim=-1)
+    within = torch.cumsum(kept.double(), dim=-1)  # non-decreasing: the entries <= target are a prefix
     target = uniforms[:, nb] * within[:, -1]
-    i = torch.minimum((within <= target[:, None]).sum(-1), _last_true(ek > 0))
+    last = torch.searchsorted(within, within[:, -1:].contiguous())  # the first index holding the total: it has mass
+    i = torch.minimum(torch.searchsorted(within, target[:, None], right=True), last).squeeze(1)
     candidates = (kept_block * block + i).view(rows, canvas_len)
 
     # 5.

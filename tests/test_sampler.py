@@ -348,6 +348,20 @@ def test_fused_step_batch_invariance():
         torch.testing.assert_close(alone.sc_embedding[0], batch.sc_embedding[r], atol=1e-6, rtol=1e-5)
 
 
+def test_fused_step_keep_by_index_or_select(monkeypatch):
+    """The CPU keeps the chosen block's rows by index, a GPU by one select: the same tokens, bit for bit."""
+    import dgemma.sampler as S
+
+    logits, emb = _case(2)
+    cfg, k = SamplerConfig(), torch.tensor([48, 20, 1])
+    by_index = fused_step(logits, k, cfg, _gens(11, 12, 13), embedding=emb, block=BLOCK)
+    keep = S._keep
+    monkeypatch.setattr(S, "_keep", lambda kept, take, chosen, by_index: keep(kept, take, chosen, False))
+    by_select = fused_step(logits, k, cfg, _gens(11, 12, 13), embedding=emb, block=BLOCK)
+    for a, b in zip(by_index, by_select):
+        assert torch.equal(a, b)
+
+
 def test_fused_step_sampling_distribution():
     cfg = SamplerConfig(max_denoising_steps=1, t_min=1.0, t_max=1.0)
     vocab, n = 10, 40000

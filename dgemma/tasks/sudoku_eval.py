@@ -69,7 +69,8 @@ def evaluate(model, pairs: Sequence[tuple[str, str]], setting: Setting, batch: i
     wall = time.perf_counter() - t0
     n = len(pairs)
     sampler = setting.params.sampler.to_generation_config() if setting.params.mode == DIFFUSION else None
-    return {"setting": setting.name, "sampler": sampler, "puzzles": n, "solve_rate": solved / n, "cell_accuracy": cells_ok / max(blanks, 1),
+    return {"setting": setting.name, "sampler": sampler, "puzzles": n, "solve_rate": solved / n,
+            "cell_accuracy": cells_ok / max(blanks, 1),
             "mean_steps": sum(steps) / n, "max_steps": max(steps), "wall_s": round(wall, 2)}
 
 
