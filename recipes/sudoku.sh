@@ -7,15 +7,16 @@ DATA=runs/sudoku-data
 RUN=${RUN:-runs/sudoku}
 THREADS=${THREADS:-1}      # torch CPU threads; 2 on this machine only if nothing else runs
 WORKERS=${WORKERS:-3}      # processes building batches ahead of the trainer
+GEN_WORKERS=${GEN_WORKERS:-$(nproc)}  # processes generating puzzles
 
 data() {
   mkdir -p "$DATA"
   # 120k training puzzles over a broad clue range (each served with a fresh random symmetry every epoch: ~10 min),
   # a 200-puzzle validation set for the checks during training, and the two 1,000-puzzle test sets.
-  $PY -m dgemma.cli sudoku gen --out $DATA/train.jsonl      --n 120000 --clues 24-45 --seed 1    --workers 2
-  $PY -m dgemma.cli sudoku gen --out $DATA/valid.jsonl      --n 200    --clues 24-36 --seed 1003 --workers 2
-  $PY -m dgemma.cli sudoku gen --out $DATA/test_30_36.jsonl --n 1000   --clues 30-36 --seed 1001 --workers 2
-  $PY -m dgemma.cli sudoku gen --out $DATA/test_24_29.jsonl --n 1000   --clues 24-29 --seed 1002 --workers 2
+  $PY -m dgemma.cli sudoku gen --out $DATA/train.jsonl      --n 120000 --clues 24-45 --seed 1    --workers "$GEN_WORKERS"
+  $PY -m dgemma.cli sudoku gen --out $DATA/valid.jsonl      --n 200    --clues 24-36 --seed 1003 --workers "$GEN_WORKERS"
+  $PY -m dgemma.cli sudoku gen --out $DATA/test_30_36.jsonl --n 1000   --clues 30-36 --seed 1001 --workers "$GEN_WORKERS"
+  $PY -m dgemma.cli sudoku gen --out $DATA/test_24_29.jsonl --n 1000   --clues 24-29 --seed 1002 --workers "$GEN_WORKERS"
 }
 
 train() {
