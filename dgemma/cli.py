@@ -519,7 +519,7 @@ def cmd_sudoku(args) -> int:
               f"after {base.stability_threshold} stable step(s) under mean entropy {base.confidence_threshold:g}")
         rows = []
         for st in EV.settings(budgets, early=not args.no_early, fixed=not args.no_fixed, ar=not args.no_ar,
-                              seed=args.seed, sampler=base):
+                              seed=args.seed, sampler=base, constrain=args.constrain):
             r = EV.evaluate(model, pairs, st, batch=args.batch)
             rows.append(r)
             print(f"{r['setting']:<28} solve {100 * r['solve_rate']:6.2f}%  cells {100 * r['cell_accuracy']:6.2f}%  "
@@ -550,7 +550,9 @@ def cmd_sudoku(args) -> int:
     sampler = _sudoku_sampler(args).replace(max_denoising_steps=args.steps)
     if args.no_early:
         sampler = sampler.replace(confidence_threshold=0.0)
-    params = GenerationParams(max_new_tokens=81, seed=args.seed, sampler=sampler)
+    params = GenerationParams(max_new_tokens=81, seed=args.seed, sampler=sampler,
+                              allowed=SU.allowed_tokens(to_string(cells), model.cfg.canvas_length)
+                              if args.constrain else None)
     print(pretty(cells) + "\n")
     done = EV.print_solve(model, to_string(cells), params)
     board, steps = SU.board_from_ids(done.tokens), done.stats["steps_per_canvas"][0]
@@ -591,6 +593,8 @@ def _add_sudoku_sampler_args(p) -> None:
     g.add_argument("--t-min", type=float, help="temperature at the end of the schedule")
     g.add_argument("--t-max", type=float, help="temperature at the start of the schedule")
     g.add_argument("--entropy-bound", type=float, help="EntropyBound acceptance budget per step")
+    g.add_argument("--constrain", action="store_true", help="decode under the puzzle's constraint: a blank cell "
+                   "may only take a digit no given in its row, column or box holds (constrained decoding)")
 
 
 def torch_float32():

@@ -55,6 +55,8 @@ class GenerationParams:
     mode: str = DIFFUSION  # or AR: autoregressive decoding through the encoder, the baseline
     ar_temperature: float = 0.0  # AR only: 0 = greedy
     fixed: dict[int, int] | None = None  # first canvas: position -> token kept fixed (infill / edit)
+    # first canvas (AR: the first canvas_length tokens): position -> the only tokens that may be sampled there
+    allowed: dict[int, Sequence[int]] | None = None
     init_canvas: Sequence[int] | None = None  # first canvas's starting tokens (transformers' decoder_input_ids)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks that force a length)
     rng: str = "row"  # "row": per-row generators (batch-invariant); "reference": transformers' global draws
@@ -76,6 +78,12 @@ class GenerationParams:
                 raise GenerationError(f"fixed position {pos} is outside the canvas (0..{canvas - 1})")
             if not 0 <= tok < vocab:
                 raise GenerationError(f"fixed token {tok} is outside the vocabulary")
+        for pos, toks in (self.allowed or {}).items():
+            if not isinstance(pos, int) or not 0 <= pos < canvas:
+                raise GenerationError(f"allowed position {pos!r} is outside the canvas (0..{canvas - 1})")
+            if isinstance(toks, (str, bytes)) or not toks or \
+                    any(not isinstance(t, int) or not 0 <= t < vocab for t in toks):
+                raise GenerationError(f"allowed[{pos}] must be a non-empty list of token ids in the vocabulary")
         if self.init_canvas is not None:
             if len(self.init_canvas) != canvas:
                 raise GenerationError(f"init_canvas must hold {canvas} tokens, got {len(self.init_canvas)}")
@@ -144,6 +152,21 @@ class _Row:
         fixed = params.fixed or {}
         self.fixed_pos = torch.tensor(sorted(fixed), dtype=torch.long)
         self.fixed_tok = torch.tensor([fixed[k] for k in sorted(fixed)], dtype=torch.long)
+        allowed = params.allowed or {}
+        self.allowed_pos = torch.tensor(sorted(allowed), dtype=torch.long)
+        self.banned = torch.ones(len(allowed), vocab, dtype=torch.bool)  # [constrained positions, V]
+        for j, pos in enumerate(sorted(allowed)):
+            self.banned[j, list(allowed[pos])] = False
+
+    def constrain(self, logits: torch.Tensor, first: int = 0) -> None:
+        """Ban, in place, the tokens `allowed` excludes: logits [n, V] of output positions first..first+n-1."""
+        if not len(self.allowed_pos):
+            return
+        sel = (self.allowed_pos >= first) & (self.allowed_pos < first + logits.shape[0])
+        if bool(sel.any()):
+            pos = self.allowed_pos[sel] - first
+            logits[pos.to(logits.device)] = logits[pos.to(logits.device)].masked_fill(
+                self.banned[sel].to(logits.device), float("-inf"))
 
 
 # ---------------------------------------------------------------- the engine
@@ -318,7 +341,8 @@ class Engine:
             groups.setdefault((r.p.sampler, r.p.rng), []).append(i)
         fused = self.fused_head if self.fused_head is not None else \
             len(rows) * self.T * self.V * 4 > LOGITS_BUDGET
-        if fused and all(rng == "row" for _, rng in groups):
+        constrained = any(r.canvas_idx == 0 and len(r.allowed_pos) for r in rows)  # masks need the logits
+        if fused and not constrained and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
             h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
             for (cfg, _), idx in groups.items():
@@ -330,6 +354,8 @@ class Engine:
         h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
         logits = m.logits(h, blocked=not reference)
         for i, r in enumerate(rows):
+            if r.canvas_idx == 0:
+                r.constrain(logits[i])  # banned tokens get -inf: no mass, no entropy, never drawn
             if r.canvas_idx == 0 and len(r.fixed_pos):
                 # A fixed position is certain: one-hot logits give it zero entropy, so it is always accepted,
                 # costs nothing in the entropy budget, and its draft and sample are the fixed token.
@@ -440,6 +466,9 @@ class Engine:
             self._ar_token(r, logits[i], events)
 
     def _ar_token(self, r: _Row, logits: torch.Tensor, events) -> None:
+        if len(r.allowed_pos) and len(r.out) < self.T:
+            logits = logits.clone()
+            r.constrain(logits[None], first=len(r.out))
         if r.p.ar_temperature > 0:
             probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)
             tok = int(torch.multinomial(probs.cpu(), 1, generator=r.gen))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import randomize, tiny_config
-from dgemma.generate import AR, Commit, Done, Draft, GenerationError, GenerationParams, generate
+from dgemma.generate import AR, DIFFUSION, Commit, Done, Draft, GenerationError, GenerationParams, generate
 from dgemma.model import DiffusionGemma
 from dgemma.sampler import SamplerConfig
 from dgemma.weights import save_model
@@ -148,6 +148,35 @@ def test_infill_fixed_positions_never_change(model):
         assert all(d.accepted[p] for p in fixed)
     out = evs[-1].tokens
     assert all(out[p] == t for p, t in fixed.items())
+
+
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_allowed_tokens_constrain_every_draw(model, mode):
+    """`allowed` bans every other token at its positions of the first canvas: drafts and output obey it, in a
+    batch beside an unconstrained row that it does not change; the second canvas is free."""
+    T, V = model.cfg.canvas_length, model.cfg.vocab_size
+    g = torch.Generator().manual_seed(3)
+    allowed = {p: torch.randperm(V - 3, generator=g)[:3].add(3).tolist() for p in range(0, T, 2)}
+    sampler = SamplerConfig(max_denoising_steps=5)
+    free = GenerationParams(max_new_tokens=2 * T, ignore_eos=True, sampler=sampler, mode=mode)
+    params = free.replace(allowed=allowed, seed=1)
+    evs = list(generate(model, [_prompt(model), _prompt(model, seed=1)], [params, free.replace(seed=2)],
+                        drafts=True, events=True))
+    for d in (e for e in evs if isinstance(e, Draft) and e.request == 0 and e.canvas == 0):
+        assert all(d.tokens[p] in ok for p, ok in allowed.items())
+    out = next(e for e in evs if isinstance(e, Done) and e.request == 0).tokens
+    assert all(out[p] in ok for p, ok in allowed.items())
+    alone = generate(model, [_prompt(model, seed=1)], free.replace(seed=2))[0].tokens
+    assert next(e for e in evs if isinstance(e, Done) and e.request == 1).tokens == alone
+    unconstrained = generate(model, [_prompt(model)], free.replace(seed=1))[0].tokens
+    assert any(unconstrained[p] not in ok for p, ok in allowed.items())  # the constraint did something
+
+
+@pytest.mark.parametrize("allowed,msg", [({-1: [5]}, "outside the canvas"), ({0: []}, "non-empty"),
+                                         ({0: [10**6]}, "non-empty"), ({0: "ab"}, "non-empty")])
+def test_allowed_tokens_are_validated(model, allowed, msg):
+    with pytest.raises(GenerationError, match=msg):
+        generate(model, [_prompt(model)], GenerationParams(max_new_tokens=4, allowed=allowed))
 
 
 def test_warm_start_canvas(model):

@@ -160,9 +160,33 @@ def test_cli_gen_train_eval(trained):
     (row,) = json.loads(out.read_text())["results"]
     assert row["sampler"]["t_min"] == 0.3 and row["sampler"]["t_max"] == 0.6
     assert row["sampler"]["sampler_config"]["entropy_bound"] == 0.5 and row["sampler"]["max_denoising_steps"] == 2
+    p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"), "--n", "3",
+            "--steps", "2", "--no-fixed", "--constrain", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["setting"] for r in rows] == ["diffusion N=2 early-stop, constrained",
+                                            "autoregressive (greedy), constrained"]
+    assert all(r["cell_accuracy"] > 0 for r in rows)  # every cell is one of its candidates, not noise
     p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"), "--t-min", "2",
             "--t-max", "1")
     assert p.returncode == 2 and "t_min" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_allowed_tokens_are_the_candidates_the_givens_leave():
+    from dgemma.tasks.sudoku_board import BOX, COL, ROW, solve
+
+    cells = parse("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79")
+    p = "".join(str(c) if c else "." for c in cells)
+    allowed = SU.allowed_tokens(p, 96)
+    assert sorted(allowed) == list(range(96)) and all(allowed[i] == [SU.EOS] for i in range(81, 96))
+    sol = solve(cells, 1)[0]
+    for i in range(81):
+        assert SU.CELL_IDS[str(sol[i])] in allowed[i]  # the solution is never ruled out
+        if cells[i]:
+            assert allowed[i] == [SU.CELL_IDS[str(cells[i])]]
+        else:
+            peers = {cells[j] for j in range(81) if ROW[j] == ROW[i] or COL[j] == COL[i] or BOX[j] == BOX[i]}
+            assert len(allowed[i]) == 9 - len(peers - {0})
 
 
 def test_cli_solve_shows_steps(trained):

@@ -84,6 +84,23 @@ def prompt_ids(puzzle: str) -> list[int]:
     return [BOS] + [CELL_IDS[c] for c in puzzle]
 
 
+def allowed_tokens(puzzle: str, canvas: int) -> dict[int, list[int]]:
+    """The format and the givens as a constraint on the canvas (`GenerationParams.allowed`): a given cell allows
+    its digit, a blank one the digits that no given in its row, column or box holds, every later position EOS.
+    Static: what the puzzle alone rules out, not what the model has written (no propagation)."""
+    from .sudoku_board import BOX, COL, ROW
+
+    out: dict[int, list[int]] = {}
+    for i, c in enumerate(puzzle):
+        if c in "123456789":
+            out[i] = [CELL_IDS[c]]
+        else:
+            seen = {puzzle[j] for j in range(81) if ROW[j] == ROW[i] or COL[j] == COL[i] or BOX[j] == BOX[i]}
+            out[i] = [CELL_IDS[d] for d in "123456789" if d not in seen]
+    out.update({i: [EOS] for i in range(81, canvas)})
+    return out
+
+
 def board_from_ids(ids: Sequence[int]) -> str | None:
     """The 81-digit board a model wrote, or None if it is not 81 digits."""
     s = "".join(ID_CHAR.get(int(i), "?") for i in ids)

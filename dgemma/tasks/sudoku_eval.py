@@ -15,20 +15,22 @@ import torch
 
 from ..generate import AR, DIFFUSION, Draft, Done, GenerationParams, generate
 from ..sampler import SamplerConfig
-from .sudoku import ID_CHAR, board_from_ids, prompt_ids
+from .sudoku import ID_CHAR, allowed_tokens, board_from_ids, prompt_ids
 
 
 @dataclass(frozen=True)
 class Setting:
     name: str
     params: GenerationParams
+    constrain: bool = False  # decode each puzzle under its `allowed_tokens`
 
 
 def settings(budgets: Sequence[int] = (12, 24, 48), *, early: bool = True, fixed: bool = True, ar: bool = True,
-             seed: int = 0, sampler: SamplerConfig | None = None) -> list[Setting]:
+             seed: int = 0, sampler: SamplerConfig | None = None, constrain: bool = False) -> list[Setting]:
     """The comparison grid: each step budget with early stopping and/or run to the end, plus AR greedy.
     `sampler` gives the temperature schedule, entropy bound and early-stop thresholds (default: SamplerConfig's);
-    each budget replaces its step count."""
+    each budget replaces its step count. constrain=True decodes every setting under `allowed_tokens` (names get
+    a "constrained" suffix)."""
     base = sampler or SamplerConfig()
     out = []
     for n in budgets:
@@ -43,6 +45,8 @@ def settings(budgets: Sequence[int] = (12, 24, 48), *, early: bool = True, fixed
             out.append(Setting(f"diffusion N={n} fixed", params))
     if ar:
         out.append(Setting("autoregressive (greedy)", GenerationParams(max_new_tokens=81, mode=AR)))
+    if constrain:
+        out = [Setting(s.name + ", constrained", s.params, constrain=True) for s in out]
     return out
 
 
@@ -56,6 +60,9 @@ def evaluate(model, pairs: Sequence[tuple[str, str]], setting: Setting, batch: i
         chunk = pairs[lo:lo + batch]
         # each puzzle gets its own seed so results do not depend on the batch size
         params = [setting.params.replace(seed=setting.params.seed + lo + j) for j in range(len(chunk))]
+        if setting.constrain:
+            T = model.cfg.canvas_length
+            params = [prm.replace(allowed=allowed_tokens(p, T)) for prm, (p, _) in zip(params, chunk)]
         done = generate(model, [prompt_ids(p) for p, _ in chunk], params)
         for (p, s), d in zip(chunk, done):
             board = board_from_ids(d.tokens) or ""
