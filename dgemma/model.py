@@ -424,8 +424,13 @@ class DiffusionGemma(nn.Module):
         else:
             positions = torch.arange(T, device=ids.device)[None, :].expand(B, T)
             slots = None
-        if known_lengths is not None and (cache is None or len(known_lengths) != B):
-            raise ValueError("known_lengths needs a cache and one length per row")
+        if known_lengths is not None:
+            if cache is None or len(known_lengths) != B:
+                raise ValueError("known_lengths needs a cache and one length per row")
+            # A wrong length would silently drop or add keys. The check is free where the lengths live on the
+            # host (the CPU, where the tests run); on a GPU it would be a sync, so there they are trusted.
+            if lengths.device.type == "cpu" and lengths.tolist() != list(known_lengths):
+                raise ValueError(f"known_lengths {list(known_lengths)} differ from the cache's {lengths.tolist()}")
         ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths)
 
         h = self.embed_tokens(ids) * self.embed_scale()

@@ -83,6 +83,8 @@ def test_known_lengths_attend_only_filled_slots(model, ring):
         assert (masked[0][r, :L] - rows[0][r, :L]).abs().max() <= 5e-5
     for a, b in zip(masked[1:], rows[1:]):
         assert (a - b).abs().max() <= 5e-5  # fp32 logits: rounding only
+    with pytest.raises(ValueError, match="differ from the cache"):  # a wrong length is caught, not used
+        model.denoise(canvas, KVCache(cfg, 3, 100, sliding_ring=ring), known_lengths=[1, 2, 3])
     # row 2 alone: the same as inside the batch, up to the matmuls' rounding for other shapes
     c = KVCache(cfg, 1, 100, sliding_ring=ring)
     model.encode(ids[2:, :lens[2]], c, known_lengths=[0])
