@@ -151,7 +151,7 @@ def test_cli_gen_train_eval(trained):
     assert rows[1]["mean_steps"] == 2 and 1 <= rows[2]["mean_steps"] <= 81  # AR: one pass per token
     assert all(0 <= r["solve_rate"] <= 1 for r in rows)
     # the sampler is the checkpoint's own (the recipe's warm schedule), and the flags change it
-    assert rows[0]["sampler"]["t_min"] == 0.8 and rows[0]["sampler"]["t_max"] == 1.0 and rows[2]["sampler"] is None
+    assert rows[0]["sampler"]["t_min"] == 1.0 and rows[0]["sampler"]["t_max"] == 1.5 and rows[2]["sampler"] is None
     assert rows[1]["sampler"]["confidence_threshold"] == 0.0
     p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"), "--n", "2",
             "--steps", "2", "--no-fixed", "--no-ar", "--t-min", "0.3", "--t-max", "0.6", "--entropy-bound", "0.5",
