@@ -164,9 +164,8 @@ class _Row:
             return
         sel = (self.allowed_pos >= first) & (self.allowed_pos < first + logits.shape[0])
         if bool(sel.any()):
-            pos = self.allowed_pos[sel] - first
-            logits[pos.to(logits.device)] = logits[pos.to(logits.device)].masked_fill(
-                self.banned[sel].to(logits.device), float("-inf"))
+            pos = (self.allowed_pos[sel] - first).to(logits.device)
+            logits[pos] = logits[pos].masked_fill(self.banned[sel].to(logits.device), float("-inf"))
 
 
 # ---------------------------------------------------------------- the engine
@@ -291,7 +290,6 @@ class Engine:
             ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
         for r in rows:
             self.cache.lengths[r.slot] = 0
-            r.cached = 0
         h = self.model.encode(ids.to(self.model.device), self._view(rows), n_valid=n.to(self.model.device),
                               head=False, known_lengths=[0] * len(rows))
         for r in rows:
