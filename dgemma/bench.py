@@ -9,7 +9,8 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
   dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
   transformers         DiffusionGemmaForBlockDiffusion.generate, same weights and seed (the reference)
   forward              not a generator: the machine's matmul peak (in the bench's dtype), and the share of it
-                       that one canvas forward (denoiser stack + LM head) reaches
+                       that one canvas forward reaches (a step after the first: self-conditioning MLP, stack
+                       and LM head, logits into a reused buffer as in the plain path)
 Each engine loads the checkpoint, runs one untimed warm-up, then `--repeats` timed generations; we report the
 median. Wall tokens/s counts generated tokens over the whole generate call (prefill included).
 --device cuda runs every engine on the GPU (bfloat16 unless --dtype says otherwise; timings synchronise the device)
@@ -178,16 +179,20 @@ def _timed(f, device=None) -> float:
     return time.perf_counter() - t
 
 
-def canvas_forward_flops(cfg, context: int) -> int:
-    """Matmul FLOPs of one denoiser pass over a canvas after `context` cached tokens, LM head included."""
+def canvas_forward_flops(cfg, context: int, self_conditioning: bool = True) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one denoiser pass over a canvas after `context` cached tokens: the
+    self-conditioning MLP (every step but a canvas's first runs it), the stack, and the LM head. A test checks
+    it against torch's FLOP counter."""
     T, H = cfg.canvas_length, cfg.hidden_size
     flops = 2 * T * H * cfg.vocab_size  # LM head
+    if self_conditioning:
+        flops += 2 * T * 3 * H * cfg.intermediate_size
     for i in range(cfg.num_hidden_layers):
         hd, kv = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
         q = cfg.num_attention_heads * hd
         proj = H * q + H * kv * hd * (2 if cfg.is_sliding(i) else 1) + q * H
         keys = T + (min(context, cfg.sliding_window - 1) if cfg.is_sliding(i) else context)
-        attn = 2 * cfg.num_attention_heads * hd * keys  # QK^T and AV, per query
+        attn = 4 * cfg.num_attention_heads * hd * keys  # per query: QK^T and AV, hd multiply-adds per key each
         mlp = 3 * H * cfg.intermediate_size + 3 * H * cfg.moe_intermediate_size * cfg.top_k_experts
         flops += 2 * T * (proj + mlp + H * cfg.num_experts) + T * attn
     return flops
@@ -201,15 +206,25 @@ def forward_efficiency(ckpt: str, prompt: list[int], repeats: int) -> dict:
     dev, dtype = _device_dtype()
     model = load_model(ckpt, dtype=dtype, device=dev).eval()
     peak = matmul_peak_gflops(device=dev, dtype=dtype)
-    cache = model.new_cache(1, len(prompt) + model.cfg.canvas_length)
-    canvas = torch.randint(0, model.cfg.vocab_size, (1, model.cfg.canvas_length), device=dev)
+    cfg = model.cfg
+    cache = model.new_cache(1, len(prompt) + cfg.canvas_length)
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g).to(dev)
     with torch.no_grad():
         known = [len(prompt)]  # as the engine runs it: attention over the filled cache slots only
         model.encode(torch.tensor([prompt], device=dev), cache, known_lengths=[0])
-        model.denoise(canvas, cache, known_lengths=known)
+        # a step after a canvas's first, as most steps are: with the previous step's soft embedding as input, the
+        # logits written into one reused buffer as the engine's plain path does
+        sc = model.soft_embed(model.denoise(canvas, cache, known_lengths=known))
+        buf = torch.empty(cfg.canvas_length * cfg.vocab_size, device=dev)
+
+        def step():
+            return model.logits(model.denoise(canvas, cache, sc=sc, head=False, known_lengths=known), out=buf)
+
+        step()
         tries = max(repeats, 10 if dev.type == "cuda" else 3)
-        t = min(_timed(lambda: model.denoise(canvas, cache, known_lengths=known), dev) for _ in range(tries))
-    flops = canvas_forward_flops(model.cfg, len(prompt))
+        t = min(_timed(step, dev) for _ in range(tries))
+    flops = canvas_forward_flops(cfg, len(prompt))
     return {"engine": "forward", "tokens": model.cfg.canvas_length, "wall_s": t, "tokens_per_s": None,
             "mean_steps_per_canvas": None, "tokens_per_forward": None, "peak_rss_mib": peak_rss_mib(),
             "token_ids": [], "canvas_forward_gflop": flops / 1e9, "canvas_forward_gflops": flops / t / 1e9,

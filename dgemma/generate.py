@@ -199,6 +199,7 @@ class Engine:
         # is as fast as the per-block loop, at 262,144 the logits of one 256-canvas row alone are 256 MiB. Both
         # paths give the same tokens bit for bit.
         self.fused_head = fused_head
+        self._logits_buf: torch.Tensor | None = None  # the plain path's logits, reused from step to step
 
     # ------------------------------------------------------------ requests
     def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
@@ -350,7 +351,7 @@ class Engine:
         # Replaying transformers' draws needs its logits bit for bit: one lm_head matmul over the vocabulary.
         reference = any(rng == "reference" for _, rng in groups)
         h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
-        logits = m.logits(h, blocked=not reference)
+        logits = m.logits(h, blocked=False) if reference else m.logits(h, out=self._logits_out(len(rows)))
         for i, r in enumerate(rows):
             if r.canvas_idx == 0:
                 r.constrain(logits[i])  # banned tokens get -inf: no mass, no entropy, never drawn
@@ -371,6 +372,16 @@ class Engine:
             else:
                 self._fused_group(None, [rows[i] for i in idx], cfg, events, logits=sub)
         del logits
+
+    def _logits_out(self, rows: int) -> torch.Tensor:
+        """The plain path's logits buffer `[rows, canvas, V]`, kept between steps: a fresh one each step is new
+        memory from the OS, and at 262,144 entries its page faults cost ~90 ms a row (the fused path, the default
+        there, never allocates it)."""
+        need = rows * self.T * self.V
+        buf = self._logits_buf
+        if buf is None or buf.numel() < need or buf.device != self.model.device:
+            buf = self._logits_buf = torch.empty(need, dtype=torch.float32, device=self.model.device)
+        return buf[:need].view(rows, self.T, self.V)
 
     def _fused_group(self, h, rows: list[_Row], cfg: SamplerConfig, events, logits=None) -> None:
         """One fused sampler step for rows that share sampler options (from hidden states, or from logits)."""

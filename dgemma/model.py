@@ -30,12 +30,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        # torch.pow(., -0.5) rather than rsqrt: the reference does this to match JAX bit for bit.
-        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
+        # The reference writes `x * torch.pow(mean(x^2) + eps, -0.5) * w` (to match JAX bit for bit); torch's
+        # fused rms_norm gives the same bits (checked over shapes, scales and dtypes) in one kernel, not six.
+        w = self.weight.float() if self.weight is not None else None
+        return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).type_as(x)
 
 
 def rope_inv_freq(cfg: ModelConfig, layer_type: str) -> torch.Tensor:
@@ -59,18 +57,23 @@ def rope_inv_freq(cfg: ModelConfig, layer_type: str) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[B, T, hd]` for NeoX rotate-half RoPE at absolute `positions` `[B, T]`."""
+    """cos and *signed* sin `[B, T, hd]` for NeoX rotate-half RoPE at absolute `positions` `[B, T]`.
+
+    The second is `[-sin, sin]` over the two halves: rotate-half's minus sign is folded into the table once per
+    forward instead of negating half of every q and k (same bits: a sign flip is exact).
+    """
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    sin[..., :freqs.shape[-1]].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, T, heads, hd]`, cos/sin `[B, T, hd]`."""
-    cos, sin = cos[:, :, None], sin[:, :, None]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin`: x `[B, T, heads, hd]`, cos/signed_sin `[B, T, hd]` from rope_cos_sin."""
     half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    rot = torch.cat([x[..., half:], x[..., :half]], dim=-1).mul_(signed_sin[:, :, None])
+    return (x * cos[:, :, None]).add_(rot)
 
 
 HEAD_BLOCK = 4096  # vocabulary entries per LM-head matmul (see head_block_logits)
@@ -245,40 +248,82 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens x `[n, H]`. Quantized and LoRA experts override this, not the dispatch."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+    def linear(self, name: str, xs: torch.Tensor, groups: "ExpertGroups") -> torch.Tensor:
+        """The expert-sorted rows xs `[M, in]` times each one's expert weight `name` -> `[M, out]`. Quantized and
+        LoRA experts override this, not the dispatch."""
+        w = getattr(self, name)
+        if groups.grouped_ok(xs, w):
+            return torch._grouped_mm(xs, w.transpose(1, 2), offs=groups.offsets)
+        return groups.per_expert(xs, lambda e, rows: F.linear(rows, w[e]))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return moe_dispatch(x, weights, idx, self.num_experts, self.expert_mlp)
+        return moe_dispatch(x, weights, idx, self.num_experts, self.linear)
 
 
-def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, expert_mlp
+class ExpertGroups:
+    """Rows sorted by expert: how many each expert got (`counts`, on the device), and the same on the host only
+    when a per-expert loop asks for it (that read is a host sync on a GPU)."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts
+        self._offsets = None
+        self._host = None
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """Where each expert's rows end, int32 `[E]` (the layout `torch._grouped_mm` takes)."""
+        if self._offsets is None:
+            self._offsets = torch.cumsum(self.counts, 0).to(torch.int32)
+        return self._offsets
+
+    def host(self) -> list[int]:
+        if self._host is None:
+            self._host = self.counts.tolist()
+        return self._host
+
+    @staticmethod
+    def grouped_ok(xs: torch.Tensor, w: torch.Tensor) -> bool:
+        """One `torch._grouped_mm` call for every expert: on the CPU, outside autograd (its CPU backward fails
+        on empty experts), in the dtypes it takes. It gives the per-expert loop's bits (tests check). CUDA keeps
+        the loop until the grouped kernel's layout rules (bf16, aligned groups) are measured on a GPU."""
+        return (_GROUPED_MM and xs.device.type == "cpu" and xs.dtype == w.dtype
+                and xs.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and
+                                                                          (xs.requires_grad or w.requires_grad)))
+
+    def per_expert(self, xs: torch.Tensor, fn) -> torch.Tensor:
+        """`fn(e, rows)` over each hit expert's rows, concatenated in order: the general path."""
+        outs, start = [], 0
+        for e, n in enumerate(self.host()):
+            if n:
+                outs.append(fn(e, xs[start:start + n]))
+                start += n
+        return torch.cat(outs) if len(outs) != 1 else outs[0]
+
+
+_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, linear
                  ) -> torch.Tensor:
     """Route tokens to experts: x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`.
 
-    The (token, expert) pairs are sorted by expert so each hit expert runs one matmul over exactly its tokens;
-    the outputs, scaled by their routing weights, are summed back per token.
+    The (token, expert) pairs are sorted by expert so each hit expert runs one matmul over exactly its tokens
+    (`linear(name, rows, groups)`, for gate_up_proj then down_proj); the activation runs once over all the pairs,
+    and the outputs, scaled by their routing weights, are summed back per token.
     """
     N, k = idx.shape
+    if N == 0:
+        return torch.zeros_like(x)
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token = order // k
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    groups = ExpertGroups(torch.bincount(flat, minlength=num_experts))
     xs = x[token]
-    ws = weights.reshape(-1)[order]
-    outs = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        outs.append(expert_mlp(e, xs[start:start + n]) * ws[start:start + n, None])
-        start += n
-    y = torch.zeros_like(x)
-    if outs:
-        y.index_add_(0, token, torch.cat(outs).to(x.dtype))
-    return y
+    gate_up = linear("gate_up_proj", xs, groups)
+    inner = gate_up.shape[-1] // 2
+    act = gelu_tanh(gate_up[:, :inner]) * gate_up[:, inner:]
+    out = linear("down_proj", act, groups) * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
@@ -376,17 +421,23 @@ class DiffusionGemma(nn.Module):
         E = self.embed_tokens.weight
         return (F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype) @ E) * self.embed_scale(E.dtype)
 
-    def logits(self, h: torch.Tensor, blocked: bool = True) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, blocked: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`, `[..., H] -> [..., V]`.
 
         blocked=True computes HEAD_BLOCK entries per matmul, the bits the fused sampler step sees; blocked=False
         is one matmul over the whole vocabulary, the bits transformers' lm_head gives (for replaying its draws).
+        out: a contiguous fp32 buffer of the result's size to write into (blocked only). Reusing one matters at
+        large vocabularies: a fresh 256 MiB tensor is new memory, and touching it costs ~90 ms of page faults here.
         """
         E, V = self.embed_tokens.weight, self.cfg.vocab_size
         if not blocked:
             return head_block_logits(h, E, 0, V, self.cfg.final_logit_softcapping, exact=True)
         flat = h.reshape(-1, h.shape[-1])
-        out = torch.empty(flat.shape[0], V, dtype=torch.float32, device=h.device)
+        if out is None:
+            out = torch.empty(flat.shape[0], V, dtype=torch.float32, device=h.device)
+        elif out.dtype != torch.float32 or out.numel() != flat.shape[0] * V or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of {flat.shape[0] * V} elements")
+        out = out.view(flat.shape[0], V)
         for lo in range(0, V, HEAD_BLOCK):
             hi = min(lo + HEAD_BLOCK, V)
             out[:, lo:hi] = head_block_logits(flat, E, lo, hi, self.cfg.final_logit_softcapping)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, ModelConfig
-from .model import DiffusionGemma, Experts, Router, gelu_tanh, moe_dispatch
+from .model import DiffusionGemma, Experts, Router, moe_dispatch
 
 QUANT_KEY = "quantization_config"
 METHOD = "dgemma"
@@ -257,14 +257,13 @@ class QuantExperts(nn.Module):
     def expert(self, name: str, e: int) -> dict[str, torch.Tensor]:
         return {s: getattr(self, name + s)[e] for s in self.scheme.suffixes}
 
-    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens x `[n, H]` (`Experts.expert_mlp`, with the quantized weights)."""
-        gate, up = self.scheme.linear(x, self.expert("gate_up_proj", e)).chunk(2, dim=-1)
-        return self.scheme.linear(gelu_tanh(gate) * up, self.expert("down_proj", e))
+    def linear(self, name: str, xs: torch.Tensor, groups) -> torch.Tensor:
+        """`Experts.linear` with the quantized weights: each expert's rows times its dequantized `name`."""
+        return groups.per_expert(xs, lambda e, rows: self.scheme.linear(rows, self.expert(name, e)))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`, through the model's own routing (`moe_dispatch`)."""
-        return moe_dispatch(x, weights, idx, self.num_experts, self.expert_mlp)
+        return moe_dispatch(x, weights, idx, self.num_experts, self.linear)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_dir
-from ..model import Experts, gelu_tanh, moe_dispatch
+from ..model import Experts, moe_dispatch
 from ..weights import hf_name
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,7 +91,7 @@ class LoRALinear(nn.Module):
 
 
 class LoRAExperts(nn.Module):
-    """`Experts` with a rank-r adapter per expert on gate_up_proj and down_proj (`expert_mlp` is the override point)."""
+    """`Experts` with a rank-r adapter per expert on gate_up_proj and down_proj (`linear` is the override point)."""
 
     def __init__(self, base: Experts, rank: int, scale: float, gen: torch.Generator):
         super().__init__()
@@ -104,16 +104,14 @@ class LoRAExperts(nn.Module):
         self.down_A = nn.Parameter(_init_a((E, rank, I), gen).to(dev, dt))
         self.down_B = nn.Parameter(torch.zeros(E, H, rank, device=dev, dtype=dt))
 
-    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        b, s = self.base, self.scale
-        gu = F.linear(x, b.gate_up_proj[e]) + F.linear(F.linear(x, self.gate_up_A[e]), self.gate_up_B[e]) * s
-        gate, up = gu.chunk(2, dim=-1)
-        a = gelu_tanh(gate) * up
-        return F.linear(a, b.down_proj[e]) + F.linear(F.linear(a, self.down_A[e]), self.down_B[e]) * s
+    def linear(self, name: str, xs: torch.Tensor, groups) -> torch.Tensor:
+        A, B = getattr(self, name[:-len("_proj")] + "_A"), getattr(self, name[:-len("_proj")] + "_B")
+        delta = groups.per_expert(xs, lambda e, rows: F.linear(F.linear(rows, A[e]), B[e]))
+        return self.base.linear(name, xs, groups) + delta * self.scale
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        # the model's own routing; only the per-expert MLP differs
-        return moe_dispatch(x, weights, idx, self.num_experts, self.expert_mlp)
+        # the model's own routing; only the per-expert products differ
+        return moe_dispatch(x, weights, idx, self.num_experts, self.linear)
 
     @torch.no_grad()
     def merged(self) -> Experts:

@@ -1,0 +1,104 @@
+"""The model's fast kernels against their plain definitions, bit for bit, and the bench's FLOP count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import dgemma.model as M
+from conftest import randomize, tiny_config
+from dgemma.bench import canvas_forward_flops
+from dgemma.model import DiffusionGemma, Experts, RMSNorm, apply_rope, moe_dispatch, rope_cos_sin
+
+
+def _loop_moe(ex: Experts, x, w, idx):
+    """The MoE by its definition: every token through each of its experts, one token at a time."""
+    y = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[n, j])
+            gate, up = F.linear(x[n:n + 1], ex.gate_up_proj[e]).chunk(2, dim=-1)
+            y[n] += (F.linear(M.gelu_tanh(gate) * up, ex.down_proj[e]) * w[n, j])[0]
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [0, 1, 7, 40])
+def test_grouped_experts_equal_the_per_expert_loop(dtype, tokens, monkeypatch):
+    cfg = tiny_config("b")  # 6 experts, top-3
+    ex = Experts(cfg)
+    g = torch.Generator().manual_seed(tokens)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) * 0.2)
+        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=g) * 0.2)
+    ex = ex.to(dtype)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g).to(dtype)
+    # experts 1 and 4 get no tokens: empty groups in the middle of the grouped matmul
+    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k_experts] for _ in range(tokens)]) \
+        if tokens else torch.zeros(0, cfg.top_k_experts, dtype=torch.long)
+    idx = torch.where(idx == 1, 0, torch.where(idx == 4, 5, idx))
+    w = torch.rand(tokens, cfg.top_k_experts, generator=g).to(dtype)
+    with torch.no_grad():
+        grouped = ex(x, w, idx)
+        monkeypatch.setattr(M, "_GROUPED_MM", False)
+        loop = ex(x, w, idx)
+    assert torch.equal(grouped, loop)
+    assert grouped.shape == x.shape
+    if tokens and dtype == torch.float32:
+        torch.testing.assert_close(grouped, _loop_moe(ex, x, w, idx), rtol=1e-5, atol=1e-6)
+
+
+def test_experts_train_through_the_loop():
+    """Under autograd (training) the per-expert loop runs, and gradients reach every hit expert."""
+    cfg = tiny_config("a")
+    ex = randomize(DiffusionGemma(cfg)).layers[0].experts
+    x = torch.randn(9, cfg.hidden_size, requires_grad=True)
+    w, idx = torch.rand(9, 2), torch.randint(0, cfg.num_experts, (9, 2))
+    moe_dispatch(x, w, idx, ex.num_experts, ex.linear).square().sum().backward()
+    hit = idx.unique()
+    assert x.grad is not None and ex.gate_up_proj.grad[hit].abs().sum(dim=(1, 2)).gt(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rope_keep_the_reference_bits(dtype):
+    g = torch.Generator().manual_seed(0)
+    for shape, scale in (((2, 37, 64), 1.0), ((1, 9, 4, 32), 30.0), ((3, 5, 48), 1e-3)):
+        x = (torch.randn(shape, generator=g) * scale).to(dtype)
+        for norm in (RMSNorm(shape[-1]), RMSNorm(shape[-1], with_scale=False)):
+            if norm.weight is not None:
+                norm.weight.data = torch.rand(shape[-1], generator=g) * 2
+            xf = x.float()  # transformers' Gemma4RMSNorm, op for op
+            ref = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + norm.eps, -0.5)
+            ref = (ref * norm.weight.float() if norm.weight is not None else ref).type_as(x)
+            assert torch.equal(norm(x), ref)
+    cfg = tiny_config("a")
+    q = torch.randn(2, 7, 4, cfg.head_dim, generator=g).to(dtype)
+    positions = torch.arange(7)[None].expand(2, 7) + torch.tensor([[0], [5]])
+    cos, signed_sin = rope_cos_sin(M.rope_inv_freq(cfg, cfg.layer_types[0]), positions, dtype)
+    half = cfg.head_dim // 2
+    sin = torch.cat([-signed_sin[..., :half], signed_sin[..., half:]], dim=-1)  # the plain sin table
+    rotate_half = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+    assert torch.equal(apply_rope(q, cos, signed_sin), q * cos[:, :, None] + rotate_half * sin[:, :, None])
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+@pytest.mark.parametrize("sc", [False, True])
+def test_bench_flop_count_matches_torch_counter(name, sc, monkeypatch):
+    """`canvas_forward_flops` (the numerator of the bench's share of peak) against torch's own FLOP counter,
+    with attention in its math form and the experts in their loop so that every matmul is visible to it."""
+    cfg = tiny_config(name)
+    model = randomize(DiffusionGemma(cfg)).eval()
+    prompt = 13
+    cache = model.new_cache(1, prompt + cfg.canvas_length)
+    g = torch.Generator().manual_seed(1)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    s = torch.randn(1, cfg.canvas_length, cfg.hidden_size, generator=g) if sc else None
+    monkeypatch.setattr(M, "_GROUPED_MM", False)
+    with torch.no_grad():
+        model.encode(torch.randint(0, cfg.vocab_size, (1, prompt), generator=g), cache, known_lengths=[0])
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            model.denoise(canvas, cache, sc=s, known_lengths=[prompt])
+    assert counter.get_total_flops() == canvas_forward_flops(cfg, prompt, self_conditioning=sc)
