@@ -155,13 +155,15 @@ def add_sampling_args(s) -> None:
     g.add_argument("--ar-temperature", type=float, help="AR sampling temperature (default 0: greedy)")
     g.add_argument("--rng", choices=["row", "reference"], help="randomness: per-row generators (default) or "
                    "transformers' global draws (reproduces transformers' generate)")
+    g.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability (raw logits, "
+                   "at the step that emitted it) and the N most likely tokens there (0-20)")
 
 
 def sampling_options(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
             "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
             "stability": args.stability, "confidence": args.confidence, "stop": args.stop,
-            "ar_temperature": args.ar_temperature, "rng": args.rng}
+            "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None)}
 
 
 def model_path(args) -> str:
@@ -272,10 +274,21 @@ def cmd_generate(args) -> int:
     done = run_one(pipe, prompt_ids, params, show_canvas=args.show_canvas, stream_text=stream)
     if n_suffix is not None:
         done = pipe.trim_infill(done, n_suffix)
+    lps = None
+    if done.logprobs is not None:
+        piece = (lambda t: pipe.tokenizer.decode([t])) if pipe.tokenizer is not None else str  # noqa: E731
+        lps = [{"token": t, "text": piece(t), "logprob": v,
+                "top_logprobs": [{"token": a, "text": piece(a), "logprob": w} for a, w in top]}
+               for t, v, top in zip(done.tokens, done.logprobs, done.top_logprobs)]
     if args.json:
-        print(json.dumps({"text": done.text, "tokens": done.tokens, "finish_reason": done.finish_reason,
-                          "stats": done.stats}, indent=2))
+        out = {"text": done.text, "tokens": done.tokens, "finish_reason": done.finish_reason, "stats": done.stats}
+        print(json.dumps(out if lps is None else {**out, "logprobs": lps}, indent=2, ensure_ascii=False))
         return 0
+    if lps is not None:
+        print("\nlogprob  token   (most likely there)", file=sys.stderr)
+        for e in lps:
+            alts = "  ".join(f"{a['text']!r} {a['logprob']:.2f}" for a in e["top_logprobs"])
+            print(f"{e['logprob']:7.3f}  {e['text']!r}" + (f"   ({alts})" if alts else ""), file=sys.stderr)
     if n_suffix is not None:
         body = done.text if done.text is not None else " ".join(map(str, done.tokens))
         print(f"{text}\x1b[4m{body}\x1b[0m{args.suffix}" if sys.stdout.isatty() else body)

@@ -33,6 +33,7 @@ from .sampler import SamplerConfig
 
 DIFFUSION, AR = "diffusion", "ar"
 LOGITS_BUDGET = 64 * 2**20  # bytes of fp32 logits per step above which the LM head is fused (auto)
+MAX_TOP = 20  # most alternatives GenerationParams.logprobs may ask for per token (OpenAI's top_logprobs limit)
 
 
 class GenerationError(ValueError):
@@ -61,6 +62,9 @@ class GenerationParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks that force a length)
     rng: str = "row"  # "row": per-row generators (batch-invariant); "reference": transformers' global draws
     drafts: bool | None = None  # emit Draft events for this row (None: the engine's `drafts` setting)
+    # None: off. n >= 0: every output token's log-probability under the raw logits (the model's distribution
+    # before temperature) at the step that emitted it, plus the n most likely tokens there (at most MAX_TOP)
+    logprobs: int | None = None
 
     def validate(self, canvas: int, vocab: int) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -71,6 +75,9 @@ class GenerationParams:
             raise GenerationError(f"rng must be 'row' or 'reference', got {self.rng!r}")
         if self.ar_temperature < 0:
             raise GenerationError("ar_temperature must be >= 0")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_TOP):
+            raise GenerationError(f"logprobs must be an integer from 0 to {MAX_TOP}, got {self.logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop strings must be non-empty strings")
         for pos, tok in (self.fixed or {}).items():
@@ -106,14 +113,20 @@ class Draft:
     mean_entropy: float
 
 
+TopLogprobs = list[tuple[int, float]]  # (token, log-probability), most likely first
+
+
 @dataclass
 class Commit:
-    """A finished canvas (or, for AR, one token): the tokens it adds to the output."""
+    """A finished canvas (or, for AR, one token): the tokens it adds to the output, and with `logprobs` asked
+    for, each token's log-probability and the most likely alternatives at its position."""
 
     request: int
     canvas: int
     tokens: list[int]
     steps: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
 
 
 @dataclass
@@ -123,6 +136,8 @@ class Done:
     text: str | None
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     stats: dict[str, Any]
+    logprobs: list[float] | None = None  # one per token, with GenerationParams.logprobs
+    top_logprobs: list[TopLogprobs] | None = None
 
 
 Event = Draft | Commit | Done
@@ -142,6 +157,9 @@ class _Row:
         self.sc_logits: torch.Tensor | None = None  # reference rng: processed logits of the last step
         self.history: list[torch.Tensor] = []
         self.out: list[int] = []
+        self.lp: tuple | None = None  # logprobs of the current canvas's draft: (lp [T], top ids, top lps) or None
+        self.out_lp: list[float] = []
+        self.out_top: list[TopLogprobs] = []
         self.steps_per_canvas: list[int] = []
         self.decoder_passes = 0
         self.encoder_passes = 0
@@ -367,8 +385,9 @@ class Engine:
                 assert len(idx) == 1
                 r = rows[idx[0]]
                 out = S.reference_step(sub, int(k[0]), cfg, r.canvas[None].to(sub.device), sc_dtype=m.dtype)
+                r_lp = None if r.p.logprobs is None else S.raw_logprobs(sub[0], out.argmax[0], r.p.logprobs)
                 self._after_step(r, cfg, out.canvas[0].cpu(), out.argmax[0].cpu(), out.entropies[0],
-                                 out.accepted[0], None, out.sc_logits[0], events)
+                                 out.accepted[0], None, out.sc_logits[0], events, r_lp)
             else:
                 self._fused_group(None, [rows[i] for i in idx], cfg, events, logits=sub)
         del logits
@@ -390,31 +409,46 @@ class Engine:
         draws = S.draw_step_noise([r.gen for r in rows], self.T, self.V, m.device)
         scale = float(m.embed_scale())
         E = m.embed_tokens.weight
+        want = [r.p.logprobs for r in rows if r.p.logprobs is not None]
+        top = max(want) if want else None
         if logits is None:
-            out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale)
+            out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
+                                    logprobs=top)
         else:
-            out = S.fused_step(logits, k, cfg, draws=draws, embedding=E, embed_scale=scale)
+            out = S.fused_step(logits, k, cfg, draws=draws, embedding=E, embed_scale=scale, logprobs=top)
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
+        lp, top_ids, top_lp = out.logprob, out.top_ids, out.top_logprobs
         pinned = [(i, r) for i, r in enumerate(rows) if r.canvas_idx == 0 and len(r.fixed_pos)]
         if pinned and logits is None:
             # Fixed (infill) positions, exactly as if their logits were one-hot: zero entropy (so the accept set
             # is recomputed with it), the fixed token as draft and sample, its embedding as self-conditioning.
             cand, draft, ent, sc = cand.clone(), draft.clone(), ent.clone(), sc.clone()
+            if lp is not None:
+                lp = lp.clone()
+                top_ids, top_lp = (top_ids.clone(), top_lp.clone()) if top_ids is not None else (None, None)
             for i, r in pinned:
                 pos, tok = r.fixed_pos.to(m.device), r.fixed_tok.to(m.device)
                 cand[i, pos], draft[i, pos], ent[i, pos] = tok, tok, 0.0
                 sc[i, pos] = E[tok].float() * torch.tensor(scale, dtype=torch.float32)
+                if lp is not None:  # one-hot logits: the fixed token is certain, nothing else is possible
+                    lp[i, pos] = 0.0
+                    if top_ids is not None:
+                        top_ids[i, pos, 0], top_lp[i, pos, 0], top_lp[i, pos, 1:] = tok, 0.0, float("-inf")
             acc = S.entropy_bound_accept(ent, cfg.entropy_bound, stable=True)
             canvas = S.renoise(cand, acc, draws[1])
         for j, r in enumerate(rows):
+            r_lp = None if r.p.logprobs is None else \
+                (lp[j], None if top_ids is None else top_ids[j, :, :r.p.logprobs],
+                 None if top_lp is None else top_lp[j, :, :r.p.logprobs])
             self._after_step(r, cfg, canvas[j].cpu(), draft[j].cpu(), ent[j], acc[j], sc[j].to(m.dtype), None,
-                             events)
+                             events, r_lp)
 
-    def _after_step(self, r: _Row, cfg: SamplerConfig, nxt, draft, ent, acc, sc_emb, sc_log, events) -> None:
+    def _after_step(self, r: _Row, cfg: SamplerConfig, nxt, draft, ent, acc, sc_emb, sc_log, events, lp=None
+                    ) -> None:
         r.step += 1
         r.decoder_passes += 1
-        r.canvas, r.argmax, r.sc, r.sc_logits = nxt, draft, sc_emb, sc_log
+        r.canvas, r.argmax, r.sc, r.sc_logits, r.lp = nxt, draft, sc_emb, sc_log, lp
         mean_t = ent.float().mean()  # compared in float32, as the reference does
         mean_h = float(mean_t)
         if r.p.drafts if r.p.drafts is not None else self.drafts:
@@ -445,7 +479,8 @@ class Engine:
             room = r.p.max_new_tokens - len(r.out)
             added = cut[:room]
             r.out.extend(added)
-            events.append(Commit(r.id, r.canvas_idx, added, r.step))
+            lps, tops = self._take_logprobs(r, len(added))
+            events.append(Commit(r.id, r.canvas_idx, added, r.step, lps, tops))
             r.canvas_idx += 1
             if hit_eos:
                 r.finished = "stop"
@@ -463,6 +498,22 @@ class Engine:
                 r.cached += self.T
                 r.encoder_passes += 1
                 self._new_canvas(r)
+
+    @staticmethod
+    def _take_logprobs(r: _Row, n: int) -> tuple[list[float] | None, list[TopLogprobs] | None]:
+        """The first n positions' logprobs of the row's last step (`r.lp`), appended to its output's."""
+        if r.p.logprobs is None or r.lp is None:
+            return None, None
+        lp, ids, tlp = r.lp
+        lps = lp[:n].tolist()
+        if ids is None:
+            tops = [[] for _ in lps]
+        else:  # -inf entries are tokens the step ruled out (a fixed or constrained position): not alternatives
+            tops = [[(t, v) for t, v in zip(ti, tv) if v != float("-inf")]
+                    for ti, tv in zip(ids[:n].tolist(), tlp[:n].tolist())]
+        r.out_lp.extend(lps)
+        r.out_top.extend(tops)
+        return lps, tops
 
     def _ar(self, rows: list[_Row], events) -> None:
         if not rows:
@@ -483,6 +534,9 @@ class Engine:
             tok = int(torch.multinomial(probs.cpu(), 1, generator=r.gen))
         else:
             tok = int(torch.argmax(logits))
+        if r.p.logprobs is not None:
+            lp, ids, tlp = S.raw_logprobs(logits[None], torch.tensor([tok], device=logits.device), r.p.logprobs)
+            r.lp = (lp, ids, tlp)
         if r.t_first is None:
             r.t_first = time.perf_counter()
         r.phase = "ar"
@@ -491,7 +545,8 @@ class Engine:
             events.append(Commit(r.id, len(r.out), [], 1))
             return
         r.out.append(tok)
-        events.append(Commit(r.id, len(r.out) - 1, [tok], 1))
+        lps, tops = self._take_logprobs(r, 1)
+        events.append(Commit(r.id, len(r.out) - 1, [tok], 1, lps, tops))
         if len(r.out) >= r.p.max_new_tokens:
             r.finished = "length"
         elif self._stop_string(r):
@@ -530,7 +585,10 @@ class Engine:
             "time_to_first_commit_s": (r.t_first - r.t0) if r.t_first else None,
             "tokens_per_s": len(tokens) / wall if wall > 0 else None,
         }
-        return Done(r.id, tokens, text, r.finished or "length", stats)
+        lps = tops = None
+        if r.p.logprobs is not None:
+            lps, tops = r.out_lp[:len(tokens)], r.out_top[:len(tokens)]
+        return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops)
 
 
 def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:

@@ -24,7 +24,7 @@ SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
 ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
            "confidence": "confidence_threshold"}
 PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng",
-                 "drafts"}
+                 "drafts", "logprobs"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
@@ -147,9 +147,12 @@ class Pipeline:
         return self.encode(prefix), self.params(fixed=fixed, **options), len(sids)
 
     def trim_infill(self, done: Done, n_suffix: int) -> Done:
-        middle = done.tokens[: self.model.cfg.canvas_length - n_suffix]
+        n = self.model.cfg.canvas_length - n_suffix
+        middle = done.tokens[:n]
         text = self.decode(middle) if self.tokenizer is not None else None
-        return dataclasses.replace(done, tokens=middle, text=text, finish_reason="stop")
+        lps, tops = (done.logprobs[:n], done.top_logprobs[:n]) if done.logprobs is not None else (None, None)
+        return dataclasses.replace(done, tokens=middle, text=text, finish_reason="stop", logprobs=lps,
+                                   top_logprobs=tops)
 
     def infill(self, prefix: str, suffix: str, **options: Any) -> Done:
         prompt, params, n = self.infill_request(prefix, suffix, **options)

@@ -93,6 +93,7 @@ __all__ = [
     "FusedStep",
     "fused_step",
     "fused_head_step",
+    "raw_logprobs",
 ]
 
 # The class name transformers writes next to `entropy_bound` in generation_config.json.
@@ -425,6 +426,11 @@ class FusedStep(NamedTuple):
     entropies: Tensor  # [rows, canvas] float32
     accepted: Tensor  # [rows, canvas] bool
     sc_embedding: Tensor | None  # [rows, canvas, hidden] float32, softmax(l') @ E * embed_scale
+    # with logprobs=n: the draft's log-probability under the raw logits (before temperature) [rows, canvas], and
+    # the n most likely tokens there with theirs [rows, canvas, n] (see `raw_logprobs`)
+    logprob: Tensor | None = None
+    top_ids: Tensor | None = None
+    top_logprobs: Tensor | None = None
 
 
 def _keep(kept: Tensor, take: Tensor, chosen: Tensor, by_index: bool) -> Tensor:
@@ -451,6 +457,7 @@ def fused_step(
     embedding: Tensor | None = None,
     embed_scale: float = 1.0,
     block: int = FUSED_BLOCK,
+    logprobs: int | None = None,
 ) -> FusedStep:
     """One denoising step over materialised logits [rows, canvas, vocab] (any float dtype). See `_fused`."""
     rows, canvas_len, vocab = logits.shape
@@ -459,7 +466,7 @@ def fused_step(
         return logits[..., lo:hi].reshape(rows * canvas_len, hi - lo).float()
 
     return _fused(source, rows, canvas_len, vocab, logits.device, k_remaining, cfg, row_generators, draws,
-                  embedding, embed_scale, block)
+                  embedding, embed_scale, block, logprobs)
 
 
 def fused_head_step(
@@ -473,6 +480,7 @@ def fused_head_step(
     draws: tuple[Tensor, Tensor] | None = None,
     embed_scale: float = 1.0,
     block: int = FUSED_BLOCK,
+    logprobs: int | None = None,
 ) -> FusedStep:
     """The LM head fused into the step: hidden [rows, canvas, H] (final-normed) in, logits never materialised.
 
@@ -487,11 +495,11 @@ def fused_head_step(
         return head_block_logits(flat, embedding, lo, hi, softcap)
 
     return _fused(source, rows, canvas_len, vocab, hidden.device, k_remaining, cfg, row_generators, draws,
-                  embedding, embed_scale, block)
+                  embedding, embed_scale, block, logprobs)
 
 
 def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_generators, draws, embedding,
-           embed_scale, block) -> FusedStep:
+           embed_scale, block, logprobs=None) -> FusedStep:
     """One denoising step in one streaming pass over the vocabulary, one block at a time, in a fixed order.
 
     source(lo, hi) returns the fp32 logits of entries [lo, hi) (at most one block) for all N = rows * canvas
@@ -506,6 +514,8 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     4. Within the chosen block: inverse CDF of its kept e with the last uniform (a binary search of the
        cumulative sums).
     5. Accept (stable tie order) and renoise.
+    With `logprobs=n` (None: skipped, no cost), each block also feeds an online logsumexp of the *raw* logits
+    (before temperature), their value at the block's argmax and their top n, for `raw_logprobs`' quantities.
     Every quantity is computed on whole blocks in a fixed order and reduced along the vocabulary only, so tokens,
     drafts, entropies and accept masks are bitwise the same for any batch a row sits in (given the same
     logits). A block of [N, 4096] fp32 temporaries stays in the CPU's cache between the ~10 elementwise passes
@@ -542,11 +552,31 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     kept_block = torch.zeros(N, dtype=torch.int64, device=device)
     if embedding is not None:
         sc_acc = torch.zeros(N, embedding.shape[1], dtype=torch.float32, device=device)
+    if logprobs is not None:
+        raw_max = torch.full((N,), _F64_MIN, dtype=torch.float64, device=device)  # running shift of the raw lse
+        raw_sum = torch.zeros(N, dtype=torch.float64, device=device)  # in units of exp(. - raw_max)
+        raw_at_arg = torch.empty(N, nb, dtype=torch.float32, device=device)
+        top_v = torch.empty(N, 0, dtype=torch.float32, device=device)
+        top_i = torch.empty(N, 0, dtype=torch.int64, device=device)
     for b in range(nb):
         lo, hi = b * block, min(b * block + block, vocab)
-        x = source(lo, hi) / temp
+        raw = source(lo, hi)
+        x = raw / temp
         bmax, barg = x.max(dim=-1)  # max(dim) returns the first index of the max, like argmax
         block_max[:, b], block_arg[:, b] = bmax, barg
+        if logprobs is not None:
+            raw_at_arg[:, b] = raw.gather(1, barg[:, None]).squeeze(1)
+            # The block's max of x times T is its raw max (to rounding): a safe shift, with no pass for a max.
+            shift = (bmax * temp[:, 0]).clamp(min=_F32_MIN)
+            part = torch.exp(raw - shift[:, None]).sum(-1)  # fp32 in the block, combined in fp64 as above
+            new_rmax = torch.maximum(raw_max, shift.double())
+            raw_sum = raw_sum * torch.exp(raw_max - new_rmax) + part.double() * torch.exp(shift.double() - new_rmax)
+            raw_max = new_rmax
+            if logprobs:
+                v, i = raw.topk(min(logprobs, hi - lo), dim=-1)
+                top_v, top_i = torch.cat([top_v, v], dim=1), torch.cat([top_i, i + lo], dim=1)
+                top_v, keep = top_v.topk(min(logprobs, top_v.shape[1]), dim=-1)
+                top_i = top_i.gather(1, keep)
         # Clamping the max keeps an all -inf block at e = 0 instead of NaN; clamping d makes e * d = 0 there.
         m_b = bmax.clamp(min=_F32_MIN)
         d = x.sub_(m_b[:, None]).clamp_(min=_F32_MIN)
@@ -592,4 +622,27 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     if embedding is not None:
         # sc_acc is in units of exp(. - run_max) = exp(. - global max); divide by the total mass in those units.
         sc = (sc_acc / total.float()[:, None] * embed_scale).view(rows, canvas_len, -1)
-    return FusedStep(canvas, candidates, argmax.view(rows, canvas_len), entropies, accepted, sc)
+    lp = top_ids = top_lp = None
+    if logprobs is not None:
+        lse = raw_max + torch.log(raw_sum)
+        at = raw_at_arg.gather(-1, best_block[:, None]).squeeze(-1)
+        lp = (at.double() - lse).float().view(rows, canvas_len)
+        if logprobs:
+            top_ids = top_i.view(rows, canvas_len, -1)
+            top_lp = (top_v.double() - lse[:, None]).float().view(rows, canvas_len, -1)
+    return FusedStep(canvas, candidates, argmax.view(rows, canvas_len), entropies, accepted, sc, lp, top_ids,
+                     top_lp)
+
+
+def raw_logprobs(logits: Tensor, tokens: Tensor, top: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Log-probabilities under the raw logits (before temperature: the model's own distribution, as vLLM reports
+    by default) over materialised logits [..., V]: of `tokens` [...], and the `top` most likely tokens
+    ([..., top] ids and log-probabilities; None when top is 0). The fused step computes the same quantities
+    block by block for its draft."""
+    x = logits.float()
+    lse = torch.logsumexp(x.double(), dim=-1)
+    lp = (x.gather(-1, tokens[..., None]).squeeze(-1).double() - lse).float()
+    if not top:
+        return lp, None, None
+    v, i = x.topk(min(top, x.shape[-1]), dim=-1)
+    return lp, i, (v.double() - lse[..., None]).float()

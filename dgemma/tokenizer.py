@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -87,6 +88,23 @@ GEMMA4_CHAT_TEMPLATE = """\
 """
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "model"})
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """Byte-level BPE's table, inverted: GPT-2 writes each byte as a printable character (the printable Latin-1
+    bytes as themselves, the other 68 as U+0100 onwards, in byte order)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class Tokenizer:
@@ -103,6 +121,7 @@ class Tokenizer:
             self.eos_ids |= {self.eos_id}
         self.chat_template = chat_template if chat_template is not None else GEMMA4_CHAT_TEMPLATE
         self._config = dict(config or {})  # tokenizer_config.json as read, so save() keeps keys we do not use
+        self._byte_level: bool | None = None  # whether the decoder is byte-level BPE (read on first use)
         bad = [i for i in [bos_id, pad_id, *self.eos_ids] if i is not None and not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"special token ids {bad} are outside the vocabulary [0, {self.vocab_size})")
@@ -160,6 +179,26 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`): a token may hold part of a UTF-8 character,
+        which its decoded text cannot show. Byte-level BPE maps its pieces back through the GPT-2 byte table;
+        SentencePiece-style vocabularies (Gemma) turn `<0xNN>` into that byte and `▁` into a space."""
+        piece = self.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level is None:
+            state = self._backend.decoder.__getstate__() if self._backend.decoder is not None else b""
+            self._byte_level = b'"ByteLevel"' in state
+        if self._byte_level:
+            table = _unicode_to_byte()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+            return piece.encode()
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings in it (`<|turn>`, `<bos>` ...) become their single ids, as in

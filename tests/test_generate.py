@@ -270,3 +270,40 @@ def test_fast_path_equals_plain_path(model):
     plain = [d.tokens for d in generate(model, prompts, params, fused_head=False)]
     assert [d.tokens for d in generate(model, prompts, params, fused_head=True)] == plain
     assert [d.tokens for d in generate(model, prompts, params)] == plain  # auto: plain at this vocabulary
+
+
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_logprobs(model, mode):
+    """Each output token gets its log-probability under the model's raw distribution and the most likely tokens
+    there: the same on the fused and the plain path, the emitted token first among them (diffusion emits the
+    draft, greedy AR the argmax), one-hot at fixed positions, and asking for them changes no token."""
+    T = model.cfg.canvas_length
+    sampler = SamplerConfig(max_denoising_steps=5, entropy_bound=0.5)
+    base = [GenerationParams(max_new_tokens=T + 5, seed=s, ignore_eos=True, sampler=sampler, mode=mode)
+            for s in (1, 2)]
+    if mode == DIFFUSION:
+        base[1] = base[1].replace(fixed={3: 5, T - 1: 6})
+    prompts = [_prompt(model, 7), _prompt(model, 12, seed=3)]
+    plain = generate(model, prompts, base)
+    asked = [p.replace(logprobs=3) for p in base[:1]] + [base[1].replace(logprobs=0)]
+    runs = [generate(model, prompts, asked, fused_head=f) for f in (False, True)]
+    for fused in runs:
+        assert [d.tokens for d in fused] == [d.tokens for d in plain]
+        assert all(d.logprobs is None for d in plain)
+        a, b = fused
+        assert len(a.logprobs) == len(a.top_logprobs) == len(a.tokens) == T + 5
+        assert all(lp <= 0 for lp in a.logprobs) and all(len(t) == 3 for t in a.top_logprobs)
+        for tok, lp, top in zip(a.tokens, a.logprobs, a.top_logprobs):
+            assert top[0][0] == tok and top[0][1] == pytest.approx(lp, abs=1e-6)
+            assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert b.top_logprobs == [[] for _ in b.tokens]
+        if mode == DIFFUSION:
+            assert b.logprobs[3] == 0.0 and b.logprobs[T - 1] == 0.0
+    for x, y in zip(*runs):
+        assert x.top_logprobs == y.top_logprobs
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    events = list(generate(model, prompts[:1], asked[0], events=True))
+    commits = [e for e in events if isinstance(e, Commit)]
+    assert sum((e.logprobs for e in commits), []) == events[-1].logprobs
+    with pytest.raises(GenerationError, match="logprobs must be"):
+        generate(model, prompts[:1], base[0].replace(logprobs=21))

@@ -24,6 +24,7 @@ from dgemma.sampler import (
     entropy_bound_accept,
     fused_init_canvas,
     fused_step,
+    raw_logprobs,
     reference_init_canvas,
     reference_step,
     renoise,
@@ -335,6 +336,32 @@ def test_fused_step_matches_direct_computation():
     assert (out.sc_embedding - direct).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("top", [0, 5])
+def test_fused_step_logprobs(top):
+    """The draft's raw log-probability and the top tokens, block by block, against the materialised formula; and
+    asking for them changes nothing else."""
+    cfg = SamplerConfig()
+    logits, emb = _case(4)
+    draws = draw_step_noise(_gens(1, 2, 3), CANVAS, VOCAB, block=BLOCK)
+    plain = fused_step(logits, 10, cfg, draws=draws, embedding=emb, block=BLOCK)
+    out = fused_step(logits, 10, cfg, draws=draws, embedding=emb, block=BLOCK, logprobs=top)
+    for a, b in zip(plain[:6], out[:6]):
+        assert torch.equal(a, b)
+    lp, ids, top_lp = raw_logprobs(logits, out.argmax, top)
+    torch.testing.assert_close(out.logprob, lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logprob, torch.log_softmax(logits, -1).gather(-1, out.argmax[..., None])[..., 0],
+                               atol=1e-4, rtol=0)
+    assert (out.logprob <= 0).all() and out.logprob[0].gt(-1e-3).all()  # row 0 is confident
+    if top:
+        assert torch.equal(out.top_ids, ids)
+        torch.testing.assert_close(out.top_logprobs, top_lp, atol=1e-5, rtol=0)
+        assert torch.equal(out.top_ids[..., 0], out.argmax)  # the draft is the most likely token
+        assert (out.top_logprobs.diff(dim=-1) <= 0).all()
+        assert not ((out.top_ids >= 64) & (out.top_ids < 128))[2].any()  # masked tokens are never listed
+    else:
+        assert out.top_ids is None and out.top_logprobs is None
+
+
 def test_fused_step_batch_invariance():
     cfg = SamplerConfig()
     logits, emb = _case(2)
@@ -358,7 +385,7 @@ def test_fused_step_keep_by_index_or_select(monkeypatch):
     keep = S._keep
     monkeypatch.setattr(S, "_keep", lambda kept, take, chosen, by_index: keep(kept, take, chosen, False))
     by_select = fused_step(logits, k, cfg, _gens(11, 12, 13), embedding=emb, block=BLOCK)
-    for a, b in zip(by_index, by_select):
+    for a, b in zip(by_index[:6], by_select[:6]):
         assert torch.equal(a, b)
 
 
@@ -438,7 +465,7 @@ def test_fused_head_step_equals_materialised_logits():
                         for lo in range(0, vocab, block)], dim=-1).view(2, 8, vocab)
     cfg = SamplerConfig()
     draws = draw_step_noise(_gens(1, 2), 8, vocab, block=block)
-    ref = fused_step(logits, 7, cfg, draws=draws, embedding=emb, embed_scale=2.0, block=block)
-    got = fused_head_step(h, emb, 30.0, 7, cfg, draws=draws, embed_scale=2.0, block=block)
+    ref = fused_step(logits, 7, cfg, draws=draws, embedding=emb, embed_scale=2.0, block=block, logprobs=3)
+    got = fused_head_step(h, emb, 30.0, 7, cfg, draws=draws, embed_scale=2.0, block=block, logprobs=3)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)

@@ -206,6 +206,43 @@ def test_streaming_equals_non_streaming(client):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
+@pytest.mark.parametrize("ar", [False, True])
+def test_logprobs(client, pipe, ar):
+    """Chat and completions logprobs in OpenAI's shapes: one entry per returned token, whose bytes spell the text,
+    the engine's own values, the same whole or streamed, and no token changed by asking."""
+    tok = pipe.tokenizer
+    msgs = [{"role": "user", "content": "Hi"}]
+    kw = dict(model=NAME, messages=msgs, seed=3, max_tokens=40, temperature=0, extra_body={"ar": ar})  # AR: greedy
+    plain = client.chat.completions.create(**kw)
+    r = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+    text = r.choices[0].message.content
+    assert text == plain.choices[0].message.content and plain.choices[0].logprobs is None
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert b"".join(bytes(e.bytes) for e in content).decode(errors="replace") == text  # random bytes: lossy
+    ids = pipe.encode_chat(msgs)
+    ref = pipe.generate([ids], seed=3, max_new_tokens=40, logprobs=3, ar=ar)[0]
+    assert [e.logprob for e in content] == pytest.approx(ref.logprobs[:len(content)])
+    for e, top in zip(content, ref.top_logprobs):
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert [t.token for t in e.top_logprobs] == [tok.decode([t]) for t, _ in top]
+        assert e.top_logprobs[0].token == e.token  # the output is the draft / greedy argmax
+    chunks = list(client.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+    c = complete(client, "Hello", seed=4, max_tokens=30, logprobs=2, ar=ar, stop=["e"], temperature=0)
+    lp = c.choices[0].logprobs
+    n = c.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.text_offset[:1] in ([], [0]) and lp.text_offset == sorted(lp.text_offset)  # a stop may cut a token
+    assert all(len(d) <= 2 and max(d.values()) == v for d, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chunks = list(complete(client, "Hello", seed=4, max_tokens=30, logprobs=2, ar=ar, stop=["e"], temperature=0,
+                           stream=True))
+    got = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert got == lp.tokens
+
+
 def test_raw_sse_framing(http):
     with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -485,7 +522,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "suffix": "y", "ar": True}, 400, "invalid_value", "suffix"),
     ("/v1/completions", {"prompt": "x", "ar": True, "stream_drafts": True}, 400, "invalid_value", "stream_drafts"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, None, "stream_options"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "invalid_value", "logprobs"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1}}, 400, "unsupported_parameter", "logit_bias"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 1}, 400, "unsupported_parameter", "presence_penalty"),
@@ -500,8 +538,10 @@ BAD_REQUESTS = [
      "unsupported_parameter", "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
         "type": "json_object"}}, 400, "unsupported_parameter", "response_format"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
-     "unsupported_parameter", "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "invalid_value", "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "invalid_value", "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
         {"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter", "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999},

@@ -59,6 +59,15 @@ def test_round_trip(gemma3_tok, text):
     assert gemma3_tok.decode(with_bos, skip_special=True) == text
 
 
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_token_bytes_spell_the_text(gemma3_tok, text):
+    """Each token's bytes (logprobs' `bytes`), joined, are the text's UTF-8: also where a token holds only part
+    of a character (Gemma's byte fallback); and the same for the shipped byte-level BPE."""
+    assert b"".join(gemma3_tok.token_bytes(i) for i in gemma3_tok.encode(text)) == text.encode()
+    code = Tokenizer.from_dir(Path(__file__).resolve().parents[1] / "dgemma" / "models" / "code")
+    assert b"".join(code.token_bytes(i) for i in code.encode(text)) == text.encode()
+
+
 def test_known_ids_and_batch(gemma3_tok):
     text, ids = KNOWN
     assert gemma3_tok.encode(text) == ids

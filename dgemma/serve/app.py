@@ -171,7 +171,7 @@ async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Que
             choice = plan.choices[index]
             for ev in events:
                 if isinstance(ev, Commit):
-                    choice.tokens.extend(ev.tokens)
+                    choice.commit(ev)
                 elif isinstance(ev, Done):
                     choice.finish(tok, ev)
                     pending -= 1
@@ -180,7 +180,7 @@ async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Que
                 elif isinstance(ev, Cancelled):
                     # Only a disconnect cancels a non-streaming request: nobody reads this answer.
                     raise APIError(499, "client closed the request", code="cancelled")
-        return JSONResponse(response(plan).model_dump())
+        return JSONResponse(response(plan, tok).model_dump())
     finally:
         watcher.cancel()
         state.worker.cancel(plan.jobs)
@@ -203,18 +203,20 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                 if isinstance(ev, Draft):
                     yield chunk(plan, index, dgemma=draft_event(tok, choice, ev))
                 elif isinstance(ev, Commit):
-                    choice.tokens.extend(ev.tokens)
+                    choice.commit(ev)
                     delta = choice.delta(tok)
-                    if delta or plan.drafts:
+                    lp = choice.stream_logprobs(tok, plan.kind)
+                    if delta or lp or plan.drafts:
                         if delta and first_text:
                             first_text = False
                             state.metrics.observe(state.metrics.ttft, time.perf_counter() - plan.t0)
-                        yield chunk(plan, index, text=delta,
+                        yield chunk(plan, index, text=delta, logprobs=lp,
                                     dgemma=commit_event(choice, ev) if plan.drafts else None)
                 elif isinstance(ev, Done):
                     rest = choice.finish(tok, ev)
-                    if rest:
-                        yield chunk(plan, index, text=rest)
+                    lp = choice.stream_logprobs(tok, plan.kind, final=True)
+                    if rest or lp:
+                        yield chunk(plan, index, text=rest, logprobs=lp)
                     yield chunk(plan, index, finish_reason=choice.finish_reason)
                     pending.discard(index)
                 elif isinstance(ev, Failed):

@@ -12,6 +12,13 @@ both the prefix (through the KV cache) and the suffix (inside the canvas). Only 
 so the middle has at most `canvas_length - len(suffix tokens)` tokens. The returned text is the middle alone:
 the canvas's tokens before the suffix, cut at the first EOS (the model ending the middle early), then at
 `max_tokens` (finish_reason "length") and at a stop string ("stop"). Reaching the suffix is "stop".
+
+Log-probabilities (`logprobs`, chat `top_logprobs`)
+--------------------------------------------------
+Each returned token's log-probability under the model's raw distribution (before temperature, as vLLM reports by
+default) at the forward that produced it: for diffusion the last denoising step of its canvas, whose draft is the
+output; for AR its own step. The alternatives are the most likely tokens at that position. In a stream, a chunk
+carries the entries of the tokens its text completes.
 With `ar: true` the request becomes a fill-in-the-middle prompt (<|fim_prefix|> prefix <|fim_suffix|> suffix
 <|fim_middle|>) decoded left to right, for checkpoints whose tokenizer has those tokens (400 otherwise).
 """
@@ -45,6 +52,10 @@ class Choice:
     stop: tuple[str, ...] = ()
     job: Job | None = None
     tokens: list[int] = field(default_factory=list)  # committed so far
+    logprobs: int | None = None  # alternatives asked per token (None: no logprobs)
+    lps: list[float] = field(default_factory=list)  # per committed token
+    tops: list = field(default_factory=list)
+    lp_sent: int = 0  # tokens whose logprobs have been streamed
     sent: str = ""  # text already streamed (after `echo`)
     done: Done | None = None
     text: str | None = None
@@ -70,12 +81,34 @@ class Choice:
                     break
         return text[:keep]
 
+    def commit(self, ev) -> None:
+        self.tokens.extend(ev.tokens)
+        if ev.logprobs is not None:
+            self.lps.extend(ev.logprobs)
+            self.tops.extend(ev.top_logprobs)
+
     def delta(self, tok) -> str:
         text = self.visible(tok)
         if not text.startswith(self.sent):
             return ""
         d, self.sent = text[len(self.sent):], text
         return d
+
+    def stream_logprobs(self, tok, kind: str, final: bool = False) -> dict | None:
+        """Logprobs of the tokens whose text the stream has now sent in full (after `finish`: all of them)."""
+        if self.logprobs is None:
+            return None
+        toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
+        end = self.lp_sent
+        if final:
+            end = self.completion_tokens
+        else:
+            while end < len(toks) and self.sent.startswith(tok.decode(toks[:end + 1])):
+                end += 1
+        start, self.lp_sent = self.lp_sent, max(end, self.lp_sent)
+        if end <= start:
+            return None
+        return logprobs_payload(kind, tok, toks, self.lps, self.tops, start, end, len(self.echo))
 
     def finish(self, tok, done: Done) -> str:
         """Final text, finish_reason and token count from the engine's Done; returns the unsent remainder."""
@@ -94,6 +127,9 @@ class Choice:
         else:
             self.text, self.finish_reason = done.text or "", done.finish_reason
             self.completion_tokens = len(done.tokens)
+        self.tokens = list(done.tokens)
+        if done.logprobs is not None:
+            self.lps, self.tops = list(done.logprobs), list(done.top_logprobs)
         rest = self.text[len(self.sent):] if self.text.startswith(self.sent) else ""
         self.sent = self.text
         return rest
@@ -149,9 +185,8 @@ class Planner:
 
     def completion(self, req: CompletionRequest) -> Plan:
         self._common(req)
-        if req.logprobs is not None:
-            raise unsupported("logprobs are not supported yet: a diffusion canvas has no left-to-right token "
-                              "probabilities to report", "logprobs")
+        if req.logprobs is not None and req.echo:
+            raise unsupported("logprobs with echo (the prompt's own logprobs) are not supported yet", "echo")
         if req.best_of not in (None, 1):
             raise unsupported("best_of is not supported; use n and pick yourself", "best_of")
         prompts = self._prompts(req.prompt)
@@ -159,7 +194,8 @@ class Planner:
             prompts, suffix_ids = self._fim(req, prompts), []
         else:
             suffix_ids = self._suffix(req) if req.suffix else []
-        return self._plan("completion", req, prompts, suffix_ids, echo=req.echo, param="prompt")
+        return self._plan("completion", req, prompts, suffix_ids, echo=req.echo, param="prompt",
+                          logprobs=req.logprobs)
 
     def chat(self, req: ChatCompletionRequest) -> Plan:
         if req.max_tokens is not None and req.max_completion_tokens is not None \
@@ -168,9 +204,8 @@ class Planner:
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         self._common(req)
-        if req.logprobs or req.top_logprobs is not None:
-            raise unsupported("logprobs are not supported yet: a diffusion canvas has no left-to-right token "
-                              "probabilities to report", "logprobs" if req.logprobs else "top_logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
         fmt = (req.response_format or {}).get("type", "text")
         if fmt != "text":
             raise unsupported(f"structured output (response_format {fmt!r}) is not supported yet: the canvas is "
@@ -204,7 +239,8 @@ class Planner:
             prompt = self.pipe.encode_chat(messages, **kw)
         except GenerationError as e:
             raise invalid(str(e), "messages") from None
-        return self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages")
+        return self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
     # ------------------------------------------------------------ pieces
     def _common(self, req: _Common) -> None:
@@ -263,17 +299,19 @@ class Planner:
             raise invalid(str(e), "suffix") from None
 
     def _plan(self, kind: str, req: _Common, prompts: list[tuple[list[int], str | None]], suffix_ids: list[int],
-              *, echo: bool, param: str) -> Plan:
+              *, echo: bool, param: str, logprobs: int | None = None) -> Plan:
         n_rows = len(prompts) * req.n
         room = self.worker.max_rows + self.worker.max_queue
         if n_rows > room:
             raise invalid(f"this request needs {n_rows} rows (prompts x n) but the server holds at most {room}",
                           "n")
+        if logprobs is not None and self.pipe.tokenizer is None:
+            raise invalid("this checkpoint has no tokenizer, so logprobs cannot name their tokens", "logprobs")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         if seed + req.n - 1 >= SEED_LIMIT:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
-        base = dict(req.sampler_options(), ignore_eos=req.ignore_eos)
+        base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs)
         if req.ar:
             base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
         fixed = None
@@ -296,7 +334,7 @@ class Planner:
                 choices.append(Choice(index=p_i * req.n + j, prompt=prompt, params=params, seed=seed + j,
                                       echo=text_echo, suffix_len=len(suffix_ids),
                                       middle_len=self.canvas - len(suffix_ids), max_tokens=max_tokens,
-                                      stop=stops))
+                                      stop=stops, logprobs=logprobs))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Plan(kind=kind, model=self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
@@ -356,15 +394,18 @@ def usage(plan: Plan) -> Usage:
                  forward_passes=passes, canvases=len(steps))
 
 
-def response(plan: Plan) -> CompletionResponse | ChatCompletionResponse:
+def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionResponse:
     extra = {"seed": plan.seed, "choices": [c.stats() for c in plan.choices]}
+    lp = {c.index: None if c.logprobs is None else
+          logprobs_payload(plan.kind, tok, c.tokens, c.lps, c.tops, 0, c.completion_tokens, len(c.echo))
+          for c in plan.choices}
     if plan.kind == "completion":
-        choices = [CompletionChoice(index=c.index, text=c.echo + (c.text or ""), finish_reason=c.finish_reason)
-                   for c in plan.choices]
+        choices = [CompletionChoice(index=c.index, text=c.echo + (c.text or ""), finish_reason=c.finish_reason,
+                                    logprobs=lp[c.index]) for c in plan.choices]
         return CompletionResponse(id=plan.id, created=plan.created, model=plan.model, choices=choices,
                                   usage=usage(plan), dgemma=extra)
     choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text or ""),
-                          finish_reason=c.finish_reason) for c in plan.choices]
+                          finish_reason=c.finish_reason, logprobs=lp[c.index]) for c in plan.choices]
     return ChatCompletionResponse(id=plan.id, created=plan.created, model=plan.model, choices=choices,
                                   usage=usage(plan), dgemma=extra)
 
@@ -375,12 +416,13 @@ def sse(obj: dict) -> str:
 
 
 def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool = False,
-          finish_reason: str | None = None, dgemma: dict | None = None, usage_: Usage | None = None) -> str:
+          finish_reason: str | None = None, dgemma: dict | None = None, usage_: Usage | None = None,
+          logprobs: dict | None = None) -> str:
     """One streaming chunk. `index=None` gives `choices: []` (the usage chunk)."""
     obj: dict[str, Any] = {"id": plan.id, "created": plan.created, "model": plan.model}
     if plan.kind == "completion":
         obj["object"] = "text_completion"
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     else:
         obj["object"] = "chat.completion.chunk"
         delta: dict[str, Any] = {}
@@ -388,13 +430,35 @@ def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool 
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     obj["choices"] = [] if index is None else [choice]
     if usage_ is not None:
         obj["usage"] = usage_.model_dump()
     if dgemma is not None:
         obj["dgemma"] = dgemma
     return sse(obj)
+
+
+def logprobs_payload(kind: str, tok, ids: list[int], lps: list[float], tops: list, start: int, end: int,
+                     offset: int = 0) -> dict[str, Any]:
+    """OpenAI's logprobs object for tokens [start, end) of a choice: chat's `content` entries (token, logprob,
+    bytes, top_logprobs), or completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset;
+    offsets count from the start of the returned text, `offset` being the echoed prompt's length)."""
+    if kind == "chat":
+        def entry(t: int, v: float) -> dict[str, Any]:
+            return {"token": tok.decode([t]), "logprob": v, "bytes": list(tok.token_bytes(t))}
+
+        return {"content": [{**entry(ids[i], lps[i]), "top_logprobs": [entry(t, v) for t, v in tops[i]]}
+                            for i in range(start, end)], "refusal": None}
+    def alternatives(i: int) -> dict[str, float]:  # keyed by text: two tokens that decode alike keep the likelier
+        d: dict[str, float] = {}
+        for t, v in tops[i]:
+            d.setdefault(tok.decode([t]), v)
+        return d
+
+    return {"tokens": [tok.decode([t]) for t in ids[start:end]], "token_logprobs": lps[start:end],
+            "top_logprobs": [alternatives(i) for i in range(start, end)],
+            "text_offset": [offset + len(tok.decode(ids[:i])) for i in range(start, end)]}
 
 
 def draft_event(tok, choice: Choice, ev) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Request and response types of the OpenAI-compatible API (pydantic), plus dgemma's extra body fields.
 
 Requests reject unknown fields (as OpenAI does: "Unrecognized request argument"), so a typo in a diffusion option
-is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (logprobs, structured output,
-tools, penalties, logit_bias) are declared so that `completions.py` can refuse them with a clear 400.
+is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (structured output, tools,
+penalties, logit_bias) are declared so that `completions.py` can refuse them with a clear 400.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class CompletionRequest(_Common):
     suffix: str | None = None
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class TextPart(BaseModel):
@@ -87,7 +87,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -116,7 +116,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -139,7 +139,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
