@@ -155,6 +155,8 @@ def add_sampling_args(s) -> None:
     g.add_argument("--ar-temperature", type=float, help="AR sampling temperature (default 0: greedy)")
     g.add_argument("--rng", choices=["row", "reference"], help="randomness: per-row generators (default) or "
                    "transformers' global draws (reproduces transformers' generate)")
+    g.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="add BIAS (-100..100) to token ID's "
+                   "logit everywhere (repeatable; -100 bans the token, +100 forces it)")
     g.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability (raw logits, "
                    "at the step that emitted it) and the N most likely tokens there (0-20)")
 
@@ -163,7 +165,23 @@ def sampling_options(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
             "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
             "stability": args.stability, "confidence": args.confidence, "stop": args.stop,
-            "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None)}
+            "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None),
+            "logit_bias": _logit_bias(getattr(args, "logit_bias", None))}
+
+
+def _logit_bias(items: list[str] | None) -> dict[int, float] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise UsageError(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}") from None
+        if not sep:
+            raise UsageError(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}")
+    return out
 
 
 def model_path(args) -> str:

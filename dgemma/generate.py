@@ -59,11 +59,15 @@ class GenerationParams:
     # first canvas (AR: the first canvas_length tokens): position -> the only tokens that may be sampled there
     allowed: dict[int, Sequence[int]] | None = None
     init_canvas: Sequence[int] | None = None  # first canvas's starting tokens (transformers' decoder_input_ids)
+    # token -> bias added to its logit at every position of every canvas (every AR step), OpenAI's logit_bias:
+    # -100 all but bans a token, +100 all but forces it (the logits themselves are soft-capped at 30)
+    logit_bias: dict[int, float] | None = None
     ignore_eos: bool = False  # keep generating past EOS (benchmarks that force a length)
     rng: str = "row"  # "row": per-row generators (batch-invariant); "reference": transformers' global draws
     drafts: bool | None = None  # emit Draft events for this row (None: the engine's `drafts` setting)
     # None: off. n >= 0: every output token's log-probability under the raw logits (the model's distribution
-    # before temperature) at the step that emitted it, plus the n most likely tokens there (at most MAX_TOP)
+    # before temperature; after logit_bias and `allowed`) at the step that emitted it, plus the n most likely
+    # tokens there (at most MAX_TOP)
     logprobs: int | None = None
 
     def validate(self, canvas: int, vocab: int) -> None:
@@ -91,6 +95,11 @@ class GenerationParams:
             if isinstance(toks, (str, bytes)) or not toks or \
                     any(not isinstance(t, int) or not 0 <= t < vocab for t in toks):
                 raise GenerationError(f"allowed[{pos}] must be a non-empty list of token ids in the vocabulary")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < vocab:
+                raise GenerationError(f"logit_bias token {tok!r} is not a token id in the vocabulary")
+            if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100 <= bias <= 100:
+                raise GenerationError(f"logit_bias[{tok}] must be a number from -100 to 100, got {bias!r}")
         if self.init_canvas is not None:
             if len(self.init_canvas) != canvas:
                 raise GenerationError(f"init_canvas must hold {canvas} tokens, got {len(self.init_canvas)}")
@@ -175,6 +184,14 @@ class _Row:
         self.banned = torch.ones(len(allowed), vocab, dtype=torch.bool)  # [constrained positions, V]
         for j, pos in enumerate(sorted(allowed)):
             self.banned[j, list(allowed[pos])] = False
+        bias = params.logit_bias or {}
+        self.bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
+        self.bias = torch.tensor([float(bias[t]) for t in sorted(bias)], dtype=torch.float32)
+
+    def add_bias(self, logits: torch.Tensor) -> None:
+        """logit_bias, in place, on logits [..., V] (every position: the bias has no position)."""
+        if len(self.bias_ids):
+            logits[..., self.bias_ids.to(logits.device)] += self.bias.to(logits.device)
 
     def constrain(self, logits: torch.Tensor, first: int = 0) -> None:
         """Ban, in place, the tokens `allowed` excludes: logits [n, V] of output positions first..first+n-1."""
@@ -358,7 +375,8 @@ class Engine:
             groups.setdefault((r.p.sampler, r.p.rng), []).append(i)
         fused = self.fused_head if self.fused_head is not None else \
             len(rows) * self.T * self.V * 4 > LOGITS_BUDGET
-        constrained = any(r.canvas_idx == 0 and len(r.allowed_pos) for r in rows)  # masks need the logits
+        # masks and biases need the logits
+        constrained = any((r.canvas_idx == 0 and len(r.allowed_pos)) or len(r.bias_ids) for r in rows)
         if fused and not constrained and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
             h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
@@ -371,6 +389,7 @@ class Engine:
         h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
         logits = m.logits(h, blocked=False) if reference else m.logits(h, out=self._logits_out(len(rows)))
         for i, r in enumerate(rows):
+            r.add_bias(logits[i])
             if r.canvas_idx == 0:
                 r.constrain(logits[i])  # banned tokens get -inf: no mass, no entropy, never drawn
             if r.canvas_idx == 0 and len(r.fixed_pos):
@@ -526,8 +545,9 @@ class Engine:
             self._ar_token(r, logits[i], events)
 
     def _ar_token(self, r: _Row, logits: torch.Tensor, events) -> None:
-        if len(r.allowed_pos) and len(r.out) < self.T:
+        if len(r.bias_ids) or (len(r.allowed_pos) and len(r.out) < self.T):
             logits = logits.clone()
+            r.add_bias(logits)
             r.constrain(logits[None], first=len(r.out))
         if r.p.ar_temperature > 0:
             probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)

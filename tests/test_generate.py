@@ -172,6 +172,26 @@ def test_allowed_tokens_constrain_every_draw(model, mode):
     assert any(unconstrained[p] not in ok for p, ok in allowed.items())  # the constraint did something
 
 
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_logit_bias(model, mode):
+    """-100 bans a token everywhere (every canvas), +100 forces one; a biased row leaves its batch neighbour
+    alone; the reported logprobs include the bias."""
+    T = model.cfg.canvas_length
+    free = GenerationParams(max_new_tokens=2 * T, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=5),
+                            mode=mode, seed=1)
+    base = generate(model, [_prompt(model)], free)[0].tokens
+    common = max(set(base), key=base.count)
+    banned = generate(model, [_prompt(model)], free.replace(logit_bias={common: -100}))[0].tokens
+    assert base.count(common) > 1 and common not in banned
+    forced, other = generate(model, [_prompt(model), _prompt(model, seed=1)],
+                             [free.replace(logit_bias={7: 100.0}, logprobs=0), free.replace(seed=2)])
+    assert forced.tokens == [7] * (2 * T) and max(forced.logprobs) > -1e-3
+    assert other.tokens == generate(model, [_prompt(model, seed=1)], free.replace(seed=2))[0].tokens
+    for bias, msg in (({10**6: 1.0}, "not a token id"), ({5: 101}, "from -100 to 100"), ({5: "x"}, "number")):
+        with pytest.raises(GenerationError, match=msg):
+            generate(model, [_prompt(model)], free.replace(logit_bias=bias))
+
+
 @pytest.mark.parametrize("allowed,msg", [({-1: [5]}, "outside the canvas"), ({0: []}, "non-empty"),
                                          ({0: [10**6]}, "non-empty"), ({0: "ab"}, "non-empty")])
 def test_allowed_tokens_are_validated(model, allowed, msg):

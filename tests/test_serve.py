@@ -243,6 +243,19 @@ def test_logprobs(client, pipe, ar):
     assert got == lp.tokens
 
 
+def test_logit_bias(client, pipe):
+    """OpenAI's logit_bias: +100 forces a token at every position, and -100 then keeps it out of a pair of
+    forced tokens (diffusion and AR; the engine's own test bans the most frequent token of a free run)."""
+    y, z = (str(pipe.tokenizer.encode(c)[0]) for c in "yz")
+    for ar in (False, True):
+        forced = complete(client, "Hi", seed=1, max_tokens=20, ignore_eos=True, ar=ar, logit_bias={z: 100})
+        assert forced.choices[0].text == "z" * 20
+        pair = complete(client, "Hi", seed=1, max_tokens=20, ignore_eos=True, ar=ar, logit_bias={z: 100, y: 100})
+        assert set(pair.choices[0].text) <= {"y", "z"}
+        banned = complete(client, "Hi", seed=1, max_tokens=20, ignore_eos=True, ar=ar, logit_bias={z: -100, y: 100})
+        assert banned.choices[0].text == "y" * 20
+
+
 def test_raw_sse_framing(http):
     with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -525,7 +538,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "unsupported_parameter", "echo"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "invalid_value", "logprobs"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1}}, 400, "unsupported_parameter", "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "invalid_value", "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "invalid_value", "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "invalid_value", "logit_bias"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 1}, 400, "unsupported_parameter", "presence_penalty"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_value", "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "invalid_value", "messages"),

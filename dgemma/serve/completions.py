@@ -16,7 +16,7 @@ the canvas's tokens before the suffix, cut at the first EOS (the model ending th
 Log-probabilities (`logprobs`, chat `top_logprobs`)
 --------------------------------------------------
 Each returned token's log-probability under the model's raw distribution (before temperature, as vLLM reports by
-default) at the forward that produced it: for diffusion the last denoising step of its canvas, whose draft is the
+default; after `logit_bias`) at the forward that produced it: for diffusion the last denoising step of its canvas, whose draft is the
 output; for AR its own step. The alternatives are the most likely tokens at that position. In a stream, a chunk
 carries the entries of the tokens its text completes.
 With `ar: true` the request becomes a fill-in-the-middle prompt (<|fim_prefix|> prefix <|fim_suffix|> suffix
@@ -247,8 +247,6 @@ class Planner:
         if req.model is not None and req.model != self.settings.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
                                 f"`{self.settings.model_name}`.", param="model", code="model_not_found")
-        if req.logit_bias:
-            raise unsupported("logit_bias is not supported", "logit_bias")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise unsupported(f"{name} is not supported by diffusion decoding; leave it at 0", name)
@@ -311,7 +309,8 @@ class Planner:
         if seed + req.n - 1 >= SEED_LIMIT:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
-        base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs)
+        base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
+                    logit_bias=self._logit_bias(req.logit_bias))
         if req.ar:
             base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
         fixed = None
@@ -339,6 +338,24 @@ class Planner:
         return Plan(kind=kind, model=self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
                     include_usage=include_usage, seed=seed)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's logit_bias: token ids (as JSON object keys) -> a bias from -100 to 100."""
+        if not bias:
+            return None
+        out = {}
+        vocab = self.pipe.model.cfg.vocab_size
+        for key, value in bias.items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise invalid(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            if not 0 <= tid < vocab:
+                raise invalid(f"logit_bias token {tid} is outside the vocabulary (0..{vocab - 1})", "logit_bias")
+            if not -100 <= value <= 100:
+                raise invalid(f"logit_bias[{key}] must be from -100 to 100, got {value}", "logit_bias")
+            out[tid] = float(value)
+        return out
 
     def _params(self, ar: bool, opts: dict) -> GenerationParams:
         try:

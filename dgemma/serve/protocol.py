@@ -2,7 +2,7 @@
 
 Requests reject unknown fields (as OpenAI does: "Unrecognized request argument"), so a typo in a diffusion option
 is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (structured output, tools,
-penalties, logit_bias) are declared so that `completions.py` can refuse them with a clear 400.
+penalties) are declared so that `completions.py` can refuse them with a clear 400.
 """
 
 from __future__ import annotations
