@@ -69,19 +69,24 @@ class GenerationParams:
     # before temperature; after logit_bias and `allowed`) at the step that emitted it, plus the n most likely
     # tokens there (at most MAX_TOP)
     logprobs: int | None = None
+    # None: off. n >= 0: each prompt token's log-probability given the tokens before it (the encoder's next-token
+    # distribution, as the prefill computes it; None for the first token) and the n most likely tokens there
+    prompt_logprobs: int | None = None
 
     def validate(self, canvas: int, vocab: int) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         if self.mode not in (DIFFUSION, AR):
             raise GenerationError(f"mode must be {DIFFUSION!r} or {AR!r}, got {self.mode!r}")
         if self.rng not in ("row", "reference"):
             raise GenerationError(f"rng must be 'row' or 'reference', got {self.rng!r}")
         if self.ar_temperature < 0:
             raise GenerationError("ar_temperature must be >= 0")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_TOP):
-            raise GenerationError(f"logprobs must be an integer from 0 to {MAX_TOP}, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_TOP):
+                raise GenerationError(f"{name} must be an integer from 0 to {MAX_TOP}, got {n!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationError("stop strings must be non-empty strings")
         for pos, tok in (self.fixed or {}).items():
@@ -147,6 +152,8 @@ class Done:
     stats: dict[str, Any]
     logprobs: list[float] | None = None  # one per token, with GenerationParams.logprobs
     top_logprobs: list[TopLogprobs] | None = None
+    prompt_logprobs: list[float | None] | None = None  # one per prompt token (None first), with prompt_logprobs
+    prompt_top_logprobs: list[TopLogprobs] | None = None
 
 
 Event = Draft | Commit | Done
@@ -169,6 +176,8 @@ class _Row:
         self.lp: tuple | None = None  # logprobs of the current canvas's draft: (lp [T], top ids, top lps) or None
         self.out_lp: list[float] = []
         self.out_top: list[TopLogprobs] = []
+        self.prompt_lp: list[float | None] | None = None
+        self.prompt_top: list[TopLogprobs] | None = None
         self.steps_per_canvas: list[int] = []
         self.decoder_passes = 0
         self.encoder_passes = 0
@@ -247,7 +256,7 @@ class Engine:
             raise GenerationError("stop strings need a tokenizer")
         # The last canvas is never committed, so the cache must hold the prompt plus all canvases but one.
         commits = -(-params.max_new_tokens // self.T) - 1 if params.mode == DIFFUSION else params.max_new_tokens - 1
-        need = len(prompt) + (commits * self.T if params.mode == DIFFUSION else commits)
+        need = len(prompt) + max(0, commits * self.T if params.mode == DIFFUSION else commits)
         positions = len(prompt) + params.max_new_tokens
         if need > self.max_len or positions > self.cfg.max_position_embeddings:
             raise ContextLengthError(
@@ -330,7 +339,12 @@ class Engine:
                               head=False, known_lengths=[0] * len(rows))
         for r in rows:
             r.cached = len(r.prompt)
-        ar_rows = [i for i, r in enumerate(rows) if r.p.mode == AR]
+        for i, r in enumerate(rows):
+            if r.p.prompt_logprobs is not None:
+                self._prompt_logprobs(r, h[i, :len(r.prompt) - 1])
+            if r.p.max_new_tokens == 0:  # the prompt alone (scoring it): no canvas, no token
+                r.finished = "length"
+        ar_rows = [i for i, r in enumerate(rows) if r.p.mode == AR and r.finished is None]
         if ar_rows:
             idx = torch.tensor(ar_rows)
             last = h[idx, n[idx] - 1]
@@ -339,8 +353,25 @@ class Engine:
                 self._ar_token(rows[i], logits[j], events)
         for r in rows:
             r.encoder_passes += 1
-            if r.p.mode == DIFFUSION:
+            if r.p.mode == DIFFUSION and r.finished is None:
                 self._new_canvas(r, first=True)
+
+    PROMPT_CHUNK = 256  # prompt positions per LM-head call for prompt logprobs: [256, V] logits at a time
+
+    def _prompt_logprobs(self, r: _Row, h: torch.Tensor) -> None:
+        """Each prompt token's log-probability given those before it, from the prefill's hidden states h [L-1, H]
+        (the encoder is trained on next-token prediction), PROMPT_CHUNK positions at a time."""
+        n = r.p.prompt_logprobs
+        targets = torch.tensor(r.prompt[1:], dtype=torch.long, device=h.device)
+        lps: list[float | None] = [None]
+        tops: list[TopLogprobs] = [[]]
+        for lo in range(0, h.shape[0], self.PROMPT_CHUNK):
+            lp, ids, tlp = S.raw_logprobs(self.model.logits(h[lo:lo + self.PROMPT_CHUNK]),
+                                          targets[lo:lo + self.PROMPT_CHUNK], n)
+            lps += lp.tolist()
+            tops += [[] for _ in range(lp.shape[0])] if ids is None else \
+                [list(zip(a, b)) for a, b in zip(ids.tolist(), tlp.tolist())]
+        r.prompt_lp, r.prompt_top = lps, tops
 
     def _new_canvas(self, r: _Row, first: bool = False) -> None:
         r.phase, r.step, r.sc, r.sc_logits, r.history = "denoise", 0, None, None, []
@@ -608,7 +639,7 @@ class Engine:
         lps = tops = None
         if r.p.logprobs is not None:
             lps, tops = r.out_lp[:len(tokens)], r.out_top[:len(tokens)]
-        return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops)
+        return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top)
 
 
 def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:

@@ -327,3 +327,24 @@ def test_logprobs(model, mode):
     assert sum((e.logprobs for e in commits), []) == events[-1].logprobs
     with pytest.raises(GenerationError, match="logprobs must be"):
         generate(model, prompts[:1], base[0].replace(logprobs=21))
+
+
+def test_prompt_logprobs_and_scoring_only(model):
+    """prompt_logprobs: each prompt token's log-probability given the ones before it, from the prefill (checked
+    against a cache-free causal forward), long prompts in chunks; max_new_tokens=0 scores the prompt alone."""
+    prompt = _prompt(model, 40, seed=5)
+    ref = torch.log_softmax(model(torch.tensor([prompt]))[0, :-1].double(), -1)
+    want = ref.gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    for mode, new in ((DIFFUSION, 0), (DIFFUSION, 5), (AR, 3)):
+        d = generate(model, [prompt], GenerationParams(max_new_tokens=new, prompt_logprobs=2, mode=mode,
+                                                       ignore_eos=True))[0]
+        assert len(d.tokens) == new and d.prompt_logprobs[0] is None and d.prompt_top_logprobs[0] == []
+        assert d.prompt_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4)
+        assert [t[0][0] for t in d.prompt_top_logprobs[1:]] == ref.argmax(-1).tolist()
+    from dgemma.generate import Engine
+
+    small = Engine(model, max_rows=1)
+    small.PROMPT_CHUNK = 7  # several chunks: the same values
+    d = next(e for e in small.run([prompt], GenerationParams(max_new_tokens=0, prompt_logprobs=0))
+             if isinstance(e, Done))
+    assert d.prompt_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4) and d.prompt_top_logprobs[1] == []

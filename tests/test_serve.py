@@ -243,6 +243,25 @@ def test_logprobs(client, pipe, ar):
     assert got == lp.tokens
 
 
+def test_echo_logprobs_score_the_prompt(client, pipe):
+    """echo + logprobs + max_tokens 0, the loglikelihood request of lm-evaluation-harness: the prompt's own
+    tokens with their next-token log-probabilities (None first), offsets into the echoed text; with max_tokens > 0
+    the completion's entries follow."""
+    ids = pipe.encode("Hello there")
+    ref = pipe.generate([ids], max_new_tokens=0, prompt_logprobs=1)[0]
+    r = complete(client, ids, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == pipe.tokenizer.decode(ids, skip_special=True) == "Hello there"
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and r.usage.completion_tokens == 0
+    assert lp.token_logprobs[1:] == pytest.approx(ref.prompt_logprobs[1:])
+    assert lp.tokens == [pipe.tokenizer.decode([t]) for t in ids]
+    assert [r.choices[0].text[o:o + 1] for o in lp.text_offset[1:]] == list("Hello there")
+    more = complete(client, ids, max_tokens=5, echo=True, logprobs=1, seed=2, ignore_eos=True)
+    m = more.choices[0].logprobs
+    assert len(m.tokens) == len(ids) + 5 and m.token_logprobs[:len(ids)] == lp.token_logprobs
+    assert m.text_offset[len(ids)] == len("Hello there")
+
+
 def test_logit_bias(client, pipe):
     """OpenAI's logit_bias: +100 forces a token at every position, and -100 then keeps it out of a pair of
     forced tokens (diffusion and AR; the engine's own test bans the most frequent token of a free run)."""
@@ -516,7 +535,6 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model_not_found", "model"),
     ("/v1/completions", {}, 400, "missing_required_parameter", "prompt"),
     ("/v1/completions", {"prompt": "x", "bogus": 1}, 400, "unrecognized_argument", "bogus"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens_exceeded", "max_tokens"),
     ("/v1/completions", {"prompt": "x", "temperature": 9}, 400, "invalid_value", "temperature"),
     ("/v1/completions", {"prompt": "x", "steps": 0}, 400, "invalid_value", "steps"),
@@ -535,7 +553,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "suffix": "y", "ar": True}, 400, "invalid_value", "suffix"),
     ("/v1/completions", {"prompt": "x", "ar": True, "stream_drafts": True}, 400, "invalid_value", "stream_drafts"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, None, "stream_options"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "unsupported_parameter", "echo"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True, "stream": True}, 400, "unsupported_parameter",
+     "stream"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "invalid_value", "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400,
+     "invalid_value", "max_tokens"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "invalid_value", "logprobs"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "invalid_value", "logit_bias"),

@@ -185,8 +185,11 @@ class Planner:
 
     def completion(self, req: CompletionRequest) -> Plan:
         self._common(req)
-        if req.logprobs is not None and req.echo:
-            raise unsupported("logprobs with echo (the prompt's own logprobs) are not supported yet", "echo")
+        if req.logprobs is not None and req.echo and req.stream:
+            raise unsupported("echo with logprobs (the prompt's logprobs) is not supported when streaming",
+                              "stream")
+        if req.suffix and req.logprobs is not None and req.echo:
+            raise unsupported("echo with logprobs is not supported with suffix", "echo")
         if req.best_of not in (None, 1):
             raise unsupported("best_of is not supported; use n and pick yourself", "best_of")
         prompts = self._prompts(req.prompt)
@@ -310,7 +313,7 @@ class Planner:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                    logit_bias=self._logit_bias(req.logit_bias))
+                    logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None)
         if req.ar:
             base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
         fixed = None
@@ -321,6 +324,8 @@ class Planner:
             if not prompt:
                 raise invalid("prompt is empty", param)
             text_echo = "" if not echo else text if text is not None else self.pipe.decode(prompt)
+            if echo and logprobs is not None:  # the text the prompt's tokens spell, so their offsets land in it
+                text_echo = self.pipe.tokenizer.decode(prompt, skip_special=True)
             max_tokens = self._max_tokens(req, prompt, base, fixed, param)
             for j in range(req.n):
                 opts = dict(base, seed=seed + j)
@@ -416,6 +421,10 @@ def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionRespons
     lp = {c.index: None if c.logprobs is None else
           logprobs_payload(plan.kind, tok, c.tokens, c.lps, c.tops, 0, c.completion_tokens, len(c.echo))
           for c in plan.choices}
+    for c in plan.choices:
+        if c.logprobs is not None and c.done is not None and c.done.prompt_logprobs is not None:
+            head = prompt_logprobs_payload(tok, c.prompt, c.done.prompt_logprobs, c.done.prompt_top_logprobs)
+            lp[c.index] = {k: head[k] + lp[c.index][k] for k in head}
     if plan.kind == "completion":
         choices = [CompletionChoice(index=c.index, text=c.echo + (c.text or ""), finish_reason=c.finish_reason,
                                     logprobs=lp[c.index]) for c in plan.choices]
@@ -456,6 +465,14 @@ def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool 
     return sse(obj)
 
 
+def _by_text(tok, top) -> dict[str, float]:
+    """Completions' alternatives, keyed by text: two tokens that decode alike keep the likelier one's value."""
+    d: dict[str, float] = {}
+    for t, v in top:
+        d.setdefault(tok.decode([t]), v)
+    return d
+
+
 def logprobs_payload(kind: str, tok, ids: list[int], lps: list[float], tops: list, start: int, end: int,
                      offset: int = 0) -> dict[str, Any]:
     """OpenAI's logprobs object for tokens [start, end) of a choice: chat's `content` entries (token, logprob,
@@ -467,15 +484,17 @@ def logprobs_payload(kind: str, tok, ids: list[int], lps: list[float], tops: lis
 
         return {"content": [{**entry(ids[i], lps[i]), "top_logprobs": [entry(t, v) for t, v in tops[i]]}
                             for i in range(start, end)], "refusal": None}
-    def alternatives(i: int) -> dict[str, float]:  # keyed by text: two tokens that decode alike keep the likelier
-        d: dict[str, float] = {}
-        for t, v in tops[i]:
-            d.setdefault(tok.decode([t]), v)
-        return d
-
     return {"tokens": [tok.decode([t]) for t in ids[start:end]], "token_logprobs": lps[start:end],
-            "top_logprobs": [alternatives(i) for i in range(start, end)],
+            "top_logprobs": [_by_text(tok, tops[i]) for i in range(start, end)],
             "text_offset": [offset + len(tok.decode(ids[:i])) for i in range(start, end)]}
+
+
+def prompt_logprobs_payload(tok, ids: list[int], lps: list, tops: list) -> dict[str, Any]:
+    """Completions' logprobs lists for an echoed prompt: the first token has no logprob (None), as in OpenAI's
+    legacy API; offsets index the prompt's text as its tokens spell it (special tokens take no room)."""
+    return {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": list(lps),
+            "top_logprobs": [None] + [_by_text(tok, tops[i]) for i in range(1, len(ids))],
+            "text_offset": [len(tok.decode(ids[:i], skip_special=True)) for i in range(len(ids))]}
 
 
 def draft_event(tok, choice: Choice, ev) -> dict[str, Any]:

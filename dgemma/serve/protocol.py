@@ -61,6 +61,7 @@ class _Common(DiffusionOptions):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo and logprobs: score the prompt alone
     suffix: str | None = None
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
