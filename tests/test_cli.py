@@ -119,7 +119,7 @@ def test_chat_reads_turns_from_stdin(ckpt_tok):
 @pytest.mark.parametrize("extra,msg", [
     (("--steps", "0"), "max_denoising_steps must be >= 1"),
     (("--entropy-bound", "-1"), "entropy_bound must be >= 0"),
-    (("--max-new-tokens", "0"), "max_new_tokens must be a positive integer"),
+    (("--max-new-tokens", "-1"), "max_new_tokens must be a non-negative integer"),
     (("--max-new-tokens", "5000"), "exceeds the context"),
     (("--suffix", "x", "--ar"), "autoregressive infill needs fill-in-the-middle tokens"),
     (("--infill",), "mark the hole with [FILL]"),

@@ -242,7 +242,7 @@ def test_ar_sampled_is_seeded(model):
 @pytest.mark.parametrize("prompt,params,msg", [
     ([], GenerationParams(), "prompt is empty"),
     ([5] * 1000, GenerationParams(max_new_tokens=100), "exceeds the context"),
-    ([5], GenerationParams(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    ([5], GenerationParams(max_new_tokens=-1), "max_new_tokens must be a non-negative integer"),
     ([5], GenerationParams(fixed={999: 3}), "outside the canvas"),
     ([5], GenerationParams(mode="beam"), "mode must be"),
 ])
