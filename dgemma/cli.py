@@ -29,7 +29,7 @@ def _fmt_count(n: int) -> str:
 
 def info_dict(target: str, is_preset: bool = False) -> dict:
     from .config import preset
-    from .weights import load_config, resolve
+    from .weights import load_config, read_generation_config, resolve
 
     if is_preset:
         cfg, where = preset(target), f"preset {target}"
@@ -77,9 +77,9 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
         out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch, name)) for name in DTYPE_BYTES}
     if ckpt is not None:
         out["files_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-        gen = ckpt / "generation_config.json"
-        if gen.exists():
-            out["generation_config"] = json.loads(gen.read_text())
+        gen = read_generation_config(ckpt)
+        if gen:
+            out["generation_config"] = gen
         if (ckpt / "tokenizer.json").exists():
             try:
                 from .tokenizer import Tokenizer
@@ -603,14 +603,14 @@ def cmd_sudoku(args) -> int:
 def _sudoku_sampler(args):
     """The checkpoint's own decoding settings (generation_config.json), with --t-min/--t-max/--entropy-bound on top."""
     from .sampler import SamplerConfig
-    from .weights import resolve
+    from .weights import read_generation_config, resolve
 
-    gen_file = resolve(args.model) / "generation_config.json"
+    ckpt = resolve(args.model)
+    gen = read_generation_config(ckpt)
     try:
-        base = SamplerConfig.from_generation_config(json.loads(gen_file.read_text())) if gen_file.exists() \
-            else SamplerConfig()
+        base = SamplerConfig.from_generation_config(gen) if gen else SamplerConfig()
     except (ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"{gen_file}: bad sampler settings: {e}") from None
+        raise UsageError(f"{ckpt / 'generation_config.json'}: bad sampler settings: {e}") from None
     overrides = {k: v for k, v in (("t_min", args.t_min), ("t_max", args.t_max),
                                    ("entropy_bound", args.entropy_bound)) if v is not None}
     try:

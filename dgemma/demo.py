@@ -11,7 +11,6 @@ Without a shipped code model it runs a random model with the real Gemma vocabula
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -48,14 +47,14 @@ def _sudoku(steps: int) -> None:
     from .tasks.sudoku import board_from_ids, prompt_ids
     from .tasks.sudoku_board import is_solution, parse, pretty
     from .tasks.sudoku_eval import print_solve
-    from .weights import load_model
+    from .weights import load_model, read_generation_config
 
     path = shipped_model("sudoku")
     model = load_model(path, dtype=torch.float32, quiet=True).eval()
     _banner(f"1. Sudoku: {model.num_params() / 1e6:.1f}M-parameter model ({path.name}), all 81 cells denoised at once")
     cells = parse(PUZZLE)
     print(pretty(PUZZLE) + "\n")
-    gen = json.loads((path / "generation_config.json").read_text())
+    gen = read_generation_config(path)
     params = GenerationParams(max_new_tokens=81, seed=0,
                               sampler=SamplerConfig.from_generation_config(gen).replace(max_denoising_steps=steps))
     done = print_solve(model, PUZZLE, params)

@@ -7,7 +7,6 @@ options into token ids and `GenerationParams`, and runs them through an `Engine`
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from .generate import AR, DIFFUSION, Done, Engine, GenerationError, GenerationParams, generate
 from .model import DiffusionGemma
 from .sampler import SamplerConfig
-from .weights import load_model, resolve
+from .weights import load_model, read_generation_config, resolve
 
 SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
 # Short names users type (CLI flags, server body fields) for the sampler's options.
@@ -56,10 +55,7 @@ class Pipeline:
             from .tokenizer import Tokenizer
 
             tok = Tokenizer.from_dir(ckpt)
-        gen = {}
-        if (ckpt / "generation_config.json").exists():
-            gen = json.loads((ckpt / "generation_config.json").read_text())
-        return cls(model, tok, gen)
+        return cls(model, tok, read_generation_config(ckpt))
 
     # ------------------------------------------------------------ options
     def params(self, *, ar: bool = False, **options: Any) -> GenerationParams:

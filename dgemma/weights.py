@@ -85,6 +85,20 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
         ) from None
 
 
+def read_generation_config(ckpt: str | Path) -> dict:
+    """A checkpoint's generation_config.json as a dict ({} when it has none); a malformed one is a clear error."""
+    path = Path(ckpt) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"malformed JSON in {path}: {e}") from None
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return gen
+
+
 def weight_files(ckpt: Path) -> list[Path]:
     if (ckpt / INDEX).exists():
         try:

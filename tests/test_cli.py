@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -123,6 +124,9 @@ def test_chat_reads_turns_from_stdin(ckpt_tok):
     (("--max-new-tokens", "5000"), "exceeds the context"),
     (("--suffix", "x", "--ar"), "autoregressive infill needs fill-in-the-middle tokens"),
     (("--infill",), "mark the hole with [FILL]"),
+    (("--logprobs", "21"), "logprobs must be an integer from 0 to 20"),
+    (("--logit-bias", "5"), "--logit-bias takes ID=BIAS"),
+    (("--logit-bias", "99999=1"), "is not a token id in the vocabulary"),
 ])
 def test_generate_errors(ckpt_tok, extra, msg, capsys):
     from dgemma.cli import main
@@ -131,6 +135,21 @@ def test_generate_errors(ckpt_tok, extra, msg, capsys):
     assert main(["generate", str(ckpt_tok), "hi", *extra]) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_logprobs_and_logit_bias(ckpt_tok, tmp_path):
+    j = json.loads(run("generate", str(ckpt_tok), "def f(x):", "--max-new-tokens", "6", "--logprobs", "2",
+                       "--logit-bias", "7=100", "--json").stdout)
+    assert j["tokens"] == [7] * 6 and [e["token"] for e in j["logprobs"]] == j["tokens"]
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == 7 for e in j["logprobs"])
+    p = run("generate", str(ckpt_tok), "def f(x):", "--max-new-tokens", "4", "--logprobs", "1")
+    assert "logprob  token" in p.stderr and len(p.stderr.splitlines()) >= 6
+    broken = tmp_path / "broken"  # a malformed generation_config.json is one clear line, not a traceback
+    shutil.copytree(ckpt_tok, broken)
+    (broken / "generation_config.json").write_text("{not json")
+    p = run("generate", str(broken), "hi", check=False)
+    assert p.returncode == 2 and "malformed JSON in" in p.stderr and "generation_config.json" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_generate_empty_prompt_and_unknown_option(ckpt_tok):
