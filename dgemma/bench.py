@@ -7,6 +7,9 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
   dgemma-plain         the same algorithm over materialised logits (must give the same tokens)
   dgemma-reference     the engine replaying transformers' global-RNG draws (same tokens as transformers)
   dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
+  dgemma-int8          the default path on the same weights after `dgemma quantize --scheme int8` (per channel)
+  dgemma-int4          the same after `--scheme int4` (groups of 128); both report their weights' bytes and
+                       whether their tokens equal the full-precision run's
   transformers         DiffusionGemmaForBlockDiffusion.generate, same weights and seed (the reference)
   forward              not a generator: the machine's matmul peak (in the bench's dtype), and the share of it
                        that one canvas forward reaches (a step after the first: self-conditioning MLP, stack
@@ -30,7 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-reference", "dgemma-ar", "transformers", "forward")
+ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-reference", "dgemma-ar", "dgemma-int8", "dgemma-int4",
+           "transformers", "forward")
+QUANT_ENGINES = {"dgemma-int8": ("int8", None), "dgemma-int4": ("int4", 128)}
 
 
 def machine() -> dict:
@@ -111,6 +116,8 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
             canvases = -(-new.shape[0] // model.config.canvas_length)
             return toks, {"tokens_per_forward": len(toks) / passes, "mean_steps_per_canvas": passes / canvases}
     else:
+        if engine in QUANT_ENGINES:  # the driver wrote the quantized copy beside the checkpoint
+            ckpt = _quant_path(ckpt, engine)
         model = load_model(ckpt, dtype=dtype, device=dev)
         mode = AR if engine == "dgemma-ar" else DIFFUSION
         rng = "reference" if engine == "dgemma-reference" else "row"
@@ -131,7 +138,13 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         _sync(dev)
         times.append(time.perf_counter() - t)
     wall = statistics.median(times)
+    extra = {}
+    if engine != "transformers":  # the weights as held: quantized codes and scales, the rest in the dtype
+        from .quant import QuantConfig, weight_bytes
+
+        extra["weights_mib"] = weight_bytes(model.cfg, QuantConfig.of(model.cfg), dtype) / 2**20
     return {
+        **extra,
         "engine": engine,
         "tokens": len(toks),
         "token_ids": toks,
@@ -145,6 +158,10 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         "repeats": repeats,
         **_gpu_memory(dev),
     }
+
+
+def _quant_path(ckpt, engine: str) -> Path:
+    return Path(str(ckpt) + "-" + QUANT_ENGINES[engine][0])
 
 
 def _gpu_memory(dev) -> dict:
@@ -258,6 +275,12 @@ def bench_config(name: str, vocab: int, args) -> list[dict]:
         save_model(model, ckpt)
         n_params = model.num_params()
         del model
+        for engine in args.engines:
+            if engine in QUANT_ENGINES:
+                from .quant import QuantConfig, quantize_checkpoint
+
+                scheme, group = QUANT_ENGINES[engine]
+                quantize_checkpoint(ckpt, _quant_path(ckpt, engine), QuantConfig(scheme, group))
         g = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(3, min(vocab, 30_000), (args.prompt_tokens,), generator=g).tolist()
         rows = []
@@ -269,9 +292,12 @@ def bench_config(name: str, vocab: int, args) -> list[dict]:
     ref = next((r for r in rows if r["engine"] == "transformers"), None)
     base = ref
     plain = next((r for r in rows if r["engine"] == "dgemma-plain"), None)
+    full = next((r for r in rows if r["engine"] == "dgemma-diffusion"), None)
     for r in rows:
         if r["engine"] == "forward":
             continue
+        if full is not None and r["engine"] in QUANT_ENGINES:
+            r["same_tokens_as_full_precision"] = r["token_ids"] == full["token_ids"]
         if ref is not None and r["engine"] != "transformers":
             r["same_tokens_as_transformers"] = r["token_ids"] == ref["token_ids"]
         if plain is not None and r["engine"] == "dgemma-diffusion":
@@ -283,7 +309,7 @@ def bench_config(name: str, vocab: int, args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     head = f"{'config':<14}{'engine':<19}{'tokens':>7}{'wall s':>9}{'tok/s':>9}{'steps/cv':>9}{'tok/fwd':>9}" \
-           f"{'peak RSS':>10}{'vs HF':>7}  same tokens as HF"
+           f"{'peak RSS':>10}{'vs HF':>7}  same tokens as HF; notes"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -293,9 +319,16 @@ def print_table(rows: list[dict]) -> None:
                   f"{r['canvas_forward_gflops']:.1f} GFLOP/s = {100 * r['share_of_peak']:.0f}% of the "
                   f"{r['matmul_peak_gflops']:.1f} GFLOP/s {r.get('dtype', 'float32')} matmul peak measured")
             continue
-        same = r.get("same_tokens_as_transformers")
+        notes = []
+        if r.get("same_tokens_as_transformers") is not None:
+            notes.append(str(r["same_tokens_as_transformers"]))
         if r.get("same_tokens_as_plain") is not None:
-            same = f"{same} (same as plain: {r['same_tokens_as_plain']})"
+            notes.append(f"(same as plain: {r['same_tokens_as_plain']})")
+        if r.get("same_tokens_as_full_precision") is not None:
+            notes.append(f"(same as full precision: {r['same_tokens_as_full_precision']})")
+        if r.get("weights_mib") is not None:
+            notes.append(f"weights {r['weights_mib']:.0f} MiB")
+        same = " ".join(notes) or None
         print(f"{r['config']:<14}{r['engine']:<19}{r['tokens']:>7}{r['wall_s']:>9.2f}"
               f"{f(r['tokens_per_s'], '{:.1f}'):>9}{f(r['mean_steps_per_canvas'], '{:.1f}'):>9}"
               f"{f(r['tokens_per_forward'], '{:.2f}'):>9}{r['peak_rss_mib']:>8.0f}Mi"
