@@ -9,19 +9,20 @@ Fill-in-the-middle (`suffix`, completions only)
 The prompt is the prefix. The suffix's first tokens (a quarter-canvas at most) are pinned
 (`GenerationParams.fixed`) to the LAST positions of the first canvas, so the canvas denoises the free positions in
 front of them bidirectionally: the middle sees both the prefix (through the KV cache) and the suffix (inside the
-canvas). Only that one canvas is generated,
-so the middle has at most `canvas_length - len(suffix tokens)` tokens. The returned text is the middle alone:
-the canvas's tokens before the suffix, cut at the first EOS (the model ending the middle early), then at
-`max_tokens` (finish_reason "length") and at a stop string ("stop"). Reaching the suffix is "stop".
+canvas). Only that one canvas is generated, so the middle has at most `canvas_length - len(suffix tokens)` tokens.
+The returned text is the middle alone: the canvas's tokens before the suffix, cut at the first EOS (the model
+ending the middle early), then at `max_tokens` (finish_reason "length") and at a stop string ("stop"). Reaching the
+suffix is "stop". With `ar: true` the request becomes a fill-in-the-middle prompt (<|fim_prefix|> prefix
+<|fim_suffix|> suffix <|fim_middle|>) decoded left to right, for checkpoints whose tokenizer has those tokens (400
+otherwise).
 
 Log-probabilities (`logprobs`, chat `top_logprobs`)
 --------------------------------------------------
 Each returned token's log-probability under the model's raw distribution (before temperature, as vLLM reports by
 default; after `logit_bias`) at the forward that produced it: for diffusion the last denoising step of its canvas,
-whose draft is the output; for AR its own step. The alternatives are the most likely tokens at that position. In a stream, a chunk
-carries the entries of the tokens its text completes.
-With `ar: true` the request becomes a fill-in-the-middle prompt (<|fim_prefix|> prefix <|fim_suffix|> suffix
-<|fim_middle|>) decoded left to right, for checkpoints whose tokenizer has those tokens (400 otherwise).
+whose draft is the output; for AR its own step. The alternatives are the most likely tokens at that position. In a
+stream, a chunk carries the entries of the tokens its text completes. `echo` with `logprobs` (not streamed) adds
+the prompt's own tokens, scored by the prefill's next-token distribution.
 """
 
 from __future__ import annotations
