@@ -335,7 +335,7 @@ def test_prompt_logprobs_and_scoring_only(model):
     prompt = _prompt(model, 40, seed=5)
     ref = torch.log_softmax(model(torch.tensor([prompt]))[0, :-1].double(), -1)
     want = ref.gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
-    for mode, new in ((DIFFUSION, 0), (DIFFUSION, 5), (AR, 3)):
+    for mode, new in ((DIFFUSION, 0), (DIFFUSION, 5), (AR, 0), (AR, 3)):
         d = generate(model, [prompt], GenerationParams(max_new_tokens=new, prompt_logprobs=2, mode=mode,
                                                        ignore_eos=True))[0]
         assert len(d.tokens) == new and d.prompt_logprobs[0] is None and d.prompt_top_logprobs[0] == []
