@@ -179,6 +179,8 @@ class _Row:
         self.prompt_lp: list[float | None] | None = None
         self.prompt_top: list[TopLogprobs] | None = None
         self.steps_per_canvas: list[int] = []
+        self.mean_entropy = 0.0  # of the current canvas's last step
+        self.entropy_per_canvas: list[float] = []  # the mean entropy each canvas ended with
         self.decoder_passes = 0
         self.encoder_passes = 0
         self.cached = 0  # tokens of this row in the KV cache (host copy of cache.lengths[slot])
@@ -500,7 +502,7 @@ class Engine:
         r.decoder_passes += 1
         r.canvas, r.argmax, r.sc, r.sc_logits, r.lp = nxt, draft, sc_emb, sc_log, lp
         mean_t = ent.float().mean()  # compared in float32, as the reference does
-        mean_h = float(mean_t)
+        mean_h = r.mean_entropy = float(mean_t)
         if r.p.drafts if r.p.drafts is not None else self.drafts:
             events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h))
         # StableAndConfident: the draft equals each of the last `stability_threshold` drafts (none yet at the
@@ -517,6 +519,7 @@ class Engine:
         for r in rows:
             toks = r.argmax.clone()
             r.steps_per_canvas.append(r.step)
+            r.entropy_per_canvas.append(r.mean_entropy)
             if r.t_first is None:
                 r.t_first = time.perf_counter()
             cut = toks.tolist()
@@ -626,6 +629,8 @@ class Engine:
             "completion_tokens": len(tokens),
             "canvases": len(r.steps_per_canvas),
             "steps_per_canvas": r.steps_per_canvas,
+            # the sampler's mean entropy over each canvas at its last step: how sure the model was when it stopped
+            "final_mean_entropy_per_canvas": r.entropy_per_canvas,
             "mean_steps_per_canvas": (sum(r.steps_per_canvas) / len(r.steps_per_canvas)
                                       if r.steps_per_canvas else None),
             "decoder_passes": r.decoder_passes,

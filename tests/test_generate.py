@@ -96,6 +96,8 @@ def test_events_and_stats(model):
     assert st["completion_tokens"] == 2 * T and st["canvases"] == 2
     assert st["tokens_per_forward"] == pytest.approx(2 * T / st["decoder_passes"])
     assert done[0].tokens == commits[0].tokens + commits[1].tokens
+    last = [max((d for d in drafts if d.canvas == c), key=lambda d: d.step).mean_entropy for c in (0, 1)]
+    assert st["final_mean_entropy_per_canvas"] == last  # each canvas's confidence when it stopped
 
 
 def test_seeded_determinism_and_batch_invariance(model):

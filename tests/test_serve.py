@@ -321,6 +321,8 @@ def test_seeds_and_n(client):
         assert c.text == complete(client, seed=11 + i, ignore_eos=True).choices[0].text
     assert r.usage.completion_tokens == 3 * 24
     assert r.model_extra["dgemma"]["seed"] == 11
+    per = r.model_extra["dgemma"]["choices"]
+    assert [len(c["final_mean_entropy_per_canvas"]) for c in per] == [len(c["steps_per_canvas"]) for c in per]
 
 
 def test_stop_strings(client):

@@ -140,6 +140,7 @@ class Choice:
         s = self.done.stats if self.done else {}
         return {"index": self.index, "seed": self.seed, "mode": s.get("mode"),
                 "steps_per_canvas": s.get("steps_per_canvas"), "tokens_per_forward": s.get("tokens_per_forward"),
+                "final_mean_entropy_per_canvas": s.get("final_mean_entropy_per_canvas"),
                 "wall_s": s.get("wall_s"), "time_to_first_commit_s": s.get("time_to_first_commit_s")}
 
 
