@@ -243,6 +243,25 @@ def test_logprobs(client, pipe, ar):
     assert got == lp.tokens
 
 
+def test_char_offsets_are_linear_and_exact(pipe):
+    """`text_offset` in one pass over the tokens' bytes: the prefix decode's length wherever the prefix ends on a
+    character boundary, and the character's start where a token ends inside one."""
+    from dgemma.serve.completions import char_offsets
+
+    tok = pipe.tokenizer
+    text = "naïve café → 世界 👩🏽‍💻 done\n"
+    ids = tok.encode(text)
+    off = char_offsets(tok, ids)
+    assert off[-1] == len(text) and len(off) == len(ids) + 1
+    for i in range(len(ids) + 1):
+        prefix = tok.decode(ids[:i])
+        if not prefix.endswith("\ufffd"):
+            assert off[i] == len(prefix)
+        else:
+            assert off[i] == len(prefix) - 1  # the cut character starts here
+    assert char_offsets(tok, [tok.bos_id, *ids], skip_special=True)[1:] == off
+
+
 def test_echo_logprobs_score_the_prompt(client, pipe):
     """echo + logprobs + max_tokens 0, the loglikelihood request of lm-evaluation-harness: the prompt's own
     tokens with their next-token log-probabilities (None first), offsets into the echoed text; with max_tokens > 0

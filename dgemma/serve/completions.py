@@ -27,6 +27,7 @@ the prompt's own tokens, scored by the prefill's next-token distribution.
 
 from __future__ import annotations
 
+import codecs
 import json
 import secrets
 import time
@@ -105,7 +106,8 @@ class Choice:
         if final:
             end = self.completion_tokens
         else:
-            while end < len(toks) and self.sent.startswith(tok.decode(toks[:end + 1])):
+            ends = char_offsets(tok, toks)[1:]  # where each token's text ends
+            while end < len(toks) and ends[end] <= len(self.sent):
                 end += 1
         start, self.lp_sent = self.lp_sent, max(end, self.lp_sent)
         if end <= start:
@@ -468,6 +470,20 @@ def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool 
     return sse(obj)
 
 
+def char_offsets(tok, ids: list[int], skip_special: bool = False) -> list[int]:
+    """Characters of the decoded text before each token, and the total (len(ids) + 1 entries), in one pass over the
+    tokens' bytes: a token that starts inside a character (part of a UTF-8 sequence) gets that character's start.
+    Decoding every prefix instead would cost O(n^2) (1.8 s for 4,096 tokens)."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out, n = [0], 0
+    for t in ids:
+        if not (skip_special and tok.decode([t], skip_special=True) == ""):
+            n += len(dec.decode(tok.token_bytes(t)))
+        out.append(n)
+    out[-1] += len(dec.decode(b"", final=True))
+    return out
+
+
 def _by_text(tok, top) -> dict[str, float]:
     """Completions' alternatives, keyed by text: two tokens that decode alike keep the likelier one's value."""
     d: dict[str, float] = {}
@@ -489,7 +505,7 @@ def logprobs_payload(kind: str, tok, ids: list[int], lps: list[float], tops: lis
                             for i in range(start, end)], "refusal": None}
     return {"tokens": [tok.decode([t]) for t in ids[start:end]], "token_logprobs": lps[start:end],
             "top_logprobs": [_by_text(tok, tops[i]) for i in range(start, end)],
-            "text_offset": [offset + len(tok.decode(ids[:i])) for i in range(start, end)]}
+            "text_offset": [offset + o for o in char_offsets(tok, ids[:end])[start:end]]}
 
 
 def prompt_logprobs_payload(tok, ids: list[int], lps: list, tops: list) -> dict[str, Any]:
@@ -497,7 +513,7 @@ def prompt_logprobs_payload(tok, ids: list[int], lps: list, tops: list) -> dict[
     legacy API; offsets index the prompt's text as its tokens spell it (special tokens take no room)."""
     return {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": list(lps),
             "top_logprobs": [None] + [_by_text(tok, tops[i]) for i in range(1, len(ids))],
-            "text_offset": [len(tok.decode(ids[:i], skip_special=True)) for i in range(len(ids))]}
+            "text_offset": char_offsets(tok, ids, skip_special=True)[:len(ids)]}
 
 
 def draft_event(tok, choice: Choice, ev) -> dict[str, Any]:
