@@ -22,11 +22,12 @@ data() {
 train() {
   # Meant for one CUDA GPU: on an H100 a step takes ~1 s (bf16 autocast, 3 loader workers building batches ahead;
   # THREADS=4 there). Without a GPU the same command runs on the CPU (--device auto), at minutes a step here.
-  # Runs in the background: follow $RUN.log; resumable at any time with `resume`.
+  # Runs in the background: follow $RUN.log; resumable at any time with `resume`. INIT=CKPT continues training a
+  # Sudoku checkpoint (new optimizer and schedule) instead of starting a new model.
   setsid nohup $PY -m dgemma.cli sudoku train --data $DATA/train.jsonl --eval-data $DATA/valid.jsonl --out "$RUN" \
     --steps "${STEPS:-900}" --batch-size 512 --lr 1e-3 --warmup 200 --weight-decay 0.01 --beta2 0.98 \
     --save-every 500 --keep 2 --eval-every 1000 --eval-puzzles 100 --eval-steps 12 --log-every 50 \
-    --bf16 --workers "$WORKERS" --threads "$THREADS" > "$RUN.log" 2>&1 < /dev/null &
+    --bf16 --workers "$WORKERS" --threads "$THREADS" ${INIT:+--init-from "$INIT"} > "$RUN.log" 2>&1 < /dev/null &
   echo "training in the background (pid $!): tail -f $RUN.log"
 }
 
