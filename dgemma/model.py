@@ -284,9 +284,11 @@ class ExpertGroups:
     @staticmethod
     def grouped_ok(xs: torch.Tensor, w: torch.Tensor) -> bool:
         """One `torch._grouped_mm` call for every expert: on the CPU, outside autograd (its CPU backward fails
-        on empty experts), in the dtypes it takes. It gives the per-expert loop's bits (tests check). CUDA keeps
-        the loop until the grouped kernel's layout rules (bf16, aligned groups) are measured on a GPU."""
-        return (_GROUPED_MM and xs.device.type == "cpu" and xs.dtype == w.dtype
+        on empty experts), in the dtypes it takes, and once there are at least as many rows as experts (the
+        kernel visits every expert, also the empty ones: for a decoding step's one token the loop is faster). It
+        gives the per-expert loop's bits (tests check). CUDA keeps the loop until the grouped kernel's layout
+        rules (bf16, aligned groups) are measured on a GPU."""
+        return (_GROUPED_MM and xs.device.type == "cpu" and xs.dtype == w.dtype and xs.shape[0] >= w.shape[0]
                 and xs.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and
                                                                           (xs.requires_grad or w.requires_grad)))
 
