@@ -371,8 +371,7 @@ class Engine:
             lp, ids, tlp = S.raw_logprobs(self.model.logits(h[lo:lo + self.PROMPT_CHUNK]),
                                           targets[lo:lo + self.PROMPT_CHUNK], n)
             lps += lp.tolist()
-            tops += [[] for _ in range(lp.shape[0])] if ids is None else \
-                [list(zip(a, b)) for a, b in zip(ids.tolist(), tlp.tolist())]
+            tops += _top_lists(ids, tlp, lp.shape[0])
         r.prompt_lp, r.prompt_top = lps, tops
 
     def _new_canvas(self, r: _Row, first: bool = False) -> None:
@@ -559,11 +558,7 @@ class Engine:
             return None, None
         lp, ids, tlp = r.lp
         lps = lp[:n].tolist()
-        if ids is None:
-            tops = [[] for _ in lps]
-        else:  # -inf entries are tokens the step ruled out (a fixed or constrained position): not alternatives
-            tops = [[(t, v) for t, v in zip(ti, tv) if v != float("-inf")]
-                    for ti, tv in zip(ids[:n].tolist(), tlp[:n].tolist())]
+        tops = _top_lists(None if ids is None else ids[:n], None if tlp is None else tlp[:n], len(lps))
         r.out_lp.extend(lps)
         r.out_top.extend(tops)
         return lps, tops
@@ -645,6 +640,14 @@ class Engine:
         if r.p.logprobs is not None:
             lps, tops = r.out_lp[:len(tokens)], r.out_top[:len(tokens)]
         return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top)
+
+
+def _top_lists(ids: torch.Tensor | None, lps: torch.Tensor | None, n: int) -> list[TopLogprobs]:
+    """Per position, the (token, log-probability) alternatives of `raw_logprobs`' top tensors [n, k] (n empty
+    lists when none were asked). -inf entries are tokens ruled out (a fixed or constrained position): dropped."""
+    if ids is None:
+        return [[] for _ in range(n)]
+    return [[(t, v) for t, v in zip(ti, tv) if v != float("-inf")] for ti, tv in zip(ids.tolist(), lps.tolist())]
 
 
 def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:

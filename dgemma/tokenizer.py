@@ -121,7 +121,8 @@ class Tokenizer:
             self.eos_ids |= {self.eos_id}
         self.chat_template = chat_template if chat_template is not None else GEMMA4_CHAT_TEMPLATE
         self._config = dict(config or {})  # tokenizer_config.json as read, so save() keeps keys we do not use
-        self._byte_level: bool | None = None  # whether the decoder is byte-level BPE (read on first use)
+        decoder = backend.decoder.__getstate__() if backend.decoder is not None else b""
+        self._byte_level = b'"ByteLevel"' in decoder  # byte-level BPE: pieces spell bytes through GPT-2's table
         bad = [i for i in [bos_id, pad_id, *self.eos_ids] if i is not None and not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"special token ids {bad} are outside the vocabulary [0, {self.vocab_size})")
@@ -187,9 +188,6 @@ class Tokenizer:
         piece = self.id_to_token(token_id)
         if piece is None:
             return b""
-        if self._byte_level is None:
-            state = self._backend.decoder.__getstate__() if self._backend.decoder is not None else b""
-            self._byte_level = b'"ByteLevel"' in state
         if self._byte_level:
             table = _unicode_to_byte()
             if all(c in table for c in piece):
