@@ -418,6 +418,11 @@ def _add_train_options(s, *, steps=1000, batch=32, lr=3e-4, warmup=100, wd=0.0, 
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
     s.add_argument("--workers", type=int, default=0, help="processes that build batches ahead of the GPU "
                    "(default 0: inline; the batches are the same either way)")
+    s.add_argument("--moe", choices=("auto", "sorted", "dense"), default="auto",
+                   help="experts: sorted (each over its routed tokens) or dense (every expert over every token, "
+                   "weighted 0 where not routed; fewer kernels, no host sync); auto: dense on CUDA with few experts")
+    s.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for the training "
+                   "passes (a one-off compile time; evaluation stays eager)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
                    help="model config override for a new model, e.g. --set hidden_size=128 (repeatable)")
 
@@ -435,7 +440,8 @@ def _train_config(args):
         save_every=args.save_every, eval_every=args.eval_every, eval_examples=args.eval_examples, keep=args.keep,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-        device=args.device, bf16=args.bf16, threads=args.threads, workers=args.workers)
+        device=args.device, bf16=args.bf16, threads=args.threads, workers=args.workers, moe=args.moe,
+        compile=args.compile)
 
 
 def _finish_training(trainer) -> int:

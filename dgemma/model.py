@@ -238,8 +238,12 @@ class Experts(nn.Module):
     """The MoE experts as stacked weights: gate_up_proj `[E, 2I, H]` (gate first), down_proj `[E, H, I]`.
 
     Each expert runs once over the tokens routed to it (a sort by expert, then one matmul per hit expert),
-    never over every token.
+    never over every token. `dense = True` (training on a GPU, few experts: `DiffusionGemma.set_dense_experts`)
+    runs every expert over every token instead, weighted 0 where not routed: the same function, more FLOPs, but
+    no sort, no host sync and a handful of kernels, which is what a small model on a GPU is bound by.
     """
+
+    dense = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -252,22 +256,33 @@ class Experts(nn.Module):
         """The expert-sorted rows xs `[M, in]` times each one's expert weight `name` -> `[M, out]`. Quantized and
         LoRA experts override this, not the dispatch."""
         w = getattr(self, name)
+        if groups.uniform:  # every expert over the same rows: one batched matmul
+            E = w.shape[0]
+            return torch.bmm(xs.view(E, -1, xs.shape[-1]), w.transpose(1, 2)).reshape(xs.shape[0], w.shape[1])
         if groups.grouped_ok(xs, w):
             return torch._grouped_mm(xs, w.transpose(1, 2), offs=groups.offsets)
         return groups.per_expert(xs, lambda e, rows: F.linear(rows, w[e]))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return moe_dispatch(x, weights, idx, self.num_experts, self.linear)
+        return moe_dispatch(x, weights, idx, self.num_experts, self.linear, dense=self.dense)
 
 
 class ExpertGroups:
     """Rows sorted by expert: how many each expert got (`counts`, on the device), and the same on the host only
     when a per-expert loop asks for it (that read is a host sync on a GPU)."""
 
-    def __init__(self, counts: torch.Tensor):
+    def __init__(self, counts: torch.Tensor, host: list[int] | None = None):
         self.counts = counts
         self._offsets = None
-        self._host = None
+        self._host = host
+        self.uniform = False
+
+    @classmethod
+    def every_expert(cls, num_experts: int, rows: int, device) -> "ExpertGroups":
+        """Each expert over the same `rows` rows (the dense layout), known on the host: no sync."""
+        g = cls(torch.full((num_experts,), rows, dtype=torch.long, device=device), [rows] * num_experts)
+        g.uniform = True
+        return g
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -305,17 +320,26 @@ class ExpertGroups:
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, linear
-                 ) -> torch.Tensor:
+def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, linear,
+                 dense: bool = False) -> torch.Tensor:
     """Route tokens to experts: x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`.
 
     The (token, expert) pairs are sorted by expert so each hit expert runs one matmul over exactly its tokens
     (`linear(name, rows, groups)`, for gate_up_proj then down_proj); the activation runs once over all the pairs,
     and the outputs, scaled by their routing weights, are summed back per token.
+    dense: every expert over every token (`Experts.dense`), the unrouted ones weighted 0.
     """
     N, k = idx.shape
     if N == 0:
         return torch.zeros_like(x)
+    if dense:
+        groups = ExpertGroups.every_expert(num_experts, N, x.device)
+        gate_up = linear("gate_up_proj", x.repeat(num_experts, 1), groups)
+        inner = gate_up.shape[-1] // 2
+        act = gelu_tanh(gate_up[:, :inner]) * gate_up[:, inner:]
+        w = torch.zeros(N, num_experts, dtype=weights.dtype, device=x.device).scatter(1, idx, weights)
+        out = linear("down_proj", act, groups).view(num_experts, N, -1) * w.t()[:, :, None]
+        return out.sum(0).to(x.dtype)
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token = order // k
@@ -517,6 +541,13 @@ class DiffusionGemma(nn.Module):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def set_dense_experts(self, dense: bool) -> "DiffusionGemma":
+        """Every expert over every token (see `Experts`), in every MoE layer, quantized and LoRA ones included."""
+        for m in self.modules():
+            if hasattr(m, "num_experts") and hasattr(m, "dense"):
+                m.dense = dense
         return self
 
     def num_params(self) -> int:

@@ -235,6 +235,8 @@ class QuantLinear(nn.Module):
 class QuantExperts(nn.Module):
     """Stand-in for `model.Experts`: the same stacked layout ([E, 2I, H] and [E, H, I]) and forward, quantized."""
 
+    dense = False  # see Experts
+
     def __init__(self, num_experts: int, hidden: int, inner: int, scheme, device=None):
         super().__init__()
         self.num_experts, self.scheme = num_experts, scheme
@@ -263,7 +265,7 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x `[N, H]`, weights/idx `[N, k]` -> `[N, H]`, through the model's own routing (`moe_dispatch`)."""
-        return moe_dispatch(x, weights, idx, self.num_experts, self.linear)
+        return moe_dispatch(x, weights, idx, self.num_experts, self.linear, dense=self.dense)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""

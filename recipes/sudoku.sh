@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Sudoku recipe end to end (see recipes/sudoku.md). Run from the repository root; everything goes under runs/.
-# Each stage can be run alone: ./recipes/sudoku.sh data | train | resume | eval
+# Each stage can be run alone: ./recipes/sudoku.sh data | train | resume | eval | ship; on a lent GPU: gpu, collect
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DATA=runs/sudoku-data
@@ -25,10 +25,36 @@ train() {
   # Runs in the background: follow $RUN.log; resumable at any time with `resume`. INIT=CKPT continues training a
   # Sudoku checkpoint (new optimizer and schedule) instead of starting a new model.
   setsid nohup $PY -m dgemma.cli sudoku train --data $DATA/train.jsonl --eval-data $DATA/valid.jsonl --out "$RUN" \
-    --steps "${STEPS:-900}" --batch-size 512 --lr 1e-3 --warmup 200 --weight-decay 0.01 --beta2 0.98 \
-    --save-every 500 --keep 2 --eval-every 1000 --eval-puzzles 100 --eval-steps 12 --log-every 50 \
-    --bf16 --workers "$WORKERS" --threads "$THREADS" ${INIT:+--init-from "$INIT"} > "$RUN.log" 2>&1 < /dev/null &
+    --steps "${STEPS:-900}" --batch-size "${BATCH:-512}" --lr "${LR:-1e-3}" --warmup "${WARMUP:-200}" \
+    --weight-decay 0.01 --beta2 0.98 --save-every "${SAVE_EVERY:-500}" --keep 2 --eval-every "${EVAL_EVERY:-1000}" \
+    --eval-puzzles 100 --eval-steps 12 --log-every 50 --bf16 --workers "$WORKERS" --threads "$THREADS" \
+    --moe "${MOE:-auto}" ${COMPILE:+--compile} ${INIT:+--init-from "$INIT"} > "$RUN.log" 2>&1 < /dev/null &
   echo "training in the background (pid $!): tail -f $RUN.log"
+}
+
+gpu() {
+  # On a lent GPU (recipes/sudoku.md, the runbook): time the training step for a few batch sizes, MoE layouts and
+  # torch.compile (bench/train_step.py), then start the fastest as a run sized to TRAIN_SECONDS of wall time.
+  # The learning rate grows with the square root of the batch (1e-3 at 512, at most 2e-3).
+  timeout "${BENCH_SECONDS:-360}" $PY bench/train_step.py ${INIT:+--init "$INIT"} --bf16 --threads "$THREADS" --steps 4 \
+    --configs "${CONFIGS:-512:sorted,512:dense,1024:dense,2048:dense,2048:dense:compile}" \
+    --out "$RUN-train_step.json" | tee "$RUN-train_step.log" || true
+  local batch moe compile step_s
+  eval "$(grep '^BEST' "$RUN-train_step.log" | tail -1 | cut -d' ' -f2-)"  # batch= moe= compile= step_s=
+  [ -n "${step_s:-}" ] || { echo "no training config could be timed" >&2; return 1; }
+  STEPS=$($PY -c "print(max(100, int(${TRAIN_SECONDS:-1200} / ($step_s * 1.15))))") \
+  LR=$($PY -c "print(round(min(2e-3, 1e-3 * ($batch / 512) ** 0.5), 6))") \
+  WARMUP=100 BATCH=$batch MOE=$moe COMPILE=$([ "$compile" = 1 ] && echo 1) train
+}
+
+collect() {
+  # The run's final weights, or its newest checkpoint's, into DEST (default $OUT) as 15 MiB parts of one tar
+  # (the device tool brings back files of at most 16 MiB): cat DEST/weights.tgz.* | tar xz
+  local src dest=${DEST:-$OUT}
+  src=$(ls -d "$RUN"/final 2>/dev/null || ls -d "$RUN"/checkpoints/step-* 2>/dev/null | tail -1)
+  [ -n "$src" ] || { echo "nothing to collect in $RUN" >&2; return 1; }
+  tar cz --exclude=trainer_state.pt "$src" "$RUN"/log.jsonl "$RUN".log | split -b 15M - "$dest/weights.tgz."
+  echo "collected $src"
 }
 
 resume() {
@@ -51,6 +77,6 @@ ship() {
 }
 
 case "${1:-}" in
-  data) data ;; train) train ;; resume) resume ;; eval) eval_ ;; ship) ship ;;
-  *) echo "usage: $0 data|train|resume|eval|ship" >&2; exit 2 ;;
+  data) data ;; train) train ;; resume) resume ;; eval) eval_ ;; ship) ship ;; gpu) gpu ;; collect) collect ;;
+  *) echo "usage: $0 data|train|resume|eval|ship|gpu|collect" >&2; exit 2 ;;
 esac

@@ -62,6 +62,52 @@ def test_experts_train_through_the_loop():
     assert x.grad is not None and ex.gate_up_proj.grad[hit].abs().sum(dim=(1, 2)).gt(0).all()
 
 
+def _routed(cfg, tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k_experts] for _ in range(tokens)])
+    return x, torch.rand(tokens, cfg.top_k_experts, generator=g), idx
+
+
+def test_dense_experts_compute_the_routed_function_and_its_gradients():
+    """`dense` runs every expert over every token, weighted 0 where not routed: the same outputs and gradients as
+    the routed path (to float rounding), for the plain, quantized and LoRA experts."""
+    from dgemma.quant import Int8, QuantExperts
+    from dgemma.train.lora import LoRAConfig, apply_lora
+
+    cfg = tiny_config("b")  # 6 experts, top-3
+    model = randomize(DiffusionGemma(cfg))
+    x, w, idx = _routed(cfg, 23)
+    ex = model.layers[0].experts
+    quant = QuantExperts.from_experts(ex, Int8())
+    for mod in (ex, quant):
+        sorted_ = mod(x, w, idx)
+        mod.dense = True
+        torch.testing.assert_close(mod(x, w, idx), sorted_, rtol=1e-5, atol=1e-6)
+        mod.dense = False
+    xg = x.clone().requires_grad_(True)
+    grads = []
+    for dense in (False, True):
+        ex.dense = dense
+        ex.zero_grad()
+        xg.grad = None
+        ex(xg, w, idx).square().sum().backward()
+        grads.append((xg.grad.clone(), ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the model switch reaches LoRA experts too, and the adapted model gives the same logits either way
+    apply_lora(model, LoRAConfig(4, 8.0, ("all",)), seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.endswith("_B"):
+                p.normal_(0, 0.1)
+    ids = torch.randint(5, cfg.vocab_size, (2, 9))
+    routed = model(ids, denoise=True)
+    model.set_dense_experts(True)
+    assert all(layer.experts.dense and layer.experts.base.dense for layer in model.layers)  # LoRAExperts(Experts)
+    torch.testing.assert_close(model(ids, denoise=True), routed, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_and_rope_keep_the_reference_bits(dtype):
     g = torch.Generator().manual_seed(0)

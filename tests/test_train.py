@@ -20,7 +20,7 @@ from dgemma.model import DiffusionGemma
 from dgemma.train.data import IGNORE, DataError, Example, draw_for, load_jsonl, make_batch
 from dgemma.train.loss import ObjectiveConfig, TrainCache, objective
 from dgemma.train.noise import corrupt, draw, example_generator
-from dgemma.train.trainer import ListDataset, TrainConfig, Trainer, lr_factor
+from dgemma.train.trainer import ListDataset, TrainConfig, Trainer, TrainError, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,11 +214,11 @@ def test_self_conditioning_two_passes(model):
 
 
 # ---------------------------------------------------------------- the loop
-def tiny_trainer(tmp_path, exs, **kw):
+def tiny_trainer(tmp_path, exs, eval_data=None, **kw):
     m = randomize(DiffusionGemma(tiny_config("a")), seed=2)
     cfg = TrainConfig(out=str(tmp_path), **{"steps": 40, "batch_size": 4, "lr": 3e-3, "warmup": 5,
                                              "save_every": 0, "log_every": 5, **kw})
-    return Trainer(m, ListDataset(exs), cfg, quiet=True)
+    return Trainer(m, ListDataset(exs), cfg, eval_data=eval_data, quiet=True)
 
 
 def test_loss_falls_on_a_tiny_overfit_run(tmp_path):
@@ -242,6 +242,30 @@ def test_gradient_accumulation_matches_one_batch(tmp_path):
     # Adam divides by sqrt(v): float noise in near-zero gradients can move a weight by up to ~lr per step.
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert (pa - pb).abs().max() < 1e-3
+
+
+def test_dense_experts_train_like_the_routed_ones(tmp_path):
+    """--moe dense (the GPU layout) follows the routed run's loss curve to float rounding; `auto` picks it on CUDA
+    only; --compile leaves evaluation eager (no graph is built by evaluate)."""
+    from dgemma.train.trainer import dense_experts
+
+    cfg = tiny_config("a")
+    exs = examples(cfg, [(6, 14), (5, 40), (7, 10), (4, 16)])
+    a = tiny_trainer(tmp_path / "a", exs, steps=3, moe="sorted")
+    b = tiny_trainer(tmp_path / "b", exs, steps=3, moe="dense")
+    assert not a.model.layers[0].experts.dense and b.model.layers[0].experts.dense
+    for _ in range(3):
+        assert a.train_step()["loss"] == pytest.approx(b.train_step()["loss"], abs=1e-5)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert dense_experts("auto", cfg, cuda) and not dense_experts("auto", cfg, cpu)
+    assert not dense_experts("auto", cfg.replace(num_experts=64, top_k_experts=2), cuda)
+    assert dense_experts("dense", cfg, cpu) and not dense_experts("sorted", cfg, cuda)
+    with pytest.raises(TrainError, match="--moe"):
+        TrainConfig(out=str(tmp_path), moe="fast")
+    c = tiny_trainer(tmp_path / "c", exs, steps=3, compile=True, eval_data=ListDataset(exs[:2]))
+    torch._dynamo.utils.counters.clear()
+    ev = c.evaluate()
+    assert math.isfinite(ev["eval_loss"]) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
 def test_lr_schedule():

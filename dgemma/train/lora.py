@@ -93,6 +93,8 @@ class LoRALinear(nn.Module):
 class LoRAExperts(nn.Module):
     """`Experts` with a rank-r adapter per expert on gate_up_proj and down_proj (`linear` is the override point)."""
 
+    dense = False  # see Experts
+
     def __init__(self, base: Experts, rank: int, scale: float, gen: torch.Generator):
         super().__init__()
         self.base, self.scale, self.num_experts = base, scale, base.num_experts
@@ -111,7 +113,7 @@ class LoRAExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # the model's own routing; only the per-expert products differ
-        return moe_dispatch(x, weights, idx, self.num_experts, self.linear)
+        return moe_dispatch(x, weights, idx, self.num_experts, self.linear, dense=self.dense)
 
     @torch.no_grad()
     def merged(self) -> Experts:

@@ -93,6 +93,8 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast (for CUDA; works on the CPU too); fp32 master weights
     threads: int = 0  # torch CPU threads per process (0 = leave torch's default)
     workers: int = 0  # processes that build the next steps' batches ahead (0 = inline); results are identical
+    moe: str = "auto"  # sorted | dense (every expert over every token) | auto: dense on CUDA with few experts
+    compile: bool = False  # torch.compile each decoder layer (training passes only; evaluation runs eagerly)
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
@@ -105,7 +107,8 @@ class TrainConfig:
                 (self.diffusion_weight + self.ar_weight > 0, "at least one loss weight must be positive"),
                 (self.micro_batch is None or self.micro_batch > 0, "--micro-batch must be positive"),
                 (self.save_every >= 0 and self.eval_every >= 0 and self.log_every > 0, "intervals must be >= 0"),
-                (self.lora_rank >= 0, "--lora-rank must be >= 0"), (self.workers >= 0, "--workers must be >= 0")]
+                (self.lora_rank >= 0, "--lora-rank must be >= 0"), (self.workers >= 0, "--workers must be >= 0"),
+                (self.moe in ("auto", "sorted", "dense"), "--moe must be auto, sorted or dense")]
         for ok, msg in need:
             if not ok:
                 raise TrainError(msg)
@@ -132,6 +135,15 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def dense_experts(moe: str, mcfg, device: torch.device) -> bool:
+    """Whether training runs every expert over every token (`Experts.dense`). auto: on CUDA when that costs at
+    most twice the routed FLOPs (experts <= 2 x top-k), where a small model is bound by kernel count and host syncs
+    rather than arithmetic; the routed path elsewhere (the CPU is bound by arithmetic)."""
+    if moe == "auto":
+        return device.type == "cuda" and mcfg.num_experts <= 2 * mcfg.top_k_experts
+    return moe == "dense"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -310,6 +322,14 @@ class Trainer:
         if resume_from is not None and has_lora(model):
             load_adapter(model, resume_from)
         self.model = model.to(self.device).train()
+        model.set_dense_experts(dense_experts(cfg.moe, model.cfg, self.device))
+        if cfg.compile:
+            from torch import _dynamo
+
+            # one graph per layer kind x pass (encoder, denoiser with and without gradients), dynamic row counts
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+            for layer in model.layers:
+                layer.compile(dynamic=True)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise TrainError("the model has no trainable parameters")
@@ -318,7 +338,8 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                     fused=self.device.type == "cuda" or None)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
         self.order = Order(len(train_data), cfg.seed)
@@ -419,16 +440,18 @@ class Trainer:
         """Held-out objective with fixed noise (the same draws at every evaluation), plus the eval hook."""
         out = {}
         model = self.model.eval()
+        stance = torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
         try:
-            if self.eval_data is not None and len(self.eval_data):
-                n = min(len(self.eval_data), self.cfg.eval_examples)
-                stats = heldout_stats(self.module, [self.eval_data.example(i, 0) for i in range(n)],
-                                      seed=self.cfg.seed, micro=self.micro, eps=self.cfg.eps, sc_prob=self.cfg.sc_prob,
-                                      pad=self.pad, ar_on_prompt=self.cfg.ar_on_prompt, device=self.device,
-                                      autocast=self._autocast)
-                out.update({f"eval_{k}": v for k, v in stats.items()})
-            if self.eval_hook is not None:
-                out.update(self.eval_hook(model))
+            with stance:
+                if self.eval_data is not None and len(self.eval_data):
+                    n = min(len(self.eval_data), self.cfg.eval_examples)
+                    stats = heldout_stats(self.module, [self.eval_data.example(i, 0) for i in range(n)],
+                                          seed=self.cfg.seed, micro=self.micro, eps=self.cfg.eps,
+                                          sc_prob=self.cfg.sc_prob, pad=self.pad, ar_on_prompt=self.cfg.ar_on_prompt,
+                                          device=self.device, autocast=self._autocast)
+                    out.update({f"eval_{k}": v for k, v in stats.items()})
+                if self.eval_hook is not None:
+                    out.update(self.eval_hook(model))
         finally:
             model.train()
         return out
