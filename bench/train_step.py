@@ -7,7 +7,7 @@ AdamW).
 
 A config is BATCH:MOE[:compile] (MOE: sorted | dense). Each one builds a fresh Trainer, runs 3 warm-up steps (the
 first call's compile time is reported apart), then times `--steps` steps, synchronising the device at both ends.
-The fastest config by examples per second is printed last.
+After each config, a `BEST` line names the fastest so far by examples per second (the last one holds).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 def parse_configs(text: str) -> list[tuple[int, str, bool]]:

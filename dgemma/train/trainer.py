@@ -36,6 +36,9 @@ from .noise import example_generator
 from . import state as S
 
 
+MOE_LAYOUTS = ("auto", "sorted", "dense")  # TrainConfig.moe, see dense_experts
+
+
 class TrainError(ValueError):
     """A training option or setup that cannot work, reported as one line."""
 
@@ -108,7 +111,7 @@ class TrainConfig:
                 (self.micro_batch is None or self.micro_batch > 0, "--micro-batch must be positive"),
                 (self.save_every >= 0 and self.eval_every >= 0 and self.log_every > 0, "intervals must be >= 0"),
                 (self.lora_rank >= 0, "--lora-rank must be >= 0"), (self.workers >= 0, "--workers must be >= 0"),
-                (self.moe in ("auto", "sorted", "dense"), "--moe must be auto, sorted or dense")]
+                (self.moe in MOE_LAYOUTS, f"--moe must be one of {', '.join(MOE_LAYOUTS)}")]
         for ok, msg in need:
             if not ok:
                 raise TrainError(msg)
