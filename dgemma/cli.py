@@ -607,7 +607,7 @@ def cmd_sudoku(args) -> int:
 
 
 def _sudoku_sampler(args):
-    """The checkpoint's own decoding settings (generation_config.json), with --t-min/--t-max/--entropy-bound on top."""
+    """The checkpoint's own decoding settings (generation_config.json), with the sampler flags given on top."""
     from .sampler import SamplerConfig
     from .weights import read_generation_config, resolve
 
@@ -617,8 +617,8 @@ def _sudoku_sampler(args):
         base = SamplerConfig.from_generation_config(gen) if gen else SamplerConfig()
     except (ValueError, TypeError, KeyError) as e:
         raise UsageError(f"{ckpt / 'generation_config.json'}: bad sampler settings: {e}") from None
-    overrides = {k: v for k, v in (("t_min", args.t_min), ("t_max", args.t_max),
-                                   ("entropy_bound", args.entropy_bound)) if v is not None}
+    overrides = {k: getattr(args, k) for k in ("t_min", "t_max", "entropy_bound", "confidence_threshold",
+                                               "stability_threshold") if getattr(args, k) is not None}
     try:
         return base.replace(**overrides)
     except ValueError as e:
@@ -630,6 +630,10 @@ def _add_sudoku_sampler_args(p) -> None:
     g.add_argument("--t-min", type=float, help="temperature at the end of the schedule")
     g.add_argument("--t-max", type=float, help="temperature at the start of the schedule")
     g.add_argument("--entropy-bound", type=float, help="EntropyBound acceptance budget per step")
+    g.add_argument("--stability", dest="stability_threshold", type=int,
+                   help="steps the draft must stay unchanged to stop early (0: off)")
+    g.add_argument("--confidence", dest="confidence_threshold", type=float,
+                   help="mean entropy under which a stable canvas stops early")
     g.add_argument("--constrain", action="store_true", help="decode under the puzzle's constraint: a blank cell "
                    "may only take a digit no given in its row, column or box holds (constrained decoding)")
 

@@ -1,7 +1,7 @@
 """`dgemma demo` (what `make demo` runs): the shipped models end to end, diffusion beside autoregressive decoding.
 
-  1. Sudoku (when a Sudoku model is shipped): it fills a board it has never seen, the canvas drawn after every
-     denoising step, then the same checkpoint decodes it left to right.
+  1. Sudoku: the shipped Sudoku model fills a board it has never seen, the canvas drawn after every denoising
+     step, then the same checkpoint decodes it left to right.
   2. Code completion: the shipped code model writes a function body from its signature, the canvas drawn live.
   3. Infill: the same model fills a function body between its signature and the code after it (the suffix is
      fixed at the canvas end); autoregressive decoding infills through a fill-in-the-middle prompt.
@@ -121,8 +121,8 @@ def run_demo(args) -> int:
         shipped_model("sudoku")
         _sudoku(12)
     except FileNotFoundError:
-        _banner("1. Sudoku: no Sudoku model is shipped yet (its training has not reached the recipe's target; "
-                "see recipes/sudoku.md to train one: `dgemma sudoku solve MODEL PUZZLE` runs it)")
+        _banner("1. Sudoku: skipped, this checkout has no dgemma/models/sudoku (recipes/sudoku.md trains one; "
+                "`dgemma sudoku solve MODEL PUZZLE` runs it)")
     pipe = Pipeline.load(str(code), dtype=torch.float32, device="cpu", quiet=True)
     _code(pipe, steps)
     return 0

@@ -73,9 +73,11 @@ eval_() {
 ship() {
   # bf16 weights into the package (16.5 MB; the shipped-model test allows 20 MB, and bf16 solves as many boards as
   # the fp32 master weights: BENCHMARKS.md), with the loss curve, the commands, the evaluation and checksums.
-  # LOG= a log of every stage when the run continued another (--init-from), steps numbered across the stages.
+  # LOG= a log of every stage when the run continued another (--init-from), steps numbered across the stages;
+  # MACHINE= where it trained (default: this machine), NOTES= free text for TRAINING.json.
   $PY -m dgemma.tasks.ship "$RUN/final" dgemma/models/sudoku --log "${LOG:-$RUN/log.jsonl}" --dtype bfloat16 \
-    --eval "$RUN/eval_30_36.json" --eval "$RUN/eval_24_29.json" --command "./recipes/sudoku.sh data && ./recipes/sudoku.sh train  # see recipes/sudoku.sh"
+    --eval "$RUN/eval_30_36.json" --eval "$RUN/eval_24_29.json" --command "./recipes/sudoku.sh data && ./recipes/sudoku.sh train  # see recipes/sudoku.sh" \
+    ${MACHINE:+--machine "$MACHINE"} ${NOTES:+--notes "$NOTES"}
 }
 
 case "${1:-}" in

@@ -155,10 +155,11 @@ def test_cli_gen_train_eval(trained):
     assert rows[1]["sampler"]["confidence_threshold"] == 0.0
     p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"), "--n", "2",
             "--steps", "2", "--no-fixed", "--no-ar", "--t-min", "0.3", "--t-max", "0.6", "--entropy-bound", "0.5",
-            "--json", str(out))
+            "--confidence", "0.02", "--stability", "2", "--json", str(out))
     assert p.returncode == 0, p.stderr
     (row,) = json.loads(out.read_text())["results"]
     assert row["sampler"]["t_min"] == 0.3 and row["sampler"]["t_max"] == 0.6
+    assert row["sampler"]["confidence_threshold"] == 0.02 and row["sampler"]["stability_threshold"] == 2
     assert row["sampler"]["sampler_config"]["entropy_bound"] == 0.5 and row["sampler"]["max_denoising_steps"] == 2
     p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"), "--n", "3",
             "--steps", "2", "--no-fixed", "--constrain", "--json", str(out))
@@ -170,6 +171,9 @@ def test_cli_gen_train_eval(trained):
     p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"), "--t-min", "2",
             "--t-max", "1")
     assert p.returncode == 2 and "t_min" in p.stderr and "Traceback" not in p.stderr
+    p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"),
+            "--confidence", "-1")
+    assert p.returncode == 2 and "confidence_threshold" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_allowed_tokens_are_the_candidates_the_givens_leave():

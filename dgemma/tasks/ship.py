@@ -89,11 +89,20 @@ def svg_curve(rows: list[dict], title: str) -> str:
 
 
 def run_wall_s(log: Path, src: Path) -> int | None:
-    """Wall time of the run: from the first to the last log line's clock ("time", written by the trainer), else
-    from the run's train_config.json (written at its start) to the checkpoint's files."""
-    times = [r["time"] for r in map(json.loads, filter(str.strip, log.read_text().splitlines())) if "time" in r]
-    if len(times) >= 2:
-        return round(times[-1] - times[0])
+    """Wall time of the run from the log's clock ("time", written by the trainer): per stage (a run continued
+    from another's checkpoint numbers its steps on and marks its rows with "stage"), the first to the last line,
+    scaled to the stage's steps (its first line comes a few steps in); idle time between stages is not counted.
+    Without a clock: the run's train_config.json (written at its start) to the checkpoint's files."""
+    rows = [r for r in map(json.loads, filter(str.strip, log.read_text().splitlines())) if "time" in r and "step" in r]
+    total, start, prev_end = 0.0, 0, 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i].get("stage") != rows[i - 1].get("stage"):
+            first, last = rows[start], rows[i - 1]
+            if last["step"] > first["step"]:
+                total += (last["time"] - first["time"]) * (last["step"] - prev_end) / (last["step"] - first["step"])
+            start, prev_end = i, last["step"]
+    if total > 0:
+        return round(total)
     cfg = log.parent / "train_config.json"
     return round((src / "config.json").stat().st_mtime - cfg.stat().st_mtime) if cfg.is_file() else None
 
