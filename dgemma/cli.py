@@ -138,6 +138,8 @@ def add_model_args(s) -> None:
     s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights dtype (default: float32 on CPU, "
                    "bfloat16 on CUDA)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
+                   "weights as they load; a MODEL that is itself an adapter directory loads the base it records")
 
 
 def add_sampling_args(s) -> None:
@@ -202,7 +204,13 @@ def load_pipeline(args):
     from .pipeline import Pipeline
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
-    return Pipeline.load(model_path(args), dtype=dtype, device=getattr(args, "device", None))
+    adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
+    if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
+        from .train.lora import read_adapter_config
+
+        read_adapter_config(adapter)  # a directory that is not an adapter is an error, not a model to load
+        return Pipeline.load(adapter, dtype=dtype, device=device)
+    return Pipeline.load(model_path(args), adapter=adapter, dtype=dtype, device=device)
 
 
 def split_model_prompt(args) -> None:
@@ -366,7 +374,8 @@ def cmd_serve(args) -> int:
         raise UsageError(f"dgemma serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'dgemma[serve]'") from None
     settings = ServerSettings(
-        model_name=args.model_name or (Path(str(args.model).rstrip("/")).name if args.model else "dgemma-code"),
+        model_name=args.model_name or (Path(str(args.adapter or args.model).rstrip("/")).name
+                                       if args.adapter or args.model else "dgemma-code"),
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
         max_context=args.max_context, max_body_bytes=args.max_body_bytes,
@@ -584,7 +593,9 @@ def cmd_sudoku(args) -> int:
         except FileNotFoundError as e:
             raise UsageError(f"{e}; name a Sudoku checkpoint: dgemma sudoku solve MODEL PUZZLE") from None
     model = load_model(args.model, dtype=torch_float32(), quiet=True).eval()
-    sampler = _sudoku_sampler(args).replace(max_denoising_steps=args.steps)
+    sampler = _sudoku_sampler(args)
+    if args.steps is not None:
+        sampler = sampler.replace(max_denoising_steps=args.steps)
     if args.no_early:
         sampler = sampler.replace(confidence_threshold=0.0)
     params = GenerationParams(max_new_tokens=81, seed=args.seed, sampler=sampler,
@@ -690,7 +701,7 @@ def _add_sudoku_parser(sub) -> None:
     v = ss.add_parser("solve", help="solve one puzzle, showing the board fill in step by step")
     v.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped Sudoku model)")
     v.add_argument("puzzle", nargs="?", help="81 characters: digits, and 0 or . for blanks")
-    v.add_argument("--steps", type=int, default=48, help="step budget (default 48)")
+    v.add_argument("--steps", type=int, help="step budget (default: the checkpoint's, 12 for the shipped model)")
     v.add_argument("--no-early", action="store_true", help="run all steps (no early stop)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")

@@ -45,11 +45,18 @@ class Pipeline:
         self.max_new_tokens = int(self.generation_config.get("max_new_tokens") or 256)
 
     @classmethod
-    def load(cls, path_or_id: str, *, dtype: torch.dtype | None = None, device: str | None = None,
-             quiet: bool = False) -> "Pipeline":
+    def load(cls, path_or_id: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
+             device: str | None = None, quiet: bool = False) -> "Pipeline":
+        """A checkpoint (directory or hub id) with its tokenizer and generation defaults. `adapter`: a LoRA
+        adapter directory (`dgemma train --lora-rank`), folded into the weights as they load. An adapter
+        directory given as the checkpoint itself loads the base it records (`base_model_name_or_path`)."""
         device = device or default_device()
         ckpt = resolve(path_or_id)
+        if adapter is None and (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
+            ckpt, adapter = _adapter_base(ckpt), ckpt
         model = load_model(ckpt, dtype=dtype or default_dtype(device), device=device, quiet=quiet)
+        if adapter is not None:
+            _fold_adapter(model, adapter)
         tok = None
         if (ckpt / "tokenizer.json").exists():
             from .tokenizer import Tokenizer
@@ -167,3 +174,35 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path) -> Path:
 
     gen = {**pipe.generation_config, **pipe.sampler.to_generation_config(), "max_new_tokens": pipe.max_new_tokens}
     return save_model(pipe.model, out_dir, generation_config=gen, tokenizer=pipe.tokenizer)
+
+
+def _adapter_base(adapter: Path) -> Path:
+    """The base checkpoint an adapter directory names, resolved like any checkpoint."""
+    from .train.lora import read_adapter_config
+    from .weights import CheckpointError
+
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{adapter} is a LoRA adapter that does not name its base model; give the base and "
+                              f"the adapter: MODEL --adapter {adapter}")
+    try:
+        return resolve(base)
+    except CheckpointError as e:
+        raise CheckpointError(f"{adapter} is a LoRA adapter for {base!r}, which cannot be loaded ({e}); give the "
+                              f"base and the adapter: MODEL --adapter {adapter}") from None
+
+
+def _fold_adapter(model: DiffusionGemma, adapter: str | Path) -> None:
+    """Apply a LoRA adapter and merge it into the weights in place: the result runs at the base's speed."""
+    from .quant import QuantConfig
+    from .train.lora import load_adapter, merge_lora
+
+    q = QuantConfig.of(model.cfg)
+    if q is not None:
+        from .train.lora import LoRAError
+
+        raise LoRAError(f"a LoRA adapter cannot be folded into a {q.scheme}-quantized checkpoint: merge it into the "
+                        "full-precision base (dgemma train merge BASE ADAPTER OUT), then quantize that")
+    with torch.no_grad():
+        load_adapter(model, adapter)
+        merge_lora(model)

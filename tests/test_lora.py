@@ -143,3 +143,41 @@ def test_cli_lora_train_then_merge(tmp_path, inputs):
     out = load_model(tmp_path / "merged", quiet=True).eval()
     assert (logits(out, *inputs) - logits(with_adapter, *inputs)).abs().max() < 1e-4
     assert (logits(out, *inputs) - logits(base_model(), *inputs)).abs().max() > 1e-4  # training did something
+
+
+def test_adapter_loads_folded_into_its_base(tmp_path, inputs):
+    # the fine-tune -> generate/serve loop without a merged copy on disk: `MODEL --adapter DIR`, or the adapter
+    # directory alone (it records its base), gives the weights `dgemma train merge` writes, bit for bit
+    from dgemma.pipeline import Pipeline
+    from dgemma.quant import QuantConfig, quantize_checkpoint
+    from dgemma.train.run import merge
+    from dgemma.weights import CheckpointError, load_model, save_model
+
+    base_dir = save_model(base_model(), tmp_path / "base")
+    model = base_model()
+    apply_lora(model, LoRAConfig(rank=4))
+    perturb(model)
+    adapter = save_adapter(model, tmp_path / "adapter", base=str(base_dir))
+    merged = load_model(merge(str(base_dir), str(adapter), str(tmp_path / "merged")), quiet=True)
+    want = merged.state_dict()
+    for pipe in (Pipeline.load(str(base_dir), adapter=str(adapter), dtype=torch.float32, device="cpu", quiet=True),
+                 Pipeline.load(str(adapter), dtype=torch.float32, device="cpu", quiet=True)):
+        got = pipe.model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (logits(merged, *inputs) - logits(base_model(), *inputs)).abs().max() > 1e-3  # the adapter counts
+
+    # an adapter whose base is gone, one for another base, and a quantized base: one clear error each
+    orphan = save_adapter(model, tmp_path / "orphan", base=str(tmp_path / "gone"))
+    with pytest.raises(CheckpointError, match="is a LoRA adapter for .*gone.*--adapter"):
+        Pipeline.load(str(orphan), device="cpu", quiet=True)
+    other = save_model(randomize(DiffusionGemma(tiny_config("b")), seed=0), tmp_path / "other")
+    with pytest.raises(LoRAError, match="does not fit the model|shape"):
+        Pipeline.load(str(other), adapter=str(adapter), device="cpu", quiet=True)
+    quantize_checkpoint(base_dir, tmp_path / "q8", QuantConfig("int8"))
+    with pytest.raises(LoRAError, match="quantized"):
+        Pipeline.load(str(tmp_path / "q8"), adapter=str(adapter), device="cpu", quiet=True)
+    with pytest.raises(LoRAError, match="not a LoRA adapter directory"):
+        Pipeline.load(str(base_dir), adapter=str(tmp_path), device="cpu", quiet=True)
+    r = subprocess.run([sys.executable, "-m", "dgemma.cli", "generate", str(base_dir), "hi", "--adapter",
+                        str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
+    assert r.returncode == 2 and "not a LoRA adapter directory" in r.stderr and "Traceback" not in r.stderr
