@@ -175,3 +175,12 @@ def test_bench_smoke(tmp_path):
     mib = [res[e]["weights_mib"] for e in ("dgemma-int4", "dgemma-int8", "dgemma-diffusion")]
     assert mib == sorted(mib) and len(set(mib)) == 3
     assert isinstance(res["dgemma-int8"]["same_tokens_as_full_precision"], bool) and "weights" in p.stdout
+
+
+def test_a_reader_that_leaves_gets_no_traceback(ckpt_tok):
+    # `dgemma generate ... | head -c 1`: the pipe closes before the output is written
+    p = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "generate", str(ckpt_tok), "abc", "--json",
+                          "--max-new-tokens", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Exception ignored" not in err, err
