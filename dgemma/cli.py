@@ -206,10 +206,9 @@ def load_pipeline(args):
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
-        from .train.lora import read_adapter_config
+        from .pipeline import adapter_base
 
-        read_adapter_config(adapter)  # a directory that is not an adapter is an error, not a model to load
-        return Pipeline.load(adapter, dtype=dtype, device=device)
+        return Pipeline.load(str(adapter_base(Path(adapter))), adapter=adapter, dtype=dtype, device=device)
     return Pipeline.load(model_path(args), adapter=adapter, dtype=dtype, device=device)
 
 

@@ -53,7 +53,7 @@ class Pipeline:
         device = device or default_device()
         ckpt = resolve(path_or_id)
         if adapter is None and (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
-            ckpt, adapter = _adapter_base(ckpt), ckpt
+            ckpt, adapter = adapter_base(ckpt), ckpt
         model = load_model(ckpt, dtype=dtype or default_dtype(device), device=device, quiet=quiet)
         if adapter is not None:
             _fold_adapter(model, adapter)
@@ -176,8 +176,9 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path) -> Path:
     return save_model(pipe.model, out_dir, generation_config=gen, tokenizer=pipe.tokenizer)
 
 
-def _adapter_base(adapter: Path) -> Path:
-    """The base checkpoint an adapter directory names, resolved like any checkpoint."""
+def adapter_base(adapter: Path) -> Path:
+    """The base checkpoint an adapter directory names, resolved like any checkpoint (a directory that is not an
+    adapter is an error)."""
     from .train.lora import read_adapter_config
     from .weights import CheckpointError
 
@@ -195,12 +196,10 @@ def _adapter_base(adapter: Path) -> Path:
 def _fold_adapter(model: DiffusionGemma, adapter: str | Path) -> None:
     """Apply a LoRA adapter and merge it into the weights in place: the result runs at the base's speed."""
     from .quant import QuantConfig
-    from .train.lora import load_adapter, merge_lora
+    from .train.lora import LoRAError, load_adapter, merge_lora
 
     q = QuantConfig.of(model.cfg)
     if q is not None:
-        from .train.lora import LoRAError
-
         raise LoRAError(f"a LoRA adapter cannot be folded into a {q.scheme}-quantized checkpoint: merge it into the "
                         "full-precision base (dgemma train merge BASE ADAPTER OUT), then quantize that")
     with torch.no_grad():

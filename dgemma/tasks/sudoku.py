@@ -68,9 +68,9 @@ def tokenizer():
 
 def sampler_config(steps: int = 12):
     """The recipe's decoding settings, saved with every checkpoint: the target's budget of 12 steps (the shipped
-    model stops after 8.5 on average; 24 adds 0.4 points for 6.7 more steps, recipes/sudoku.md). Much warmer than SamplerConfig's 0.4-0.8: the
-    entropy bound applies to the tempered distribution, so a cold schedule accepts many cells per step, wrong ones
-    included, and the early stop freezes them. Chosen on the validation set at step 500 of the GPU run; on the
+    model stops after 8.5 on average; 24 adds 0.4 points for 6.7 more steps, recipes/sudoku.md). Much warmer than
+    SamplerConfig's 0.4-0.8: the entropy bound applies to the tempered distribution, so a cold schedule accepts
+    many cells per step, wrong ones included, and the early stop freezes them. Chosen on the validation set at step 500 of the GPU run; on the
     1,000 test boards at N = 12: 29.3% solved, against 24.5% at 0.8-1.0 and 20.4% at 0.4-0.8 (recipes/sudoku.md)."""
     from ..sampler import SamplerConfig
 
