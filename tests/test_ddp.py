@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,32 @@ TINY = ["--preset", "tiny", "--set", "vocab_size=16", "--set", "eos_token_id=[1]
         "--set", "canvas_length=8", "--threads", "1"]
 
 
-def curve(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+def run(cmd: list[str], env: dict, timeout: float = 150) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session. If it outlives `timeout`, every process in the session gets SIGABRT first,
+    which PYTHONFAULTHANDLER turns into a Python traceback of each thread on stderr, then SIGKILL; the test fails
+    with that stderr, so a hang says where it hung."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**env, "PYTHONFAULTHANDLER": "1"}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            if sig == signal.SIGABRT:
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[:6])} ... hung for {timeout} s; its stderr:\n{err[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def curve(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
@@ -33,13 +58,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     common = ["train", "--data", str(data), *TINY, "--steps", "6", "--batch-size", "8", "--lr", "3e-3",
               "--warmup", "2", "--log-every", "1", "--save-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "dgemma.cli", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    one = run([sys.executable, "-m", "dgemma.cli", *common, "--out", str(tmp_path / "one")], env)
     assert one.returncode == 0, one.stderr
     # two ranks of 4 examples each, and each rank accumulates two micro-batches of 2
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "dgemma.cli", *common, "--micro-batch", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "dgemma.cli", *common, "--micro-batch", "2", "--out", str(tmp_path / "two")], env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))

@@ -51,5 +51,9 @@ class DistEnv:
         return box[0]
 
     def close(self) -> None:
+        """Tear the group down on a clean finish. Every rank meets at a barrier first: a rank that reaches
+        destroy_process_group while another is still busy (rank 0 printing its summary) can hang there
+        (pytorch/pytorch#75097)."""
         if self.world > 1 and tdist.is_initialized():
+            tdist.barrier()
             tdist.destroy_process_group()
