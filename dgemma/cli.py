@@ -119,7 +119,7 @@ def print_info(d: dict) -> None:
               f"  tokenizer       vocab {t['vocab_size']:,}, pad {t['pad']}, bos {t['bos']}, eos {t['eos']}")
     if "generation_config" in d:
         g = d["generation_config"]
-        keys = ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+        keys = ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold", "restarts")
         shown = ", ".join(f"{k} {g[k]}" for k in keys if k in g)
         print(f"  generation      {shown}")
 
@@ -152,6 +152,8 @@ def add_sampling_args(s) -> None:
     g.add_argument("--t-max", type=float, help="temperature at the start of the schedule")
     g.add_argument("--stability", type=int, help="steps the draft must stay unchanged to stop early (0: off)")
     g.add_argument("--confidence", type=float, help="mean entropy under which a stable canvas stops early")
+    g.add_argument("--restarts", type=int, help="times a canvas that never stops early (never became sure) "
+                   "starts again from fresh noise; the most confident attempt is kept (default 0)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ar", action="store_true", help="decode autoregressively with the same weights (baseline)")
     g.add_argument("--ar-temperature", type=float, help="AR sampling temperature (default 0: greedy)")
@@ -166,7 +168,8 @@ def add_sampling_args(s) -> None:
 def sampling_options(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
             "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
-            "stability": args.stability, "confidence": args.confidence, "stop": args.stop,
+            "stability": args.stability, "confidence": args.confidence, "restarts": args.restarts,
+            "stop": args.stop,
             "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None),
             "logit_bias": _logit_bias(getattr(args, "logit_bias", None))}
 
@@ -561,14 +564,17 @@ def cmd_sudoku(args) -> int:
         model = load_model(args.model, dtype=torch_float32(), quiet=True).eval()
         base = _sudoku_sampler(args)
         print(f"sampler: temperature {base.t_min:g}-{base.t_max:g}, entropy bound {base.entropy_bound:g}, early stop "
-              f"after {base.stability_threshold} stable step(s) under mean entropy {base.confidence_threshold:g}")
+              f"after {base.stability_threshold} stable step(s) under mean entropy {base.confidence_threshold:g}, "
+              f"{base.restarts} restart(s) for a board that never stops early")
         rows = []
         for st in EV.settings(budgets, early=not args.no_early, fixed=not args.no_fixed, ar=not args.no_ar,
                               seed=args.seed, sampler=base, constrain=args.constrain):
             r = EV.evaluate(model, pairs, st, batch=args.batch)
             rows.append(r)
             print(f"{r['setting']:<28} solve {100 * r['solve_rate']:6.2f}%  cells {100 * r['cell_accuracy']:6.2f}%  "
-                  f"mean steps {r['mean_steps']:6.2f}  ({r['wall_s']:.1f}s)", flush=True)
+                  f"mean steps {r['mean_steps']:6.2f}" + (f"  restarted {100 * r['restarted']:.1f}%"
+                                                          if r['restarted'] else "") + f"  ({r['wall_s']:.1f}s)",
+                  flush=True)
         if args.json:
             from .io import atomic_write_text
 
@@ -628,7 +634,7 @@ def _sudoku_sampler(args):
     except (ValueError, TypeError, KeyError) as e:
         raise UsageError(f"{ckpt / 'generation_config.json'}: bad sampler settings: {e}") from None
     overrides = {k: getattr(args, k) for k in ("t_min", "t_max", "entropy_bound", "confidence_threshold",
-                                               "stability_threshold") if getattr(args, k) is not None}
+                                               "stability_threshold", "restarts") if getattr(args, k) is not None}
     try:
         return base.replace(**overrides)
     except ValueError as e:
@@ -644,6 +650,8 @@ def _add_sudoku_sampler_args(p) -> None:
                    help="steps the draft must stay unchanged to stop early (0: off)")
     g.add_argument("--confidence", dest="confidence_threshold", type=float,
                    help="mean entropy under which a stable canvas stops early")
+    g.add_argument("--restarts", type=int, help="times a board that never stops early starts again from fresh "
+                   "noise (the most confident attempt is kept; every attempt's steps count)")
     g.add_argument("--constrain", action="store_true", help="decode under the puzzle's constraint: a blank cell "
                    "may only take a digit no given in its row, column or box holds (constrained decoding)")
 

@@ -50,7 +50,8 @@ class CanvasView:
 
     def draft(self, ev: Draft, max_steps: int) -> None:
         acc = sum(ev.accepted)
-        head = (f"canvas {ev.canvas} step {ev.step}/{max_steps}  accepted {acc}/{len(ev.tokens)}  "
+        restart = f" (restart {ev.attempt})" if ev.attempt else ""
+        head = (f"canvas {ev.canvas}{restart} step {ev.step}/{max_steps}  accepted {acc}/{len(ev.tokens)}  "
                 f"mean entropy {ev.mean_entropy:.3f}")
         if not self.live:
             print(head, file=self.out, flush=True)
@@ -79,6 +80,9 @@ def describe_stats(stats: dict) -> str:
         parts += [f"{stats['canvases']} canvas(es)",
                   f"{stats['mean_steps_per_canvas']:.1f} steps/canvas" if stats["mean_steps_per_canvas"] else None,
                   f"{stats['tokens_per_forward']:.2f} tokens/forward"]
+        restarts = sum(stats.get("restarts_per_canvas") or ())
+        if restarts:
+            parts.append(f"{restarts} restart(s)")
     else:
         parts.append("autoregressive")
     return ", ".join(p for p in parts if p)

@@ -125,6 +125,7 @@ class Draft:
     tokens: list[int]
     accepted: list[bool]
     mean_entropy: float
+    attempt: int = 0  # 0, then 1, 2, ... for each restart of this canvas from fresh noise (SamplerConfig.restarts)
 
 
 TopLogprobs = list[tuple[int, float]]  # (token, log-probability), most likely first
@@ -178,7 +179,11 @@ class _Row:
         self.out_top: list[TopLogprobs] = []
         self.prompt_lp: list[float | None] | None = None
         self.prompt_top: list[TopLogprobs] | None = None
-        self.steps_per_canvas: list[int] = []
+        self.steps_per_canvas: list[int] = []  # every attempt's steps, restarts included
+        self.restarts_per_canvas: list[int] = []
+        self.attempt = 0  # restarts of the current canvas so far
+        self.spent = 0  # steps its earlier attempts took
+        self.best: tuple | None = None  # (mean entropy, draft, logprobs) of its most confident unfinished attempt
         self.mean_entropy = 0.0  # of the current canvas's last step
         self.entropy_per_canvas: list[float] = []  # the mean entropy each canvas ended with
         self.decoder_passes = 0
@@ -374,14 +379,19 @@ class Engine:
             tops += _top_lists(ids, tlp, lp.shape[0])
         r.prompt_lp, r.prompt_top = lps, tops
 
-    def _new_canvas(self, r: _Row, first: bool = False) -> None:
+    def _new_canvas(self, r: _Row, first: bool = False, attempt: int = 0) -> None:
+        """Start canvas `r.canvas_idx` from noise; attempt > 0: restart it from fresh noise (`_restart`)."""
         r.phase, r.step, r.sc, r.sc_logits, r.history = "denoise", 0, None, None, []
+        r.attempt = attempt
+        if not attempt:
+            r.spent, r.best = 0, None
         if r.p.rng == "reference":
             canvas = S.reference_init_canvas(1, self.T, self.V)[0]
         else:
-            r.gen.manual_seed(S.canvas_seed(r.p.seed, r.canvas_idx))
+            seed = S.canvas_seed(r.p.seed, r.canvas_idx)
+            r.gen.manual_seed(S.canvas_seed(seed, attempt) if attempt else seed)
             canvas = S.fused_init_canvas([r.gen], self.T, self.V)[0]
-        if first and r.p.init_canvas is not None:
+        if first and not attempt and r.p.init_canvas is not None:
             canvas = torch.tensor(list(r.p.init_canvas), dtype=torch.long)
         if first and len(r.fixed_pos):
             canvas[r.fixed_pos] = r.fixed_tok
@@ -503,21 +513,38 @@ class Engine:
         mean_t = ent.float().mean()  # compared in float32, as the reference does
         mean_h = r.mean_entropy = float(mean_t)
         if r.p.drafts if r.p.drafts is not None else self.drafts:
-            events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h))
+            events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h, r.attempt))
         # StableAndConfident: the draft equals each of the last `stability_threshold` drafts (none yet at the
         # first step, so the earliest stop is step 2) and the mean entropy is under the threshold.
         s = cfg.stability_threshold
         stable = len(r.history) >= s and all(torch.equal(h, draft) for h in r.history[-s:]) if s else True
         r.history = (r.history + [draft])[-s:] if s else []
-        if (stable and bool(mean_t < cfg.confidence_threshold)) or r.step >= cfg.max_denoising_steps:
-            r.phase = "emit"
+        stopped = stable and bool(mean_t < cfg.confidence_threshold)
+        if stopped or r.step >= cfg.max_denoising_steps:
+            if stopped or not self._restart(r, cfg):
+                r.phase = "emit"
+
+    def _restart(self, r: _Row, cfg: SamplerConfig) -> bool:
+        """A canvas spent its whole budget without the early stop: the model never became sure of it. With
+        `cfg.restarts` left (and the early stop on, so that 'sure' has a meaning; never for transformers' rng,
+        whose generate has no restarts) start it again from fresh noise and return True. Otherwise make the
+        canvas the most confident of its attempts (lowest mean entropy at the last step) and return False."""
+        if r.best is None or r.mean_entropy < r.best[0]:
+            r.best = (r.mean_entropy, r.argmax, r.lp)
+        if r.attempt < cfg.restarts and cfg.confidence_threshold > 0 and r.p.rng == "row":
+            r.spent += r.step
+            self._new_canvas(r, first=r.canvas_idx == 0, attempt=r.attempt + 1)
+            return True
+        r.mean_entropy, r.argmax, r.lp = r.best
+        return False
 
     def _emit(self, rows: list[_Row], events) -> None:
         """Steps 4 and 5: output each ended canvas, then commit the rows that go on, in one encoder pass."""
         go_on = []
         for r in rows:
             toks = r.argmax.clone()
-            r.steps_per_canvas.append(r.step)
+            r.steps_per_canvas.append(r.spent + r.step)
+            r.restarts_per_canvas.append(r.attempt)
             r.entropy_per_canvas.append(r.mean_entropy)
             if r.t_first is None:
                 r.t_first = time.perf_counter()
@@ -532,7 +559,7 @@ class Engine:
             added = cut[:room]
             r.out.extend(added)
             lps, tops = self._take_logprobs(r, len(added))
-            events.append(Commit(r.id, r.canvas_idx, added, r.step, lps, tops))
+            events.append(Commit(r.id, r.canvas_idx, added, r.spent + r.step, lps, tops))
             r.canvas_idx += 1
             if hit_eos:
                 r.finished = "stop"
@@ -623,7 +650,8 @@ class Engine:
             "prompt_tokens": len(r.prompt),
             "completion_tokens": len(tokens),
             "canvases": len(r.steps_per_canvas),
-            "steps_per_canvas": r.steps_per_canvas,
+            "steps_per_canvas": r.steps_per_canvas,  # all of a canvas's steps, over its restarts too
+            "restarts_per_canvas": r.restarts_per_canvas,
             # the sampler's mean entropy over each canvas at its last step: how sure the model was when it stopped
             "final_mean_entropy_per_canvas": r.entropy_per_canvas,
             "mean_steps_per_canvas": (sum(r.steps_per_canvas) / len(r.steps_per_canvas)

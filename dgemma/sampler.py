@@ -59,6 +59,8 @@ Each row r owns a generator. At the start of canvas c the loop reseeds it with
 
 The step always draws both, for every row, so the count is fixed and needs no host knowledge of which
 rows stopped; frozen rows simply ignore their draws (`freeze_finished`).
+A restart (`SamplerConfig.restarts`) of canvas c, attempt a = 1, 2, ..., reseeds with
+`canvas_seed(canvas_seed(seed_r, c), a)` and then draws as above.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ __all__ = [
 
 # The class name transformers writes next to `entropy_bound` in generation_config.json.
 _SAMPLER_CLS_NAME = "EntropyBoundSamplerConfig"
+MAX_RESTARTS = 16
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,9 +116,12 @@ class SamplerConfig:
     t_max: float = 0.8
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    # dgemma's own (transformers has no such knob): a canvas that spends all max_denoising_steps without the
+    # early stop starts again from fresh noise, up to `restarts` more times; see `Engine` in generate.py
+    restarts: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_denoising_steps", "stability_threshold"):
+        for name in ("max_denoising_steps", "stability_threshold", "restarts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"SamplerConfig.{name} must be an int, got {value!r}")
@@ -135,12 +141,15 @@ class SamplerConfig:
             raise ValueError(f"stability_threshold must be >= 0, got {self.stability_threshold}")
         if self.confidence_threshold < 0:
             raise ValueError(f"confidence_threshold must be >= 0, got {self.confidence_threshold}")
+        if not 0 <= self.restarts <= MAX_RESTARTS:
+            raise ValueError(f"restarts must be from 0 to {MAX_RESTARTS}, got {self.restarts}")
 
     @classmethod
     def from_generation_config(cls, gen: dict[str, Any]) -> SamplerConfig:
         """Read a checkpoint's generation_config.json dict; missing keys keep the defaults, others are ignored."""
         kwargs: dict[str, Any] = {}
-        for field in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
+        for field in ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold",
+                      "restarts"):
             if gen.get(field) is not None:
                 kwargs[field] = gen[field]
         sampler = gen.get("sampler_config")
@@ -154,7 +163,9 @@ class SamplerConfig:
         return cls(**kwargs)
 
     def to_generation_config(self) -> dict[str, Any]:
-        """The generation_config.json keys for this config (the inverse of `from_generation_config`)."""
+        """The generation_config.json keys for this config (the inverse of `from_generation_config`). `restarts`
+        is written only when set, so a config without it stays exactly transformers' keys."""
+        extra = {"restarts": self.restarts} if self.restarts else {}
         return {
             "max_denoising_steps": self.max_denoising_steps,
             "sampler_config": {"entropy_bound": self.entropy_bound, "_cls_name": _SAMPLER_CLS_NAME},
@@ -162,6 +173,7 @@ class SamplerConfig:
             "t_max": self.t_max,
             "stability_threshold": self.stability_threshold,
             "confidence_threshold": self.confidence_threshold,
+            **extra,
         }
 
     def replace(self, **overrides: Any) -> SamplerConfig:

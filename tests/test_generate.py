@@ -100,6 +100,42 @@ def test_events_and_stats(model):
     assert st["final_mean_entropy_per_canvas"] == last  # each canvas's confidence when it stopped
 
 
+def test_restarts(model):
+    """A canvas that spends its whole budget without the early stop starts again from fresh noise (`restarts`):
+    every attempt's steps count, the output is the attempt the model was surest of (lowest final mean entropy),
+    the first attempt is the plain sampler's, and the row stays seeded and batch-invariant."""
+    T = model.cfg.canvas_length
+    base = SamplerConfig(max_denoising_steps=4)  # this random model never gets under 0.005 mean entropy
+    p = _prompt(model)
+    prm = GenerationParams(max_new_tokens=2 * T, ignore_eos=True, seed=5, sampler=base.replace(restarts=2))
+    evs = list(generate(model, [p], prm, drafts=True, events=True))
+    drafts = [e for e in evs if isinstance(e, Draft)]
+    commits = [e for e in evs if isinstance(e, Commit)]
+    done = evs[-1]
+    st = done.stats
+    assert st["restarts_per_canvas"] == [2, 2] and st["steps_per_canvas"] == [12, 12]
+    assert st["decoder_passes"] == len(drafts) == 24 and [c.steps for c in commits] == [12, 12]
+    for c in (0, 1):
+        ends = [max((d for d in drafts if d.canvas == c and d.attempt == a), key=lambda d: d.step) for a in range(3)]
+        assert [e.step for e in ends] == [4, 4, 4]
+        assert len({tuple(e.tokens) for e in ends}) == 3  # fresh noise: three different canvases
+        best = min(ends, key=lambda d: d.mean_entropy)
+        assert commits[c].tokens == best.tokens
+        assert st["final_mean_entropy_per_canvas"][c] == best.mean_entropy
+    plain = [e for e in generate(model, [p], prm.replace(sampler=base), drafts=True, events=True)
+             if isinstance(e, Draft) and e.canvas == 0]
+    assert [d.tokens for d in drafts if d.canvas == 0 and d.attempt == 0] == [d.tokens for d in plain]
+    other = GenerationParams(max_new_tokens=T, seed=9, sampler=base.replace(restarts=1))
+    assert generate(model, [_prompt(model, 5, 1), p], [other, prm])[1].tokens == done.tokens
+    # a canvas that stops early is never restarted, and without the early stop there is nothing to miss
+    sure = base.replace(stability_threshold=0, confidence_threshold=50.0)
+    d = generate(model, [p], prm.replace(sampler=sure.replace(restarts=2)))[0]
+    assert d.stats["restarts_per_canvas"] == [0, 0] and d.stats["steps_per_canvas"] == [1, 1]
+    assert d.tokens == generate(model, [p], prm.replace(sampler=sure))[0].tokens
+    d = generate(model, [p], prm.replace(sampler=base.replace(confidence_threshold=0.0, restarts=2)))[0]
+    assert d.stats["steps_per_canvas"] == [4, 4] and d.stats["restarts_per_canvas"] == [0, 0]
+
+
 def test_seeded_determinism_and_batch_invariance(model):
     params = [GenerationParams(max_new_tokens=40, seed=s, sampler=SamplerConfig(max_denoising_steps=6))
               for s in (3, 4, 5)]

@@ -59,6 +59,9 @@ def _gens(*seeds: int) -> list[torch.Generator]:
         {"stability_threshold": True},
         {"confidence_threshold": -1e-3},
         {"t_max": "0.8"},
+        {"restarts": -1},
+        {"restarts": 17},
+        {"restarts": 1.0},
     ],
 )
 def test_config_validation(bad):
@@ -100,6 +103,11 @@ def test_generation_config_round_trip():
     assert (ref.stability_threshold, ref.confidence_threshold) == (2, 0.01)
     with pytest.raises(ValueError, match="_cls_name"):
         SamplerConfig.from_generation_config({"sampler_config": {"_cls_name": "Other", "entropy_bound": 0.1}})
+    # dgemma's own `restarts` is written only when set, so the keys above stay exactly transformers'
+    assert "restarts" not in out
+    again = cfg.replace(restarts=3)
+    assert again.to_generation_config()["restarts"] == 3
+    assert SamplerConfig.from_generation_config({**gen, "restarts": 3}) == again
 
 
 # ----------------------------------------------------------------------------------------------------

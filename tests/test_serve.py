@@ -112,7 +112,7 @@ def complete(client, prompt="Hello", **kw):
     kw.setdefault("max_tokens", 24)
     extra = {k: kw.pop(k) for k in list(kw) if k in ("ignore_eos", "steps", "ar", "stream_drafts", "entropy_bound",
                                                       "t_min", "t_max", "stability_threshold",
-                                                      "confidence_threshold")}
+                                                      "confidence_threshold", "restarts")}
     return client.completions.create(model=NAME, prompt=prompt, extra_body=extra or None, **kw)
 
 
@@ -360,6 +360,10 @@ def test_diffusion_options_change_the_run(client):
     r = complete(client, seed=3, ignore_eos=True, steps=2, entropy_bound=0.5, t_min=0.3, t_max=0.9,
                  stability_threshold=0, confidence_threshold=0.0)
     assert r.usage.model_extra["steps_per_canvas"] == 2
+    # restarts: a canvas that never stops early (confidence 1e-9 is out of reach) runs 1 + 2 attempts
+    r = complete(client, seed=3, ignore_eos=True, steps=2, confidence_threshold=1e-9, restarts=2)
+    assert r.usage.model_extra["steps_per_canvas"] == 6
+    assert set(r.model_extra["dgemma"]["choices"][0]["restarts_per_canvas"]) == {2}
     # temperature / top_p are accepted and ignored by diffusion (fixed schedule)
     assert complete(client, seed=3, ignore_eos=True, temperature=1.7, top_p=0.1).choices[0].text == \
         complete(client, seed=3, ignore_eos=True).choices[0].text

@@ -146,8 +146,11 @@ def test_cli_gen_train_eval(trained):
             "--steps", "2", "--json", str(out))
     assert p.returncode == 0, p.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [r["setting"] for r in rows] == ["diffusion N=2 early-stop", "diffusion N=2 fixed",
+    # checkpoints carry the recipe's restarts; a fixed run has no early stop to miss, so none there
+    assert [r["setting"] for r in rows] == ["diffusion N=2 early-stop, 3 restarts", "diffusion N=2 fixed",
                                             "autoregressive (greedy)"]
+    assert rows[0]["sampler"]["restarts"] == 3 and "restarts" not in rows[1]["sampler"]
+    assert rows[0]["mean_steps"] <= 2 * 4 and 0 <= rows[0]["restarted"] <= 1
     assert rows[1]["mean_steps"] == 2 and 1 <= rows[2]["mean_steps"] <= 81  # AR: one pass per token
     assert all(0 <= r["solve_rate"] <= 1 for r in rows)
     # the sampler is the checkpoint's own (the recipe's warm schedule), and the flags change it
@@ -165,7 +168,7 @@ def test_cli_gen_train_eval(trained):
             "--steps", "2", "--no-fixed", "--constrain", "--json", str(out))
     assert p.returncode == 0, p.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [r["setting"] for r in rows] == ["diffusion N=2 early-stop, constrained",
+    assert [r["setting"] for r in rows] == ["diffusion N=2 early-stop, 3 restarts, constrained",
                                             "autoregressive (greedy), constrained"]
     assert all(r["cell_accuracy"] > 0 for r in rows)  # every cell is one of its candidates, not noise
     p = cli("eval", str(trained / "run" / "final"), "--data", str(trained / "test.jsonl"), "--t-min", "2",

@@ -141,7 +141,8 @@ class Choice:
     def stats(self) -> dict[str, Any]:
         s = self.done.stats if self.done else {}
         return {"index": self.index, "seed": self.seed, "mode": s.get("mode"),
-                "steps_per_canvas": s.get("steps_per_canvas"), "tokens_per_forward": s.get("tokens_per_forward"),
+                "steps_per_canvas": s.get("steps_per_canvas"), "restarts_per_canvas": s.get("restarts_per_canvas"),
+                "tokens_per_forward": s.get("tokens_per_forward"),
                 "final_mean_entropy_per_canvas": s.get("final_mean_entropy_per_canvas"),
                 "wall_s": s.get("wall_s"), "time_to_first_commit_s": s.get("time_to_first_commit_s")}
 
@@ -519,7 +520,7 @@ def prompt_logprobs_payload(tok, ids: list[int], lps: list, tops: list) -> dict[
 def draft_event(tok, choice: Choice, ev) -> dict[str, Any]:
     """The `dgemma` object of a draft chunk: one denoising step of one choice's canvas."""
     pieces = tok.backend.decode_batch([[t] for t in ev.tokens], skip_special_tokens=False) if tok else []
-    return {"type": "draft", "choice": choice.index, "canvas_index": ev.canvas, "step": ev.step,
+    return {"type": "draft", "choice": choice.index, "canvas_index": ev.canvas, "step": ev.step, "attempt": ev.attempt,
             "canvas": ev.tokens, "pieces": pieces, "text": tok.decode(ev.tokens) if tok else "",
             "accepted": ev.accepted, "accepted_count": sum(ev.accepted), "mean_entropy": ev.mean_entropy,
             "fixed": choice.suffix_len if ev.canvas == 0 else 0}

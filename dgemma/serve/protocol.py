@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from ..sampler import MAX_RESTARTS
+
 SEED_LIMIT = 2**63
 
 
@@ -33,13 +35,15 @@ class DiffusionOptions(_Strict):
     t_max: float | None = Field(None, gt=0)
     stability_threshold: int | None = Field(None, ge=0)
     confidence_threshold: float | None = Field(None, ge=0)
+    restarts: int | None = Field(None, ge=0, le=MAX_RESTARTS)  # a canvas that never stops early starts over
     ar: bool = False  # autoregressive decoding of the same weights (the baseline)
     stream_drafts: bool = False  # also stream every step's draft canvas (see app.py for the chunk shape)
     ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks that force a length)
 
     def sampler_options(self) -> dict[str, Any]:
         opts = dict(steps=self.steps, entropy_bound=self.entropy_bound, t_min=self.t_min, t_max=self.t_max,
-                    stability_threshold=self.stability_threshold, confidence_threshold=self.confidence_threshold)
+                    stability_threshold=self.stability_threshold, confidence_threshold=self.confidence_threshold,
+                    restarts=self.restarts)
         return {k: v for k, v in opts.items() if v is not None}
 
 

@@ -77,8 +77,15 @@ def sampler_config(steps: int = 12):
     return SamplerConfig(max_denoising_steps=steps, t_min=1.0, t_max=1.5)
 
 
-def generation_config(steps: int = 12) -> dict:
-    return {**sampler_config(steps).to_generation_config(), "max_new_tokens": 81,
+# Restarts saved with checkpoints (not used by the solve check during training, which measures the model's single
+# attempt): a board that spends all 12 steps without the early stop is one the model is unsure of. On the shipped
+# model every failed board is such a board, and 3 restarts lift the solve rate from 92.7% to 95.6% at 10.6 steps
+# on average, every attempt counted (recipes/sudoku.md).
+RESTARTS = 3
+
+
+def generation_config(steps: int = 12, restarts: int = RESTARTS) -> dict:
+    return {**sampler_config(steps).replace(restarts=restarts).to_generation_config(), "max_new_tokens": 81,
             "eos_token_id": [EOS], "pad_token_id": PAD, "bos_token_id": BOS}
 
 
