@@ -105,11 +105,17 @@ function render(index) {
       rec.accepted[i] ? " · accepted" : " · re-noised");
   }
   const what = rec.committed ? "committed" :
-    `step ${rec.step} · ${rec.accepted_count}/${rec.canvas.length} accepted · mean entropy ${rec.mean_entropy.toFixed(3)}`;
+    `step ${rec.step}${restartLabel(rec)} · ${rec.accepted_count}/${rec.canvas.length} accepted · ` +
+    `mean entropy ${rec.mean_entropy.toFixed(3)}`;
   $("status").textContent = `canvas ${rec.canvas_index + 1} · ${what}`;
   $("replay-label").textContent = `${index + 1} / ${state.records.length}`;
   $("replay").value = index;
   for (const [i, bar] of Array.from($("bars").children).entries()) bar.classList.toggle("current", i === index);
+}
+
+// a draft of a canvas restarted from fresh noise (the sampler's `restarts`) says which attempt it belongs to
+function restartLabel(rec) {
+  return rec.attempt ? ` (restart ${rec.attempt})` : "";
 }
 
 function addBar(rec) {
@@ -118,7 +124,7 @@ function addBar(rec) {
   bar.style.height = `${Math.max(4, Math.round(frac * 100))}%`;
   if (rec.committed) bar.className = "canvas-start";
   bar.title = rec.committed ? `canvas ${rec.canvas_index + 1} committed` :
-    `canvas ${rec.canvas_index + 1}, step ${rec.step}: ${rec.accepted_count} accepted`;
+    `canvas ${rec.canvas_index + 1}, step ${rec.step}${restartLabel(rec)}: ${rec.accepted_count} accepted`;
   $("bars").appendChild(bar);
 }
 
