@@ -615,7 +615,9 @@ def cmd_sudoku(args) -> int:
     ok = is_solution(cells, [int(c) for c in board])
     print(pretty(board))
     n_sol = len(solve(cells, 2))
-    verdict = ("solved" if ok else "wrong") + f" in {steps} denoising steps"
+    restarts = done.stats["restarts_per_canvas"][0]
+    verdict = ("solved" if ok else "wrong") + f" in {steps} denoising steps" + (
+        f" over {restarts + 1} attempts" if restarts else "")
     verdict += " (the unique solution)" if ok and n_sol == 1 else (
         f" (the puzzle has {'no' if not n_sol else 'more than one'} solution)" if n_sol != 1 else "")
     print(verdict)
