@@ -543,7 +543,8 @@ class Engine:
         go_on = []
         for r in rows:
             toks = r.argmax.clone()
-            r.steps_per_canvas.append(r.spent + r.step)
+            steps = r.spent + r.step  # every attempt's
+            r.steps_per_canvas.append(steps)
             r.restarts_per_canvas.append(r.attempt)
             r.entropy_per_canvas.append(r.mean_entropy)
             if r.t_first is None:
@@ -559,7 +560,7 @@ class Engine:
             added = cut[:room]
             r.out.extend(added)
             lps, tops = self._take_logprobs(r, len(added))
-            events.append(Commit(r.id, r.canvas_idx, added, r.spent + r.step, lps, tops))
+            events.append(Commit(r.id, r.canvas_idx, added, steps, lps, tops))
             r.canvas_idx += 1
             if hit_eos:
                 r.finished = "stop"

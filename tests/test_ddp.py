@@ -3,6 +3,7 @@ doubled batch, because every example's noise and every loss normalisation are in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,16 +28,12 @@ def run(cmd: list[str], env: dict, timeout: float = 150) -> subprocess.Completed
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for sig in (signal.SIGABRT, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            if sig == signal.SIGABRT:
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(cmd[:6])} ... hung for {timeout} s; its stderr:\n{err[-6000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
