@@ -16,8 +16,10 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
                        and LM head, logits into a reused buffer as in the plain path)
 Each engine loads the checkpoint, runs one untimed warm-up, then `--repeats` timed generations; we report the
 median. Wall tokens/s counts generated tokens over the whole generate call (prefill included).
---device cuda runs every engine on the GPU (bfloat16 unless --dtype says otherwise; timings synchronise the device)
-and adds each engine's peak GPU memory.
+Every engine runs in the dtype dgemma picks for the device (`pipeline.default_dtype`: bfloat16 on CUDA and on CPUs
+with native bf16, float32 on other CPUs) unless --dtype names one; --ref-dtype runs the transformers engine in its
+own (on a bf16 CPU transformers is faster in float32, so that is the fair reference there). --device cuda runs
+every engine on the GPU (timings synchronise the device) and adds each engine's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -61,13 +63,16 @@ def peak_rss_mib() -> float:
 
 
 # ---------------------------------------------------------------- worker (one engine, one process)
-def _device_dtype():
-    """The bench's device and dtype (set by the driver for its worker processes)."""
+def _device_dtype(engine: str | None = None):
+    """The bench's device and dtype (set by the driver for its worker processes); the transformers engine may run
+    in a dtype of its own (`--ref-dtype`)."""
     import torch
 
     dev = torch.device(os.environ.get("DGEMMA_BENCH_DEVICE", "cpu"))
-    dtype = getattr(torch, os.environ.get("DGEMMA_BENCH_DTYPE", "float32"))
-    return dev, dtype
+    name = os.environ.get("DGEMMA_BENCH_DTYPE", "float32")
+    if engine == "transformers":
+        name = os.environ.get("DGEMMA_BENCH_REF_DTYPE") or name
+    return dev, getattr(torch, name)
 
 
 def _sync(dev) -> None:
@@ -86,7 +91,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
 
     torch.set_num_threads(int(os.environ.get("DGEMMA_BENCH_THREADS", torch.get_num_threads())))
     sampler = SamplerConfig(max_denoising_steps=steps)
-    dev, dtype = _device_dtype()
+    dev, dtype = _device_dtype(engine)
     rss_before = peak_rss_mib()
     if engine == "forward":
         return forward_efficiency(ckpt, prompt, repeats)
@@ -156,6 +161,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         "rss_after_load_mib": load_rss,
         "rss_at_start_mib": rss_before,
         "repeats": repeats,
+        "dtype": str(dtype).removeprefix("torch."),
         **_gpu_memory(dev),
     }
 
@@ -218,9 +224,12 @@ def canvas_forward_flops(cfg, context: int, self_conditioning: bool = True) -> i
 def forward_efficiency(ckpt: str, prompt: list[int], repeats: int) -> dict:
     import torch
 
+    from .runtime import tune_cpu_allocator
     from .weights import load_model
 
     dev, dtype = _device_dtype()
+    if dev.type == "cpu":
+        tune_cpu_allocator()  # as the engine runs (runtime.py)
     model = load_model(ckpt, dtype=dtype, device=dev).eval()
     peak = matmul_peak_gflops(device=dev, dtype=dtype)
     cfg = model.cfg
@@ -328,6 +337,8 @@ def print_table(rows: list[dict]) -> None:
             notes.append(f"(same as full precision: {r['same_tokens_as_full_precision']})")
         if r.get("weights_mib") is not None:
             notes.append(f"weights {r['weights_mib']:.0f} MiB")
+        if r.get("dtype"):
+            notes.append(r["dtype"])
         same = " ".join(notes) or None
         print(f"{r['config']:<14}{r['engine']:<19}{r['tokens']:>7}{r['wall_s']:>9.2f}"
               f"{f(r['tokens_per_s'], '{:.1f}'):>9}{f(r['mean_steps_per_canvas'], '{:.1f}'):>9}"
@@ -345,7 +356,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads in each engine process (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="weights and activations (default: float32 on the CPU, bfloat16 on CUDA)")
+                   help="weights and activations of every engine (default: the device's fastest, as dgemma picks it: "
+                        "bfloat16 on CUDA and on CPUs with native bf16, float32 on other CPUs)")
+    p.add_argument("--ref-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="the transformers engine's dtype, when it runs fastest in another one (default: --dtype)")
     p.add_argument("--vocabs", default="8192,262144", help="vocabulary sizes to run (8192 small, 262144 real)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
@@ -374,8 +388,12 @@ def main(argv=None) -> int:
     if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
         print(f"dgemma bench: error: --device {args.device}: use cpu, or cuda on a machine with CUDA", file=sys.stderr)
         return 2
-    args.dtype = args.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    if args.dtype is None:
+        from .pipeline import default_dtype
+
+        args.dtype = str(default_dtype(dev)).removeprefix("torch.")
     os.environ["DGEMMA_BENCH_DEVICE"], os.environ["DGEMMA_BENCH_DTYPE"] = str(dev), args.dtype
+    os.environ["DGEMMA_BENCH_REF_DTYPE"] = args.ref_dtype or ""
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in args.engines if e not in ENGINES]
     if bad:

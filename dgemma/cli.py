@@ -135,8 +135,9 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------- generate / chat
 def add_model_args(s) -> None:
-    s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights dtype (default: float32 on CPU, "
-                   "bfloat16 on CUDA)")
+    s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights and activations dtype (default: the "
+                   "device's fastest: bfloat16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; float32 "
+                   "on other CPUs; DGEMMA_CPU_DTYPE pins the CPU's)")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
                    "weights as they load; a MODEL that is itself an adapter directory loads the base it records")

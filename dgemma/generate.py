@@ -29,6 +29,7 @@ import torch
 
 from . import sampler as S
 from .model import DiffusionGemma
+from .runtime import tune_cpu_allocator
 from .sampler import SamplerConfig
 
 DIFFUSION, AR = "diffusion", "ar"
@@ -231,6 +232,8 @@ class Engine:
                  eos_ids: Iterable[int] | None = None, drafts: bool = False,
                  fused_head: bool | None = None):
         self.model = model.eval()
+        if model.device.type == "cpu":
+            tune_cpu_allocator()  # every step's temporaries reused, not page-faulted in anew (runtime.py)
         self.tok = tokenizer
         cfg = model.cfg
         self.cfg = cfg
@@ -472,11 +475,14 @@ class Engine:
         E = m.embed_tokens.weight
         want = [r.p.logprobs for r in rows if r.p.logprobs is not None]
         top = max(want) if want else None
+        # A canvas's last budgeted step conditions no further step (a restart or the next canvas starts without
+        # self-conditioning): skip its soft embedding, a [canvas, V] x [V, H] matmul.
+        sc_of = None if all(r.step + 1 >= cfg.max_denoising_steps for r in rows) else E
         if logits is None:
             out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
-                                    logprobs=top)
+                                    logprobs=top, self_conditioning=sc_of is not None)
         else:
-            out = S.fused_step(logits, k, cfg, draws=draws, embedding=E, embed_scale=scale, logprobs=top)
+            out = S.fused_step(logits, k, cfg, draws=draws, embedding=sc_of, embed_scale=scale, logprobs=top)
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
         lp, top_ids, top_lp = out.logprob, out.top_ids, out.top_logprobs
@@ -484,14 +490,16 @@ class Engine:
         if pinned and logits is None:
             # Fixed (infill) positions, exactly as if their logits were one-hot: zero entropy (so the accept set
             # is recomputed with it), the fixed token as draft and sample, its embedding as self-conditioning.
-            cand, draft, ent, sc = cand.clone(), draft.clone(), ent.clone(), sc.clone()
+            cand, draft, ent = cand.clone(), draft.clone(), ent.clone()
+            sc = None if sc is None else sc.clone()
             if lp is not None:
                 lp = lp.clone()
                 top_ids, top_lp = (top_ids.clone(), top_lp.clone()) if top_ids is not None else (None, None)
             for i, r in pinned:
                 pos, tok = r.fixed_pos.to(m.device), r.fixed_tok.to(m.device)
                 cand[i, pos], draft[i, pos], ent[i, pos] = tok, tok, 0.0
-                sc[i, pos] = E[tok].float() * torch.tensor(scale, dtype=torch.float32)
+                if sc is not None:
+                    sc[i, pos] = E[tok].float() * torch.tensor(scale, dtype=torch.float32)
                 if lp is not None:  # one-hot logits: the fixed token is certain, nothing else is possible
                     lp[i, pos] = 0.0
                     if top_ids is not None:
@@ -502,7 +510,8 @@ class Engine:
             r_lp = None if r.p.logprobs is None else \
                 (lp[j], None if top_ids is None else top_ids[j, :, :r.p.logprobs],
                  None if top_lp is None else top_lp[j, :, :r.p.logprobs])
-            self._after_step(r, cfg, canvas[j].cpu(), draft[j].cpu(), ent[j], acc[j], sc[j].to(m.dtype), None,
+            self._after_step(r, cfg, canvas[j].cpu(), draft[j].cpu(), ent[j], acc[j],
+                             None if sc is None else sc[j].to(m.dtype), None,
                              events, r_lp)
 
     def _after_step(self, r: _Row, cfg: SamplerConfig, nxt, draft, ent, acc, sc_emb, sc_log, events, lp=None

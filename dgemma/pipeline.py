@@ -15,6 +15,7 @@ import torch
 
 from .generate import AR, DIFFUSION, Done, Engine, GenerationError, GenerationParams, generate
 from .model import DiffusionGemma
+from .runtime import cpu_dtype
 from .sampler import SamplerConfig
 from .weights import load_model, read_generation_config, resolve
 
@@ -28,8 +29,12 @@ FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """fp32 on CPU (its bf16 matmuls are slower than fp32), bf16 on CUDA."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The fastest dtype the device runs the model in: bf16 on CUDA, and on CPUs with a native bf16 dot product
+    (`runtime.cpu_bf16_native`); fp32 on other CPUs, where bf16 matmuls are emulated and slower than fp32.
+    DGEMMA_CPU_DTYPE=float32|bfloat16 pins the CPU's choice."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return cpu_dtype()
 
 
 def default_device() -> str:

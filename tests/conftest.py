@@ -10,6 +10,10 @@ import torch
 from dgemma.config import FULL, SLIDING, ModelConfig
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The CPU's default dtype follows its instructions (bf16 where it has native bf16: runtime.cpu_dtype). Pin it so
+# the suite runs the same arithmetic on every machine CI lands on; the bf16 path has tests of its own that ask
+# for it by name (test_parity, test_runtime). Subprocesses (CLI, server) inherit the pin.
+os.environ["DGEMMA_CPU_DTYPE"] = "float32"
 
 # Three tiny configs that differ in head dims, KV heads, window, number of experts and top-k.
 TINY_CONFIGS = {

@@ -330,6 +330,29 @@ def test_fast_path_equals_plain_path(model):
     assert [d.tokens for d in generate(model, prompts, params)] == plain  # auto: plain at this vocabulary
 
 
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_last_budgeted_step_skips_the_soft_embedding(model, monkeypatch, fused_head):
+    """A canvas's last budgeted step conditions no later step, so the engine asks the sampler for no soft
+    embedding there (a [canvas, V] x [V, H] matmul saved); every other step gets one, with fixed positions too."""
+    import dgemma.sampler as S
+
+    steps, seen = 3, []
+    for name in ("fused_step", "fused_head_step"):
+        real = getattr(S, name)
+
+        def spy(*a, _real=real, **kw):
+            out = _real(*a, **kw)
+            seen.append(out.sc_embedding is not None)
+            return out
+
+        monkeypatch.setattr(S, name, spy)
+    T = model.cfg.canvas_length
+    params = GenerationParams(max_new_tokens=2 * T, seed=4, ignore_eos=True, fixed={0: 5},
+                              sampler=SamplerConfig(max_denoising_steps=steps, confidence_threshold=0.0))
+    generate(model, [_prompt(model)], params, fused_head=fused_head)
+    assert seen == [True, True, False] * 2  # two canvases, each running all its steps
+
+
 @pytest.mark.parametrize("mode", [DIFFUSION, AR])
 def test_logprobs(model, mode):
     """Each output token gets its log-probability under the model's raw distribution and the most likely tokens

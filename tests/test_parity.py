@@ -141,3 +141,33 @@ def test_chunked_prefill_and_ragged_batch_match_single_rows(pairs):
     for start in range(0, lens[1], 7):
         ours.encode(prompts[1][None, start:start + 7], c)
     assert _maxdiff(ours.denoise(canvas[1:2], c), singles[1]) <= 1e-5
+
+
+@torch.no_grad()
+def test_bf16_is_as_close_to_fp32_as_transformers_bf16(pairs, cfg_name, tmp_path):
+    """bf16 is the default dtype on CUDA and on CPUs with native bf16 (`pipeline.default_dtype`). Its bits cannot
+    match anyone's, so the test is that dgemma in bf16 stays as close to the fp32 reference as transformers in bf16
+    does, on the engine's own path (cached context, attention over the filled slots, self-conditioning)."""
+    ours32, hf32 = pairs[cfg_name]
+    cfg = ours32.cfg
+    save_model(ours32, tmp_path)
+    from dgemma.weights import load_model
+
+    ours = load_model(tmp_path, dtype=torch.bfloat16, quiet=True).eval()
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 2 * cfg.sliding_window + 3), generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
+    sc_logits = torch.randn(1, cfg.canvas_length, cfg.vocab_size, generator=g) * 3
+
+    def reference(model):
+        cache = DynamicCache(config=model.config.text_config)
+        model.model.encoder(input_ids=prompt, past_key_values=cache)
+        return model(decoder_input_ids=canvas, past_key_values=cache, self_conditioning_logits=sc_logits).logits.float()
+
+    ref = reference(hf32)
+    cache = ours.new_cache(1, 256)
+    ours.encode(prompt, cache, known_lengths=[0])
+    got = ours.denoise(canvas, cache, sc=ours.soft_embed(sc_logits.bfloat16()), known_lengths=[prompt.shape[1]])
+    ours_err, hf_err = _maxdiff(got.float(), ref), _maxdiff(reference(hf), ref)
+    assert ours_err <= 1.5 * hf_err + 1e-3, (ours_err, hf_err)

@@ -409,6 +409,24 @@ def test_fused_step_sampling_distribution():
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (freq, p)
 
 
+def test_fused_step_sampling_distribution_across_chunks():
+    """Blocks of several CHUNK-entry chunks (the two-level inverse CDF: the chunk, then the entry in it), a ragged
+    last block, and masked entries inside a chunk: every token keeps exactly its share."""
+    from dgemma.sampler import CHUNK
+
+    cfg = SamplerConfig(max_denoising_steps=1, t_min=1.0, t_max=1.0)
+    vocab, n, block = 5 * CHUNK + 9, 40000, 4 * CHUNK  # 2 blocks: 4 chunks, then 1 ragged chunk of CHUNK + 9
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    row[CHUNK + 3:CHUNK + 30] = float("-inf")
+    logits = row.expand(1, n, vocab).contiguous()
+    out = fused_step(logits, 1, cfg, _gens(9), block=block)
+    freq = torch.bincount(out.candidates[0], minlength=vocab).double() / n
+    p = torch.softmax(row.double(), dim=-1)
+    assert freq[CHUNK + 3:CHUNK + 30].sum() == 0
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all()
+    assert (freq[p > 5e-3] > 0).all()
+
+
 def test_fused_step_uniform_edges():
     # u = 0 and the largest u < 1 must both land on tokens with probability > 0. Blocks of 4: token 2 lives
     # in block 0, token 9 in block 2. All-zero uniforms take every block with mass (the last one wins) and the

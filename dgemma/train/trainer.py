@@ -32,6 +32,7 @@ from .data import Example, Order, ar_count, draw_for, fingerprint, make_batch
 from .dist import DistEnv
 from .lora import LoRAConfig, apply_lora, has_lora, load_adapter
 from .loss import ObjectiveConfig, objective
+from ..runtime import tune_cpu_allocator
 from .noise import example_generator
 from . import state as S
 
@@ -304,6 +305,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.quiet = quiet or not self.dist.main
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.T = model.cfg.canvas_length
