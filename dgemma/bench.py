@@ -51,8 +51,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from .runtime import cpu_bf16_native
+
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu_bf16_native": cpu_bf16_native()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

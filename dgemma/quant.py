@@ -26,12 +26,11 @@ in each safetensors file's metadata) and `weights.load_model` swaps the modules 
 tensors. transformers cannot load these checkpoints (it knows no `dgemma` quant_method).
 
 Matmul (bench/quant_kernels.py): dequantize to the activation dtype, then `F.linear` (int8 scales the output, not
-the weight). With fp32 activations on this CPU (AVX2) torch's weight-only kernels are scalar loops: for 16-256
-rows dequantize+linear is 10-20x faster than `_weight_int8pack_mm` and 25-80x faster than
-`_weight_int4pack_mm_for_cpu`. In bf16/fp16 on CPU `_weight_int8pack_mm` is vectorised and ~3x faster than
-dequantizing, so int8 uses it there. The int4 kernel also wins in bf16, but its packed layout depends on the CPU's
-ISA (AVX2 and AVX-512 pack differently), so it cannot be memory-mapped from a portable checkpoint: not used.
-Dequantizing is also the path on CUDA.
+the weight), in every dtype and on every device. With fp32 activations torch's weight-only CPU kernels are scalar
+loops (10-80x slower than dequantize + linear); in bf16 `_weight_int8pack_mm` was ~3x faster on an AVX2 CPU
+without native bf16, but on one with native bf16 (where bf16 is dgemma's default) it is 2-5x slower than a bf16
+matmul and it crashes on some shapes, so it is not used. The int4 kernel's packed layout depends on the CPU's ISA
+(AVX2 and AVX-512 pack differently), so it cannot be memory-mapped from a portable checkpoint: not used either.
 """
 
 from __future__ import annotations
@@ -80,13 +79,10 @@ class Int8:
         return t[""].to(dtype) * t["_scale"].to(dtype)[..., None]
 
     def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        q, scale = t[""], t["_scale"].to(x.dtype)
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            # Vectorised only in half precision on CPU (for fp32 it is ~10x slower than the line below).
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            return torch.ops.aten._weight_int8pack_mm(x2, q, scale).view(*x.shape[:-1], q.shape[0])
-        # The scale is per output channel, so it multiplies the (smaller) output, not the weight.
-        return F.linear(x, q.to(x.dtype)) * scale
+        # The scale is per output channel, so it multiplies the (smaller) output, not the weight. torch's
+        # `_weight_int8pack_mm` is not used: on a CPU with native bf16 it is 2-5x slower than this line and it
+        # crashes the process (SIGSEGV) on some shapes (K = 40, N = 24 on a Zen 4, torch 2.13).
+        return F.linear(x, t[""].to(x.dtype)) * t["_scale"].to(x.dtype)
 
 
 class Int4:

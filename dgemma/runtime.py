@@ -5,7 +5,7 @@ sampler's vocabulary blocks. glibc's malloc serves each one of those above its m
 with a fresh `mmap` and gives it back with `munmap` when it is freed, and returns the freed top of its heap to the
 OS above the trim threshold. Either way the next tensor is new memory, and its first touch page-faults one 4 KiB
 page at a time. In a VM a fault costs microseconds: on this project's 2-core machine the experts of one layer
-took ~800 faults per call, 3.4 ms of which 1.8 ms was the work itself (bench/README: "allocator").
+took ~800 faults per call: 3.4-6.1 ms against 1.8 ms without them (BENCHMARKS.md, "Session 10").
 
 `tune_cpu_allocator` raises both thresholds once per process, so freed blocks stay in the heap and are reused
 without faulting: the effect of the jemalloc or tcmalloc preload that CPU inference guides recommend, with no
@@ -65,7 +65,7 @@ def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo's flags).
 
     There oneDNN's bf16 matmuls run at ~4x the fp32 rate (a 2-core Zen 4: 690-830 against 150-180 GFLOP/s on the
-    model's shapes; bench/README). Without them torch emulates bf16 and its matmuls are slower than fp32."""
+    model's shapes; BENCHMARKS.md). Without them torch emulates bf16 and its matmuls are slower than fp32."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
