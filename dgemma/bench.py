@@ -18,7 +18,7 @@ Each engine loads the checkpoint, runs one untimed warm-up, then `--repeats` tim
 median. Wall tokens/s counts generated tokens over the whole generate call (prefill included).
 Every engine runs in the dtype dgemma picks for the device (`pipeline.default_dtype`: bfloat16 on CUDA and on CPUs
 with native bf16, float32 on other CPUs) unless --dtype names one; --ref-dtype runs the transformers engine in its
-own (on a bf16 CPU transformers is faster in float32, so that is the fair reference there). --device cuda runs
+own (its fastest dtype need not be dgemma's: on this project's Zen 4 it was now one, now the other). --device cuda runs
 every engine on the GPU (timings synchronise the device) and adds each engine's peak GPU memory.
 """
 

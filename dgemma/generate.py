@@ -477,12 +477,13 @@ class Engine:
         top = max(want) if want else None
         # A canvas's last budgeted step conditions no further step (a restart or the next canvas starts without
         # self-conditioning): skip its soft embedding, a [canvas, V] x [V, H] matmul.
-        sc_of = None if all(r.step + 1 >= cfg.max_denoising_steps for r in rows) else E
+        want_sc = any(r.step + 1 < cfg.max_denoising_steps for r in rows)
         if logits is None:
             out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
-                                    logprobs=top, self_conditioning=sc_of is not None)
+                                    logprobs=top, self_conditioning=want_sc)
         else:
-            out = S.fused_step(logits, k, cfg, draws=draws, embedding=sc_of, embed_scale=scale, logprobs=top)
+            out = S.fused_step(logits, k, cfg, draws=draws, embedding=E if want_sc else None, embed_scale=scale,
+                               logprobs=top)
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
         lp, top_ids, top_lp = out.logprob, out.top_ids, out.top_logprobs

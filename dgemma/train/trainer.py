@@ -28,11 +28,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..runtime import tune_cpu_allocator
 from .data import Example, Order, ar_count, draw_for, fingerprint, make_batch
 from .dist import DistEnv
 from .lora import LoRAConfig, apply_lora, has_lora, load_adapter
 from .loss import ObjectiveConfig, objective
-from ..runtime import tune_cpu_allocator
 from .noise import example_generator
 from . import state as S
 
