@@ -69,13 +69,17 @@ HEADER = f"{'model':<8}{'init':<10}{'scheme':<10}{'max abs':>10}{'mean abs':>10}
 
 
 def compare(name: str, init: str, base) -> None:
+    """Each scheme against the fp32 model; last, as the yardstick, the unquantized model run in bf16 (weights and
+    activations: dgemma's default dtype on CUDA and on CPUs with native bf16)."""
     ref = logits(base)
     r = torch.cat([t.flatten() for t in ref])
-    for q in SCHEMES:
-        out = logits(quantize_model(copy.deepcopy(base), q))
+    for q in [*SCHEMES, None]:
+        model = copy.deepcopy(base)
+        out = logits(quantize_model(model, q) if q is not None else model.to(torch.bfloat16))
+        out = [t.float() for t in out]
         d = (torch.cat([t.flatten() for t in out]) - r).abs()
         top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(out, ref)]).mean()
-        tag = q.scheme + (f"-g{q.group_size}" if q.group_size else "")
+        tag = "bf16" if q is None else q.scheme + (f"-g{q.group_size}" if q.group_size else "")
         print(f"{name:<8}{init:<10}{tag:<10}{d.max():>10.2e}{d.mean():>10.2e}{r.std():>11.3f}{top1:>8.3f}", flush=True)
 
 

@@ -5,6 +5,8 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
                        sampler step (logits never materialised) when a step's logits would pass 64 MiB (the
                        262,144 vocabulary), one head matmul below that (8,192)
   dgemma-plain         the same algorithm over materialised logits (must give the same tokens)
+  dgemma-compiled      the default path with the denoiser's canvas pass through torch.compile (`--compile`); the
+                       compile is timed apart (compile_s) and tokens are compared with dgemma-diffusion's
   dgemma-reference     the engine replaying transformers' global-RNG draws (same tokens as transformers)
   dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
   dgemma-int8          the default path on the same weights after `dgemma quantize --scheme int8` (per channel)
@@ -35,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-reference", "dgemma-ar", "dgemma-int8", "dgemma-int4",
+ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-compiled", "dgemma-reference", "dgemma-ar", "dgemma-int8", "dgemma-int4",
            "transformers", "forward")
 QUANT_ENGINES = {"dgemma-int8": ("int8", None), "dgemma-int4": ("int4", 128)}
 
@@ -126,6 +128,12 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         if engine in QUANT_ENGINES:  # the driver wrote the quantized copy beside the checkpoint
             ckpt = _quant_path(ckpt, engine)
         model = load_model(ckpt, dtype=dtype, device=dev)
+        if engine == "dgemma-compiled":
+            _sync(dev)
+            t = time.perf_counter()
+            model.compile_denoiser()
+            _sync(dev)
+            compile_s = time.perf_counter() - t
         mode = AR if engine == "dgemma-ar" else DIFFUSION
         rng = "reference" if engine == "dgemma-reference" else "row"
 
@@ -145,7 +153,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
         _sync(dev)
         times.append(time.perf_counter() - t)
     wall = statistics.median(times)
-    extra = {}
+    extra = {"compile_s": compile_s} if engine == "dgemma-compiled" else {}
     if engine != "transformers":  # the weights as held: quantized codes and scales, the rest in the dtype
         from .quant import QuantConfig, weight_bytes
 
@@ -313,6 +321,8 @@ def bench_config(name: str, vocab: int, args) -> list[dict]:
             r["same_tokens_as_transformers"] = r["token_ids"] == ref["token_ids"]
         if plain is not None and r["engine"] == "dgemma-diffusion":
             r["same_tokens_as_plain"] = r["token_ids"] == plain["token_ids"]
+        if full is not None and r["engine"] == "dgemma-compiled":
+            r["same_tokens_as_eager"] = r["token_ids"] == full["token_ids"]
         if base is not None and r["tokens_per_s"] and base["tokens_per_s"]:
             r["speedup_vs_transformers"] = r["tokens_per_s"] / base["tokens_per_s"]
     return rows
@@ -335,6 +345,8 @@ def print_table(rows: list[dict]) -> None:
             notes.append(str(r["same_tokens_as_transformers"]))
         if r.get("same_tokens_as_plain") is not None:
             notes.append(f"(same as plain: {r['same_tokens_as_plain']})")
+        if r.get("same_tokens_as_eager") is not None:
+            notes.append(f"(same as eager: {r['same_tokens_as_eager']}; compile {r['compile_s']:.0f} s)")
         if r.get("same_tokens_as_full_precision") is not None:
             notes.append(f"(same as full precision: {r['same_tokens_as_full_precision']})")
         if r.get("weights_mib") is not None:

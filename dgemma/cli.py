@@ -141,6 +141,8 @@ def add_model_args(s) -> None:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
                    "weights as they load; a MODEL that is itself an adapter directory loads the base it records")
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass: a one-off "
+                   "compile (10-30 s) for a faster step; logits equal the eager pass to float precision")
 
 
 def add_sampling_args(s) -> None:
@@ -209,11 +211,12 @@ def load_pipeline(args):
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
+    kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False))
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
         from .pipeline import adapter_base
 
-        return Pipeline.load(str(adapter_base(Path(adapter))), adapter=adapter, dtype=dtype, device=device)
-    return Pipeline.load(model_path(args), adapter=adapter, dtype=dtype, device=device)
+        return Pipeline.load(str(adapter_base(Path(adapter))), **kw)
+    return Pipeline.load(model_path(args), **kw)
 
 
 def split_model_prompt(args) -> None:
@@ -943,6 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .model import CompileError
     from .weights import CheckpointError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -954,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError, CompileError) as e:
         # GenerationError, CacheFullError and the sampler's option errors are ValueErrors too.
         print(f"dgemma {args.command}: error: {e}", file=sys.stderr)
         return 2

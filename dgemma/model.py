@@ -21,6 +21,53 @@ from .cache import KVCache
 from .config import FULL, ModelConfig
 
 
+class CompileError(RuntimeError):
+    """torch.compile could not build the denoiser's kernels on this machine (DiffusionGemma.compile_denoiser)."""
+
+
+# The two reductions of the compiled inference regions run as opaque calls of eager's own kernels: Inductor's fused
+# reductions sum in another order, which changes the last bit, and one changed bit in a logit can move a sampled
+# token (then the whole canvas after it). Everything else Inductor fuses gives eager's bits (checked by the tests).
+# Training (`dgemma train --compile`, gradients on) lets Inductor fuse them: no sampling to keep, and no autograd
+# formula needed for the opaque ops.
+@torch.library.custom_op("dgemma::rms_inv", mutates_args=())
+def _rms_inv_op(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+
+
+@_rms_inv_op.register_fake
+def _(x, eps):
+    return x.new_empty((*x.shape[:-1], 1))
+
+
+@torch.library.custom_op("dgemma::softmax_f32", mutates_args=())
+def _softmax_op(x: torch.Tensor) -> torch.Tensor:
+    return F.softmax(x, dim=-1, dtype=torch.float32)
+
+
+@_softmax_op.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`F.rms_norm`; under torch.compile, its reduction from eager's kernel and the rest fused, with the same bits
+    (torch's fused kernel computes `x * (mean(x^2) + eps)^-0.5 * w` in that order)."""
+    if not exact_under_compile():
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    y = x * _rms_inv_op(x, eps)
+    return y if w is None else y * w
+
+
+def softmax_f32(x: torch.Tensor) -> torch.Tensor:
+    return _softmax_op(x) if exact_under_compile() else F.softmax(x, dim=-1, dtype=torch.float32)
+
+
+def exact_under_compile() -> bool:
+    """Tracing for torch.compile without gradients: run the ops Inductor would round differently as opaque ops."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 class RMSNorm(nn.Module):
     """Gemma-4 RMSNorm: `x * (mean(x^2) + eps)^-0.5 * w`, in fp32 (w multiplies directly, not 1 + w)."""
 
@@ -33,7 +80,7 @@ class RMSNorm(nn.Module):
         # The reference writes `x * torch.pow(mean(x^2) + eps, -0.5) * w` (to match JAX bit for bit); torch's
         # fused rms_norm gives the same bits (checked over shapes, scales and dtypes) in one kernel, not six.
         w = self.weight.float() if self.weight is not None else None
-        return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).type_as(x)
+        return rms_norm(x.float(), w, self.eps).type_as(x)
 
 
 def rope_inv_freq(cfg: ModelConfig, layer_type: str) -> torch.Tensor:
@@ -138,23 +185,36 @@ class Attention(nn.Module):
         self.v_norm = RMSNorm(hd, cfg.rms_norm_eps, with_scale=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: "_Ctx") -> torch.Tensor:
+        return self.merge(self.attend(*self.project(x, cos, sin), ctx))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v `[B, heads, T, hd]`: the projections, the per-head norms and RoPE (no cache, no host data)."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, hd)), cos, sin)
         k_raw = self.k_proj(x).view(B, T, self.n_kv, hd)
         v = self.v_norm(self.v_proj(x).view(B, T, self.n_kv, hd) if self.v_proj is not None else k_raw)
         k = apply_rope(self.k_norm(k_raw), cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs `[B, heads, T, hd]` through o_proj -> `[B, T, H]`."""
+        B, _, T, hd = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "_Ctx") -> torch.Tensor:
+        """Attention over the cached keys and the new ones (the encoder also writes the new K/V into the cache):
+        `[B, heads, T, hd]`."""
+        T = q.shape[2]
         cache = ctx.cache
         if cache is not None and ctx.known is not None:
             out = self._per_row(q, k, v, cache, ctx)
             if not ctx.denoise:
                 cache.write(self.layer, k, v, ctx.n_valid)
-            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+            return out
         if cache is None:
             keys, values = k, v
-            mask = no_cache_mask(T, causal=not ctx.denoise, window=self.window, device=x.device)
+            mask = no_cache_mask(T, causal=not ctx.denoise, window=self.window, device=q.device)
         else:
             slot_pos, slot_valid = ctx.slots[cache.capacity[self.layer]]
             keys = torch.cat([cache.k[self.layer].to(k.dtype), k], dim=2)
@@ -165,9 +225,8 @@ class Attention(nn.Module):
                 mask = encoder_mask(ctx.positions, slot_pos, slot_valid, ctx.n_valid, self.window)
                 cache.write(self.layer, k, v, ctx.n_valid)
         # Gemma 4 uses attention scale 1.0: q and k are RMS-normalised per head instead of scaled by 1/sqrt(d).
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
-                                             enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
+                                              enable_gqa=self.n_kv != self.n_heads)
 
     def _per_row(self, q, k, v, cache, ctx: "_Ctx") -> torch.Tensor:
         """Attention row by row over exactly the cached keys each row can see, when the caller knows every row's
@@ -228,7 +287,7 @@ class Router(nn.Module):
 
     def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.norm(r) * self.scale * self.root
-        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        probs = softmax_f32(self.proj(z))
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         w = w / w.sum(-1, keepdim=True)
         return w * self.per_expert_scale[idx], idx
@@ -371,16 +430,51 @@ class Block(nn.Module):
         # Two scalars: the checkpoint stores the decoder's and the encoder's separately (buffers are not tied).
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
+        self.compiled = False  # DiffusionGemma.compile_denoiser
 
     def forward(self, h: torch.Tensor, cos, sin, ctx: "_Ctx") -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, ctx))
-        r = h
+        # Three regions of fixed shapes around the two parts that read host data (the cache's lengths, the
+        # experts' row counts); `compiled_regions` swaps in torch.compile'd copies on the denoiser's canvas pass.
+        project, mix, finish = compiled_regions() if ctx.denoise and self.compiled else _REGIONS
+        q, k, v = project(self, h, cos, sin)
+        r, dense, x, w, idx = mix(self, h, self.self_attn.attend(q, k, v, ctx))
+        moe = self.experts(x, w, idx)
+        return finish(self, r, dense, moe, self.layer_scalar if ctx.denoise else self.encoder_layer_scalar)
+
+    def _project(self, h, cos, sin):
+        return self.self_attn.project(self.input_layernorm(h), cos, sin)
+
+    def _mix(self, h, attn):
+        """The residual after attention; the dense MLP's branch; the MoE's input and routing."""
+        r = h + self.post_attention_layernorm(self.self_attn.merge(attn))
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
         flat = r.reshape(-1, r.shape[-1])
         w, idx = self.router(flat)  # routes on the raw residual, not a normed copy
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(r.shape)
-        h = r + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
-        return h * (self.layer_scalar if ctx.denoise else self.encoder_layer_scalar)
+        return r, dense, self.pre_feedforward_layernorm_2(flat), w, idx
+
+    def _finish(self, r, dense, moe, scalar):
+        return (r + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe.reshape(r.shape)))
+                ) * scalar
+
+
+_REGIONS = (Block._project, Block._mix, Block._finish)
+_COMPILED: tuple | None = None
+
+
+def compiled_regions() -> tuple:
+    """`Block`'s three regions through torch.compile (Inductor), made once per process and shared by every layer
+    and model: the blocks are arguments, so layers of one shape share a graph. Shapes are static on first use and
+    turn dynamic if a second row count or canvas length shows up (torch's automatic dynamic shapes)."""
+    global _COMPILED
+    if _COMPILED is None:
+        from torch import _dynamo
+
+        # one graph per layer kind (sliding / full), per weight format and per static/dynamic shape
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+        # emulate_precision_casts: round every bf16/fp16 intermediate as eager does (one rounding per op, not one
+        # per fused kernel), so the fused regions give eager's bits in every dtype.
+        _COMPILED = tuple(torch.compile(f, options={"emulate_precision_casts": True}) for f in _REGIONS)
+    return _COMPILED
 
 
 class SelfConditioning(nn.Module):
@@ -541,6 +635,30 @@ class DiffusionGemma(nn.Module):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def compile_denoiser(self, enable: bool = True, warm_up: bool = True) -> "DiffusionGemma":
+        """Run the denoiser's canvas pass through torch.compile (`--compile`; off by default: BENCHMARKS.md).
+
+        What compiles is each layer's three fixed-shape regions (`Block.forward`): norms, projections, RoPE, the
+        dense MLP, the router and the residual sums, fused by Inductor. Attention over the cache and the experts'
+        dispatch stay eager (they read host data), and so does the encoder, whose length changes with every
+        prompt. Fused kernels round differently from eager ones (last bits of fp32), so logits match the eager
+        pass to float precision, not bit for bit. warm_up: compile now, on a one-row canvas, instead of on the
+        first request (a missing C++ compiler then fails here, as a CompileError)."""
+        for layer in self.layers:
+            layer.compiled = enable
+        if enable and warm_up:
+            canvas = torch.zeros(1, self.cfg.canvas_length, dtype=torch.long, device=self.device)
+            try:
+                with torch.no_grad():
+                    self.denoise(canvas, self.new_cache(1, 1), known_lengths=[0], head=False)
+            except Exception as e:  # Inductor's failures come as many types (no compiler, no headers, ...)
+                for layer in self.layers:
+                    layer.compiled = False
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CompileError(f"torch.compile failed on this machine ({first[:300]}); run without --compile"
+                                   ) from e
         return self
 
     def set_dense_experts(self, dense: bool) -> "DiffusionGemma":

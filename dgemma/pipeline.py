@@ -51,10 +51,11 @@ class Pipeline:
 
     @classmethod
     def load(cls, path_or_id: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
-             device: str | None = None, quiet: bool = False) -> "Pipeline":
+             device: str | None = None, quiet: bool = False, compile: bool = False) -> "Pipeline":
         """A checkpoint (directory or hub id) with its tokenizer and generation defaults. `adapter`: a LoRA
         adapter directory (`dgemma train --lora-rank`), folded into the weights as they load. An adapter
-        directory given as the checkpoint itself loads the base it records (`base_model_name_or_path`)."""
+        directory given as the checkpoint itself loads the base it records (`base_model_name_or_path`).
+        compile: torch.compile the denoiser (`DiffusionGemma.compile_denoiser`), compiled here, before use."""
         device = device or default_device()
         ckpt = resolve(path_or_id)
         if adapter is None and (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
@@ -62,6 +63,8 @@ class Pipeline:
         model = load_model(ckpt, dtype=dtype or default_dtype(device), device=device, quiet=quiet)
         if adapter is not None:
             _fold_adapter(model, adapter)
+        if compile:
+            model.compile_denoiser()
         tok = None
         if (ckpt / "tokenizer.json").exists():
             from .tokenizer import Tokenizer

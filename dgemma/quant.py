@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, ModelConfig
-from .model import DiffusionGemma, Experts, Router, moe_dispatch
+from .model import DiffusionGemma, Experts, Router, exact_under_compile, moe_dispatch
 
 QUANT_KEY = "quantization_config"
 METHOD = "dgemma"
@@ -79,10 +79,26 @@ class Int8:
         return t[""].to(dtype) * t["_scale"].to(dtype)[..., None]
 
     def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        # The scale is per output channel, so it multiplies the (smaller) output, not the weight. torch's
-        # `_weight_int8pack_mm` is not used: on a CPU with native bf16 it is 2-5x slower than this line and it
-        # crashes the process (SIGSEGV) on some shapes (K = 40, N = 24 on a Zen 4, torch 2.13).
-        return F.linear(x, t[""].to(x.dtype)) * t["_scale"].to(x.dtype)
+        # Under torch.compile (`--compile`) the same line runs as an opaque op: Inductor would otherwise rewrite
+        # it into `_weight_int8pack_mm` in bf16 (other bits, and see int8_linear).
+        return (_int8_linear_op if exact_under_compile() else int8_linear)(x, t[""], t["_scale"])
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x @ (q * scale)^T` as `(x @ q^T) * scale`: the scale is per output channel, so it multiplies the (smaller)
+    output, not the weight. torch's `_weight_int8pack_mm` is not used: on a CPU with native bf16 it is 2-5x slower
+    than this line and it crashes the process (SIGSEGV) on some shapes (K = 40, N = 24 on a Zen 4, torch 2.13)."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+@torch.library.custom_op("dgemma::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return int8_linear(x, q, scale)
+
+
+@_int8_linear_op.register_fake
+def _(x, q, scale):
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 class Int4:

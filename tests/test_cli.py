@@ -184,3 +184,22 @@ def test_a_reader_that_leaves_gets_no_traceback(ckpt_tok):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_generate_compile_gives_the_same_tokens(ckpt_tok):
+    args = ("generate", str(ckpt_tok), "def f(x):", "--seed", "3", "--max-new-tokens", "32", "--json")
+    assert json.loads(run(*args, "--compile").stdout)["tokens"] == json.loads(run(*args).stdout)["tokens"]
+
+
+def test_compile_failure_is_one_clear_line(ckpt_tok, monkeypatch, capsys):
+    import dgemma.model
+    from dgemma.cli import main as cli_main
+
+    def broken():
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(dgemma.model, "compiled_regions", broken)
+    assert cli_main(["generate", str(ckpt_tok), "x", "--compile", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["dgemma generate: error: torch.compile failed on this machine "
+                                        "(InvalidCxxCompiler: No working C++ compiler found); run without --compile"]
