@@ -40,27 +40,24 @@ def test_default_dtype_rule(monkeypatch):
 
 
 PROBE = """
-import resource, sys, torch
 from dgemma.runtime import tune_cpu_allocator, allocator_state
 state = tune_cpu_allocator()
 assert tune_cpu_allocator() == state  # once per process
-for _ in range(3):
-    torch.empty(1 << 20).fill_(1.0)  # 4 MiB, above glibc's first mmap threshold
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(50):
-    torch.empty(1 << 20).fill_(1.0)
-print(state, allocator_state(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+print(state, allocator_state())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_tuned_allocator_reuses_freed_blocks_without_page_faults():
+def test_allocator_is_tuned_once_per_process_unless_opted_out():
+    """The setting is applied (glibc accepted both mallopt calls) and `DGEMMA_MALLOC=system` leaves malloc alone.
+    What it buys is measured by wall clock (BENCHMARKS.md, session 10), not here: a page-fault count over repeated
+    4 MiB allocations proved no test, since glibc's own dynamic mmap threshold also reuses such blocks after the
+    first free, and both settings saw 0-6 fresh blocks out of 50 at random in this VM."""
     env = {k: v for k, v in os.environ.items() if k != "DGEMMA_MALLOC"}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
-    state, _, faults = out.stdout.split()
-    if state == "unsupported":  # not glibc (musl)
+    if out.stdout.split()[0] == "unsupported":  # not glibc (musl)
         pytest.skip("no mallopt in this C library")
-    assert state == "tuned" and int(faults) < 64  # 50 x 1,024 pages if each block came fresh from the OS
+    assert out.stdout.split() == ["tuned", "tuned"]
     out = subprocess.run([sys.executable, "-c", PROBE], env={**env, "DGEMMA_MALLOC": "system"},
                          capture_output=True, text=True, check=True)
-    assert out.stdout.split()[:2] == ["system", "system"]
+    assert out.stdout.split() == ["system", "system"]
