@@ -59,9 +59,9 @@ def main() -> int:
                 use(flag)
                 times[flag].append(timed(run))
         eager, compiled = min(times[False]), min(times[True])
-    row = {"vocab": a.vocab, "dtype": a.dtype, "threads": a.threads, "torch": torch.__version__, "eager_forward_s": eager,
-           "compiled_forward_s": compiled, "speedup": eager / compiled, "compile_s": compile_s,
-           "same_bits": torch.equal(out, ref)}
+    row = {"vocab": a.vocab, "dtype": a.dtype, "threads": a.threads, "torch": torch.__version__,
+           "eager_forward_s": eager, "compiled_forward_s": compiled, "speedup": eager / compiled,
+           "compile_s": compile_s, "same_bits": torch.equal(out, ref)}
     print(f"eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms ({eager / compiled:.2f}x), "
           f"compile {compile_s:.1f} s, same bits as eager: {row['same_bits']}")
     if a.out:

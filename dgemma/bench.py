@@ -37,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-compiled", "dgemma-reference", "dgemma-ar", "dgemma-int8", "dgemma-int4",
-           "transformers", "forward")
+ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-compiled", "dgemma-reference", "dgemma-ar", "dgemma-int8",
+           "dgemma-int4", "transformers", "forward")
 QUANT_ENGINES = {"dgemma-int8": ("int8", None), "dgemma-int4": ("int4", 128)}
 
 

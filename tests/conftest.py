@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the suite runs the same arithmetic on every machine CI lands on; the bf16 path has tests of its own that ask
 # for it by name (test_parity, test_runtime). Subprocesses (CLI, server) inherit the pin.
 os.environ["DGEMMA_CPU_DTYPE"] = "float32"
+# torch.compile (`--compile`) builds its CPU kernels with a C++ compiler; its tests skip where there is none.
+HAVE_CXX = shutil.which("g++") is not None or shutil.which("c++") is not None
 
 # Three tiny configs that differ in head dims, KV heads, window, number of experts and top-k.
 TINY_CONFIGS = {

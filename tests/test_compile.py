@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 
-from conftest import randomize, tiny_config
+from conftest import HAVE_CXX, randomize, tiny_config
 from dgemma.generate import GenerationParams, generate
 from dgemma.model import DiffusionGemma
 from dgemma.quant import QuantConfig, quantize_model
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile (Inductor) needs a C++ compiler on the CPU")
+pytestmark = pytest.mark.skipif(not HAVE_CXX, reason="torch.compile (Inductor) needs a C++ compiler on the CPU")
 
 
 def _passes(model, rows=2):
