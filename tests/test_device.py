@@ -1,0 +1,82 @@
+"""The engine on an accelerator: run where CUDA is (`bench/cuda_check.sh` runs them on a lent GPU), skipped here.
+
+`DGEMMA_TEST_DEVICE=cpu` runs them on the CPU, to check the tests themselves where no GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import HAVE_CXX, randomize, tiny_config
+from dgemma.generate import GenerationParams, generate
+from dgemma.model import DiffusionGemma
+from dgemma.quant import QuantConfig, quantize_model
+from dgemma.sampler import SamplerConfig
+
+DEVICE = os.environ.get("DGEMMA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (DGEMMA_TEST_DEVICE=cpu runs these on the CPU)")
+
+
+def _model(dtype=torch.float32, seed=1):
+    return randomize(DiffusionGemma(tiny_config("a")), seed=seed).eval().to(dtype)
+
+
+def _passes(model, device):
+    """Encode, denoise, denoise with self-conditioning: the three outputs as fp32 CPU tensors."""
+    g = torch.Generator().manual_seed(0)
+    V, T = model.cfg.vocab_size, model.cfg.canvas_length
+    prompt = torch.randint(0, V, (2, 9), generator=g).to(device)
+    canvas = torch.randint(0, V, (2, T), generator=g).to(device)
+    with torch.no_grad():
+        cache = model.new_cache(2, 64)
+        enc = model.encode(prompt, cache, known_lengths=[0, 0])
+        den = model.denoise(canvas, cache, known_lengths=[9, 9])
+        den2 = model.denoise(canvas, cache, sc=model.soft_embed(den / 0.8), known_lengths=[9, 9])
+    return [t.float().cpu() for t in (enc, den, den2)]
+
+
+def test_logits_match_the_cpu():
+    cpu = _model()
+    dev = copy.deepcopy(cpu).to(DEVICE)
+    for a, b in zip(_passes(cpu, "cpu"), _passes(dev, DEVICE)):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_fused_and_plain_paths_give_the_same_tokens():
+    model = _model().to(DEVICE)
+    T = model.cfg.canvas_length
+    params = GenerationParams(max_new_tokens=2 * T, seed=3, ignore_eos=True,
+                              sampler=SamplerConfig(max_denoising_steps=5, entropy_bound=0.5))
+    prompts = [[2, 17, 99, 5, 230], [2, 8, 41, 77, 12, 300, 9]]
+    plain = [d.tokens for d in generate(model, prompts, params, fused_head=False)]
+    assert [d.tokens for d in generate(model, prompts, params, fused_head=True)] == plain
+    assert [len(t) for t in plain] == [2 * T, 2 * T]
+
+
+def test_a_seed_gives_the_same_tokens_twice():
+    model = _model(torch.bfloat16 if DEVICE != "cpu" else torch.float32).to(DEVICE)
+    params = GenerationParams(max_new_tokens=3 * model.cfg.canvas_length, seed=5, ignore_eos=True)
+    prompts = [[2, 40, 41, 42], [2, 50, 51, 52, 53, 54]]
+    first = [d.tokens for d in generate(model, prompts, params)]
+    assert [d.tokens for d in generate(model, prompts, params)] == first
+
+
+@pytest.mark.parametrize("scheme", [QuantConfig("int8"), QuantConfig("int4", 32)], ids=["int8", "int4"])
+def test_quantized_model_runs_on_the_device(scheme):
+    base = _model()
+    cpu = quantize_model(copy.deepcopy(base), scheme)
+    dev = copy.deepcopy(cpu).to(DEVICE)
+    for a, b in zip(_passes(cpu, "cpu"), _passes(dev, DEVICE)):
+        assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not HAVE_CXX, reason="torch.compile needs a C++ compiler on the CPU")
+def test_compiled_denoiser_gives_eager_bits_on_the_device():
+    model = _model(torch.bfloat16).to(DEVICE)
+    compiled = copy.deepcopy(model).compile_denoiser()
+    for a, b in zip(_passes(model, DEVICE), _passes(compiled, DEVICE)):
+        assert torch.equal(a, b)
