@@ -141,8 +141,9 @@ def add_model_args(s) -> None:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
                    "weights as they load; a MODEL that is itself an adapter directory loads the base it records")
-    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass: a one-off "
-                   "compile (10-30 s) for a faster step; logits equal the eager pass to float precision")
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass (a one-off "
+                   "compile of 5-20 s; the same tokens as without it; no faster on the CPUs measured, see "
+                   "BENCHMARKS.md)")
 
 
 def add_sampling_args(s) -> None:

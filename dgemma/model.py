@@ -643,9 +643,10 @@ class DiffusionGemma(nn.Module):
         What compiles is each layer's three fixed-shape regions (`Block.forward`): norms, projections, RoPE, the
         dense MLP, the router and the residual sums, fused by Inductor. Attention over the cache and the experts'
         dispatch stay eager (they read host data), and so does the encoder, whose length changes with every
-        prompt. Fused kernels round differently from eager ones (last bits of fp32), so logits match the eager
-        pass to float precision, not bit for bit. warm_up: compile now, on a one-row canvas, instead of on the
-        first request (a missing C++ compiler then fails here, as a CompileError)."""
+        prompt. The compiled pass gives the eager pass's bits (the reductions run as eager's kernels, bf16
+        intermediates are rounded as eager rounds them), so a seed gives the same tokens. warm_up: compile now, on
+        a one-row canvas, instead of on the first request (a missing C++ compiler then fails here, as a
+        CompileError)."""
         for layer in self.layers:
             layer.compiled = enable
         if enable and warm_up:
