@@ -420,14 +420,20 @@ class Engine:
             groups.setdefault((r.p.sampler, r.p.rng), []).append(i)
         fused = self.fused_head if self.fused_head is not None else \
             len(rows) * self.T * self.V * 4 > LOGITS_BUDGET
+        # The sampler's inputs from the host (steps remaining, the rows' draws) go to the device before the forward
+        # is queued: a copy from pageable host memory waits for the device, which is idle only now.
+        dev = m.device
+        sel = {key: None if len(idx) == len(rows) else torch.tensor(idx, device=dev) for key, idx in groups.items()}
+        inputs = {key: self._step_inputs([rows[i] for i in idx], key[0]) for key, idx in groups.items()
+                  if key[1] == "row"}
         # masks and biases need the logits
         constrained = any((r.canvas_idx == 0 and len(r.allowed_pos)) or len(r.bias_ids) for r in rows)
         if fused and not constrained and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
             h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
-            for (cfg, _), idx in groups.items():
-                self._fused_group(h if len(idx) == len(rows) else h[torch.tensor(idx)], [rows[i] for i in idx],
-                                  cfg, events)
+            for key, idx in groups.items():
+                self._fused_group(h if sel[key] is None else h[sel[key]], [rows[i] for i in idx], key[0], events,
+                                  inputs[key])
             return
         # Replaying transformers' draws needs its logits bit for bit: one lm_head matmul over the vocabulary.
         reference = any(rng == "reference" for _, rng in groups)
@@ -443,18 +449,24 @@ class Engine:
                 logits[i, r.fixed_pos] = float("-inf")
                 logits[i, r.fixed_pos, r.fixed_tok] = 0.0
         for (cfg, rng), idx in groups.items():
-            sub = logits if len(idx) == len(rows) else logits[torch.tensor(idx)]
-            k = torch.tensor([cfg.max_denoising_steps - rows[i].step for i in idx])
+            sub = logits if sel[(cfg, rng)] is None else logits[sel[(cfg, rng)]]
             if rng == "reference":
                 assert len(idx) == 1
                 r = rows[idx[0]]
-                out = S.reference_step(sub, int(k[0]), cfg, r.canvas[None].to(sub.device), sc_dtype=m.dtype)
+                out = S.reference_step(sub, cfg.max_denoising_steps - r.step, cfg, r.canvas[None].to(sub.device),
+                                       sc_dtype=m.dtype)
                 r_lp = None if r.p.logprobs is None else S.raw_logprobs(sub[0], out.argmax[0], r.p.logprobs)
                 self._after_step(r, cfg, out.canvas[0].cpu(), out.argmax[0].cpu(), out.entropies[0],
                                  out.accepted[0], None, out.sc_logits[0], events, r_lp)
             else:
-                self._fused_group(None, [rows[i] for i in idx], cfg, events, logits=sub)
+                self._fused_group(None, [rows[i] for i in idx], cfg, events, inputs[(cfg, rng)], logits=sub)
         del logits
+
+    def _step_inputs(self, rows: list[_Row], cfg: SamplerConfig) -> tuple[torch.Tensor, tuple]:
+        """A fused step's inputs made on the host, on the device: each row's steps remaining, and its draws."""
+        dev = self.model.device
+        k = torch.tensor([cfg.max_denoising_steps - r.step for r in rows], device=dev)
+        return k, S.draw_step_noise([r.gen for r in rows], self.T, self.V, dev)
 
     def _logits_out(self, rows: int) -> torch.Tensor:
         """The plain path's logits buffer `[rows, canvas, V]`, kept between steps: a fresh one each step is new
@@ -466,11 +478,11 @@ class Engine:
             buf = self._logits_buf = torch.empty(need, dtype=torch.float32, device=self.model.device)
         return buf[:need].view(rows, self.T, self.V)
 
-    def _fused_group(self, h, rows: list[_Row], cfg: SamplerConfig, events, logits=None) -> None:
-        """One fused sampler step for rows that share sampler options (from hidden states, or from logits)."""
+    def _fused_group(self, h, rows: list[_Row], cfg: SamplerConfig, events, inputs, logits=None) -> None:
+        """One fused sampler step for rows that share sampler options (from hidden states, or from logits), with
+        their `_step_inputs`."""
         m = self.model
-        k = torch.tensor([cfg.max_denoising_steps - r.step for r in rows], device=m.device)
-        draws = S.draw_step_noise([r.gen for r in rows], self.T, self.V, m.device)
+        k, draws = inputs
         scale = float(m.embed_scale())
         E = m.embed_tokens.weight
         want = [r.p.logprobs for r in rows if r.p.logprobs is not None]
@@ -507,11 +519,14 @@ class Engine:
                         top_ids[i, pos, 0], top_lp[i, pos, 0], top_lp[i, pos, 1:] = tok, 0.0, float("-inf")
             acc = S.entropy_bound_accept(ent, cfg.entropy_bound, stable=True)
             canvas = S.renoise(cand, acc, draws[1])
+        # What the stop decision reads, brought to the host once for all rows (on a GPU: one wait per step, not
+        # three per row; on the CPU these are the same tensors).
+        canvas, draft, ent, acc = canvas.cpu(), draft.cpu(), ent.cpu(), acc.cpu()
         for j, r in enumerate(rows):
             r_lp = None if r.p.logprobs is None else \
                 (lp[j], None if top_ids is None else top_ids[j, :, :r.p.logprobs],
                  None if top_lp is None else top_lp[j, :, :r.p.logprobs])
-            self._after_step(r, cfg, canvas[j].cpu(), draft[j].cpu(), ent[j], acc[j],
+            self._after_step(r, cfg, canvas[j], draft[j], ent[j], acc[j],
                              None if sc is None else sc[j].to(m.dtype), None,
                              events, r_lp)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import runtime
 from .attention import denoiser_mask, encoder_mask, no_cache_mask
 from .cache import KVCache
 from .config import FULL, ModelConfig
@@ -123,7 +124,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return (x * cos[:, :, None]).add_(rot)
 
 
-HEAD_BLOCK = 4096  # vocabulary entries per LM-head matmul (see head_block_logits)
+HEAD_BLOCK = 4096  # vocabulary entries per LM-head matmul on the CPU (see head_block_logits, vocab_block)
+ACCEL_HEAD_BLOCK = 16384  # the same on an accelerator
+
+
+def vocab_block(device) -> int:
+    """Vocabulary entries per block of the LM head and the fused sampler step on `device`. The sampler's draws and
+    the logits' bits depend on it, so the plain head, the fused head and the draws all take it from here.
+
+    On the CPU a 4,096-wide block of a canvas's fp32 temporaries stays in cache between the step's ~10 passes
+    over it. On a GPU, where a small op costs a kernel launch (microseconds) whatever its size, 4,096 entries
+    leave each of the step's ~45 kernels per block launch-bound: at the real 262,144-token vocabulary that is
+    64 blocks, ~2,900 launches a step. 16,384 cuts them 4x and keeps a block of a 256-token canvas at 16 MiB."""
+    return HEAD_BLOCK if torch.device(device).type == "cpu" else ACCEL_HEAD_BLOCK
 
 
 def head_block_logits(hidden: torch.Tensor, embedding: torch.Tensor, lo: int, hi: int,
@@ -131,7 +144,7 @@ def head_block_logits(hidden: torch.Tensor, embedding: torch.Tensor, lo: int, hi
     """Soft-capped fp32 logits of vocabulary entries [lo, hi): hidden [N, H] @ E[lo:hi]^T -> [N, hi - lo].
 
     The LM head and the fused sampler step (which never materialises the logits) both compute logits one
-    HEAD_BLOCK at a time through this function, so a block's logits have the same bits on either path.
+    `vocab_block` at a time through this function, so a block's logits have the same bits on either path.
 
     At inference the cap runs in place as `2c * sigmoid(2x / c) - c`, which is `c * tanh(x / c)`: torch's CPU
     tanh is ~3x slower than its sigmoid (at the real vocabulary the cap cost a quarter of the head's matmul). It
@@ -357,14 +370,20 @@ class ExpertGroups:
 
     @staticmethod
     def grouped_ok(xs: torch.Tensor, w: torch.Tensor) -> bool:
-        """One `torch._grouped_mm` call for every expert: on the CPU, outside autograd (its CPU backward fails
-        on empty experts), in the dtypes it takes, and once there are at least as many rows as experts (the
-        kernel visits every expert, also the empty ones: for a decoding step's one token the loop is faster). It
-        gives the per-expert loop's bits (tests check). CUDA keeps the loop until the grouped kernel's layout
-        rules (bf16, aligned groups) are measured on a GPU."""
-        return (_GROUPED_MM and xs.device.type == "cpu" and xs.dtype == w.dtype and xs.shape[0] >= w.shape[0]
-                and xs.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and
-                                                                          (xs.requires_grad or w.requires_grad)))
+        """One `torch._grouped_mm` call for every expert, where it takes the operands: outside autograd (its CPU
+        backward fails on empty experts), fp32 or bf16 on the CPU and bf16 on CUDA, strides and addresses on 16
+        bytes (the kernels refuse others: a hidden or expert size that is not a multiple of 16 bytes' worth of
+        elements), and on the CPU once there are at least as many rows as experts (the kernel visits every expert,
+        also the empty ones: for a decoding step's one token the loop is faster there). It gives the loop's bits
+        (tests check). On CUDA it is what keeps the MoE free of host syncs: the loop reads each expert's row count
+        on the host, the grouped kernel takes the offsets on the device (torch runs it as one kernel on compute
+        capability 9.0 and up; on older GPUs torch itself falls back to a loop)."""
+        dtypes = (torch.float32, torch.bfloat16) if xs.device.type == "cpu" else \
+            (torch.bfloat16,) if xs.device.type == "cuda" else ()
+        few_rows = xs.shape[0] < w.shape[0] and runtime.host_reads_free(xs.device)
+        return (_GROUPED_MM and xs.dtype == w.dtype and xs.dtype in dtypes and not few_rows
+                and _aligned16(xs) and _aligned16(w)
+                and not (torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)))
 
     def per_expert(self, xs: torch.Tensor, fn) -> torch.Tensor:
         """`fn(e, rows)` over each hit expert's rows, concatenated in order: the general path."""
@@ -377,6 +396,19 @@ class ExpertGroups:
 
 
 _GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    """Every stride but the unit one, and the address, on a multiple of 16 bytes (`torch._grouped_mm`'s rule)."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st == 1 or st * size % 16 == 0 for st in t.stride())
+
+
+def expert_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of the routed (token, expert) pairs `flat` `[N * k]` went to each expert, `[E]` int64, computed
+    where `flat` lives without reading anything back: `torch.bincount` on CUDA reads the largest index on the host
+    first (a sync per MoE layer)."""
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, linear,
@@ -402,7 +434,7 @@ def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token = order // k
-    groups = ExpertGroups(torch.bincount(flat, minlength=num_experts))
+    groups = ExpertGroups(expert_counts(flat, num_experts))
     xs = x[token]
     gate_up = linear("gate_up_proj", xs, groups)
     inner = gate_up.shape[-1] // 2
@@ -544,7 +576,7 @@ class DiffusionGemma(nn.Module):
     def logits(self, h: torch.Tensor, blocked: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`, `[..., H] -> [..., V]`.
 
-        blocked=True computes HEAD_BLOCK entries per matmul, the bits the fused sampler step sees; blocked=False
+        blocked=True computes `vocab_block` entries per matmul, the bits the fused sampler step sees; blocked=False
         is one matmul over the whole vocabulary, the bits transformers' lm_head gives (for replaying its draws).
         out: a contiguous fp32 buffer of the result's size to write into (blocked only). Reusing one matters at
         large vocabularies: a fresh 256 MiB tensor is new memory, and touching it costs ~90 ms of page faults here.
@@ -558,8 +590,9 @@ class DiffusionGemma(nn.Module):
         elif out.dtype != torch.float32 or out.numel() != flat.shape[0] * V or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 tensor of {flat.shape[0] * V} elements")
         out = out.view(flat.shape[0], V)
-        for lo in range(0, V, HEAD_BLOCK):
-            hi = min(lo + HEAD_BLOCK, V)
+        block = vocab_block(h.device)
+        for lo in range(0, V, block):
+            hi = min(lo + block, V)
             out[:, lo:hi] = head_block_logits(flat, E, lo, hi, self.cfg.final_logit_softcapping)
         return out.view(*h.shape[:-1], V)
 
@@ -600,7 +633,7 @@ class DiffusionGemma(nn.Module):
                 raise ValueError("known_lengths needs a cache and one length per row")
             # A wrong length would silently drop or add keys. The check is free where the lengths live on the
             # host (the CPU, where the tests run); on a GPU it would be a sync, so there they are trusted.
-            if lengths.device.type == "cpu" and lengths.tolist() != list(known_lengths):
+            if runtime.host_reads_free(lengths.device) and lengths.tolist() != list(known_lengths):
                 raise ValueError(f"known_lengths {list(known_lengths)} differ from the cache's {lengths.tolist()}")
         ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths)
 

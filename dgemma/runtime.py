@@ -1,4 +1,5 @@
-"""Process-level settings for running the model on the CPU: the C allocator, and the dtype the CPU runs fastest.
+"""Process-level settings for running the model on the CPU: the C allocator, and the dtype the CPU runs fastest;
+and which paths may read tensor values on the host (`host_reads_free`, checked by `HostSyncs`).
 
 Every forward allocates and frees many tensors of 0.1-32 MiB: a layer's activations, the expert rows, the
 sampler's vocabulary blocks. glibc's malloc serves each one of those above its mmap threshold (128 KiB to start)
@@ -90,3 +91,90 @@ def cpu_dtype():
             raise ValueError(f"DGEMMA_CPU_DTYPE={pinned!r}: use one of {', '.join(CPU_DTYPES)}")
         return getattr(torch, pinned)
     return torch.bfloat16 if cpu_bf16_native() else torch.float32
+
+
+# ---------------------------------------------------------------- host syncs
+def host_reads_free(device) -> bool:
+    """Whether reading a tensor's values on the host costs nothing on `device`: on the CPU they are already there;
+    on an accelerator each read (`.item()`, `.tolist()`, a truth test, an op whose output size depends on values)
+    waits for every queued kernel, so the paths that read values pick another way there. Tests patch this to
+    False to run the accelerator's choices on the CPU (`HostSyncs`)."""
+    import torch
+
+    return torch.device(device).type == "cpu"
+
+
+# aten ops that read tensor values on the host before they can return (on CUDA: a device-to-host copy and a wait)
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "nonzero_static", "bincount", "unique", "_unique", "_unique2",
+                      "unique_dim", "unique_consecutive", "masked_select", "equal", "is_nonzero", "histc"})
+_NO_KERNEL = frozenset({"_unsafe_view", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                        "lift_fresh", "detach", "alias", "_reshape_alias"})
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+class HostSyncs:
+    """Records every operation that would make the host wait for an accelerator, while running on any device.
+
+        with HostSyncs() as syncs:
+            model.denoise(...)
+        assert not syncs.found, syncs.found
+
+    Two kinds are caught: aten ops that read values inside the op (`SYNC_OPS`: boolean-mask indexing runs
+    `nonzero`, `torch.bincount` reads the largest index, ...), through a dispatch mode; and Python-side reads
+    (`.item()`, `.tolist()`, `bool(t)`, ...), by wrapping those Tensor methods for the duration. `ops` counts
+    every aten op dispatched, `kernels` those that compute (not views or allocations): on a GPU, about one kernel
+    launch each. Run on the CPU it cannot tell which tensors would live on the device, so a read of a host tensor
+    counts too. Not thread-safe (it patches torch.Tensor). On CUDA itself, `torch.cuda.set_sync_debug_mode`
+    also sees the syncs inside kernels' host code (tests/test_device.py uses both).
+    """
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+        self.ops = 0
+        self.kernels = 0
+        self._mode = None
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> "HostSyncs":
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                outer.ops += 1
+                name = func.overloadpacket.__name__
+                if not func.is_view and name not in _NO_KERNEL:
+                    outer.kernels += 1
+                if name in SYNC_OPS or (name in ("index", "index_put", "index_put_") and _bool_index(args)):
+                    outer.found.append(f"aten.{name}")
+                return func(*args, **(kwargs or {}))
+
+        for name in _SYNC_METHODS:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _name=name, _f=original, **k):
+                outer.found.append(f"Tensor.{_name}")
+                return _f(t, *a, **k)
+
+            setattr(torch.Tensor, name, wrapped)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self._mode.__exit__(*exc)
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved.clear()
+
+
+def _bool_index(args) -> bool:
+    """Whether an aten.index / index_put call indexes with a boolean mask (which runs nonzero on the values)."""
+    import torch
+
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())

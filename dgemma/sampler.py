@@ -55,7 +55,10 @@ Each row r owns a generator. At the start of canvas c the loop reseeds it with
 `canvas_seed(seed_r, c)`, so a row's stream never depends on how many steps the batch ran before. Then:
 
     fused_init_canvas       randint(0, V, (canvas,))            one call per row, rows in order
-    every step              rand(canvas, float64), then randint(0, V, (canvas,))   per row, rows in order
+    every step              rand(canvas, n_blocks + 1, float64), then randint(0, V, (canvas,))   per row, in order
+                            (n_blocks = ceil(V / vocab_block(device)): 4,096-entry blocks on the CPU, 16,384 on
+                            an accelerator, so a seed's tokens depend on the kind of device as well as on its
+                            floating-point rounding)
 
 The step always draws both, for every row, so the count is fixed and needs no host knowledge of which
 rows stopped; frozen rows simply ignore their draws (`freeze_finished`).
@@ -74,7 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import HEAD_BLOCK, head_block_logits
+from . import runtime
+from .model import HEAD_BLOCK, head_block_logits, vocab_block
 
 __all__ = [
     "SamplerConfig",
@@ -384,7 +388,7 @@ def reference_step(
 # ----------------------------------------------------------------------------------------------------
 # 4. Fused, memory-bounded, batch-invariant step (per-row generators)
 # ----------------------------------------------------------------------------------------------------
-FUSED_BLOCK = HEAD_BLOCK  # vocab entries per block: the draws and results depend on it
+FUSED_BLOCK = HEAD_BLOCK  # vocab entries per block on the CPU (in general `vocab_block`): the draws depend on it
 CHUNK = 64  # entries per chunk of the within-block inverse CDF (see _fused, 4.)
 
 _F32_MIN = torch.finfo(torch.float32).min
@@ -404,6 +408,10 @@ def n_blocks(vocab: int, block: int = FUSED_BLOCK) -> int:
     return -(-vocab // block)
 
 
+def _block(block: int | None, device) -> int:
+    return vocab_block(device if device is not None else "cpu") if block is None else block
+
+
 def fused_init_canvas(
     row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None
 ) -> Tensor:
@@ -416,15 +424,16 @@ def fused_init_canvas(
 
 def draw_step_noise(
     row_generators: Sequence[torch.Generator], canvas_len: int, vocab: int, device: torch.device | str | None = None,
-    block: int = FUSED_BLOCK,
+    block: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step's randomness: (uniforms [rows, canvas, n_blocks + 1] float64, renoise tokens [rows, canvas] int64).
+    block: the step's vocabulary block (None: `vocab_block(device)`, what the step itself uses by default).
 
     Per row, in row order: canvas_len * (n_blocks + 1) uniforms (per position: one per vocabulary block for the
     block choice, then one for the token within the chosen block), then canvas_len renoise tokens. float64
     uniforms give 53 bits of resolution, so even 1e-9-probability tokens keep their share.
     """
-    nb = n_blocks(vocab, block)
+    nb = n_blocks(vocab, min(_block(block, device), vocab))
     uniforms, noise = [], []
     for g in row_generators:  # drawn where the generator lives (the same draws on every device), then moved
         uniforms.append(torch.rand(canvas_len, nb + 1, dtype=torch.float64, generator=g, device=g.device))
@@ -476,7 +485,7 @@ def fused_step(
     draws: tuple[Tensor, Tensor] | None = None,
     embedding: Tensor | None = None,
     embed_scale: float = 1.0,
-    block: int = FUSED_BLOCK,
+    block: int | None = None,
     logprobs: int | None = None,
 ) -> FusedStep:
     """One denoising step over materialised logits [rows, canvas, vocab] (any float dtype). See `_fused`."""
@@ -499,7 +508,7 @@ def fused_head_step(
     *,
     draws: tuple[Tensor, Tensor] | None = None,
     embed_scale: float = 1.0,
-    block: int = FUSED_BLOCK,
+    block: int | None = None,
     logprobs: int | None = None,
     self_conditioning: bool = True,
 ) -> FusedStep:
@@ -548,8 +557,8 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     """
     N = rows * canvas_len
     # A vocabulary smaller than one block is a single block of `vocab` entries: the same draws (n_blocks is 1
-    # either way), without padding every position to FUSED_BLOCK entries (256x the work for a 16-token vocab).
-    block = min(block, vocab)
+    # either way), without padding every position to a whole block (256x the work for a 16-token vocab).
+    block = min(_block(block, device), vocab)
     if block < 1:
         raise ValueError(f"block must be positive, got {block}")
     nb = n_blocks(vocab, block)
@@ -585,6 +594,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
         raw_at_arg = torch.empty(N, nb, dtype=torch.float32, device=device)
         top_v = torch.empty(N, 0, dtype=torch.float32, device=device)
         top_i = torch.empty(N, 0, dtype=torch.int64, device=device)
+    by_index = runtime.host_reads_free(device)
     for b in range(nb):
         lo, hi = b * block, min(b * block + block, vocab)
         raw = source(lo, hi)
@@ -620,7 +630,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
         if b == 0:  # every row with mass takes block 0 (u < 1), and a row without has e = 0 there
             kept, kept_sums = chosen, sums
         else:
-            kept = _keep(kept, take, chosen, by_index=device.type == "cpu")
+            kept = _keep(kept, take, chosen, by_index=by_index)
             kept_sums = torch.where(take[:, None], sums, kept_sums)
         kept_block = torch.where(take, b, kept_block)
         if embedding is not None:

@@ -74,6 +74,39 @@ def test_quantized_model_runs_on_the_device(scheme):
         assert (a - b).abs().max() < 1e-4
 
 
+def test_a_denoising_step_does_not_sync(monkeypatch):
+    """The canvas forward and the fused sampler step queue their kernels without waiting for the device: on CUDA
+    under torch's sync debug mode set to raise, and under HostSyncs (on the CPU with the accelerator's choices)."""
+    from dgemma import runtime
+    from dgemma import sampler as S
+    from dgemma.runtime import HostSyncs
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(runtime, "host_reads_free", lambda device: False)
+    model = _model(torch.bfloat16).to(DEVICE)
+    V, T = model.cfg.vocab_size, model.cfg.canvas_length
+    g = torch.Generator().manual_seed(0)
+    cache = model.new_cache(2, 64)
+    with torch.no_grad():
+        model.encode(torch.randint(0, V, (2, 9), generator=g).to(DEVICE), cache, known_lengths=[0, 0])
+        canvas = torch.randint(0, V, (2, T), generator=g).to(DEVICE)
+        draws = S.draw_step_noise([torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], T, V, DEVICE)
+        k = torch.tensor([4, 4], device=DEVICE)
+        cuda = DEVICE != "cpu"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with HostSyncs() as syncs:
+                h = model.denoise(canvas, cache, head=False, known_lengths=[9, 9])
+                out = S.fused_head_step(h, model.embed_tokens.weight, model.cfg.final_logit_softcapping, k,
+                                        SamplerConfig(), draws=draws, embed_scale=2.0)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    assert syncs.found == [] and out.canvas.shape == (2, T)
+
+
 @pytest.mark.skipif(DEVICE == "cpu" and not HAVE_CXX, reason="torch.compile needs a C++ compiler on the CPU")
 def test_compiled_denoiser_gives_eager_bits_on_the_device():
     model = _model(torch.bfloat16).to(DEVICE)
