@@ -6,6 +6,7 @@ For each layer shape (M tokens x N outputs x K inputs; the 26B model's, and the 
 activations in fp32 and in bf16: F.linear on a dense weight (the unquantized baseline), `QuantLinear` (what dgemma
 runs), and `torch.ops.aten._weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` called directly. Median of
 `--repeats` rounds, rounds interleaved so a noisy neighbour hits every column alike. Milliseconds per call.
+Last, a quantized MoE layer of the `small` preset over a 256-token canvas: its experts one at a time vs all at once.
 """
 
 from __future__ import annotations
@@ -69,6 +70,42 @@ def bench_shape(M, N, K, group_size, repeats):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def bench_experts(repeats, tokens=256):
+    """A quantized MoE layer of the `small` preset (8 experts, top-2) over a canvas's `tokens` rows: one expert
+    dequantized at a time vs every expert expanded at once for one grouped matmul (`QuantExperts.linear`; the
+    same bits). ms per call."""
+    import dgemma.quant as Q
+    from dgemma.config import preset
+    from dgemma.model import Experts
+
+    cfg = preset("small")
+    torch.manual_seed(0)
+    ex = Experts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.02)
+        ex.down_proj.normal_(0, 0.02)
+    idx = torch.stack([torch.randperm(cfg.num_experts)[:cfg.top_k_experts] for _ in range(tokens)])
+    cases = {}
+    for scheme in (Int8(), Int4(128)):
+        qx = Q.QuantExperts.from_experts(ex, scheme)
+        for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            x, w = torch.randn(tokens, cfg.hidden_size).to(dt), torch.rand(tokens, cfg.top_k_experts).to(dt)
+            for how, budget in (("one at a time", 0), ("all at once", Q.STACK_BUDGET["cpu"])):
+                def run(qx=qx, x=x, w=w, budget=budget):
+                    saved, Q.STACK_BUDGET["cpu"] = Q.STACK_BUDGET["cpu"], budget
+                    try:
+                        with torch.no_grad():
+                            qx(x, w, idx)
+                    finally:
+                        Q.STACK_BUDGET["cpu"] = saved
+                cases[f"{tag} {scheme.name} experts, {how}"] = run
+    times = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(_time(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -86,6 +123,10 @@ def main() -> None:
         print(f"\n{name}  (M={M}, N={N}, K={K})")
         for k, v in r.items():
             print(f"  {k:<40}{v:9.3f}")
+    r = results["small MoE layer, 256 tok"] = bench_experts(args.repeats)
+    print("\nsmall MoE layer, 256 tokens, top-2 of 8 experts")
+    for k, v in r.items():
+        print(f"  {k:<40}{v:9.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -52,6 +52,9 @@ METHOD = "dgemma"
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+# Bytes of one expert weight expanded for all experts at once (QuantExperts.linear): a CPU keeps its memory for the
+# 26B model (one layer's gate_up in fp32 is 2 GiB); a GPU takes the 26B's 0.95 GiB in bf16 to avoid a host read.
+STACK_BUDGET = {"cpu": 256 << 20, "accelerator": 2 << 30}
 
 
 class QuantError(ConfigError):
@@ -77,6 +80,14 @@ class Int8:
 
     def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return t[""].to(dtype) * t["_scale"].to(dtype)[..., None]
+
+    # The experts' grouped matmul (QuantExperts.linear): the weights it multiplies, then what follows per row, so
+    # that each row gets exactly `linear`'s bits: `(x @ q^T) * scale`, the scale of the row's own expert.
+    def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return t[""].to(dtype)
+
+    def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
+        return y * t["_scale"].to(y.dtype)[expert_of_row]
 
     def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         # Under torch.compile (`--compile`) the same line runs as an opaque op: Inductor would otherwise rewrite
@@ -159,6 +170,12 @@ class Int4:
 
     def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.linear(x, self.dequantize(t, x.dtype))
+
+    def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize(t, dtype)
+
+    def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
+        return y
 
 
 # ---------------------------------------------------------------- config
@@ -272,7 +289,23 @@ class QuantExperts(nn.Module):
         return {s: getattr(self, name + s)[e] for s in self.scheme.suffixes}
 
     def linear(self, name: str, xs: torch.Tensor, groups) -> torch.Tensor:
-        """`Experts.linear` with the quantized weights: each expert's rows times its dequantized `name`."""
+        """`Experts.linear` with the quantized weights: each expert's rows times its dequantized `name`.
+
+        With at least as many rows as experts (a canvas pass: nearly every expert is hit, so nearly every one
+        would be dequantized anyway) every expert's weight is expanded at once and multiplied in one grouped
+        matmul, when it takes the operands and the expanded weights fit `STACK_BUDGET`: the same bits as one
+        expert at a time, and on a GPU no host read of the experts' row counts. Otherwise one expert at a time."""
+        E = self.num_experts
+        if xs.shape[0] >= E:
+            t = {s: getattr(self, name + s) for s in self.scheme.suffixes}
+            out, inp = getattr(self, name + "_scale").shape[1], xs.shape[1]
+            if E * out * inp * xs.element_size() <= STACK_BUDGET.get(xs.device.type, STACK_BUDGET["accelerator"]):
+                w = self.scheme.stacked(t, xs.dtype)
+                if groups.grouped_ok(xs, w):
+                    y = torch._grouped_mm(xs, w.transpose(1, 2), offs=groups.offsets)
+                    expert_of_row = torch.repeat_interleave(torch.arange(E, device=xs.device), groups.counts,
+                                                            output_size=xs.shape[0])
+                    return self.scheme.finish(y, t, expert_of_row)
         return groups.per_expert(xs, lambda e, rows: self.scheme.linear(rows, self.expert(name, e)))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,18 @@ def test_a_denoising_step_reads_nothing_on_the_host(accelerator, name, dtype, fu
         assert syncs.found == []
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_denoising_step_reads_nothing_on_the_host(accelerator, scheme):
+    """int8 / int4 experts expand every expert at once for the grouped matmul on a canvas pass (same bits as one
+    at a time: tests/test_quant.py), so they read no row counts either."""
+    from dgemma.quant import QuantConfig, quantize_model
+
+    model = quantize_model(randomize(DiffusionGemma(tiny_config("a")), seed=2).eval(),
+                           QuantConfig(scheme, 32 if scheme == "int4" else None)).to(torch.bfloat16)
+    syncs, _ = _step(model, 2, True)
+    assert syncs.found == []
+
+
 def test_the_cpu_path_does_read_on_the_host():
     """Without the accelerator's choices the same step does read values (the check above is not vacuous): the
     known lengths are checked against the cache, and the sampler copies switched rows by index (over several

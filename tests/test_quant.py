@@ -120,6 +120,33 @@ def test_linear_and_experts_compute_with_the_dequantized_weights(qcfg):
     assert torch.allclose(qx(x, w, idx), ref(x, w, idx), atol=1e-5)
 
 
+@pytest.mark.parametrize("qcfg", SCHEMES, ids=lambda q: f"{q.scheme}-{q.group_size}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_quantized_experts_grouped_equal_one_at_a_time(qcfg, dtype, tokens, monkeypatch):
+    """With at least as many rows as experts every expert is expanded at once for one grouped matmul: the same
+    bits as dequantizing one expert at a time (with an empty expert in the middle; 1 token takes the loop)."""
+    import dgemma.quant as Q
+
+    cfg = tiny_config("b")  # 6 experts, top-3
+    qx = QuantExperts.from_experts(randomize(DiffusionGemma(cfg)).layers[0].experts, qcfg.make())
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k_experts] for _ in range(tokens)])
+    idx = torch.where(idx == 2, 0, idx)
+    w = torch.rand(tokens, cfg.top_k_experts, generator=g).to(dtype)
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    with torch.no_grad():
+        grouped = qx(x, w, idx)
+        assert len(calls) == (2 if tokens > 1 else 0)  # gate_up and down
+        monkeypatch.setitem(Q.STACK_BUDGET, "cpu", 0)  # too big to expand: one expert at a time
+        loop = qx(x, w, idx)
+        assert len(calls) == (2 if tokens > 1 else 0)
+    assert torch.equal(grouped, loop)
+
+
 @pytest.mark.parametrize("inp,out", [(96, 40), (40, 24)])
 def test_int8_in_bf16_matches_dequantize(inp, out):
     """bf16 (the default on CPUs with native bf16) dequantizes too: (40, 24) crashed torch's _weight_int8pack_mm."""
