@@ -76,7 +76,8 @@ def test_quantized_model_runs_on_the_device(scheme):
 
 def test_a_denoising_step_does_not_sync(monkeypatch):
     """The canvas forward and the fused sampler step queue their kernels without waiting for the device: on CUDA
-    under torch's sync debug mode set to raise, and under HostSyncs (on the CPU with the accelerator's choices)."""
+    under torch's sync debug mode set to raise (which sees every wait, also inside ops); on the CPU under HostSyncs
+    with the accelerator's choices (which there cannot tell a host tensor's read from a device tensor's)."""
     from dgemma import runtime
     from dgemma import sampler as S
     from dgemma.runtime import HostSyncs
@@ -104,7 +105,9 @@ def test_a_denoising_step_does_not_sync(monkeypatch):
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
-    assert syncs.found == [] and out.canvas.shape == (2, T)
+    assert out.canvas.shape == (2, T)
+    if not cuda:
+        assert syncs.found == []
 
 
 @pytest.mark.skipif(DEVICE == "cpu" and not HAVE_CXX, reason="torch.compile needs a C++ compiler on the CPU")
