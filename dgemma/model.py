@@ -332,7 +332,7 @@ class Experts(nn.Module):
             E = w.shape[0]
             return torch.bmm(xs.view(E, -1, xs.shape[-1]), w.transpose(1, 2)).reshape(xs.shape[0], w.shape[1])
         if groups.grouped_ok(xs, w):
-            return torch._grouped_mm(xs, w.transpose(1, 2), offs=groups.offsets)
+            return groups.grouped(xs, w)
         return groups.per_expert(xs, lambda e, rows: F.linear(rows, w[e]))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -384,6 +384,11 @@ class ExpertGroups:
         return (_GROUPED_MM and xs.dtype == w.dtype and xs.dtype in dtypes and not few_rows
                 and _aligned16(xs) and _aligned16(w)
                 and not (torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)))
+
+    def grouped(self, xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Each expert's rows of `xs` `[M, in]` times its `w[e]` `[out, in]`, in one `torch._grouped_mm` (where
+        `grouped_ok`) -> `[M, out]`."""
+        return torch._grouped_mm(xs, w.transpose(1, 2), offs=self.offsets)
 
     def per_expert(self, xs: torch.Tensor, fn) -> torch.Tensor:
         """`fn(e, rows)` over each hit expert's rows, concatenated in order: the general path."""

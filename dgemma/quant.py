@@ -302,7 +302,7 @@ class QuantExperts(nn.Module):
             if E * out * inp * xs.element_size() <= STACK_BUDGET.get(xs.device.type, STACK_BUDGET["accelerator"]):
                 w = self.scheme.stacked(t, xs.dtype)
                 if groups.grouped_ok(xs, w):
-                    y = torch._grouped_mm(xs, w.transpose(1, 2), offs=groups.offsets)
+                    y = groups.grouped(xs, w)
                     expert_of_row = torch.repeat_interleave(torch.arange(E, device=xs.device), groups.counts,
                                                             output_size=xs.shape[0])
                     return self.scheme.finish(y, t, expert_of_row)

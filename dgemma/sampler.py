@@ -408,8 +408,10 @@ def n_blocks(vocab: int, block: int = FUSED_BLOCK) -> int:
     return -(-vocab // block)
 
 
-def _block(block: int | None, device) -> int:
-    return vocab_block(device if device is not None else "cpu") if block is None else block
+def _block(block: int | None, device, vocab: int) -> int:
+    """The step's block: `block`, or the device's (`vocab_block`); a vocabulary smaller than it is one block of
+    `vocab` entries (the same draws, n_blocks is 1 either way, without padding every position to a whole block)."""
+    return min(vocab_block(device if device is not None else "cpu") if block is None else block, vocab)
 
 
 def fused_init_canvas(
@@ -433,7 +435,7 @@ def draw_step_noise(
     block choice, then one for the token within the chosen block), then canvas_len renoise tokens. float64
     uniforms give 53 bits of resolution, so even 1e-9-probability tokens keep their share.
     """
-    nb = n_blocks(vocab, min(_block(block, device), vocab))
+    nb = n_blocks(vocab, _block(block, device, vocab))
     uniforms, noise = [], []
     for g in row_generators:  # drawn where the generator lives (the same draws on every device), then moved
         uniforms.append(torch.rand(canvas_len, nb + 1, dtype=torch.float64, generator=g, device=g.device))
@@ -556,9 +558,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     over it; peak extra memory is a few of them.
     """
     N = rows * canvas_len
-    # A vocabulary smaller than one block is a single block of `vocab` entries: the same draws (n_blocks is 1
-    # either way), without padding every position to a whole block (256x the work for a 16-token vocab).
-    block = min(_block(block, device), vocab)
+    block = _block(block, device, vocab)
     if block < 1:
         raise ValueError(f"block must be positive, got {block}")
     nb = n_blocks(vocab, block)
