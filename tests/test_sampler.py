@@ -383,18 +383,40 @@ def test_fused_step_batch_invariance():
         torch.testing.assert_close(alone.sc_embedding[0], batch.sc_embedding[r], atol=1e-6, rtol=1e-5)
 
 
-def test_fused_step_keep_by_index_or_select(monkeypatch):
-    """The CPU keeps the chosen block's rows by index, a GPU by one select: the same tokens, bit for bit."""
+@pytest.mark.parametrize("logprobs", [None, 3])
+def test_fused_step_cpu_or_accelerator_choices(monkeypatch, logprobs):
+    """The CPU keeps the chosen block's rows by index and finds a block's argmax from its zeros (`_first_zero`);
+    a GPU keeps them by one select and takes max with its index: the same results, bit for bit."""
     import dgemma.sampler as S
 
     logits, emb = _case(2)
+    logits[1, 5, 200:300] = logits[1, 5].max() + 1  # a tie across block boundaries: the first index wins
     cfg, k = SamplerConfig(), torch.tensor([48, 20, 1])
-    by_index = fused_step(logits, k, cfg, _gens(11, 12, 13), embedding=emb, block=BLOCK)
-    keep = S._keep
-    monkeypatch.setattr(S, "_keep", lambda kept, take, chosen, by_index: keep(kept, take, chosen, False))
-    by_select = fused_step(logits, k, cfg, _gens(11, 12, 13), embedding=emb, block=BLOCK)
-    for a, b in zip(by_index[:6], by_select[:6]):
-        assert torch.equal(a, b)
+    cpu = fused_step(logits, k, cfg, _gens(11, 12, 13), embedding=emb, block=BLOCK, logprobs=logprobs)
+    assert torch.equal(cpu.argmax, (logits / temperature(k, cfg)[:, None, None]).argmax(-1))
+    assert cpu.argmax[1, 5] == 200
+    monkeypatch.setattr(S.runtime, "host_reads_free", lambda device: False)
+    accel = fused_step(logits, k, cfg, _gens(11, 12, 13), embedding=emb, block=BLOCK, logprobs=logprobs)
+    for a, b in zip(cpu, accel):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_first_zero_is_max_index():
+    """`_first_zero` on `x - max(x)` (scaled) gives torch.max's index: ties (bf16 logits are full of them), -inf
+    entries and all -inf rows; a row with no zero (NaN logits) gets 0, a valid index."""
+    from dgemma.sampler import _LOG2E, _F32_MIN, _first_zero
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 700, generator=g).bfloat16().float() * 3
+    x[1, 5] = x[1, 600] = x[1].max() + 1  # a tie: the first
+    x[2, :] = float("-inf")
+    x[3, :10] = float("-inf")
+    x[4] = 1e-30  # all equal, tiny
+    m = x.amax(-1).clamp(min=_F32_MIN)
+    d = (x - m[:, None]).mul_(_LOG2E).clamp_(min=_F32_MIN)
+    assert torch.equal(_first_zero(d), x.max(dim=-1).indices)
+    assert _first_zero(d)[1] == 5 and _first_zero(d)[2] == 0
+    assert _first_zero(torch.full((2, 5), float("nan"))).tolist() == [0, 0]
 
 
 def test_fused_step_sampling_distribution():
