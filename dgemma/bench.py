@@ -364,10 +364,12 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     import argparse
 
+    from .cli import positive_int
+
     p = argparse.ArgumentParser(prog="dgemma bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
-    p.add_argument("--threads", type=int, help="torch threads in each engine process (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch threads in each engine process (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights and activations of every engine (default: the device's fastest, as dgemma picks it: "
@@ -375,10 +377,10 @@ def main(argv=None) -> int:
     p.add_argument("--ref-dtype", choices=("float32", "bfloat16", "float16"),
                    help="the transformers engine's dtype, when it runs fastest in another one (default: --dtype)")
     p.add_argument("--vocabs", default="8192,262144", help="vocabulary sizes to run (8192 small, 262144 real)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--steps", type=int, default=16, help="denoising steps per canvas")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--steps", type=positive_int, default=16, help="denoising steps per canvas")
+    p.add_argument("--prompt-tokens", type=positive_int, default=64)
+    p.add_argument("--repeats", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embed-gain", type=float, default=8.0, help="scale of the random embedding (sharper logits)")
     p.add_argument("--out", default="bench.json", help="where to write the JSON results")
@@ -418,9 +420,21 @@ def main(argv=None) -> int:
     except ValueError:
         print("dgemma bench: error: --vocabs takes comma-separated integers", file=sys.stderr)
         return 2
-    rows = []
+    from .config import ConfigError, preset
+
     for v in vocabs:
-        rows += bench_config(f"vocab-{v}", v, args)
+        try:
+            preset("small").replace(vocab_size=v)
+        except ConfigError as e:
+            print(f"dgemma bench: error: --vocabs {v}: {e}", file=sys.stderr)
+            return 2
+    rows = []
+    try:
+        for v in vocabs:
+            rows += bench_config(f"vocab-{v}", v, args)
+    except RuntimeError as e:  # an engine's process failed: its own error output is in the message
+        print(f"dgemma bench: error: {e}", file=sys.stderr)
+        return 1
     print_table(rows)
     result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items()
                                                   if k not in ("worker", "ckpt", "prompt_ids")},

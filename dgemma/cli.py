@@ -431,7 +431,7 @@ def _add_train_options(s, *, steps=1000, batch=32, lr=3e-4, warmup=100, wd=0.0, 
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast, fp32 master weights (for CUDA; on the CPU it works but is slower)")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (default: torch's)")
+    s.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads per process (default: torch's)")
     s.add_argument("--workers", type=int, default=0, help="processes that build batches ahead of the GPU "
                    "(default 0: inline; the batches are the same either way)")
     s.add_argument("--moe", choices=("auto", "sorted", "dense"), default="auto",
@@ -535,8 +535,6 @@ def cmd_sudoku(args) -> int:
         from .io import atomic_path
 
         clues = _clue_range(args.clues)
-        if args.n <= 0:
-            raise UsageError("--n must be positive")
         with atomic_path(args.out) as tmp, open(tmp, "w") as f:
             for rec in SU.generate(args.n, clues, args.seed, workers=args.workers, progress=True):
                 f.write(json.dumps(rec) + "\n")
@@ -669,6 +667,26 @@ def torch_float32():
     return torch.float32
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is argparse's one-line error)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
@@ -685,10 +703,10 @@ def _add_sudoku_parser(sub) -> None:
     ss.required = True
     g = ss.add_parser("gen", help="generate puzzles with unique solutions (JSONL)")
     g.add_argument("--out", required=True, help="output JSONL file")
-    g.add_argument("--n", type=int, default=1000, help="number of puzzles (default 1000)")
+    g.add_argument("--n", type=positive_int, default=1000, help="number of puzzles (default 1000)")
     g.add_argument("--clues", default="30-36", help="clue count N or range LO-HI (default 30-36)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    g.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
     t = ss.add_parser("train", help="train the recipe's model from scratch (see recipes/sudoku.md)")
     t.add_argument("--data", help="training puzzles (JSONL from `sudoku gen`)")
     t.add_argument("--eval-data", help="held-out puzzles: eval loss and solve rate during training")
@@ -702,15 +720,15 @@ def _add_sudoku_parser(sub) -> None:
     e = ss.add_parser("eval", help="solve rate and denoising steps at step budgets, vs AR decoding")
     e.add_argument("model", help="checkpoint directory")
     e.add_argument("--data", required=True, help="puzzles JSONL")
-    e.add_argument("--n", type=int, default=1000, help="puzzles to evaluate (default 1000)")
+    e.add_argument("--n", type=positive_int, default=1000, help="puzzles to evaluate (default 1000)")
     e.add_argument("--steps", default="12,24,48", help="step budgets (default 12,24,48)")
     e.add_argument("--no-early", action="store_true", help="skip the early-stopping runs")
     e.add_argument("--no-fixed", action="store_true", help="skip the runs without early stopping")
     e.add_argument("--no-ar", action="store_true", help="skip autoregressive decoding")
-    e.add_argument("--batch", type=int, default=250, help="puzzles decoded together (default 250)")
+    e.add_argument("--batch", type=positive_int, default=250, help="puzzles decoded together (default 250)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="also write the results to this JSON file")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    e.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     _add_sudoku_sampler_args(e)
     v = ss.add_parser("solve", help="solve one puzzle, showing the board fill in step by step")
     v.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped Sudoku model)")
@@ -718,7 +736,7 @@ def _add_sudoku_parser(sub) -> None:
     v.add_argument("--steps", type=int, help="step budget (default: the checkpoint's, 12 for the shipped model)")
     v.add_argument("--no-early", action="store_true", help="run all steps (no early stop)")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    v.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     _add_sudoku_sampler_args(v)
     s.set_defaults(func=cmd_sudoku)
 
@@ -774,12 +792,13 @@ def _add_code_parser(sub) -> None:
     e = ss.add_parser("eval", help="held-out loss, and completion/infill of held-out functions, diffusion vs AR")
     e.add_argument("model", help="checkpoint directory")
     e.add_argument("--data", required=True, help="data directory from `dgemma code data` (its held-out files)")
-    e.add_argument("--n", type=int, default=200, help="held-out functions (default 200)")
-    e.add_argument("--steps", type=int, default=16, help="denoising steps per canvas (default 16)")
-    e.add_argument("--loss-examples", type=int, default=256, help="held-out examples for the loss (default 256)")
+    e.add_argument("--n", type=positive_int, default=200, help="held-out functions (default 200)")
+    e.add_argument("--steps", type=positive_int, default=16, help="denoising steps per canvas (default 16)")
+    e.add_argument("--loss-examples", type=positive_int, default=256,
+                   help="held-out examples for the loss (default 256)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="also write the report to this JSON file")
-    e.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    e.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     s.set_defaults(func=cmd_code)
 
 

@@ -180,6 +180,51 @@ def test_bench_smoke(tmp_path):
     assert isinstance(res["dgemma-int8"]["same_tokens_as_full_precision"], bool) and "weights" in p.stdout
 
 
+@pytest.mark.parametrize("args, msg", [
+    (("--steps", "0"), "argument --steps: expected a positive integer, got '0'"),
+    (("--repeats", "-1"), "argument --repeats: expected a positive integer"),
+    (("--prompt-tokens", "x"), "argument --prompt-tokens: expected a positive integer"),
+    (("--max-new-tokens", "0"), "argument --max-new-tokens: expected a positive integer"),
+    (("--vocabs", "100"), "--vocabs 100: eos_token_id outside the vocabulary"),
+    (("--vocabs", "8192,abc"), "--vocabs takes comma-separated integers"),
+    (("--engines", "vllm"), "unknown engine(s) ['vllm']"),
+])
+def test_bench_errors_are_one_line(args, msg, tmp_path):
+    p = run("bench", *args, "--out", str(tmp_path / "b.json"), check=False)
+    assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("sudoku", "eval", "M", "--data", "D", "--n", "0"), "argument --n: expected a positive integer, got '0'"),
+    (("sudoku", "eval", "M", "--data", "D", "--batch", "0"), "argument --batch: expected a positive integer"),
+    (("sudoku", "solve", "--threads", "-1", "1" * 81), "argument --threads: expected an integer >= 0, got '-1'"),
+    (("sudoku", "gen", "--out", "X", "--n", "-2"), "argument --n: expected a positive integer"),
+    (("sudoku", "gen", "--out", "X", "--workers", "0"), "argument --workers: expected a positive integer"),
+    (("code", "eval", "M", "--data", "D", "--steps", "0"), "argument --steps: expected a positive integer"),
+    (("code", "eval", "M", "--data", "D", "--n", "many"), "argument --n: expected a positive integer, got 'many'"),
+])
+def test_counts_and_threads_must_be_positive(args, msg):
+    """Counts that once misbehaved quietly: `sudoku eval --n 0` ran every puzzle of the file and `--n -2` one,
+    `--batch 0` failed inside range(), a negative `--threads` was a traceback from torch."""
+    p = run(*args, check=False)
+    assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_bench_engine_failure_is_reported_without_a_driver_traceback(monkeypatch, capsys, tmp_path):
+    import dgemma.bench as B
+
+    def failing(engine, ckpt, prompt, args):
+        raise RuntimeError(f"{engine} failed:\nValueError: something inside the engine")
+
+    monkeypatch.setattr(B, "_run_worker", failing)
+    assert B.main(["--vocabs", "512", "--engines", "dgemma-diffusion", "--max-new-tokens", "8", "--steps", "1",
+                   "--out", str(tmp_path / "b.json")]) == 1
+    err = capsys.readouterr().err
+    assert "dgemma bench: error: dgemma-diffusion failed" in err and "something inside the engine" in err
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_a_reader_that_leaves_gets_no_traceback(ckpt_tok):
     # `dgemma generate ... | head -c 1`: the pipe closes before the output is written
     p = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "generate", str(ckpt_tok), "abc", "--json",
