@@ -712,7 +712,11 @@ def raw_logprobs(logits: Tensor, tokens: Tensor, top: int = 0) -> tuple[Tensor, 
     ([..., top] ids and log-probabilities; None when top is 0). The fused step computes the same quantities
     block by block for its draft."""
     x = logits.float()
-    lse = torch.logsumexp(x.double(), dim=-1)
+    # logsumexp as max + log(sum of exp2((x - max) * log2 e)), summed in fp32 and combined in fp64: within ~1e-6 of
+    # fp64's logsumexp and ~3x faster than it on the CPU (whose exp and logsumexp take a slow path for arguments far
+    # below 0; prompt scoring runs this over [256, vocab] chunks). An all -inf row stays -inf, as logsumexp's.
+    m = x.amax(dim=-1, keepdim=True).clamp(min=_F32_MIN)
+    lse = m.squeeze(-1).double() + torch.log(torch.exp2((x - m).mul_(_LOG2E)).sum(-1).double())
     lp = (x.gather(-1, tokens[..., None]).squeeze(-1).double() - lse).float()
     if not top:
         return lp, None, None

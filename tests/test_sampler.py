@@ -401,6 +401,20 @@ def test_fused_step_cpu_or_accelerator_choices(monkeypatch, logprobs):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_raw_logprobs_against_fp64(scale):
+    """raw_logprobs' fp32 exp2 sum gives fp64 log_softmax's values to fp32 precision, masked entries included."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 5000, generator=g) * scale
+    logits[0, :4000] = float("-inf")
+    tokens = torch.tensor([4500, 3, 17, 4999, 0, 2500])
+    ref = torch.log_softmax(logits.double(), -1)
+    lp, ids, top = raw_logprobs(logits, tokens, 4)
+    torch.testing.assert_close(lp.double(), ref.gather(-1, tokens[:, None])[:, 0], atol=1e-5, rtol=1e-6)
+    assert torch.equal(ids, logits.topk(4, dim=-1).indices)
+    torch.testing.assert_close(top.double(), ref.gather(-1, ids), atol=1e-5, rtol=1e-6)
+
+
 def test_first_zero_is_max_index():
     """`_first_zero` on `x - max(x)` (scaled) gives torch.max's index: ties (bf16 logits are full of them), -inf
     entries and all -inf rows; a row with no zero (NaN logits) gets 0, a valid index."""
