@@ -401,8 +401,8 @@ def _first_zero(d: Tensor) -> Tensor:
     """The first index of each row's 0 in `d` `[N, n]` fp32, whose entries are 0 or negative (`x - max(x)`, scaled
     by a positive factor, so 0 exactly where x holds its maximum): `torch.max(x, dim=-1)`'s index, by integer ops.
 
-    On the CPU torch's max-with-index is a scalar loop, ~15x slower than its max without one; this is one pass.
-    As int32 a negative float has the sign bit set and +0 is 0, so `bits | (n - 1 - i)` is negative except at the
+    On the CPU torch's max-with-index is a scalar loop, ~15x slower than its max without one; this is one integer
+    pass and a max. As int32 a negative float has the sign bit set and +0 is 0, so `bits | (n - 1 - i)` is negative except at the
     zeros, where it is `n - 1 - i`, largest at the first one. A row with no 0 (NaN logits) gets index 0. One corner
     differs from torch.max: a row whose max is 0.0 holding both -0.0 and +0.0 gets its first +0.0 (x - max is -0.0
     at a -0.0 when the max is +0.0); the soft-capped head never gives -0.0."""
