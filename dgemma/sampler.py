@@ -402,14 +402,20 @@ def _first_zero(d: Tensor) -> Tensor:
     by a positive factor, so 0 exactly where x holds its maximum): `torch.max(x, dim=-1)`'s index, by integer ops.
 
     On the CPU torch's max-with-index is a scalar loop, ~15x slower than its max without one; this is one integer
-    pass and a max. As int32 a negative float has the sign bit set and +0 is 0, so `bits | (n - 1 - i)` is negative except at the
-    zeros, where it is `n - 1 - i`, largest at the first one. A row with no 0 (NaN logits) gets index 0. One corner
-    differs from torch.max: a row whose max is 0.0 holding both -0.0 and +0.0 gets its first +0.0 (x - max is -0.0
-    at a -0.0 when the max is +0.0); the soft-capped head never gives -0.0."""
+    pass and a max. As int32 a negative float has the sign bit set and +0 is 0, so `bits | (n - 1 - i)` is
+    negative except at the zeros, where it is `n - 1 - i`, largest at the first one. A row with no 0 (NaN logits)
+    gets index 0. One corner differs from torch.max: a row whose max is 0.0 holding both -0.0 and +0.0 gets its
+    first +0.0 (x - max is -0.0 at a -0.0 when the max is +0.0); the soft-capped head never gives -0.0."""
     n = d.shape[-1]
     rev = torch.arange(n - 1, -1, -1, dtype=torch.int32, device=d.device)
     idx = (n - 1) - torch.bitwise_or(d.view(torch.int32), rev).amax(dim=-1).long()
     return torch.where((idx >= 0) & (idx < n), idx, 0)
+
+
+def _sum_exp(x: Tensor, shift: Tensor) -> Tensor:
+    """`exp(x - shift)` summed over the last dim, in fp32, as exp2 of `(x - shift) * log2 e`: torch's CPU exp (and
+    logsumexp) takes a slow path for arguments far below 0, where most of a vocabulary's entries are."""
+    return torch.exp2((x - shift).mul_(_LOG2E)).sum(-1)
 
 
 def canvas_seed(seed: int, canvas_index: int) -> int:
@@ -635,7 +641,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
             raw_at_arg[:, b] = raw.gather(1, barg[:, None]).squeeze(1)
             # The block's max of x times T is its raw max (to rounding): a safe shift, with no pass for a max.
             shift = (bmax * temp[:, 0]).clamp(min=_F32_MIN)
-            part = torch.exp2((raw - shift[:, None]).mul_(_LOG2E)).sum(-1)  # fp32 in the block, then fp64
+            part = _sum_exp(raw, shift[:, None])  # fp32 in the block, combined in fp64 as above
             new_rmax = torch.maximum(raw_max, shift.double())
             raw_sum = raw_sum * torch.exp(raw_max - new_rmax) + part.double() * torch.exp(shift.double() - new_rmax)
             raw_max = new_rmax
@@ -712,11 +718,11 @@ def raw_logprobs(logits: Tensor, tokens: Tensor, top: int = 0) -> tuple[Tensor, 
     ([..., top] ids and log-probabilities; None when top is 0). The fused step computes the same quantities
     block by block for its draft."""
     x = logits.float()
-    # logsumexp as max + log(sum of exp2((x - max) * log2 e)), summed in fp32 and combined in fp64: within ~1e-6 of
-    # fp64's logsumexp and ~3x faster than it on the CPU (whose exp and logsumexp take a slow path for arguments far
-    # below 0; prompt scoring runs this over [256, vocab] chunks). An all -inf row stays -inf, as logsumexp's.
+    # logsumexp as max + log(sum of exp(x - max)), summed in fp32 (`_sum_exp`) and combined in fp64: within ~1e-6
+    # of fp64's logsumexp and ~2x faster than it on the CPU (prompt scoring runs this over [256, vocab] chunks). An
+    # all -inf row stays -inf, as logsumexp's.
     m = x.amax(dim=-1, keepdim=True).clamp(min=_F32_MIN)
-    lse = m.squeeze(-1).double() + torch.log(torch.exp2((x - m).mul_(_LOG2E)).sum(-1).double())
+    lse = m.squeeze(-1).double() + torch.log(_sum_exp(x, m).double())
     lp = (x.gather(-1, tokens[..., None]).squeeze(-1).double() - lse).float()
     if not top:
         return lp, None, None
