@@ -167,6 +167,14 @@ def add_sampling_args(s) -> None:
                    "logit everywhere (repeatable; -100 bans the token, +100 forces it)")
     g.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability (raw logits, "
                    "at the step that emitted it) and the N most likely tokens there (0-20)")
+    g = s.add_argument_group("structured output (the text is held to a grammar; one of these)").\
+        add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="SCHEMA", help="JSON valid against this JSON schema (its JSON text, or "
+                   "a file holding it)")
+    g.add_argument("--json-object", action="store_true", help="any JSON object")
+    g.add_argument("--regex", metavar="PATTERN", help="text matching this regular expression, whole")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="exactly one of these strings (repeatable)")
+    g.add_argument("--grammar", metavar="FILE", help="text in the language of this Lark grammar (start rule `start`)")
 
 
 def sampling_options(args) -> dict:
@@ -175,7 +183,36 @@ def sampling_options(args) -> dict:
             "stability": args.stability, "confidence": args.confidence, "restarts": args.restarts,
             "stop": args.stop,
             "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None),
-            "logit_bias": _logit_bias(getattr(args, "logit_bias", None))}
+            "logit_bias": _logit_bias(getattr(args, "logit_bias", None)), "grammar": _grammar(args)}
+
+
+def _grammar(args):
+    """The structured-output option given (--json-schema, --json-object, --regex, --choice, --grammar), or None."""
+    from .structured import Grammar, GrammarError
+
+    try:
+        if getattr(args, "json_schema", None) is not None:
+            text = args.json_schema
+            if not text.lstrip().startswith(("{", "true", "false")):
+                path = Path(text)
+                if not path.is_file():
+                    raise UsageError(f"--json-schema takes a JSON schema or a file holding one; no file {text!r}")
+                text = path.read_text()
+            return Grammar.json_schema(text)
+        if getattr(args, "json_object", False):
+            return Grammar.json_object()
+        if getattr(args, "regex", None) is not None:
+            return Grammar.regex(args.regex)
+        if getattr(args, "choice", None):
+            return Grammar.choice(args.choice)
+        if getattr(args, "grammar", None) is not None:
+            path = Path(args.grammar)
+            if not path.is_file():
+                raise UsageError(f"--grammar takes a Lark grammar file; no file {args.grammar!r}")
+            return Grammar.lark(path.read_text())
+    except GrammarError as e:
+        raise UsageError(str(e)) from None
+    return None
 
 
 def _logit_bias(items: list[str] | None) -> dict[int, float] | None:

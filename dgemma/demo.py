@@ -5,6 +5,7 @@
   2. Code completion: the shipped code model writes a function body from its signature, the canvas drawn live.
   3. Infill: the same model fills a function body between its signature and the code after it (the suffix is
      fixed at the canvas end); autoregressive decoding infills through a fill-in-the-middle prompt.
+  4. Structured output: the same model writes a JSON object held to a JSON schema, diffusion and AR.
 Each run prints its stats (steps per canvas, tokens per forward pass, tokens/s) next to the other decoder's.
 Without a shipped code model it runs a random model with the real Gemma vocabulary and says so.
 """
@@ -29,6 +30,11 @@ INFILL_SUFFIX = '''
 if __name__ == "__main__":
     print(is_palindrome("Level"))
 '''
+
+SETTINGS_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                                    "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                                                    "debug": {"type": "boolean"}},
+                   "required": ["name", "port", "debug"], "additionalProperties": False}
 
 
 def _banner(text: str) -> None:
@@ -103,6 +109,31 @@ def _code(pipe, steps: int) -> None:
         print(_stats(label, done))
 
 
+def _structured(pipe, steps: int) -> None:
+    import json
+
+    from .cli import run_one
+    from .structured import Grammar
+
+    _banner("4. Structured output: a JSON object held to a JSON schema (the code model was trained on Python, "
+            "not JSON)")
+    print(json.dumps(SETTINGS_SCHEMA))
+    grammar = Grammar.json_schema(SETTINGS_SCHEMA)
+    prompt = pipe.encode("# server settings\nconfig = ")
+    results = {}
+    for label, ar in (("diffusion", False), ("autoregressive", True)):
+        params = pipe.params(ar=ar, steps=steps, seed=0, max_new_tokens=64, grammar=grammar)
+        done = results[label] = run_one(pipe, prompt, params, show_canvas=False, stream_text=False)
+        try:
+            doc = json.loads(done.text)
+            ok = set(doc) == set(SETTINGS_SCHEMA["required"]) and isinstance(doc["port"], int)
+        except ValueError:
+            ok = False
+        print(f"--- {label} ---\n{done.text}\n({'valid' if ok else 'NOT valid'} against the schema)", flush=True)
+    for label, done in results.items():
+        print(_stats(label, done))
+
+
 def _body(text: str | None) -> str:
     from .tasks.code_eval import completion_body
 
@@ -125,6 +156,7 @@ def run_demo(args) -> int:
                 "`dgemma sudoku solve MODEL PUZZLE` runs it)")
     pipe = Pipeline.load(str(code), dtype=torch.float32, device="cpu", quiet=True)
     _code(pipe, steps)
+    _structured(pipe, steps)
     return 0
 
 

@@ -31,6 +31,7 @@ from . import sampler as S
 from .model import DiffusionGemma
 from .runtime import tune_cpu_allocator
 from .sampler import SamplerConfig
+from .structured import Grammar, GrammarError
 
 DIFFUSION, AR = "diffusion", "ar"
 LOGITS_BUDGET = 64 * 2**20  # bytes of fp32 logits per step above which the LM head is fused (auto)
@@ -73,6 +74,8 @@ class GenerationParams:
     # None: off. n >= 0: each prompt token's log-probability given the tokens before it (the encoder's next-token
     # distribution, as the prefill computes it; None for the first token) and the n most likely tokens there
     prompt_logprobs: int | None = None
+    # structured output: the text must match this grammar (a JSON schema, a regex, ...; see structured.py)
+    grammar: Grammar | None = None
 
     def validate(self, canvas: int, vocab: int) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
@@ -111,6 +114,14 @@ class GenerationParams:
                 raise GenerationError(f"init_canvas must hold {canvas} tokens, got {len(self.init_canvas)}")
             if any(not 0 <= t < vocab for t in self.init_canvas):
                 raise GenerationError("init_canvas has a token outside the vocabulary")
+        if self.grammar is not None:
+            if not isinstance(self.grammar, Grammar):
+                raise GenerationError(f"grammar must be a dgemma.structured.Grammar, got {type(self.grammar)}")
+            for name, clash in (("fixed", self.fixed), ("allowed", self.allowed), ("ignore_eos", self.ignore_eos)):
+                if clash:
+                    raise GenerationError(f"a grammar cannot be combined with {name}")
+            if self.rng != "row":
+                raise GenerationError("a grammar needs rng='row': transformers' generate has no grammar to replay")
 
     def replace(self, **kw) -> "GenerationParams":
         return dataclasses.replace(self, **kw)
@@ -204,6 +215,11 @@ class _Row:
         bias = params.logit_bias or {}
         self.bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
         self.bias = torch.tensor([float(bias[t]) for t in sorted(bias)], dtype=torch.float32)
+        self.matcher = None  # structured.Matcher with a grammar (set by Engine.add)
+        self.frontier = 0  # grammar: positions of the current canvas committed, left to right
+        self.limit = canvas  # grammar: positions of the current canvas that can reach the output
+        self.g_tok = torch.zeros(canvas, dtype=torch.long)  # grammar: the committed tokens
+        self.g_lp: tuple | None = None  # grammar + logprobs: (lp [T], top ids, top lps) at each commit
 
     def add_bias(self, logits: torch.Tensor) -> None:
         """logit_bias, in place, on logits [..., V] (every position: the bias has no position)."""
@@ -246,6 +262,7 @@ class Engine:
         self.next_id = 0
         eos = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else cfg.eos_token_id)
         self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long)
+        self._eos_set = frozenset(self.eos.tolist())
         self.pad = cfg.pad_token_id
         self.drafts = drafts
         # fused_head=False is the plain path: materialise the logits, then run the sampler over them. None (auto)
@@ -264,6 +281,13 @@ class Engine:
         params.validate(self.T, self.V)
         if params.stop and self.tok is None:
             raise GenerationError("stop strings need a tokenizer")
+        if params.grammar is not None:
+            if self.tok is None:
+                raise GenerationError("a grammar needs a tokenizer")
+            try:
+                params.grammar.check(self.tok)
+            except GrammarError as e:
+                raise GenerationError(str(e)) from None
         # The last canvas is never committed, so the cache must hold the prompt plus all canvases but one.
         commits = -(-params.max_new_tokens // self.T) - 1 if params.mode == DIFFUSION else params.max_new_tokens - 1
         need = len(prompt) + max(0, commits * self.T if params.mode == DIFFUSION else commits)
@@ -281,6 +305,8 @@ class Engine:
         rid = self.next_id
         self.next_id += 1
         row = _Row(rid, self.free.pop(0), list(prompt), params, self.V, self.T)
+        if params.grammar is not None:
+            row.matcher = params.grammar.matcher(self.tok, self.V)
         self.rows[rid] = row
         return rid
 
@@ -400,6 +426,12 @@ class Engine:
             canvas[r.fixed_pos] = r.fixed_tok
         r.canvas = canvas
         r.argmax = canvas.clone()
+        if r.matcher is not None:
+            r.frontier, r.limit = 0, min(self.T, r.p.max_new_tokens - len(r.out))
+            if r.p.logprobs is not None:
+                n = r.p.logprobs
+                r.g_lp = (torch.zeros(self.T), torch.zeros(self.T, n, dtype=torch.long) if n else None,
+                          torch.full((self.T, n), float("-inf")) if n else None)
 
     def _denoise(self, rows: list[_Row], events) -> None:
         if not rows:
@@ -448,6 +480,12 @@ class Engine:
                 # costs nothing in the entropy budget, and its draft and sample are the fixed token.
                 logits[i, r.fixed_pos] = float("-inf")
                 logits[i, r.fixed_pos, r.fixed_tok] = 0.0
+            if r.matcher is not None:
+                self._grammar_walk(r, logits[i].__getitem__)
+                if r.frontier:  # committed positions: one-hot, like fixed ones
+                    logits[i, :r.frontier] = float("-inf")
+                    logits[i, torch.arange(r.frontier, device=logits.device),
+                           r.g_tok[:r.frontier].to(logits.device)] = 0.0
         for (cfg, rng), idx in groups.items():
             sub = logits if sel[(cfg, rng)] is None else logits[sel[(cfg, rng)]]
             if rng == "reference":
@@ -461,6 +499,60 @@ class Engine:
             else:
                 self._fused_group(None, [rows[i] for i in idx], cfg, events, inputs[(cfg, rng)], logits=sub)
         del logits
+
+    SUBSET = 4096  # grammar walk: at most this many allowed tokens, and the softmax runs over them alone
+
+    def _grammar_walk(self, r: _Row, logits_at) -> None:
+        """Commit the next run of a grammar row's canvas (structured.py). `logits_at(j)`: this step's fp32 logits
+        [V] at canvas position j (after logit_bias). From the frontier rightwards, each position is sampled at the
+        step's temperature from its logits masked to what the grammar allows there, and committed while the run's
+        entropies stay within the EntropyBound budget (sum - max <= entropy_bound; the first always is). The
+        canvas's last budgeted step commits every position left. Sets `r.frontier` and `r.g_tok`; the caller makes
+        the committed positions one-hot (zero entropy, always accepted, kept as the draft and conditioned on)."""
+        cfg = r.p.sampler
+        k = cfg.max_denoising_steps - r.step
+        t = S.temperature(k, cfg)
+        spent = top = 0.0
+        j = first = r.frontier
+        ended = False  # the grammar is complete (or EOS was drawn): EOS from here on
+        while j < r.limit:
+            allowed = r.matcher.allowed()
+            if r.matcher.done or not bool(allowed.any()):
+                ended = True
+                break
+            row = logits_at(j).float()
+            ids = allowed.nonzero()[:, 0] if int(allowed.sum()) <= self.SUBSET else None
+            # Few tokens allowed (JSON's punctuation, keys, literals): work on those alone, not the vocabulary.
+            sub = row[ids.to(row.device)] if ids is not None else \
+                row.masked_fill(~allowed.to(row.device), float("-inf"))
+            lp = torch.log_softmax(sub / t.to(row.device), dim=-1)
+            p = lp.exp()
+            h = float(-(p * lp.clamp(min=torch.finfo(lp.dtype).min)).sum())
+            if j > first and k > 1 and spent + h - max(top, h) > cfg.entropy_bound:
+                break
+            spent, top = spent + h, max(top, h)
+            # Inverse-CDF draw from the row's generator (torch.multinomial takes ~6 ms over 262,144 entries here).
+            cdf = p.double().cumsum(0)
+            u = torch.rand((), dtype=torch.float64, generator=r.gen).to(cdf.device)
+            tok = int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=p.numel() - 1))
+            tok = int(ids[tok]) if ids is not None else tok
+            if r.g_lp is not None and ids is not None:
+                row = row.masked_fill(~allowed.to(row.device), float("-inf"))
+            if r.g_lp is not None:
+                lps, ids, tlp = S.raw_logprobs(row[None], torch.tensor([tok], device=row.device), r.p.logprobs)
+                r.g_lp[0][j] = lps[0].cpu()
+                if ids is not None:
+                    r.g_lp[1][j], r.g_lp[2][j] = ids[0].cpu(), tlp[0].cpu()
+            r.g_tok[j] = tok
+            j += 1
+            if tok in self._eos_set:
+                ended = True
+                break
+            r.matcher.consume(tok)
+        if ended:
+            r.g_tok[j:] = int(self.eos[0])
+            j = self.T
+        r.frontier = j
 
     def _step_inputs(self, rows: list[_Row], cfg: SamplerConfig) -> tuple[torch.Tensor, tuple]:
         """A fused step's inputs made on the host, on the device: each row's steps remaining, and its draws."""
@@ -491,6 +583,9 @@ class Engine:
         # self-conditioning): skip its soft embedding, a [canvas, V] x [V, H] matmul.
         want_sc = any(r.step + 1 < cfg.max_denoising_steps for r in rows)
         if logits is None:
+            for j, r in enumerate(rows):
+                if r.matcher is not None:  # the walk's logits, a few positions at a time from the hidden states
+                    self._grammar_walk(r, _HeadRows(m, h[j]))
             out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
                                     logprobs=top, self_conditioning=want_sc)
         else:
@@ -499,7 +594,9 @@ class Engine:
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
         lp, top_ids, top_lp = out.logprob, out.top_ids, out.top_logprobs
-        pinned = [(i, r) for i, r in enumerate(rows) if r.canvas_idx == 0 and len(r.fixed_pos)]
+        pinned = [(i, r.fixed_pos, r.fixed_tok) for i, r in enumerate(rows) if r.canvas_idx == 0 and len(r.fixed_pos)]
+        pinned += [(i, torch.arange(r.frontier), r.g_tok[:r.frontier]) for i, r in enumerate(rows)
+                   if r.matcher is not None and r.frontier]
         if pinned and logits is None:
             # Fixed (infill) positions, exactly as if their logits were one-hot: zero entropy (so the accept set
             # is recomputed with it), the fixed token as draft and sample, its embedding as self-conditioning.
@@ -508,8 +605,8 @@ class Engine:
             if lp is not None:
                 lp = lp.clone()
                 top_ids, top_lp = (top_ids.clone(), top_lp.clone()) if top_ids is not None else (None, None)
-            for i, r in pinned:
-                pos, tok = r.fixed_pos.to(m.device), r.fixed_tok.to(m.device)
+            for i, pos, tok in pinned:
+                pos, tok = pos.to(m.device), tok.to(m.device)
                 cand[i, pos], draft[i, pos], ent[i, pos] = tok, tok, 0.0
                 if sc is not None:
                     sc[i, pos] = E[tok].float() * torch.tensor(scale, dtype=torch.float32)
@@ -539,6 +636,14 @@ class Engine:
         mean_h = r.mean_entropy = float(mean_t)
         if r.p.drafts if r.p.drafts is not None else self.drafts:
             events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h, r.attempt))
+        if r.matcher is not None:
+            # A grammar's canvas ends when every position that can reach the output is committed (the walk
+            # commits them all by the last budgeted step), whatever the early stop would say.
+            if r.g_lp is not None:
+                r.lp = r.g_lp
+            if r.frontier >= r.limit:
+                r.phase = "emit"
+            return
         # StableAndConfident: the draft equals each of the last `stability_threshold` drafts (none yet at the
         # first step, so the earliest stop is step 2) and the mean entropy is under the threshold.
         s = cfg.stability_threshold
@@ -587,7 +692,7 @@ class Engine:
             lps, tops = self._take_logprobs(r, len(added))
             events.append(Commit(r.id, r.canvas_idx, added, steps, lps, tops))
             r.canvas_idx += 1
-            if hit_eos:
+            if hit_eos or (r.matcher is not None and r.matcher.done):
                 r.finished = "stop"
             elif len(r.out) >= r.p.max_new_tokens:
                 r.finished = "length"
@@ -631,6 +736,8 @@ class Engine:
             logits = logits.clone()
             r.add_bias(logits)
             r.constrain(logits[None], first=len(r.out))
+        if r.matcher is not None:
+            logits = logits.masked_fill(~r.matcher.allowed().to(logits.device), float("-inf"))
         if r.p.ar_temperature > 0:
             probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)
             tok = int(torch.multinomial(probs.cpu(), 1, generator=r.gen))
@@ -649,7 +756,11 @@ class Engine:
         r.out.append(tok)
         lps, tops = self._take_logprobs(r, 1)
         events.append(Commit(r.id, len(r.out) - 1, [tok], 1, lps, tops))
-        if len(r.out) >= r.p.max_new_tokens:
+        if r.matcher is not None:
+            r.matcher.consume(tok)
+        if r.matcher is not None and r.matcher.done:
+            r.finished = "stop"
+        elif len(r.out) >= r.p.max_new_tokens:
             r.finished = "length"
         elif self._stop_string(r):
             r.finished = "stop"
@@ -694,6 +805,24 @@ class Engine:
         if r.p.logprobs is not None:
             lps, tops = r.out_lp[:len(tokens)], r.out_top[:len(tokens)]
         return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top)
+
+
+class _HeadRows:
+    """`logits_at(j)` for the grammar walk on the fused path: one row's logits at canvas position j, computed from
+    its hidden states [T, H] by the LM head `CHUNK` positions at a time, never fewer than the canvas allows: a
+    matmul over one or two rows takes another kernel on this CPU, whose fp32 bits differ from the plain path's."""
+
+    CHUNK = 4
+
+    def __init__(self, model: DiffusionGemma, h: torch.Tensor):
+        self.model, self.h = model, h
+        self.lo, self.block = 0, None
+
+    def __call__(self, j: int) -> torch.Tensor:
+        if self.block is None or not self.lo <= j < self.lo + self.CHUNK:
+            self.lo = max(0, min(j, self.h.shape[0] - self.CHUNK))
+            self.block = self.model.logits(self.h[self.lo:self.lo + self.CHUNK])
+        return self.block[j - self.lo]
 
 
 def _top_lists(ids: torch.Tensor | None, lps: torch.Tensor | None, n: int) -> list[TopLogprobs]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,10 @@ def test_chat_reads_turns_from_stdin(ckpt_tok):
     (("--logprobs", "21"), "logprobs must be an integer from 0 to 20"),
     (("--logit-bias", "5"), "--logit-bias takes ID=BIAS"),
     (("--logit-bias", "99999=1"), "is not a token id in the vocabulary"),
+    (("--regex", "(("), "invalid regex: at 1(8): invalid regex"),
+    (("--json-schema", '{"type": "nonsense"}'), "invalid json schema: Invalid type: nonsense"),
+    (("--json-schema", "missing.json"), "no file 'missing.json'"),
+    (("--grammar", "missing.lark"), "no file 'missing.lark'"),
 ])
 def test_generate_errors(ckpt_tok, extra, msg, capsys):
     from dgemma.cli import main
@@ -152,11 +157,28 @@ def test_generate_logprobs_and_logit_bias(ckpt_tok, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_generate_structured_output(ckpt_tok, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"k": {"enum": ["a", "b"]}}, "required": ["k"],
+                                  "additionalProperties": False}))
+    grammar = tmp_path / "g.lark"
+    grammar.write_text('start: "(" D ")"\nD: /[0-9]/\n')
+    for extra in ((), ("--ar",)):
+        j = json.loads(run("generate", str(ckpt_tok), "x = ", "--json-schema", str(schema), "--json", *extra).stdout)
+        assert json.loads(j["text"])["k"] in ("a", "b") and j["finish_reason"] == "stop"
+        p = run("generate", str(ckpt_tok), "x = ", "--grammar", str(grammar), *extra)
+        assert re.fullmatch(r"\([0-9]\)", p.stdout.strip()), p.stdout
+    j = json.loads(run("generate", str(ckpt_tok), "x = ", "--choice", "up", "--choice", "down", "--json").stdout)
+    assert j["text"] in ("up", "down")
+
+
 def test_generate_empty_prompt_and_unknown_option(ckpt_tok):
     p = run("generate", str(ckpt_tok), "", check=False)
     assert p.returncode == 2 and "prompt is empty" in p.stderr
     p = run("generate", str(ckpt_tok), "hi", "--temprature", "1", check=False)
     assert p.returncode == 2 and "unrecognized arguments" in p.stderr
+    p = run("generate", str(ckpt_tok), "hi", "--choice", "a", "--regex", "b", check=False)
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr
 
 
 def test_bench_smoke(tmp_path):

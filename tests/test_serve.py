@@ -112,7 +112,8 @@ def complete(client, prompt="Hello", **kw):
     kw.setdefault("max_tokens", 24)
     extra = {k: kw.pop(k) for k in list(kw) if k in ("ignore_eos", "steps", "ar", "stream_drafts", "entropy_bound",
                                                       "t_min", "t_max", "stability_threshold",
-                                                      "confidence_threshold", "restarts")}
+                                                      "confidence_threshold", "restarts", "response_format")}
+    extra.update(kw.pop("extra_body", None) or {})
     return client.completions.create(model=NAME, prompt=prompt, extra_body=extra or None, **kw)
 
 
@@ -292,6 +293,33 @@ def test_logit_bias(client, pipe):
         assert set(pair.choices[0].text) <= {"y", "z"}
         banned = complete(client, "Hi", seed=1, max_tokens=20, ignore_eos=True, ar=ar, logit_bias={z: -100, y: 100})
         assert banned.choices[0].text == "y" * 20
+
+
+def test_structured_output(client):
+    """response_format (OpenAI) and structured_outputs (vLLM): a random model's text still matches, in chat and
+    completions, diffusion and AR, n > 1, streaming, with logprobs; usage reports the usual counts."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    for ar in (False, True):
+        r = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "a record"}], seed=2, max_tokens=48, n=2,
+            logprobs=True, top_logprobs=2, extra_body={"ar": ar},
+            response_format={"type": "json_schema", "json_schema": {"name": "rec", "schema": schema,
+                                                                    "strict": True}})
+        for ch in r.choices:
+            doc = json.loads(ch.message.content)
+            assert set(doc) == {"n", "ok"} and 0 <= doc["n"] <= 9 and ch.finish_reason == "stop"
+            assert "".join(t.token for t in ch.logprobs.content) == ch.message.content
+        assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    r = complete(client, "x", seed=5, max_tokens=40, n=2, extra_body={"structured_outputs": {"regex": "[a-d]{4}"}})
+    assert all(re.fullmatch("[a-d]{4}", c.text) for c in r.choices)
+    chunks = complete(client, "x", seed=5, max_tokens=40, stream=True,
+                      extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert "".join(c.choices[0].text for c in chunks) in ("left", "right")
+    r = complete(client, "x", seed=1, max_tokens=64, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].text), dict)
 
 
 def test_raw_sse_framing(http):
@@ -596,10 +624,28 @@ BAD_REQUESTS = [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "unsupported_parameter",
      "messages.0.content.0"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}, 400,
-     "unsupported_parameter", "response_format"),
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, 400,
+     "invalid_value", "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
-        "type": "json_object"}}, 400, "unsupported_parameter", "response_format"),
+        "type": "json_schema"}}, 400, "invalid_value", "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "xml"}}, 400, "invalid_value", "response_format"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "(("}}, 400, "invalid_value",
+     "structured_outputs"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {}}, 400, "invalid_value", "structured_outputs"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400,
+     "invalid_value", "structured_outputs"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"choice": []}}, 400, "invalid_value",
+     "structured_outputs"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"grammar": "start: undefined_rule"}}, 400,
+     "invalid_value", "structured_outputs"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"xml": "a"}}, 400, None, None),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a"}, "response_format": {
+        "type": "json_object"}}, 400, "invalid_value", "response_format"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}, "ignore_eos": True}, 400,
+     "invalid_value", "response_format"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y", "structured_outputs": {"regex": "a"}}, 400,
+     "unsupported_parameter", "structured_outputs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "invalid_value", "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
@@ -634,9 +680,10 @@ def test_oversized_body_unknown_routes_and_methods(http):
 
 
 def test_openai_client_raises_clean_errors(client):
-    with pytest.raises(openai.BadRequestError, match="structured output"):
+    with pytest.raises(openai.BadRequestError, match="invalid json schema"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "nonsense"}}})
     with pytest.raises(openai.BadRequestError) as e:
         complete(client, "x" * 2000)
     assert e.value.code == "context_length_exceeded"

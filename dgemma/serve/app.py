@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import socket
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from ..generate import Commit, Done, Draft
+from ..structured import ll_tokenizer
 from . import errors
 from .completions import Plan, Planner, chunk, commit_event, draft_event, response, usage
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
@@ -47,6 +49,13 @@ from .settings import ServerSettings
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+
+
+def _warm_grammar(tokenizer) -> None:
+    try:
+        ll_tokenizer(tokenizer)
+    except Exception as e:  # a request that needs them reports the error itself
+        log.warning("structured output unavailable: %s", e)
 
 
 class State:
@@ -61,6 +70,10 @@ class State:
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
         self.planner = Planner(pipeline, self.worker, settings)
         self.created = int(time.time())
+        if pipeline.tokenizer is not None:
+            # Structured output's token tables take ~3 s at Gemma's 262,144 tokens: built now, off the request path.
+            threading.Thread(target=_warm_grammar, args=(pipeline.tokenizer,), daemon=True,
+                             name="dgemma-grammar-tables").start()
         m = self.metrics
         m.gauge("dgemma_active_rows", "Rows in the engine now.", lambda: self.worker.load()[0])
         m.gauge("dgemma_queue_depth", "Rows waiting for a free engine row.", lambda: self.worker.load()[1])

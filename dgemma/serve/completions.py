@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..generate import AR, Done, GenerationError, GenerationParams
+from ..structured import Grammar, GrammarError
 from .engine import Job
 from .errors import APIError, from_generation, invalid, unsupported
 from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
-                       CompletionChoice, CompletionRequest, CompletionResponse, Usage, _Common)
+                       CompletionChoice, CompletionRequest, CompletionResponse, StructuredOutputs, Usage, _Common)
 
 
 @dataclass
@@ -215,11 +216,6 @@ class Planner:
         self._common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise unsupported(f"structured output (response_format {fmt!r}) is not supported yet: the canvas is "
-                              "denoised in parallel, not left to right, so a grammar cannot be applied token by "
-                              "token; ask for JSON in the prompt instead", "response_format")
         if req.tools or req.functions:
             raise unsupported("tool calling is not supported yet", "tools" if req.tools else "functions")
         if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
@@ -319,7 +315,8 @@ class Planner:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                    logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None)
+                    logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
+                    grammar=self._grammar(req, suffix=bool(suffix_ids)))
         if req.ar:
             base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
         fixed = None
@@ -349,6 +346,58 @@ class Planner:
         return Plan(kind=kind, model=self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
                     include_usage=include_usage, seed=seed)
+
+    def _grammar(self, req: _Common, suffix: bool) -> Grammar | None:
+        """The output's grammar from response_format (OpenAI) or structured_outputs (vLLM), or None."""
+        fmt, so = req.response_format, req.structured_outputs
+        if fmt is not None and so is not None:
+            raise invalid("send one of response_format and structured_outputs", "response_format")
+        param = "response_format" if fmt is not None else "structured_outputs"
+        try:
+            grammar = self._format_grammar(fmt) if fmt is not None else \
+                self._structured_grammar(so) if so is not None else None
+            if grammar is None:
+                return None
+            if self.pipe.tokenizer is None:
+                raise GrammarError("this checkpoint has no tokenizer, so its output cannot be held to a grammar")
+            grammar.check(self.pipe.tokenizer)
+        except GrammarError as e:
+            raise invalid(str(e), param) from None
+        if suffix:
+            raise unsupported("structured output is not supported with suffix (infill)", param)
+        if req.ignore_eos:
+            raise invalid("ignore_eos cannot be combined with structured output, which ends where the grammar "
+                          "does", param)
+        return grammar
+
+    @staticmethod
+    def _format_grammar(fmt: dict) -> Grammar | None:
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Grammar.json_object()
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise GrammarError("response_format json_schema needs a json_schema object: {\"name\": ..., "
+                                   "\"schema\": {...}}")
+            schema = spec.get("schema", {})  # OpenAI's schema is optional: without one, any JSON value
+            return Grammar.json_schema(schema)
+        raise GrammarError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+    @staticmethod
+    def _structured_grammar(so: StructuredOutputs) -> Grammar:
+        given = {k: v for k, v in so.model_dump(by_alias=True).items() if v is not None and v is not False}
+        if len(given) != 1:
+            raise GrammarError("structured_outputs needs exactly one of json, json_object, regex, choice and "
+                               f"grammar, got {sorted(given) or 'none'}")
+        [(kind, value)] = given.items()
+        if kind == "json":
+            return Grammar.json_schema(value if value is not True else {})
+        if kind == "json_object":
+            return Grammar.json_object()
+        return {"regex": Grammar.regex, "choice": Grammar.choice, "grammar": Grammar.lark}[kind](value)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
         """OpenAI's logit_bias: token ids (as JSON object keys) -> a bias from -100 to 100."""

@@ -1,8 +1,8 @@
 """Request and response types of the OpenAI-compatible API (pydantic), plus dgemma's extra body fields.
 
 Requests reject unknown fields (as OpenAI does: "Unrecognized request argument"), so a typo in a diffusion option
-is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (structured output, tools,
-penalties) are declared so that `completions.py` can refuse them with a clear 400.
+is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (tools, penalties) are declared
+so that `completions.py` can refuse them with a clear 400.
 """
 
 from __future__ import annotations
@@ -47,6 +47,17 @@ class DiffusionOptions(_Strict):
         return {k: v for k, v in opts.items() if v is not None}
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` body field: exactly one constraint on the output."""
+
+    # a JSON schema (dict or its text); the body's key is "json" (a name pydantic's BaseModel keeps for itself)
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    json_object: bool | None = None  # any JSON object
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+
 class _Common(DiffusionOptions):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -61,6 +72,9 @@ class _Common(DiffusionOptions):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # structured output: OpenAI's response_format (text / json_object / json_schema), or vLLM's structured_outputs
+    response_format: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(_Common):
@@ -93,7 +107,6 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None

@@ -1,0 +1,165 @@
+"""Structured output: grammars (dgemma.structured) and decoding under them, diffusion and AR, on tiny random models
+with a byte-level tokenizer. A random model writes noise, so everything it writes under a grammar is the grammar's
+doing: these tests check that the text always matches, across canvases, seeds, batches and logprobs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from dgemma.generate import AR, DIFFUSION, Done, Draft, GenerationError, GenerationParams, generate
+from dgemma.model import DiffusionGemma
+from dgemma.sampler import SamplerConfig
+from dgemma.structured import Grammar, GrammarError
+from dgemma.tokenizer import byte_level
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "b": {"enum": ["yes", "no"]}},
+          "required": ["a", "b"], "additionalProperties": False}
+FAST = SamplerConfig(max_denoising_steps=4)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_level(320)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(DiffusionGemma(tiny_config("a", vocab_size=320)), seed=5).eval()
+
+
+def _run(model, tok, grammar, *, mode=DIFFUSION, seed=0, n=48, prompt="x = ", **kw):
+    params = GenerationParams(max_new_tokens=n, sampler=FAST, seed=seed, mode=mode, grammar=grammar,
+                              ar_temperature=1.0 if mode == AR else 0.0, **kw)
+    [done] = generate(model, [tok.encode(prompt)], params, tokenizer=tok)
+    return done
+
+
+def _valid(doc):
+    return set(doc) == {"a", "b"} and isinstance(doc["a"], int) and 0 <= doc["a"] <= 99 and doc["b"] in ("yes", "no")
+
+
+# ---------------------------------------------------------------- grammars
+def test_grammar_errors_are_clear(tok):
+    with pytest.raises(GrammarError, match="unclosed group"):
+        Grammar.regex("((").check(tok)
+    with pytest.raises(GrammarError, match="invalid json schema"):
+        Grammar.json_schema({"type": "nonsense"}).check(tok)
+    with pytest.raises(GrammarError, match="not valid JSON"):
+        Grammar.json_schema("{nope")
+    with pytest.raises(GrammarError, match="unknown name"):
+        Grammar.lark("start: nothing_here").check(tok)
+    for bad in ([], [""], "ab", [1]):
+        with pytest.raises(GrammarError, match="non-empty list"):
+            Grammar.choice(bad)
+    with pytest.raises(GrammarError):
+        Grammar.regex("")
+
+
+def test_matcher_masks_the_vocabulary(tok):
+    m = Grammar.choice(["ab", "b\"c"]).matcher(tok, 400)  # a model vocabulary past the tokenizer's
+    allowed = m.allowed()
+    assert allowed.shape == (400,) and not allowed[320:].any()
+    assert sorted(tok.decode([t]) for t in allowed.nonzero()[:, 0].tolist()) == ["a", "b"]
+    for t in tok.encode("b\"c"):
+        m.consume(t)
+    assert m.done
+    assert allowed[tok.encode("a")[0]] and set(m.allowed().nonzero()[:, 0].tolist()) <= set(tok.eos_ids)
+    with pytest.raises(GrammarError):
+        Grammar.regex("[0-9]").matcher(tok, 320).consume(tok.encode("x")[0])
+
+
+# ---------------------------------------------------------------- decoding
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_json_schema_output_is_valid(model, tok, mode, seed):
+    done = _run(model, tok, Grammar.json_schema(SCHEMA), mode=mode, seed=seed)
+    assert done.finish_reason == "stop", done.text
+    assert _valid(json.loads(done.text)), done.text
+    if mode == DIFFUSION:  # 16-token canvases: the object spans two of them, the matcher carries over
+        assert done.stats["canvases"] >= 2 and done.stats["decoder_passes"] < len(done.tokens)
+
+
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_other_grammars(model, tok, mode):
+    cases = [(Grammar.regex(r"[a-c]{3}-[0-9]{2}"), lambda t: re.fullmatch(r"[a-c]{3}-[0-9]{2}", t)),
+             (Grammar.choice(["red", "green", "blue"]), lambda t: t in ("red", "green", "blue")),
+             (Grammar.lark('start: "f(" NUM ("," NUM)? ")"\nNUM: /[0-9]/'),
+              lambda t: re.fullmatch(r"f\([0-9](,[0-9])?\)", t)),
+             (Grammar.json_object(), lambda t: isinstance(json.loads(t), dict))]
+    for grammar, ok in cases:
+        done = _run(model, tok, grammar, mode=mode, n=64)
+        if grammar.kind == "json_object" and done.finish_reason == "length":
+            continue  # a random model may write an open-ended object past 64 tokens: nothing to parse
+        assert done.finish_reason == "stop" and ok(done.text), (grammar.kind, done.text)
+
+
+def test_length_cut_keeps_a_valid_prefix(model, tok):
+    done = _run(model, tok, Grammar.regex("[a-z]{40}"), n=20)
+    assert done.finish_reason == "length" and re.fullmatch("[a-z]{20}", done.text)
+
+
+def test_committed_positions_stay_and_drafts_show_them(model, tok):
+    params = GenerationParams(max_new_tokens=16, sampler=SamplerConfig(max_denoising_steps=6), seed=3,
+                              grammar=Grammar.regex("[a-z]{16}"), drafts=True)
+    events = list(generate(model, [tok.encode("x")], params, tokenizer=tok, events=True))
+    drafts = [e for e in events if isinstance(e, Draft)]
+    final = [e for e in events if isinstance(e, Done)][0].tokens
+    assert 1 <= len(drafts) <= 6
+    committed = 0
+    for d in drafts:  # each step commits a run at least one long, and a commit is never taken back
+        run = 0
+        while run < 16 and d.tokens[run] == final[run]:
+            run += 1
+        assert run > committed or run == 16
+        committed = run
+
+
+def test_batch_invariant_and_plain_rows_unchanged(model, tok):
+    g = Grammar.json_schema(SCHEMA)
+    p_json = GenerationParams(max_new_tokens=48, sampler=FAST, seed=4, grammar=g)
+    p_free = GenerationParams(max_new_tokens=24, sampler=FAST, seed=9)
+    prompts = [tok.encode("a: "), tok.encode("b = ")]
+    alone_json = generate(model, prompts[:1], p_json, tokenizer=tok)[0].tokens
+    alone_free = generate(model, prompts[1:], p_free, tokenizer=tok)[0].tokens
+    both = generate(model, prompts, [p_json, p_free], tokenizer=tok)
+    assert both[0].tokens == alone_json and both[1].tokens == alone_free
+
+
+def test_logprobs_under_a_grammar(model, tok):
+    done = _run(model, tok, Grammar.regex("[ab]{5}"), n=16, logprobs=3)
+    assert re.fullmatch("[ab]{5}", done.text)
+    assert len(done.logprobs) == len(done.tokens) == 5
+    for lp, top in zip(done.logprobs, done.top_logprobs):
+        assert lp <= 1e-6 and 1 <= len(top) <= 2  # only a and b are possible there
+        assert {tok.decode([t]) for t, _ in top} <= {"a", "b"}
+        assert abs(sum(torch.tensor([v for _, v in top]).exp().tolist()) - 1) < 1e-4
+
+
+def test_bad_combinations(model, tok):
+    g = Grammar.json_object()
+    for kw in (dict(fixed={0: 5}), dict(allowed={0: [5]}), dict(ignore_eos=True), dict(rng="reference")):
+        with pytest.raises(GenerationError, match="grammar"):
+            generate(model, [[5, 6]], GenerationParams(grammar=g, **kw), tokenizer=tok)
+    with pytest.raises(GenerationError, match="tokenizer"):
+        generate(model, [[5, 6]], GenerationParams(grammar=g))
+    with pytest.raises(GenerationError, match="unclosed group"):
+        generate(model, [[5, 6]], GenerationParams(grammar=Grammar.regex("((")), tokenizer=tok)
+
+
+@pytest.mark.parametrize("mode", ["schema", "regex"])
+def test_fused_and_plain_paths_agree(model, tok, mode):
+    """The default path at large vocabularies fuses the LM head into the sampler step and computes the walk's
+    logits a few positions at a time; the plain path materialises them. Same tokens and logprobs."""
+    grammar = Grammar.json_schema(SCHEMA) if mode == "schema" else Grammar.regex("[a-z ]{30}")
+    for seed in range(3):
+        params = GenerationParams(max_new_tokens=40, sampler=FAST, seed=seed, grammar=grammar, logprobs=2)
+        runs = [generate(model, [tok.encode("y = ")], params, tokenizer=tok, fused_head=fused)[0]
+                for fused in (False, True)]
+        assert runs[0].tokens == runs[1].tokens and runs[0].logprobs == runs[1].logprobs
+        assert runs[0].top_logprobs == runs[1].top_logprobs
