@@ -157,19 +157,23 @@ def test_generate_logprobs_and_logit_bias(ckpt_tok, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
-def test_generate_structured_output(ckpt_tok, tmp_path):
+def test_generate_structured_output(ckpt_tok, tmp_path, capsys):
+    from dgemma.cli import main
+
+    def gen(*args):  # in-process: the same main() the entry point runs, without a torch import per call
+        assert main(["generate", str(ckpt_tok), "x = ", *args]) == 0
+        return capsys.readouterr().out
+
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"k": {"enum": ["a", "b"]}}, "required": ["k"],
                                   "additionalProperties": False}))
     grammar = tmp_path / "g.lark"
     grammar.write_text('start: "(" D ")"\nD: /[0-9]/\n')
     for extra in ((), ("--ar",)):
-        j = json.loads(run("generate", str(ckpt_tok), "x = ", "--json-schema", str(schema), "--json", *extra).stdout)
+        j = json.loads(gen("--json-schema", str(schema), "--json", *extra))
         assert json.loads(j["text"])["k"] in ("a", "b") and j["finish_reason"] == "stop"
-        p = run("generate", str(ckpt_tok), "x = ", "--grammar", str(grammar), *extra)
-        assert re.fullmatch(r"\([0-9]\)", p.stdout.strip()), p.stdout
-    j = json.loads(run("generate", str(ckpt_tok), "x = ", "--choice", "up", "--choice", "down", "--json").stdout)
-    assert j["text"] in ("up", "down")
+        assert re.fullmatch(r"\([0-9]\)", gen("--grammar", str(grammar), *extra).strip())
+    assert json.loads(gen("--choice", "up", "--choice", "down", "--json"))["text"] in ("up", "down")
 
 
 def test_generate_empty_prompt_and_unknown_option(ckpt_tok):
