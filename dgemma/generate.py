@@ -531,10 +531,7 @@ class Engine:
             if j > first and k > 1 and spent + h - max(top, h) > cfg.entropy_bound:
                 break
             spent, top = spent + h, max(top, h)
-            # Inverse-CDF draw from the row's generator (torch.multinomial takes ~6 ms over 262,144 entries here).
-            cdf = p.double().cumsum(0)
-            u = torch.rand((), dtype=torch.float64, generator=r.gen).to(cdf.device)
-            tok = int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=p.numel() - 1))
+            tok = S.draw(p, r.gen)
             tok = int(ids[tok]) if ids is not None else tok
             if r.g_lp is not None and ids is not None:
                 row = row.masked_fill(~allowed.to(row.device), float("-inf"))
@@ -739,8 +736,7 @@ class Engine:
         if r.matcher is not None:
             logits = logits.masked_fill(~r.matcher.allowed().to(logits.device), float("-inf"))
         if r.p.ar_temperature > 0:
-            probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)
-            tok = int(torch.multinomial(probs.cpu(), 1, generator=r.gen))
+            tok = S.draw(torch.softmax(logits.float() / r.p.ar_temperature, dim=-1), r.gen)
         else:
             tok = int(torch.argmax(logits))
         if r.p.logprobs is not None:

@@ -712,6 +712,16 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
                      top_lp)
 
 
+def draw(probs: Tensor, generator: torch.Generator) -> int:
+    """One token from `probs` [V] (non-negative, any positive sum), by inverse CDF in float64 on one uniform of
+    `generator` (a CPU generator; probs may live on any device). A token of probability 0 is never drawn.
+    Used where one token is drawn at a time (AR sampling, the grammar walk): `torch.multinomial` takes ~6.5 ms
+    over 262,144 entries on this CPU, this ~0.3 ms."""
+    cdf = probs.double().cumsum(0)
+    u = torch.rand((), dtype=torch.float64, generator=generator).to(cdf.device)
+    return int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=probs.numel() - 1))
+
+
 def raw_logprobs(logits: Tensor, tokens: Tensor, top: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Log-probabilities under the raw logits (before temperature: the model's own distribution, as vLLM reports
     by default) over materialised logits [..., V]: of `tokens` [...], and the `top` most likely tokens
