@@ -517,6 +517,8 @@ class Engine:
         ended = False  # the grammar is complete (or EOS was drawn): EOS from here on
         while j < r.limit:
             allowed = r.matcher.allowed()
+            # Complete; or (never seen) a dead end, where the tokenizer cannot spell what the grammar needs next
+            # (the check before the request only knows that something can begin it): end the text here.
             if r.matcher.done or not bool(allowed.any()):
                 ended = True
                 break

@@ -104,6 +104,10 @@ class Grammar:
         matcher = _llg().LLMatcher(ll, self.source, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"invalid {self.kind.replace('_', ' ')}: {_one_line(matcher.get_error())}")
+        matcher.compute_bitmask()  # with no token that can begin it, llguidance stops at once (EOS only)
+        if matcher.is_stopped() and not matcher.is_accepting():
+            raise GrammarError(f"no token of this model's tokenizer can begin text that matches the "
+                               f"{self.kind.replace('_', ' ')}")
         self.__dict__["_checked"] = ll  # not a field: equality and hashing ignore it
 
     def matcher(self, tokenizer, vocab: int) -> Matcher:
@@ -128,8 +132,13 @@ def ll_tokenizer(tokenizer):
         ll = _TOKENIZERS.get(tokenizer)
         if ll is None:
             llg = _llg()
-            ll = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size,
-                                 eos_token=sorted(tokenizer.eos_ids))
+            try:
+                ll = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size,
+                                     eos_token=sorted(tokenizer.eos_ids))
+            except ValueError as e:  # e.g. "can't determine decoder type": a word-level or WordPiece vocabulary
+                raise GrammarError("structured output needs a byte-level BPE or byte-fallback (SentencePiece) "
+                                   f"tokenizer, as Gemma's and the shipped models' are; this one is neither ({e})"
+                                   ) from None
             _TOKENIZERS[tokenizer] = ll
         return ll
 

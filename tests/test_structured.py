@@ -59,6 +59,26 @@ def test_grammar_errors_are_clear(tok):
             Grammar.choice(bad)
     with pytest.raises(GrammarError):
         Grammar.regex("")
+    with pytest.raises(GrammarError, match="no token of this model's tokenizer can begin"):
+        Grammar.regex("[0-9]+").check(_letters_only())
+    with pytest.raises(GrammarError, match="needs a byte-level BPE or byte-fallback"):
+        Grammar.regex("[a-z]+").check(_letters_only(decoder=False))
+
+
+def _letters_only(decoder=True):
+    """A byte-level tokenizer that can spell a-z and nothing else (and EOS); without a decoder, one that
+    llguidance cannot read."""
+    from tokenizers import decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from dgemma.tokenizer import Tokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
+    backend = Backend(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    if decoder:
+        backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend, bos_id=None, eos_ids=[1], pad_id=0)
 
 
 def test_matcher_masks_the_vocabulary(tok):

@@ -297,3 +297,22 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
     if os.environ.get("DGEMMA_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(exist_ok=True)
         SCREENSHOT.write_bytes(png)
+
+    # 5. structured output: the format menu sends response_format (this word-level tokenizer cannot carry a
+    # grammar, so the server's 400 comes back and is shown); a schema that is not JSON never leaves the page
+    chrome.js("""(() => { const f = document.getElementById('format'); f.value = 'json_schema';
+                          f.dispatchEvent(new Event('change'));
+                          document.getElementById('schema').value = '{not json';
+                          document.getElementById('compare').checked = false;
+                          document.getElementById('run').click(); })()""")
+    chrome.wait_for("document.body.dataset.state === 'error'", timeout=30)
+    assert not chrome.js("document.getElementById('schema').hidden")
+    assert "not JSON" in chrome.js("document.getElementById('error').textContent")
+    chrome.js("""(() => { const f = document.getElementById('format'); f.value = 'json_object';
+                          f.dispatchEvent(new Event('change'));
+                          document.getElementById('run').click(); })()""")
+    chrome.wait_for("document.body.dataset.state === 'running' || "
+                    "document.getElementById('error').textContent.includes('byte-level')", timeout=30)
+    chrome.wait_for("document.body.dataset.state === 'error'", timeout=30)
+    assert "byte-level" in chrome.js("document.getElementById('error').textContent")
+    assert chrome.js("document.getElementById('schema').hidden")

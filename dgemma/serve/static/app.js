@@ -179,6 +179,13 @@ function requestBody(mode, ar) {
   if ($("steps").value) body.steps = Number($("steps").value);
   if ($("entropy-bound").value && !ar) body.entropy_bound = Number($("entropy-bound").value);
   if (ar) { body.ar = true; body.temperature = 0; } else body.stream_drafts = true;
+  const format = $("format").value;  // structured output: the grammar holds both runs to the same format
+  if (format === "json_object") body.response_format = { type: "json_object" };
+  if (format === "json_schema") {
+    let schema;
+    try { schema = JSON.parse($("schema").value); } catch (e) { throw new Error(`the JSON schema is not JSON: ${e.message}`); }
+    body.response_format = { type: "json_schema", json_schema: { name: "schema", schema } };
+  }
   if (mode === "chat") body.messages = [{ role: "user", content: prompt }];
   else body.prompt = prompt;
   return body;
@@ -274,6 +281,7 @@ async function run() {
 }
 
 $("run").addEventListener("click", run);
+$("format").addEventListener("change", () => { $("schema").hidden = $("format").value !== "json_schema"; });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
 $("prompt").addEventListener("input", () => { state.touched = true; });
@@ -289,6 +297,8 @@ $("api-key").addEventListener("change", () => { localStorage.setItem("dgemma-api
   if (q.has("seed")) $("seed").value = q.get("seed");
   if (q.has("entropy_bound")) $("entropy-bound").value = q.get("entropy_bound");
   if (q.get("compare") === "1") $("compare").checked = true;
+  if (["json_object", "json_schema"].includes(q.get("format"))) $("format").value = q.get("format");
+  $("schema").hidden = $("format").value !== "json_schema";
   if (q.get("mode") === "completion") document.querySelector("input[value=completion]").checked = true;
   const ok = await loadModel();
   if (ok && q.get("run") === "1") run();
