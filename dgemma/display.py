@@ -30,6 +30,7 @@ class CanvasView:
         self.width = width or shutil.get_terminal_size((100, 20)).columns
         self.lines = 0
         self.color = self.live and os.environ.get("NO_COLOR") is None
+        self.sent = 0  # tokens of the current canvas that partial Commits (a grammar row's runs) carried
 
     def _paint(self, text: str, accepted: bool) -> str:
         if not self.color:
@@ -65,11 +66,14 @@ class CanvasView:
         self.lines = len(body) + 1
 
     def commit(self, ev: Commit) -> None:
+        if ev.partial:  # a grammar row's run, mid-canvas: the canvas goes on denoising in place
+            self.sent += len(ev.tokens)
+            return
         # The final canvas stays on screen; the next canvas draws below it.
         self.lines = 0
+        n, self.sent = self.sent + len(ev.tokens), 0
         if not self.live:
-            print(f"canvas {ev.canvas} committed after {ev.steps} steps ({len(ev.tokens)} tokens)",
-                  file=self.out, flush=True)
+            print(f"canvas {ev.canvas} committed after {ev.steps} steps ({n} tokens)", file=self.out, flush=True)
 
 
 def describe_stats(stats: dict) -> str:

@@ -146,7 +146,9 @@ TopLogprobs = list[tuple[int, float]]  # (token, log-probability), most likely f
 @dataclass
 class Commit:
     """A finished canvas (or, for AR, one token): the tokens it adds to the output, and with `logprobs` asked
-    for, each token's log-probability and the most likely alternatives at its position."""
+    for, each token's log-probability and the most likely alternatives at its position. partial=True: the run of
+    a grammar row's canvas that one step committed (final, as left-to-right decoding makes its tokens); the
+    canvas's own Commit then carries only the tokens after the last partial one."""
 
     request: int
     canvas: int
@@ -154,6 +156,7 @@ class Commit:
     steps: int
     logprobs: list[float] | None = None
     top_logprobs: list[TopLogprobs] | None = None
+    partial: bool = False
 
 
 @dataclass
@@ -220,6 +223,7 @@ class _Row:
         self.limit = canvas  # grammar: positions of the current canvas that can reach the output
         self.g_tok = torch.zeros(canvas, dtype=torch.long)  # grammar: the committed tokens
         self.g_lp: tuple | None = None  # grammar + logprobs: (lp [T], top ids, top lps) at each commit
+        self.sent = 0  # grammar: tokens of the current canvas already in `out` (sent by partial Commits)
 
     def add_bias(self, logits: torch.Tensor) -> None:
         """logit_bias, in place, on logits [..., V] (every position: the bias has no position)."""
@@ -427,7 +431,7 @@ class Engine:
         r.canvas = canvas
         r.argmax = canvas.clone()
         if r.matcher is not None:
-            r.frontier, r.limit = 0, min(self.T, r.p.max_new_tokens - len(r.out))
+            r.frontier, r.sent, r.limit = 0, 0, min(self.T, r.p.max_new_tokens - len(r.out))
             if r.p.logprobs is not None:
                 n = r.p.logprobs
                 r.g_lp = (torch.zeros(self.T), torch.zeros(self.T, n, dtype=torch.long) if n else None,
@@ -507,7 +511,7 @@ class Engine:
         [V] at canvas position j (after logit_bias). From the frontier rightwards, each position is sampled at the
         step's temperature from its logits masked to what the grammar allows there, and committed while the run's
         entropies stay within the EntropyBound budget (sum - max <= entropy_bound; the first always is). The
-        canvas's last budgeted step commits every position left. Sets `r.frontier` and `r.g_tok`; the caller makes
+        canvas's last budgeted step commits every position left, those past the budget at their masked argmax. Sets `r.frontier` and `r.g_tok`; the caller makes
         the committed positions one-hot (zero entropy, always accepted, kept as the draft and conditioned on)."""
         cfg = r.p.sampler
         k = cfg.max_denoising_steps - r.step
@@ -530,10 +534,13 @@ class Engine:
             lp = torch.log_softmax(sub / t.to(row.device), dim=-1)
             p = lp.exp()
             h = float(-(p * lp.clamp(min=torch.finfo(lp.dtype).min)).sum())
-            if j > first and k > 1 and spent + h - max(top, h) > cfg.entropy_bound:
+            over = j > first and spent + h - max(top, h) > cfg.entropy_bound
+            if over and k > 1:
                 break
             spent, top = spent + h, max(top, h)
-            tok = S.draw(p, r.gen)
+            # Within the budget a position takes a sample, as an accepted one does; past it, on the canvas's last
+            # step, it takes the masked argmax, as the output of a canvas without a grammar is its argmax draft.
+            tok = int(sub.argmax()) if over else S.draw(p, r.gen)
             tok = int(ids[tok]) if ids is not None else tok
             if r.g_lp is not None and ids is not None:
                 row = row.masked_fill(~allowed.to(row.device), float("-inf"))
@@ -640,6 +647,7 @@ class Engine:
             # commits them all by the last budgeted step), whatever the early stop would say.
             if r.g_lp is not None:
                 r.lp = r.g_lp
+            self._emit_partial(r, events)
             if r.frontier >= r.limit:
                 r.phase = "emit"
             return
@@ -685,10 +693,10 @@ class Engine:
                 if bool(is_eos.any()):
                     first = int(is_eos.nonzero()[0, 0])
                     cut, hit_eos = cut[:first], True
-            room = r.p.max_new_tokens - len(r.out)
-            added = cut[:room]
+            room = r.p.max_new_tokens - (len(r.out) - r.sent)  # from the canvas's start
+            added = cut[:room][r.sent:]  # a grammar row sent the first r.sent already (`_emit_partial`)
+            lps, tops = self._take_logprobs(r, len(added), start=r.sent)
             r.out.extend(added)
-            lps, tops = self._take_logprobs(r, len(added))
             events.append(Commit(r.id, r.canvas_idx, added, steps, lps, tops))
             r.canvas_idx += 1
             if hit_eos or (r.matcher is not None and r.matcher.done):
@@ -708,14 +716,30 @@ class Engine:
                 r.encoder_passes += 1
                 self._new_canvas(r)
 
+    def _emit_partial(self, r: _Row, events) -> None:
+        """A grammar row's newly committed run, up to an EOS, sent at once as a partial Commit: the walk never
+        takes a committed token back, so it can be streamed before its canvas ends."""
+        run = r.g_tok[r.sent:min(r.frontier, r.limit)].tolist()
+        eos = next((i for i, t in enumerate(run) if t in self._eos_set), None)
+        run = run[:eos]
+        if not run:
+            return
+        lps, tops = self._take_logprobs(r, len(run), start=r.sent)
+        r.sent += len(run)
+        r.out.extend(run)
+        if r.t_first is None:
+            r.t_first = time.perf_counter()
+        events.append(Commit(r.id, r.canvas_idx, run, r.spent + r.step, lps, tops, partial=True))
+
     @staticmethod
-    def _take_logprobs(r: _Row, n: int) -> tuple[list[float] | None, list[TopLogprobs] | None]:
-        """The first n positions' logprobs of the row's last step (`r.lp`), appended to its output's."""
+    def _take_logprobs(r: _Row, n: int, start: int = 0) -> tuple[list[float] | None, list[TopLogprobs] | None]:
+        """Positions start..start+n-1's logprobs of the row's last step (`r.lp`), appended to its output's."""
         if r.p.logprobs is None or r.lp is None:
             return None, None
         lp, ids, tlp = r.lp
-        lps = lp[:n].tolist()
-        tops = _top_lists(None if ids is None else ids[:n], None if tlp is None else tlp[:n], len(lps))
+        sl = slice(start, start + n)
+        lps = lp[sl].tolist()
+        tops = _top_lists(None if ids is None else ids[sl], None if tlp is None else tlp[sl], len(lps))
         r.out_lp.extend(lps)
         r.out_top.extend(tops)
         return lps, tops

@@ -317,6 +317,11 @@ def test_structured_output(client):
     chunks = complete(client, "x", seed=5, max_tokens=40, stream=True,
                       extra_body={"structured_outputs": {"choice": ["left", "right"]}})
     assert "".join(c.choices[0].text for c in chunks) in ("left", "right")
+    # committed runs stream as the walk commits them, before their canvas ends (one canvas here)
+    chunks = list(complete(client, "x", seed=5, max_tokens=12, stream=True,
+                           extra_body={"structured_outputs": {"regex": "[a-d]{12}"}}))
+    texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert re.fullmatch("[a-d]{12}", "".join(texts)) and len(texts) >= 2
     r = complete(client, "x", seed=1, max_tokens=64, response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].text), dict)

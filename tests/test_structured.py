@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import randomize, tiny_config
-from dgemma.generate import AR, DIFFUSION, Done, Draft, GenerationError, GenerationParams, generate
+from dgemma.generate import AR, DIFFUSION, Commit, Done, Draft, GenerationError, GenerationParams, generate
 from dgemma.model import DiffusionGemma
 from dgemma.sampler import SamplerConfig
 from dgemma.structured import Grammar, GrammarError
@@ -183,3 +183,20 @@ def test_fused_and_plain_paths_agree(model, tok, mode):
                 for fused in (False, True)]
         assert runs[0].tokens == runs[1].tokens and runs[0].logprobs == runs[1].logprobs
         assert runs[0].top_logprobs == runs[1].top_logprobs
+
+
+def test_committed_runs_stream_before_their_canvas_ends(model, tok):
+    """A grammar row's runs are final when the walk commits them: each step's run goes out as a partial Commit,
+    the canvas's own Commit carries what is left, and together they are the output, logprobs included."""
+    params = GenerationParams(max_new_tokens=48, sampler=SamplerConfig(max_denoising_steps=6), seed=1,
+                              grammar=Grammar.json_schema(SCHEMA), logprobs=1, drafts=True)
+    events = list(generate(model, [tok.encode("x = ")], params, tokenizer=tok, events=True))
+    done = events[-1]
+    commits = [e for e in events if isinstance(e, Commit)]
+    assert isinstance(done, Done) and done.finish_reason == "stop" and _valid(json.loads(done.text))
+    assert [t for c in commits for t in c.tokens] == done.tokens
+    assert [v for c in commits for v in c.logprobs] == done.logprobs
+    partial = [i for i, e in enumerate(events) if isinstance(e, Commit) and e.partial]
+    last_draft_of_first_canvas = max(i for i, e in enumerate(events) if isinstance(e, Draft) and e.canvas == 0)
+    assert len(partial) >= 2 and partial[0] < last_draft_of_first_canvas  # text before its canvas ended
+    assert sum(not c.partial for c in commits) == done.stats["canvases"]

@@ -219,12 +219,12 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                     choice.commit(ev)
                     delta = choice.delta(tok)
                     lp = choice.stream_logprobs(tok, plan.kind)
-                    if delta or lp or plan.drafts:
+                    if delta or lp or (plan.drafts and not ev.partial):
                         if delta and first_text:
                             first_text = False
                             state.metrics.observe(state.metrics.ttft, time.perf_counter() - plan.t0)
                         yield chunk(plan, index, text=delta, logprobs=lp,
-                                    dgemma=commit_event(choice, ev) if plan.drafts else None)
+                                    dgemma=commit_event(choice, ev) if plan.drafts and not ev.partial else None)
                 elif isinstance(ev, Done):
                     rest = choice.finish(tok, ev)
                     lp = choice.stream_logprobs(tok, plan.kind, final=True)
