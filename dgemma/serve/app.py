@@ -312,12 +312,14 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     @api.post("/v1/completions")
     async def completions(request: Request):
         req = parse(CompletionRequest, await read_json(request, settings.max_body_bytes))
-        return await execute(request, state, state.planner.completion(req))
+        # Planning tokenizes, renders templates and compiles grammars (a large JSON schema: 100 ms or more): off
+        # the event loop, so that other requests' streams keep flowing meanwhile.
+        return await execute(request, state, await asyncio.to_thread(state.planner.completion, req))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
-        return await execute(request, state, state.planner.chat(req))
+        return await execute(request, state, await asyncio.to_thread(state.planner.chat, req))
 
     @api.get("/metrics")
     async def metrics():
