@@ -200,3 +200,16 @@ def test_committed_runs_stream_before_their_canvas_ends(model, tok):
     last_draft_of_first_canvas = max(i for i, e in enumerate(events) if isinstance(e, Draft) and e.canvas == 0)
     assert len(partial) >= 2 and partial[0] < last_draft_of_first_canvas  # text before its canvas ended
     assert sum(not c.partial for c in commits) == done.stats["canvases"]
+
+
+def test_stop_strings_and_n_rows_under_a_grammar(model, tok):
+    """A stop string cuts a grammar's text as it cuts any other; rows of one batch keep their own matchers."""
+    params = GenerationParams(max_new_tokens=40, sampler=FAST, seed=2, grammar=Grammar.regex("[a-f]{30}"), stop=("e",))
+    [done] = generate(model, [tok.encode("x")], params, tokenizer=tok)
+    assert re.fullmatch("[a-df]*", done.text) and (done.finish_reason == "stop" or len(done.text) == 30)
+    grammars = [Grammar.regex("[0-9]{6}"), Grammar.choice(["alpha", "beta"]), Grammar.json_schema(SCHEMA)]
+    batch = generate(model, [tok.encode("y")] * 3,
+                     [GenerationParams(max_new_tokens=48, sampler=FAST, seed=7, grammar=g) for g in grammars],
+                     tokenizer=tok)
+    assert re.fullmatch("[0-9]{6}", batch[0].text) and batch[1].text in ("alpha", "beta")
+    assert _valid(json.loads(batch[2].text))
