@@ -5,12 +5,12 @@
 1. The shipped code model (8,192-token vocabulary): each case (a JSON schema, any JSON object, a regex, a choice)
    decoded with and without its grammar, diffusion and AR, over `--seeds` seeds. Reported per case and mode: how
    often the text matches (parses and validates), how often it ended by itself (EOS or the grammar's end, not
-   max_new_tokens), tokens, forwards (decoder passes for diffusion, encoder passes
-   for AR), tokens per forward, wall seconds, seconds to the first text (a grammar row streams each step's
-   committed run; without one, a diffusion row's text comes canvas by canvas), and the share of the wall spent in the grammar walk (mask, masked
-   softmax, sampling, matcher updates; `Engine._grammar_walk`, timed around the real call).
-2. With --vocab-262k: the `small` preset at the real 262,144-token vocabulary (random weights, the ~80M bench
-   model) with the real Gemma tokenizer, the JSON-schema case only: the walk's cost where each masked softmax
+   max_new_tokens), tokens, forwards (decoder passes for diffusion, encoder passes for AR), tokens per forward,
+   wall seconds, seconds to the first text (a grammar row streams each step's committed run; without one, a
+   diffusion row's text comes canvas by canvas), and the share of the wall spent in the grammar walk (masks,
+   masked softmaxes, draws, matcher updates; `Engine._grammar_walk`, timed around the real call).
+2. With --vocab-262k: the `bench-80m` preset (the `small` model at the real 262,144-token vocabulary, random
+   weights) with the real Gemma tokenizer, the JSON-schema case only: the walk's cost where each masked softmax
    spans the whole vocabulary.
 
 Every run goes through `dgemma.generate` as users call it; nothing is simulated.

@@ -511,8 +511,9 @@ class Engine:
         [V] at canvas position j (after logit_bias). From the frontier rightwards, each position is sampled at the
         step's temperature from its logits masked to what the grammar allows there, and committed while the run's
         entropies stay within the EntropyBound budget (sum - max <= entropy_bound; the first always is). The
-        canvas's last budgeted step commits every position left, those past the budget at their masked argmax. Sets `r.frontier` and `r.g_tok`; the caller makes
-        the committed positions one-hot (zero entropy, always accepted, kept as the draft and conditioned on)."""
+        canvas's last budgeted step commits every position left, those past the budget at their masked argmax.
+        Sets `r.frontier` and `r.g_tok`; the caller makes the committed positions one-hot (zero entropy, always
+        accepted, kept as the draft and conditioned on)."""
         cfg = r.p.sampler
         k = cfg.max_denoising_steps - r.step
         t = S.temperature(k, cfg)
