@@ -1,6 +1,6 @@
 """Structured output: what a grammar costs and what it buys, diffusion beside AR decoding of the same weights.
 
-    python bench/structured.py [--seeds 5] [--threads 2] [--vocab-262k] [--out results.json]
+    python bench/structured.py [--seeds 5] [--threads 2] [--vocab-262k | --only-262k] [--out results.json]
 
 1. The shipped code model (8,192-token vocabulary): each case (a JSON schema, any JSON object, a regex, a choice)
    decoded with and without its grammar, diffusion and AR, over `--seeds` seeds. Reported per case and mode: how
