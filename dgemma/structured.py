@@ -26,9 +26,6 @@ from typing import Any
 
 import torch
 
-KINDS = ("json_schema", "json_object", "regex", "lark", "choice")
-
-
 class GrammarError(ValueError):
     """A grammar that cannot be compiled (a bad schema, regex or Lark text), or no grammar engine installed."""
 
