@@ -505,6 +505,7 @@ class Engine:
         del logits
 
     SUBSET = 4096  # grammar walk: at most this many allowed tokens, and the softmax runs over them alone
+    KEEP = 8  # grammar walk on the fused path: positions from the frontier whose logits the head pass keeps
 
     def _grammar_walk(self, r: _Row, logits_at) -> None:
         """Commit the next run of a grammar row's canvas (structured.py). `logits_at(j)`: this step's fp32 logits
@@ -590,11 +591,18 @@ class Engine:
         # self-conditioning): skip its soft embedding, a [canvas, V] x [V, H] matmul.
         want_sc = any(r.step + 1 < cfg.max_denoising_steps for r in rows)
         if logits is None:
-            for j, r in enumerate(rows):
-                if r.matcher is not None:  # the walk's logits, a few positions at a time from the hidden states
-                    self._grammar_walk(r, _HeadRows(m, h[j]))
+            # A grammar row's walk reads the logits of the positions from its frontier on: the first KEEP of them
+            # are copied out of the fused head's blocks as they pass, any further ones computed (_WalkLogits).
+            walks = {j: list(range(r.frontier, min(r.frontier + self.KEEP, r.limit))) for j, r in enumerate(rows)
+                     if r.matcher is not None}
+            keep = [j * self.T + p for j, ps in walks.items() for p in ps]
             out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
-                                    logprobs=top, self_conditioning=want_sc)
+                                    logprobs=top, self_conditioning=want_sc,
+                                    keep=torch.tensor(keep, device=m.device) if keep else None)
+            at = 0
+            for j, ps in walks.items():
+                self._grammar_walk(rows[j], _WalkLogits(m, h[j], ps, out.kept_logits[at:at + len(ps)]))
+                at += len(ps)
         else:
             out = S.fused_step(logits, k, cfg, draws=draws, embedding=E if want_sc else None, embed_scale=scale,
                                logprobs=top)
@@ -830,18 +838,23 @@ class Engine:
         return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top)
 
 
-class _HeadRows:
-    """`logits_at(j)` for the grammar walk on the fused path: one row's logits at canvas position j, computed from
-    its hidden states [T, H] by the LM head `CHUNK` positions at a time, never fewer than the canvas allows: a
-    matmul over one or two rows takes another kernel on this CPU, whose fp32 bits differ from the plain path's."""
+class _WalkLogits:
+    """`logits_at(j)` for the grammar walk on the fused path: one row's logits at canvas position j. Positions
+    `kept` come with their logits from the fused head's pass (`kept_logits`, the plain path's bits); others are
+    computed from the row's hidden states [T, H] by the LM head `CHUNK` positions at a time, never fewer than the
+    canvas allows: a matmul over one or two rows takes another kernel on this CPU, whose fp32 bits differ."""
 
     CHUNK = 4
 
-    def __init__(self, model: DiffusionGemma, h: torch.Tensor):
+    def __init__(self, model: DiffusionGemma, h: torch.Tensor, kept: list[int], kept_logits: torch.Tensor):
         self.model, self.h = model, h
+        self.kept = {p: i for i, p in enumerate(kept)}
+        self.kept_logits = kept_logits
         self.lo, self.block = 0, None
 
     def __call__(self, j: int) -> torch.Tensor:
+        if j in self.kept:
+            return self.kept_logits[self.kept[j]]
         if self.block is None or not self.lo <= j < self.lo + self.CHUNK:
             self.lo = max(0, min(j, self.h.shape[0] - self.CHUNK))
             self.block = self.model.logits(self.h[self.lo:self.lo + self.CHUNK])

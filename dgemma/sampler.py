@@ -478,6 +478,9 @@ class FusedStep(NamedTuple):
     logprob: Tensor | None = None
     top_ids: Tensor | None = None
     top_logprobs: Tensor | None = None
+    # with keep=idx (flat positions row * canvas + j): those positions' raw logits [len(idx), vocab], copied out
+    # of the blocks as they pass (the grammar walk reads them; the fused head otherwise never holds logits)
+    kept_logits: Tensor | None = None
 
 
 def _inverse_cdf(ends: Tensor, target: Tensor) -> Tensor:
@@ -536,12 +539,14 @@ def fused_head_step(
     block: int | None = None,
     logprobs: int | None = None,
     self_conditioning: bool = True,
+    keep: Tensor | None = None,
 ) -> FusedStep:
     """The LM head fused into the step: hidden [rows, canvas, H] (final-normed) in, logits never materialised.
 
     Each block's logits are computed, used and dropped; bitwise the same results as
     `fused_step(model.logits(hidden), ...)`, since the model's head computes the same blocks the same way.
     self_conditioning=False skips the soft embedding (`sc_embedding` is None), as `embedding=None` does there.
+    keep: flat positions whose logits to return as `kept_logits` (the same bits `model.logits` gives).
     """
     rows, canvas_len, _ = hidden.shape
     flat = hidden.reshape(rows * canvas_len, -1)
@@ -551,11 +556,11 @@ def fused_head_step(
         return head_block_logits(flat, embedding, lo, hi, softcap)
 
     return _fused(source, rows, canvas_len, vocab, hidden.device, k_remaining, cfg, row_generators, draws,
-                  embedding if self_conditioning else None, embed_scale, block, logprobs)
+                  embedding if self_conditioning else None, embed_scale, block, logprobs, keep)
 
 
 def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_generators, draws, embedding,
-           embed_scale, block, logprobs=None) -> FusedStep:
+           embed_scale, block, logprobs=None, keep_rows=None) -> FusedStep:
     """One denoising step in one streaming pass over the vocabulary, one block at a time, in a fixed order.
 
     source(lo, hi) returns the fp32 logits of entries [lo, hi) (at most one block) for all N = rows * canvas
@@ -619,10 +624,14 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
         raw_at_arg = torch.empty(N, nb, dtype=torch.float32, device=device)
         top_v = torch.empty(N, 0, dtype=torch.float32, device=device)
         top_i = torch.empty(N, 0, dtype=torch.int64, device=device)
+    kept_logits = None if keep_rows is None else \
+        torch.empty(len(keep_rows), vocab, dtype=torch.float32, device=device)
     cpu = runtime.host_reads_free(device)  # the CPU's choices below (tests patch it to run an accelerator's)
     for b in range(nb):
         lo, hi = b * block, min(b * block + block, vocab)
         raw = source(lo, hi)
+        if keep_rows is not None:
+            kept_logits[:, lo:hi] = raw[keep_rows]
         x = raw / temp
         if cpu:  # the max alone, its first index from d below (_first_zero): the same index, ~4x cheaper
             bmax = x.amax(dim=-1)
@@ -709,7 +718,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
             top_ids = top_i.view(rows, canvas_len, -1)
             top_lp = (top_v.double() - lse[:, None]).float().view(rows, canvas_len, -1)
     return FusedStep(canvas, candidates, argmax.view(rows, canvas_len), entropies, accepted, sc, lp, top_ids,
-                     top_lp)
+                     top_lp, kept_logits)
 
 
 def draw(probs: Tensor, generator: torch.Generator) -> int:
