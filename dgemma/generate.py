@@ -230,6 +230,16 @@ class _Row:
         if len(self.bias_ids):
             logits[..., self.bias_ids.to(logits.device)] += self.bias.to(logits.device)
 
+    def pins(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions, tokens) of the current canvas that are certain, as one-hot logits make them: infill's fixed
+        positions on the first canvas, and a grammar's committed run."""
+        out = []
+        if self.canvas_idx == 0 and len(self.fixed_pos):
+            out.append((self.fixed_pos, self.fixed_tok))
+        if self.matcher is not None and self.frontier:
+            out.append((torch.arange(self.frontier), self.g_tok[:self.frontier]))
+        return out
+
     def constrain(self, logits: torch.Tensor, first: int = 0) -> None:
         """Ban, in place, the tokens `allowed` excludes: logits [n, V] of output positions first..first+n-1."""
         if not len(self.allowed_pos):
@@ -479,17 +489,14 @@ class Engine:
             r.add_bias(logits[i])
             if r.canvas_idx == 0:
                 r.constrain(logits[i])  # banned tokens get -inf: no mass, no entropy, never drawn
-            if r.canvas_idx == 0 and len(r.fixed_pos):
-                # A fixed position is certain: one-hot logits give it zero entropy, so it is always accepted,
-                # costs nothing in the entropy budget, and its draft and sample are the fixed token.
-                logits[i, r.fixed_pos] = float("-inf")
-                logits[i, r.fixed_pos, r.fixed_tok] = 0.0
             if r.matcher is not None:
                 self._grammar_walk(r, logits[i].__getitem__)
-                if r.frontier:  # committed positions: one-hot, like fixed ones
-                    logits[i, :r.frontier] = float("-inf")
-                    logits[i, torch.arange(r.frontier, device=logits.device),
-                           r.g_tok[:r.frontier].to(logits.device)] = 0.0
+            for pos, tok in r.pins():
+                # A fixed or committed position is certain: one-hot logits give it zero entropy, so it is always
+                # accepted, costs nothing in the entropy budget, and its draft and sample are its token.
+                pos, tok = pos.to(logits.device), tok.to(logits.device)
+                logits[i, pos] = float("-inf")
+                logits[i, pos, tok] = 0.0
         for (cfg, rng), idx in groups.items():
             sub = logits if sel[(cfg, rng)] is None else logits[sel[(cfg, rng)]]
             if rng == "reference":
@@ -522,17 +529,17 @@ class Engine:
         j = first = r.frontier
         ended = False  # the grammar is complete (or EOS was drawn): EOS from here on
         while j < r.limit:
-            allowed = r.matcher.allowed()
+            allowed = None if r.matcher.done else r.matcher.allowed()
             # Complete; or (never seen) a dead end, where the tokenizer cannot spell what the grammar needs next
             # (the check before the request only knows that something can begin it): end the text here.
-            if r.matcher.done or not bool(allowed.any()):
+            if allowed is None or not bool(allowed.any()):
                 ended = True
                 break
             row = logits_at(j).float()
+            allowed = allowed.to(row.device)
             ids = allowed.nonzero()[:, 0] if int(allowed.sum()) <= self.SUBSET else None
             # Few tokens allowed (JSON's punctuation, keys, literals): work on those alone, not the vocabulary.
-            sub = row[ids.to(row.device)] if ids is not None else \
-                row.masked_fill(~allowed.to(row.device), float("-inf"))
+            sub = row[ids] if ids is not None else row.masked_fill(~allowed, float("-inf"))
             lp = torch.log_softmax(sub / t.to(row.device), dim=-1)
             p = lp.exp()
             h = float(-(p * lp.clamp(min=torch.finfo(lp.dtype).min)).sum())
@@ -544,13 +551,13 @@ class Engine:
             # step, it takes the masked argmax, as the output of a canvas without a grammar is its argmax draft.
             tok = int(sub.argmax()) if over else S.draw(p, r.gen)
             tok = int(ids[tok]) if ids is not None else tok
-            if r.g_lp is not None and ids is not None:
-                row = row.masked_fill(~allowed.to(row.device), float("-inf"))
-            if r.g_lp is not None:
-                lps, ids, tlp = S.raw_logprobs(row[None], torch.tensor([tok], device=row.device), r.p.logprobs)
+            if r.g_lp is not None:  # over the whole vocabulary, the banned tokens at -inf
+                masked = sub if ids is None else row.masked_fill(~allowed, float("-inf"))
+                lps, top_ids, top_lp = S.raw_logprobs(masked[None], torch.tensor([tok], device=row.device),
+                                                      r.p.logprobs)
                 r.g_lp[0][j] = lps[0].cpu()
-                if ids is not None:
-                    r.g_lp[1][j], r.g_lp[2][j] = ids[0].cpu(), tlp[0].cpu()
+                if top_ids is not None:
+                    r.g_lp[1][j], r.g_lp[2][j] = top_ids[0].cpu(), top_lp[0].cpu()
             r.g_tok[j] = tok
             j += 1
             if tok in self._eos_set:
@@ -609,12 +616,11 @@ class Engine:
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
         lp, top_ids, top_lp = out.logprob, out.top_ids, out.top_logprobs
-        pinned = [(i, r.fixed_pos, r.fixed_tok) for i, r in enumerate(rows) if r.canvas_idx == 0 and len(r.fixed_pos)]
-        pinned += [(i, torch.arange(r.frontier), r.g_tok[:r.frontier]) for i, r in enumerate(rows)
-                   if r.matcher is not None and r.frontier]
+        pinned = [(i, pos, tok) for i, r in enumerate(rows) for pos, tok in r.pins()]
         if pinned and logits is None:
-            # Fixed (infill) positions, exactly as if their logits were one-hot: zero entropy (so the accept set
-            # is recomputed with it), the fixed token as draft and sample, its embedding as self-conditioning.
+            # Fixed (infill) and committed (grammar) positions, exactly as if their logits were one-hot: zero
+            # entropy (so the accept set is recomputed with it), the token as draft and sample, its embedding as
+            # self-conditioning.
             cand, draft, ent = cand.clone(), draft.clone(), ent.clone()
             sc = None if sc is None else sc.clone()
             if lp is not None:
