@@ -10,8 +10,10 @@
    diffusion row's text comes canvas by canvas), and the share of the wall spent in the grammar walk (masks,
    masked softmaxes, draws, matcher updates; `Engine._grammar_walk`, timed around the real call).
 2. With --vocab-262k: the `bench-80m` preset (the `small` model at the real 262,144-token vocabulary, random
-   weights) with the real Gemma tokenizer, the JSON-schema case only: the walk's cost where each masked softmax
-   spans the whole vocabulary.
+   weights) with the real Gemma tokenizer, the JSON-schema case and a tool call (a chat prompt declaring two tools,
+   `tool_choice: "required"` as the server decodes it: Gemma 4's call syntax with the arguments held to the
+   function's schema; "free" is `"auto"`, whatever the model writes, parsed for a call): the walk's cost where each
+   masked softmax spans the whole vocabulary. (The code model's tokenizer has no tool-call tokens.)
 
 Every run goes through `dgemma.generate` as users call it; nothing is simulated.
 """
@@ -33,6 +35,16 @@ SCHEMA = {"type": "object",
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
           "required": ["name", "port", "debug", "tags"], "additionalProperties": False}
 DATE = r"20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "unit"]}}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "maxLength": 24}},
+                                               "required": ["city"]}}}]
 
 
 def _cases():
@@ -53,8 +65,29 @@ def _cases():
         except ValueError:
             return False
 
+    def tool_ok(t):
+        from dgemma.tools import parse_tool_calls
+
+        _, calls = parse_tool_calls(t, ["get_weather", "get_time"])
+        if len(calls) != 1:
+            return False
+        args = json.loads(calls[0].arguments)
+        if calls[0].name == "get_time":
+            return set(args) == {"city"} and isinstance(args["city"], str)
+        return ({"city", "unit"} <= set(args) <= {"city", "unit", "days"} and isinstance(args["city"], str)
+                and args["unit"] in ("celsius", "fahrenheit") and args.get("days", 1) in range(1, 8))
+
+    def tool_grammar(pipe):
+        from dgemma.tools import check_tools, tool_grammar
+
+        return tool_grammar(check_tools(TOOLS), pipe.tokenizer, parallel=False)
+
+    def tool_prompt(pipe):
+        return pipe.encode_chat([{"role": "user", "content": "What's the weather in Paris?"}], tools=TOOLS)
+
     return [
         ("json_schema", "# server settings\nconfig = ", Grammar.json_schema(SCHEMA), schema_ok, 96),
+        ("tool_call", tool_prompt, tool_grammar, tool_ok, 64),
         ("json_object", "# a small dict literal\nd = ", Grammar.json_object(), object_ok, 128),
         ("regex (date)", "# release date\nreleased = '", Grammar.regex(DATE),
          lambda t: re.fullmatch(DATE, t) is not None, 16),
@@ -98,7 +131,8 @@ def run_cases(pipe, cases, seeds: int, timer: WalkTimer) -> list[dict]:
     print(f"grammar token tables built in {time.perf_counter() - t0:.2f} s")
     rows = []
     for name, prompt, grammar, ok, max_new in cases:
-        ids = pipe.encode(prompt)
+        ids = prompt(pipe) if callable(prompt) else pipe.encode(prompt)
+        grammar = grammar(pipe) if callable(grammar) else grammar
         for mode in ("diffusion", "ar"):
             for constrained in (True, False):
                 valid, stopped, toks, passes, walls, firsts, walk = 0, 0, [], [], [], [], 0.0
@@ -153,7 +187,8 @@ def main() -> int:
     pipe = Pipeline.load(str(shipped_model()), device="cpu", quiet=True)
     out["dtype"] = str(pipe.model.dtype)
     print(f"shipped code model ({pipe.model.cfg.vocab_size:,} tokens, {pipe.model.dtype}), {a.seeds} seeds")
-    out["code_model"] = run_cases(pipe, _cases(), a.seeds, timer) if not a.only_262k else []
+    small = [c for c in _cases() if c[0] != "tool_call"]
+    out["code_model"] = run_cases(pipe, small, a.seeds, timer) if not a.only_262k else []
     if a.vocab_262k or a.only_262k:
         from dgemma.config import preset
         from dgemma.tokenizer import Tokenizer
@@ -167,7 +202,8 @@ def main() -> int:
         model = model.to(pipe.model.dtype).eval()
         big = Pipeline(model, tok, {"max_denoising_steps": 16, "max_new_tokens": 96})
         print(f"bench model ({cfg.vocab_size:,} tokens, random weights), {a.seeds} seeds")
-        out["vocab_262k"] = run_cases(big, _cases()[:1], a.seeds, timer)
+        out["vocab_262k"] = run_cases(big, [c for c in _cases() if c[0] in ("json_schema", "tool_call")], a.seeds,
+                                      timer)
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0

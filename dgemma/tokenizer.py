@@ -37,13 +37,19 @@ GEMMA4_CONTROL_TOKENS = {46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "
                          50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>",
                          100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
 
-# The text-only part of the public Gemma 4 26B/31B `chat_template.jinja`, kept statement for statement (the tool,
-# image and audio branches are left out). What the public copies confirm: `<bos>` comes from the template, a
-# system turn opens when the first message is system/developer or thinking is on, `<|think|>` is written at its
-# top with no newline after it, user/system content is trimmed, earlier model turns lose their thought channels
-# (`strip_thinking`), and with thinking off the generation prompt ends with an empty thought channel (the 26B/31B
-# template does this, E2B/E4B do not; SPEC's tokenised tail agrees). Not confirmed: the exact released file of
-# DiffusionGemma itself; a checkpoint's own chat_template.jinja always wins over this fallback.
+# The public Gemma 4 26B/31B `chat_template.jinja`'s prompt format, rewritten here (image and audio parts left out).
+# What the public copies confirm: `<bos>` comes from the template, a system turn opens when the first message is
+# system/developer, thinking is on or tools are given, `<|think|>` is written at its top with no newline after it,
+# user/system content is trimmed, earlier model turns lose their thought channels (`strip_thinking`), and with
+# thinking off the generation prompt ends with an empty thought channel (the 26B/31B template does this, E2B/E4B do
+# not; SPEC's tokenised tail agrees). Tools, in the wire format public Gemma 4 integrations agree on (vLLM's and
+# llama.cpp's gemma4 parsers and their tests): each declared as `<|tool>declaration:NAME{description:<|"|>...<|"|>,
+# parameters:{properties:{KEY:{...,type:<|"|>STRING<|"|>}},required:[<|"|>KEY<|"|>],type:<|"|>OBJECT<|"|>}}<tool|>`
+# at the end of the system turn (keys sorted, types upper-case, `<|"|>` quoting strings); a call as
+# `<|tool_call>call:NAME{key:value,...}<tool_call|>`; a result as `<|tool_response>response:NAME{value:<|"|>...<|"|>}
+# <tool_response|>` inside the same model turn, which stays open after it so the model answers in the same turn.
+# Not confirmed: the exact released file of DiffusionGemma itself; a checkpoint's own chat_template.jinja always
+# wins over this fallback.
 GEMMA4_CHAT_TEMPLATE = """\
 {%- macro strip_thinking(text) -%}
     {%- set ns = namespace(result='') -%}
@@ -56,9 +62,68 @@ GEMMA4_CHAT_TEMPLATE = """\
     {%- endfor -%}
     {{- ns.result | trim -}}
 {%- endmacro -%}
+{%- macro gemma_value(v) -%}
+    {%- if v is string -%}
+        {{- '<|"|>' + v + '<|"|>' -}}
+    {%- elif v is boolean -%}
+        {{- 'true' if v else 'false' -}}
+    {%- elif v is none -%}
+        {{- 'null' -}}
+    {%- elif v is mapping -%}
+        {{- '{' -}}
+        {%- for key, item in v | dictsort -%}
+            {{- (',' if not loop.first else '') + key + ':' + gemma_value(item) -}}
+        {%- endfor -%}
+        {{- '}' -}}
+    {%- elif v is iterable -%}
+        {{- '[' -}}
+        {%- for item in v -%}
+            {{- (',' if not loop.first else '') + gemma_value(item) -}}
+        {%- endfor -%}
+        {{- ']' -}}
+    {%- else -%}
+        {{- v -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- macro gemma_schema(s) -%}
+    {%- set ns = namespace(sep='') -%}
+    {{- '{' -}}
+    {%- if s['description'] -%}
+        {{- ns.sep + 'description:<|"|>' + s['description'] + '<|"|>' -}}{%- set ns.sep = ',' -%}
+    {%- endif -%}
+    {%- if s['enum'] -%}
+        {{- ns.sep + 'enum:' + gemma_value(s['enum']) -}}{%- set ns.sep = ',' -%}
+    {%- endif -%}
+    {%- if s['items'] is mapping -%}
+        {{- ns.sep + 'items:' + gemma_schema(s['items']) -}}{%- set ns.sep = ',' -%}
+    {%- endif -%}
+    {%- if s['nullable'] -%}
+        {{- ns.sep + 'nullable:true' -}}{%- set ns.sep = ',' -%}
+    {%- endif -%}
+    {%- if s['properties'] is mapping -%}
+        {{- ns.sep + 'properties:{' -}}{%- set ns.sep = ',' -%}
+        {%- for key, item in s['properties'] | dictsort -%}
+            {{- (',' if not loop.first else '') + key + ':' + gemma_schema(item) -}}
+        {%- endfor -%}
+        {{- '}' -}}
+    {%- endif -%}
+    {%- if s['required'] -%}
+        {{- ns.sep + 'required:[' -}}{%- set ns.sep = ',' -%}
+        {%- for key in s['required'] -%}
+            {{- (',' if not loop.first else '') + '<|"|>' + key + '<|"|>' -}}
+        {%- endfor -%}
+        {{- ']' -}}
+    {%- endif -%}
+    {%- if s['type'] is string -%}
+        {{- ns.sep + 'type:<|"|>' + s['type'] | upper + '<|"|>' -}}
+    {%- elif s['type'] -%}
+        {{- ns.sep + 'type:' + gemma_value(s['type'] | map('upper') | list) -}}
+    {%- endif -%}
+    {{- '}' -}}
+{%- endmacro -%}
 {%- set loop_messages = messages -%}
 {{- bos_token -}}
-{%- if (enable_thinking is defined and enable_thinking) or messages[0]['role'] in ['system', 'developer'] -%}
+{%- if (enable_thinking is defined and enable_thinking) or tools or messages[0]['role'] in ['system', 'developer'] -%}
     {{- '<|turn>system\\n' -}}
     {%- if enable_thinking is defined and enable_thinking -%}
         {{- '<|think|>' -}}
@@ -67,19 +132,59 @@ GEMMA4_CHAT_TEMPLATE = """\
         {{- messages[0]['content'] | trim -}}
         {%- set loop_messages = messages[1:] -%}
     {%- endif -%}
+    {%- for tool in tools or [] -%}
+        {%- set f = tool['function'] if tool['function'] is defined else tool -%}
+        {{- '<|tool>declaration:' + f['name'] + '{description:<|"|>' + (f['description'] or '') + '<|"|>' -}}
+        {%- if f['parameters'] -%}
+            {{- ',parameters:' + gemma_schema(f['parameters']) -}}
+        {%- endif -%}
+        {{- '}<tool|>' -}}
+    {%- endfor -%}
     {{- '<turn|>\\n' -}}
 {%- endif -%}
+{%- set ns = namespace(open=false) -%}
 {%- for message in loop_messages -%}
+    {%- set i = loop.index0 -%}
     {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-    {{- '<|turn>' + role + '\\n' -}}
-    {%- if role == 'model' -%}
-        {{- strip_thinking(message['content']) -}}
+    {%- if role == 'tool' -%}
+        {%- set found = namespace(name=message['name'] or 'unknown', done=false) -%}
+        {%- for j in range(i - 1, -1, -1) -%}
+            {%- if not found.done and loop_messages[j]['role'] == 'assistant' and loop_messages[j]['tool_calls'] -%}
+                {%- for call in loop_messages[j]['tool_calls'] -%}
+                    {%- if call['id'] is defined and call['id'] == message['tool_call_id'] -%}
+                        {%- set found.name = call['function']['name'] -%}
+                    {%- endif -%}
+                {%- endfor -%}
+                {%- set found.done = true -%}
+            {%- endif -%}
+        {%- endfor -%}
+        {{- '<|tool_response>response:' + found.name + '{value:' + gemma_value(message['content']) -}}
+        {{- '}<tool_response|>' -}}
+    {%- elif role == 'model' -%}
+        {%- if not ns.open -%}
+            {{- '<|turn>model\\n' -}}
+        {%- endif -%}
+        {{- strip_thinking(message['content'] or '') -}}
+        {%- for call in message['tool_calls'] or [] -%}
+            {%- set args = call['function']['arguments'] -%}
+            {{- '<|tool_call>call:' + call['function']['name'] -}}
+            {{- (gemma_value(args) if args is mapping else '{' + args + '}') + '<tool_call|>' -}}
+        {%- endfor -%}
+        {%- if message['tool_calls'] -%}
+            {%- set ns.open = true -%}
+        {%- else -%}
+            {{- '<turn|>\\n' -}}
+            {%- set ns.open = false -%}
+        {%- endif -%}
     {%- else -%}
-        {{- message['content'] | trim -}}
+        {%- if ns.open -%}
+            {{- '<turn|>\\n' -}}
+            {%- set ns.open = false -%}
+        {%- endif -%}
+        {{- '<|turn>' + role + '\\n' + message['content'] | trim + '<turn|>\\n' -}}
     {%- endif -%}
-    {{- '<turn|>\\n' -}}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
+{%- if add_generation_prompt and not ns.open -%}
     {{- '<|turn>model\\n' -}}
     {%- if not enable_thinking | default(false) -%}
         {{- '<|channel>thought\\n<channel|>' -}}
@@ -87,7 +192,30 @@ GEMMA4_CHAT_TEMPLATE = """\
 {%- endif -%}
 """
 
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "model"})
+THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>", "<channel|>"
+
+
+def split_thought(text: str) -> tuple[str | None, str, bool]:
+    """(thought, answer, closed) of a model turn written with thinking on: Gemma 4 opens its reply with
+    `<|channel>thought\n...<channel|>` and answers after it. No channel at the start: (None, text, True). A channel
+    not closed yet (a stream, or a reply cut by max_tokens): (the thought so far, "", False); while the text could
+    still be the channel's own header (`<|channel>thou`), the thought so far is ""."""
+    head = text.lstrip()
+    if not head.startswith(THOUGHT_OPEN):
+        if THOUGHT_OPEN.startswith(head) and head:
+            return "", "", False
+        return None, text, True
+    body = head[len(THOUGHT_OPEN):]
+    if "thought\n".startswith(body):
+        return "", "", False
+    body = body.removeprefix("thought\n")
+    end = body.find(THOUGHT_CLOSE)
+    if end < 0:
+        return body, "", False
+    return body[:end], body[end + len(THOUGHT_CLOSE):].lstrip("\n"), True
+
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "model", "tool"})
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -339,7 +467,10 @@ def _write_text(path: Path, text: str) -> None:
 
 # ---- chat templates -----------------------------------------------------------------------------------------
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of `messages` after checking them: a non-empty list of {"role": known role, "content": str}."""
+    """Copies of `messages` after checking them: a non-empty list of {"role": known role, "content": str}. An
+    assistant message may carry OpenAI's `tool_calls` instead of content (`content` None becomes ""); each call's
+    `function.arguments` may be a JSON object's text, as OpenAI sends it, and is parsed into a dict for the template.
+    A `tool` message answers a call: its `tool_call_id` names it."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     if not messages:
@@ -351,10 +482,34 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise ValueError(f"messages[{i}] has unknown role {role!r}; expected one of {sorted(CHAT_ROLES)}")
+        message = dict(message)
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role not in ("assistant", "model"):
+                raise ValueError(f"messages[{i}] ({role}) cannot carry tool_calls: only assistant messages do")
+            message["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
+            if content is None:
+                message["content"] = content = ""
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}] ({role}) content must be a str, got {type(content).__name__}")
-        out.append(dict(message))
+        out.append(message)
     return out
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """One OpenAI tool call ({"id", "type": "function", "function": {"name", "arguments"}}), arguments as a dict."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise ValueError(f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}")
+    args = function.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}.function.arguments is not valid JSON: {e}") from None
+    if not isinstance(args, Mapping):
+        raise ValueError(f"{where}.function.arguments must be a JSON object, got {type(args).__name__}")
+    return {**call, "function": {**function, "arguments": dict(args)}}
 
 
 def render_chat_template(template: str, messages: list[dict[str, Any]], **context: Any) -> str:

@@ -28,6 +28,12 @@ from dgemma.serve import ServerSettings, create_app  # noqa: E402
 from dgemma.tokenizer import Tokenizer, byte_level  # noqa: E402
 from dgemma.weights import save_model  # noqa: E402
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city", "unit"]}}},
+         {"type": "function", "function": {"name": "now", "description": "The time"}}]
 STEPS = 4  # denoising steps per canvas in the test checkpoint (a random model never stops early)
 CANVAS = 16  # tiny_config("a")
 NAME = "tiny"
@@ -143,6 +149,7 @@ def test_models(client, http):
     assert [m.id for m in client.models.list().data] == [NAME]
     card = client.models.retrieve(NAME)
     assert card.id == NAME and card.model_extra["dgemma"]["canvas_length"] == CANVAS
+    assert card.model_extra["dgemma"]["tools"] is True  # the byte-level test tokenizer has Gemma 4's call tokens
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
 
@@ -325,6 +332,60 @@ def test_structured_output(client):
     r = complete(client, "x", seed=1, max_tokens=64, response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].text), dict)
+
+
+def test_tool_calls(client, pipe):
+    """tools + tool_choice: a required or named call comes back as OpenAI tool_calls (finish_reason "tool_calls"),
+    diffusion and AR, streamed too; "auto" lets the model choose (a random model writes text); a call and its
+    result go back into the conversation through the chat template."""
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for ar in (False, True):
+        for choice in ("required", named):
+            r = client.chat.completions.create(model=NAME, messages=ask, tools=TOOLS, tool_choice=choice, seed=1,
+                                               n=2, max_tokens=64, parallel_tool_calls=False, extra_body={"ar": ar})
+            for ch in r.choices:
+                assert ch.finish_reason == "tool_calls" and ch.message.content is None, ch
+                for call in ch.message.tool_calls:
+                    args = json.loads(call.function.arguments)
+                    assert call.type == "function" and call.id.startswith("call_")
+                    if choice is named or call.function.name == "get_weather":
+                        assert call.function.name == "get_weather" and set(args) == {"city", "unit"}
+                        assert len(args["city"]) <= 6 and args["unit"] in ("c", "f")
+                    else:
+                        assert call.function.name == "now" and args == {}
+                assert len(ch.message.tool_calls) == 1
+    # Streaming: the openai client assembles the calls from the deltas; no markup leaks into the content.
+    chunks = list(client.chat.completions.create(model=NAME, messages=ask, tools=TOOLS, tool_choice="required",
+                                                 seed=2, max_tokens=64, stream=True, parallel_tool_calls=False))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ""
+    [call] = [t for d in deltas for t in (d.tool_calls or [])]
+    assert call.index == 0 and call.function.name in ("get_weather", "now")
+    json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # "auto": the model may answer in text; "none": the tools are left out of the prompt.
+    r = client.chat.completions.create(model=NAME, messages=ask, tools=TOOLS, seed=1, max_tokens=16)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.tool_calls is None
+    r = client.chat.completions.create(model=NAME, messages=ask, tools=TOOLS, tool_choice="none", seed=1,
+                                       max_tokens=16)
+    plain = client.chat.completions.create(model=NAME, messages=ask, seed=1, max_tokens=16)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    # With thinking on, a forced call may follow a thought, which comes back apart as reasoning_content.
+    r = client.chat.completions.create(model=NAME, messages=ask, tools=TOOLS, tool_choice="required", seed=1,
+                                       max_tokens=64, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason in ("tool_calls", "length")
+    if r.choices[0].finish_reason == "tool_calls":
+        assert "<|channel>" not in (message.content or "") and message.tool_calls
+        assert isinstance(message.model_extra.get("reasoning_content") or "", str)
+    # The call and its result continue the conversation: the prompt is the template's rendering of them.
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = client.chat.completions.create(model=NAME, messages=history, tools=TOOLS, seed=1, max_tokens=16)
+    assert r.usage.prompt_tokens == len(pipe.encode_chat(history, tools=TOOLS))
 
 
 def test_raw_sse_framing(http):
@@ -656,7 +717,24 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                               "top_logprobs": 21}, 400, "invalid_value", "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
-        {"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter", "tools"),
+        {"type": "function", "function": {"name": "bad name"}}]}, 400, "invalid_value", "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search"}]},
+     400, "invalid_value", "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
+     "invalid_value", "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "rm"}}}, 400, "invalid_value", "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                              "tool_choice": "always"}, 400, "invalid_value", "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                              "response_format": {"type": "json_object"}}, 400, "invalid_value", "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+                              "tool_choice": "required", "ignore_eos": True}, 400, "invalid_value", "ignore_eos"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, 400,
+     "unsupported_parameter", "functions"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {
+        "role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
+            "name": "f", "arguments": "{oops"}}]}]}, 400, "invalid_value", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999},
      400, "max_tokens_exceeded", "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],

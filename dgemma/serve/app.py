@@ -38,8 +38,9 @@ from pydantic import ValidationError
 
 from ..generate import Commit, Done, Draft
 from ..structured import ll_tokenizer
+from ..tools import ToolError, check_tokenizer
 from . import errors
-from .completions import Plan, Planner, chunk, commit_event, draft_event, response, usage
+from .completions import Plan, Planner, chunk, commit_event, draft_event, response, tool_call_deltas, usage
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
@@ -49,6 +50,14 @@ from .settings import ServerSettings
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+
+
+def _has_call_tokens(tokenizer) -> bool:
+    try:
+        check_tokenizer(tokenizer)
+        return True
+    except ToolError:
+        return False
 
 
 def _warm_grammar(tokenizer) -> None:
@@ -88,7 +97,7 @@ class State:
             "steps": s.max_denoising_steps, "entropy_bound": s.entropy_bound, "t_min": s.t_min, "t_max": s.t_max,
             "stability_threshold": s.stability_threshold, "confidence_threshold": s.confidence_threshold,
             # fill-in-the-middle tokens: `suffix` also works with ar: true (and the page starts in completion mode)
-            "fim": self.pipe.has_fim()})
+            "fim": self.pipe.has_fim(), "tools": _has_call_tokens(self.pipe.tokenizer)})
 
 
 # ---------------------------------------------------------------- request plumbing
@@ -217,6 +226,9 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                     yield chunk(plan, index, dgemma=draft_event(tok, choice, ev))
                 elif isinstance(ev, Commit):
                     choice.commit(ev)
+                    thought = choice.reasoning_delta(tok)
+                    if thought:
+                        yield chunk(plan, index, reasoning=thought)
                     delta = choice.delta(tok)
                     lp = choice.stream_logprobs(tok, plan.kind)
                     if delta or lp or (plan.drafts and not ev.partial):
@@ -227,9 +239,15 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                                     dgemma=commit_event(choice, ev) if plan.drafts and not ev.partial else None)
                 elif isinstance(ev, Done):
                     rest = choice.finish(tok, ev)
+                    thought = (choice.reasoning or "")[len(choice.reasoning_sent):] \
+                        if (choice.reasoning or "").startswith(choice.reasoning_sent) else ""
+                    if thought:
+                        yield chunk(plan, index, reasoning=thought)
                     lp = choice.stream_logprobs(tok, plan.kind, final=True)
                     if rest or lp:
                         yield chunk(plan, index, text=rest, logprobs=lp)
+                    if choice.tool_calls:
+                        yield chunk(plan, index, tool_calls=tool_call_deltas(choice))
                     yield chunk(plan, index, finish_reason=choice.finish_reason)
                     pending.discard(index)
                 elif isinstance(ev, Failed):

@@ -37,6 +37,8 @@ from typing import Any
 
 from ..generate import AR, Done, GenerationError, GenerationParams
 from ..structured import Grammar, GrammarError
+from ..tokenizer import THOUGHT_OPEN, split_thought
+from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, parse_tool_calls, tool_grammar
 from .engine import Job
 from .errors import APIError, from_generation, invalid, unsupported
 from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -65,6 +67,12 @@ class Choice:
     text: str | None = None
     finish_reason: str | None = None
     completion_tokens: int = 0
+    tool_names: list[str] | None = None  # tools the output may call ("auto", "required", a named function)
+    parallel_tool_calls: bool = True
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    thinking: bool = False  # chat with thinking on: the thought channel is returned apart, as reasoning_content
+    reasoning: str | None = None
+    reasoning_sent: str = ""
 
     # ------------------------------------------------------------ text assembly
     def visible(self, tok) -> str:
@@ -72,6 +80,10 @@ class Choice:
         back a trailing U+FFFD (maybe half a UTF-8 character) and any tail that could start a stop string."""
         toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
         text = tok.decode(toks)
+        if self.thinking:
+            text = split_thought(text)[1]
+        if self.tool_names is not None and TOOL_CALL in text:  # a call is sent whole, once it is parsed
+            text = text[:text.index(TOOL_CALL)]
         cut = _stop_cut(text, self.stop)
         if cut is not None:
             return text[:cut]
@@ -84,6 +96,17 @@ class Choice:
                     keep -= k
                     break
         return text[:keep]
+
+    def reasoning_delta(self, tok) -> str:
+        """The thought channel's text not yet streamed (thinking on), holding back a trailing U+FFFD."""
+        if not self.thinking:
+            return ""
+        thought = split_thought(tok.decode(self.tokens))[0] or ""
+        thought = thought.rstrip("\ufffd")
+        if not thought.startswith(self.reasoning_sent):
+            return ""
+        d, self.reasoning_sent = thought[len(self.reasoning_sent):], thought
+        return d
 
     def commit(self, ev) -> None:
         self.tokens.extend(ev.tokens)
@@ -100,7 +123,7 @@ class Choice:
 
     def stream_logprobs(self, tok, kind: str, final: bool = False) -> dict | None:
         """Logprobs of the tokens whose text the stream has now sent in full (after `finish`: all of them)."""
-        if self.logprobs is None:
+        if self.logprobs is None or (self.thinking and not final):  # offsets would count the thought: all at the end
             return None
         toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
         end = self.lp_sent
@@ -132,6 +155,13 @@ class Choice:
         else:
             self.text, self.finish_reason = done.text or "", done.finish_reason
             self.completion_tokens = len(done.tokens)
+            if self.thinking:
+                self.reasoning, self.text, _ = split_thought(self.text)
+            if self.tool_names is not None:
+                content, calls = parse_tool_calls(self.text, self.tool_names)
+                if calls:
+                    self.text, self.tool_calls = content, calls if self.parallel_tool_calls else calls[:1]
+                    self.finish_reason = "tool_calls" if self.finish_reason == "stop" else self.finish_reason
         self.tokens = list(done.tokens)
         if done.logprobs is not None:
             self.lps, self.tops = list(done.logprobs), list(done.top_logprobs)
@@ -216,14 +246,12 @@ class Planner:
         self._common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
-        if req.tools or req.functions:
-            raise unsupported("tool calling is not supported yet", "tools" if req.tools else "functions")
-        if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
-            raise unsupported("tool calling is not supported yet", "tool_choice")
+        if req.functions or req.function_call not in (None, "none"):
+            raise unsupported("the deprecated functions / function_call fields are not supported: send tools and "
+                              "tool_choice", "functions" if req.functions else "function_call")
+        tools, tool_grammar_, tool_names = self._tools(req)
         messages = []
         for i, m in enumerate(req.messages):
-            if m.role == "tool" or m.tool_calls or m.tool_call_id:
-                raise unsupported("tool calling is not supported yet", f"messages.{i}")
             content = m.content
             if isinstance(content, list):
                 parts = []
@@ -233,7 +261,13 @@ class Planner:
                                           "supported yet: send text", f"messages.{i}.content.{j}")
                     parts.append(part.text)
                 content = "\n".join(parts)
-            messages.append({"role": m.role, "content": content if content is not None else ""})
+            message = {"role": m.role, "content": content if content is not None else ""}
+            if m.tool_calls:
+                message["tool_calls"] = m.tool_calls
+            for key in ("tool_call_id", "name"):
+                if getattr(m, key) is not None:
+                    message[key] = getattr(m, key)
+            messages.append(message)
         kw = dict(req.chat_template_kwargs or {})
         if set(kw) - {"enable_thinking"}:
             raise invalid(f"chat_template_kwargs: only enable_thinking is supported, got {sorted(kw)}",
@@ -241,11 +275,67 @@ class Planner:
         if "enable_thinking" in kw and not isinstance(kw["enable_thinking"], bool):
             raise invalid("chat_template_kwargs.enable_thinking must be a boolean", "chat_template_kwargs")
         try:
-            prompt = self.pipe.encode_chat(messages, **kw)
+            prompt = self.pipe.encode_chat(messages, tools=tools, **kw)
         except GenerationError as e:
             raise invalid(str(e), "messages") from None
-        return self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
-                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        plan = self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=tool_grammar_)
+        thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
+        for c in plan.choices:
+            c.tool_names, c.parallel_tool_calls = tool_names, req.parallel_tool_calls is not False
+            c.thinking = thinking
+        return plan
+
+    def _tools(self, req: ChatCompletionRequest) -> tuple[list | None, Grammar | None, list[str] | None]:
+        """(tools for the template, the grammar that forces a call or None, the names a reply may call or None)
+        from `tools` and `tool_choice`. "none" leaves the tools out of the prompt, so the model answers in text."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice is not None:
+                raise invalid("tool_choice is only allowed when tools are given", "tool_choice")
+            return None, None, None
+        try:
+            tools = check_tools(req.tools)
+        except ToolError as e:
+            raise invalid(str(e), "tools") from None
+        names = [t["function"]["name"] for t in tools]
+        name = None
+        if isinstance(choice, dict):
+            f = choice.get("function")
+            name = f.get("name") if choice.get("type") == "function" and isinstance(f, dict) else None
+            if not isinstance(name, str):
+                raise invalid('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                              '"function": {"name": ...}}', "tool_choice")
+            if name not in names:
+                raise invalid(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
+                              "tool_choice")
+        elif choice not in (None, "none", "auto", "required"):
+            raise invalid('tool_choice must be "none", "auto", "required" or {"type": "function", '
+                          '"function": {"name": ...}}', "tool_choice")
+        if choice == "none":
+            return None, None, None
+        try:
+            check_tokenizer(self.pipe.tokenizer)
+        except ToolError as e:
+            raise invalid(str(e), "tools") from None
+        if req.response_format is not None and req.response_format.get("type") != "text" \
+                or req.structured_outputs is not None:
+            raise invalid("structured output cannot be combined with tools (a reply is a call or text); send "
+                          "tool_choice: \"none\" to use both", "response_format" if req.response_format else
+                          "structured_outputs")
+        if choice is None or choice == "auto":
+            return tools, None, names
+        try:
+            thinking = bool((req.chat_template_kwargs or {}).get("enable_thinking"))
+            grammar = tool_grammar(tools, self.pipe.tokenizer, name=name, thinking=thinking,
+                                   parallel=name is None and req.parallel_tool_calls is not False)
+            grammar.check(self.pipe.tokenizer)
+        except (ToolError, GrammarError) as e:
+            raise invalid(f"cannot build the tool-call grammar: {e}", "tools") from None
+        if req.ignore_eos:
+            raise invalid("ignore_eos cannot be combined with a required tool call, which ends where the call does",
+                          "ignore_eos")
+        return tools, grammar, names
 
     # ------------------------------------------------------------ pieces
     def _common(self, req: _Common) -> None:
@@ -302,7 +392,7 @@ class Planner:
             raise invalid(str(e), "suffix") from None
 
     def _plan(self, kind: str, req: _Common, prompts: list[tuple[list[int], str | None]], suffix_ids: list[int],
-              *, echo: bool, param: str, logprobs: int | None = None) -> Plan:
+              *, echo: bool, param: str, logprobs: int | None = None, grammar: Grammar | None = None) -> Plan:
         n_rows = len(prompts) * req.n
         room = self.worker.max_rows + self.worker.max_queue
         if n_rows > room:
@@ -316,7 +406,7 @@ class Planner:
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
-                    grammar=self._grammar(req, suffix=bool(suffix_ids)))
+                    grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
         if req.ar:
             base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
         fixed = None
@@ -485,10 +575,22 @@ def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionRespons
                                     logprobs=lp[c.index]) for c in plan.choices]
         return CompletionResponse(id=plan.id, created=plan.created, model=plan.model, choices=choices,
                                   usage=usage(plan), dgemma=extra)
-    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text or ""),
-                          finish_reason=c.finish_reason, logprobs=lp[c.index]) for c in plan.choices]
+    choices = [ChatChoice(index=c.index, message=_message(c), finish_reason=c.finish_reason, logprobs=lp[c.index])
+               for c in plan.choices]
     return ChatCompletionResponse(id=plan.id, created=plan.created, model=plan.model, choices=choices,
                                   usage=usage(plan), dgemma=extra)
+
+
+def _message(c: Choice) -> AssistantMessage:
+    if c.tool_calls:
+        return AssistantMessage(content=c.text or None, tool_calls=[t.openai() for t in c.tool_calls],
+                                reasoning_content=c.reasoning)
+    return AssistantMessage(content=c.text or "", reasoning_content=c.reasoning)
+
+
+def tool_call_deltas(c: Choice) -> list[dict[str, Any]]:
+    """A stream's tool calls, each whole in one delta entry (OpenAI's clients concatenate the pieces)."""
+    return [{"index": k, **t.openai()} for k, t in enumerate(c.tool_calls)]
 
 
 # ---------------------------------------------------------------- SSE chunks
@@ -498,7 +600,7 @@ def sse(obj: dict) -> str:
 
 def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool = False,
           finish_reason: str | None = None, dgemma: dict | None = None, usage_: Usage | None = None,
-          logprobs: dict | None = None) -> str:
+          logprobs: dict | None = None, tool_calls: list | None = None, reasoning: str | None = None) -> str:
     """One streaming chunk. `index=None` gives `choices: []` (the usage chunk)."""
     obj: dict[str, Any] = {"id": plan.id, "created": plan.created, "model": plan.model}
     if plan.kind == "completion":
@@ -511,6 +613,10 @@ def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool 
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     obj["choices"] = [] if index is None else [choice]
     if usage_ is not None:

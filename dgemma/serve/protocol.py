@@ -1,8 +1,8 @@
 """Request and response types of the OpenAI-compatible API (pydantic), plus dgemma's extra body fields.
 
 Requests reject unknown fields (as OpenAI does: "Unrecognized request argument"), so a typo in a diffusion option
-is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (tools, penalties) are declared
-so that `completions.py` can refuse them with a clear 400.
+is an error rather than a silently ignored knob. OpenAI fields we cannot honour yet (penalties, the deprecated
+`functions`) are declared so that `completions.py` can refuse them with a clear 400.
 """
 
 from __future__ import annotations
@@ -151,14 +151,16 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is tool calls alone, as in OpenAI's responses
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # the thought channel, with chat_template_kwargs.enable_thinking
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
