@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+from .tokenizer import THOUGHT_CLOSE, THOUGHT_OPEN
+
+
 class GrammarError(ValueError):
     """A grammar that cannot be compiled (a bad schema, regex or Lark text), or no grammar engine installed."""
 
@@ -106,6 +109,24 @@ class Grammar:
             raise GrammarError(f"no token of this model's tokenizer can begin text that matches the "
                                f"{self.kind.replace('_', ' ')}")
         self.__dict__["_checked"] = ll  # not a field: equality and hashing ignore it
+
+    def after_thought(self, tokenizer) -> Grammar:
+        """This grammar after an optional thought channel, free text (`<|channel>thought\n...<channel|>`): how a
+        Gemma 4 reply begins with thinking on, so the model thinks first and the grammar holds the answer, as vLLM
+        applies a grammar once reasoning ends. A tokenizer without the channel tokens gets the grammar unchanged."""
+        ids = [tokenizer.token_to_id(t) for t in (THOUGHT_OPEN, THOUGHT_CLOSE)]
+        if None in ids:
+            return self
+        try:
+            grammars = json.loads(self.source)["grammars"]
+        except (json.JSONDecodeError, TypeError, KeyError):  # llguidance gives a Lark grammar as its text
+            grammars = [{"lark_grammar": self.source}]
+        name = grammars[0].get("name") or "answer"
+        head = (f"start: thought? @{name}\n"
+                f'thought: <[{ids[0]}]> "thought\\n" THOUGHT <[{ids[1]}]>\n'
+                "THOUGHT: /(?s:.*)/\n")
+        return Grammar(self.kind, json.dumps({"grammars": [{"lark_grammar": head}, dict(grammars[0], name=name),
+                                                           *grammars[1:]]}))
 
     def matcher(self, tokenizer, vocab: int) -> Matcher:
         return Matcher(self, tokenizer, vocab)

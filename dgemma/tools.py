@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .structured import Grammar
-from .tokenizer import THOUGHT_CLOSE, THOUGHT_OPEN
 
 TOOL_CALL, TOOL_CALL_END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 CALL_TOKENS = (TOOL_CALL, TOOL_CALL_END, QUOTE)
@@ -310,10 +309,5 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], tokenizer, *, name: str | N
         args = '"{}"' if not params or no_args else g.object(params)
         alternatives.append(f'{json.dumps(f["name"])} {args}')
     call = g.rule(f'{g.call} "call:" ({" | ".join(alternatives)}) {g.end}')
-    start = f"{call}+" if parallel else call
-    channel = [tokenizer.token_to_id(t) for t in (THOUGHT_OPEN, THOUGHT_CLOSE)]
-    if thinking and None not in channel:
-        g.generic()
-        thought = g.rule(f"<[{channel[0]}]> {json.dumps('thought' + chr(10))} STR <[{channel[1]}]>")
-        start = f"{thought}? {start}"
-    return Grammar("tool_call", Grammar.lark(g.text(start)).source)
+    grammar = Grammar("tool_call", Grammar.lark(g.text(f"{call}+" if parallel else call)).source)
+    return grammar.after_thought(tokenizer) if thinking else grammar

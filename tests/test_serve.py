@@ -329,6 +329,14 @@ def test_structured_output(client):
                            extra_body={"structured_outputs": {"regex": "[a-d]{12}"}}))
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert re.fullmatch("[a-d]{12}", "".join(texts)) and len(texts) >= 2
+    # With thinking on, the schema holds the answer after the thought (returned apart as reasoning_content).
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "a record"}], seed=seed, max_tokens=48,
+            response_format={"type": "json_schema", "json_schema": {"name": "rec", "schema": schema}},
+            extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        if r.choices[0].finish_reason == "stop":
+            assert set(json.loads(r.choices[0].message.content)) == {"n", "ok"}
     r = complete(client, "x", seed=1, max_tokens=64, response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].text), dict)

@@ -278,9 +278,13 @@ class Planner:
             prompt = self.pipe.encode_chat(messages, tools=tools, **kw)
         except GenerationError as e:
             raise invalid(str(e), "messages") from None
-        plan = self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
-                          logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=tool_grammar_)
         thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
+        grammar = tool_grammar_
+        if grammar is None and thinking:  # structured output holds the answer, after the thought
+            grammar = self._grammar(req, suffix=False)
+            grammar = grammar.after_thought(self.pipe.tokenizer) if grammar is not None else None
+        plan = self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar)
         for c in plan.choices:
             c.tool_names, c.parallel_tool_calls = tool_names, req.parallel_tool_calls is not False
             c.thinking = thinking
