@@ -368,36 +368,108 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .display import describe_stats
+    from .tokenizer import split_thought
+    from .tools import parse_tool_calls
 
     pipe = load_pipeline(args)
     opts = sampling_options(args)
-    pipe.params(ar=args.ar, **opts)  # validate the options before the first turn
+    tools, names, forced = _chat_tools(args, pipe, structured=opts["grammar"] is not None)
+    if opts["grammar"] is not None and args.think:
+        opts["grammar"] = opts["grammar"].after_thought(pipe.tokenizer)
+    # A forced call (--tool-choice required/NAME) is the reply to a user turn; after its results the model is free.
+    first = dict(opts, grammar=forced) if forced is not None else opts
+    pipe.params(ar=args.ar, **first)  # validate the options before the first turn
+    template_kw = {"tools": tools, "enable_thinking": args.think}
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
     if interactive:
         print("dgemma chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
-    while True:
+
+    def ask(prompt: str) -> str | None:
         try:
-            line = input("> " if interactive else "")
+            return input(prompt if interactive else "")
         except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            messages = messages[:1] if args.system else []
-            continue
-        messages.append({"role": "user", "content": line})
-        prompt_ids = pipe.encode_chat(messages)
-        done = run_one(pipe, prompt_ids, pipe.params(ar=args.ar, **opts), show_canvas=args.show_canvas,
-                       stream_text=True)
+            return None
+
+    pending = False  # tool results were just added: the model answers without a new user turn
+    while True:
+        if not pending:
+            line = ask("> ")
+            if line is None:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                messages = messages[:1] if args.system else []
+                continue
+            messages.append({"role": "user", "content": line})
+        prompt_ids = pipe.encode_chat(messages, **template_kw)
+        done = run_one(pipe, prompt_ids, pipe.params(ar=args.ar, **(opts if pending else first)),
+                       show_canvas=args.show_canvas, stream_text=True)
+        pending = False
         print(f"[{describe_stats(done.stats)}]", file=sys.stderr, flush=True)
-        messages.append({"role": "model", "content": done.text})
+        text = done.text or ""
+        if args.think:
+            thought, text, _ = split_thought(text)
+            if thought is not None:
+                print(f"[thought: {len(thought)} characters]", file=sys.stderr)
+        content, calls = parse_tool_calls(text, names) if tools else (text, [])
+        if not calls:
+            messages.append({"role": "assistant", "content": content})
+            continue
+        messages.append({"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]})
+        for call in calls:
+            print(f"[tool call {call.name}({call.arguments})]", file=sys.stderr, flush=True)
+            result = ask(f"{call.name} result> ")
+            if result is None:
+                return 0
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result.strip()})
+        pending = True
     return 0
+
+
+def _chat_tools(args, pipe, structured: bool):
+    """(tools, their names, the grammar that forces a call or None) from --tools and --tool-choice."""
+    from .tools import ToolError, check_tokenizer, check_tools, tool_grammar
+
+    if args.tools is None:
+        if args.tool_choice is not None:
+            raise UsageError("--tool-choice needs --tools")
+        return None, None, None
+    try:
+        tools = check_tools(_json_arg(args.tools, "--tools"))
+        names = [t["function"]["name"] for t in tools]
+        check_tokenizer(pipe.tokenizer)
+        choice = args.tool_choice or "auto"
+        if choice == "none":
+            return None, None, None
+        if choice == "auto":
+            return tools, names, None
+        if structured:
+            raise UsageError("--tool-choice required/NAME decodes under the call grammar; it cannot be combined with "
+                             "a structured-output option")
+        return tools, names, tool_grammar(tools, pipe.tokenizer, name=None if choice == "required" else choice,
+                                          thinking=args.think)
+    except ToolError as e:
+        raise UsageError(str(e)) from None
+
+
+def _json_arg(text: str, flag: str):
+    """A JSON value given inline or as a file's path."""
+    if not text.lstrip().startswith(("[", "{")):
+        path = Path(text)
+        if not path.is_file():
+            raise UsageError(f"{flag} takes JSON or a file holding it; no file {text!r}")
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag}: not valid JSON ({e})") from None
 
 
 # ---------------------------------------------------------------- demo
@@ -961,6 +1033,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", help="checkpoint directory or hub id (default: the shipped code model)")
     s.add_argument("--system", help="system prompt")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
+    s.add_argument("--think", action="store_true", help="thinking on (the template's enable_thinking): the reply "
+                   "opens with a thought channel")
+    s.add_argument("--tools", help="OpenAI tools (a JSON list, or a file holding one): the model may call them; each "
+                   "call's result is read as the next input line")
+    s.add_argument("--tool-choice", help="auto (default), required, none, or a tool's name (forced by a grammar)")
     add_sampling_args(s)
     add_model_args(s)
     s.set_defaults(func=cmd_chat)

@@ -278,3 +278,26 @@ def test_compile_failure_is_one_clear_line(ckpt_tok, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["dgemma generate: error: torch.compile failed on this machine "
                                         "(InvalidCxxCompiler: No working C++ compiler found); run without --compile"]
+
+
+def test_chat_with_tools_and_thinking(tmp_path, monkeypatch, capsys):
+    """`dgemma chat --tools`: a forced call is printed, its result read as the next input line, and the model
+    answers; --think splits the thought off. A tokenizer without the call tokens is one clear error."""
+    import io
+
+    from dgemma.cli import main
+    from dgemma.tokenizer import byte_level
+
+    ckpt = save_model(randomize(DiffusionGemma(tiny_config("a")), seed=4), tmp_path / "tools", tokenizer=byte_level(),
+                      generation_config={"max_denoising_steps": 4, "max_new_tokens": 48})
+    tools = json.dumps([{"type": "function", "function": {"name": "now", "description": "The time"}}])
+    monkeypatch.setattr("sys.stdin", io.StringIO("What time is it?\n12:00\n"))
+    assert main(["chat", str(ckpt), "--tools", tools, "--tool-choice", "required", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "[tool call now({})]" in err and err.count("tokens,") >= 2  # the call, then the turn after its result
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(ckpt), "--think", "--max-new-tokens", "8"]) == 0
+    assert main(["chat", str(ckpt), "--tool-choice", "auto"]) == 2
+    assert "--tool-choice needs --tools" in capsys.readouterr().err
+    assert main(["chat", str(ckpt), "--tools", "[{\"type\": \"function\", \"function\": {\"name\": \"a b\"}}]"]) == 2
+    assert "1-64 letters" in capsys.readouterr().err
