@@ -396,6 +396,60 @@ def test_tool_calls(client, pipe):
     assert r.usage.prompt_tokens == len(pipe.encode_chat(history, tools=TOOLS))
 
 
+def test_responses_api(client, http, pipe):
+    """POST /v1/responses: the chat path under Responses' shapes (input items, instructions, flat function tools,
+    text.format, typed stream events), through the openai client's own Responses support."""
+    r = client.responses.create(model=NAME, input="Hello", instructions="Be brief.", max_output_tokens=16,
+                                extra_body={"seed": 3})
+    chat = client.chat.completions.create(model=NAME, seed=3, max_tokens=16, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    assert r.output_text == chat.choices[0].message.content and r.object == "response"
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    # A forced call, then its output sent back as input items.
+    tools = [{"type": "function", "name": "get_weather", "description": "Current weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}}]
+    r = client.responses.create(model=NAME, input="Weather in Paris?", tools=tools, tool_choice="required",
+                                parallel_tool_calls=False, max_output_tokens=64, extra_body={"seed": 1})
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather" and r.status == "completed"
+    assert set(json.loads(call.arguments)) == {"city"}
+    items = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+             {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    r = client.responses.create(model=NAME, input=items, tools=tools, max_output_tokens=8)
+    chat_tools = [{"type": "function", "function": {k: tools[0][k] for k in ("name", "description", "parameters")}}]
+    history = [items[0], {"role": "assistant", "content": "", "tool_calls": [
+        {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+               {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    assert r.usage.input_tokens == len(pipe.encode_chat(history, tools=chat_tools))
+    # Streaming: the typed events, whose deltas add up to the final text.
+    with client.responses.stream(model=NAME, input="Hi", max_output_tokens=24, extra_body={"seed": 2}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == final.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # Structured output through text.format.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.responses.create(model=NAME, input="a record", max_output_tokens=32,
+                                text={"format": {"type": "json_schema", "name": "rec", "schema": schema}})
+    assert set(json.loads(r.output_text)) == {"ok"}
+    # Errors name the Responses field.
+    for body, param, code in [
+            ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "unsupported_parameter"),
+            ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0", "unsupported_parameter"),
+            ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+             "input.0.content.0", "unsupported_parameter"),
+            ({"input": [{"role": "robot", "content": "x"}]}, "input.0.role", "invalid_value"),
+            ({"input": "x", "max_output_tokens": 9999}, "max_output_tokens", "max_tokens_exceeded"),
+            ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format", "invalid_value"),
+            ({"input": "x", "tool_choice": "required"}, "tool_choice", "invalid_value")]:
+        assert_error(http.post("/v1/responses", json=body), 400, code=code, param=param)
+
+
 def test_raw_sse_framing(http):
     with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

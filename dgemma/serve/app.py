@@ -6,6 +6,7 @@
     GET  /v1/models[/{model}]   the one model this server serves
     POST /v1/completions        text or token-id prompts, `suffix` fill-in-the-middle, `echo`
     POST /v1/chat/completions   the checkpoint's chat template, multi-turn
+    POST /v1/responses          OpenAI's Responses API, through the chat path (responses.py)
 
 Streaming (`stream: true`) sends OpenAI chunks as SSE and ends with `data: [DONE]`. With `stream_drafts: true`
 it also sends, for every denoising step, a chunk whose only choice has an empty delta and which carries a
@@ -45,11 +46,12 @@ from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .responses import Output, ResponsesRequest, rename_param, response_object, stream_events, to_chat
 from .settings import ServerSettings
 
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -152,7 +154,8 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 # ---------------------------------------------------------------- running a plan
-async def execute(request: Request, state: State, plan: Plan):
+async def execute(request: Request, state: State, plan: Plan, responses: ResponsesRequest | None = None):
+    """Queue a plan's rows and answer: a stream, or the whole response (a Responses object for `responses`)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -171,12 +174,20 @@ async def execute(request: Request, state: State, plan: Plan):
         state.metrics.inc(state.metrics.rejected, "unavailable")
         raise APIError(503, f"The server cannot take requests now ({e}).", code="unavailable") from None
     if plan.stream:
-        return StreamingResponse(stream(state, plan, queue), media_type="text/event-stream",
+        events = stream(state, plan, queue) if responses is None else stream_events(state, plan, queue, responses)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect(request, state, plan, queue)
+    await collect(request, state, plan, queue)
+    tok = state.pipe.tokenizer
+    if responses is not None:
+        output = Output()
+        output.finish(plan.choices[0])
+        return JSONResponse(response_object(plan, responses, output, tok))
+    return JSONResponse(response(plan, tok).model_dump())
 
 
-async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Queue):
+async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Queue) -> None:
+    """Wait for every choice of a plan to finish (its events folded into the choices)."""
     tok = state.pipe.tokenizer
     watcher = asyncio.ensure_future(_wait_disconnect(request))
 
@@ -202,7 +213,6 @@ async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Que
                 elif isinstance(ev, Cancelled):
                     # Only a disconnect cancels a non-streaming request: nobody reads this answer.
                     raise APIError(499, "client closed the request", code="cancelled")
-        return JSONResponse(response(plan, tok).model_dump())
     finally:
         watcher.cancel()
         state.worker.cancel(plan.jobs)
@@ -338,6 +348,15 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         req = parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
         return await execute(request, state, await asyncio.to_thread(state.planner.chat, req))
+
+    @api.post("/v1/responses")
+    async def responses(request: Request):
+        req = parse(ResponsesRequest, await read_json(request, settings.max_body_bytes))
+        try:
+            plan = await asyncio.to_thread(state.planner.chat, to_chat(req))
+        except APIError as e:
+            raise rename_param(e) from None
+        return await execute(request, state, plan, responses=req)
 
     @api.get("/metrics")
     async def metrics():

@@ -1,0 +1,353 @@
+"""OpenAI's Responses API (`POST /v1/responses`), served through the chat path.
+
+A Responses request is translated into a chat completion request (`to_chat`): `instructions` becomes the system
+turn, `input` (a string, or a list of messages, `function_call` and `function_call_output` items) the
+conversation, flat function `tools` the chat shape, `text.format` the `response_format`, `reasoning` thinking on,
+`max_output_tokens` max_tokens; dgemma's extra body fields (`steps`, `ar`, ...) pass through. It is then planned,
+checked and decoded as a chat request, so every rule of the chat endpoint holds here too, and the result is written
+back as Responses output items: a `reasoning` item (the thought channel, with thinking on), a `message` with
+`output_text`, and one `function_call` item per tool call. A stream sends Responses' typed events
+(`response.created`, `response.output_item.added`, `response.output_text.delta`, ..., `response.completed`).
+
+Not supported (a 400 naming the field): `previous_response_id` and `conversation` (nothing is stored; send the
+whole conversation), built-in tools (web search, file search, ...), images and files, `n`-like fan-out.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from ..generate import Commit, Done
+from ..tokenizer import THOUGHT_CLOSE
+from .completions import Choice, Plan, usage
+from .engine import Cancelled, Failed
+from .errors import APIError, from_validation, invalid, unsupported
+from .protocol import ChatCompletionRequest, DiffusionOptions
+
+# Chat fields named in errors, as this endpoint calls them.
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+           "chat_template_kwargs": "reasoning"}
+
+
+class ResponsesRequest(DiffusionOptions):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # diffusion: ignored (fixed schedule); AR: 0 = greedy
+    top_p: float | None = Field(None, ge=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    stream: bool = False
+    seed: int | None = Field(None, ge=0)  # not in OpenAI's API; vLLM's and ours
+    store: bool | None = None  # accepted; nothing is stored
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    truncation: str | None = None
+    include: list[str] | None = None
+    service_tier: str | None = None
+    max_tool_calls: int | None = None
+    top_logprobs: int | None = None
+
+
+# ---------------------------------------------------------------- request -> chat
+def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completion request this Responses request stands for (APIError where it cannot be one)."""
+    if req.previous_response_id is not None or req.conversation is not None:
+        raise unsupported("this server stores no responses: send the whole conversation in input",
+                          "previous_response_id" if req.previous_response_id is not None else "conversation")
+    for name in ("max_tool_calls", "top_logprobs"):
+        if getattr(req, name) is not None:
+            raise unsupported(f"{name} is not supported", name)
+    if req.truncation not in (None, "disabled"):
+        raise unsupported("truncation must be 'disabled': a prompt too long for the context is a 400", "truncation")
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+    else:
+        for i, item in enumerate(req.input):
+            _add_item(messages, item, f"input.{i}")
+    body: dict[str, Any] = {"messages": messages, "stream": req.stream, "parallel_tool_calls": req.parallel_tool_calls,
+                            **req.model_dump(include=set(DiffusionOptions.model_fields), exclude_unset=True)}
+    for name in ("model", "temperature", "top_p", "seed", "user", "metadata"):
+        if getattr(req, name) is not None:
+            body[name] = getattr(req, name)
+    if req.max_output_tokens is not None:
+        body["max_tokens"] = req.max_output_tokens
+    if req.tools:
+        body["tools"] = [_tool(t, f"tools.{i}") for i, t in enumerate(req.tools)]
+    if req.tool_choice is not None:
+        body["tool_choice"] = _tool_choice(req.tool_choice)
+    fmt = (req.text or {}).get("format")
+    if fmt is not None:
+        body["response_format"] = _format(fmt)
+    if req.reasoning is not None and req.reasoning.get("effort") not in ("none", "minimal"):
+        body["chat_template_kwargs"] = {"enable_thinking": True}
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid("content must be a string or a list of input_text parts", where)
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise unsupported(f"{kind} parts are not supported: send text", f"{where}.{j}")
+        else:
+            raise invalid(f"unknown content part {kind!r}", f"{where}.{j}")
+    return "\n".join(parts)
+
+
+def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
+    if not isinstance(item, dict):
+        raise invalid("input items must be objects", where)
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise invalid(f"unknown role {role!r}", f"{where}.role")
+        messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+    elif kind == "function_call":
+        if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
+            raise invalid("a function_call item needs name and call_id", where)
+        call = {"id": item["call_id"], "type": "function",
+                "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and not any(m["role"] == "tool" for m in messages[-1:]):
+            last.setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        if not isinstance(item.get("call_id"), str):
+            raise invalid("a function_call_output item needs call_id", where)
+        messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                         "content": output if isinstance(output, str) else json.dumps(output)})
+    elif kind == "reasoning":
+        return  # earlier thoughts: the template drops them from earlier turns anyway
+    else:
+        raise unsupported(f"input items of type {kind!r} are not supported", where)
+
+
+def _tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise unsupported(f"built-in tools ({tool.get('type')!r}) are not supported: declare functions", where)
+    function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise invalid('tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}',
+                          "tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def _format(fmt: Any) -> dict[str, Any]:
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise invalid("text.format type must be 'text', 'json_object' or 'json_schema'", "text.format")
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "output"), "schema": fmt.get("schema", {}),
+                                                   "strict": fmt.get("strict")}}
+
+
+def rename_param(e: APIError) -> APIError:
+    """An error from the chat path, with its field named as this endpoint names it."""
+    if e.param:
+        head, _, rest = e.param.partition(".")
+        if head in _PARAMS:
+            e.param = _PARAMS[head] + ("." + rest if rest and head != "response_format" else "")
+    return e
+
+
+# ---------------------------------------------------------------- chat result -> response
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class Output:
+    """The output items of one choice, built as its text arrives (a stream) or at once (`finish`)."""
+
+    def __init__(self):
+        self.items: list[dict[str, Any]] = []
+        self.reasoning: dict[str, Any] | None = None
+        self.message: dict[str, Any] | None = None
+
+    def open_reasoning(self) -> dict[str, Any]:
+        self.reasoning = {"type": "reasoning", "id": _id("rs"), "summary": [],
+                          "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+        self.items.append(self.reasoning)
+        return self.reasoning
+
+    def open_message(self) -> dict[str, Any]:
+        self.message = {"type": "message", "id": _id("msg"), "status": "in_progress", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+        self.items.append(self.message)
+        return self.message
+
+    def call(self, call) -> dict[str, Any]:
+        item = {"type": "function_call", "id": _id("fc"), "call_id": call.id, "name": call.name,
+                "arguments": call.arguments, "status": "completed"}
+        self.items.append(item)
+        return item
+
+    def finish(self, c: Choice) -> None:
+        """Every item final, from the choice's finished text (the non-streaming path fills them all here)."""
+        if c.reasoning is not None:
+            item = self.reasoning or self.open_reasoning()
+            item["content"][0]["text"], item["status"] = c.reasoning, "completed"
+        if c.text or not c.tool_calls:
+            item = self.message or self.open_message()
+            item["content"][0]["text"], item["status"] = c.text or "", "completed"
+        for call in c.tool_calls:
+            self.call(call)
+
+
+def response_object(plan: Plan, req: ResponsesRequest, output: Output, tok, status: str | None = None
+                    ) -> dict[str, Any]:
+    c = plan.choices[0]
+    status = status or ("incomplete" if c.finish_reason == "length" else "completed")
+    u = usage(plan) if c.done is not None else None
+    return {
+        "id": "resp_" + plan.id.split("-", 1)[-1], "object": "response", "created_at": plan.created, "status": status,
+        "model": plan.model, "output": output.items,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None, "error": None,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+        "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
+        "reasoning": req.reasoning, "store": False, "temperature": req.temperature, "top_p": req.top_p,
+        "text": req.text or {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
+        "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "user": req.user,
+        "usage": None if u is None else {
+            "input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": _thought(c, tok)},
+            "total_tokens": u.total_tokens},
+        "dgemma": {"seed": plan.seed, "choices": [c.stats()],
+                   **({} if u is None else {"steps_per_canvas": u.steps_per_canvas,
+                                            "tokens_per_forward": u.tokens_per_forward,
+                                            "forward_passes": u.forward_passes, "canvases": u.canvases})},
+    }
+
+
+def _thought(c: Choice, tok) -> int:
+    """The thought channel's tokens: those up to and including `<channel|>` (all of them if it never closed)."""
+    if c.reasoning is None:
+        return 0
+    close = tok.token_to_id(THOUGHT_CLOSE)
+    return c.done.tokens.index(close) + 1 if close in c.done.tokens else len(c.done.tokens)
+
+
+# ---------------------------------------------------------------- streaming events
+class EventWriter:
+    """Responses' SSE events (`event: TYPE` + `data: {...}`), numbered in order."""
+
+    def __init__(self):
+        self.seq = 0
+
+    def __call__(self, kind: str, **fields: Any) -> str:
+        data = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
+    """The Responses event stream of a one-choice plan, from the engine's events."""
+    tok = state.pipe.tokenizer
+    send, out, c = EventWriter(), Output(), plan.choices[0]
+    at = out.items.index
+
+    def added(item, index):
+        yield send("response.output_item.added", output_index=index, item=item)
+        if item["type"] == "message":
+            yield send("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                       part=dict(item["content"][0]))
+
+    try:
+        yield send("response.created", response=response_object(plan, req, out, tok, status="in_progress"))
+        yield send("response.in_progress", response=response_object(plan, req, out, tok, status="in_progress"))
+        while True:
+            _, events = await queue.get()
+            for ev in events:
+                if isinstance(ev, Commit):
+                    c.commit(ev)
+                    thought, text = c.reasoning_delta(tok), c.delta(tok)
+                elif isinstance(ev, Done):
+                    text = c.finish(tok, ev)
+                    thought = (c.reasoning or "")[len(c.reasoning_sent):] \
+                        if (c.reasoning or "").startswith(c.reasoning_sent) else ""
+                elif isinstance(ev, Failed):
+                    failed = response_object(plan, req, out, tok, status="failed")
+                    failed["error"] = {"code": "generation_failed" if ev.status >= 500 else "invalid_request",
+                                       "message": ev.message}
+                    yield send("response.failed", response=failed)
+                    return
+                elif isinstance(ev, Cancelled):
+                    return
+                else:
+                    continue
+                if thought:
+                    if out.reasoning is None:
+                        yield "".join(added(out.open_reasoning(), len(out.items) - 1))
+                    yield send("response.reasoning_text.delta", item_id=out.reasoning["id"],
+                               output_index=at(out.reasoning), content_index=0, delta=thought)
+                if text:
+                    if out.message is None:
+                        yield "".join(added(out.open_message(), len(out.items) - 1))
+                    yield send("response.output_text.delta", item_id=out.message["id"], output_index=at(out.message),
+                               content_index=0, delta=text, logprobs=[])
+                if isinstance(ev, Done):
+                    for event in _close(send, out, c, added):
+                        yield event
+                    # Ended by max_output_tokens too: status "incomplete" inside, as vLLM sends it (the openai
+                    # client's stream helper waits for response.completed, whatever the status).
+                    yield send("response.completed", response=response_object(plan, req, out, tok))
+                    return
+    finally:
+        state.worker.cancel(plan.jobs)
+
+
+def _close(send, out: Output, c: Choice, added):
+    """The done events of every item, in order, once the choice has finished (new items announced first)."""
+    known = len(out.items)
+    out.finish(c)
+    for item in out.items[known:]:
+        if item["type"] == "function_call":
+            yield from added(dict(item, arguments="", status="in_progress"), known)
+            yield send("response.function_call_arguments.delta", item_id=item["id"], output_index=known,
+                       delta=item["arguments"])
+            yield send("response.function_call_arguments.done", item_id=item["id"], output_index=known,
+                       arguments=item["arguments"])
+        else:
+            yield from added(item, known)
+        known += 1
+    for k, item in enumerate(out.items):
+        if item["type"] == "reasoning":
+            yield send("response.reasoning_text.done", item_id=item["id"], output_index=k, content_index=0,
+                       text=item["content"][0]["text"])
+        elif item["type"] == "message":
+            part = item["content"][0]
+            yield send("response.output_text.done", item_id=item["id"], output_index=k, content_index=0,
+                       text=part["text"], logprobs=[])
+            yield send("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
+        yield send("response.output_item.done", output_index=k, item=item)
