@@ -165,6 +165,10 @@ def add_sampling_args(s) -> None:
                    "transformers' global draws (reproduces transformers' generate)")
     g.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="add BIAS (-100..100) to token ID's "
                    "logit everywhere (repeatable; -100 bans the token, +100 forces it)")
+    g.add_argument("--presence-penalty", type=float, help="subtract this (-2..2) from the logit of every token "
+                   "already in the output (diffusion: in the canvases before; AR: in the tokens before)")
+    g.add_argument("--frequency-penalty", type=float, help="subtract this (-2..2) times a token's count in the "
+                   "output so far from its logit")
     g.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability (raw logits, "
                    "at the step that emitted it) and the N most likely tokens there (0-20)")
     g = s.add_argument_group("structured output (the text is held to a grammar; one of these)").\
@@ -183,7 +187,9 @@ def sampling_options(args) -> dict:
             "stability": args.stability, "confidence": args.confidence, "restarts": args.restarts,
             "stop": args.stop,
             "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None),
-            "logit_bias": _logit_bias(getattr(args, "logit_bias", None)), "grammar": _grammar(args)}
+            "logit_bias": _logit_bias(getattr(args, "logit_bias", None)), "grammar": _grammar(args),
+            "presence_penalty": getattr(args, "presence_penalty", None),
+            "frequency_penalty": getattr(args, "frequency_penalty", None)}
 
 
 def _grammar(args):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,11 @@ class GenerationParams:
     # token -> bias added to its logit at every position of every canvas (every AR step), OpenAI's logit_bias:
     # -100 all but bans a token, +100 all but forces it (the logits themselves are soft-capped at 30)
     logit_bias: dict[int, float] | None = None
+    # OpenAI's penalties, -2..2, subtracted from a token's logit: presence once if it is in the output so far,
+    # frequency times its count there. "So far" is, for diffusion, the canvases committed before the current one
+    # (a canvas denoises all its positions at once), for AR the tokens before this one.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     ignore_eos: bool = False  # keep generating past EOS (benchmarks that force a length)
     rng: str = "row"  # "row": per-row generators (batch-invariant); "reference": transformers' global draws
     drafts: bool | None = None  # emit Draft events for this row (None: the engine's `drafts` setting)
@@ -109,6 +115,10 @@ class GenerationParams:
                 raise GenerationError(f"logit_bias token {tok!r} is not a token id in the vocabulary")
             if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100 <= bias <= 100:
                 raise GenerationError(f"logit_bias[{tok}] must be a number from -100 to 100, got {bias!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
+                raise GenerationError(f"{name} must be a number from -2 to 2, got {value!r}")
         if self.init_canvas is not None:
             if len(self.init_canvas) != canvas:
                 raise GenerationError(f"init_canvas must hold {canvas} tokens, got {len(self.init_canvas)}")
@@ -215,9 +225,8 @@ class _Row:
         self.banned = torch.ones(len(allowed), vocab, dtype=torch.bool)  # [constrained positions, V]
         for j, pos in enumerate(sorted(allowed)):
             self.banned[j, list(allowed[pos])] = False
-        bias = params.logit_bias or {}
-        self.bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
-        self.bias = torch.tensor([float(bias[t]) for t in sorted(bias)], dtype=torch.float32)
+        self.penalized = bool(params.presence_penalty or params.frequency_penalty)
+        self._set_bias(params.logit_bias or {})
         self.matcher = None  # structured.Matcher with a grammar (set by Engine.add)
         self.frontier = 0  # grammar: positions of the current canvas committed, left to right
         self.limit = canvas  # grammar: positions of the current canvas that can reach the output
@@ -225,10 +234,30 @@ class _Row:
         self.g_lp: tuple | None = None  # grammar + logprobs: (lp [T], top ids, top lps) at each commit
         self.sent = 0  # grammar: tokens of the current canvas already in `out` (sent by partial Commits)
 
+    def _set_bias(self, bias: dict[int, float]) -> None:
+        self.bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
+        self.bias = torch.tensor([float(bias[t]) for t in sorted(bias)], dtype=torch.float32)
+
+    def refresh_penalties(self) -> None:
+        """The bias from logit_bias and the penalties over the output so far (`out`), for the next canvas or AR
+        token."""
+        if not self.penalized:
+            return
+        bias = dict(self.p.logit_bias or {})
+        for tok, n in Counter(self.out).items():
+            bias[tok] = bias.get(tok, 0.0) - (self.p.presence_penalty + self.p.frequency_penalty * n)
+        self._set_bias(bias)
+
     def add_bias(self, logits: torch.Tensor) -> None:
-        """logit_bias, in place, on logits [..., V] (every position: the bias has no position)."""
+        """logit_bias and penalties, in place, on logits [..., V] (every position: the bias has no position)."""
         if len(self.bias_ids):
             logits[..., self.bias_ids.to(logits.device)] += self.bias.to(logits.device)
+
+    def dense_bias(self, vocab: int, device) -> torch.Tensor:
+        """The same bias as a [V] vector, zero elsewhere (x + 0.0 is x: the fused path's blocks add it whole)."""
+        out = torch.zeros(vocab, dtype=torch.float32)
+        out[self.bias_ids] = self.bias
+        return out.to(device)
 
     def pins(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(positions, tokens) of the current canvas that are certain, as one-hot logits make them: infill's fixed
@@ -426,6 +455,7 @@ class Engine:
         """Start canvas `r.canvas_idx` from noise; attempt > 0: restart it from fresh noise (`_restart`)."""
         r.phase, r.step, r.sc, r.sc_logits, r.history = "denoise", 0, None, None, []
         r.attempt = attempt
+        r.refresh_penalties()
         if not attempt:
             r.spent, r.best = 0, None
         if r.p.rng == "reference":
@@ -472,8 +502,8 @@ class Engine:
         sel = {key: None if len(idx) == len(rows) else torch.tensor(idx, device=dev) for key, idx in groups.items()}
         inputs = {key: self._step_inputs([rows[i] for i in idx], key[0]) for key, idx in groups.items()
                   if key[1] == "row"}
-        # masks and biases need the logits
-        constrained = any((r.canvas_idx == 0 and len(r.allowed_pos)) or len(r.bias_ids) for r in rows)
+        # `allowed` masks need the logits; biases (logit_bias, penalties) are added to the fused head's blocks
+        constrained = any(r.canvas_idx == 0 and len(r.allowed_pos) for r in rows)
         if fused and not constrained and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
             h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
@@ -603,12 +633,15 @@ class Engine:
             walks = {j: list(range(r.frontier, min(r.frontier + self.KEEP, r.limit))) for j, r in enumerate(rows)
                      if r.matcher is not None}
             keep = [j * self.T + p for j, ps in walks.items() for p in ps]
+            bias = torch.stack([r.dense_bias(self.V, m.device) for r in rows]) \
+                if any(len(r.bias_ids) for r in rows) else None
             out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
                                     logprobs=top, self_conditioning=want_sc,
-                                    keep=torch.tensor(keep, device=m.device) if keep else None)
+                                    keep=torch.tensor(keep, device=m.device) if keep else None, bias=bias)
             at = 0
             for j, ps in walks.items():
-                self._grammar_walk(rows[j], _WalkLogits(m, h[j], ps, out.kept_logits[at:at + len(ps)]))
+                self._grammar_walk(rows[j], _WalkLogits(m, h[j], ps, out.kept_logits[at:at + len(ps)],
+                                                        rows[j].add_bias))
                 at += len(ps)
         else:
             out = S.fused_step(logits, k, cfg, draws=draws, embedding=E if want_sc else None, embed_scale=scale,
@@ -770,6 +803,7 @@ class Engine:
             self._ar_token(r, logits[i], events)
 
     def _ar_token(self, r: _Row, logits: torch.Tensor, events) -> None:
+        r.refresh_penalties()
         if len(r.bias_ids) or (len(r.allowed_pos) and len(r.out) < self.T):
             logits = logits.clone()
             r.add_bias(logits)
@@ -852,8 +886,9 @@ class _WalkLogits:
 
     CHUNK = 4
 
-    def __init__(self, model: DiffusionGemma, h: torch.Tensor, kept: list[int], kept_logits: torch.Tensor):
-        self.model, self.h = model, h
+    def __init__(self, model: DiffusionGemma, h: torch.Tensor, kept: list[int], kept_logits: torch.Tensor,
+                 add_bias=None):
+        self.model, self.h, self.add_bias = model, h, add_bias
         self.kept = {p: i for i, p in enumerate(kept)}
         self.kept_logits = kept_logits
         self.lo, self.block = 0, None
@@ -864,6 +899,8 @@ class _WalkLogits:
         if self.block is None or not self.lo <= j < self.lo + self.CHUNK:
             self.lo = max(0, min(j, self.h.shape[0] - self.CHUNK))
             self.block = self.model.logits(self.h[self.lo:self.lo + self.CHUNK])
+            if self.add_bias is not None:  # as the plain path adds it (the kept rows have it from the head's pass)
+                self.add_bias(self.block)
         return self.block[j - self.lo]
 
 

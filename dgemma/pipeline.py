@@ -24,7 +24,8 @@ SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
 ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
            "confidence": "confidence_threshold"}
 PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng",
-                 "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar"}
+                 "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar", "presence_penalty",
+                 "frequency_penalty"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 

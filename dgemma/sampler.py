@@ -540,6 +540,7 @@ def fused_head_step(
     logprobs: int | None = None,
     self_conditioning: bool = True,
     keep: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> FusedStep:
     """The LM head fused into the step: hidden [rows, canvas, H] (final-normed) in, logits never materialised.
 
@@ -547,13 +548,18 @@ def fused_head_step(
     `fused_step(model.logits(hidden), ...)`, since the model's head computes the same blocks the same way.
     self_conditioning=False skips the soft embedding (`sc_embedding` is None), as `embedding=None` does there.
     keep: flat positions whose logits to return as `kept_logits` (the same bits `model.logits` gives).
+    bias: [rows, V] fp32 added to every position's logits of its row (logit_bias, penalties; 0.0 where none), as
+    the plain path adds it to materialised logits: the same bits.
     """
     rows, canvas_len, _ = hidden.shape
     flat = hidden.reshape(rows * canvas_len, -1)
     vocab = embedding.shape[0]
 
     def source(lo: int, hi: int) -> Tensor:
-        return head_block_logits(flat, embedding, lo, hi, softcap)
+        logits = head_block_logits(flat, embedding, lo, hi, softcap)
+        if bias is None:
+            return logits
+        return (logits.view(rows, canvas_len, hi - lo) + bias[:, None, lo:hi]).view(rows * canvas_len, hi - lo)
 
     return _fused(source, rows, canvas_len, vocab, hidden.device, k_remaining, cfg, row_generators, draws,
                   embedding if self_conditioning else None, embed_scale, block, logprobs, keep)

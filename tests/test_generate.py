@@ -230,6 +230,41 @@ def test_logit_bias(model, mode):
             generate(model, [_prompt(model)], free.replace(logit_bias=bias))
 
 
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_penalties(model, mode):
+    """presence/frequency penalties push the output away from tokens it already holds: for diffusion those of the
+    canvases committed before (the first canvas is unchanged), for AR those before each token."""
+    T = model.cfg.canvas_length
+    free = GenerationParams(max_new_tokens=3 * T, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=5),
+                            mode=mode, seed=1)
+    base = generate(model, [_prompt(model)], free)[0].tokens
+    pen = generate(model, [_prompt(model)], free.replace(presence_penalty=2.0, frequency_penalty=2.0))[0].tokens
+    repeats = lambda toks: len(toks) - len(set(toks))  # noqa: E731
+    assert repeats(pen) < repeats(base)
+    if mode == DIFFUSION:
+        assert pen[:T] == base[:T] and pen[T:] != base[T:]
+    neg = generate(model, [_prompt(model)], free.replace(frequency_penalty=-2.0))[0].tokens
+    assert repeats(neg) > repeats(base)  # a negative penalty favours repeats
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(GenerationError, match="from -2 to 2"):
+            generate(model, [_prompt(model)], free.replace(**{name: 2.5}))
+
+
+def test_fused_path_adds_biases_as_the_plain_path_does(model):
+    """logit_bias and penalties no longer force materialised logits: the fused head adds them block by block,
+    with the same tokens and logprobs as the plain path, next to an unbiased row."""
+    T = model.cfg.canvas_length
+    params = [GenerationParams(max_new_tokens=2 * T, seed=s, ignore_eos=True, logprobs=2,
+                               sampler=SamplerConfig(max_denoising_steps=5, entropy_bound=0.5)) for s in (1, 2, 3)]
+    params[0] = params[0].replace(logit_bias={5: 3.0, 9: -2.5})
+    params[1] = params[1].replace(presence_penalty=0.7, frequency_penalty=0.4)
+    prompts = [_prompt(model, 7), _prompt(model, 12, seed=3), _prompt(model, 5, seed=4)]
+    plain = generate(model, prompts, params, fused_head=False)
+    fused = generate(model, prompts, params, fused_head=True)
+    assert [d.tokens for d in fused] == [d.tokens for d in plain]
+    assert [d.logprobs for d in fused] == [d.logprobs for d in plain]
+
+
 @pytest.mark.parametrize("allowed,msg", [({-1: [5]}, "outside the canvas"), ({0: []}, "non-empty"),
                                          ({0: [10**6]}, "non-empty"), ({0: "ab"}, "non-empty")])
 def test_allowed_tokens_are_validated(model, allowed, msg):

@@ -302,6 +302,16 @@ def test_logit_bias(client, pipe):
         assert banned.choices[0].text == "y" * 20
 
 
+def test_penalties(client, pipe):
+    """presence_penalty / frequency_penalty reach the engine: the server's text is the engine's for them."""
+    for ar in (False, True):
+        r = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True, presence_penalty=1.5,
+                     frequency_penalty=0.5, extra_body={"ar": ar})
+        ref = pipe.generate(["Hello there"], seed=4, max_new_tokens=40, ignore_eos=True, presence_penalty=1.5,
+                            frequency_penalty=0.5, ar=ar, **({"ar_temperature": 1.0} if ar else {}))[0]
+        assert r.choices[0].text == ref.text
+
+
 def test_structured_output(client):
     """response_format (OpenAI) and structured_outputs (vLLM): a random model's text still matches, in chat and
     completions, diffusion and AR, n > 1, streaming, with logprobs; usage reports the usual counts."""
@@ -744,7 +754,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "invalid_value", "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "invalid_value", "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 200}}, 400, "invalid_value", "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 1}, 400, "unsupported_parameter", "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, 400, "invalid_value", "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -2.5}, 400, "invalid_value", "frequency_penalty"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_value", "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "invalid_value", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value", "messages"),

@@ -175,10 +175,14 @@ def test_bad_combinations(model, tok):
 @pytest.mark.parametrize("mode", ["schema", "regex"])
 def test_fused_and_plain_paths_agree(model, tok, mode):
     """The default path at large vocabularies fuses the LM head into the sampler step and computes the walk's
-    logits a few positions at a time; the plain path materialises them. Same tokens and logprobs."""
+    logits a few positions at a time; the plain path materialises them. Same tokens and logprobs, with a
+    logit_bias and penalties too (seed 2), which both paths add before the walk reads the logits."""
     grammar = Grammar.json_schema(SCHEMA) if mode == "schema" else Grammar.regex("[a-z ]{30}")
+    e = tok.encode("e")[0]
     for seed in range(3):
         params = GenerationParams(max_new_tokens=40, sampler=FAST, seed=seed, grammar=grammar, logprobs=2)
+        if seed == 2:
+            params = params.replace(logit_bias={e: 5.0}, frequency_penalty=1.5)
         runs = [generate(model, [tok.encode("y = ")], params, tokenizer=tok, fused_head=fused)[0]
                 for fused in (False, True)]
         assert runs[0].tokens == runs[1].tokens and runs[0].logprobs == runs[1].logprobs

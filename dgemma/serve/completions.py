@@ -346,9 +346,6 @@ class Planner:
         if req.model is not None and req.model != self.settings.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
                                 f"`{self.settings.model_name}`.", param="model", code="model_not_found")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise unsupported(f"{name} is not supported by diffusion decoding; leave it at 0", name)
         if req.max_tokens is not None and req.max_tokens > self.settings.max_tokens_limit:
             raise invalid(f"max_tokens is {req.max_tokens}; this server allows at most "
                           f"{self.settings.max_tokens_limit}", "max_tokens", code="max_tokens_exceeded")
@@ -409,6 +406,7 @@ class Planner:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
+                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
                     grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
         if req.ar:
