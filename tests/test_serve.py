@@ -460,6 +460,57 @@ def test_responses_api(client, http, pipe):
         assert_error(http.post("/v1/responses", json=body), 400, code=code, param=param)
 
 
+def test_anthropic_messages_api(server, http, pipe):
+    """POST /v1/messages through Anthropic's own client: system + messages, tool_use / tool_result blocks, tool
+    choice, streaming events, stop reasons, and errors in Anthropic's shape (with the key as x-api-key too)."""
+    anthropic = pytest.importorskip("anthropic")
+    c = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+    r = c.messages.create(model=NAME, max_tokens=16, system="Be brief.", messages=[{"role": "user", "content": "Hi"}],
+                          extra_body={"seed": 3})
+    chat = pipe.generate([pipe.encode_chat([{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hi"}])], seed=3, max_new_tokens=16)[0]
+    [block] = r.content
+    assert block.type == "text" and block.text == chat.text and r.role == "assistant"
+    assert r.stop_reason == ("max_tokens" if chat.finish_reason == "length" else "end_turn")
+    assert r.usage.output_tokens == len(chat.tokens)
+    tools = [{"name": "get_weather", "description": "Current weather", "input_schema": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    r = c.messages.create(model=NAME, max_tokens=64, tools=tools, messages=ask,
+                          tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    [use] = r.content
+    assert r.stop_reason == "tool_use" and use.type == "tool_use" and set(use.input) == {"city"}
+    history = ask + [{"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name,
+                                                        "input": use.input}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]
+    r = c.messages.create(model=NAME, max_tokens=8, tools=tools, messages=history)
+    chat_tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                                    "parameters": tools[0]["input_schema"]}}]
+    assert r.usage.input_tokens == len(pipe.encode_chat(
+        ask + [{"role": "assistant", "content": "", "tool_calls": [{"id": use.id, "type": "function", "function": {
+            "name": use.name, "arguments": use.input}}]}, {"role": "tool", "tool_call_id": use.id, "content": "sunny"}],
+        tools=chat_tools))
+    with c.messages.stream(model=NAME, max_tokens=24, messages=ask, extra_body={"seed": 2}) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == final.content[0].text and final.stop_reason in ("end_turn", "max_tokens")
+    with c.messages.stream(model=NAME, max_tokens=64, tools=tools, messages=ask,
+                           tool_choice={"type": "tool", "name": "get_weather"}) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[-1].name == "get_weather"
+    # Errors in Anthropic's shape.
+    for body, status, kind in [
+            ({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, 404, "not_found_error"),
+            ({"model": NAME, "max_tokens": 5, "messages": [{"role": "user", "content": [
+                {"type": "image", "source": {"type": "url", "url": "x"}}]}]}, 400, "invalid_request_error"),
+            ({"model": NAME, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
+            ({"model": NAME, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+              "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error")]:
+        resp = http.post("/v1/messages", json=body)
+        assert resp.status_code == status and resp.json()["type"] == "error", resp.text
+        assert resp.json()["error"]["type"] == kind and resp.json()["error"]["message"]
+
+
 def test_raw_sse_framing(http):
     with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -613,6 +664,11 @@ def test_api_key(busy_server):
     assert ok.models.list().data[0].id == NAME
     assert httpx.get(url + "/health").status_code == 200  # health and the page stay open
     assert httpx.get(url + "/").status_code == 200
+    # Anthropic's clients send the key as x-api-key, and read their own error shape on /v1/messages.
+    assert httpx.get(url + "/v1/models", headers={"x-api-key": "sekret"}).status_code == 200
+    bad = httpx.post(url + "/v1/messages", headers={"x-api-key": "wrong"},
+                     json={"model": NAME, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})
+    assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
 
 
 def test_cors_is_off_by_default(http, busy_server):

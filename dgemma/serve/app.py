@@ -7,6 +7,7 @@
     POST /v1/completions        text or token-id prompts, `suffix` fill-in-the-middle, `echo`
     POST /v1/chat/completions   the checkpoint's chat template, multi-turn
     POST /v1/responses          OpenAI's Responses API, through the chat path (responses.py)
+    POST /v1/messages           Anthropic's Messages API, through the chat path (messages.py)
 
 Streaming (`stream: true`) sends OpenAI chunks as SSE and ends with `data: [DONE]`. With `stream_drafts: true`
 it also sends, for every denoising step, a chunk whose only choice has an empty delta and which carries a
@@ -46,12 +47,15 @@ from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from . import messages as anthropic
+from .messages import MessagesRequest
 from .responses import Output, ResponsesRequest, rename_param, response_object, stream_events, to_chat
 from .settings import ServerSettings
 
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics", "/")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models", "/health",
+             "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -138,9 +142,11 @@ def make_auth(settings: ServerSettings):
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+            token = request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>' (or "
+                           "'x-api-key: <key>').", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     return auth
 
@@ -154,8 +160,10 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 # ---------------------------------------------------------------- running a plan
-async def execute(request: Request, state: State, plan: Plan, responses: ResponsesRequest | None = None):
-    """Queue a plan's rows and answer: a stream, or the whole response (a Responses object for `responses`)."""
+async def execute(request: Request, state: State, plan: Plan, responses: ResponsesRequest | None = None,
+                  messages: MessagesRequest | None = None):
+    """Queue a plan's rows and answer: a stream, or the whole response (a Responses object for `responses`, an
+    Anthropic message for `messages`)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -174,7 +182,9 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
         state.metrics.inc(state.metrics.rejected, "unavailable")
         raise APIError(503, f"The server cannot take requests now ({e}).", code="unavailable") from None
     if plan.stream:
-        events = stream(state, plan, queue) if responses is None else stream_events(state, plan, queue, responses)
+        events = stream_events(state, plan, queue, responses) if responses is not None else \
+            anthropic.stream_events(state, plan, queue, messages) if messages is not None else \
+            stream(state, plan, queue)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await collect(request, state, plan, queue)
@@ -183,6 +193,8 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
         output = Output()
         output.finish(plan.choices[0])
         return JSONResponse(response_object(plan, responses, output, tok))
+    if messages is not None:
+        return JSONResponse(anthropic.message_object(plan, messages, tok))
     return JSONResponse(response(plan, tok).model_dump())
 
 
@@ -357,6 +369,15 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         except APIError as e:
             raise rename_param(e) from None
         return await execute(request, state, plan, responses=req)
+
+    @api.post("/v1/messages")
+    async def messages(request: Request):
+        req = parse(MessagesRequest, await read_json(request, settings.max_body_bytes))
+        try:
+            plan = await asyncio.to_thread(state.planner.chat, anthropic.to_chat(req))
+        except APIError as e:
+            raise anthropic.rename_param(e) from None
+        return await execute(request, state, plan, messages=req)
 
     @api.get("/metrics")
     async def metrics():
