@@ -511,6 +511,22 @@ def test_anthropic_messages_api(server, http, pipe):
         assert resp.json()["error"]["type"] == kind and resp.json()["error"]["message"]
 
 
+def test_tokenize_and_detokenize(http, pipe):
+    """vLLM's /tokenize and /detokenize: the ids the completion and chat endpoints would use, and back."""
+    r = http.post("/tokenize", json={"prompt": "Hello there", "return_token_strs": True}).json()
+    assert r["tokens"] == pipe.encode("Hello there") and r["count"] == len(r["tokens"]) and r["max_model_len"] == 1024
+    assert len(r["token_strs"]) == r["count"] and r["token_strs"][0] == "<bos>"
+    assert http.post("/tokenize", json={"prompt": "Hi", "add_special_tokens": False}).json()["tokens"] == \
+        pipe.encode("Hi", add_bos=False)
+    chat = [{"role": "user", "content": "Weather?"}]
+    r = http.post("/tokenize", json={"messages": chat, "tools": TOOLS}).json()
+    assert r["tokens"] == pipe.encode_chat(chat, tools=TOOLS)
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == pipe.decode(r["tokens"])
+    assert_error(http.post("/tokenize", json={}), 400, param="prompt")
+    assert_error(http.post("/tokenize", json={"prompt": "x", "model": "nope"}), 404, code="model_not_found")
+    assert_error(http.post("/detokenize", json={"tokens": [10**7]}), 400, param="tokens")
+
+
 def test_raw_sse_framing(http):
     with http.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 20, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

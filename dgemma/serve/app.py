@@ -8,6 +8,7 @@
     POST /v1/chat/completions   the checkpoint's chat template, multi-turn
     POST /v1/responses          OpenAI's Responses API, through the chat path (responses.py)
     POST /v1/messages           Anthropic's Messages API, through the chat path (messages.py)
+    POST /tokenize, /detokenize text or chat messages -> token ids, and back (vLLM's endpoints)
 
 Streaming (`stream: true`) sends OpenAI chunks as SSE and ends with `data: [DONE]`. With `stream_drafts: true`
 it also sends, for every denoising step, a chunk whose only choice has an empty delta and which carries a
@@ -46,7 +47,8 @@ from .completions import Plan, Planner, chunk, commit_event, draft_event, respon
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
+                       TokenizeRequest)
 from . import messages as anthropic
 from .messages import MessagesRequest
 from .responses import Output, ResponsesRequest, rename_param, response_object, stream_events, to_chat
@@ -54,8 +56,8 @@ from .settings import ServerSettings
 
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models", "/health",
-             "/metrics", "/")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models", "/tokenize",
+             "/detokenize", "/health", "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -378,6 +380,20 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         except APIError as e:
             raise anthropic.rename_param(e) from None
         return await execute(request, state, plan, messages=req)
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request):
+        req = parse(TokenizeRequest, await read_json(request, settings.max_body_bytes))
+        ids = await asyncio.to_thread(state.planner.tokenize, req)
+        out = {"count": len(ids), "max_model_len": state.max_context, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [state.pipe.tokenizer.id_to_token(i) for i in ids]
+        return out
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request):
+        req = parse(DetokenizeRequest, await read_json(request, settings.max_body_bytes))
+        return {"prompt": state.planner.detokenize(req)}
 
     @api.get("/metrics")
     async def metrics():

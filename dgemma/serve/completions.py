@@ -250,6 +250,27 @@ class Planner:
             raise unsupported("the deprecated functions / function_call fields are not supported: send tools and "
                               "tool_choice", "functions" if req.functions else "function_call")
         tools, tool_grammar_, tool_names = self._tools(req)
+        messages = self._messages(req)
+        kw = self._template_kwargs(req)
+        try:
+            prompt = self.pipe.encode_chat(messages, tools=tools, **kw)
+        except GenerationError as e:
+            raise invalid(str(e), "messages") from None
+        thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
+        grammar = tool_grammar_
+        if grammar is None and thinking:  # structured output holds the answer, after the thought
+            grammar = self._grammar(req, suffix=False)
+            grammar = grammar.after_thought(self.pipe.tokenizer) if grammar is not None else None
+        plan = self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar)
+        for c in plan.choices:
+            c.tool_names, c.parallel_tool_calls = tool_names, req.parallel_tool_calls is not False
+            c.thinking = thinking
+        return plan
+
+    @staticmethod
+    def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+        """The request's messages as the chat template takes them (text parts joined; tool fields kept)."""
         messages = []
         for i, m in enumerate(req.messages):
             content = m.content
@@ -268,27 +289,17 @@ class Planner:
                 if getattr(m, key) is not None:
                     message[key] = getattr(m, key)
             messages.append(message)
+        return messages
+
+    @staticmethod
+    def _template_kwargs(req) -> dict[str, Any]:
         kw = dict(req.chat_template_kwargs or {})
         if set(kw) - {"enable_thinking"}:
             raise invalid(f"chat_template_kwargs: only enable_thinking is supported, got {sorted(kw)}",
                           "chat_template_kwargs")
         if "enable_thinking" in kw and not isinstance(kw["enable_thinking"], bool):
             raise invalid("chat_template_kwargs.enable_thinking must be a boolean", "chat_template_kwargs")
-        try:
-            prompt = self.pipe.encode_chat(messages, tools=tools, **kw)
-        except GenerationError as e:
-            raise invalid(str(e), "messages") from None
-        thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
-        grammar = tool_grammar_
-        if grammar is None and thinking:  # structured output holds the answer, after the thought
-            grammar = self._grammar(req, suffix=False)
-            grammar = grammar.after_thought(self.pipe.tokenizer) if grammar is not None else None
-        plan = self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
-                          logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar)
-        for c in plan.choices:
-            c.tool_names, c.parallel_tool_calls = tool_names, req.parallel_tool_calls is not False
-            c.thinking = thinking
-        return plan
+        return kw
 
     def _tools(self, req: ChatCompletionRequest) -> tuple[list | None, Grammar | None, list[str] | None]:
         """(tools for the template, the grammar that forces a call or None, the names a reply may call or None)
@@ -340,6 +351,36 @@ class Planner:
             raise invalid("ignore_eos cannot be combined with a required tool call, which ends where the call does",
                           "ignore_eos")
         return tools, grammar, names
+
+    def tokenize(self, req) -> list[int]:
+        """/tokenize: the ids a text prompt (as /v1/completions encodes it) or chat messages (as
+        /v1/chat/completions renders them) become."""
+        if req.model is not None and req.model != self.settings.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        if (req.prompt is None) == (req.messages is None):
+            raise invalid("send one of prompt and messages", "prompt")
+        if self.pipe.tokenizer is None:
+            raise invalid("this checkpoint has no tokenizer", "prompt")
+        if req.prompt is not None:
+            return self.pipe.encode(req.prompt, add_bos=req.add_special_tokens)
+        chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
+                                     chat_template_kwargs=req.chat_template_kwargs)
+        tools, kw = self._tools(chat)[0], self._template_kwargs(chat)
+        try:
+            return self.pipe.tokenizer.encode_chat(self._messages(chat), req.add_generation_prompt, tools=tools,
+                                                   **kw)
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e), "messages") from None
+
+    def detokenize(self, req) -> str:
+        if req.model is not None and req.model != self.settings.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        if self.pipe.tokenizer is None:
+            raise invalid("this checkpoint has no tokenizer", "tokens")
+        vocab = self.pipe.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise invalid(f"tokens must be ids in the vocabulary (0..{vocab - 1})", "tokens")
+        return self.pipe.decode(req.tokens)
 
     # ------------------------------------------------------------ pieces
     def _common(self, req: _Common) -> None:

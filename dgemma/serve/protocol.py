@@ -119,6 +119,24 @@ class ChatCompletionRequest(_Common):
     reasoning_effort: str | None = None
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = True  # text prompts: BOS first, as /v1/completions encodes them
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    tools: list[Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---------------------------------------------------------------- responses
 class Usage(BaseModel):
     prompt_tokens: int
