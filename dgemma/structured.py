@@ -128,6 +128,16 @@ class Grammar:
         return Grammar(self.kind, json.dumps({"grammars": [{"lark_grammar": head}, dict(grammars[0], name=name),
                                                            *grammars[1:]]}))
 
+    def accepts(self, tokenizer, text: str) -> bool:
+        """Whether `text`, as `tokenizer` encodes it, matches the whole grammar."""
+        m = self.matcher(tokenizer, tokenizer.vocab_size)
+        try:
+            for t in tokenizer.encode(text):
+                m.consume(t)
+        except GrammarError:
+            return False
+        return m.accepting
+
     def matcher(self, tokenizer, vocab: int) -> Matcher:
         return Matcher(self, tokenizer, vocab)
 
@@ -178,6 +188,11 @@ class Matcher:
     def done(self) -> bool:
         """The grammar is complete: nothing but EOS may follow."""
         return self._m.is_stopped()
+
+    @property
+    def accepting(self) -> bool:
+        """The tokens so far match the whole grammar (EOS may follow, perhaps more)."""
+        return self._m.is_accepting()
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab]: the tokens the grammar allows next (EOS among them once it may end). Ids past the

@@ -221,18 +221,11 @@ def test_stop_strings_and_n_rows_under_a_grammar(model, tok):
 
 def test_after_thought_lets_a_thought_channel_come_first(tok):
     """With thinking on, a grammar holds the answer after Gemma 4's thought channel (free text), not the thought."""
-    def accepts(grammar, text):
-        m = grammar.matcher(tok, tok.vocab_size)
-        for t in tok.encode(text):
-            if not m.allowed()[t]:
-                return False
-            m.consume(t)
-        return m._m.is_accepting()
-
     for grammar, answer in ((Grammar.json_schema(SCHEMA), '{"a": 7, "b": "no"}'), (Grammar.regex("[a-c]{3}"), "abc"),
                             (Grammar.choice(["left", "right"]), "left")):
         thinking = grammar.after_thought(tok)
         thinking.check(tok)
-        assert accepts(thinking, answer) and accepts(thinking, "<|channel>thought\nFirst {, then}.<channel|>" + answer)
-        assert not accepts(thinking, "<|channel>thought\nhm<channel|>zzz")
-        assert not accepts(grammar, "<|channel>thought\nhm<channel|>" + answer)
+        assert thinking.accepts(tok, answer)
+        assert thinking.accepts(tok, "<|channel>thought\nFirst {, then}.<channel|>" + answer)
+        assert not thinking.accepts(tok, "<|channel>thought\nhm<channel|>zzz")
+        assert not grammar.accepts(tok, "<|channel>thought\nhm<channel|>" + answer)

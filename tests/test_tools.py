@@ -125,15 +125,6 @@ def test_parse_tool_calls():
 
 
 # ---------------------------------------------------------------- the grammar
-def _accepts(grammar, tok, text):
-    m = grammar.matcher(tok, tok.vocab_size)
-    for t in tok.encode(text):
-        if not m.allowed()[t]:
-            return False
-        m.consume(t)
-    return m._m.is_accepting()
-
-
 def test_grammar_holds_calls_to_the_schemas(tok):
     g = tool_grammar(check_tools(TOOLS), tok)
     good = ['<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,unit:<|"|>c<|"|>}<tool_call|>',
@@ -145,11 +136,11 @@ def test_grammar_holds_calls_to_the_schemas(tok):
            '<|tool_call>call:get_weather{city:<|"|>Berlin<|"|>,unit:<|"|>c<|"|>}<tool_call|>',  # over maxLength
            '<|tool_call>call:get_weather{unit:<|"|>c<|"|>,city:<|"|>Rome<|"|>}<tool_call|>',  # keys out of order
            '<|tool_call>call:rm{}<tool_call|>', "hello"]
-    assert all(_accepts(g, tok, t) for t in good)
-    assert not any(_accepts(g, tok, t) for t in bad)
+    assert all(g.accepts(tok, t) for t in good)
+    assert not any(g.accepts(tok, t) for t in bad)
     one = tool_grammar(check_tools(TOOLS), tok, name="now", parallel=False)
-    assert _accepts(one, tok, "<|tool_call>call:now{}<tool_call|>")
-    assert not _accepts(one, tok, "<|tool_call>call:now{}<tool_call|><|tool_call>call:now{}<tool_call|>")
+    assert one.accepts(tok, "<|tool_call>call:now{}<tool_call|>")
+    assert not one.accepts(tok, "<|tool_call>call:now{}<tool_call|><|tool_call>call:now{}<tool_call|>")
     with pytest.raises(ToolError, match="no tool named"):
         tool_grammar(check_tools(TOOLS), tok, name="rm")
 
@@ -230,9 +221,9 @@ def test_with_thinking_a_forced_call_may_follow_a_thought(tok):
     tools = check_tools(TOOLS)
     thinking = tool_grammar(tools, tok, thinking=True)
     call = "<|tool_call>call:now{}<tool_call|>"
-    assert _accepts(thinking, tok, "<|channel>thought\nThe user asks the time.<channel|>" + call)
-    assert _accepts(thinking, tok, call)
-    assert not _accepts(tool_grammar(tools, tok), tok, "<|channel>thought\nx<channel|>" + call)
+    assert thinking.accepts(tok, "<|channel>thought\nThe user asks the time.<channel|>" + call)
+    assert thinking.accepts(tok, call)
+    assert not tool_grammar(tools, tok).accepts(tok, "<|channel>thought\nx<channel|>" + call)
 
 
 def test_the_real_gemma_vocabulary(gemma4_tok):
@@ -243,6 +234,6 @@ def test_the_real_gemma_vocabulary(gemma4_tok):
     ids = tok.encode(call)
     assert ids[0] == tok.token_to_id("<|tool_call>") == 48 and ids[-1] == 49 and ids.count(52) == 4
     g = tool_grammar(check_tools(TOOLS), tok, parallel=False)
-    assert _accepts(g, tok, call) and not _accepts(g, tok, "It is sunny.")
+    assert g.accepts(tok, call) and not g.accepts(tok, "It is sunny.")
     assert parse_tool_calls(tok.decode(ids), ["get_weather"])[1][0].arguments == \
         '{"city": "Köln", "days": 3, "unit": "c"}'

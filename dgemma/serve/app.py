@@ -263,8 +263,7 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                                     dgemma=commit_event(choice, ev) if plan.drafts and not ev.partial else None)
                 elif isinstance(ev, Done):
                     rest = choice.finish(tok, ev)
-                    thought = (choice.reasoning or "")[len(choice.reasoning_sent):] \
-                        if (choice.reasoning or "").startswith(choice.reasoning_sent) else ""
+                    thought = choice.reasoning_rest()
                     if thought:
                         yield chunk(plan, index, reasoning=thought)
                     lp = choice.stream_logprobs(tok, plan.kind, final=True)

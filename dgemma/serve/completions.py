@@ -35,12 +35,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generate import AR, Done, GenerationError, GenerationParams
+from pydantic import ValidationError
+
+from ..generate import AR, Commit, Done, GenerationError, GenerationParams
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, parse_tool_calls, tool_grammar
-from .engine import Job
-from .errors import APIError, from_generation, invalid, unsupported
+from .engine import Cancelled, Failed, Job
+from .errors import APIError, from_generation, from_validation, invalid, unsupported
 from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                        CompletionChoice, CompletionRequest, CompletionResponse, StructuredOutputs, Usage, _Common)
 
@@ -107,6 +109,21 @@ class Choice:
             return ""
         d, self.reasoning_sent = thought[len(self.reasoning_sent):], thought
         return d
+
+    def reasoning_rest(self) -> str:
+        """After `finish`: the part of the thought channel not streamed yet."""
+        thought = self.reasoning or ""
+        rest = thought[len(self.reasoning_sent):] if thought.startswith(self.reasoning_sent) else ""
+        self.reasoning_sent = thought
+        return rest
+
+    def advance(self, tok, ev) -> tuple[str, str]:
+        """Fold a Commit or the Done into this choice: (thought, answer text) that can be streamed now."""
+        if isinstance(ev, Done):
+            text = self.finish(tok, ev)
+            return self.reasoning_rest(), text
+        self.commit(ev)
+        return self.reasoning_delta(tok), self.delta(tok)
 
     def commit(self, ev) -> None:
         self.tokens.extend(ev.tokens)
@@ -210,6 +227,54 @@ def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
         if text.startswith(tok.decode(tokens[:n])):
             return tokens[:n]
     return []
+
+
+async def updates(state, plan: Plan, queue):
+    """A one-choice plan's progress, for the streams of the other APIs: (thought, text, event) per Commit and for
+    the Done (what can be sent now), or ("", "", Failed) last; a cancelled job just ends it. The caller cancels
+    the plan's rows when its stream stops (a client that went away)."""
+    c = plan.choices[0]
+    while True:
+        _, events = await queue.get()
+        for ev in events:
+            if isinstance(ev, (Commit, Done)):
+                thought, text = c.advance(state.pipe.tokenizer, ev)
+                yield thought, text, ev
+                if isinstance(ev, Done):
+                    return
+            elif isinstance(ev, Failed):
+                yield "", "", ev
+                return
+            elif isinstance(ev, Cancelled):
+                return
+
+
+def join_text(content: Any, where: str, *, text: tuple[str, ...], refused: tuple[str, ...]) -> str:
+    """The text of a message's content in another API's shape: a string, or a list of parts whose `type` is one of
+    `text` (joined by newlines); a part of a `refused` type (an image, a file) is a 400 saying so, any other an
+    invalid value."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid("content must be a string or a list of parts", where)
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in text and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind in refused:
+            raise unsupported(f"{kind} parts are not supported: send text", f"{where}.{j}")
+        else:
+            raise invalid(f"unexpected part {kind!r} here", f"{where}.{j}")
+    return "\n".join(parts)
+
+
+def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    """A chat request built from another API's request, validated as a chat request is."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise from_validation(e) from None
 
 
 # ---------------------------------------------------------------- planning

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from ..generate import Commit, Done
-from .completions import Choice, Plan, usage
-from .engine import Cancelled, Failed
-from .errors import APIError, from_validation, invalid, unsupported
+from ..generate import Done
+from .completions import Choice, Plan, chat_request, join_text, updates, usage
+from .engine import Failed
+from .errors import APIError, invalid, unsupported
 from .protocol import ChatCompletionRequest, DiffusionOptions
 
 # Anthropic's error `type` per HTTP status.
@@ -79,27 +79,11 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
             body["parallel_tool_calls"] = parallel
     if req.thinking is not None and req.thinking.get("type") == "enabled":
         body["chat_template_kwargs"] = {"enable_thinking": True}
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise from_validation(e) from None
+    return chat_request(body)
 
 
 def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid("content must be a string or a list of blocks", where)
-    parts = []
-    for j, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
-            parts.append(block["text"])
-        elif kind in ("image", "document", "search_result"):
-            raise unsupported(f"{kind} blocks are not supported: send text", f"{where}.{j}")
-        else:
-            raise invalid(f"unexpected block {kind!r} here", f"{where}.{j}")
-    return "\n".join(parts)
+    return join_text(content, where, text=("text",), refused=("image", "document", "search_result"))
 
 
 def _add(messages: list[dict[str, Any]], m: Any, where: str) -> None:
@@ -233,56 +217,40 @@ async def stream_events(state, plan: Plan, queue, req: MessagesRequest):
             {"type": "text", "text": ""}
         return out + _event("content_block_start", index=index[0], content_block=block)
 
+    yield _event("message_start", message={
+        "id": "msg_" + plan.id.split("-", 1)[-1], "type": "message", "role": "assistant", "model": req.model,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 0}})
     try:
-        yield _event("message_start", message={
-            "id": "msg_" + plan.id.split("-", 1)[-1], "type": "message", "role": "assistant", "model": req.model,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 0}})
-        while True:
-            _, events = await queue.get()
-            for ev in events:
-                if isinstance(ev, Commit):
-                    c.commit(ev)
-                    thought, text = c.reasoning_delta(tok), c.delta(tok)
-                elif isinstance(ev, Done):
-                    text = c.finish(tok, ev)
-                    thought = (c.reasoning or "")[len(c.reasoning_sent):] \
-                        if (c.reasoning or "").startswith(c.reasoning_sent) else ""
-                elif isinstance(ev, Failed):
-                    yield _event("error", error={"type": ERROR_TYPES.get(ev.status, "api_error"),
-                                                 "message": ev.message})
-                    return
-                elif isinstance(ev, Cancelled):
-                    return
-                else:
+        async for thought, text, ev in updates(state, plan, queue):
+            if isinstance(ev, Failed):
+                yield _event("error", error={"type": ERROR_TYPES.get(ev.status, "api_error"), "message": ev.message})
+                return
+            if thought:
+                if open_block[0] != "thinking":
+                    yield start("thinking")
+                yield _event("content_block_delta", index=index[0],
+                             delta={"type": "thinking_delta", "thinking": thought})
+            if text:
+                if open_block[0] != "text":
+                    yield start("text")
+                yield _event("content_block_delta", index=index[0], delta={"type": "text_delta", "text": text})
+            if not isinstance(ev, Done):
+                continue
+            if open_block[0] is None and not c.tool_calls:
+                yield start("text")  # an empty answer is still one text block
+            if open_block[0] is not None:
+                yield _event("content_block_stop", index=index[0])
+            for block in blocks(c):
+                if block["type"] != "tool_use":
                     continue
-                if thought:
-                    if open_block[0] != "thinking":
-                        yield start("thinking")
-                    yield _event("content_block_delta", index=index[0],
-                                 delta={"type": "thinking_delta", "thinking": thought})
-                if text:
-                    if open_block[0] != "text":
-                        yield start("text")
-                    yield _event("content_block_delta", index=index[0], delta={"type": "text_delta", "text": text})
-                if isinstance(ev, Done):
-                    if open_block[0] is None and not c.tool_calls:
-                        yield start("text")  # an empty answer is still one text block
-                    if open_block[0] is not None:
-                        yield _event("content_block_stop", index=index[0])
-                    for block in blocks(c):
-                        if block["type"] != "tool_use":
-                            continue
-                        index[0] += 1
-                        yield _event("content_block_start", index=index[0], content_block=dict(block, input={}))
-                        yield _event("content_block_delta", index=index[0],
-                                     delta={"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
-                        yield _event("content_block_stop", index=index[0])
-                    u = usage(plan)
-                    yield _event("message_delta", delta={"stop_reason": stop_reason(c, tok),
-                                                         "stop_sequence": _stop_sequence(c, tok)},
-                                 usage={"output_tokens": u.completion_tokens})
-                    yield _event("message_stop")
-                    return
+                index[0] += 1
+                yield _event("content_block_start", index=index[0], content_block=dict(block, input={}))
+                yield _event("content_block_delta", index=index[0],
+                             delta={"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+                yield _event("content_block_stop", index=index[0])
+            yield _event("message_delta", usage={"output_tokens": usage(plan).completion_tokens},
+                         delta={"stop_reason": stop_reason(c, tok), "stop_sequence": _stop_sequence(c, tok)})
+            yield _event("message_stop")
     finally:
         state.worker.cancel(plan.jobs)

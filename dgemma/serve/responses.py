@@ -19,13 +19,13 @@ import json
 import uuid
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from ..generate import Commit, Done
+from ..generate import Done
 from ..tokenizer import THOUGHT_CLOSE
-from .completions import Choice, Plan, usage
-from .engine import Cancelled, Failed
-from .errors import APIError, from_validation, invalid, unsupported
+from .completions import Choice, Plan, chat_request, join_text, updates, usage
+from .engine import Failed
+from .errors import APIError, invalid, unsupported
 from .protocol import ChatCompletionRequest, DiffusionOptions
 
 # Chat fields named in errors, as this endpoint calls them.
@@ -94,27 +94,12 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         body["response_format"] = _format(fmt)
     if req.reasoning is not None and req.reasoning.get("effort") not in ("none", "minimal"):
         body["chat_template_kwargs"] = {"enable_thinking": True}
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise from_validation(e) from None
+    return chat_request(body)
 
 
 def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid("content must be a string or a list of input_text parts", where)
-    parts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-        elif kind in ("input_image", "input_file", "input_audio"):
-            raise unsupported(f"{kind} parts are not supported: send text", f"{where}.{j}")
-        else:
-            raise invalid(f"unknown content part {kind!r}", f"{where}.{j}")
-    return "\n".join(parts)
+    return join_text(content, where, text=("input_text", "output_text", "text"),
+                     refused=("input_image", "input_file", "input_audio"))
 
 
 def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
@@ -283,46 +268,32 @@ async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
             yield send("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
                        part=dict(item["content"][0]))
 
+    yield send("response.created", response=response_object(plan, req, out, tok, status="in_progress"))
+    yield send("response.in_progress", response=response_object(plan, req, out, tok, status="in_progress"))
     try:
-        yield send("response.created", response=response_object(plan, req, out, tok, status="in_progress"))
-        yield send("response.in_progress", response=response_object(plan, req, out, tok, status="in_progress"))
-        while True:
-            _, events = await queue.get()
-            for ev in events:
-                if isinstance(ev, Commit):
-                    c.commit(ev)
-                    thought, text = c.reasoning_delta(tok), c.delta(tok)
-                elif isinstance(ev, Done):
-                    text = c.finish(tok, ev)
-                    thought = (c.reasoning or "")[len(c.reasoning_sent):] \
-                        if (c.reasoning or "").startswith(c.reasoning_sent) else ""
-                elif isinstance(ev, Failed):
-                    failed = response_object(plan, req, out, tok, status="failed")
-                    failed["error"] = {"code": "generation_failed" if ev.status >= 500 else "invalid_request",
-                                       "message": ev.message}
-                    yield send("response.failed", response=failed)
-                    return
-                elif isinstance(ev, Cancelled):
-                    return
-                else:
-                    continue
-                if thought:
-                    if out.reasoning is None:
-                        yield "".join(added(out.open_reasoning(), len(out.items) - 1))
-                    yield send("response.reasoning_text.delta", item_id=out.reasoning["id"],
-                               output_index=at(out.reasoning), content_index=0, delta=thought)
-                if text:
-                    if out.message is None:
-                        yield "".join(added(out.open_message(), len(out.items) - 1))
-                    yield send("response.output_text.delta", item_id=out.message["id"], output_index=at(out.message),
-                               content_index=0, delta=text, logprobs=[])
-                if isinstance(ev, Done):
-                    for event in _close(send, out, c, added):
-                        yield event
-                    # Ended by max_output_tokens too: status "incomplete" inside, as vLLM sends it (the openai
-                    # client's stream helper waits for response.completed, whatever the status).
-                    yield send("response.completed", response=response_object(plan, req, out, tok))
-                    return
+        async for thought, text, ev in updates(state, plan, queue):
+            if isinstance(ev, Failed):
+                failed = response_object(plan, req, out, tok, status="failed")
+                failed["error"] = {"code": "generation_failed" if ev.status >= 500 else "invalid_request",
+                                   "message": ev.message}
+                yield send("response.failed", response=failed)
+                return
+            if thought:
+                if out.reasoning is None:
+                    yield "".join(added(out.open_reasoning(), len(out.items) - 1))
+                yield send("response.reasoning_text.delta", item_id=out.reasoning["id"], output_index=at(out.reasoning),
+                           content_index=0, delta=thought)
+            if text:
+                if out.message is None:
+                    yield "".join(added(out.open_message(), len(out.items) - 1))
+                yield send("response.output_text.delta", item_id=out.message["id"], output_index=at(out.message),
+                           content_index=0, delta=text, logprobs=[])
+            if isinstance(ev, Done):
+                for event in _close(send, out, c, added):
+                    yield event
+                # Ended by max_output_tokens too: status "incomplete" inside, as vLLM sends it (the openai client's
+                # stream helper waits for response.completed, whatever the status).
+                yield send("response.completed", response=response_object(plan, req, out, tok))
     finally:
         state.worker.cancel(plan.jobs)
 
