@@ -519,7 +519,8 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], **contex
 
     try:
         return _compile(template).render(messages=messages, **context)
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as e:
+        # An input the template cannot render (a field of the wrong type) is the caller's mistake, not a crash.
         raise ValueError(f"chat template failed: {e}") from None
 
 

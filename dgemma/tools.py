@@ -75,8 +75,32 @@ def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
         if params is not None and (not isinstance(params, Mapping)
                                    or params.get("type", "object") != "object"):
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema of type object")
+        if params is not None:
+            _check_schema(params, f"tools[{i}].function.parameters")
         out.append({"type": "function", "function": dict(f)})
     return out
+
+
+def _check_schema(s: Any, where: str) -> None:
+    """The parts of a JSON schema the template and the call grammar read, checked for their types."""
+    if not isinstance(s, Mapping):
+        raise ToolError(f"{where} must be a JSON schema (an object)")
+    checks = {"properties": Mapping, "required": list, "enum": list, "anyOf": list, "oneOf": list, "items": Mapping,
+              "description": str}
+    for key, kind in checks.items():
+        if key in s and s[key] is not None and not isinstance(s[key], kind):
+            raise ToolError(f"{where}.{key} must be {'an object' if kind is Mapping else 'a ' + kind.__name__}")
+    if not all(isinstance(k, str) for k in s.get("required") or []):
+        raise ToolError(f"{where}.required must list property names")
+    if "type" in s and not isinstance(s["type"], (str, list)):
+        raise ToolError(f"{where}.type must be a string or a list of them")
+    for key, sub in (s.get("properties") or {}).items():
+        _check_schema(sub, f"{where}.properties.{key}")
+    if isinstance(s.get("items"), Mapping):
+        _check_schema(s["items"], f"{where}.items")
+    for key in ("anyOf", "oneOf"):
+        for k, sub in enumerate(s.get(key) or []):
+            _check_schema(sub, f"{where}.{key}[{k}]")
 
 
 def check_tokenizer(tokenizer) -> None:

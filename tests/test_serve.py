@@ -505,7 +505,9 @@ def test_anthropic_messages_api(server, http, pipe):
                 {"type": "image", "source": {"type": "url", "url": "x"}}]}]}, 400, "invalid_request_error"),
             ({"model": NAME, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
             ({"model": NAME, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
-              "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error")]:
+              "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "invalid_request_error"),
+            ({"model": NAME, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400,
+             "invalid_request_error")]:
         resp = http.post("/v1/messages", json=body)
         assert resp.status_code == status and resp.json()["type"] == "error", resp.text
         assert resp.json()["error"]["type"] == kind and resp.json()["error"]["message"]
@@ -865,6 +867,11 @@ BAD_REQUESTS = [
         {"type": "function", "function": {"name": "bad name"}}]}, 400, "invalid_value", "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search"}]},
      400, "invalid_value", "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": 5}}}]}, 400,
+     "invalid_value", "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function",
+        "function": {"name": "f", "parameters": {"properties": {"a": {"type": 7}}}}}]}, 400, "invalid_value", "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400,
      "invalid_value", "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": {

@@ -123,9 +123,13 @@ def _add(messages: list[dict[str, Any]], m: Any, where: str) -> None:
         messages.append({"role": "user", "content": "\n".join(text)})
 
 
-def _tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
-    if tool.get("type") not in (None, "custom") or "input_schema" not in tool and "name" not in tool:
+def _tool(tool: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tool, dict):
+        raise invalid("each tool must be an object", where)
+    if tool.get("type") not in (None, "custom"):
         raise unsupported(f"server tools ({tool.get('type')!r}) are not supported: declare your own tools", where)
+    if not isinstance(tool.get("name"), str):
+        raise invalid("a tool needs a name", f"{where}.name")
     function = {"name": tool.get("name"), "parameters": tool.get("input_schema") or {"type": "object"}}
     if tool.get("description") is not None:
         function["description"] = tool["description"]

@@ -133,7 +133,9 @@ def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
         raise unsupported(f"input items of type {kind!r} are not supported", where)
 
 
-def _tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
+def _tool(tool: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tool, dict):
+        raise invalid("each tool must be an object", where)
     if tool.get("type") != "function":
         raise unsupported(f"built-in tools ({tool.get('type')!r}) are not supported: declare functions", where)
     function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
