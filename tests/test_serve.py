@@ -500,7 +500,8 @@ def test_anthropic_messages_api(server, http, pipe):
     assert final.stop_reason == "tool_use" and final.content[-1].name == "get_weather"
     # Errors in Anthropic's shape.
     for body, status, kind in [
-            ({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, 404, "not_found_error"),
+            ({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, 404,
+             "not_found_error"),
             ({"model": NAME, "max_tokens": 5, "messages": [{"role": "user", "content": [
                 {"type": "image", "source": {"type": "url", "url": "x"}}]}]}, 400, "invalid_request_error"),
             ({"model": NAME, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
