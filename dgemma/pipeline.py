@@ -176,6 +176,66 @@ class Pipeline:
         ar = bool(options.pop("ar", False))
         return generate(self.model, ids, self.params(ar=ar, **options), tokenizer=self.tokenizer)
 
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
+             tool_choice: str = "auto", parallel_tool_calls: bool = True, enable_thinking: bool = False,
+             ar: bool = False, **options: Any) -> ChatReply:
+        """One assistant turn: the chat template over `messages` (OpenAI's shape, tool calls and results
+        included), decoded, and read back as the server reads it: the thought channel apart (`enable_thinking`),
+        tool calls parsed out (`tools`; `tool_choice` "auto", "required", "none" or a tool's name, the last two
+        forced by the call grammar). A `grammar` option (structured output) holds the answer after any thought."""
+        from .tokenizer import split_thought
+        from .tools import ToolError, check_tokenizer, check_tools, parse_tool_calls, tool_grammar
+
+        tok = self._need_tokenizer()
+        names = None
+        try:
+            if tools and tool_choice != "none":
+                tools = check_tools(tools)
+                check_tokenizer(tok)
+                names = [t["function"]["name"] for t in tools]
+                if tool_choice != "auto":
+                    if options.get("grammar") is not None:
+                        raise ToolError("a forced tool call cannot be combined with a grammar")
+                    options["grammar"] = tool_grammar(tools, tok, name=None if tool_choice == "required" else
+                                                      tool_choice, parallel=parallel_tool_calls,
+                                                      thinking=enable_thinking)
+            else:
+                tools = None
+        except ToolError as e:
+            raise GenerationError(str(e)) from None
+        if options.get("grammar") is not None and enable_thinking and names is None:
+            options["grammar"] = options["grammar"].after_thought(tok)
+        prompt = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking)
+        [done] = generate(self.model, [prompt], self.params(ar=ar, **options), tokenizer=tok)
+        thought, text = None, done.text or ""
+        if enable_thinking:
+            thought, text, _ = split_thought(text)
+        content, calls = parse_tool_calls(text, names) if names else (text, [])
+        if calls and not parallel_tool_calls:
+            calls = calls[:1]
+        reason = "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
+        return ChatReply(content=content, tool_calls=calls, reasoning=thought, finish_reason=reason, done=done)
+
+
+@dataclasses.dataclass
+class ChatReply:
+    """One assistant turn read back (`Pipeline.chat`): its answer, its tool calls (`dgemma.tools.ToolCall`, with
+    JSON arguments), its thought channel (thinking on), why it ended ("stop", "length" or "tool_calls"), and the
+    engine's `Done` (tokens, stats, logprobs)."""
+
+    content: str
+    tool_calls: list
+    reasoning: str | None
+    finish_reason: str
+    done: Done
+
+    def message(self) -> dict[str, Any]:
+        """The turn as an assistant message to append to the conversation."""
+        out: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.openai() for c in self.tool_calls]
+        return out
+
 
 def save_pipeline(pipe: Pipeline, out_dir: str | Path) -> Path:
     """Model, tokenizer and generation defaults as one checkpoint directory."""

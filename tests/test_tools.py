@@ -237,3 +237,23 @@ def test_the_real_gemma_vocabulary(gemma4_tok):
     assert g.accepts(tok, call) and not g.accepts(tok, "It is sunny.")
     assert parse_tool_calls(tok.decode(ids), ["get_weather"])[1][0].arguments == \
         '{"city": "Köln", "days": 3, "unit": "c"}'
+
+
+def test_pipeline_chat_reads_a_turn_back(model, tok):
+    """`Pipeline.chat`: a forced call comes back parsed, its message goes into the conversation with the tool's
+    result, and the next turn runs; "none" and no tools give plain text; a bad tool choice is a clear error."""
+    from dgemma.generate import GenerationError
+    from dgemma.pipeline import Pipeline
+
+    pipe = Pipeline(model, tok, {"max_denoising_steps": 4, "max_new_tokens": 96})
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = pipe.chat(ask, tools=TOOLS, tool_choice="get_weather", parallel_tool_calls=False, seed=1)
+    assert reply.finish_reason == "tool_calls" and [c.name for c in reply.tool_calls] == ["get_weather"]
+    assert set(json.loads(reply.tool_calls[0].arguments)) >= {"city", "unit"}
+    history = ask + [reply.message(), {"role": "tool", "tool_call_id": reply.tool_calls[0].id, "content": "sunny"}]
+    after = pipe.chat(history, tools=TOOLS, seed=1, max_new_tokens=8)
+    assert after.done.stats["prompt_tokens"] == len(pipe.encode_chat(history, tools=TOOLS))
+    plain = pipe.chat(ask, seed=1, max_new_tokens=8)
+    assert pipe.chat(ask, tools=TOOLS, tool_choice="none", seed=1, max_new_tokens=8).content == plain.content
+    with pytest.raises(GenerationError, match="no tool named"):
+        pipe.chat(ask, tools=TOOLS, tool_choice="rm")
