@@ -165,6 +165,8 @@ def add_sampling_args(s) -> None:
                    "transformers' global draws (reproduces transformers' generate)")
     g.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="add BIAS (-100..100) to token ID's "
                    "logit everywhere (repeatable; -100 bans the token, +100 forces it)")
+    g.add_argument("--ar-fallback", type=float, metavar="H", help="decode a canvas's span autoregressively "
+                   "instead when the canvas ends with a mean entropy above H (the model was unsure of it)")
     g.add_argument("--presence-penalty", type=float, help="subtract this (-2..2) from the logit of every token "
                    "already in the output (diffusion: in the canvases before; AR: in the tokens before)")
     g.add_argument("--frequency-penalty", type=float, help="subtract this (-2..2) times a token's count in the "
@@ -189,7 +191,8 @@ def sampling_options(args) -> dict:
             "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None),
             "logit_bias": _logit_bias(getattr(args, "logit_bias", None)), "grammar": _grammar(args),
             "presence_penalty": getattr(args, "presence_penalty", None),
-            "frequency_penalty": getattr(args, "frequency_penalty", None)}
+            "frequency_penalty": getattr(args, "frequency_penalty", None),
+            "ar_fallback": getattr(args, "ar_fallback", None)}
 
 
 def _grammar(args):
@@ -882,8 +885,16 @@ def cmd_code(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    settings = list(args.settings.split(",")) if args.settings else list(CE.SETTINGS)
+    bad = [s for s in settings if s not in CE.SETTINGS]
+    if bad:
+        raise UsageError(f"unknown --settings {', '.join(bad)}; choose from {', '.join(CE.SETTINGS)}")
+    for h in args.ar_fallback or []:
+        if h < 0:
+            raise UsageError("--ar-fallback takes a mean entropy >= 0")
+        settings.append(f"completion:fallback@{h:g}")
     report = CE.run_eval(args.model, args.data, n=args.n, steps=args.steps, seed=args.seed,
-                         loss_examples=args.loss_examples, progress=True)
+                         loss_examples=args.loss_examples, settings=tuple(settings), progress=True)
     print(CE.format_report(report))
     if args.json:
         from .io import atomic_write_text
@@ -912,6 +923,12 @@ def _add_code_parser(sub) -> None:
     e.add_argument("--loss-examples", type=positive_int, default=256,
                    help="held-out examples for the loss (default 256)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--settings", help="comma-separated rows to run (default: all of " + ", ".join(
+        ("completion:diffusion", "completion:ar", "infill-canvas:diffusion", "infill-fim:diffusion",
+         "infill-fim:ar")) + ")")
+    e.add_argument("--ar-fallback", type=float, action="append", metavar="H",
+                   help="also completion by diffusion with canvases that end above mean entropy H decoded AR instead "
+                        "(repeatable)")
     e.add_argument("--json", help="also write the report to this JSON file")
     e.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     s.set_defaults(func=cmd_code)

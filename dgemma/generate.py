@@ -70,6 +70,10 @@ class GenerationParams:
     # (a canvas denoises all its positions at once), for AR the tokens before this one.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Diffusion: a canvas that ends (after its restarts) with a mean entropy above this is not used; its span is
+    # decoded autoregressively by the same weights instead (up to canvas_length tokens, at ar_temperature), then
+    # denoising resumes with the next canvas. None: never. The model's own uncertainty routes the hard spans.
+    ar_fallback: float | None = None
     ignore_eos: bool = False  # keep generating past EOS (benchmarks that force a length)
     rng: str = "row"  # "row": per-row generators (batch-invariant); "reference": transformers' global draws
     drafts: bool | None = None  # emit Draft events for this row (None: the engine's `drafts` setting)
@@ -119,6 +123,12 @@ class GenerationParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
                 raise GenerationError(f"{name} must be a number from -2 to 2, got {value!r}")
+        if self.ar_fallback is not None:
+            if not isinstance(self.ar_fallback, (int, float)) or isinstance(self.ar_fallback, bool) \
+                    or self.ar_fallback < 0:
+                raise GenerationError(f"ar_fallback must be a mean entropy >= 0, got {self.ar_fallback!r}")
+            if self.mode != DIFFUSION or self.grammar is not None or self.fixed:
+                raise GenerationError("ar_fallback applies to free diffusion decoding (not AR, a grammar or infill)")
         if self.init_canvas is not None:
             if len(self.init_canvas) != canvas:
                 raise GenerationError(f"init_canvas must hold {canvas} tokens, got {len(self.init_canvas)}")
@@ -233,6 +243,10 @@ class _Row:
         self.g_tok = torch.zeros(canvas, dtype=torch.long)  # grammar: the committed tokens
         self.g_lp: tuple | None = None  # grammar + logprobs: (lp [T], top ids, top lps) at each commit
         self.sent = 0  # grammar: tokens of the current canvas already in `out` (sent by partial Commits)
+        self.ar_left: int | None = None  # ar_fallback: tokens of the current span still to decode AR
+        self.last_h: torch.Tensor | None = None  # ar_fallback: hidden state [H] of the last token in the cache
+        self.fallbacks = 0  # canvases whose span was decoded AR instead
+        self.ar_steps = 0  # ar_fallback: encoder forwards that decoded a token of such a span
 
     def _set_bias(self, bias: dict[int, float]) -> None:
         self.bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
@@ -368,6 +382,7 @@ class Engine:
         events: list[Event] = []
         rows = list(self.rows.values())
         self._prefill([r for r in rows if r.phase == "prefill"], events)
+        self._resume([r for r in rows if r.phase == "resume"])
         self._denoise([r for r in rows if r.phase == "denoise"], events)
         self._ar([r for r in rows if r.phase == "ar" and r.finished is None], events)
         ended = [r for r in rows if r.phase == "emit"]
@@ -416,8 +431,10 @@ class Engine:
             self.cache.lengths[r.slot] = 0
         h = self.model.encode(ids.to(self.model.device), self._view(rows), n_valid=n.to(self.model.device),
                               head=False, known_lengths=[0] * len(rows))
-        for r in rows:
+        for i, r in enumerate(rows):
             r.cached = len(r.prompt)
+            if r.p.ar_fallback is not None:
+                r.last_h = h[i, len(r.prompt) - 1].clone()
         for i, r in enumerate(rows):
             if r.p.prompt_logprobs is not None:
                 self._prompt_logprobs(r, h[i, :len(r.prompt) - 1])
@@ -741,6 +758,9 @@ class Engine:
                 if bool(is_eos.any()):
                     first = int(is_eos.nonzero()[0, 0])
                     cut, hit_eos = cut[:first], True
+            if r.p.ar_fallback is not None and r.mean_entropy > r.p.ar_fallback:
+                self._fall_back(r, events)
+                continue
             room = r.p.max_new_tokens - (len(r.out) - r.sent)  # from the canvas's start
             added = cut[:room][r.sent:]  # a grammar row sent the first r.sent already (`_emit_partial`)
             lps, tops = self._take_logprobs(r, len(added), start=r.sent)
@@ -758,11 +778,34 @@ class Engine:
         if go_on:
             rs = [r for r, _ in go_on]
             ids = torch.stack([t for _, t in go_on]).to(self.model.device)
-            self.model.encode(ids, self._view(rs), head=False, known_lengths=[r.cached for r in rs])
-            for r in rs:
+            h = self.model.encode(ids, self._view(rs), head=False, known_lengths=[r.cached for r in rs])
+            for i, r in enumerate(rs):
+                if r.p.ar_fallback is not None:
+                    r.last_h = h[i, -1].clone()
                 r.cached += self.T
                 r.encoder_passes += 1
                 self._new_canvas(r)
+
+    def _fall_back(self, r: _Row, events) -> None:
+        """ar_fallback: the canvas the model was unsure of is dropped and its span decoded AR, from the logits of
+        the last token in the cache (its hidden state, kept from the pass that wrote it: a prefill, a commit or a
+        resume), as AR decoding takes its next token; then token by token (`_ar`)."""
+        r.fallbacks += 1
+        r.ar_left = min(self.T, r.p.max_new_tokens - len(r.out))
+        self._ar_token(r, self.model.logits(r.last_h[None])[0], events)
+
+    def _resume(self, rows: list[_Row]) -> None:
+        """ar_fallback: the span is decoded; its last token goes into the cache, and denoising resumes."""
+        if not rows:
+            return
+        ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
+        h = self.model.encode(ids, self._view(rows), head=False, known_lengths=[r.cached for r in rows])
+        for i, r in enumerate(rows):
+            r.cached += 1
+            r.encoder_passes += 1
+            r.canvas_idx += 1
+            r.last_h = h[i, 0].clone()
+            self._new_canvas(r)
 
     def _emit_partial(self, r: _Row, events) -> None:
         """A grammar row's newly committed run, up to an EOS, sent at once as a partial Commit: the walk never
@@ -800,6 +843,7 @@ class Engine:
         for i, r in enumerate(rows):
             r.cached += 1
             r.encoder_passes += 1
+            r.ar_steps += r.p.mode == DIFFUSION
             self._ar_token(r, logits[i], events)
 
     def _ar_token(self, r: _Row, logits: torch.Tensor, events) -> None:
@@ -826,7 +870,10 @@ class Engine:
             return
         r.out.append(tok)
         lps, tops = self._take_logprobs(r, 1)
-        events.append(Commit(r.id, len(r.out) - 1, [tok], 1, lps, tops))
+        if r.p.mode == AR:
+            events.append(Commit(r.id, len(r.out) - 1, [tok], 1, lps, tops))
+        else:  # ar_fallback: a token of the span that replaces an unsure canvas, final as it is written
+            events.append(Commit(r.id, r.canvas_idx, [tok], 1, lps, tops, partial=True))
         if r.matcher is not None:
             r.matcher.consume(tok)
         if r.matcher is not None and r.matcher.done:
@@ -835,6 +882,10 @@ class Engine:
             r.finished = "length"
         elif self._stop_string(r):
             r.finished = "stop"
+        elif r.ar_left is not None:
+            r.ar_left -= 1
+            if r.ar_left == 0:  # the span is done: back to denoising (`_resume` caches its last token first)
+                r.ar_left, r.phase = None, "resume"
 
     # ------------------------------------------------------------ endings
     def _stop_string(self, r: _Row) -> bool:
@@ -864,10 +915,12 @@ class Engine:
             "final_mean_entropy_per_canvas": r.entropy_per_canvas,
             "mean_steps_per_canvas": (sum(r.steps_per_canvas) / len(r.steps_per_canvas)
                                       if r.steps_per_canvas else None),
+            "ar_fallback_canvases": r.fallbacks,  # canvases whose span was decoded AR instead (ar_fallback)
             "decoder_passes": r.decoder_passes,
             "encoder_passes": r.encoder_passes,
-            # transformers' definition: generated (non-pad) tokens per decoder forward pass
-            "tokens_per_forward": len(r.out) / (r.decoder_passes or r.encoder_passes),
+            # transformers' definition: generated (non-pad) tokens per decoder forward pass (with ar_fallback, the
+            # forwards that decoded its AR spans count too)
+            "tokens_per_forward": len(r.out) / ((r.decoder_passes + r.ar_steps) or r.encoder_passes),
             "wall_s": wall,
             "time_to_first_commit_s": (r.t_first - r.t0) if r.t_first else None,
             "tokens_per_s": len(tokens) / wall if wall > 0 else None,

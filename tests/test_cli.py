@@ -127,6 +127,8 @@ def test_chat_reads_turns_from_stdin(ckpt_tok):
     (("--infill",), "mark the hole with [FILL]"),
     (("--logprobs", "21"), "logprobs must be an integer from 0 to 20"),
     (("--logit-bias", "5"), "--logit-bias takes ID=BIAS"),
+    (("--ar-fallback", "-1"), "ar_fallback must be a mean entropy >= 0"),
+    (("--frequency-penalty", "3"), "frequency_penalty must be a number from -2 to 2"),
     (("--logit-bias", "99999=1"), "is not a token id in the vocabulary"),
     (("--regex", "(("), "invalid regex: at 1(8): invalid regex"),
     (("--json-schema", '{"type": "nonsense"}'), "invalid json schema: Invalid type: nonsense"),

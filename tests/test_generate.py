@@ -444,3 +444,27 @@ def test_prompt_logprobs_and_scoring_only(model):
     d = next(e for e in small.run([prompt], GenerationParams(max_new_tokens=0, prompt_logprobs=0))
              if isinstance(e, Done))
     assert d.prompt_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4) and d.prompt_top_logprobs[1] == []
+
+
+def test_ar_fallback_routes_unsure_canvases_to_ar(model):
+    """ar_fallback: a canvas that ends above the entropy threshold is replaced by AR decoding of its span. A random
+    model is never sure, so at threshold 0 every span is AR: exactly the tokens of AR decoding of the same weights
+    (each span starts from the kept hidden state of the last cached token, as AR does); a high threshold changes
+    nothing; stats count the fallbacks."""
+    T = model.cfg.canvas_length
+    base = GenerationParams(max_new_tokens=2 * T + 3, ignore_eos=True, seed=2,
+                            sampler=SamplerConfig(max_denoising_steps=3))
+    prompt = _prompt(model, 9)
+    ar = generate(model, [prompt], base.replace(mode=AR))[0]
+    always = generate(model, [prompt], base.replace(ar_fallback=0.0))[0]
+    assert always.tokens == ar.tokens and always.stats["ar_fallback_canvases"] == 3
+    assert always.stats["steps_per_canvas"] == [3, 3, 3]  # each canvas was denoised before it was dropped
+    never = generate(model, [prompt], base.replace(ar_fallback=1e9))[0]
+    assert never.tokens == generate(model, [prompt], base)[0].tokens and never.stats["ar_fallback_canvases"] == 0
+    # Next to a plain row, in one batch: each row keeps its own tokens.
+    both = generate(model, [prompt, prompt], [base.replace(ar_fallback=0.0), base])
+    assert both[0].tokens == ar.tokens and both[1].tokens == never.tokens
+    with pytest.raises(GenerationError, match="ar_fallback"):
+        generate(model, [prompt], base.replace(ar_fallback=0.0, mode=AR))
+    with pytest.raises(GenerationError, match=">= 0"):
+        generate(model, [prompt], base.replace(ar_fallback=-1.0))

@@ -302,6 +302,17 @@ def test_logit_bias(client, pipe):
         assert banned.choices[0].text == "y" * 20
 
 
+def test_ar_fallback(client, pipe):
+    """ar_fallback (extra body): the server's text is the engine's; a random model's unsure canvases go to AR."""
+    r = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True, extra_body={"ar_fallback": 0.0})
+    ref = pipe.generate(["Hello there"], seed=4, max_new_tokens=40, ignore_eos=True, ar_fallback=0.0)[0]
+    assert r.choices[0].text == ref.text and ref.stats["ar_fallback_canvases"] == 3
+    assert r.model_extra["dgemma"]["choices"][0]["ar_fallback_canvases"] == 3
+    http_error = client.completions.with_raw_response.create
+    with pytest.raises(openai.BadRequestError, match="ar_fallback"):
+        http_error(model=NAME, prompt="x", max_tokens=4, extra_body={"ar_fallback": 0.5, "ar": True})
+
+
 def test_penalties(client, pipe):
     """presence_penalty / frequency_penalty reach the engine: the server's text is the engine's for them."""
     for ar in (False, True):

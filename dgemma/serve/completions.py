@@ -192,6 +192,7 @@ class Choice:
                 "steps_per_canvas": s.get("steps_per_canvas"), "restarts_per_canvas": s.get("restarts_per_canvas"),
                 "tokens_per_forward": s.get("tokens_per_forward"),
                 "final_mean_entropy_per_canvas": s.get("final_mean_entropy_per_canvas"),
+                "ar_fallback_canvases": s.get("ar_fallback_canvases"),
                 "wall_s": s.get("wall_s"), "time_to_first_commit_s": s.get("time_to_first_commit_s")}
 
 
@@ -513,6 +514,7 @@ class Planner:
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                    ar_fallback=req.ar_fallback,
                     logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
                     grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
         if req.ar:

@@ -86,11 +86,14 @@ def _prefix_ids(tok, text: str, n: int) -> list[int]:
 def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> dict:
     """One (mode, prompt format) over all tasks, one request at a time."""
     tok, T = pipe.tokenizer, pipe.model.cfg.canvas_length
-    ok = first = gen_tokens = 0
+    ok = first = gen_tokens = fell_back = 0
     wall, passes, step_counts, samples = 0.0, 0, [], []
     kind, mode = name.split(":")
+    fallback = None
+    if mode.startswith("fallback@"):  # diffusion, with canvases above this mean entropy decoded AR instead
+        mode, fallback = "diffusion", float(mode.split("@", 1)[1])
     for i, task in enumerate(tasks):
-        opts = dict(max_new_tokens=T, seed=seed + i, steps=steps)
+        opts = dict(max_new_tokens=T, seed=seed + i, steps=steps, ar_fallback=fallback)
         if kind == "infill-canvas":
             suffix = tok.encode(task.suffix, add_bos=False)[:T // 4]
             prompt = [BOS, *_prefix_ids(tok, task.prefix, PMAX)]
@@ -114,6 +117,7 @@ def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> di
         ok += good
         first += first_line(body) == first_line(task.middle)
         gen_tokens += len(done.tokens)
+        fell_back += bool(done.stats.get("ar_fallback_canvases"))
         wall += done.stats["wall_s"]
         passes += done.stats["decoder_passes"] or done.stats["encoder_passes"]
         if done.stats["mean_steps_per_canvas"]:
@@ -125,6 +129,7 @@ def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> di
     return {"setting": name, "functions": len(tasks), "parses": ok / n, "first_line": first / n,
             "tokens_per_s": gen_tokens / wall if wall else None, "tokens_per_forward": gen_tokens / max(passes, 1),
             "mean_steps_per_canvas": sum(step_counts) / len(step_counts) if step_counts else None,
+            "ar_fallback_share": fell_back / n if fallback is not None else None,
             "wall_s": round(wall, 1), "samples": samples}
 
 
@@ -167,8 +172,10 @@ def run_eval(model: str, data_dir: str, *, n: int = 200, steps: int = 16, seed: 
 
 def format_row(r: dict) -> str:
     steps = f"{r['mean_steps_per_canvas']:5.1f}" if r["mean_steps_per_canvas"] else "    -"
+    share = r.get("ar_fallback_share")
     return (f"{r['setting']:<26} parses {100 * r['parses']:5.1f}%  first line {100 * r['first_line']:5.1f}%  "
-            f"{r['tokens_per_s']:7.1f} tok/s  {r['tokens_per_forward']:5.2f} tok/forward  steps {steps}")
+            f"{r['tokens_per_s']:7.1f} tok/s  {r['tokens_per_forward']:5.2f} tok/forward  steps {steps}"
+            + (f"  AR fallback {100 * share:5.1f}%" if share is not None else ""))
 
 
 def format_report(report: dict) -> str:
