@@ -377,8 +377,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .display import describe_stats
-    from .tokenizer import split_thought
-    from .tools import parse_tool_calls
+    from .tools import read_reply
 
     pipe = load_pipeline(args)
     opts = sampling_options(args)
@@ -422,12 +421,9 @@ def cmd_chat(args) -> int:
                        show_canvas=args.show_canvas, stream_text=True)
         pending = False
         print(f"[{describe_stats(done.stats)}]", file=sys.stderr, flush=True)
-        text = done.text or ""
-        if args.think:
-            thought, text, _ = split_thought(text)
-            if thought is not None:
-                print(f"[thought: {len(thought)} characters]", file=sys.stderr)
-        content, calls = parse_tool_calls(text, names) if tools else (text, [])
+        thought, content, calls, _ = read_reply(done.text or "", done.finish_reason, thinking=args.think, names=names)
+        if thought is not None:
+            print(f"[thought: {len(thought)} characters]", file=sys.stderr)
         if not calls:
             messages.append({"role": "assistant", "content": content})
             continue
@@ -444,26 +440,18 @@ def cmd_chat(args) -> int:
 
 def _chat_tools(args, pipe, structured: bool):
     """(tools, their names, the grammar that forces a call or None) from --tools and --tool-choice."""
-    from .tools import ToolError, check_tokenizer, check_tools, tool_grammar
+    from .tools import ToolError, tool_setup
 
     if args.tools is None:
         if args.tool_choice is not None:
             raise UsageError("--tool-choice needs --tools")
         return None, None, None
+    if structured and args.tool_choice not in (None, "auto", "none"):
+        raise UsageError("--tool-choice required/NAME decodes under the call grammar; it cannot be combined with "
+                         "a structured-output option")
     try:
-        tools = check_tools(_json_arg(args.tools, "--tools"))
-        names = [t["function"]["name"] for t in tools]
-        check_tokenizer(pipe.tokenizer)
-        choice = args.tool_choice or "auto"
-        if choice == "none":
-            return None, None, None
-        if choice == "auto":
-            return tools, names, None
-        if structured:
-            raise UsageError("--tool-choice required/NAME decodes under the call grammar; it cannot be combined with "
-                             "a structured-output option")
-        return tools, names, tool_grammar(tools, pipe.tokenizer, name=None if choice == "required" else choice,
-                                          thinking=args.think)
+        return tool_setup(_json_arg(args.tools, "--tools"), args.tool_choice or "auto", pipe.tokenizer,
+                          thinking=args.think)
     except ToolError as e:
         raise UsageError(str(e)) from None
 

@@ -236,6 +236,8 @@ class _Row:
         for j, pos in enumerate(sorted(allowed)):
             self.banned[j, list(allowed[pos])] = False
         self.penalized = bool(params.presence_penalty or params.frequency_penalty)
+        self.counts: Counter = Counter()  # penalties: how often each token is in out[:counted]
+        self.counted = 0
         self._set_bias(params.logit_bias or {})
         self.matcher = None  # structured.Matcher with a grammar (set by Engine.add)
         self.frontier = 0  # grammar: positions of the current canvas committed, left to right
@@ -251,14 +253,17 @@ class _Row:
     def _set_bias(self, bias: dict[int, float]) -> None:
         self.bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
         self.bias = torch.tensor([float(bias[t]) for t in sorted(bias)], dtype=torch.float32)
+        self._dense = None  # dense_bias, made again when asked
 
     def refresh_penalties(self) -> None:
         """The bias from logit_bias and the penalties over the output so far (`out`), for the next canvas or AR
         token."""
         if not self.penalized:
             return
+        self.counts.update(self.out[self.counted:])  # only the tokens added since the last refresh
+        self.counted = len(self.out)
         bias = dict(self.p.logit_bias or {})
-        for tok, n in Counter(self.out).items():
+        for tok, n in self.counts.items():
             bias[tok] = bias.get(tok, 0.0) - (self.p.presence_penalty + self.p.frequency_penalty * n)
         self._set_bias(bias)
 
@@ -268,10 +273,13 @@ class _Row:
             logits[..., self.bias_ids.to(logits.device)] += self.bias.to(logits.device)
 
     def dense_bias(self, vocab: int, device) -> torch.Tensor:
-        """The same bias as a [V] vector, zero elsewhere (x + 0.0 is x: the fused path's blocks add it whole)."""
-        out = torch.zeros(vocab, dtype=torch.float32)
-        out[self.bias_ids] = self.bias
-        return out.to(device)
+        """The same bias as a [V] vector, zero elsewhere (x + 0.0 is x: the fused path's blocks add it whole).
+        Made once per bias (logit_bias: per request; penalties: per canvas), not per step."""
+        if self._dense is None or self._dense.device != torch.device(device):
+            out = torch.zeros(vocab, dtype=torch.float32)
+            out[self.bias_ids] = self.bias
+            self._dense = out.to(device)
+        return self._dense
 
     def pins(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(positions, tokens) of the current canvas that are certain, as one-hot logits make them: infill's fixed

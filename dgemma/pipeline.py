@@ -183,37 +183,26 @@ class Pipeline:
         included), decoded, and read back as the server reads it: the thought channel apart (`enable_thinking`),
         tool calls parsed out (`tools`; `tool_choice` "auto", "required", "none" or a tool's name, the last two
         forced by the call grammar). A `grammar` option (structured output) holds the answer after any thought."""
-        from .tokenizer import split_thought
-        from .tools import ToolError, check_tokenizer, check_tools, parse_tool_calls, tool_grammar
+        from .tools import ToolError, read_reply, tool_setup
 
         tok = self._need_tokenizer()
-        names = None
-        try:
-            if tools and tool_choice != "none":
-                tools = check_tools(tools)
-                check_tokenizer(tok)
-                names = [t["function"]["name"] for t in tools]
-                if tool_choice != "auto":
-                    if options.get("grammar") is not None:
-                        raise ToolError("a forced tool call cannot be combined with a grammar")
-                    options["grammar"] = tool_grammar(tools, tok, name=None if tool_choice == "required" else
-                                                      tool_choice, parallel=parallel_tool_calls,
-                                                      thinking=enable_thinking)
-            else:
-                tools = None
-        except ToolError as e:
-            raise GenerationError(str(e)) from None
-        if options.get("grammar") is not None and enable_thinking and names is None:
+        names = forced = None
+        if tools:
+            try:
+                tools, names, forced = tool_setup(tools, tool_choice, tok, parallel=parallel_tool_calls,
+                                                  thinking=enable_thinking)
+            except ToolError as e:
+                raise GenerationError(str(e)) from None
+        if forced is not None:
+            if options.get("grammar") is not None:
+                raise GenerationError("a forced tool call cannot be combined with a grammar")
+            options["grammar"] = forced
+        elif options.get("grammar") is not None and enable_thinking:
             options["grammar"] = options["grammar"].after_thought(tok)
         prompt = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking)
         [done] = generate(self.model, [prompt], self.params(ar=ar, **options), tokenizer=tok)
-        thought, text = None, done.text or ""
-        if enable_thinking:
-            thought, text, _ = split_thought(text)
-        content, calls = parse_tool_calls(text, names) if names else (text, [])
-        if calls and not parallel_tool_calls:
-            calls = calls[:1]
-        reason = "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
+        thought, content, calls, reason = read_reply(done.text or "", done.finish_reason, thinking=enable_thinking,
+                                                      names=names, parallel=parallel_tool_calls)
         return ChatReply(content=content, tool_calls=calls, reasoning=thought, finish_reason=reason, done=done)
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .structured import Grammar
+from .tokenizer import split_thought
 
 TOOL_CALL, TOOL_CALL_END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 CALL_TOKENS = (TOOL_CALL, TOOL_CALL_END, QUOTE)
@@ -113,6 +114,37 @@ def check_tokenizer(tokenizer) -> None:
 
 def tool_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
     return [t["function"]["name"] for t in tools]
+
+
+def tool_setup(tools: Sequence[Any], choice: str, tokenizer, *, parallel: bool = True, thinking: bool = False
+               ) -> tuple[list | None, list[str] | None, Grammar | None]:
+    """(tools for the chat template, the names a reply may call, the grammar that forces a call) for a tool_choice
+    of "none" (the tools are left out of the prompt and nothing is parsed), "auto", "required" (one call, or
+    several when `parallel`) or a tool's name (one call of it). ToolError names what cannot be done."""
+    tools = check_tools(tools)
+    if choice == "none":
+        return None, None, None
+    check_tokenizer(tokenizer)
+    if choice == "auto":
+        return tools, tool_names(tools), None
+    named = None if choice == "required" else choice
+    return tools, tool_names(tools), tool_grammar(tools, tokenizer, name=named, parallel=parallel and named is None,
+                                                  thinking=thinking)
+
+
+def read_reply(text: str, finish_reason: str, *, thinking: bool = False, names: Sequence[str] | None = None,
+               parallel: bool = True) -> tuple[str | None, str, list[ToolCall], str]:
+    """(thought, content, tool calls, finish reason) of a finished chat reply: the thought channel split off
+    (`thinking`), the calls of the tools `names` parsed out (one at most unless `parallel`), and "tool_calls" as
+    the finish reason of a reply that ended by itself with calls."""
+    thought = None
+    if thinking:
+        thought, text, _ = split_thought(text)
+    content, calls = parse_tool_calls(text, names) if names is not None else (text, [])
+    if not calls:
+        return thought, text, [], finish_reason
+    reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    return thought, content, calls if parallel else calls[:1], reason
 
 
 # ---------------------------------------------------------------- parsing

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from ..generate import AR, Commit, Done, GenerationError, GenerationParams
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
-from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, parse_tool_calls, tool_grammar
+from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
 from .engine import Cancelled, Failed, Job
 from .errors import APIError, from_generation, from_validation, invalid, unsupported
 from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -172,13 +172,9 @@ class Choice:
         else:
             self.text, self.finish_reason = done.text or "", done.finish_reason
             self.completion_tokens = len(done.tokens)
-            if self.thinking:
-                self.reasoning, self.text, _ = split_thought(self.text)
-            if self.tool_names is not None:
-                content, calls = parse_tool_calls(self.text, self.tool_names)
-                if calls:
-                    self.text, self.tool_calls = content, calls if self.parallel_tool_calls else calls[:1]
-                    self.finish_reason = "tool_calls" if self.finish_reason == "stop" else self.finish_reason
+            self.reasoning, self.text, self.tool_calls, self.finish_reason = read_reply(
+                self.text, self.finish_reason, thinking=self.thinking, names=self.tool_names,
+                parallel=self.parallel_tool_calls)
         self.tokens = list(done.tokens)
         if done.logprobs is not None:
             self.lps, self.tops = list(done.logprobs), list(done.top_logprobs)
@@ -379,7 +375,7 @@ class Planner:
             tools = check_tools(req.tools)
         except ToolError as e:
             raise invalid(str(e), "tools") from None
-        names = [t["function"]["name"] for t in tools]
+        names = tool_names(tools)
         name = None
         if isinstance(choice, dict):
             f = choice.get("function")
