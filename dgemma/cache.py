@@ -3,8 +3,11 @@
 Each layer owns a ring of `capacity` slots plus one trash slot (index `capacity`) where writes that must be
 dropped land. A token at absolute position p lives in slot `p % capacity`, so:
 - full-attention layers get capacity = the longest context, and the ring never wraps;
-- sliding-window layers get capacity = sliding_window - 1, exactly what transformers' DynamicCache keeps, so
-  memory does not grow with the context and the denoiser's block-anchored window falls out of the layout.
+- sliding-window layers get capacity = sliding_window - 1 (what transformers' DynamicCache keeps) plus an
+  optional `margin`, so memory does not grow with the context. Attention reads a ring's last W - 1 positions
+  in position order, whatever its capacity. The margin is what lets a row's context be cut back (prefix
+  caching, `rewind`): the last W - 1 positions before the cut are still in the ring if the cut drops at most
+  `margin` tokens.
 
 Every row keeps its own length, so rows with prompts of different lengths share one batch without padding the
 cache, and a row's keys never depend on what else is in the batch.
@@ -25,18 +28,21 @@ class KVCache:
     """Per-layer ring buffers `[rows, kv_heads, capacity + 1, head_dim]` and per-row lengths `[rows]`."""
 
     def __init__(self, cfg: ModelConfig, rows: int, max_len: int, *, dtype=torch.float32, device=None,
-                 sliding_ring: bool = True):
+                 sliding_ring: bool = True, margin: int = 0):
         if max_len <= 0:
             raise ValueError("max_len must be positive")
+        if margin < 0:
+            raise ValueError("margin must be >= 0")
         self.cfg = cfg
         self.max_len = max_len
+        self.margin = margin
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.capacity: list[int] = []
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for i in range(cfg.num_hidden_layers):
             ring = sliding_ring and cfg.is_sliding(i)
-            cap = min(max_len, cfg.sliding_window - 1) if ring else max_len
+            cap = min(max_len, cfg.sliding_window - 1 + margin) if ring else max_len
             cap = max(cap, 1)
             shape = (rows, cfg.layer_kv_heads(i), cap + 1, cfg.layer_head_dim(i))
             self.capacity.append(cap)
@@ -87,6 +93,21 @@ class KVCache:
     def advance(self, n_valid: torch.Tensor) -> None:
         self.lengths += n_valid
 
+    def can_rewind(self, held: int, keep: int) -> bool:
+        """Whether a row holding `held` tokens can be cut back to its first `keep` and go on from there: every
+        ring must still hold the window before position `keep` (it never wrapped, or the cut is within the
+        margin). Full layers always can: their slot is the position."""
+        if keep > held:
+            return False
+        return all(held <= cap or held - keep <= cap - (self.cfg.sliding_window - 1)
+                   for cap in self.capacity if cap < self.max_len)
+
+    def rewind(self, row: int, keep: int) -> None:
+        """Cut row `row`'s context back to its first `keep` tokens (check `can_rewind` first). The slots after
+        the cut keep stale keys until they are overwritten; attention never reads them (it reads positions
+        below the row's length, and only a ring's last W - 1)."""
+        self.lengths[row] = keep
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget the context of all rows, or of the rows in a bool mask (their buffers are simply overwritten)."""
         if rows is None:
@@ -101,7 +122,7 @@ class KVCache:
     def fork(self, row: int, copies: int) -> "KVCache":
         """A new cache whose `copies` rows all start from row `row` of this one (e.g. n samples of one prompt)."""
         new = object.__new__(KVCache)
-        new.cfg, new.max_len, new.capacity = self.cfg, self.max_len, list(self.capacity)
+        new.cfg, new.max_len, new.capacity, new.margin = self.cfg, self.max_len, list(self.capacity), self.margin
         new.lengths = self.lengths[row:row + 1].repeat(copies)
         new.k = [t[row:row + 1].repeat(copies, 1, 1, 1) for t in self.k]
         new.v = [t[row:row + 1].repeat(copies, 1, 1, 1) for t in self.v]

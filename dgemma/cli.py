@@ -492,7 +492,7 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
         max_context=args.max_context, max_body_bytes=args.max_body_bytes,
-        cors_origins=tuple(args.cors_origin or ()))
+        cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache)
     check_port(settings.host, settings.port)  # before the (slow) model load
     pipe = load_pipeline(args)
     if pipe.tokenizer is None:
@@ -1072,6 +1072,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=8192,
                    help="KV-cache positions per row: prompt plus committed canvases (default 8192)")
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    s.add_argument("--prefix-cache", action="store_true",
+                   help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
+                   "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "
+                   "on what ran before, by float rounding (README, Prefix caching)")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -224,6 +224,11 @@ class _Row:
         self.decoder_passes = 0
         self.encoder_passes = 0
         self.cached = 0  # tokens of this row in the KV cache (host copy of cache.lengths[slot])
+        # prefix caching: the tokens whose K/V the row's slot holds, in order (None once a failed write may have
+        # left the slot inconsistent); `reused` of the prompt's first tokens were there already when it came
+        self.held: list[int] | None = []
+        self.reused = 0
+        self.source: "_Row | None" = None  # a row of the same prefill with the same prompt, whose K/V it copies
         self.finished: str | None = None
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
@@ -311,7 +316,7 @@ class Engine:
 
     def __init__(self, model: DiffusionGemma, tokenizer=None, *, max_rows: int = 8, max_len: int | None = None,
                  eos_ids: Iterable[int] | None = None, drafts: bool = False,
-                 fused_head: bool | None = None):
+                 fused_head: bool | None = None, prefix_cache: bool = False, prefix_margin: int | None = None):
         self.model = model.eval()
         if model.device.type == "cpu":
             tune_cpu_allocator()  # every step's temporaries reused, not page-faulted in anew (runtime.py)
@@ -321,8 +326,18 @@ class Engine:
         self.T = cfg.canvas_length
         self.V = cfg.vocab_size
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.cache = model.new_cache(max_rows, self.max_len)
-        self.free = list(range(max_rows))
+        # Prefix caching (opt-in): a slot a finished row leaves keeps that row's K/V, and the next prompt that
+        # starts with the same tokens takes that slot and encodes only the rest (`_pick_slot`). The sliding rings
+        # get a margin (default one canvas) so that a context can be cut back that far: a chat's next turn drops
+        # the empty thought channel and the unfinished last canvas of the turn before. Off by default: keys
+        # encoded in two pieces differ from those encoded at once by float rounding (~1e-6 in fp32, attention's
+        # reductions split differently), and a denoising canvas amplifies that, so a seed's tokens would depend on
+        # what ran before. Rows of one prefill with the same prompt always share its encoding (that is exact).
+        self.prefix_cache = prefix_cache
+        margin = (self.T if prefix_margin is None else prefix_margin) if prefix_cache else 0
+        self.cache = model.new_cache(max_rows, self.max_len, margin=margin)
+        self.free = list(range(max_rows))  # least recently freed first: the slot a new prompt evicts
+        self.held: list[list[int] | None] = [[] for _ in range(max_rows)]  # per free slot: the tokens it holds
         self.rows: dict[int, _Row] = {}
         self.next_id = 0
         eos = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else cfg.eos_token_id)
@@ -369,7 +384,11 @@ class Engine:
             raise GenerationError("the engine is full")
         rid = self.next_id
         self.next_id += 1
-        row = _Row(rid, self.free.pop(0), list(prompt), params, self.V, self.T)
+        slot, keep = self._pick_slot(prompt, params)
+        self.free.remove(slot)
+        row = _Row(rid, slot, list(prompt), params, self.V, self.T)
+        held, self.held[slot] = self.held[slot], None  # the record goes with the row until it leaves
+        row.held, row.reused = list(held[:keep]) if keep else [], keep
         if params.grammar is not None:
             row.matcher = params.grammar.matcher(self.tok, self.V)
         self.rows[rid] = row
@@ -378,7 +397,25 @@ class Engine:
     def cancel(self, rid: int) -> None:
         row = self.rows.pop(rid, None)
         if row is not None:
+            self.held[row.slot] = row.held if self.prefix_cache else []
             self.free.append(row.slot)
+
+    def _pick_slot(self, prompt: Sequence[int], params: GenerationParams) -> tuple[int, int]:
+        """The free slot to run a new prompt in, and how many of the prompt's first tokens it holds already:
+        the slot with the longest usable common prefix, else the least recently freed one."""
+        best = (self.free[0], 0)
+        if not self.prefix_cache or params.prompt_logprobs is not None:  # prompt scoring needs every position
+            return best
+        # AR and ar_fallback need the hidden state of the prompt's last token: it is always encoded
+        limit = len(prompt) - (params.mode == AR or params.ar_fallback is not None)
+        for slot in self.free:
+            held = self.held[slot]
+            if not held:
+                continue
+            n = common_prefix(held, prompt, limit)
+            if n > best[1] and self.cache.can_rewind(len(held), n):
+                best = (slot, n)
+        return best
 
     @property
     def busy(self) -> bool:
@@ -389,13 +426,18 @@ class Engine:
     def step(self) -> list[Event]:
         events: list[Event] = []
         rows = list(self.rows.values())
-        self._prefill([r for r in rows if r.phase == "prefill"], events)
-        self._resume([r for r in rows if r.phase == "resume"])
-        self._denoise([r for r in rows if r.phase == "denoise"], events)
-        self._ar([r for r in rows if r.phase == "ar" and r.finished is None], events)
-        ended = [r for r in rows if r.phase == "emit"]
-        if ended:
-            self._emit(ended, events)
+        try:
+            self._prefill([r for r in rows if r.phase == "prefill"], events)
+            self._resume([r for r in rows if r.phase == "resume"])
+            self._denoise([r for r in rows if r.phase == "denoise"], events)
+            self._ar([r for r in rows if r.phase == "ar" and r.finished is None], events)
+            ended = [r for r in rows if r.phase == "emit"]
+            if ended:
+                self._emit(ended, events)
+        except BaseException:  # a write may have stopped half way: no slot of this step is reused
+            for r in rows:
+                r.held = None
+            raise
         for r in rows:
             if r.finished is not None:
                 events.append(self._done(r))
@@ -429,36 +471,72 @@ class Engine:
         return self.cache.select(torch.tensor([r.slot for r in rows]))
 
     def _prefill(self, rows: list[_Row], events) -> None:
+        """Encode each new row's prompt into its slot: only the tokens after those the slot holds already
+        (prefix caching), and once for rows of this prefill with the same prompt (n samples of one prompt:
+        the others copy its K/V and hidden states)."""
         if not rows:
             return
-        n = torch.tensor([len(r.prompt) for r in rows])
-        ids = torch.full((len(rows), int(n.max())), self.pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
+        groups: dict[tuple, list[_Row]] = {}
         for r in rows:
-            self.cache.lengths[r.slot] = 0
-        h = self.model.encode(ids.to(self.model.device), self._view(rows), n_valid=n.to(self.model.device),
-                              head=False, known_lengths=[0] * len(rows))
-        for i, r in enumerate(rows):
+            self.cache.rewind(r.slot, r.reused)
+            if r.p.prompt_logprobs is None:
+                groups.setdefault((tuple(r.prompt), r.p.mode == AR or r.p.ar_fallback is not None), []).append(r)
+        for group in groups.values():
+            src = max(group, key=lambda r: r.reused)  # the one with the least left to encode
+            for r in group:
+                r.source = src if r is not src else None
+        enc = [r for r in rows if r.source is None and r.reused < len(r.prompt)]
+        h = n = None
+        if enc:
+            n = torch.tensor([len(r.prompt) - r.reused for r in enc])
+            ids = torch.full((len(enc), int(n.max())), self.pad, dtype=torch.long)
+            for i, r in enumerate(enc):
+                ids[i, :n[i]] = torch.tensor(r.prompt[r.reused:])
+            h = self.model.encode(ids.to(self.model.device), self._view(enc), n_valid=n.to(self.model.device),
+                                  head=False, known_lengths=[r.reused for r in enc])
+        at = {r.id: i for i, r in enumerate(enc)}
+        for r in rows:
+            if r.source is not None:
+                self._copy_slot(r.source, r)
+                r.reused, r.held = len(r.prompt), list(r.prompt)  # all of it came from the cache
+            else:
+                r.encoder_passes += r.id in at
+                if r.held is not None:
+                    r.held.extend(r.prompt[r.reused:])
             r.cached = len(r.prompt)
+        last: dict[int, torch.Tensor] = {}  # hidden state of the prompt's last token, for the rows that need it
+        for r in rows:
+            src = r.source or r
+            if src.id in at and (r.p.ar_fallback is not None or r.p.mode == AR):
+                i = at[src.id]
+                last[r.id] = h[i, int(n[i]) - 1]
             if r.p.ar_fallback is not None:
-                r.last_h = h[i, len(r.prompt) - 1].clone()
-        for i, r in enumerate(rows):
+                r.last_h = last[r.id].clone()
             if r.p.prompt_logprobs is not None:
-                self._prompt_logprobs(r, h[i, :len(r.prompt) - 1])
+                self._prompt_logprobs(r, h[at[r.id], :len(r.prompt) - 1])
             if r.p.max_new_tokens == 0:  # the prompt alone (scoring it): no canvas, no token
                 r.finished = "length"
-        ar_rows = [i for i, r in enumerate(rows) if r.p.mode == AR and r.finished is None]
+        ar_rows = [r for r in rows if r.p.mode == AR and r.finished is None]
         if ar_rows:
-            idx = torch.tensor(ar_rows)
-            last = h[idx, n[idx] - 1]
-            logits = self.model.logits(last)  # only the last position: never [rows, prompt, vocab]
-            for j, i in enumerate(ar_rows):
-                self._ar_token(rows[i], logits[j], events)
+            logits = self.model.logits(torch.stack([last[r.id] for r in ar_rows]))  # never [rows, prompt, V]
+            for j, r in enumerate(ar_rows):
+                self._ar_token(r, logits[j], events)
         for r in rows:
-            r.encoder_passes += 1
+            r.source = None
             if r.p.mode == DIFFUSION and r.finished is None:
                 self._new_canvas(r, first=True)
+
+    def _copy_slot(self, src: _Row, dst: _Row) -> None:
+        """dst's slot gets src's K/V of src's prompt (the same tokens): what encoding them again would write."""
+        c = self.cache
+        L = len(src.prompt)
+        for layer in range(len(c.k)):
+            cap = c.capacity[layer]
+            kb, vb = c.storage(layer)
+            hi = cap if L > cap else L  # a wrapped ring: all of it
+            kb[dst.slot, :, :hi] = kb[src.slot, :, :hi]
+            vb[dst.slot, :, :hi] = vb[src.slot, :, :hi]
+        c.lengths[dst.slot] = L
 
     PROMPT_CHUNK = 256  # prompt positions per LM-head call for prompt logprobs: [256, V] logits at a time
 
@@ -787,9 +865,11 @@ class Engine:
             rs = [r for r, _ in go_on]
             ids = torch.stack([t for _, t in go_on]).to(self.model.device)
             h = self.model.encode(ids, self._view(rs), head=False, known_lengths=[r.cached for r in rs])
-            for i, r in enumerate(rs):
+            for i, (r, toks) in enumerate(go_on):
                 if r.p.ar_fallback is not None:
                     r.last_h = h[i, -1].clone()
+                if r.held is not None:
+                    r.held.extend(toks.tolist())
                 r.cached += self.T
                 r.encoder_passes += 1
                 self._new_canvas(r)
@@ -810,6 +890,8 @@ class Engine:
         h = self.model.encode(ids, self._view(rows), head=False, known_lengths=[r.cached for r in rows])
         for i, r in enumerate(rows):
             r.cached += 1
+            if r.held is not None:
+                r.held.append(r.out[-1])
             r.encoder_passes += 1
             r.canvas_idx += 1
             r.last_h = h[i, 0].clone()
@@ -850,6 +932,8 @@ class Engine:
         logits = self.model.encode(ids, self._view(rows), known_lengths=[r.cached for r in rows])[:, 0]
         for i, r in enumerate(rows):
             r.cached += 1
+            if r.held is not None:
+                r.held.append(r.out[-1])
             r.encoder_passes += 1
             r.ar_steps += r.p.mode == DIFFUSION
             self._ar_token(r, logits[i], events)
@@ -915,6 +999,7 @@ class Engine:
         stats = {
             "mode": r.p.mode,
             "prompt_tokens": len(r.prompt),
+            "cached_prompt_tokens": r.reused,  # prefix caching: prompt tokens not encoded for this request
             "completion_tokens": len(tokens),
             "canvases": len(r.steps_per_canvas),
             "steps_per_canvas": r.steps_per_canvas,  # all of a canvas's steps, over its restarts too
@@ -963,6 +1048,21 @@ class _WalkLogits:
             if self.add_bias is not None:  # as the plain path adds it (the kept rows have it from the head's pass)
                 self.add_bias(self.block)
         return self.block[j - self.lo]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """Length of the longest common prefix of two token lists (at most `limit`): slice compares in C, then a
+    scan of the first block that differs."""
+    n = min(len(a), len(b), len(b) if limit is None else limit)
+    lo, block = 0, 256
+    while lo < n:
+        hi = min(lo + block, n)
+        if a[lo:hi] != b[lo:hi]:
+            while a[lo] == b[lo]:
+                lo += 1
+            return lo
+        lo = hi
+    return n
 
 
 def _top_lists(ids: torch.Tensor | None, lps: torch.Tensor | None, n: int) -> list[TopLogprobs]:

@@ -255,16 +255,18 @@ class Attention(nn.Module):
         wraps = cap < cache.max_len  # a sliding ring: slot s holds the latest position congruent to s
         outs = []
         for i, (slot, L) in enumerate(zip(cache.row_slots, ctx.known)):
-            if wraps:
-                lo, hi = 0, min(L, cap)
-            else:  # linear slots (slot = position); a sliding layer sees the last W - 1 of them
-                lo, hi = (max(0, L - (self.window - 1)) if self.window else 0), L
-            keys = torch.cat([kbuf[slot:slot + 1, :, lo:hi].to(k.dtype), k[i:i + 1]], dim=2)
-            values = torch.cat([vbuf[slot:slot + 1, :, lo:hi].to(v.dtype), v[i:i + 1]], dim=2)
+            # positions lo..L-1: a sliding layer sees the last W - 1 of them, a full layer all of them
+            lo = max(0, L - (self.window - 1)) if self.window else 0
+            if wraps and L > cap:  # a ring that has wrapped: slot = position % cap, read in position order
+                a, b = lo % cap, (L - 1) % cap + 1
+                parts = [(a, b)] if a < b else [(a, cap), (0, b)]
+            else:
+                parts = [(lo, L)]
+            keys = torch.cat([kbuf[slot:slot + 1, :, s:e].to(k.dtype) for s, e in parts] + [k[i:i + 1]], dim=2)
+            values = torch.cat([vbuf[slot:slot + 1, :, s:e].to(v.dtype) for s, e in parts] + [v[i:i + 1]], dim=2)
             mask = None  # the denoiser sees every one of these keys from every canvas position
             if not ctx.denoise:
-                s = torch.arange(lo, hi, device=q.device)
-                pos = (L - 1 - torch.remainder(L - 1 - s, cap)) if wraps else s
+                pos = torch.arange(lo, L, device=q.device)
                 mask = encoder_mask(ctx.positions[i:i + 1], pos[None], torch.ones_like(pos, dtype=torch.bool)[None],
                                     ctx.n_valid[i:i + 1], self.window)
             outs.append(F.scaled_dot_product_attention(q[i:i + 1], keys, values, attn_mask=mask, scale=1.0,

@@ -938,6 +938,40 @@ def test_openai_client_raises_clean_errors(client):
         client.completions.create(model="nope", prompt="x")
 
 
+# ---------------------------------------------------------------- prefix caching
+def test_prefix_cache_usage_and_metrics(ckpt, client, pipe):
+    """`--prefix-cache`: a chat's next turn reuses the keys its first turn left (usage's cached_tokens, the
+    Messages API's cache_read_input_tokens, the metric); without it nothing is cached, and the n choices of one
+    prompt share its encoding without counting as cached."""
+    first = [{"role": "system", "content": "You answer in one short line of Python. " * 3},
+             {"role": "user", "content": "Add two numbers."}]
+    ask = dict(model=NAME, max_tokens=CANVAS, seed=1)
+    plain = [client.chat.completions.create(messages=first, **ask) for _ in range(2)]
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in plain] == [0, 0]
+    assert client.chat.completions.create(messages=first, n=2, **ask).usage.prompt_tokens_details.cached_tokens == 0
+    settings = ServerSettings(model_name=NAME, max_concurrency=1, prefix_cache=True)
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r1 = c.chat.completions.create(messages=first, **ask)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                          {"role": "user", "content": "Now three."}]
+        r2 = c.chat.completions.create(messages=second, **ask)
+        # everything before the first turn's generation prompt (which ends in the empty thought channel)
+        prompt1, prompt2 = pipe.encode_chat(first), pipe.encode_chat(second)
+        shared = next(i for i, (a, b) in enumerate(zip(prompt1, prompt2)) if a != b)
+        assert r2.usage.prompt_tokens_details.cached_tokens == shared and shared > 20
+        assert r2.usage.prompt_tokens == len(prompt2)
+        with httpx.Client(base_url=s.url, timeout=60) as h:
+            # the same conversation again, through the Messages API: all of it is in the cache (a diffusion
+            # row needs nothing from the prefill but the keys)
+            body = {"model": NAME, "max_tokens": 8, "system": first[0]["content"], "messages": second[1:]}
+            u = h.post("/v1/messages", json=body).json()["usage"]
+            assert u["cache_read_input_tokens"] == len(prompt2) and u["input_tokens"] == 0
+            metric = re.search(r"^dgemma_prompt_tokens_cached_total (\S+)$", h.get("/metrics").text, re.M)
+            assert float(metric.group(1)) == shared + u["cache_read_input_tokens"]
+
+
 # ---------------------------------------------------------------- health, metrics, page
 def test_health_and_metrics(server, http):
     h = http.get("/health").json()

@@ -83,7 +83,8 @@ class State:
         self.metrics = metrics or Metrics()
         cfg = pipeline.model.cfg
         self.max_context = min(settings.max_context, cfg.max_position_embeddings)
-        engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context)
+        engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context,
+                                 prefix_cache=settings.prefix_cache)
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
         self.planner = Planner(pipeline, self.worker, settings)
         self.created = int(time.time())

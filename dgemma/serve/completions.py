@@ -660,8 +660,15 @@ def usage(plan: Plan) -> Usage:
                  for c in done)
     generated = sum(len(c.done.tokens) for c in done)
     completion = sum(c.completion_tokens for c in plan.choices)
+    # a prompt counts once however many choices share it; the choices that copied its keys from the one that
+    # encoded it are not cached tokens, what that one found in the cache is
+    cached: dict[int, int] = {}
+    for c in done:
+        n = c.done.stats["cached_prompt_tokens"]
+        cached[id(c.prompt)] = min(n, cached.get(id(c.prompt), n))
     return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion,
                  total_tokens=plan.prompt_tokens + completion,
+                 prompt_tokens_details={"cached_tokens": sum(cached.values())},
                  steps_per_canvas=round(sum(steps) / len(steps), 3) if steps else None,
                  tokens_per_forward=round(generated / passes, 3) if passes else None,
                  forward_passes=passes, canvases=len(steps))

@@ -226,6 +226,7 @@ class Worker:
         m = self.metrics
         with m.lock:
             m.tokens.inc(done.stats["mode"], by=done.stats["completion_tokens"])
+            m.cached_tokens.inc(by=done.stats["cached_prompt_tokens"])
             m.rows.inc("done")
             for s in done.stats["steps_per_canvas"]:
                 m.steps_per_canvas.observe(s)

@@ -185,13 +185,19 @@ def stop_reason(c: Choice, tok) -> str:
     return "stop_sequence" if _stop_sequence(c, tok) is not None else "end_turn"
 
 
+def _usage(u) -> dict[str, int]:
+    """Anthropic's usage: `input_tokens` are those not read from the cache (prefix caching)."""
+    cached = u.prompt_tokens_details["cached_tokens"]
+    return {"input_tokens": u.prompt_tokens - cached, "output_tokens": u.completion_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+
+
 def message_object(plan: Plan, req: MessagesRequest, tok) -> dict[str, Any]:
     c = plan.choices[0]
     u = usage(plan)
     return {"id": "msg_" + plan.id.split("-", 1)[-1], "type": "message", "role": "assistant", "model": req.model,
             "content": blocks(c), "stop_reason": stop_reason(c, tok), "stop_sequence": _stop_sequence(c, tok),
-            "usage": {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            "usage": _usage(u),
             "dgemma": {"seed": plan.seed, "choices": [c.stats()], "steps_per_canvas": u.steps_per_canvas,
                        "tokens_per_forward": u.tokens_per_forward, "forward_passes": u.forward_passes,
                        "canvases": u.canvases}}
@@ -253,7 +259,7 @@ async def stream_events(state, plan: Plan, queue, req: MessagesRequest):
                 yield _event("content_block_delta", index=index[0],
                              delta={"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
                 yield _event("content_block_stop", index=index[0])
-            yield _event("message_delta", usage={"output_tokens": usage(plan).completion_tokens},
+            yield _event("message_delta", usage=_usage(usage(plan)),
                          delta={"stop_reason": stop_reason(c, tok), "stop_sequence": _stop_sequence(c, tok)})
             yield _event("message_stop")
     finally:

@@ -80,7 +80,10 @@ class Metrics:
                                           STEPS_PER_CANVAS_BUCKETS)
         self.tokens = Counter("dgemma_generated_tokens_total", "Completion tokens generated, by decoding mode.",
                               ("mode",))
-        self.prompt_tokens = Counter("dgemma_prompt_tokens_total", "Prompt tokens prefilled.")
+        self.prompt_tokens = Counter("dgemma_prompt_tokens_total", "Prompt tokens of the rows admitted.")
+        self.cached_tokens = Counter("dgemma_prompt_tokens_cached_total",
+                                     "Prompt tokens not encoded: held by the KV cache already (prefix caching) or "
+                                     "shared with a row of the same prompt.")
         self.rows = Counter("dgemma_rows_total", "Engine rows (one per choice) by outcome.", ("outcome",))
         self.engine_steps = Counter("dgemma_engine_steps_total", "Engine steps run.")
         self.rejected = Counter("dgemma_rejected_total", "Requests turned away before running, by reason.",
@@ -125,7 +128,7 @@ class Metrics:
         with self.lock:
             lines: list[str] = []
             for m in (self.requests, self.latency, self.ttft, self.queue_wait, self.step_time,
-                      self.steps_per_canvas, self.tokens, self.prompt_tokens, self.rows, self.engine_steps,
+                      self.steps_per_canvas, self.tokens, self.prompt_tokens, self.cached_tokens, self.rows, self.engine_steps,
                       self.rejected):
                 lines += m.render()
         for name, help, fn in self.gauges:

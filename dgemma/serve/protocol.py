@@ -143,6 +143,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # OpenAI's: prompt tokens the KV cache held already (prefix caching, `dgemma serve --prefix-cache`)
+    prompt_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
     # dgemma's additions: how hard the sampler worked for these tokens.
     steps_per_canvas: float | None = None  # mean denoising steps per canvas (None for AR)
     tokens_per_forward: float | None = None  # generated tokens per decoder forward (AR: per encoder forward)

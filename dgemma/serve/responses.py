@@ -227,7 +227,7 @@ def response_object(plan: Plan, req: ResponsesRequest, output: Output, tok, stat
         "text": req.text or {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
         "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "user": req.user,
         "usage": None if u is None else {
-            "input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens": u.prompt_tokens, "input_tokens_details": dict(u.prompt_tokens_details),
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": _thought(c, tok)},
             "total_tokens": u.total_tokens},
         "dgemma": {"seed": plan.seed, "choices": [c.stats()],

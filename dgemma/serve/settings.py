@@ -18,6 +18,7 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are named
     retry_after_s: int = 1  # Retry-After on 429
+    prefix_cache: bool = False  # reuse the K/V a finished request leaves for the next prompt with its prefix
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
