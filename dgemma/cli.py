@@ -477,6 +477,16 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- serve
+def _lora_module(spec: str) -> tuple[str, str]:
+    """`--lora NAME=PATH` -> (NAME, PATH), the directory checked here so a typo fails before the model loads."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"--lora takes NAME=PATH, got {spec!r}")
+    if not (Path(path).expanduser() / "adapter_config.json").is_file():
+        raise UsageError(f"--lora {spec}: {path} is not a LoRA adapter directory (no adapter_config.json)")
+    return name, str(Path(path).expanduser())
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -492,9 +502,20 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
         max_context=args.max_context, max_body_bytes=args.max_body_bytes,
-        cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache)
+        cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache,
+        lora_modules=tuple(_lora_module(m) for m in args.lora or ()))
+    if settings.lora_modules and args.compile:
+        raise UsageError("--lora cannot be combined with --compile (torch.compile does not apply to a model "
+                         "serving several adapters)")
     check_port(settings.host, settings.port)  # before the (slow) model load
     pipe = load_pipeline(args)
+    if settings.lora_modules:
+        from .adapters import AdapterError, attach_adapters
+
+        try:
+            attach_adapters(pipe.model, [path for _, path in settings.lora_modules])
+        except AdapterError as e:
+            raise UsageError(str(e)) from None
     if pipe.tokenizer is None:
         raise UsageError(f"{model_path(args)} has no tokenizer.json; the server needs one to read and write text")
     run(pipe, settings, log_level=args.log_level)
@@ -1072,6 +1093,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=8192,
                    help="KV-cache positions per row: prompt plus committed canvases (default 8192)")
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    s.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="serve the LoRA adapter at PATH (dgemma train --lora-rank) over the base, as model NAME "
+                   "(repeatable): requests choose it by `model`, and rows of different adapters share a forward")
     s.add_argument("--prefix-cache", action="store_true",
                    help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
                    "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "

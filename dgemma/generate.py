@@ -86,6 +86,8 @@ class GenerationParams:
     prompt_logprobs: int | None = None
     # structured output: the text must match this grammar (a JSON schema, a regex, ...; see structured.py)
     grammar: Grammar | None = None
+    # the LoRA adapter this row runs with, on a model serving several (`adapters.attach_adapters`); 0 = the base
+    adapter: int = 0
 
     def validate(self, canvas: int, vocab: int) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
@@ -338,6 +340,7 @@ class Engine:
         self.cache = model.new_cache(max_rows, self.max_len, margin=margin)
         self.free = list(range(max_rows))  # least recently freed first: the slot a new prompt evicts
         self.held: list[list[int] | None] = [[] for _ in range(max_rows)]  # per free slot: the tokens it holds
+        self.held_adapter = [0] * max_rows  # ... and the LoRA adapter whose keys they are
         self.rows: dict[int, _Row] = {}
         self.next_id = 0
         eos = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else cfg.eos_token_id)
@@ -359,6 +362,11 @@ class Engine:
         if any(not 0 <= t < self.V for t in prompt):
             raise GenerationError("the prompt has a token outside the vocabulary")
         params.validate(self.T, self.V)
+        if params.adapter:
+            served = getattr(self.model, "served_adapters", None)
+            n = len(served.names) if served is not None else 0
+            if not isinstance(params.adapter, int) or not 0 <= params.adapter <= n:
+                raise GenerationError(f"adapter must be 0 (the base) .. {n}, got {params.adapter!r}")
         if params.stop and self.tok is None:
             raise GenerationError("stop strings need a tokenizer")
         if params.grammar is not None:
@@ -398,6 +406,7 @@ class Engine:
         row = self.rows.pop(rid, None)
         if row is not None:
             self.held[row.slot] = row.held if self.prefix_cache else []
+            self.held_adapter[row.slot] = row.p.adapter
             self.free.append(row.slot)
 
     def _pick_slot(self, prompt: Sequence[int], params: GenerationParams) -> tuple[int, int]:
@@ -410,7 +419,7 @@ class Engine:
         limit = len(prompt) - (params.mode == AR or params.ar_fallback is not None)
         for slot in self.free:
             held = self.held[slot]
-            if not held:
+            if not held or self.held_adapter[slot] != params.adapter:
                 continue
             n = common_prefix(held, prompt, limit)
             if n > best[1] and self.cache.can_rewind(len(held), n):
@@ -480,7 +489,8 @@ class Engine:
         for r in rows:
             self.cache.rewind(r.slot, r.reused)
             if r.p.prompt_logprobs is None:
-                groups.setdefault((tuple(r.prompt), r.p.mode == AR or r.p.ar_fallback is not None), []).append(r)
+                key = (tuple(r.prompt), r.p.adapter, r.p.mode == AR or r.p.ar_fallback is not None)
+                groups.setdefault(key, []).append(r)
         for group in groups.values():
             src = max(group, key=lambda r: r.reused)  # the one with the least left to encode
             for r in group:
@@ -493,7 +503,8 @@ class Engine:
             for i, r in enumerate(enc):
                 ids[i, :n[i]] = torch.tensor(r.prompt[r.reused:])
             h = self.model.encode(ids.to(self.model.device), self._view(enc), n_valid=n.to(self.model.device),
-                                  head=False, known_lengths=[r.reused for r in enc])
+                                  head=False, known_lengths=[r.reused for r in enc],
+                                  adapters=_adapters(enc))
         at = {r.id: i for i, r in enumerate(enc)}
         for r in rows:
             if r.source is not None:
@@ -609,14 +620,16 @@ class Engine:
         constrained = any(r.canvas_idx == 0 and len(r.allowed_pos) for r in rows)
         if fused and not constrained and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
-            h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
+            h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows],
+                               adapters=_adapters(rows))
             for key, idx in groups.items():
                 self._fused_group(h if sel[key] is None else h[sel[key]], [rows[i] for i in idx], key[0], events,
                                   inputs[key])
             return
         # Replaying transformers' draws needs its logits bit for bit: one lm_head matmul over the vocabulary.
         reference = any(rng == "reference" for _, rng in groups)
-        h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows])
+        h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows],
+                               adapters=_adapters(rows))
         logits = m.logits(h, blocked=False) if reference else m.logits(h, out=self._logits_out(len(rows)))
         for i, r in enumerate(rows):
             r.add_bias(logits[i])
@@ -864,7 +877,8 @@ class Engine:
         if go_on:
             rs = [r for r, _ in go_on]
             ids = torch.stack([t for _, t in go_on]).to(self.model.device)
-            h = self.model.encode(ids, self._view(rs), head=False, known_lengths=[r.cached for r in rs])
+            h = self.model.encode(ids, self._view(rs), head=False, known_lengths=[r.cached for r in rs],
+                                  adapters=_adapters(rs))
             for i, (r, toks) in enumerate(go_on):
                 if r.p.ar_fallback is not None:
                     r.last_h = h[i, -1].clone()
@@ -887,7 +901,8 @@ class Engine:
         if not rows:
             return
         ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
-        h = self.model.encode(ids, self._view(rows), head=False, known_lengths=[r.cached for r in rows])
+        h = self.model.encode(ids, self._view(rows), head=False, known_lengths=[r.cached for r in rows],
+                               adapters=_adapters(rows))
         for i, r in enumerate(rows):
             r.cached += 1
             if r.held is not None:
@@ -929,7 +944,8 @@ class Engine:
         if not rows:
             return
         ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
-        logits = self.model.encode(ids, self._view(rows), known_lengths=[r.cached for r in rows])[:, 0]
+        logits = self.model.encode(ids, self._view(rows), known_lengths=[r.cached for r in rows],
+                               adapters=_adapters(rows))[:, 0]
         for i, r in enumerate(rows):
             r.cached += 1
             if r.held is not None:
@@ -1048,6 +1064,12 @@ class _WalkLogits:
             if self.add_bias is not None:  # as the plain path adds it (the kept rows have it from the head's pass)
                 self.add_bias(self.block)
         return self.block[j - self.lo]
+
+
+def _adapters(rows) -> list[int] | None:
+    """Each row's LoRA adapter for a forward, or None when every row runs the base (the plain path)."""
+    ids = [r.p.adapter for r in rows]
+    return ids if any(ids) else None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:

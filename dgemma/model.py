@@ -350,6 +350,7 @@ class ExpertGroups:
         self._offsets = None
         self._host = host
         self.uniform = False
+        self.token: torch.Tensor | None = None  # the token each row is a copy of (`moe_dispatch` sets it)
 
     @classmethod
     def every_expert(cls, num_experts: int, rows: int, device) -> "ExpertGroups":
@@ -432,6 +433,7 @@ def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_
         return torch.zeros_like(x)
     if dense:
         groups = ExpertGroups.every_expert(num_experts, N, x.device)
+        groups.token = torch.arange(N, device=x.device).repeat(num_experts)
         gate_up = linear("gate_up_proj", x.repeat(num_experts, 1), groups)
         inner = gate_up.shape[-1] // 2
         act = gelu_tanh(gate_up[:, :inner]) * gate_up[:, inner:]
@@ -442,6 +444,7 @@ def moe_dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_
     order = torch.argsort(flat, stable=True)
     token = order // k
     groups = ExpertGroups(expert_counts(flat, num_experts))
+    groups.token = token
     xs = x[token]
     gate_up = linear("gate_up_proj", xs, groups)
     inner = gate_up.shape[-1] // 2
@@ -611,7 +614,8 @@ class DiffusionGemma(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, *, denoise: bool = False,
                 sc: torch.Tensor | None = None, n_valid: torch.Tensor | None = None,
-                head: bool = True, known_lengths: list[int] | None = None) -> torch.Tensor:
+                head: bool = True, known_lengths: list[int] | None = None,
+                adapters: list[int] | None = None) -> torch.Tensor:
         """Run the stack over `ids` `[B, T]` placed right after each row's cached context.
 
         denoise=False (encode): causal; writes the K/V of the first `n_valid[b]` tokens of each row into `cache`
@@ -620,8 +624,23 @@ class DiffusionGemma(nn.Module):
             the self-conditioning soft embedding (None on a canvas's first step).
         known_lengths: every row's cached length as host ints (exactly `cache.lengths`), when the caller tracks
             them: attention then reads only each row's filled slots (see `Attention._per_row`).
+        adapters: each row's LoRA adapter, 0 = none, on a model serving several (`adapters.attach_adapters`).
         Returns fp32 soft-capped logits `[B, T, V]`, or the final-normed hidden states if head=False.
         """
+        sel = getattr(self, "served_adapters", None)
+        if sel is None:
+            if adapters is not None and any(adapters):
+                raise ValueError("this model serves no LoRA adapters")
+            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths)
+        if adapters is not None and len(adapters) != ids.shape[0]:
+            raise ValueError("adapters needs one adapter per row")
+        sel.set(adapters, ids.shape[1], ids.device)
+        try:
+            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths)
+        finally:
+            sel.clear()
+
+    def _forward(self, ids, cache, denoise, sc, n_valid, head, known_lengths) -> torch.Tensor:
         B, T = ids.shape
         if cache is not None:
             lengths = cache.lengths
@@ -656,11 +675,13 @@ class DiffusionGemma(nn.Module):
         h = self.norm(h)
         return self.logits(h) if head else h
 
-    def encode(self, ids, cache, n_valid=None, head=True, known_lengths=None):
-        return self.forward(ids, cache, denoise=False, n_valid=n_valid, head=head, known_lengths=known_lengths)
+    def encode(self, ids, cache, n_valid=None, head=True, known_lengths=None, adapters=None):
+        return self.forward(ids, cache, denoise=False, n_valid=n_valid, head=head, known_lengths=known_lengths,
+                            adapters=adapters)
 
-    def denoise(self, canvas, cache, sc=None, head=True, known_lengths=None):
-        return self.forward(canvas, cache, denoise=True, sc=sc, head=head, known_lengths=known_lengths)
+    def denoise(self, canvas, cache, sc=None, head=True, known_lengths=None, adapters=None):
+        return self.forward(canvas, cache, denoise=True, sc=sc, head=head, known_lengths=known_lengths,
+                            adapters=adapters)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -687,6 +708,9 @@ class DiffusionGemma(nn.Module):
         intermediates are rounded as eager rounds them), so a seed gives the same tokens. warm_up: compile now, on
         a one-row canvas, instead of on the first request (a missing C++ compiler then fails here, as a
         CompileError)."""
+        if enable and getattr(self, "served_adapters", None) is not None:
+            raise CompileError("torch.compile does not apply to a model serving several LoRA adapters; run "
+                               "without --compile")
         for layer in self.layers:
             layer.compiled = enable
         if enable and warm_up:

@@ -972,6 +972,47 @@ def test_prefix_cache_usage_and_metrics(ckpt, client, pipe):
             assert float(metric.group(1)) == shared + u["cache_read_input_tokens"]
 
 
+# ---------------------------------------------------------------- multi-LoRA
+def test_lora_modules(ckpt, tmp_path):
+    """`--lora NAME=PATH`: each adapter is a model of its own in /v1/models and in requests; rows of different
+    adapters run in one batch and each gets what the pipeline gives with that adapter."""
+    from test_adapters import make_adapter
+
+    from dgemma.adapters import attach_adapters
+
+    ref = Pipeline.load(str(ckpt), device="cpu", quiet=True)
+    paths = [str(make_adapter(ref.model, tmp_path / name, targets, i))
+             for i, (name, targets) in enumerate((("sql", ("all",)), ("poet", ("q_proj", "experts"))))]
+    settings = ServerSettings(model_name=NAME, max_concurrency=4, lora_modules=(("sql", paths[0]), ("poet", paths[1])))
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        cards = c.models.list().data
+        assert [m.id for m in cards] == [NAME, "sql", "poet"]
+        assert cards[1].model_extra["parent"] == NAME and cards[1].model_extra["root"] == paths[0]
+        assert c.models.retrieve("poet").id == "poet"
+        attach_adapters(ref.model, paths)
+        results = {}
+
+        def ask(model):
+            results[model] = c.completions.create(model=model, prompt="Hello", max_tokens=20, seed=3,
+                                                  extra_body={"ignore_eos": True})
+
+        threads = [threading.Thread(target=ask, args=(m,)) for m in (NAME, "sql", "poet")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, model in enumerate((NAME, "sql", "poet")):
+            want = ref.generate(["Hello"], seed=3, max_new_tokens=20, ignore_eos=True, adapter=i)[0].text
+            assert results[model].choices[0].text == want and results[model].model == model
+        assert len({r.choices[0].text for r in results.values()}) == 3
+        chat = c.chat.completions.create(model="poet", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        assert chat.model == "poet"
+        with pytest.raises(openai.NotFoundError) as e:
+            c.completions.create(model="nope", prompt="x", max_tokens=4)
+        assert "`sql`" in str(e.value) and e.value.status_code == 404
+
+
 # ---------------------------------------------------------------- health, metrics, page
 def test_health_and_metrics(server, http):
     h = http.get("/health").json()

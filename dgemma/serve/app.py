@@ -83,6 +83,10 @@ class State:
         self.metrics = metrics or Metrics()
         cfg = pipeline.model.cfg
         self.max_context = min(settings.max_context, cfg.max_position_embeddings)
+        if settings.lora_modules and getattr(pipeline.model, "served_adapters", None) is None:
+            from ..adapters import attach_adapters
+
+            attach_adapters(pipeline.model, [path for _, path in settings.lora_modules])
         engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context,
                                  prefix_cache=settings.prefix_cache)
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
@@ -97,6 +101,14 @@ class State:
         m.gauge("dgemma_queue_depth", "Rows waiting for a free engine row.", lambda: self.worker.load()[1])
         m.gauge("dgemma_max_rows", "Engine rows (--max-concurrency).", lambda: settings.max_concurrency)
         m.gauge("dgemma_up", "1 while the engine worker runs.", lambda: int(self.worker.alive))
+
+    def model_cards(self) -> list[ModelCard]:
+        """The base model's card, then one per LoRA module (vLLM's shape: `parent` names the base, `root` the
+        adapter's directory)."""
+        base = self.model_card()
+        return [base] + [ModelCard(id=name, created=self.created, root=path, parent=self.settings.model_name,
+                                   dgemma=dict(base.dgemma, adapter=i))
+                         for i, (name, path) in enumerate(self.settings.lora_modules, start=1)]
 
     def model_card(self) -> ModelCard:
         s = self.pipe.sampler
@@ -343,13 +355,14 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
 
     @api.get("/v1/models")
     async def list_models():
-        return ModelList(data=[state.model_card()]).model_dump()
+        return ModelList(data=state.model_cards()).model_dump(exclude_none=True)
 
     @api.get("/v1/models/{model:path}")
     async def get_model(model: str):
-        if model != settings.model_name:
+        card = next((c for c in state.model_cards() if c.id == model), None)
+        if card is None:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        return state.model_card().model_dump()
+        return card.model_dump(exclude_none=True)
 
     @api.post("/v1/completions")
     async def completions(request: Request):

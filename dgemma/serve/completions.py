@@ -417,8 +417,7 @@ class Planner:
     def tokenize(self, req) -> list[int]:
         """/tokenize: the ids a text prompt (as /v1/completions encodes it) or chat messages (as
         /v1/chat/completions renders them) become."""
-        if req.model is not None and req.model != self.settings.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        self._adapter(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise invalid("send one of prompt and messages", "prompt")
         if self.pipe.tokenizer is None:
@@ -435,8 +434,7 @@ class Planner:
             raise invalid(str(e), "messages") from None
 
     def detokenize(self, req) -> str:
-        if req.model is not None and req.model != self.settings.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        self._adapter(req.model)
         if self.pipe.tokenizer is None:
             raise invalid("this checkpoint has no tokenizer", "tokens")
         vocab = self.pipe.model.cfg.vocab_size
@@ -445,10 +443,18 @@ class Planner:
         return self.pipe.decode(req.tokens)
 
     # ------------------------------------------------------------ pieces
+    def _adapter(self, model: str | None) -> int:
+        """The LoRA adapter a request's `model` names (0: the base model); 404 for a model not served here."""
+        i = self.settings.adapter_index(model)
+        if i is None:
+            served = ", ".join(f"`{n}`" for n in [self.settings.model_name] + [n for n, _ in
+                                                                                self.settings.lora_modules])
+            raise APIError(404, f"The model `{model}` does not exist. This server serves {served}.", param="model",
+                           code="model_not_found")
+        return i
+
     def _common(self, req: _Common) -> None:
-        if req.model is not None and req.model != self.settings.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
-                                f"`{self.settings.model_name}`.", param="model", code="model_not_found")
+        self._adapter(req.model)
         if req.max_tokens is not None and req.max_tokens > self.settings.max_tokens_limit:
             raise invalid(f"max_tokens is {req.max_tokens}; this server allows at most "
                           f"{self.settings.max_tokens_limit}", "max_tokens", code="max_tokens_exceeded")
@@ -510,7 +516,7 @@ class Planner:
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                    ar_fallback=req.ar_fallback,
+                    ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
                     logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
                     grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
         if req.ar:
@@ -539,7 +545,7 @@ class Planner:
                                       middle_len=self.canvas - len(suffix_ids), max_tokens=max_tokens,
                                       stop=stops, logprobs=logprobs))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Plan(kind=kind, model=self.settings.model_name, choices=choices,
+        return Plan(kind=kind, model=req.model or self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
                     include_usage=include_usage, seed=seed)
 

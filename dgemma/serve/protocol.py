@@ -200,6 +200,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "dgemma"
+    root: str | None = None  # a LoRA module: its adapter directory
+    parent: str | None = None  # a LoRA module: the base model it runs over
     dgemma: dict[str, Any] | None = None  # canvas length, context, default sampler options
 
 

@@ -19,6 +19,8 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are named
     retry_after_s: int = 1  # Retry-After on 429
     prefix_cache: bool = False  # reuse the K/V a finished request leaves for the next prompt with its prefix
+    # LoRA adapters served over the base, each under its own model name: ((name, adapter directory), ...)
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
@@ -33,3 +35,16 @@ class ServerSettings:
             raise ValueError("api-key is empty")
         if not self.model_name:
             raise ValueError("model-name is empty")
+        self.lora_modules = tuple((str(n), str(p)) for n, p in self.lora_modules)
+        names = [n for n, _ in self.lora_modules]
+        for n in names:
+            if not n or n == self.model_name or names.count(n) > 1:
+                raise ValueError(f"LoRA module name {n!r} must be non-empty, unique and not the base model's name "
+                                 f"({self.model_name!r})")
+
+    def adapter_index(self, model: str | None) -> int | None:
+        """The adapter a request's `model` names: 0 for the base (or no model given), i for the i-th LoRA module,
+        None for a model this server does not serve."""
+        if model is None or model == self.model_name:
+            return 0
+        return next((i for i, (n, _) in enumerate(self.lora_modules, start=1) if n == model), None)
