@@ -281,14 +281,16 @@ def split_model_prompt(args) -> None:
     args.model, args.prompt = None, given
 
 
-def run_one(pipe, prompt_ids, params, *, show_canvas: bool, stream_text: bool):
-    """Run one request, drawing the canvas (stderr) and/or printing text (stdout) as canvases commit."""
+def run_one(pipe, prompt_ids, params, *, show_canvas: bool, stream_text: bool, engine=None):
+    """Run one request, drawing the canvas (stderr) and/or printing text (stdout) as canvases commit. `engine`:
+    one kept between calls (a chat with --prefix-cache), else a new one sized to the request."""
     from .display import CanvasView
     from .generate import Commit, Done, Draft
 
     view = CanvasView(pipe.tokenizer) if show_canvas else None
-    engine = pipe.engine(max_rows=1, drafts=show_canvas,
-                         max_len=len(prompt_ids) + params.max_new_tokens + pipe.model.cfg.canvas_length)
+    if engine is None:
+        engine = pipe.engine(max_rows=1, drafts=show_canvas,
+                             max_len=len(prompt_ids) + params.max_new_tokens + pipe.model.cfg.canvas_length)
     done, so_far, shown = None, [], ""
     for ev in engine.run([prompt_ids], params):
         if isinstance(ev, Draft) and view:
@@ -387,6 +389,12 @@ def cmd_chat(args) -> int:
     # A forced call (--tool-choice required/NAME) is the reply to a user turn; after its results the model is free.
     first = dict(opts, grammar=forced) if forced is not None else opts
     pipe.params(ar=args.ar, **first)  # validate the options before the first turn
+    engine = None
+    if args.prefix_cache:
+        if args.max_context < 1:
+            raise UsageError(f"--max-context must be positive, got {args.max_context}")
+        engine = pipe.engine(max_rows=1, drafts=args.show_canvas, prefix_cache=True,
+                             max_len=min(args.max_context, pipe.model.cfg.max_position_embeddings))
     template_kw = {"tools": tools, "enable_thinking": args.think}
     messages = []
     if args.system:
@@ -418,7 +426,7 @@ def cmd_chat(args) -> int:
             messages.append({"role": "user", "content": line})
         prompt_ids = pipe.encode_chat(messages, **template_kw)
         done = run_one(pipe, prompt_ids, pipe.params(ar=args.ar, **(opts if pending else first)),
-                       show_canvas=args.show_canvas, stream_text=True)
+                       show_canvas=args.show_canvas, stream_text=True, engine=engine)
         pending = False
         print(f"[{describe_stats(done.stats)}]", file=sys.stderr, flush=True)
         thought, content, calls, _ = read_reply(done.text or "", done.finish_reason, thinking=args.think, names=names)
@@ -1070,6 +1078,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tools", help="OpenAI tools (a JSON list, or a file holding one): the model may call them; each "
                    "call's result is read as the next input line")
     s.add_argument("--tool-choice", help="auto (default), required, none, or a tool's name (forced by a grammar)")
+    s.add_argument("--prefix-cache", action="store_true", help="keep the KV cache between turns: each turn encodes "
+                   "only what is new (a seed's tokens then depend on the turns before, by float rounding)")
+    s.add_argument("--max-context", type=int, default=8192,
+                   help="with --prefix-cache: KV-cache positions for the whole conversation (default 8192)")
     add_sampling_args(s)
     add_model_args(s)
     s.set_defaults(func=cmd_chat)

@@ -89,4 +89,6 @@ def describe_stats(stats: dict) -> str:
             parts.append(f"{restarts} restart(s)")
     else:
         parts.append("autoregressive")
+    if stats.get("cached_prompt_tokens"):
+        parts.append(f"{stats['cached_prompt_tokens']} of {stats['prompt_tokens']} prompt tokens cached")
     return ", ".join(p for p in parts if p)

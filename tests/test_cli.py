@@ -112,10 +112,16 @@ def test_generate_show_canvas_and_infill(ckpt_tok):
 
 
 def test_chat_reads_turns_from_stdin(ckpt_tok):
-    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", str(ckpt_tok), "--max-new-tokens", "8"],
-                       input="hello\n/reset\nagain\n", capture_output=True, text=True, timeout=120)
+    """Turns from stdin; with --prefix-cache the second turn encodes only what the first did not (thinking on:
+    the next prompt extends this one, while the byte-level template's empty thought channel is longer than the
+    tiny model's ring margin)."""
+    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "chat", str(ckpt_tok), "--max-new-tokens", "8",
+                        "--prefix-cache", "--think"], input="hello\nagain\n/reset\nthird\n", capture_output=True,
+                       text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stderr.count("tokens,") == 2
+    assert p.stderr.count("tokens,") == 3
+    turns = [line for line in p.stderr.splitlines() if "tokens," in line]
+    assert "cached" not in turns[0] and "prompt tokens cached" in turns[1], p.stderr
 
 
 @pytest.mark.parametrize("extra,msg", [
