@@ -47,9 +47,9 @@ class RowAdapters:
             raise AdapterError(f"no adapter {bad[0]}: this model has {len(self.names)}")
         self.active = sorted({a for a in adapters if a})
         self.token = torch.tensor(adapters, device=device).repeat_interleave(T)
-        for a in self.active:  # host lists: no device read
-            idx = [i * T + t for i, b in enumerate(adapters) if b == a for t in range(T)]
-            self.rows[a] = torch.tensor(idx, dtype=torch.long, device=device)
+        for a in self.active:  # from the host list: no device read
+            self.rows[a] = torch.cat([torch.arange(i * T, (i + 1) * T, device=device)
+                                      for i, b in enumerate(adapters) if b == a])
 
     def clear(self) -> None:
         self.active, self.token, self.rows = [], None, {}
@@ -68,7 +68,8 @@ class MultiLoRALinear(nn.Module):
         hit = [a for a in self.sel.active if a in self.lora]
         if not hit:
             return out
-        flat, oflat = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        out = out.contiguous()  # the updates are added in place, through a flat view
+        flat, oflat = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
         for a in hit:
             A, B, s = self.lora[a]
             rows = self.sel.rows[a]
