@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dgemma.bench import machine
+    from dgemma.io import atomic_write_text
 
     results = []
     for vocab in (int(v) for v in args.vocabs.split(",")):
@@ -110,12 +111,9 @@ def main(argv=None) -> int:
         for row in rows:
             print(f"{row['variant']:30s} {row['wall_s']:8.3f} {row['vs_base']:7.2f}x")
         results.append({"vocab": vocab, "rows": rows})
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": results,
-                               "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    atomic_write_text(args.out, json.dumps({"machine": machine(), "args": vars(args), "runs": results,
+                                            "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -98,14 +98,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dgemma.bench import machine
+    from dgemma.io import atomic_write_text
 
     results = [_one(int(v), args) for v in args.vocabs.split(",")]
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": results,
-                               "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    atomic_write_text(args.out, json.dumps({"machine": machine(), "args": vars(args), "runs": results,
+                                            "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 
