@@ -511,6 +511,7 @@ def cmd_serve(args) -> int:
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
         max_context=args.max_context, max_body_bytes=args.max_body_bytes,
         cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache,
+        prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()))
     if settings.lora_modules and args.compile:
         raise UsageError("--lora cannot be combined with --compile (torch.compile does not apply to a model "
@@ -1112,6 +1113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
                    "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "
                    "on what ran before, by float rounding (README, Prefix caching)")
+    s.add_argument("--prefix-cache-margin", type=int, metavar="TOKENS",
+                   help="with --prefix-cache: how far a cached context longer than the sliding window may be cut back "
+                   "and reused (default: one canvas); each token widens every row's sliding-layer cache by one "
+                   "position")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -114,6 +114,10 @@ def test_ring_rewind_rule(model):
     assert all(cap in (12, 100) for cap in c.capacity)
     assert c.can_rewind(12, 0) and c.can_rewind(30, 25) and not c.can_rewind(30, 24) and not c.can_rewind(3, 4)
     assert KVCache(cfg, 1, 100).can_rewind(30, 30) and not KVCache(cfg, 1, 100).can_rewind(30, 29)
+    # the engine's margin: one canvas unless told (`dgemma serve --prefix-cache-margin`), none without the cache
+    caps = {m: set(Engine(model, max_rows=1, max_len=128, **kw).cache.capacity) for m, kw in (
+        ("default", {"prefix_cache": True}), ("40", {"prefix_cache": True, "prefix_margin": 40}), ("off", {}))}
+    assert caps == {"default": {7 + cfg.canvas_length, 128}, "40": {47, 128}, "off": {7, 128}}
     p = _prompt(40, 7)
     greedy = GenerationParams(mode=AR, max_new_tokens=6, ignore_eos=True)
     engine = Engine(model, max_rows=1, max_len=128, prefix_cache=True, prefix_margin=0)

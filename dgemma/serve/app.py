@@ -88,7 +88,7 @@ class State:
 
             attach_adapters(pipeline.model, [path for _, path in settings.lora_modules])
         engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context,
-                                 prefix_cache=settings.prefix_cache)
+                                 prefix_cache=settings.prefix_cache, prefix_margin=settings.prefix_margin)
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
         self.planner = Planner(pipeline, self.worker, settings)
         self.created = int(time.time())

@@ -19,6 +19,7 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are named
     retry_after_s: int = 1  # Retry-After on 429
     prefix_cache: bool = False  # reuse the K/V a finished request leaves for the next prompt with its prefix
+    prefix_margin: int | None = None  # tokens a cached context may be cut back once past the sliding window
     # LoRA adapters served over the base, each under its own model name: ((name, adapter directory), ...)
     lora_modules: tuple[tuple[str, str], ...] = ()
 
@@ -27,6 +28,8 @@ class ServerSettings:
         for name in ("max_concurrency", "max_tokens_limit", "max_context", "max_body_bytes", "retry_after_s"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        if self.prefix_margin is not None and (not isinstance(self.prefix_margin, int) or self.prefix_margin < 0):
+            raise ValueError(f"prefix-cache-margin must be >= 0, got {self.prefix_margin!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max-queue must be >= 0, got {self.max_queue!r}")
         if not 0 <= self.port < 65536:
