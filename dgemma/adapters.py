@@ -33,7 +33,7 @@ class RowAdapters:
     """Which adapter each token of the current forward uses: set by `DiffusionGemma.forward`, read by the modules."""
 
     def __init__(self, names: list[str]):
-        self.names = names  # adapter i + 1 is names[i]
+        self.names = names  # adapter i + 1 is names[i] (None once removed)
         self.active: list[int] = []  # the adapters (> 0) present in this forward, ascending
         self.token: torch.Tensor | None = None  # [B * T] adapter per token (only when `active`)
         self.rows: dict[int, torch.Tensor] = {}  # adapter -> the flat token indices that use it
@@ -42,9 +42,9 @@ class RowAdapters:
         self.active, self.token, self.rows = [], None, {}
         if not adapters or not any(adapters):
             return
-        bad = [a for a in adapters if not 0 <= a <= len(self.names)]
+        bad = [a for a in adapters if a and not (0 < a <= len(self.names) and self.names[a - 1] is not None)]
         if bad:
-            raise AdapterError(f"no adapter {bad[0]}: this model has {len(self.names)}")
+            raise AdapterError(f"no adapter {bad[0]} on this model")
         self.active = sorted({a for a in adapters if a})
         self.token = torch.tensor(adapters, device=device).repeat_interleave(T)
         for a in self.active:  # from the host list: no device read
@@ -125,72 +125,104 @@ def attach_adapters(model, paths: list[str | Path]) -> list[str]:
     """Serve the LoRA adapters at `paths` (adapter directories, `dgemma train --lora-rank`) over `model`, as
     adapters 1..N. Returns the wrapped module names. Every adapter is checked against the model before any is
     attached: a name, shape or rank that does not fit is an AdapterError naming the adapter."""
-    from safetensors.torch import load_file
-
-    from .train.lora import ADAPTER_WEIGHTS, PREFIX, LoRAConfig, LoRAError, read_adapter_config
-
     if getattr(model, "served_adapters", None) is not None:
         raise AdapterError("the model serves adapters already")
     if not paths:
         raise AdapterError("no adapters given")
-    dev, dt, cfg_m = model.device, model.dtype, model.cfg
-    loaded = []  # per adapter: (scale, {module path: {param: tensor}})
-    for path in paths:
-        try:
-            conf = read_adapter_config(path)
-            cfg = LoRAConfig(int(conf["r"]), float(conf["lora_alpha"]), tuple(conf["target_modules"]))
-        except LoRAError as e:
-            raise AdapterError(str(e)) from None
-        try:
-            tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
-        except (OSError, ValueError) as e:  # missing, or not safetensors
-            raise AdapterError(f"cannot read {Path(path) / ADAPTER_WEIGHTS}: {e}") from None
-        per_module, want = {}, set()
-        for full, base in _targets(model, cfg.resolved()):
-            stem = f"{PREFIX}{hf_name(full)}"
-            if not _is_experts(base):
-                names = {"A": f"{stem}.lora_A.weight", "B": f"{stem}.lora_B.weight"}
-                shapes = {"A": (cfg.rank, base.in_features), "B": (base.out_features, cfg.rank)}
-            else:
-                names = {f"{p}_{m}": f"{stem}.{p}.lora_{m}.weight" for p in ("gate_up_proj", "down_proj")
-                         for m in "AB"}
-                E, H, inner = cfg_m.num_experts, cfg_m.hidden_size, cfg_m.moe_intermediate_size
-                shapes = {"gate_up_proj_A": (E, cfg.rank, H), "gate_up_proj_B": (E, 2 * inner, cfg.rank),
-                          "down_proj_A": (E, cfg.rank, inner), "down_proj_B": (E, H, cfg.rank)}
-            got = {}
-            for k, key in names.items():
-                want.add(key)
-                if key not in tensors:
-                    raise AdapterError(f"adapter {path} does not fit the model: {key} is missing")
-                if tuple(tensors[key].shape) != shapes[k]:
-                    raise AdapterError(f"adapter {path}: {key} has shape {tuple(tensors[key].shape)}, expected "
-                                       f"{shapes[k]}")
-                got[k] = tensors[key].to(dev, dt)
-            per_module[full] = got
-        extra = sorted(set(tensors) - want)
-        if extra:
-            raise AdapterError(f"adapter {path} does not fit the model: unexpected {extra[:3]}")
-        loaded.append((cfg.scale, per_module))
+    loaded = [read_adapter(model, p) for p in paths]
+    for p, a in zip(paths, loaded):
+        install_adapter(model, str(p), a)
+    return sorted(name for name, m in model.named_modules() if isinstance(m, (MultiLoRALinear, MultiLoRAExperts)))
 
-    sel = RowAdapters([str(p) for p in paths])
-    wrapped: dict[str, nn.Module] = {}
+
+def read_adapter(model, path: str | Path) -> tuple[float, dict[str, dict[str, torch.Tensor]]]:
+    """An adapter's scale and tensors per module of `model` (cast to its device and dtype), checked against it:
+    what `install_adapter` takes. Reads files only; the model is not touched (safe beside a running engine)."""
+    from safetensors.torch import load_file
+
+    from .train.lora import ADAPTER_WEIGHTS, PREFIX, LoRAConfig, LoRAError, read_adapter_config
+
+    dev, dt, cfg_m = model.device, model.dtype, model.cfg
+    try:
+        conf = read_adapter_config(path)
+        cfg = LoRAConfig(int(conf["r"]), float(conf["lora_alpha"]), tuple(conf["target_modules"]))
+    except LoRAError as e:
+        raise AdapterError(str(e)) from None
+    try:
+        tensors = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    except (OSError, ValueError) as e:  # missing, or not safetensors
+        raise AdapterError(f"cannot read {Path(path) / ADAPTER_WEIGHTS}: {e}") from None
+    per_module, want = {}, set()
+    for full, base in _targets(model, cfg.resolved()):
+        stem = f"{PREFIX}{hf_name(full)}"
+        if not _is_experts(base):
+            names = {"A": f"{stem}.lora_A.weight", "B": f"{stem}.lora_B.weight"}
+            shapes = {"A": (cfg.rank, base.in_features), "B": (base.out_features, cfg.rank)}
+        else:
+            names = {f"{p}_{m}": f"{stem}.{p}.lora_{m}.weight" for p in ("gate_up_proj", "down_proj") for m in "AB"}
+            E, H, inner = cfg_m.num_experts, cfg_m.hidden_size, cfg_m.moe_intermediate_size
+            shapes = {"gate_up_proj_A": (E, cfg.rank, H), "gate_up_proj_B": (E, 2 * inner, cfg.rank),
+                      "down_proj_A": (E, cfg.rank, inner), "down_proj_B": (E, H, cfg.rank)}
+        got = {}
+        for k, key in names.items():
+            want.add(key)
+            if key not in tensors:
+                raise AdapterError(f"adapter {path} does not fit the model: {key} is missing")
+            if tuple(tensors[key].shape) != shapes[k]:
+                raise AdapterError(f"adapter {path}: {key} has shape {tuple(tensors[key].shape)}, expected "
+                                   f"{shapes[k]}")
+            got[k] = tensors[key].to(dev, dt)
+        per_module[full] = got
+    extra = sorted(set(tensors) - want)
+    if extra:
+        raise AdapterError(f"adapter {path} does not fit the model: unexpected {extra[:3]}")
+    return cfg.scale, per_module
+
+
+def install_adapter(model, name: str, adapter: tuple[float, dict]) -> int:
+    """Add an adapter (`read_adapter`'s result) to the model's served ones, wrapping the modules it targets that
+    are not wrapped yet; returns its index. Indices are never reused, so nothing cached under a removed adapter's
+    index can be mistaken for a new one's. Run it between forwards (the server's worker does)."""
+    scale, per_module = adapter
+    if any(getattr(layer, "compiled", False) for layer in model.layers):
+        raise AdapterError("a model whose denoiser is compiled (--compile) cannot take LoRA adapters")
+    sel = getattr(model, "served_adapters", None)
+    if sel is None:
+        sel = model.served_adapters = RowAdapters([])
+    sel.names.append(name)
+    i = len(sel.names)
     for full, mod in list(model.named_modules()):
+        if isinstance(mod, (MultiLoRALinear, MultiLoRAExperts)):
+            continue
         for attr, child in list(mod.named_children()):
             path = f"{full}.{attr}" if full else attr
-            if any(path in per_module for _, per_module in loaded):
-                wrap = (MultiLoRAExperts if _is_experts(child) else MultiLoRALinear)(child, sel)
-                setattr(mod, attr, wrap)
-                wrapped[path] = wrap
-    for i, (scale, per_module) in enumerate(loaded, start=1):
-        for path, got in per_module.items():
-            w = wrapped[path]
+            got = per_module.get(path)
+            if got is None:
+                continue
+            w = child
+            if not isinstance(w, (MultiLoRALinear, MultiLoRAExperts)):
+                w = (MultiLoRAExperts if _is_experts(child) else MultiLoRALinear)(child, sel)
+                setattr(mod, attr, w)
             if isinstance(w, MultiLoRAExperts):
                 w.lora[i] = {p: (got[f"{p}_A"], got[f"{p}_B"]) for p in ("gate_up_proj", "down_proj")}
                 w.scale[i] = scale
             else:
                 w.lora[i] = (got["A"], got["B"], scale)
-    model.served_adapters = sel
-    return sorted(wrapped)
+    return i
+
+
+def remove_adapter(model, index: int) -> None:
+    """Drop adapter `index`'s tensors (its rows must be gone). Its index stays taken; the wrappers stay, costing
+    nothing while no row uses an adapter they hold."""
+    sel = getattr(model, "served_adapters", None)
+    if sel is None or not 1 <= index <= len(sel.names) or sel.names[index - 1] is None:
+        raise AdapterError(f"no adapter {index} to remove")
+    sel.names[index - 1] = None
+    for m in model.modules():
+        if isinstance(m, (MultiLoRALinear, MultiLoRAExperts)):
+            m.lora.pop(index, None)
+            if isinstance(m, MultiLoRAExperts):
+                m.scale.pop(index, None)
 
 
 def _is_experts(m: nn.Module) -> bool:
@@ -202,8 +234,12 @@ def _targets(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Mod
     and quantized modules alike (an adapter is served unmerged, so a quantized base is fine)."""
     out = []
     for full, mod in model.named_modules():
+        if isinstance(mod, (MultiLoRALinear, MultiLoRAExperts)):
+            continue  # a wrapper's base is the wrapper's place: the wrapper itself is listed below
         for attr, child in mod.named_children():
             path = f"{full}.{attr}" if full else attr
+            if isinstance(child, (MultiLoRALinear, MultiLoRAExperts)):
+                child = child.base
             if _is_experts(child):
                 if "experts" in names:
                     out.append((path, child))

@@ -512,10 +512,10 @@ def cmd_serve(args) -> int:
         max_context=args.max_context, max_body_bytes=args.max_body_bytes,
         cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache,
         prefix_margin=args.prefix_cache_margin,
-        lora_modules=tuple(_lora_module(m) for m in args.lora or ()))
-    if settings.lora_modules and args.compile:
-        raise UsageError("--lora cannot be combined with --compile (torch.compile does not apply to a model "
-                         "serving several adapters)")
+        lora_modules=tuple(_lora_module(m) for m in args.lora or ()), allow_runtime_lora=args.allow_runtime_lora)
+    if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
+        raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
+                         "apply to a model serving LoRA adapters)")
     check_port(settings.host, settings.port)  # before the (slow) model load
     pipe = load_pipeline(args)
     if settings.lora_modules:
@@ -1109,6 +1109,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve the LoRA adapter at PATH (dgemma train --lora-rank) over the base, as model NAME "
                    "(repeatable): requests choose it by `model`, and rows of different adapters share a forward")
+    s.add_argument("--allow-runtime-lora", action="store_true",
+                   help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
+                   "add and remove adapters while serving (vLLM's endpoints; they read directories on this host, "
+                   "so keep --api-key on where others can reach the server)")
     s.add_argument("--prefix-cache", action="store_true",
                    help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
                    "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "

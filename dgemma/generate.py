@@ -363,10 +363,11 @@ class Engine:
             raise GenerationError("the prompt has a token outside the vocabulary")
         params.validate(self.T, self.V)
         if params.adapter:
-            served = getattr(self.model, "served_adapters", None)
-            n = len(served.names) if served is not None else 0
-            if not isinstance(params.adapter, int) or not 0 <= params.adapter <= n:
-                raise GenerationError(f"adapter must be 0 (the base) .. {n}, got {params.adapter!r}")
+            names = getattr(getattr(self.model, "served_adapters", None), "names", [])
+            a = params.adapter
+            if not isinstance(a, int) or not 0 < a <= len(names) or names[a - 1] is None:
+                live = [i for i, n in enumerate(names, start=1) if n is not None]
+                raise GenerationError(f"adapter must be 0 (the base) or one this model serves ({live}), got {a!r}")
         if params.stop and self.tok is None:
             raise GenerationError("stop strings need a tokenizer")
         if params.grammar is not None:

@@ -1013,6 +1013,61 @@ def test_lora_modules(ckpt, tmp_path):
         assert "`sql`" in str(e.value) and e.value.status_code == 404
 
 
+def test_runtime_lora_loading(ckpt, tmp_path, http):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, behind --allow-runtime-lora: a loaded adapter is a
+    model at once (the same text as one given with --lora), an unloaded one a 404, a busy one a 409."""
+    from test_adapters import make_adapter
+
+    ref = Pipeline.load(str(ckpt), device="cpu", quiet=True)
+    path = str(make_adapter(ref.model, tmp_path / "late", ("all",), 5))
+    bad = str(make_adapter(randomize(DiffusionGemma(tiny_config("b")), seed=1), tmp_path / "bad", ("q_proj",), 0))
+    # off by default: a 403 that says how to turn it on
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+    assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"]
+    settings = ServerSettings(model_name=NAME, max_concurrency=2, allow_runtime_lora=True)
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as h:
+        ask = {"prompt": "Hello", "max_tokens": 20, "seed": 3, "ignore_eos": True}
+        assert h.post("/v1/completions", json=dict(ask, model="late")).status_code == 404
+        r = h.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path})
+        assert r.status_code == 200 and "added successfully" in r.text
+        assert [m["id"] for m in h.get("/v1/models").json()["data"]] == [NAME, "late"]
+        for body, status, param in (({"lora_name": "late", "lora_path": path}, 400, "lora_name"),
+                                    ({"lora_name": NAME, "lora_path": path}, 400, "lora_name"),
+                                    ({"lora_name": "other", "lora_path": bad}, 400, "lora_path"),
+                                    ({"lora_name": "other", "lora_path": str(tmp_path)}, 400, "lora_path"),
+                                    ({"lora_name": "other"}, 400, "lora_path")):
+            r = h.post("/v1/load_lora_adapter", json=body)
+            assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+        got = h.post("/v1/completions", json=dict(ask, model="late")).json()["choices"][0]["text"]
+        from dgemma.adapters import attach_adapters
+
+        attach_adapters(ref.model, [path])
+        assert got == ref.generate(["Hello"], seed=3, max_new_tokens=20, ignore_eos=True, adapter=1)[0].text
+        # busy: a long request on the adapter holds it; the unload is refused and nothing is cut short
+        with h.stream("POST", "/v1/completions", json=dict(ask, model="late", max_tokens=900, steps=48,
+                                                           stream=True)) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            r = h.post("/v1/unload_lora_adapter", json={"lora_name": "late"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_in_use"
+            assert any(line.startswith("data: {") for _, line in zip(range(4), lines))  # still streaming
+        # the client left, so its row is cancelled; then the adapter goes
+        deadline = time.time() + 30
+        while (r := h.post("/v1/unload_lora_adapter", json={"lora_name": "late"})).status_code == 409:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert r.status_code == 200 and "removed" in r.text
+        assert h.post("/v1/completions", json=dict(ask, model="late")).status_code == 404
+        assert h.post("/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 404
+        assert [m["id"] for m in h.get("/v1/models").json()["data"]] == [NAME]
+        # the base is untouched, and a new load gets a new index (nothing cached under the old one applies)
+        assert h.post("/v1/completions", json=ask).json()["choices"][0]["text"] == \
+            ref.generate(["Hello"], seed=3, max_new_tokens=20, ignore_eos=True)[0].text
+        assert h.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path}).status_code == 200
+        assert h.get("/v1/models/late").json()["dgemma"]["adapter"] == 2
+
+
 # ---------------------------------------------------------------- health, metrics, page
 def test_health_and_metrics(server, http):
     h = http.get("/health").json()

@@ -3,12 +3,13 @@
     GET  /                      the live-canvas web page (static/)
     GET  /health                liveness and load, never behind the API key
     GET  /metrics               Prometheus text format
-    GET  /v1/models[/{model}]   the one model this server serves
+    GET  /v1/models[/{model}]   the model this server serves, and its LoRA adapters (--lora)
     POST /v1/completions        text or token-id prompts, `suffix` fill-in-the-middle, `echo`
     POST /v1/chat/completions   the checkpoint's chat template, multi-turn
     POST /v1/responses          OpenAI's Responses API, through the chat path (responses.py)
     POST /v1/messages           Anthropic's Messages API, through the chat path (messages.py)
     POST /tokenize, /detokenize text or chat messages -> token ids, and back (vLLM's endpoints)
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter   LoRA adapters at run time (--allow-runtime-lora)
 
 Streaming (`stream: true`) sends OpenAI chunks as SSE and ends with `data: [DONE]`. With `stream_drafts: true`
 it also sends, for every denoising step, a chunk whose only choice has an empty delta and which carries a
@@ -47,8 +48,8 @@ from .completions import Plan, Planner, chunk, commit_event, draft_event, respon
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRARequest, ModelCard,
+                       ModelList, TokenizeRequest, UnloadLoRARequest)
 from . import messages as anthropic
 from .messages import MessagesRequest
 from .responses import Output, ResponsesRequest, rename_param, response_object, stream_events, to_chat
@@ -57,7 +58,7 @@ from .settings import ServerSettings
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models", "/tokenize",
-             "/detokenize", "/health", "/metrics", "/")
+             "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -87,10 +88,12 @@ class State:
             from ..adapters import attach_adapters
 
             attach_adapters(pipeline.model, [path for _, path in settings.lora_modules])
+        # LoRA module name -> (adapter index, directory): --lora at start, /v1/load_lora_adapter later
+        self.adapters = {name: (i, path) for i, (name, path) in enumerate(settings.lora_modules, start=1)}
         engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context,
                                  prefix_cache=settings.prefix_cache, prefix_margin=settings.prefix_margin)
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
-        self.planner = Planner(pipeline, self.worker, settings)
+        self.planner = Planner(pipeline, self.worker, settings, self.adapters)
         self.created = int(time.time())
         if pipeline.tokenizer is not None:
             # Structured output's token tables take ~3 s at Gemma's 262,144 tokens: built now, off the request path.
@@ -108,7 +111,60 @@ class State:
         base = self.model_card()
         return [base] + [ModelCard(id=name, created=self.created, root=path, parent=self.settings.model_name,
                                    dgemma=dict(base.dgemma, adapter=i))
-                         for i, (name, path) in enumerate(self.settings.lora_modules, start=1)]
+                         for name, (i, path) in list(self.adapters.items())]
+
+    # ------------------------------------------------------------ LoRA adapters at run time
+    def _runtime_lora(self) -> None:
+        if not self.settings.allow_runtime_lora:
+            raise APIError(403, "loading and unloading LoRA adapters at run time is off; start the server with "
+                                "--allow-runtime-lora (it reads adapter directories on the server's host)",
+                           code="runtime_lora_disabled")
+
+    async def load_adapter(self, name: str, path: str) -> str:
+        """vLLM's /v1/load_lora_adapter: read and check the adapter off the event loop, then add it between two
+        engine steps; from then on requests may name it."""
+        from ..adapters import AdapterError, install_adapter, read_adapter
+
+        self._runtime_lora()
+        if not name.strip() or name == self.settings.model_name or name in self.adapters:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded." if name in self.adapters
+                           else "lora_name must be a new, non-empty name (not the base model's)", param="lora_name")
+        try:
+            loaded = await asyncio.to_thread(read_adapter, self.pipe.model, Path(path).expanduser())
+        except AdapterError as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        if name in self.adapters:  # a concurrent load of the same name won
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+        fut = self.worker.call(lambda: install_adapter(self.pipe.model, path, loaded))
+        self.adapters[name] = (await asyncio.wrap_future(fut), path)
+        log.info("loaded LoRA adapter %s from %s", name, path)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_adapter(self, name: str) -> str:
+        """vLLM's /v1/unload_lora_adapter: new requests stop finding it at once; its tensors go between two steps,
+        or the unload is a 409 while requests still run or wait on it (nothing is cut short)."""
+        from ..adapters import remove_adapter
+
+        self._runtime_lora()
+        entry = self.adapters.pop(name, None)
+        if entry is None:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
+                           code="model_not_found")
+        index = entry[0]
+
+        def drop() -> int:
+            busy = self.worker.uses(lambda p: p.adapter == index)
+            if not busy:
+                remove_adapter(self.pipe.model, index)
+            return busy
+
+        busy = await asyncio.wrap_future(self.worker.call(drop))
+        if busy:
+            self.adapters.setdefault(name, entry)
+            raise APIError(409, f"The lora adapter '{name}' is in use by {busy} request(s); unload it when they "
+                                "finish", param="lora_name", code="adapter_in_use")
+        log.info("unloaded LoRA adapter %s", name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     def model_card(self) -> ModelCard:
         s = self.pipe.sampler
@@ -363,6 +419,16 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         if card is None:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         return card.model_dump(exclude_none=True)
+
+    @api.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        req = parse(LoadLoRARequest, await read_json(request, settings.max_body_bytes))
+        return PlainTextResponse(await state.load_adapter(req.lora_name, req.lora_path))
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        req = parse(UnloadLoRARequest, await read_json(request, settings.max_body_bytes))
+        return PlainTextResponse(await state.unload_adapter(req.lora_name))
 
     @api.post("/v1/completions")
     async def completions(request: Request):

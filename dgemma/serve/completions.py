@@ -278,8 +278,9 @@ def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
 class Planner:
     """Turns validated request objects into Plans, with every check that needs the model or the settings."""
 
-    def __init__(self, pipeline, worker, settings):
+    def __init__(self, pipeline, worker, settings, adapters: dict[str, tuple[int, str]] | None = None):
         self.pipe, self.worker, self.settings = pipeline, worker, settings
+        self.adapters = adapters if adapters is not None else {}  # LoRA module name -> (index, path), live
         self.canvas = pipeline.model.cfg.canvas_length
 
     def completion(self, req: CompletionRequest) -> Plan:
@@ -445,10 +446,11 @@ class Planner:
     # ------------------------------------------------------------ pieces
     def _adapter(self, model: str | None) -> int:
         """The LoRA adapter a request's `model` names (0: the base model); 404 for a model not served here."""
-        i = self.settings.adapter_index(model)
+        if model is None or model == self.settings.model_name:
+            return 0
+        i = self.adapters.get(model, (None,))[0]
         if i is None:
-            served = ", ".join(f"`{n}`" for n in [self.settings.model_name] + [n for n, _ in
-                                                                                self.settings.lora_modules])
+            served = ", ".join(f"`{n}`" for n in [self.settings.model_name, *self.adapters])
             raise APIError(404, f"The model `{model}` does not exist. This server serves {served}.", param="model",
                            code="model_not_found")
         return i

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,7 @@ class Worker:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._cancels: list[Job] = []
+        self._calls: list[tuple[Callable[[], Any], Future]] = []  # run on the worker thread between two steps
         self._running: dict[int, Job] = {}  # engine request id -> job (worker thread only)
         self._active = 0  # len(_running), readable under the lock
         self._stop = False
@@ -128,6 +130,21 @@ class Worker:
                 self._cancels.extend(todo)
                 self._cond.notify_all()
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker thread between two engine steps (changing the model under a running engine,
+        e.g. adding a LoRA adapter); the future holds its result or its exception."""
+        fut: Future = Future()
+        with self._cond:
+            if not self.alive:
+                raise Unavailable("the engine is not running")
+            self._calls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    def uses(self, pred: Callable[[Any], bool]) -> int:
+        """Rows running or waiting whose params match `pred` (from a `call`, where nothing moves meanwhile)."""
+        return sum(pred(j.params) for j in list(self._waiting) + list(self._running.values()))
+
     def load(self) -> tuple[int, int]:
         """(rows running, rows waiting)."""
         with self._cond:
@@ -138,10 +155,17 @@ class Worker:
         try:
             while True:
                 with self._cond:
-                    while not (self._stop or self._waiting or self._cancels or self._running):
+                    while not (self._stop or self._waiting or self._cancels or self._running or self._calls):
                         self._cond.wait()
                     if self._stop:
                         break
+                    # between two steps, before this pass admits anything (quick calls: under the lock)
+                    calls, self._calls = self._calls, []
+                    for fn, fut in calls:
+                        try:
+                            fut.set_result(fn())
+                        except Exception as e:  # the caller's to handle
+                            fut.set_exception(e)
                     # A job may be cancelled twice (disconnect watcher and handler cleanup): once is enough.
                     cancels, self._cancels = list(dict.fromkeys(self._cancels)), []
                     waiting_cancelled = [j for j in cancels if j.state == "waiting"]
@@ -176,6 +200,9 @@ class Worker:
                 left = list(self._waiting) + list(self._running.values())
                 self._waiting.clear()
                 self._active = 0
+                calls, self._calls = self._calls, []
+            for _, fut in calls:
+                fut.set_exception(Unavailable("the engine stopped"))
             for job in left:
                 if job.rid is not None:
                     self.engine.cancel(job.rid)

@@ -133,6 +133,20 @@ class TokenizeRequest(_Strict):
     return_token_strs: bool = False
 
 
+class LoadLoRARequest(_Strict):
+    """vLLM's POST /v1/load_lora_adapter."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(_Strict):
+    """vLLM's POST /v1/unload_lora_adapter (`lora_int_id` is accepted and not needed)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]

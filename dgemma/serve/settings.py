@@ -22,6 +22,7 @@ class ServerSettings:
     prefix_margin: int | None = None  # tokens a cached context may be cut back once past the sliding window
     # LoRA adapters served over the base, each under its own model name: ((name, adapter directory), ...)
     lora_modules: tuple[tuple[str, str], ...] = ()
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths on this host)
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
@@ -44,10 +45,3 @@ class ServerSettings:
             if not n or n == self.model_name or names.count(n) > 1:
                 raise ValueError(f"LoRA module name {n!r} must be non-empty, unique and not the base model's name "
                                  f"({self.model_name!r})")
-
-    def adapter_index(self, model: str | None) -> int | None:
-        """The adapter a request's `model` names: 0 for the base (or no model given), i for the i-th LoRA module,
-        None for a model this server does not serve."""
-        if model is None or model == self.model_name:
-            return 0
-        return next((i for i, (n, _) in enumerate(self.lora_modules, start=1) if n == model), None)
