@@ -211,6 +211,7 @@ def web_server(tmp_path_factory):
                       generation_config={"max_denoising_steps": STEPS, "max_new_tokens": 128})
     settings = ServerSettings(model_name="tiny-words", max_concurrency=2, max_queue=4, max_context=1024)
     with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        s.ckpt = ckpt
         yield s
 
 
@@ -316,3 +317,36 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
     chrome.wait_for("document.body.dataset.state === 'error'", timeout=30)
     assert "byte-level" in chrome.js("document.getElementById('error').textContent")
     assert chrome.js("document.getElementById('schema').hidden")
+
+
+def test_page_picks_a_lora_adapter(chrome, web_server, tmp_path):
+    """With adapters served (`--lora`), the page offers them beside the base; a run on one is that adapter's."""
+    from test_adapters import make_adapter
+
+    pipe = Pipeline.load(str(web_server.ckpt), device="cpu", quiet=True)
+    path = str(make_adapter(pipe.model, tmp_path / "poet", ("all",), 1))
+    settings = ServerSettings(model_name="tiny-words", max_concurrency=2, lora_modules=(("poet", path),))
+    with ServerThread(create_app(pipe, settings)) as s:
+        chrome.send("Page.navigate", {"url": s.url + "/"})
+        chrome.wait_for("document.body && document.body.dataset.state === 'idle' && "
+                        "document.getElementById('model-select')", timeout=30)
+        options = chrome.js("[...document.getElementById('model-select').options].map(o => o.textContent)")
+        assert options == ["tiny-words", "poet (LoRA on tiny-words)"]
+        prompt = "Write about the sea ."
+        chrome.js(f"""(() => {{
+            const pick = document.getElementById('model-select');
+            pick.value = 'poet'; pick.dispatchEvent(new Event('change'));
+            document.getElementById('prompt').value = {json.dumps(prompt)};
+            document.getElementById('max-tokens').value = {CANVAS};
+            document.getElementById('seed').value = 2;
+            document.getElementById('compare').checked = false;
+            document.getElementById('run').click(); }})()""")
+        chrome.wait_for("document.body.dataset.state === 'running' || document.body.dataset.state === 'done'",
+                        timeout=10)
+        state = chrome.wait_for("['done', 'error'].includes(document.body.dataset.state) && "
+                                "document.body.dataset.state", timeout=60)
+        assert state == "done", chrome.js("document.getElementById('error').textContent")
+        want = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
+            "model": "poet", "messages": [{"role": "user", "content": prompt}], "max_tokens": CANVAS,
+            "seed": 2}).json()["choices"][0]["message"]["content"]
+        assert chrome.js("document.getElementById('output').textContent") == want

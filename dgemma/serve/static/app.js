@@ -36,6 +36,18 @@ async function loadModel() {
     state.canvasLength = d.canvas_length || 16;
     $("model-info").textContent = `${card.id} · canvas ${d.canvas_length} · ${d.steps} steps max · ` +
       `entropy bound ${d.entropy_bound}`;
+    if (body.data.length > 1) {  // LoRA adapters served over the base (dgemma serve --lora): pick one
+      const pick = document.createElement("select");
+      pick.id = "model-select";
+      for (const c of body.data) {
+        const o = document.createElement("option");
+        o.value = c.id;
+        o.textContent = c.parent ? `${c.id} (LoRA on ${c.parent})` : c.id;
+        pick.appendChild(o);
+      }
+      pick.addEventListener("change", () => { state.model = pick.value; });
+      $("model-info").append(" · model ", pick);
+    }
     $("steps").placeholder = d.steps ? `${d.steps}` : "default";
     if (d.entropy_bound !== undefined) $("entropy-bound").placeholder = `${d.entropy_bound}`;
     if (d.fim && !state.touched) {  // a code model (it knows fill-in-the-middle): start with a completion of code
