@@ -161,6 +161,11 @@ def add_sampling_args(s) -> None:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ar", action="store_true", help="decode autoregressively with the same weights (baseline)")
     g.add_argument("--ar-temperature", type=float, help="AR sampling temperature (default 0: greedy)")
+    g.add_argument("--top-k", type=int, help="AR sampling: keep the K most likely tokens (default 0: all)")
+    g.add_argument("--top-p", type=float, help="AR sampling: keep the fewest most likely tokens reaching P of the "
+                   "probability (default 1)")
+    g.add_argument("--min-p", type=float, help="AR sampling: keep tokens at least P times the likeliest one's "
+                   "probability (default 0)")
     g.add_argument("--rng", choices=["row", "reference"], help="randomness: per-row generators (default) or "
                    "transformers' global draws (reproduces transformers' generate)")
     g.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="add BIAS (-100..100) to token ID's "
@@ -188,7 +193,8 @@ def sampling_options(args) -> dict:
             "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
             "stability": args.stability, "confidence": args.confidence, "restarts": args.restarts,
             "stop": args.stop,
-            "ar_temperature": args.ar_temperature, "rng": args.rng, "logprobs": getattr(args, "logprobs", None),
+            "ar_temperature": args.ar_temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "rng": args.rng, "logprobs": getattr(args, "logprobs", None),
             "logit_bias": _logit_bias(getattr(args, "logit_bias", None)), "grammar": _grammar(args),
             "presence_penalty": getattr(args, "presence_penalty", None),
             "frequency_penalty": getattr(args, "frequency_penalty", None),

@@ -58,6 +58,11 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     mode: str = DIFFUSION  # or AR: autoregressive decoding through the encoder, the baseline
     ar_temperature: float = 0.0  # AR only: 0 = greedy
+    # AR sampling only (ar_temperature > 0), as vLLM applies them: keep the top_k most likely tokens (0: all), the
+    # smallest set reaching top_p of the probability, tokens at least min_p times the likeliest one's probability
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
     fixed: dict[int, int] | None = None  # first canvas: position -> token kept fixed (infill / edit)
     # first canvas (AR: the first canvas_length tokens): position -> the only tokens that may be sampled there
     allowed: dict[int, Sequence[int]] | None = None
@@ -99,6 +104,12 @@ class GenerationParams:
             raise GenerationError(f"rng must be 'row' or 'reference', got {self.rng!r}")
         if self.ar_temperature < 0:
             raise GenerationError("ar_temperature must be >= 0")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 <= self.top_p <= 1:
+            raise GenerationError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_TOP):
@@ -964,7 +975,10 @@ class Engine:
         if r.matcher is not None:
             logits = logits.masked_fill(~r.matcher.allowed().to(logits.device), float("-inf"))
         if r.p.ar_temperature > 0:
-            tok = S.draw(torch.softmax(logits.float() / r.p.ar_temperature, dim=-1), r.gen)
+            probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)
+            if r.p.top_k or r.p.top_p < 1 or r.p.min_p:
+                probs = S.truncate(probs, r.p.top_k, r.p.top_p, r.p.min_p)
+            tok = S.draw(probs, r.gen)
         else:
             tok = int(torch.argmax(logits))
         if r.p.logprobs is not None:

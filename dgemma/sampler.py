@@ -737,6 +737,27 @@ def draw(probs: Tensor, generator: torch.Generator) -> int:
     return int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp(max=probs.numel() - 1))
 
 
+def truncate(probs: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """`probs` [V] with the tail cut as vLLM and transformers cut it for sampling, the rest left as it is (`draw`
+    takes any positive sum): the `top_k` most likely tokens (0: all), the fewest most likely tokens whose
+    probability reaches `top_p` (the token that crosses it included), and tokens at least `min_p` times the most
+    likely one's probability. The most likely token always stays."""
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if min_p > 0:
+        keep &= probs >= min_p * probs.max()
+    if top_k or top_p < 1:
+        p, idx = probs.sort(descending=True, stable=True)  # ties in index order, as argmax breaks them
+        rank_keep = torch.ones_like(p, dtype=torch.bool)
+        if top_k:
+            rank_keep[top_k:] = False
+        if top_p < 1:
+            before = p.double().cumsum(0) - p.double()  # mass of the tokens ranked above each one
+            rank_keep &= before < top_p * p.double().sum()
+        keep &= torch.zeros_like(keep).scatter(0, idx, rank_keep)
+    keep[probs.argmax()] = True
+    return probs.masked_fill(~keep, 0)
+
+
 def raw_logprobs(logits: Tensor, tokens: Tensor, top: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Log-probabilities under the raw logits (before temperature: the model's own distribution, as vLLM reports
     by default) over materialised logits [..., V]: of `tokens` [...], and the `top` most likely tokens

@@ -468,3 +468,17 @@ def test_ar_fallback_routes_unsure_canvases_to_ar(model):
         generate(model, [prompt], base.replace(ar_fallback=0.0, mode=AR))
     with pytest.raises(GenerationError, match=">= 0"):
         generate(model, [prompt], base.replace(ar_fallback=-1.0))
+
+
+def test_ar_top_k_top_p_min_p(model):
+    """AR sampling cut to the most likely token is greedy decoding, whatever the temperature; a wider cut samples."""
+    p = _prompt(model)
+    greedy = generate(model, [p], GenerationParams(mode=AR, max_new_tokens=12, ignore_eos=True))[0].tokens
+    for cut in ({"top_k": 1}, {"top_p": 0.0}, {"min_p": 1.0}):
+        hot = GenerationParams(mode=AR, max_new_tokens=12, ignore_eos=True, ar_temperature=1.5, seed=3, **cut)
+        assert generate(model, [p], hot)[0].tokens == greedy
+    wide = GenerationParams(mode=AR, max_new_tokens=12, ignore_eos=True, ar_temperature=1.5, seed=3, top_k=50)
+    assert generate(model, [p], wide)[0].tokens != greedy
+    for bad, msg in (({"top_k": -1}, "top_k"), ({"top_p": 1.5}, "top_p"), ({"min_p": -0.1}, "min_p")):
+        with pytest.raises(GenerationError, match=msg):
+            generate(model, [p], GenerationParams(mode=AR, max_new_tokens=2, **bad))

@@ -28,6 +28,7 @@ from dgemma.sampler import (
     raw_logprobs,
     reference_init_canvas,
     reference_step,
+    truncate,
     renoise,
     temperature,
 )
@@ -548,3 +549,17 @@ def test_draw_follows_the_distribution():
     assert ((freq - probs.double()).abs() <= 4 * sigma + 1e-12).all(), freq
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert [draw(probs, g1) for _ in range(50)] == [draw(probs, g2) for _ in range(50)]
+
+
+def test_truncate_top_k_top_p_min_p():
+    p = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    kept = lambda **kw: (truncate(p, **kw) > 0).nonzero().flatten().tolist()  # noqa: E731
+    assert kept() == [0, 1, 2, 3, 4]
+    assert kept(top_k=2) == [1, 3] and kept(top_k=1) == [1]
+    assert kept(top_p=0.39) == [1] and kept(top_p=0.41) == [1, 3] and kept(top_p=0.8) == [1, 3, 4] and kept(top_p=0.86) == [1, 2, 3, 4]
+    assert kept(top_p=0.0) == [1]  # the most likely token always stays
+    assert kept(min_p=0.5) == [1, 3] and kept(min_p=0.25) == [1, 2, 3, 4]
+    assert kept(top_k=3, top_p=0.9, min_p=0.3) == [1, 3, 4] and kept(top_k=3, min_p=0.5) == [1, 3]
+    assert torch.equal(truncate(p, top_k=2)[[1, 3]], p[[1, 3]])  # what stays keeps its probability
+    tied = torch.tensor([0.2, 0.4, 0.4])  # bf16 logits tie often: top_k=1 keeps argmax's choice, the first
+    assert (truncate(tied, top_k=1) > 0).tolist() == [False, True, False]

@@ -972,6 +972,16 @@ def test_prefix_cache_usage_and_metrics(ckpt, client, pipe):
             assert float(metric.group(1)) == shared + u["cache_read_input_tokens"]
 
 
+def test_ar_sampling_cut(client):
+    """With ar: true the server samples with top_k / top_p / min_p (vLLM's); a cut to the likeliest token is greedy."""
+    greedy = complete(client, "Hello", ar=True, temperature=0, max_tokens=12, ignore_eos=True).choices[0].text
+    for cut in ({"top_p": 0.0}, {"extra_body": {"top_k": 1}}, {"extra_body": {"min_p": 1.0}}):
+        r = complete(client, "Hello", ar=True, temperature=1.5, seed=4, max_tokens=12, ignore_eos=True, **cut)
+        assert r.choices[0].text == greedy
+    with pytest.raises(openai.BadRequestError):
+        complete(client, "Hello", ar=True, extra_body={"top_k": -2})
+
+
 # ---------------------------------------------------------------- multi-LoRA
 def test_lora_modules(ckpt, tmp_path):
     """`--lora NAME=PATH`: each adapter is a model of its own in /v1/models and in requests; rows of different

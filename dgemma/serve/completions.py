@@ -523,6 +523,8 @@ class Planner:
                     grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
         if req.ar:
             base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
+            base.update(top_p=req.top_p, top_k=max(req.top_k, 0) if req.top_k is not None else None,
+                        min_p=req.min_p)
         fixed = None
         if suffix_ids:
             fixed = {self.canvas - len(suffix_ids) + k: t for k, t in enumerate(suffix_ids)}

@@ -66,7 +66,7 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
     body: dict[str, Any] = {"model": req.model, "messages": messages, "max_tokens": req.max_tokens,
                             "stream": req.stream,
                             **req.model_dump(include=set(DiffusionOptions.model_fields), exclude_unset=True)}
-    for name in ("temperature", "top_p", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed"):
         if getattr(req, name) is not None:
             body[name] = getattr(req, name)
     if req.stop_sequences:

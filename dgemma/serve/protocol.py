@@ -68,7 +68,10 @@ class _Common(DiffusionOptions):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)  # diffusion: ignored (fixed schedule); AR: 0 = greedy
-    top_p: float | None = Field(None, ge=0, le=1)  # accepted, ignored
+    # AR (`ar: true`) samples with these, as vLLM does; diffusion's sampler ignores them (its schedule is fixed)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's: -1 or 0 = all tokens
+    min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
