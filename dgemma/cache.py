@@ -119,6 +119,15 @@ class KVCache:
         """The same interface over a subset of rows (None = all rows, no copy). Reads gather, writes scatter back."""
         return self if rows is None else RowView(self, rows)
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row `dst` gets row `src`'s first `length` tokens (their K/V in every layer, a wrapped ring whole) and
+        that length: what encoding the same tokens into `dst` would write."""
+        for layer, cap in enumerate(self.capacity):
+            hi = cap if length > cap else length
+            self.k[layer][dst, :, :hi] = self.k[layer][src, :, :hi]
+            self.v[layer][dst, :, :hi] = self.v[layer][src, :, :hi]
+        self.lengths[dst] = length
+
     def fork(self, row: int, copies: int) -> "KVCache":
         """A new cache whose `copies` rows all start from row `row` of this one (e.g. n samples of one prompt)."""
         new = object.__new__(KVCache)

@@ -408,7 +408,9 @@ class Engine:
         self.free.remove(slot)
         row = _Row(rid, slot, list(prompt), params, self.V, self.T)
         held, self.held[slot] = self.held[slot], None  # the record goes with the row until it leaves
-        row.held, row.reused = list(held[:keep]) if keep else [], keep
+        # prefix caching only: the tokens the slot holds, kept up to date as the row writes more
+        row.held = (list(held[:keep]) if keep else []) if self.prefix_cache else None
+        row.reused = keep
         if params.grammar is not None:
             row.matcher = params.grammar.matcher(self.tok, self.V)
         self.rows[rid] = row
@@ -417,7 +419,7 @@ class Engine:
     def cancel(self, rid: int) -> None:
         row = self.rows.pop(rid, None)
         if row is not None:
-            self.held[row.slot] = row.held if self.prefix_cache else []
+            self.held[row.slot] = row.held
             self.held_adapter[row.slot] = row.p.adapter
             self.free.append(row.slot)
 
@@ -520,8 +522,9 @@ class Engine:
         at = {r.id: i for i, r in enumerate(enc)}
         for r in rows:
             if r.source is not None:
-                self._copy_slot(r.source, r)
-                r.reused, r.held = len(r.prompt), list(r.prompt)  # all of it came from the cache
+                self.cache.copy_row(r.source.slot, r.slot, len(r.prompt))
+                r.reused = len(r.prompt)  # all of it came from the cache
+                r.held = list(r.prompt) if self.prefix_cache else None
             else:
                 r.encoder_passes += r.id in at
                 if r.held is not None:
@@ -548,18 +551,6 @@ class Engine:
             r.source = None
             if r.p.mode == DIFFUSION and r.finished is None:
                 self._new_canvas(r, first=True)
-
-    def _copy_slot(self, src: _Row, dst: _Row) -> None:
-        """dst's slot gets src's K/V of src's prompt (the same tokens): what encoding them again would write."""
-        c = self.cache
-        L = len(src.prompt)
-        for layer in range(len(c.k)):
-            cap = c.capacity[layer]
-            kb, vb = c.storage(layer)
-            hi = cap if L > cap else L  # a wrapped ring: all of it
-            kb[dst.slot, :, :hi] = kb[src.slot, :, :hi]
-            vb[dst.slot, :, :hi] = vb[src.slot, :, :hi]
-        c.lengths[dst.slot] = L
 
     PROMPT_CHUNK = 256  # prompt positions per LM-head call for prompt logprobs: [256, V] logits at a time
 
@@ -633,7 +624,7 @@ class Engine:
         if fused and not constrained and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
             h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows],
-                               adapters=_adapters(rows))
+                          adapters=_adapters(rows))
             for key, idx in groups.items():
                 self._fused_group(h if sel[key] is None else h[sel[key]], [rows[i] for i in idx], key[0], events,
                                   inputs[key])
@@ -641,7 +632,7 @@ class Engine:
         # Replaying transformers' draws needs its logits bit for bit: one lm_head matmul over the vocabulary.
         reference = any(rng == "reference" for _, rng in groups)
         h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows],
-                               adapters=_adapters(rows))
+                      adapters=_adapters(rows))
         logits = m.logits(h, blocked=False) if reference else m.logits(h, out=self._logits_out(len(rows)))
         for i, r in enumerate(rows):
             r.add_bias(logits[i])
@@ -914,7 +905,7 @@ class Engine:
             return
         ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
         h = self.model.encode(ids, self._view(rows), head=False, known_lengths=[r.cached for r in rows],
-                               adapters=_adapters(rows))
+                              adapters=_adapters(rows))
         for i, r in enumerate(rows):
             r.cached += 1
             if r.held is not None:
@@ -957,7 +948,7 @@ class Engine:
             return
         ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
         logits = self.model.encode(ids, self._view(rows), known_lengths=[r.cached for r in rows],
-                               adapters=_adapters(rows))[:, 0]
+                                   adapters=_adapters(rows))[:, 0]
         for i, r in enumerate(rows):
             r.cached += 1
             if r.held is not None:
