@@ -8,6 +8,8 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
   dgemma-compiled      the default path with the denoiser's canvas pass through torch.compile (`--compile`); the
                        compile is timed apart (compile_s) and tokens are compared with dgemma-diffusion's
   dgemma-reference     the engine replaying transformers' global-RNG draws (same tokens as transformers)
+  dgemma-top-p         the engine with top_p 0.95 (a common client default): each step's distribution cut to its
+                       nucleus, over materialised logits (what a cut costs)
   dgemma-ar            autoregressive greedy decoding of the same weights through the encoder and KV cache
   dgemma-int8          the default path on the same weights after `dgemma quantize --scheme int8` (per channel)
   dgemma-int4          the same after `--scheme int4` (groups of 128); both report their weights' bytes and
@@ -37,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-compiled", "dgemma-reference", "dgemma-ar", "dgemma-int8",
-           "dgemma-int4", "transformers", "forward")
+ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-compiled", "dgemma-reference", "dgemma-top-p", "dgemma-ar",
+           "dgemma-int8", "dgemma-int4", "transformers", "forward")
 QUANT_ENGINES = {"dgemma-int8": ("int8", None), "dgemma-int4": ("int4", 128)}
 
 
@@ -139,7 +141,8 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
 
         def run(n_new, n_steps):
             params = GenerationParams(max_new_tokens=n_new, sampler=sampler.replace(max_denoising_steps=n_steps),
-                                      seed=seed, mode=mode, rng=rng, ignore_eos=(mode == AR))
+                                      seed=seed, mode=mode, rng=rng, ignore_eos=(mode == AR),
+                                      top_p=0.95 if engine == "dgemma-top-p" else 1.0)
             done = generate(model, [prompt], params, fused_head=False if engine == "dgemma-plain" else None)[0]
             return done.tokens, done.stats
 

@@ -161,10 +161,11 @@ def add_sampling_args(s) -> None:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ar", action="store_true", help="decode autoregressively with the same weights (baseline)")
     g.add_argument("--ar-temperature", type=float, help="AR sampling temperature (default 0: greedy)")
-    g.add_argument("--top-k", type=int, help="AR sampling: keep the K most likely tokens (default 0: all)")
-    g.add_argument("--top-p", type=float, help="AR sampling: keep the fewest most likely tokens reaching P of the "
+    g.add_argument("--top-k", type=int, help="sample (AR, and each diffusion step) from the K most likely "
+                   "tokens (default 0: all)")
+    g.add_argument("--top-p", type=float, help="sample from the fewest most likely tokens reaching P of the "
                    "probability (default 1)")
-    g.add_argument("--min-p", type=float, help="AR sampling: keep tokens at least P times the likeliest one's "
+    g.add_argument("--min-p", type=float, help="sample from tokens at least P times the likeliest one's "
                    "probability (default 0)")
     g.add_argument("--rng", choices=["row", "reference"], help="randomness: per-row generators (default) or "
                    "transformers' global draws (reproduces transformers' generate)")
@@ -917,6 +918,10 @@ def cmd_code(args) -> int:
         if h < 0:
             raise UsageError("--ar-fallback takes a mean entropy >= 0")
         settings.append(f"completion:fallback@{h:g}")
+    for tp in args.top_p or []:
+        if not 0 <= tp <= 1:
+            raise UsageError("--top-p takes a probability in [0, 1]")
+        settings.append(f"completion:top_p@{tp:g}")
     report = CE.run_eval(args.model, args.data, n=args.n, steps=args.steps, seed=args.seed,
                          loss_examples=args.loss_examples, settings=tuple(settings), progress=True)
     print(CE.format_report(report))
@@ -953,6 +958,8 @@ def _add_code_parser(sub) -> None:
     e.add_argument("--ar-fallback", type=float, action="append", metavar="H",
                    help="also completion by diffusion with canvases that end above mean entropy H decoded AR instead "
                         "(repeatable)")
+    e.add_argument("--top-p", type=float, action="append", metavar="P",
+                   help="also completion by diffusion with each step cut to its top-P nucleus (repeatable)")
     e.add_argument("--json", help="also write the report to this JSON file")
     e.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     s.set_defaults(func=cmd_code)

@@ -58,8 +58,10 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     mode: str = DIFFUSION  # or AR: autoregressive decoding through the encoder, the baseline
     ar_temperature: float = 0.0  # AR only: 0 = greedy
-    # AR sampling only (ar_temperature > 0), as vLLM applies them: keep the top_k most likely tokens (0: all), the
-    # smallest set reaching top_p of the probability, tokens at least min_p times the likeliest one's probability
+    # The sampling cut, as vLLM applies it, in its order: tokens at least min_p times the likeliest one's
+    # probability, the top_k most likely of those (0: all), the fewest of what is left reaching top_p of its
+    # probability. AR sampling (ar_temperature > 0) draws from what is left; a diffusion step samples, measures
+    # entropy and self-conditions on it (the draft, its argmax, is unchanged), as vLLM's diffusion sampler does.
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
@@ -93,6 +95,11 @@ class GenerationParams:
     grammar: Grammar | None = None
     # the LoRA adapter this row runs with, on a model serving several (`adapters.attach_adapters`); 0 = the base
     adapter: int = 0
+
+    @property
+    def truncates(self) -> bool:
+        """Whether min_p, top_k or top_p cut anything."""
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
 
     def validate(self, canvas: int, vocab: int) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
@@ -621,7 +628,9 @@ class Engine:
                   if key[1] == "row"}
         # `allowed` masks need the logits; biases (logit_bias, penalties) are added to the fused head's blocks
         constrained = any(r.canvas_idx == 0 and len(r.allowed_pos) for r in rows)
-        if fused and not constrained and all(rng == "row" for _, rng in groups):
+        # A cut (min_p / top_k / top_p) needs each position's whole distribution before the step: the logits
+        truncated = any(r.p.truncates for r in rows)
+        if fused and not constrained and not truncated and all(rng == "row" for _, rng in groups):
             # The default path: the LM head is fused into the sampler step, logits are never materialised.
             h = m.denoise(canvas, self._view(rows), sc=sc, head=False, known_lengths=[r.cached for r in rows],
                           adapters=_adapters(rows))
@@ -648,17 +657,33 @@ class Engine:
                 logits[i, pos, tok] = 0.0
         for (cfg, rng), idx in groups.items():
             sub = logits if sel[(cfg, rng)] is None else logits[sel[(cfg, rng)]]
+            floor = self._floors([rows[i] for i in idx], cfg, sub) if truncated else None
             if rng == "reference":
                 assert len(idx) == 1
                 r = rows[idx[0]]
-                out = S.reference_step(sub, cfg.max_denoising_steps - r.step, cfg, r.canvas[None].to(sub.device),
-                                       sc_dtype=m.dtype)
+                k = cfg.max_denoising_steps - r.step
+                # the cut as transformers applies a logits processor: the cut tokens' logits are -inf
+                cut = sub if floor is None else \
+                    sub.masked_fill(sub / S.temperature(k, cfg, sub.device) < floor[..., None], float("-inf"))
+                out = S.reference_step(cut, k, cfg, r.canvas[None].to(sub.device), sc_dtype=m.dtype)
                 r_lp = None if r.p.logprobs is None else S.raw_logprobs(sub[0], out.argmax[0], r.p.logprobs)
                 self._after_step(r, cfg, out.canvas[0].cpu(), out.argmax[0].cpu(), out.entropies[0],
                                  out.accepted[0], None, out.sc_logits[0], events, r_lp)
             else:
-                self._fused_group(None, [rows[i] for i in idx], cfg, events, inputs[(cfg, rng)], logits=sub)
+                self._fused_group(None, [rows[i] for i in idx], cfg, events, inputs[(cfg, rng)], logits=sub,
+                                  floor=floor)
         del logits
+
+    def _floors(self, rows: list[_Row], cfg: SamplerConfig, logits: torch.Tensor) -> torch.Tensor:
+        """Each position's lowest kept processed logit under its row's min_p / top_k / top_p (-inf for a row
+        without a cut), from the step's final logits [rows, canvas, V] (biases, bans and pins applied), in the
+        step's units x = l / T_k."""
+        floor = torch.full(logits.shape[:2], float("-inf"), dtype=torch.float32, device=logits.device)
+        for i, r in enumerate(rows):
+            if r.p.truncates:
+                t = S.temperature(cfg.max_denoising_steps - r.step, cfg, logits.device)
+                floor[i] = S.truncation_floor(logits[i].float(), t, r.p.top_k, r.p.top_p, r.p.min_p)
+        return floor
 
     SUBSET = 4096  # grammar walk: at most this many allowed tokens, and the softmax runs over them alone
     KEEP = 8  # grammar walk on the fused path: positions from the frontier whose logits the head pass keeps
@@ -691,6 +716,10 @@ class Engine:
             sub = row[ids] if ids is not None else row.masked_fill(~allowed, float("-inf"))
             lp = torch.log_softmax(sub / t.to(row.device), dim=-1)
             p = lp.exp()
+            if r.p.truncates:  # the cut over what the grammar allows, as AR sampling cuts
+                p = S.truncate(p, r.p.top_k, r.p.top_p, r.p.min_p)
+                p = p / p.sum()
+                lp = torch.log(p)
             h = float(-(p * lp.clamp(min=torch.finfo(lp.dtype).min)).sum())
             over = j > first and spent + h - max(top, h) > cfg.entropy_bound
             if over and k > 1:
@@ -734,9 +763,10 @@ class Engine:
             buf = self._logits_buf = torch.empty(need, dtype=torch.float32, device=self.model.device)
         return buf[:need].view(rows, self.T, self.V)
 
-    def _fused_group(self, h, rows: list[_Row], cfg: SamplerConfig, events, inputs, logits=None) -> None:
-        """One fused sampler step for rows that share sampler options (from hidden states, or from logits), with
-        their `_step_inputs`."""
+    def _fused_group(self, h, rows: list[_Row], cfg: SamplerConfig, events, inputs, logits=None,
+                     floor=None) -> None:
+        """One fused sampler step for rows that share sampler options (from hidden states, or from logits, with
+        their cuts' `floor`), with their `_step_inputs`."""
         m = self.model
         k, draws = inputs
         scale = float(m.embed_scale())
@@ -764,7 +794,7 @@ class Engine:
                 at += len(ps)
         else:
             out = S.fused_step(logits, k, cfg, draws=draws, embedding=E if want_sc else None, embed_scale=scale,
-                               logprobs=top)
+                               logprobs=top, floor=floor)
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
         lp, top_ids, top_lp = out.logprob, out.top_ids, out.top_logprobs
@@ -967,7 +997,7 @@ class Engine:
             logits = logits.masked_fill(~r.matcher.allowed().to(logits.device), float("-inf"))
         if r.p.ar_temperature > 0:
             probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)
-            if r.p.top_k or r.p.top_p < 1 or r.p.min_p:
+            if r.p.truncates:
                 probs = S.truncate(probs, r.p.top_k, r.p.top_p, r.p.min_p)
             tok = S.draw(probs, r.gen)
         else:

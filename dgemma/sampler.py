@@ -3,7 +3,9 @@
 One denoising *step* turns the decoder's logits for a *canvas* (a block of `canvas` positions that is
 denoised together) into the next canvas. For `k = N, N-1, ..., 1` (k counts the steps *remaining*):
 
-    1. temperature  T_k = t_min + (t_max - t_min) * k / N, processed logits l' = l / T_k
+    1. temperature  T_k = t_min + (t_max - t_min) * k / N, processed logits l' = l / T_k; with a request's
+                    min_p / top_k / top_p (as vLLM applies them to a diffusion step), the tokens they cut get
+                    l' = -inf (`truncation_floor`): no mass in the sample, the entropy or the self-conditioning
     2. sample       candidates x_i ~ softmax(l'_i); the *draft* is argmax(l'_i)
     3. entropy      H_i of softmax(l'_i)
     4. accept       the longest low-entropy prefix with  sum(H) - max(H) <= entropy_bound
@@ -69,6 +71,7 @@ A restart (`SamplerConfig.restarts`) of canvas c, attempt a = 1, 2, ..., reseeds
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -515,15 +518,18 @@ def fused_step(
     embed_scale: float = 1.0,
     block: int | None = None,
     logprobs: int | None = None,
+    floor: Tensor | None = None,
 ) -> FusedStep:
-    """One denoising step over materialised logits [rows, canvas, vocab] (any float dtype). See `_fused`."""
+    """One denoising step over materialised logits [rows, canvas, vocab] (any float dtype). See `_fused`.
+    floor: [rows, canvas] fp32, the lowest processed logit l / T_k each position keeps (`truncation_floor`;
+    -inf keeps all), or None."""
     rows, canvas_len, vocab = logits.shape
 
     def source(lo: int, hi: int) -> Tensor:
         return logits[..., lo:hi].reshape(rows * canvas_len, hi - lo).float()
 
     return _fused(source, rows, canvas_len, vocab, logits.device, k_remaining, cfg, row_generators, draws,
-                  embedding, embed_scale, block, logprobs)
+                  embedding, embed_scale, block, logprobs, floor=floor)
 
 
 def fused_head_step(
@@ -566,7 +572,7 @@ def fused_head_step(
 
 
 def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_generators, draws, embedding,
-           embed_scale, block, logprobs=None, keep_rows=None) -> FusedStep:
+           embed_scale, block, logprobs=None, keep_rows=None, floor=None) -> FusedStep:
     """One denoising step in one streaming pass over the vocabulary, one block at a time, in a fixed order.
 
     source(lo, hi) returns the fp32 logits of entries [lo, hi) (at most one block) for all N = rows * canvas
@@ -586,6 +592,9 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
        cumulative sums instead of one over the block (a 4,096-entry fp64 cumsum per position was a third of a
        step at 8,192); the chunk sums are fp32, so a chunk's share is exact to float rounding (~1e-7 relative).
     5. Accept (stable tie order) and renoise.
+    With `floor` ([rows, canvas], the lowest x each position keeps), every x below it is -inf from step 2 on: the
+    sample, entropy and soft embedding are those of the truncated distribution; the draft (the max stays) and the
+    log-probabilities (raw logits) do not change.
     With `logprobs=n` (None: skipped, no cost), each block also feeds an online logsumexp of the *raw* logits
     (before temperature), their value at the block's argmax and their top n, for `raw_logprobs`' quantities.
     Every quantity is computed on whole blocks in a fixed order and reduced along the vocabulary only, so tokens,
@@ -610,6 +619,8 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
         raise ValueError(f"draws: uniforms must be [rows, canvas, n_blocks + 1] = {[rows, canvas_len, nb + 1]}, "
                          f"got {list(uniforms.shape)} (draw them with the same block size)")
     uniforms = uniforms.reshape(N, nb + 1)
+    if floor is not None:
+        floor = floor.reshape(N, 1).to(device=device, dtype=torch.float32)
 
     # 2.
     block_max = torch.empty(N, nb, dtype=torch.float32, device=device)
@@ -639,6 +650,11 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
         if keep_rows is not None:
             kept_logits[:, lo:hi] = raw[keep_rows]
         x = raw / temp
+        shift_max = None
+        if floor is not None:
+            if logprobs is not None:  # the raw log-sum-exp's shift below is the block's max before the cut
+                shift_max = x.amax(dim=-1)
+            x.masked_fill_(x < floor, float("-inf"))
         if cpu:  # the max alone, its first index from d below (_first_zero): the same index, ~4x cheaper
             bmax = x.amax(dim=-1)
         else:  # one kernel on a GPU; max(dim) returns the first index of the max, like argmax
@@ -655,7 +671,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
         if logprobs is not None:
             raw_at_arg[:, b] = raw.gather(1, barg[:, None]).squeeze(1)
             # The block's max of x times T is its raw max (to rounding): a safe shift, with no pass for a max.
-            shift = (bmax * temp[:, 0]).clamp(min=_F32_MIN)
+            shift = ((bmax if shift_max is None else shift_max) * temp[:, 0]).clamp(min=_F32_MIN)
             part = _sum_exp(raw, shift[:, None])  # fp32 in the block, combined in fp64 as above
             new_rmax = torch.maximum(raw_max, shift.double())
             raw_sum = raw_sum * torch.exp(raw_max - new_rmax) + part.double() * torch.exp(shift.double() - new_rmax)
@@ -738,24 +754,70 @@ def draw(probs: Tensor, generator: torch.Generator) -> int:
 
 
 def truncate(probs: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
-    """`probs` [V] with the tail cut as vLLM and transformers cut it for sampling, the rest left as it is (`draw`
-    takes any positive sum): the `top_k` most likely tokens (0: all), the fewest most likely tokens whose
-    probability reaches `top_p` (the token that crosses it included), and tokens at least `min_p` times the most
-    likely one's probability. The most likely token always stays."""
+    """`probs` [V] with the tail cut as vLLM cuts it for sampling, the rest left as it is (`draw` takes any
+    positive sum), in vLLM's order: tokens at least `min_p` times the most likely one's probability, then the
+    `top_k` most likely of those (0: all), then the fewest most likely of what is left whose share of its
+    probability reaches `top_p` (the token that crosses it included). The most likely token always stays. Ties
+    are ranked in index order, as argmax breaks them, so a cut to one token is greedy decoding."""
     keep = torch.ones_like(probs, dtype=torch.bool)
     if min_p > 0:
         keep &= probs >= min_p * probs.max()
     if top_k or top_p < 1:
         p, idx = probs.sort(descending=True, stable=True)  # ties in index order, as argmax breaks them
-        rank_keep = torch.ones_like(p, dtype=torch.bool)
+        rank_keep = keep[idx]
         if top_k:
             rank_keep[top_k:] = False
         if top_p < 1:
-            before = p.double().cumsum(0) - p.double()  # mass of the tokens ranked above each one
-            rank_keep &= before < top_p * p.double().sum()
-        keep &= torch.zeros_like(keep).scatter(0, idx, rank_keep)
+            left = p.double() * rank_keep
+            before = left.cumsum(0) - left  # mass of the tokens left and ranked above each one
+            rank_keep &= before < top_p * left.sum()
+        keep = torch.zeros_like(keep).scatter(0, idx, rank_keep)
     keep[probs.argmax()] = True
     return probs.masked_fill(~keep, 0)
+
+
+def truncation_floor(logits: Tensor, temperature: float | Tensor = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0) -> Tensor:
+    """The lowest processed logit x = logits / temperature each position keeps under min_p, top_k and top_p
+    (`truncate`'s cut, in its order), for a diffusion step: logits [N, V] fp32 -> [N] fp32 in x's units, -inf
+    where nothing is cut. x is never materialised: its values are the logits' divided, bit for bit the step's.
+
+    A diffusion step cuts every position of a canvas at once, so the cut is a threshold on x rather than a sorted
+    list per position: a token whose x ties the floor stays (with ties at the boundary, top_k may keep more than
+    k; vLLM's and transformers' top_k cut at the k-th value the same way). The position's max always stays.
+    min_p is `x >= max + ln(min_p)`, top_k the k-th largest x; top_p then takes the fewest most likely of the
+    tokens left whose share of their mass (exp(x - max)) reaches top_p, read off the top 64 values per position,
+    then 1,024, then 16,384 for the positions whose nucleus is wider, then all of them (a flat distribution's
+    nucleus holds most of the vocabulary: top_p over a wide one is a sort per position)."""
+    N, n = logits.shape
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
+    m = logits.amax(dim=-1) / t  # the max of x (division by t > 0 keeps the order, and rounds monotonically)
+    floor = torch.full_like(m, float("-inf"))
+    if min_p > 0:
+        floor = m + math.log(min_p)
+    if 0 < top_k < n:
+        floor = torch.maximum(floor, logits.topk(top_k, dim=-1).values[:, -1] / t)
+    if top_p >= 1:
+        return floor
+    # the mass left, exp(x - max) summed (exp2 in fp32, as the step's own sums) over column blocks that stay in cache
+    total = torch.zeros(N, dtype=torch.float64, device=logits.device)
+    for lo in range(0, n, HEAD_BLOCK):
+        xb = logits[:, lo:lo + HEAD_BLOCK] / t
+        total += _sum_exp(xb.masked_fill_(xb < floor[:, None], float("-inf")), m[:, None]).double()
+    target = top_p * total  # the share of it that the nucleus must reach
+    todo = torch.arange(N, device=logits.device)
+    k = min(64, n)
+    while todo.numel():
+        v = logits[todo].topk(k, dim=-1).values / t  # descending
+        w = torch.exp2((v - m[todo, None]).mul_(_LOG2E)).masked_fill_(v < floor[todo, None], 0).double()
+        before = w.cumsum(-1) - w
+        keep = before < target[todo, None]
+        keep[:, 0] = True  # the most likely token always stays (top_p = 0 keeps it alone)
+        done = ~keep[:, -1] if k < n else torch.ones_like(keep[:, -1])  # a prefix: ends inside the top k
+        last = keep.sum(-1, keepdim=True) - 1
+        floor[todo[done]] = torch.maximum(floor[todo[done]], v.gather(1, last).squeeze(1)[done])
+        todo, k = todo[~done], min(16 * k, n)
+    return floor
 
 
 def raw_logprobs(logits: Tensor, tokens: Tensor, top: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:

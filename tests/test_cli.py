@@ -237,6 +237,7 @@ def test_bench_errors_are_one_line(args, msg, tmp_path):
     (("sudoku", "gen", "--out", "X", "--workers", "0"), "argument --workers: expected a positive integer"),
     (("code", "eval", "M", "--data", "D", "--steps", "0"), "argument --steps: expected a positive integer"),
     (("code", "eval", "M", "--data", "D", "--n", "many"), "argument --n: expected a positive integer, got 'many'"),
+    (("code", "eval", "M", "--data", "D", "--top-p", "1.5"), "--top-p takes a probability in [0, 1]"),
 ])
 def test_counts_and_threads_must_be_positive(args, msg):
     """Counts that once misbehaved quietly: `sudoku eval --n 0` ran every puzzle of the file and `--n -2` one,

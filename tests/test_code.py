@@ -187,8 +187,10 @@ def test_functions_and_eval_end_to_end(data, tmp_path):
         assert r["functions"] == 2 and 0 <= r["parses"] <= 1 and r["tokens_per_s"] > 0
     assert report["heldout_loss"]["diffusion_loss"] > 0 and report["heldout_loss"]["ar_loss"] > 0
     assert "held-out loss" in CE.format_report(report)
-    again = CE.run_eval(str(ckpt), str(out), n=2, steps=4, loss_examples=0, settings=("completion:diffusion",))
+    again = CE.run_eval(str(ckpt), str(out), n=2, steps=4, loss_examples=0,
+                        settings=("completion:diffusion", "completion:top_p@0"))
     assert again["results"][0]["samples"] == report["results"][0]["samples"]  # a fixed seed decodes the same
+    assert again["results"][1]["setting"] == "completion:top_p@0" and again["results"][1]["functions"] == 2
 
 
 def cli(*args):

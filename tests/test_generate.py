@@ -80,6 +80,59 @@ def test_matches_transformers_generate(hf_pair, name, sampler):
         assert got.finish_reason == ("stop" if cut is not None else "length")
 
 
+
+class _VllmCut:
+    """The oracle for dgemma's diffusion cut: transformers' own MinP, TopK and TopP warpers applied in vLLM's
+    order to the temperature-scaled logits (transformers' schedule, from cur_step = steps remaining); the tokens
+    they cut get -inf in the raw logits, which generate's temperature processor then divides."""
+
+    def __init__(self, sampler, top_k=0, top_p=1.0, min_p=0.0):
+        from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.t = (sampler["t_min"], sampler["t_max"], sampler["max_denoising_steps"])
+        self.warpers = [w for w in (MinPLogitsWarper(min_p) if min_p else None,
+                                    TopKLogitsWarper(top_k) if top_k else None,
+                                    TopPLogitsWarper(top_p) if top_p < 1 else None) if w is not None]
+
+    def __call__(self, input_ids, scores, cur_step):
+        t_min, t_max, n = self.t
+        x = scores / (t_min + ((t_max - t_min) * (cur_step / n)))
+        x = x.reshape(-1, x.shape[-1])  # the warpers take [positions, vocab]
+        for w in self.warpers:
+            x = w(input_ids, x)
+        return scores.masked_fill(x.view(scores.shape) == float("-inf"), float("-inf"))
+
+
+@pytest.mark.parametrize("cut", [dict(top_k=3), dict(top_p=0.7), dict(min_p=0.1),
+                                 dict(min_p=0.02, top_k=8, top_p=0.9)])
+def test_diffusion_cut_matches_transformers(hf_pair, cut):
+    """min_p / top_k / top_p on a diffusion step, as vLLM applies them (after temperature; the sample, the
+    entropies and self-conditioning see the cut distribution): token for token what transformers' generate
+    gives with its own warpers doing that cut as a logits processor."""
+    from transformers import LogitsProcessorList
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    ours, hf = hf_pair["a"]
+    sampler = dict(max_denoising_steps=6, entropy_bound=0.5, t_min=0.4, t_max=0.8, stability_threshold=1,
+                   confidence_threshold=0.005)
+    prompt = _prompt(ours, n=12, seed=5)
+    max_new = 2 * ours.cfg.canvas_length
+    hf_kw = {k: v for k, v in sampler.items() if k != "entropy_bound"}
+    hf_kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=sampler["entropy_bound"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, **hf_kw,
+                          logits_processor=LogitsProcessorList([_VllmCut(sampler, **cut)])).sequences[0, len(prompt):]
+    ref = ref.tolist()
+    cut_at = next((i for i, t in enumerate(ref) if t in (1, 106, 50)), len(ref))
+    params = GenerationParams(max_new_tokens=max_new, sampler=SamplerConfig(**sampler), seed=0, rng="reference",
+                              **cut)
+    got = generate(ours, [prompt], params)[0]
+    assert got.tokens == ref[:cut_at]
+    plain = GenerationParams(max_new_tokens=max_new, sampler=SamplerConfig(**sampler), seed=0, rng="reference")
+    assert generate(ours, [prompt], plain)[0].tokens != got.tokens  # the cut is not a no-op here
+
+
 # ---------------------------------------------------------------- engine guarantees
 def test_events_and_stats(model):
     T = model.cfg.canvas_length
@@ -468,6 +521,24 @@ def test_ar_fallback_routes_unsure_canvases_to_ar(model):
         generate(model, [prompt], base.replace(ar_fallback=0.0, mode=AR))
     with pytest.raises(GenerationError, match=">= 0"):
         generate(model, [prompt], base.replace(ar_fallback=-1.0))
+
+
+def test_diffusion_cut(model):
+    """A cut to the likeliest token makes every step's distribution one-hot: zero entropy, every position
+    accepted, each step's canvas its draft. The draft's logprob stays the raw model's. A row with a cut runs
+    through the materialised logits; the rows beside it give the same tokens as without it (batch-invariant)."""
+    p, q = _prompt(model), _prompt(model, 7, 1)
+    base = GenerationParams(max_new_tokens=2 * model.cfg.canvas_length, ignore_eos=True, seed=4,
+                            sampler=SamplerConfig(max_denoising_steps=4))
+    for cut in ({"top_k": 1}, {"top_p": 0.0}, {"min_p": 1.0}):
+        evs = list(generate(model, [p], base.replace(logprobs=0, **cut), drafts=True, events=True))
+        drafts = [e for e in evs if isinstance(e, Draft)]
+        assert drafts and all(all(d.accepted) and d.mean_entropy == 0.0 for d in drafts)
+        assert all(lp < 0 for lp in evs[-1].logprobs)  # raw log-probabilities, not the cut's (0.0)
+    wide = base.replace(top_k=40, top_p=0.95)
+    alone = [generate(model, [x], prm)[0].tokens for x, prm in ((p, base), (q, wide))]
+    assert [o.tokens for o in generate(model, [p, q], [base, wide])] == alone
+    assert alone[1] != generate(model, [q], base)[0].tokens
 
 
 def test_ar_top_k_top_p_min_p(model):

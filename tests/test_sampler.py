@@ -28,8 +28,9 @@ from dgemma.sampler import (
     raw_logprobs,
     reference_init_canvas,
     reference_step,
-    truncate,
     renoise,
+    truncate,
+    truncation_floor,
     temperature,
 )
 
@@ -372,6 +373,68 @@ def test_fused_step_logprobs(top):
         assert out.top_ids is None and out.top_logprobs is None
 
 
+
+def _vllm_cut_keeps(x, top_k, top_p, min_p):
+    """What one position keeps, the slow way: min_p, top_k, then top_p over a full sort of what is left."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if min_p:
+        keep &= x - x.max() >= math.log(min_p)
+    if top_k:
+        keep &= x >= x.topk(top_k).values[-1]
+    if top_p < 1:
+        w, order = (torch.exp(x - x.max()).double() * keep).sort(descending=True)
+        nucleus = (w.cumsum(0) - w) < top_p * w.sum()
+        nucleus[0] = True
+        keep &= x >= x[order[nucleus]].min()
+    return keep
+
+
+@pytest.mark.parametrize("vocab", [50, 1000, 5000])  # 5000: flat rows read past the first 64 and 512 values
+def test_truncation_floor(vocab):
+    """The diffusion cut's per-position threshold keeps what vLLM's order keeps, and (on positions without ties)
+    what `truncate`, AR sampling's cut, keeps of the tokens with any probability."""
+    g = torch.Generator().manual_seed(vocab)
+    for top_k, top_p, min_p in ((0, 1.0, 0.0), (1, 1.0, 0.0), (7, 1.0, 0.0), (0, 0.0, 0.0), (0, 0.5, 0.0),
+                                (0, 0.97, 0.0), (0, 1.0, 0.05), (0, 1.0, 1.0), (40, 0.9, 0.01), (3, 0.6, 0.2)):
+        x = torch.randn(6, vocab, generator=g) * torch.tensor([0.05, 0.5, 2, 5, 20, 80])[:, None]
+        x[5, :10] = float("-inf")  # banned tokens
+        floor = truncation_floor(x, 1.0, top_k, top_p, min_p)
+        for i in range(6):
+            keep = x[i] >= floor[i]
+            assert torch.equal(keep, _vllm_cut_keeps(x[i], top_k, top_p, min_p)), (i, top_k, top_p, min_p)
+            assert keep[x[i].argmax()]
+            probs = torch.softmax(x[i], -1)  # (entries that underflow to 0 are never drawn either way)
+            assert torch.equal(keep & (probs > 0), truncate(probs, top_k, top_p, min_p) > 0)
+        if (top_k, top_p, min_p) == (0, 1.0, 0.0):
+            assert torch.isneginf(floor).all()
+
+
+def test_fused_step_floor():
+    """A floor cuts the processed logits below it: the step is the step over logits with those entries at -inf
+    (sample, entropy, accept, soft embedding), with the draft and the raw log-probabilities unchanged."""
+    cfg = SamplerConfig()
+    logits, emb = _case(5)
+    draws = draw_step_noise(_gens(1, 2, 3), CANVAS, VOCAB, block=BLOCK)
+    x = logits / temperature(10, cfg)
+    floor = torch.stack([truncation_floor(logits[r], temperature(10, cfg), top_k=5, top_p=0.8)
+                         for r in range(ROWS)])
+    floor[1] = float("-inf")  # a row without a cut
+    out = fused_step(logits, 10, cfg, draws=draws, embedding=emb, block=BLOCK, logprobs=3, floor=floor)
+    cut = fused_step(logits.masked_fill(x < floor[..., None], float("-inf")), 10, cfg, draws=draws, embedding=emb,
+                     block=BLOCK)
+    plain = fused_step(logits, 10, cfg, draws=draws, embedding=emb, block=BLOCK, logprobs=3)
+    for a, b in zip(out[:6], cut[:6]):
+        assert torch.equal(a, b)
+    for a, b in zip(out[6:9], plain[6:9]):
+        assert torch.equal(a, b)
+    assert torch.equal(out.argmax, plain.argmax)
+    for a, b in zip(out[:6], plain[:6]):  # the row without a cut is the plain step's
+        assert torch.equal(a[1], b[1])
+    assert not torch.equal(out.entropies[2], plain.entropies[2])
+    ranks = (x >= x.gather(-1, out.candidates[..., None])).sum(-1)  # each sample's rank in its position
+    assert (ranks[[0, 2]] <= 5).all()
+
+
 def test_fused_step_batch_invariance():
     cfg = SamplerConfig()
     logits, emb = _case(2)
@@ -560,6 +623,8 @@ def test_truncate_top_k_top_p_min_p():
     assert kept(top_p=0.0) == [1]  # the most likely token always stays
     assert kept(min_p=0.5) == [1, 3] and kept(min_p=0.25) == [1, 2, 3, 4]
     assert kept(top_k=3, top_p=0.9, min_p=0.3) == [1, 3, 4] and kept(top_k=3, min_p=0.5) == [1, 3]
+    # vLLM's order: top_p is a share of what min_p and top_k left (0.4 of 0.7 passes 0.55 of it: one token)
+    assert kept(top_k=2, top_p=0.55) == [1] and kept(min_p=0.5, top_p=0.55) == [1]
     assert torch.equal(truncate(p, top_k=2)[[1, 3]], p[[1, 3]])  # what stays keeps its probability
     tied = torch.tensor([0.2, 0.4, 0.4])  # bf16 logits tie often: top_k=1 keeps argmax's choice, the first
     assert (truncate(tied, top_k=1) > 0).tolist() == [False, True, False]

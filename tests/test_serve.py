@@ -611,9 +611,15 @@ def test_diffusion_options_change_the_run(client):
     r = complete(client, seed=3, ignore_eos=True, steps=2, confidence_threshold=1e-9, restarts=2)
     assert r.usage.model_extra["steps_per_canvas"] == 6
     assert set(r.model_extra["dgemma"]["choices"][0]["restarts_per_canvas"]) == {2}
-    # temperature / top_p are accepted and ignored by diffusion (fixed schedule)
-    assert complete(client, seed=3, ignore_eos=True, temperature=1.7, top_p=0.1).choices[0].text == \
-        complete(client, seed=3, ignore_eos=True).choices[0].text
+    # temperature is accepted and ignored by diffusion (its schedule is fixed, as in vLLM)
+    plain = complete(client, seed=3, ignore_eos=True)
+    assert complete(client, seed=3, ignore_eos=True, temperature=1.7).choices[0].text == plain.choices[0].text
+    # top_p / top_k / min_p cut each step's distribution (vLLM's diffusion sampler); a cut to the likeliest token
+    # leaves no entropy, so every canvas ends fully confident
+    for cut in ({"top_p": 0.0}, {"extra_body": {"top_k": 1}}, {"extra_body": {"min_p": 1.0}}):
+        r = complete(client, seed=3, ignore_eos=True, **cut)
+        assert r.choices[0].text != plain.choices[0].text
+        assert set(r.model_extra["dgemma"]["choices"][0]["final_mean_entropy_per_canvas"]) == {0.0}
 
 
 def test_autoregressive_mode(client, pipe):

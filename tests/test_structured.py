@@ -119,6 +119,19 @@ def test_other_grammars(model, tok, mode):
         assert done.finish_reason == "stop" and ok(done.text), (grammar.kind, done.text)
 
 
+
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_sampling_cut_under_a_grammar(model, tok, mode):
+    """top_k / top_p / min_p cut what the grammar allows at each position, as AR sampling cuts: the output still
+    matches. Cut to one token, every position of the walk is certain (zero entropy), so a canvas is committed
+    whole in its first step."""
+    for cut in (dict(top_k=1), dict(top_p=0.5), dict(min_p=0.2, top_k=3)):
+        done = _run(model, tok, Grammar.json_schema(SCHEMA), mode=mode, **cut)
+        assert done.finish_reason == "stop" and _valid(json.loads(done.text)), (cut, done.text)
+        if mode == DIFFUSION and "top_k" in cut and cut["top_k"] == 1:
+            assert done.stats["decoder_passes"] == done.stats["canvases"]
+
+
 def test_length_cut_keeps_a_valid_prefix(model, tok):
     done = _run(model, tok, Grammar.regex("[a-z]{40}"), n=20)
     assert done.finish_reason == "length" and re.fullmatch("[a-z]{20}", done.text)

@@ -521,10 +521,10 @@ class Planner:
                     ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
                     logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
                     grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
+        # the sampling cut, for AR sampling and diffusion steps alike (vLLM's; its top_k -1 is "all")
+        base.update(top_p=req.top_p, top_k=max(req.top_k, 0) if req.top_k is not None else None, min_p=req.min_p)
         if req.ar:
             base["ar_temperature"] = 1.0 if req.temperature is None else req.temperature
-            base.update(top_p=req.top_p, top_k=max(req.top_k, 0) if req.top_k is not None else None,
-                        min_p=req.min_p)
         fixed = None
         if suffix_ids:
             fixed = {self.canvas - len(suffix_ids) + k: t for k, t in enumerate(suffix_ids)}

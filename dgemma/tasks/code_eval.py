@@ -89,11 +89,13 @@ def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> di
     ok = first = gen_tokens = fell_back = 0
     wall, passes, step_counts, samples = 0.0, 0, [], []
     kind, mode = name.split(":")
-    fallback = None
+    fallback = top_p = None
     if mode.startswith("fallback@"):  # diffusion, with canvases above this mean entropy decoded AR instead
         mode, fallback = "diffusion", float(mode.split("@", 1)[1])
+    elif mode.startswith("top_p@"):  # diffusion, each step cut to its nucleus
+        mode, top_p = "diffusion", float(mode.split("@", 1)[1])
     for i, task in enumerate(tasks):
-        opts = dict(max_new_tokens=T, seed=seed + i, steps=steps, ar_fallback=fallback)
+        opts = dict(max_new_tokens=T, seed=seed + i, steps=steps, ar_fallback=fallback, top_p=top_p)
         if kind == "infill-canvas":
             suffix = tok.encode(task.suffix, add_bos=False)[:T // 4]
             prompt = [BOS, *_prefix_ids(tok, task.prefix, PMAX)]
