@@ -56,7 +56,7 @@ def start_server(ckpt: Path, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(port), "--log-level", "warning",
            "--max-concurrency", str(args.max_concurrency), "--max-queue", str(args.max_queue),
-           "--model-name", "bench"]
+           "--model-name", "bench"] + ([f"--adaptive-steps={args.adaptive_steps}"] if args.adaptive_steps else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10, help="seconds of load per level (default 10)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (forced with ignore_eos)")
     p.add_argument("--steps", type=int, default=8, help="denoising steps per canvas (random models never stop "
-                   "early, so this fixes the work per canvas)")
+                   "early, so this fixes the work per canvas); 0: not sent, the model's own (which a server's "
+                   "--adaptive-steps may shorten)")
+    p.add_argument("--adaptive-steps", metavar="ROWS[:MIN_STEPS]", help="start the server with this load-adaptive "
+                   "step budget (with --steps 0)")
     p.add_argument("--ar", action="store_true", help="autoregressive decoding instead of diffusion")
     p.add_argument("--max-concurrency", type=int, default=8, help="engine rows of the started server")
     p.add_argument("--max-queue", type=int, default=64, help="queue of the started server")
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt, model = Path(args.model), args.model
         else:
             tmp = Path(tempfile.mkdtemp(prefix="dgemma-load-"))
-            ckpt, model = random_checkpoint(args.model, tmp / args.model, args.steps), f"random {args.model}"
+            ckpt, model = random_checkpoint(args.model, tmp / args.model, args.steps or 8), f"random {args.model}"
         proc, url = start_server(ckpt, args)
     try:
         card = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 "stream_options": {"include_usage": True}, "ignore_eos": True}
         if args.ar:
             body.update(ar=True, temperature=0)
-        else:
+        elif args.steps:
             body["steps"] = args.steps
         # one warm-up request (first-call allocations, lazy imports)
         asyncio.run(run_level(url, 1, 0.01, body, headers))
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": model, "canvas_length": card.get("dgemma", {}).get("canvas_length"),
             "mode": "ar" if args.ar else "diffusion", "steps": None if args.ar else args.steps,
             "max_tokens": args.max_tokens, "duration_s": args.duration,
-            "server": {"max_concurrency": args.max_concurrency, "max_queue": args.max_queue} if proc else url,
+            "server": {"max_concurrency": args.max_concurrency, "max_queue": args.max_queue,
+                       "adaptive_steps": args.adaptive_steps} if proc else url,
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "python": platform.python_version()}}
     cols = [("N", "clients", "{}"), ("done", "completed", "{}"), ("tok/s", "tokens_per_s", "{:.1f}"),

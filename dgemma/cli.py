@@ -502,6 +502,20 @@ def _lora_module(spec: str) -> tuple[str, str]:
     return name, str(Path(path).expanduser())
 
 
+def _adaptive_steps(text: str | None) -> tuple[int, int] | None:
+    """`--adaptive-steps ROWS[:MIN_STEPS]` (MIN_STEPS default 4)."""
+    if text is None:
+        return None
+    rows, _, floor = text.partition(":")
+    try:
+        value = (int(rows), int(floor) if floor else 4)
+    except ValueError:
+        value = None
+    if value is None or min(value) < 1:
+        raise UsageError(f"--adaptive-steps takes ROWS[:MIN_STEPS], both positive integers, got {text!r}")
+    return value
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -519,7 +533,8 @@ def cmd_serve(args) -> int:
         max_context=args.max_context, max_body_bytes=args.max_body_bytes,
         cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache,
         prefix_margin=args.prefix_cache_margin,
-        lora_modules=tuple(_lora_module(m) for m in args.lora or ()), allow_runtime_lora=args.allow_runtime_lora)
+        lora_modules=tuple(_lora_module(m) for m in args.lora or ()), allow_runtime_lora=args.allow_runtime_lora,
+        adaptive_steps=_adaptive_steps(args.adaptive_steps))
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
@@ -1126,6 +1141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
                    "add and remove adapters while serving (vLLM's endpoints; they read directories on this host, "
                    "so keep --api-key on where others can reach the server)")
+    s.add_argument("--adaptive-steps", metavar="ROWS[:MIN_STEPS]",
+                   help="load-adaptive step budget: a canvas that starts while more than ROWS requests are "
+                   "denoising gets N * ROWS / rows of its N steps, at least MIN_STEPS (default 4); requests that "
+                   "name their `steps` keep them. Off by default: a seed's tokens then depend on the load")
     s.add_argument("--prefix-cache", action="store_true",
                    help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
                    "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "

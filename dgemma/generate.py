@@ -95,6 +95,9 @@ class GenerationParams:
     grammar: Grammar | None = None
     # the LoRA adapter this row runs with, on a model serving several (`adapters.attach_adapters`); 0 = the base
     adapter: int = 0
+    # whether an engine's load-adaptive step budget (`Engine(adaptive_steps=...)`) may shorten this row's canvases
+    # (the server turns it off for a request that names its `steps`)
+    adaptive_steps: bool = True
 
     @property
     def truncates(self) -> bool:
@@ -219,6 +222,7 @@ Event = Draft | Commit | Done
 class _Row:
     def __init__(self, rid: int, slot: int, prompt: list[int], params: GenerationParams, vocab: int, canvas: int):
         self.id, self.slot, self.prompt, self.p = rid, slot, prompt, params
+        self.sampler = params.sampler  # as asked; a load-adaptive budget sets each canvas's own in self.p
         self.phase = "prefill"
         self.gen = torch.Generator().manual_seed(params.seed)
         self.canvas_idx = 0
@@ -336,7 +340,8 @@ class Engine:
 
     def __init__(self, model: DiffusionGemma, tokenizer=None, *, max_rows: int = 8, max_len: int | None = None,
                  eos_ids: Iterable[int] | None = None, drafts: bool = False,
-                 fused_head: bool | None = None, prefix_cache: bool = False, prefix_margin: int | None = None):
+                 fused_head: bool | None = None, prefix_cache: bool = False, prefix_margin: int | None = None,
+                 adaptive_steps: tuple[int, int] | None = None):
         self.model = model.eval()
         if model.device.type == "cpu":
             tune_cpu_allocator()  # every step's temporaries reused, not page-faulted in anew (runtime.py)
@@ -372,6 +377,17 @@ class Engine:
         # paths give the same tokens bit for bit.
         self.fused_head = fused_head
         self._logits_buf: torch.Tensor | None = None  # the plain path's logits, reused from step to step
+        # Load-adaptive step budget (opt-in), (rows R, floor M): a canvas that starts while more than R diffusion
+        # rows are in the engine gets at most round(N * R / rows) of its N steps, never fewer than M (nor more
+        # than N). Past a few rows a denoising step costs in proportion to its rows (the forward is compute-
+        # bound), so the steps a round of canvases costs stay about R * N as the load rises: latency and
+        # throughput hold up, each canvas has fewer steps to converge in. A row's tokens then depend on the load
+        # it met; rows with `adaptive_steps=False` keep their steps.
+        if adaptive_steps is not None:
+            r_, m_ = adaptive_steps
+            if not (isinstance(r_, int) and isinstance(m_, int) and r_ >= 1 and m_ >= 1):
+                raise GenerationError(f"adaptive_steps must be (rows >= 1, min steps >= 1), got {adaptive_steps!r}")
+        self.adaptive_steps = adaptive_steps
 
     # ------------------------------------------------------------ requests
     def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
@@ -578,6 +594,8 @@ class Engine:
     def _new_canvas(self, r: _Row, first: bool = False, attempt: int = 0) -> None:
         """Start canvas `r.canvas_idx` from noise; attempt > 0: restart it from fresh noise (`_restart`)."""
         r.phase, r.step, r.sc, r.sc_logits, r.history = "denoise", 0, None, None, []
+        if self.adaptive_steps is not None and r.p.adaptive_steps:
+            r.p = r.p.replace(sampler=r.sampler.replace(max_denoising_steps=self._step_budget(r.sampler)))
         r.attempt = attempt
         r.refresh_penalties()
         if not attempt:
@@ -600,6 +618,15 @@ class Engine:
                 n = r.p.logprobs
                 r.g_lp = (torch.zeros(self.T), torch.zeros(self.T, n, dtype=torch.long) if n else None,
                           torch.full((self.T, n), float("-inf")) if n else None)
+
+    def _step_budget(self, cfg: SamplerConfig) -> int:
+        """The steps a canvas starting now may take under the load-adaptive budget (see __init__)."""
+        n = cfg.max_denoising_steps
+        R, floor = self.adaptive_steps
+        rows = sum(x.p.mode == DIFFUSION and x.finished is None for x in self.rows.values())
+        if rows <= R:
+            return n
+        return min(n, max(floor, round(n * R / rows)))
 
     def _denoise(self, rows: list[_Row], events) -> None:
         if not rows:

@@ -25,7 +25,7 @@ ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
            "confidence": "confidence_threshold"}
 PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng",
                  "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar", "presence_penalty",
-                 "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p"}
+                 "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 

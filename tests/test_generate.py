@@ -499,6 +499,35 @@ def test_prompt_logprobs_and_scoring_only(model):
     assert d.prompt_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4) and d.prompt_top_logprobs[1] == []
 
 
+
+def test_load_adaptive_step_budget(model):
+    """Engine(adaptive_steps=(R, M)): a canvas starting while more than R diffusion rows are in the engine gets
+    round(N * R / rows) of its N steps, at least M; rows that opt out keep N; at R rows or fewer nothing changes."""
+    from dgemma.generate import Engine
+
+    T = model.cfg.canvas_length
+    base = GenerationParams(max_new_tokens=2 * T, ignore_eos=True, seed=3,
+                            sampler=SamplerConfig(max_denoising_steps=8, confidence_threshold=0.0))
+    prompts = [_prompt(model, 9, i) for i in range(4)]
+
+    def run(engine, params):
+        done = {e.request: e for e in engine.run(prompts[:len(params)], params) if isinstance(e, Done)}
+        return [done[i] for i in sorted(done)]
+
+    # 4 rows over R = 1: 8 * 1 / 4 = 2 steps per canvas; over R = 2, 4; a row that opts out keeps 8
+    out = run(Engine(model, max_rows=4, adaptive_steps=(1, 1)), [base] * 3 + [base.replace(adaptive_steps=False)])
+    assert [d.stats["steps_per_canvas"] for d in out] == [[2, 2]] * 3 + [[8, 8]]
+    assert [d.stats["steps_per_canvas"] for d in run(Engine(model, max_rows=4, adaptive_steps=(2, 1)),
+                                                     [base] * 4)] == [[4, 4]] * 4
+    assert run(Engine(model, max_rows=4, adaptive_steps=(1, 3)), [base] * 4)[0].stats["steps_per_canvas"] == [3, 3]
+    # within R rows: the same tokens as without the budget
+    alone = run(Engine(model, max_rows=4, adaptive_steps=(2, 1)), [base] * 2)
+    assert [d.tokens for d in alone] == [d.tokens for d in generate(model, prompts[:2], base)]
+    assert out[3].tokens == generate(model, prompts[3:], base)[0].tokens  # opted out: as if it ran alone
+    with pytest.raises(GenerationError, match="adaptive_steps"):
+        Engine(model, max_rows=1, adaptive_steps=(0, 4))
+
+
 def test_ar_fallback_routes_unsure_canvases_to_ar(model):
     """ar_fallback: a canvas that ends above the entropy threshold is replaced by AR decoding of its span. A random
     model is never sure, so at threshold 0 every span is AR: exactly the tokens of AR decoding of the same weights

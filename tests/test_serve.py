@@ -988,6 +988,25 @@ def test_ar_sampling_cut(client):
         complete(client, "Hello", ar=True, extra_body={"top_k": -2})
 
 
+
+def test_load_adaptive_steps(ckpt):
+    """--adaptive-steps 1:1: the n = 4 rows of one request share the step budget of one (4 steps -> 1 per canvas);
+    a lone request keeps the model's steps, and a request that names its steps keeps them under load."""
+    settings = ServerSettings(model_name=NAME, max_concurrency=4, adaptive_steps=(1, 1))
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert complete(c, seed=1, ignore_eos=True).usage.model_extra["steps_per_canvas"] == STEPS
+        assert complete(c, seed=1, ignore_eos=True, n=4).usage.model_extra["steps_per_canvas"] == 1
+        assert complete(c, seed=1, ignore_eos=True, n=4, steps=STEPS).usage.model_extra["steps_per_canvas"] == STEPS
+    with pytest.raises(ValueError, match="adaptive-steps"):
+        ServerSettings(adaptive_steps=(0, 4))
+    for bad in ("0", "4:x", "-1:2"):
+        p = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", f"--adaptive-steps={bad}"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "--adaptive-steps takes ROWS[:MIN_STEPS]" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+
+
 # ---------------------------------------------------------------- multi-LoRA
 def test_lora_modules(ckpt, tmp_path):
     """`--lora NAME=PATH`: each adapter is a model of its own in /v1/models and in requests; rows of different

@@ -91,7 +91,8 @@ class State:
         # LoRA module name -> (adapter index, directory): --lora at start, /v1/load_lora_adapter later
         self.adapters = {name: (i, path) for i, (name, path) in enumerate(settings.lora_modules, start=1)}
         engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context,
-                                 prefix_cache=settings.prefix_cache, prefix_margin=settings.prefix_margin)
+                                 prefix_cache=settings.prefix_cache, prefix_margin=settings.prefix_margin,
+                                 adaptive_steps=settings.adaptive_steps)
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
         self.planner = Planner(pipeline, self.worker, settings, self.adapters)
         self.created = int(time.time())

@@ -519,6 +519,7 @@ class Planner:
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
+                    adaptive_steps=req.steps is None,  # steps named in the request are kept under load
                     logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
                     grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
         # the sampling cut, for AR sampling and diffusion steps alike (vLLM's; its top_k -1 is "all")

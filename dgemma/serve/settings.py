@@ -23,6 +23,8 @@ class ServerSettings:
     # LoRA adapters served over the base, each under its own model name: ((name, adapter directory), ...)
     lora_modules: tuple[tuple[str, str], ...] = ()
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths on this host)
+    # load-adaptive step budget (rows, min steps): past that many engine rows, canvases get fewer steps (Engine)
+    adaptive_steps: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
@@ -31,6 +33,10 @@ class ServerSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
         if self.prefix_margin is not None and (not isinstance(self.prefix_margin, int) or self.prefix_margin < 0):
             raise ValueError(f"prefix-cache-margin must be >= 0, got {self.prefix_margin!r}")
+        if self.adaptive_steps is not None:
+            self.adaptive_steps = tuple(self.adaptive_steps)
+            if len(self.adaptive_steps) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.adaptive_steps):
+                raise ValueError(f"adaptive-steps takes ROWS[:MIN_STEPS], both >= 1, got {self.adaptive_steps!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max-queue must be >= 0, got {self.max_queue!r}")
         if not 0 <= self.port < 65536:
