@@ -226,7 +226,7 @@ def chrome():
 
 
 def test_page_denoises_live_replays_and_compares(chrome, web_server):
-    prompt, max_tokens, seed, bound = "Write about the sea and the moon .", 2 * CANVAS, 4, 40
+    prompt, max_tokens, seed, bound, top_p = "Write about the sea and the moon .", 2 * CANVAS, 4, 40, 0.9
     chrome.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 1000, "deviceScaleFactor": 1,
                                                        "mobile": False})
     chrome.send("Page.enable")
@@ -240,6 +240,7 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
         document.getElementById('max-tokens').value = {max_tokens};
         document.getElementById('seed').value = {seed};
         document.getElementById('entropy-bound').value = {bound};
+        document.getElementById('top-p').value = {top_p};
         document.getElementById('compare').checked = true;
         document.getElementById('run').click(); }})()""")
     assert chrome.wait_for("['running', 'done', 'error'].includes(document.body.dataset.state) && "
@@ -265,7 +266,7 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
     })()""")
     truth = httpx.post(web_server.url + "/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "seed": seed,
-        "entropy_bound": bound}).json()
+        "entropy_bound": bound, "top_p": top_p}).json()
     canvases = truth["usage"]["canvases"]
     steps = [s for c in truth["dgemma"]["choices"] for s in c["steps_per_canvas"]]
     assert [(c, s) for c, s, _ in page["drafts"]] == [(c, s + 1) for c, n in enumerate(steps) for s in range(n)]
