@@ -729,7 +729,7 @@ def _metric(url, line_start, key="sekret"):
 def test_queue_full_429_and_stream_disconnect_cancels(busy_server):
     url, auth = busy_server.url, {"Authorization": "Bearer sekret"}
     long = {"prompt": "long", "max_tokens": 1000, "steps": 8, "ignore_eos": True, "stream": True}
-    cancelled0 = _metric(url, 'dgemma_rows_total{outcome="cancelled"}')
+    cancelled0 = _metric(url, f'dgemma_rows_total{{outcome="cancelled",model="{NAME}"}}')
     with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
         with c.stream("POST", "/v1/completions", json=long) as r:
             assert r.status_code == 200
@@ -743,7 +743,7 @@ def test_queue_full_429_and_stream_disconnect_cancels(busy_server):
                     model=NAME, prompt="x", max_tokens=4)
         # leaving the block closed the connection mid-stream: the row must be cancelled, not run to the end
     assert wait_until(lambda: _active(url) == 0, timeout=5)
-    assert _metric(url, 'dgemma_rows_total{outcome="cancelled"}') == cancelled0 + 1
+    assert _metric(url, f'dgemma_rows_total{{outcome="cancelled",model="{NAME}"}}') == cancelled0 + 1
     assert _metric(url, 'dgemma_rejected_total{reason="queue_full"}') >= 2
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, headers=auth)
     assert r.status_code == 200  # the row was freed
@@ -1046,6 +1046,11 @@ def test_lora_modules(ckpt, tmp_path):
         with pytest.raises(openai.NotFoundError) as e:
             c.completions.create(model="nope", prompt="x", max_tokens=4)
         assert "`sql`" in str(e.value) and e.value.status_code == 404
+        # /metrics counts each served model's tokens and rows apart
+        text = httpx.get(s.url + "/metrics").text
+        for model, tokens in ((NAME, 20), ("sql", 20), ("poet", 20 + chat.usage.completion_tokens)):
+            assert f'dgemma_generated_tokens_total{{mode="diffusion",model="{model}"}} {tokens}' in text
+            assert f'dgemma_rows_total{{outcome="done",model="{model}"}}' in text
 
 
 def test_runtime_lora_loading(ckpt, tmp_path, http):
@@ -1115,7 +1120,7 @@ def test_health_and_metrics(server, http):
     for needle in ('dgemma_requests_total{endpoint="/v1/completions",status="200"}',
                    'dgemma_requests_total{endpoint="/v1/completions",status="400"}',
                    "dgemma_queue_depth 0", "dgemma_active_rows", 'dgemma_steps_per_canvas_bucket{le="4"}',
-                   'dgemma_generated_tokens_total{mode="diffusion"}', "dgemma_request_latency_seconds_bucket",
+                   f'dgemma_generated_tokens_total{{mode="diffusion",model="{NAME}"}}', "dgemma_request_latency_seconds_bucket",
                    "dgemma_engine_step_seconds_count", "dgemma_time_to_first_token_seconds_count",
                    "process_resident_memory_bytes", "dgemma_peak_resident_memory_bytes"):
         assert needle in text, needle

@@ -243,7 +243,8 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
         loop.call_soon_threadsafe(queue.put_nowait, (job.tag, events))
 
     for c in plan.choices:
-        c.job = Job(c.prompt, c.params.replace(drafts=plan.drafts), sink, drafts=plan.drafts, tag=c.index)
+        c.job = Job(c.prompt, c.params.replace(drafts=plan.drafts), sink, drafts=plan.drafts, tag=c.index,
+                    model=plan.model)
     try:
         state.worker.submit(plan.jobs)
     except QueueFull as e:

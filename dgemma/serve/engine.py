@@ -63,6 +63,7 @@ class Job:
     sink: Callable[["Job", list], None]
     drafts: bool = False
     tag: Any = None
+    model: str = ""  # the model name the request asked for (the base's or a LoRA module's): a metrics label
     rid: int | None = None
     state: str = "new"  # new -> waiting -> running -> done (or cancelled / failed)
     t_submit: float = field(default_factory=time.perf_counter)
@@ -245,22 +246,22 @@ class Worker:
             job = self._running[rid]
             if isinstance(evs[-1], Done):
                 del self._running[rid]
-                self._record(evs[-1])
+                self._record(evs[-1], job)
                 job.state = "done"
             self._emit(job, evs)
 
-    def _record(self, done: Done) -> None:
+    def _record(self, done: Done, job: Job) -> None:
         m = self.metrics
         with m.lock:
-            m.tokens.inc(done.stats["mode"], by=done.stats["completion_tokens"])
+            m.tokens.inc(done.stats["mode"], job.model, by=done.stats["completion_tokens"])
             m.cached_tokens.inc(by=done.stats["cached_prompt_tokens"])
-            m.rows.inc("done")
+            m.rows.inc("done", job.model)
             for s in done.stats["steps_per_canvas"]:
                 m.steps_per_canvas.observe(s)
 
     def _finish(self, job: Job, state: str, event) -> None:
         job.state = state
-        self.metrics.inc(self.metrics.rows, state)
+        self.metrics.inc(self.metrics.rows, state, job.model)
         self._emit(job, [event])
 
     def _emit(self, job: Job, events: list) -> None:

@@ -78,13 +78,14 @@ class Metrics:
                                    STEP_BUCKETS)
         self.steps_per_canvas = Histogram("dgemma_steps_per_canvas", "Denoising steps a canvas took.",
                                           STEPS_PER_CANVAS_BUCKETS)
-        self.tokens = Counter("dgemma_generated_tokens_total", "Completion tokens generated, by decoding mode.",
-                              ("mode",))
+        self.tokens = Counter("dgemma_generated_tokens_total", "Completion tokens generated, by decoding mode and "
+                              "model (the base's name or a LoRA module's).", ("mode", "model"))
         self.prompt_tokens = Counter("dgemma_prompt_tokens_total", "Prompt tokens of the rows admitted.")
         self.cached_tokens = Counter("dgemma_prompt_tokens_cached_total",
                                      "Prompt tokens not encoded: held by the KV cache already (prefix caching) or "
                                      "shared with a row of the same prompt.")
-        self.rows = Counter("dgemma_rows_total", "Engine rows (one per choice) by outcome.", ("outcome",))
+        self.rows = Counter("dgemma_rows_total", "Engine rows (one per choice) by outcome and model.",
+                            ("outcome", "model"))
         self.engine_steps = Counter("dgemma_engine_steps_total", "Engine steps run.")
         self.rejected = Counter("dgemma_rejected_total", "Requests turned away before running, by reason.",
                                 ("reason",))
