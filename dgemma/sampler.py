@@ -787,8 +787,9 @@ def truncation_floor(logits: Tensor, temperature: float | Tensor = 1.0, top_k: i
     k; vLLM's and transformers' top_k cut at the k-th value the same way). The position's max always stays.
     min_p is `x >= max + ln(min_p)`, top_k the k-th largest x; top_p then takes the fewest most likely of the
     tokens left whose share of their mass (exp(x - max)) reaches top_p, read off the top 64 values per position,
-    then 1,024, then 16,384 for the positions whose nucleus is wider, then all of them (a flat distribution's
-    nucleus holds most of the vocabulary: top_p over a wide one is a sort per position)."""
+    then 512, 4,096 and 32,768 for the positions whose nucleus is wider, then all of them (a flat distribution's
+    nucleus holds most of the vocabulary: top_p over a wide one is a sort per position). Growing by 8 was the
+    fastest on the bench's random 262,144-vocabulary model (19 s a canvas against 25 s by 16 and 23 s by 4)."""
     N, n = logits.shape
     t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device)
     m = logits.amax(dim=-1) / t  # the max of x (division by t > 0 keeps the order, and rounds monotonically)
@@ -808,7 +809,10 @@ def truncation_floor(logits: Tensor, temperature: float | Tensor = 1.0, top_k: i
     todo = torch.arange(N, device=logits.device)
     k = min(64, n)
     while todo.numel():
-        v = logits[todo].topk(k, dim=-1).values / t  # descending
+        rows = logits if todo.numel() == N else logits[todo]  # (a copy of the rows still open)
+        # descending; for a wide top k, torch's unsorted topk and a sort of its k values is ~25% cheaper
+        v = (rows.topk(k, dim=-1).values if k <= 512 else
+             rows.topk(k, dim=-1, sorted=False).values.sort(dim=-1, descending=True).values) / t
         w = torch.exp2((v - m[todo, None]).mul_(_LOG2E)).masked_fill_(v < floor[todo, None], 0).double()
         before = w.cumsum(-1) - w
         keep = before < target[todo, None]
@@ -816,7 +820,7 @@ def truncation_floor(logits: Tensor, temperature: float | Tensor = 1.0, top_k: i
         done = ~keep[:, -1] if k < n else torch.ones_like(keep[:, -1])  # a prefix: ends inside the top k
         last = keep.sum(-1, keepdim=True) - 1
         floor[todo[done]] = torch.maximum(floor[todo[done]], v.gather(1, last).squeeze(1)[done])
-        todo, k = todo[~done], min(16 * k, n)
+        todo, k = todo[~done], min(8 * k, n)
     return floor
 
 
