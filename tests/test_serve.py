@@ -1000,11 +1000,16 @@ def test_load_adaptive_steps(ckpt):
         assert complete(c, seed=1, ignore_eos=True, n=4, steps=STEPS).usage.model_extra["steps_per_canvas"] == STEPS
     with pytest.raises(ValueError, match="adaptive-steps"):
         ServerSettings(adaptive_steps=(0, 4))
-    for bad in ("0", "4:x", "-1:2"):
-        p = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", f"--adaptive-steps={bad}"],
-                           capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2 and "--adaptive-steps takes ROWS[:MIN_STEPS]" in p.stderr, p.stderr
-        assert "Traceback" not in p.stderr
+    from dgemma.cli import UsageError, _adaptive_steps
+
+    assert _adaptive_steps("3") == (3, 4) and _adaptive_steps("2:6") == (2, 6) and _adaptive_steps(None) is None
+    for bad in ("0", "4:x", "-1:2", "2:0"):
+        with pytest.raises(UsageError, match=r"--adaptive-steps takes ROWS\[:MIN_STEPS\]"):
+            _adaptive_steps(bad)
+    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", "--adaptive-steps=4:x"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--adaptive-steps takes ROWS[:MIN_STEPS]" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
 
 
 # ---------------------------------------------------------------- multi-LoRA
