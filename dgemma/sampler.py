@@ -819,7 +819,8 @@ def truncation_floor(logits: Tensor, temperature: float | Tensor = 1.0, top_k: i
         keep[:, 0] = True  # the most likely token always stays (top_p = 0 keeps it alone)
         done = ~keep[:, -1] if k < n else torch.ones_like(keep[:, -1])  # a prefix: ends inside the top k
         last = keep.sum(-1, keepdim=True) - 1
-        floor[todo[done]] = torch.maximum(floor[todo[done]], v.gather(1, last).squeeze(1)[done])
+        ended = todo[done]
+        floor[ended] = torch.maximum(floor[ended], v.gather(1, last).squeeze(1)[done])
         todo, k = todo[~done], min(8 * k, n)
     return floor
 
