@@ -177,6 +177,12 @@ def add_sampling_args(s) -> None:
                    "already in the output (diffusion: in the canvases before; AR: in the tokens before)")
     g.add_argument("--frequency-penalty", type=float, help="subtract this (-2..2) times a token's count in the "
                    "output so far from its logit")
+    g.add_argument("--repetition-penalty", type=float, metavar="P", help="divide a positive logit by P (multiply a "
+                   "negative one) for tokens in the prompt or the output so far (vLLM's; default 1: off)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS, to --max-new-tokens")
+    g.add_argument("--min-tokens", type=int, metavar="N", help="no EOS, stop token or stop string before N tokens")
+    g.add_argument("--stop-token-id", type=int, action="append", metavar="ID", help="end the output at this token "
+                   "as at EOS (repeatable; kept in the text unless it is a special token)")
     g.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability (raw logits, "
                    "at the step that emitted it) and the N most likely tokens there (0-20)")
     g = s.add_argument_group("structured output (the text is held to a grammar; one of these)").\
@@ -199,6 +205,10 @@ def sampling_options(args) -> dict:
             "logit_bias": _logit_bias(getattr(args, "logit_bias", None)), "grammar": _grammar(args),
             "presence_penalty": getattr(args, "presence_penalty", None),
             "frequency_penalty": getattr(args, "frequency_penalty", None),
+            "repetition_penalty": getattr(args, "repetition_penalty", None),
+            "min_tokens": getattr(args, "min_tokens", None),
+            "ignore_eos": True if getattr(args, "ignore_eos", False) else None,
+            "stop_token_ids": tuple(args.stop_token_id) if getattr(args, "stop_token_id", None) else None,
             "ar_fallback": getattr(args, "ar_fallback", None)}
 
 

@@ -77,6 +77,19 @@ class GenerationParams:
     # (a canvas denoises all its positions at once), for AR the tokens before this one.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's (and transformers'): a token of the prompt or of the output so far has its logit divided by this when
+    # positive, multiplied by it when negative (> 1 discourages repeats; 1: off). Applied after logit_bias, before
+    # the two penalties above, in vLLM's order; "so far" as for them.
+    repetition_penalty: float = 1.0
+    # vLLM's: until the output holds this many tokens, EOS (unless ignore_eos) and stop_token_ids cannot be
+    # sampled (diffusion: at the canvas positions before it) and stop strings do not match
+    min_tokens: int = 0
+    # vLLM's: tokens that end the output as EOS does; the first one sampled stays in the output unless it is a
+    # special token (as EOS is), and the finish reason is "stop"
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False  # vLLM's: keep the stop string that ended the text
+    # vLLM's: only these tokens can be sampled, at every position of every canvas (every AR step); None: all
+    allowed_token_ids: tuple[int, ...] | None = None
     # Diffusion: a canvas that ends (after its restarts) with a mean entropy above this is not used; its span is
     # decoded autoregressively by the same weights instead (up to canvas_length tokens, at ar_temperature), then
     # denoising resumes with the next canvas. None: never. The model's own uncertainty routes the hard spans.
@@ -146,6 +159,22 @@ class GenerationParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not -2 <= value <= 2:
                 raise GenerationError(f"{name} must be a number from -2 to 2, got {value!r}")
+        rp = self.repetition_penalty
+        if not isinstance(rp, (int, float)) or isinstance(rp, bool) or not 0 < rp < float("inf"):
+            raise GenerationError(f"repetition_penalty must be a number > 0, got {rp!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise GenerationError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_new_tokens:
+            raise GenerationError(f"min_tokens ({self.min_tokens}) must be at most max_new_tokens "
+                                  f"({self.max_new_tokens})")
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("allowed_token_ids", self.allowed_token_ids)):
+            if ids is None:
+                continue
+            if isinstance(ids, (str, bytes)) or any(not isinstance(t, int) or isinstance(t, bool)
+                                                    or not 0 <= t < vocab for t in ids):
+                raise GenerationError(f"{name} must be token ids in the vocabulary (0..{vocab - 1})")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise GenerationError("allowed_token_ids must name at least one token")
         if self.ar_fallback is not None:
             if not isinstance(self.ar_fallback, (int, float)) or isinstance(self.ar_fallback, bool) \
                     or self.ar_fallback < 0:
@@ -160,7 +189,9 @@ class GenerationParams:
         if self.grammar is not None:
             if not isinstance(self.grammar, Grammar):
                 raise GenerationError(f"grammar must be a dgemma.structured.Grammar, got {type(self.grammar)}")
-            for name, clash in (("fixed", self.fixed), ("allowed", self.allowed), ("ignore_eos", self.ignore_eos)):
+            for name, clash in (("fixed", self.fixed), ("allowed", self.allowed), ("ignore_eos", self.ignore_eos),
+                                ("min_tokens", self.min_tokens), ("stop_token_ids", self.stop_token_ids),
+                                ("allowed_token_ids", self.allowed_token_ids is not None)):
                 if clash:
                     raise GenerationError(f"a grammar cannot be combined with {name}")
             if self.rng != "row":
@@ -267,7 +298,17 @@ class _Row:
         self.penalized = bool(params.presence_penalty or params.frequency_penalty)
         self.counts: Counter = Counter()  # penalties: how often each token is in out[:counted]
         self.counted = 0
-        self._set_bias(params.logit_bias or {})
+        self.vocab = vocab
+        # repetition_penalty: the tokens in the prompt or in out[:counted]
+        self.seen: torch.Tensor | None = None
+        if params.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen[torch.tensor(prompt, dtype=torch.long)] = True
+        self.allow = params.allowed_token_ids
+        self.stop_ids = frozenset(params.stop_token_ids)
+        self.ends: frozenset[int] = self.stop_ids  # tokens that end the output (Engine.add adds EOS)
+        self.ban_ids: list[int] = []  # min_tokens: the `ends`, banned until the output holds min_tokens
+        self._set_bias(params.logit_bias or {}, {})
         self.matcher = None  # structured.Matcher with a grammar (set by Engine.add)
         self.frontier = 0  # grammar: positions of the current canvas committed, left to right
         self.limit = canvas  # grammar: positions of the current canvas that can reach the output
@@ -279,36 +320,85 @@ class _Row:
         self.fallbacks = 0  # canvases whose span was decoded AR instead
         self.ar_steps = 0  # ar_fallback: encoder forwards that decoded a token of such a span
 
-    def _set_bias(self, bias: dict[int, float]) -> None:
+    def _set_bias(self, pre: dict[int, float], post: dict[int, float]) -> None:
+        """The additive biases: `pre` (logit_bias) before the repetition penalty, `post` (presence and frequency
+        penalties) after it. Without a repetition penalty they are one sparse bias."""
+        self._pre, self._post = pre, post
+        bias = dict(pre)
+        for tok, v in post.items():
+            bias[tok] = bias.get(tok, 0.0) + v
         self.bias_ids = torch.tensor(sorted(bias), dtype=torch.long)
         self.bias = torch.tensor([float(bias[t]) for t in sorted(bias)], dtype=torch.float32)
-        self._dense = None  # dense_bias, made again when asked
+        self._dense = None  # dense_adjust, made again when asked
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether this row's logits are changed at every position (`add_bias`)."""
+        return bool(len(self.bias_ids)) or self.seen is not None or self.allow is not None
 
     def refresh_penalties(self) -> None:
-        """The bias from logit_bias and the penalties over the output so far (`out`), for the next canvas or AR
-        token."""
-        if not self.penalized:
+        """The penalties over the output so far (`out`), for the next canvas or AR token."""
+        if not (self.penalized or self.seen is not None) or self.counted == len(self.out):
             return
-        self.counts.update(self.out[self.counted:])  # only the tokens added since the last refresh
+        new = self.out[self.counted:]  # only the tokens added since the last refresh
         self.counted = len(self.out)
-        bias = dict(self.p.logit_bias or {})
-        for tok, n in self.counts.items():
-            bias[tok] = bias.get(tok, 0.0) - (self.p.presence_penalty + self.p.frequency_penalty * n)
-        self._set_bias(bias)
+        if self.seen is not None:
+            self.seen[torch.tensor(new, dtype=torch.long)] = True
+        post = self._post
+        if self.penalized:
+            self.counts.update(new)
+            post = {tok: -(self.p.presence_penalty + self.p.frequency_penalty * n) for tok, n in self.counts.items()}
+        self._set_bias(self._pre, post)
+
+    def dense_adjust(self, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This row's logit adjustment: (bias [V], repetition ids, after [V]): l + bias; then at the tokens seen
+        (`repetition ids`, sorted), l / penalty where l > 0, else l * penalty; then + after. Zero where a token has
+        no bias: x + 0.0 is x, so rows and positions without one are unchanged bit for bit. Made once per bias
+        (logit_bias: per request; penalties: per canvas), not per step."""
+        if self._dense is None or self._dense[0].device != torch.device(device):
+            sep = self.seen is not None
+            ids, vals = (torch.tensor(sorted(self._pre), dtype=torch.long),
+                         torch.tensor([float(self._pre[t]) for t in sorted(self._pre)])) if sep else \
+                (self.bias_ids, self.bias)
+            bias = torch.zeros(self.vocab, dtype=torch.float32)
+            bias[ids] = vals
+            if self.allow is not None:
+                banned = torch.ones(self.vocab, dtype=torch.bool)
+                banned[torch.tensor(self.allow, dtype=torch.long)] = False
+                bias[banned] = float("-inf")
+            rep = after = None
+            if sep:
+                rep = self.seen_ids = self.seen.nonzero()[:, 0]  # on the host too: the blocks' spans need no sync
+                if self._post:
+                    after = torch.zeros(self.vocab, dtype=torch.float32)
+                    after[torch.tensor(sorted(self._post), dtype=torch.long)] = \
+                        torch.tensor([float(self._post[t]) for t in sorted(self._post)])
+            self._dense = tuple(None if x is None else x.to(device) for x in (bias, rep, after))
+        return self._dense
 
     def add_bias(self, logits: torch.Tensor) -> None:
-        """logit_bias and penalties, in place, on logits [..., V] (every position: the bias has no position)."""
-        if len(self.bias_ids):
-            logits[..., self.bias_ids.to(logits.device)] += self.bias.to(logits.device)
+        """logit_bias, allowed_token_ids and the penalties, in place, on logits [..., V] (every position: they
+        have no position)."""
+        if self.seen is None and self.allow is None:
+            if len(self.bias_ids):
+                logits[..., self.bias_ids.to(logits.device)] += self.bias.to(logits.device)
+            return
+        bias, rep, after = self.dense_adjust(logits.device)
+        logits += bias
+        if rep is not None:
+            logits[..., rep] = S.repetition_penalty(logits[..., rep], self.p.repetition_penalty)
+        if after is not None:
+            logits += after
 
-    def dense_bias(self, vocab: int, device) -> torch.Tensor:
-        """The same bias as a [V] vector, zero elsewhere (x + 0.0 is x: the fused path's blocks add it whole).
-        Made once per bias (logit_bias: per request; penalties: per canvas), not per step."""
-        if self._dense is None or self._dense.device != torch.device(device):
-            out = torch.zeros(vocab, dtype=torch.float32)
-            out[self.bias_ids] = self.bias
-            self._dense = out.to(device)
-        return self._dense
+    def early_bans(self) -> int:
+        """min_tokens: how many positions from the next output token on may not end the output."""
+        return max(0, self.p.min_tokens - len(self.out)) if self.ban_ids else 0
+
+    def ban_early(self, logits: torch.Tensor) -> None:
+        """min_tokens, in place, on logits [n, V] of the output positions from the next one on."""
+        n = self.early_bans()
+        if n:
+            logits[:n, self.ban_ids] = float("-inf")
 
     def pins(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(positions, tokens) of the current canvas that are certain, as one-hot logits make them: infill's fixed
@@ -436,6 +526,10 @@ class Engine:
         row.reused = keep
         if params.grammar is not None:
             row.matcher = params.grammar.matcher(self.tok, self.V)
+        if not params.ignore_eos:
+            row.ends = row.ends | self._eos_set
+        if params.min_tokens:
+            row.ban_ids = sorted(row.ends)
         self.rows[rid] = row
         return rid
 
@@ -672,6 +766,7 @@ class Engine:
         logits = m.logits(h, blocked=False) if reference else m.logits(h, out=self._logits_out(len(rows)))
         for i, r in enumerate(rows):
             r.add_bias(logits[i])
+            r.ban_early(logits[i])
             if r.canvas_idx == 0:
                 r.constrain(logits[i])  # banned tokens get -inf: no mass, no entropy, never drawn
             if r.matcher is not None:
@@ -809,11 +904,10 @@ class Engine:
             walks = {j: list(range(r.frontier, min(r.frontier + self.KEEP, r.limit))) for j, r in enumerate(rows)
                      if r.matcher is not None}
             keep = [j * self.T + p for j, ps in walks.items() for p in ps]
-            bias = torch.stack([r.dense_bias(self.V, m.device) for r in rows]) \
-                if any(len(r.bias_ids) for r in rows) else None
             out = S.fused_head_step(h, E, self.cfg.final_logit_softcapping, k, cfg, draws=draws, embed_scale=scale,
                                     logprobs=top, self_conditioning=want_sc,
-                                    keep=torch.tensor(keep, device=m.device) if keep else None, bias=bias)
+                                    keep=torch.tensor(keep, device=m.device) if keep else None,
+                                    **self._adjustments(rows))
             at = 0
             for j, ps in walks.items():
                 self._grammar_walk(rows[j], _WalkLogits(m, h[j], ps, out.kept_logits[at:at + len(ps)],
@@ -856,6 +950,26 @@ class Engine:
             self._after_step(r, cfg, canvas[j], draft[j], ent[j], acc[j],
                              None if sc is None else sc[j].to(m.dtype), None,
                              events, r_lp)
+
+    def _adjustments(self, rows: list[_Row]) -> dict[str, Any]:
+        """The rows' logit adjustments for `fused_head_step` (its bias, repetition, after and bans): the additive
+        ones stacked over the rows, zero for rows without; {} when no row has any."""
+        out: dict[str, Any] = {}
+        dev = self.model.device
+        if any(r.adjusted for r in rows):
+            dense = [r.dense_adjust(dev) if r.adjusted else (None, None, None) for r in rows]
+            for j, name in ((0, "bias"), (2, "after")):
+                if any(d[j] is not None for d in dense):
+                    out[name] = torch.stack([d[j] if d[j] is not None else
+                                             torch.zeros(self.V, dtype=torch.float32, device=dev) for d in dense])
+            reps = [(i, d[1], float(r.p.repetition_penalty), r.seen_ids)
+                    for i, (r, d) in enumerate(zip(rows, dense)) if d[1] is not None]
+            if reps:
+                out["repetition"] = reps
+        bans = [(i, r.early_bans(), r.ban_ids) for i, r in enumerate(rows) if r.early_bans()]
+        if bans:
+            out["bans"] = bans
+        return out
 
     def _after_step(self, r: _Row, cfg: SamplerConfig, nxt, draft, ent, acc, sc_emb, sc_log, events, lp=None
                     ) -> None:
@@ -912,11 +1026,10 @@ class Engine:
                 r.t_first = time.perf_counter()
             cut = toks.tolist()
             hit_eos = False
-            if not r.p.ignore_eos:
-                is_eos = torch.isin(toks, self.eos)
-                if bool(is_eos.any()):
-                    first = int(is_eos.nonzero()[0, 0])
-                    cut, hit_eos = cut[:first], True
+            if r.ends:  # EOS (unless ignore_eos) and stop_token_ids
+                first = next((i for i, t in enumerate(cut) if t in r.ends), None)
+                if first is not None:
+                    cut, hit_eos = cut[:first + self._kept(r, cut[first])], True
             if r.p.ar_fallback is not None and r.mean_entropy > r.p.ar_fallback:
                 self._fall_back(r, events)
                 continue
@@ -947,6 +1060,12 @@ class Engine:
                 r.cached += self.T
                 r.encoder_passes += 1
                 self._new_canvas(r)
+
+    def _kept(self, r: _Row, tok: int) -> bool:
+        """Whether a token that ended the output stays in it: a stop_token_ids token that is not special."""
+        if tok not in r.stop_ids:
+            return False
+        return self.tok is None or self.tok.decode([tok], skip_special=True) != "" or self.tok.decode([tok]) == ""
 
     def _fall_back(self, r: _Row, events) -> None:
         """ar_fallback: the canvas the model was unsure of is dropped and its span decoded AR, from the logits of
@@ -1016,9 +1135,10 @@ class Engine:
 
     def _ar_token(self, r: _Row, logits: torch.Tensor, events) -> None:
         r.refresh_penalties()
-        if len(r.bias_ids) or (len(r.allowed_pos) and len(r.out) < self.T):
+        if r.adjusted or r.early_bans() or (len(r.allowed_pos) and len(r.out) < self.T):
             logits = logits.clone()
             r.add_bias(logits)
+            r.ban_early(logits[None])
             r.constrain(logits[None], first=len(r.out))
         if r.matcher is not None:
             logits = logits.masked_fill(~r.matcher.allowed().to(logits.device), float("-inf"))
@@ -1035,7 +1155,7 @@ class Engine:
         if r.t_first is None:
             r.t_first = time.perf_counter()
         r.phase = "ar"
-        if not r.p.ignore_eos and tok in self.eos.tolist():
+        if tok in r.ends and not self._kept(r, tok):
             r.finished = "stop"
             events.append(Commit(r.id, len(r.out), [], 1))
             return
@@ -1047,7 +1167,7 @@ class Engine:
             events.append(Commit(r.id, r.canvas_idx, [tok], 1, lps, tops, partial=True))
         if r.matcher is not None:
             r.matcher.consume(tok)
-        if r.matcher is not None and r.matcher.done:
+        if (r.matcher is not None and r.matcher.done) or tok in r.ends:
             r.finished = "stop"
         elif len(r.out) >= r.p.max_new_tokens:
             r.finished = "length"
@@ -1062,18 +1182,20 @@ class Engine:
     def _stop_string(self, r: _Row) -> bool:
         if not r.p.stop:
             return False
-        text = self.tok.decode(r.out)
-        return any(s in text for s in r.p.stop)
+        return stop_cut(self.tok.decode(r.out), r.p.stop, self._min_text(r, r.out)) is not None
+
+    def _min_text(self, r: _Row, tokens: list[int]) -> int:
+        """min_tokens: the characters of text its first tokens spell, which no stop string may end within."""
+        return len(self.tok.decode(tokens[:r.p.min_tokens])) if r.p.min_tokens and r.p.stop else 0
 
     def _done(self, r: _Row) -> Done:
         tokens, text = r.out, None
         if self.tok is not None:
             text = self.tok.decode(tokens)
-            if r.p.stop:
-                cuts = [text.find(s) for s in r.p.stop if s in text]
-                if cuts:
-                    text = text[:min(cuts)]
-                    tokens = _tokens_for_prefix(self.tok, tokens, text)
+            cut = stop_cut(text, r.p.stop, self._min_text(r, tokens), r.p.include_stop_str_in_output)
+            if cut is not None:
+                text = text[:cut]
+                tokens = tokens_for_prefix(self.tok, tokens, text)
         wall = time.perf_counter() - r.t0
         stats = {
             "mode": r.p.mode,
@@ -1158,7 +1280,20 @@ def _top_lists(ids: torch.Tensor | None, lps: torch.Tensor | None, n: int) -> li
     return [[(t, v) for t, v in zip(ti, tv) if v != float("-inf")] for ti, tv in zip(ids.tolist(), lps.tolist())]
 
 
-def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
+def stop_cut(text: str, stops: Sequence[str], after: int = 0, include: bool = False) -> int | None:
+    """Where a text ends at its stop strings: before the first match that ends past `after` characters (min_tokens'
+    text), or after it with `include` (vLLM's include_stop_str_in_output); None without a match."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, after - len(s) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, len(s))
+    if best is None:
+        return None
+    return best[0] + best[1] if include else best[0]
+
+
+def tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
     """The longest prefix of `tokens` whose decoding is a prefix of `text` (after a stop-string cut)."""
     for n in range(len(tokens), -1, -1):
         if text.startswith(tok.decode(tokens[:n])):

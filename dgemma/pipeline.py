@@ -25,7 +25,9 @@ ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
            "confidence": "confidence_threshold"}
 PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng",
                  "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar", "presence_penalty",
-                 "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps"}
+                 "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps",
+                 "repetition_penalty", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
+                 "allowed_token_ids"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
@@ -178,11 +180,13 @@ class Pipeline:
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]] | None = None,
              tool_choice: str = "auto", parallel_tool_calls: bool = True, enable_thinking: bool = False,
-             ar: bool = False, **options: Any) -> ChatReply:
+             continue_final_message: bool = False, ar: bool = False, **options: Any) -> ChatReply:
         """One assistant turn: the chat template over `messages` (OpenAI's shape, tool calls and results
         included), decoded, and read back as the server reads it: the thought channel apart (`enable_thinking`),
         tool calls parsed out (`tools`; `tool_choice` "auto", "required", "none" or a tool's name, the last two
-        forced by the call grammar). A `grammar` option (structured output) holds the answer after any thought."""
+        forced by the call grammar). A `grammar` option (structured output) holds the answer after any thought.
+        continue_final_message: the last message is the assistant's reply so far, which the turn continues (the
+        reply holds the continuation)."""
         from .tools import ToolError, read_reply, tool_setup
 
         tok = self._need_tokenizer()
@@ -199,7 +203,8 @@ class Pipeline:
             options["grammar"] = forced
         elif options.get("grammar") is not None and enable_thinking:
             options["grammar"] = options["grammar"].after_thought(tok)
-        prompt = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking)
+        prompt = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking,
+                                  continue_final_message=continue_final_message)
         [done] = generate(self.model, [prompt], self.params(ar=ar, **options), tokenizer=tok)
         thought, content, calls, reason = read_reply(done.text or "", done.finish_reason, thinking=enable_thinking,
                                                       names=names, parallel=parallel_tool_calls)

@@ -532,6 +532,11 @@ def fused_step(
                   embedding, embed_scale, block, logprobs, floor=floor)
 
 
+def repetition_penalty(logits: Tensor, penalty: float) -> Tensor:
+    """vLLM's (and transformers') repetition penalty on the logits of tokens seen: l / p where l > 0, else l * p."""
+    return torch.where(logits > 0, logits / penalty, logits * penalty)
+
+
 def fused_head_step(
     hidden: Tensor,
     embedding: Tensor,
@@ -547,6 +552,9 @@ def fused_head_step(
     self_conditioning: bool = True,
     keep: Tensor | None = None,
     bias: Tensor | None = None,
+    repetition: Sequence[tuple[int, Tensor, float, Tensor]] = (),
+    after: Tensor | None = None,
+    bans: Sequence[tuple[int, int, Sequence[int]]] = (),
 ) -> FusedStep:
     """The LM head fused into the step: hidden [rows, canvas, H] (final-normed) in, logits never materialised.
 
@@ -555,17 +563,40 @@ def fused_head_step(
     self_conditioning=False skips the soft embedding (`sc_embedding` is None), as `embedding=None` does there.
     keep: flat positions whose logits to return as `kept_logits` (the same bits `model.logits` gives).
     bias: [rows, V] fp32 added to every position's logits of its row (logit_bias, penalties; 0.0 where none), as
-    the plain path adds it to materialised logits: the same bits.
+    the plain path adds it to materialised logits: the same bits. Then repetition: (row, sorted token ids on
+    the device, penalty p, the same ids on the host), `repetition_penalty` at those tokens of the row (only they
+    are touched); then after
+    ([rows, V]) added (the penalties, when a repetition penalty comes between). bans: (row, n, token ids) with
+    -inf at those tokens of the row's first n positions (min_tokens).
     """
     rows, canvas_len, _ = hidden.shape
     flat = hidden.reshape(rows * canvas_len, -1)
     vocab = embedding.shape[0]
 
+    # each repeated row's token ids per block: searched once, not per block and row
+    step = _block(block, hidden.device, vocab)
+    spans = [(i, ids, p, torch.searchsorted(host, torch.arange(0, vocab + step, step)).tolist())
+             for i, ids, p, host in repetition]
+
     def source(lo: int, hi: int) -> Tensor:
         logits = head_block_logits(flat, embedding, lo, hi, softcap)
-        if bias is None:
+        if bias is None and not repetition and after is None and not bans:
             return logits
-        return (logits.view(rows, canvas_len, hi - lo) + bias[:, None, lo:hi]).view(rows * canvas_len, hi - lo)
+        v = logits.view(rows, canvas_len, hi - lo)
+        if bias is not None:
+            v = v + bias[:, None, lo:hi]
+        for i, ids, p, at in spans:
+            b = lo // step
+            sel = ids[at[b]:at[b + 1]] - lo
+            if len(sel):
+                v[i, :, sel] = repetition_penalty(v[i, :, sel], p)
+        if after is not None:
+            v = v + after[:, None, lo:hi]
+        for i, n, ids in bans:
+            inside = [t - lo for t in ids if lo <= t < hi]
+            if inside:
+                v[i, :n, inside] = float("-inf")
+        return v.reshape(rows * canvas_len, hi - lo)
 
     return _fused(source, rows, canvas_len, vocab, hidden.device, k_remaining, cfg, row_generators, draws,
                   embedding if self_conditioning else None, embed_scale, block, logprobs, keep)

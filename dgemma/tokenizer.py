@@ -356,20 +356,35 @@ class Tokenizer:
 
     # ---- chat ----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            enable_thinking: bool = False, **kwargs: Any) -> str:
+                            enable_thinking: bool = False, continue_final_message: bool = False,
+                            **kwargs: Any) -> str:
         """Render `messages` ({"role", "content"} dicts; roles system/developer/user/assistant/model) to the
-        prompt string, the way transformers renders a chat template. Extra kwargs reach the template."""
+        prompt string, the way transformers renders a chat template. Extra kwargs reach the template.
+
+        continue_final_message (vLLM's and transformers' option; Anthropic's prefill): the last message is the
+        start of the assistant's reply, which the model continues: the messages before it are rendered with the
+        generation prompt (the model's turn opened as for any reply), then that message's text as it is."""
         messages = validate_messages(messages)
+        tail = ""
+        if continue_final_message:
+            last = messages[-1]
+            if last["role"] not in ("assistant", "model") or last.get("tool_calls"):
+                raise ValueError("continue_final_message needs the last message to be the assistant's reply so far "
+                                 "(text, no tool calls)")
+            if len(messages) == 1:
+                raise ValueError("continue_final_message needs a message before the assistant's reply so far")
+            messages, tail, add_generation_prompt = messages[:-1], last["content"], True
         tok = lambda i: (self.id_to_token(i) or "") if i is not None else ""  # noqa: E731
         context = dict(bos_token=tok(self.bos_id), eos_token=tok(self.eos_id), pad_token=tok(self.pad_id),
                        unk_token=tok(self.token_to_id("<unk>")), tools=None, documents=None)
         return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    enable_thinking=enable_thinking, **{**context, **kwargs})
+                                    enable_thinking=enable_thinking, **{**context, **kwargs}) + tail
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    enable_thinking: bool = False, **kwargs: Any) -> list[int]:
+                    enable_thinking: bool = False, continue_final_message: bool = False, **kwargs: Any) -> list[int]:
         """Token ids of the rendered prompt. BOS comes from the template (`{{ bos_token }}`), never added twice."""
-        text = self.apply_chat_template(messages, add_generation_prompt, enable_thinking, **kwargs)
+        text = self.apply_chat_template(messages, add_generation_prompt, enable_thinking, continue_final_message,
+                                        **kwargs)
         return self.encode(text, add_bos=False)
 
     # ---- saving --------------------------------------------------------------------------------------------

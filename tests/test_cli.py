@@ -165,6 +165,26 @@ def test_generate_logprobs_and_logit_bias(ckpt_tok, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_generate_vllm_extras(ckpt_tok, capsys):
+    """--stop-token-id, --min-tokens and --repetition-penalty reach the engine; a bad value is one clear line."""
+    from dgemma.cli import main
+
+    def gen(*args):
+        assert main(["generate", str(ckpt_tok), "def f(x):", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    j = gen("--max-new-tokens", "12", "--logit-bias", "7=100", "--stop-token-id", "7")
+    assert j["tokens"] == [7] and j["finish_reason"] == "stop"
+    j = gen("--max-new-tokens", "12", "--logit-bias", "7=100", "--stop-token-id", "7", "--min-tokens", "3")
+    assert len(j["tokens"]) == 4 and j["tokens"][-1] == 7 and 7 not in j["tokens"][:3]
+    plain = gen("--max-new-tokens", "8", "--ignore-eos")["tokens"]
+    assert gen("--max-new-tokens", "8", "--ignore-eos", "--repetition-penalty", "1.0")["tokens"] == plain
+    assert gen("--max-new-tokens", "8", "--ignore-eos", "--repetition-penalty", "5")["tokens"] != plain
+    assert main(["generate", str(ckpt_tok), "hi", "--repetition-penalty", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "repetition_penalty must be a number > 0" in err and len(err.strip().splitlines()) == 1
+
+
 def test_generate_structured_output(ckpt_tok, tmp_path, capsys):
     from dgemma.cli import main
 

@@ -582,3 +582,135 @@ def test_ar_top_k_top_p_min_p(model):
     for bad, msg in (({"top_k": -1}, "top_k"), ({"top_p": 1.5}, "top_p"), ({"min_p": -0.1}, "min_p")):
         with pytest.raises(GenerationError, match=msg):
             generate(model, [p], GenerationParams(mode=AR, max_new_tokens=2, **bad))
+
+
+# ---------------------------------------------------------------- vLLM's sampling extras
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_repetition_penalty(model, mode):
+    """repetition_penalty > 1 pushes the output away from the tokens of the prompt and the output so far, < 1
+    towards them; 1 changes nothing; a penalised row leaves its batch neighbour alone."""
+    T = model.cfg.canvas_length
+    free = GenerationParams(max_new_tokens=3 * T, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=5),
+                            mode=mode, seed=1)
+    p = _prompt(model)
+    base = generate(model, [p], free)[0].tokens
+    assert generate(model, [p], free.replace(repetition_penalty=1.0))[0].tokens == base
+    repeats = lambda toks: len(toks) - len(set(toks))  # noqa: E731
+    pen, other = generate(model, [p, _prompt(model, seed=1)], [free.replace(repetition_penalty=3.0),
+                                                              free.replace(seed=2)])
+    assert repeats(pen.tokens) < repeats(base)
+    assert other.tokens == generate(model, [_prompt(model, seed=1)], free.replace(seed=2))[0].tokens
+    assert repeats(generate(model, [p], free.replace(repetition_penalty=0.3))[0].tokens) > repeats(base)
+    for bad in (0, -1.0, float("inf"), "x"):
+        with pytest.raises(GenerationError, match="repetition_penalty"):
+            generate(model, [p], free.replace(repetition_penalty=bad))
+
+
+def test_repetition_penalty_is_transformers_processor():
+    """A row's logits under repetition_penalty (then presence/frequency penalties, vLLM's order) are those of
+    transformers' RepetitionPenaltyLogitsProcessor over prompt + output, then the penalties subtracted."""
+    transformers = pytest.importorskip("transformers")
+    from dgemma.generate import _Row
+
+    V, T = 300, 8
+    prompt, out = [5, 9, 9, 17], [9, 20, 5, 41, 41]
+    params = GenerationParams(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.25,
+                              logit_bias={20: 2.0, 33: -1.0})
+    row = _Row(0, 0, prompt, params, V, T)
+    row.out = list(out)
+    row.refresh_penalties()
+    logits = torch.randn(T, V, generator=torch.Generator().manual_seed(0)) * 5
+    ours = logits.clone()
+    row.add_bias(ours)
+    want = logits.clone()
+    want[:, 20] += 2.0
+    want[:, 33] -= 1.0
+    proc = transformers.RepetitionPenaltyLogitsProcessor(1.7)
+    want = proc(torch.tensor([prompt + out] * T), want)
+    for tok in set(out):
+        want[:, tok] -= 0.5 + 0.25 * out.count(tok)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_min_tokens(model, mode):
+    """min_tokens bans EOS and the stop tokens until the output holds that many tokens: with EOS forced
+    everywhere the output is exactly min_tokens long, across canvases too; stop strings wait as well."""
+    T = model.cfg.canvas_length
+    eos = GenerationParams(max_new_tokens=3 * T, logit_bias={106: 100.0}, seed=1, mode=mode,
+                           sampler=SamplerConfig(max_denoising_steps=4))
+    p = _prompt(model)
+    assert generate(model, [p], eos)[0].tokens == []
+    for n in (5, T + 3):
+        d = generate(model, [p], eos.replace(min_tokens=n))[0]
+        assert len(d.tokens) == n and d.finish_reason == "stop" and 106 not in d.tokens
+    stop = eos.replace(logit_bias={7: 100.0}, stop_token_ids=(7,), ignore_eos=True)
+    assert generate(model, [p], stop)[0].tokens == [7]  # the stop token is not special here: kept
+    d = generate(model, [p], stop.replace(min_tokens=4))[0]
+    assert len(d.tokens) == 5 and d.tokens[4] == 7 and 7 not in d.tokens[:4]
+    with pytest.raises(GenerationError, match="at most max_new_tokens"):
+        generate(model, [p], eos.replace(min_tokens=3 * T + 1))
+
+
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_stop_token_ids(model, mode):
+    """A stop token ends the output at its first occurrence, kept in it (not a special token), finish "stop";
+    the tokens before it are those of the run without it."""
+    T = model.cfg.canvas_length
+    free = GenerationParams(max_new_tokens=2 * T, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=4),
+                            mode=mode, seed=1)
+    p = _prompt(model)
+    base = generate(model, [p], free)[0].tokens
+    k = next(i for i in range(3, len(base)) if base[i] not in base[:i])
+    d = generate(model, [p], free.replace(stop_token_ids=(base[k],)))[0]
+    assert d.tokens == base[:k + 1] and d.finish_reason == "stop"
+    with pytest.raises(GenerationError, match="stop_token_ids"):
+        generate(model, [p], free.replace(stop_token_ids=(10**6,)))
+
+
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_allowed_token_ids(model, mode):
+    """allowed_token_ids: only those tokens, at every position of every canvas."""
+    T = model.cfg.canvas_length
+    free = GenerationParams(max_new_tokens=2 * T, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=4),
+                            mode=mode, seed=1)
+    d = generate(model, [_prompt(model)], free.replace(allowed_token_ids=(4, 8, 15, 16, 23, 42)))[0]
+    assert len(d.tokens) == 2 * T and set(d.tokens) <= {4, 8, 15, 16, 23, 42}
+    with pytest.raises(GenerationError, match="at least one"):
+        generate(model, [_prompt(model)], free.replace(allowed_token_ids=()))
+
+
+def test_fused_path_applies_vllm_extras_as_the_plain_path_does(model):
+    """repetition_penalty (with and without the other biases), allowed_token_ids and min_tokens in the fused
+    head: the plain path's tokens and logprobs, next to a row with none of them."""
+    T = model.cfg.canvas_length
+    base = GenerationParams(max_new_tokens=2 * T, seed=1, logprobs=2,
+                            sampler=SamplerConfig(max_denoising_steps=5, entropy_bound=0.5))
+    params = [base.replace(repetition_penalty=1.6, ignore_eos=True),
+              base.replace(seed=2, repetition_penalty=0.8, presence_penalty=0.7, logit_bias={5: 3.0},
+                           ignore_eos=True),
+              base.replace(seed=3, allowed_token_ids=tuple(range(3, 60)), ignore_eos=True),
+              base.replace(seed=4, min_tokens=T + 5, logit_bias={106: 6.0}),
+              base.replace(seed=5, ignore_eos=True)]
+    prompts = [_prompt(model, 7), _prompt(model, 12, seed=3), _prompt(model, 5, seed=4), _prompt(model, 8, seed=5),
+               _prompt(model, 6, seed=6)]
+    plain = generate(model, prompts, params, fused_head=False)
+    fused = generate(model, prompts, params, fused_head=True)
+    assert [d.tokens for d in fused] == [d.tokens for d in plain]
+    assert [d.logprobs for d in fused] == [d.logprobs for d in plain]
+    assert len(plain[3].tokens) >= T + 5
+
+
+def test_stop_strings_min_tokens_and_include(model):
+    """include_stop_str_in_output keeps the stop string; min_tokens skips a match that ends within its text."""
+    tok = CharTokenizer()
+    params = GenerationParams(max_new_tokens=60, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=3))
+    full = generate(model, [_prompt(model)], params, tokenizer=tok)[0].text
+    stop = full[20:22]
+    first = full.find(stop)
+    d = generate(model, [_prompt(model)], params.replace(stop=(stop,), include_stop_str_in_output=True),
+                 tokenizer=tok)[0]
+    assert d.finish_reason == "stop" and d.text == full[:first + 2]
+    d = generate(model, [_prompt(model)], params.replace(stop=(stop,), min_tokens=first + 2), tokenizer=tok)[0]
+    later = full.find(stop, first + 1)
+    assert d.text == (full[:later] if later >= 0 else full)

@@ -323,6 +323,55 @@ def test_penalties(client, pipe):
         assert r.choices[0].text == ref.text
 
 
+def test_vllm_sampling_extras(client, http, pipe):
+    """vLLM's extra sampling fields reach the engine (repetition_penalty, min_tokens, stop_token_ids,
+    include_stop_str_in_output, allowed_token_ids, truncate_prompt_tokens); mistakes are 400s naming the field."""
+    for ar in (False, True):
+        r = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True,
+                     extra_body={"ar": ar, "repetition_penalty": 1.3})
+        ref = pipe.generate(["Hello there"], seed=4, max_new_tokens=40, ignore_eos=True, repetition_penalty=1.3,
+                            ar=ar, **({"ar_temperature": 1.0} if ar else {}))[0]
+        assert r.choices[0].text == ref.text
+    plain = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True).choices[0].text
+    neutral = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True,  # what `vllm bench` sends
+                       extra_body={"repetition_penalty": 1.0, "min_tokens": 0, "include_stop_str_in_output": False})
+    assert neutral.choices[0].text == plain
+    y, z = (pipe.tokenizer.encode(c, add_bos=False)[0] for c in "yz")
+    r = complete(client, "Hi", seed=1, max_tokens=20, ignore_eos=True, extra_body={"allowed_token_ids": [y, z]})
+    assert set(r.choices[0].text) <= {"y", "z"} and r.usage.completion_tokens == 20
+    for ar in (False, True):
+        r = complete(client, "Hi", seed=1, max_tokens=20, logit_bias={str(z): 100},
+                     extra_body={"ar": ar, "stop_token_ids": [z]})
+        assert r.choices[0].text == "z" and r.choices[0].finish_reason == "stop"  # not special: kept
+        r = complete(client, "Hi", seed=1, max_tokens=20, logit_bias={str(z): 100},
+                     extra_body={"ar": ar, "stop_token_ids": [z], "min_tokens": 3})
+        assert r.usage.completion_tokens == 4 and r.choices[0].text.endswith("z")
+        r = complete(client, "Hi", seed=1, max_tokens=20, logit_bias={"106": 100}, extra_body={"ar": ar,
+                                                                                               "min_tokens": 6})
+        assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "stop"
+    full = complete(client, "Stop here", seed=8, max_tokens=48, ignore_eos=True).choices[0].text
+    k = next(i for i in range(6, len(full) - 2) if full[i].isprintable() and full[i] != "\ufffd")
+    stop = full[k:k + 2]
+    want = full[:full.find(stop) + 2]
+    kw = dict(seed=8, max_tokens=48, ignore_eos=True, stop=stop, extra_body={"include_stop_str_in_output": True})
+    assert complete(client, "Stop here", **kw).choices[0].text == want
+    assert "".join(c.choices[0].text for c in complete(client, "Stop here", stream=True, **kw)) == want
+    ids = pipe.encode("Hello there")
+    cut = complete(client, "Hello there", seed=4, max_tokens=8, extra_body={"truncate_prompt_tokens": 3})
+    same = complete(client, ids[-3:], seed=4, max_tokens=8)
+    assert cut.usage.prompt_tokens == 3 and cut.choices[0].text == same.choices[0].text
+    assert complete(client, "Hello there", max_tokens=2, extra_body={"truncate_prompt_tokens": -1}
+                    ).usage.prompt_tokens == len(ids)
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 8}
+    for extra, param in (({"stop_token_ids": [10**7]}, "stop_token_ids"), ({"allowed_token_ids": []},
+                         "allowed_token_ids"), ({"min_tokens": 9}, "min_tokens"),
+                         ({"repetition_penalty": 0}, "repetition_penalty"),
+                         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")):
+        assert_error(http.post("/v1/completions", json={**body, **extra}), 400, param=param)
+    r = http.post("/v1/completions", json={**body, "min_tokens": 2, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"]
+
+
 def test_structured_output(client):
     """response_format (OpenAI) and structured_outputs (vLLM): a random model's text still matches, in chat and
     completions, diffusion and AR, n > 1, streaming, with logprobs; usage reports the usual counts."""
@@ -523,6 +572,35 @@ def test_anthropic_messages_api(server, http, pipe):
         resp = http.post("/v1/messages", json=body)
         assert resp.status_code == status and resp.json()["type"] == "error", resp.text
         assert resp.json()["error"]["type"] == kind and resp.json()["error"]["message"]
+
+
+def test_continue_final_message(server, client, http, pipe):
+    """vLLM's continue_final_message (and Anthropic's prefill): the model continues the assistant's text, on the
+    prompt the template gives the messages before it plus that text; the reply holds the continuation alone."""
+    chat = [{"role": "user", "content": "Name a fruit"}, {"role": "assistant", "content": "My answer is: ap"}]
+    ids = pipe.tokenizer.encode(pipe.tokenizer.apply_chat_template(chat[:1]) + "My answer is: ap", add_bos=False)
+    assert pipe.encode_chat(chat, continue_final_message=True) == ids
+    r = http.post("/tokenize", json={"messages": chat, "continue_final_message": True}).json()
+    assert r["tokens"] == ids
+    want = complete(client, ids, seed=3, max_tokens=20, ignore_eos=True).choices[0].text
+    got = client.chat.completions.create(model=NAME, messages=chat, seed=3, max_tokens=20,
+                                         extra_body={"continue_final_message": True, "ignore_eos": True})
+    assert got.choices[0].message.content == want and got.usage.prompt_tokens == len(ids)
+    # Anthropic's Messages API: a last assistant message is a prefill
+    body = {"model": NAME, "max_tokens": 20, "messages": chat, "seed": 3, "ignore_eos": True}
+    m = http.post("/v1/messages", json=body).json()
+    assert m["content"][0]["text"] == want and m["usage"]["input_tokens"] == len(ids)
+    # a new turn after it, as before, without the flag
+    plain = http.post("/tokenize", json={"messages": chat}).json()["tokens"]
+    assert plain == pipe.encode_chat(chat) != ids
+    assert http.post("/tokenize", json={"messages": chat, "add_generation_prompt": False}).json()["tokens"] == \
+        pipe.encode_chat(chat, add_generation_prompt=False)
+    req = {"model": NAME, "messages": chat, "max_tokens": 4}
+    assert_error(http.post("/v1/chat/completions", json={**req, "continue_final_message": True,
+                                                          "add_generation_prompt": True}), 400,
+                 param="continue_final_message")
+    r = http.post("/v1/chat/completions", json={**req, "messages": chat[:1], "continue_final_message": True})
+    assert r.status_code == 400 and "assistant" in r.json()["error"]["message"]
 
 
 def test_tokenize_and_detokenize(http, pipe):

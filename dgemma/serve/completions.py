@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..generate import AR, Commit, Done, GenerationError, GenerationParams
+from ..generate import AR, Commit, Done, GenerationError, GenerationParams, stop_cut, tokens_for_prefix
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
@@ -82,11 +82,13 @@ class Choice:
         back a trailing U+FFFD (maybe half a UTF-8 character) and any tail that could start a stop string."""
         toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
         text = tok.decode(toks)
+        after = self._min_text(tok, toks)
         if self.thinking:
-            text = split_thought(text)[1]
+            answer = split_thought(text)[1]  # the end of the text: min_tokens' text moves back with it
+            text, after = answer, max(0, after - (len(text) - len(answer)))
         if self.tool_names is not None and TOOL_CALL in text:  # a call is sent whole, once it is parsed
             text = text[:text.index(TOOL_CALL)]
-        cut = _stop_cut(text, self.stop)
+        cut = stop_cut(text, self.stop, after, self.include_stop)
         if cut is not None:
             return text[:cut]
         keep = len(text)
@@ -98,6 +100,15 @@ class Choice:
                     keep -= k
                     break
         return text[:keep]
+
+    def _min_text(self, tok, toks: list[int]) -> int:
+        """min_tokens: the characters its first tokens spell, within which no stop string may end."""
+        m = self.params.min_tokens if self.params is not None else 0
+        return len(tok.decode(toks[:m])) if m and self.stop else 0
+
+    @property
+    def include_stop(self) -> bool:
+        return self.params is not None and self.params.include_stop_str_in_output
 
     def reasoning_delta(self, tok) -> str:
         """The thought channel's text not yet streamed (thinking on), holding back a trailing U+FFFD."""
@@ -164,10 +175,10 @@ class Choice:
             if len(middle) > self.max_tokens:
                 middle, reason = middle[:self.max_tokens], "length"
             text = tok.decode(middle)
-            cut = _stop_cut(text, self.stop)
+            cut = stop_cut(text, self.stop, self._min_text(tok, middle), self.include_stop)
             if cut is not None:
                 text, reason = text[:cut], "stop"
-                middle = _tokens_for_prefix(tok, middle, text)
+                middle = tokens_for_prefix(tok, middle, text)
             self.text, self.finish_reason, self.completion_tokens = text, reason, len(middle)
         else:
             self.text, self.finish_reason = done.text or "", done.finish_reason
@@ -212,18 +223,6 @@ class Plan:
     @property
     def jobs(self) -> list[Job]:
         return [c.job for c in self.choices if c.job is not None]
-
-
-def _stop_cut(text: str, stops) -> int | None:
-    cuts = [text.find(s) for s in stops if s in text]
-    return min(cuts) if cuts else None
-
-
-def _tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
-    for n in range(len(tokens), -1, -1):
-        if text.startswith(tok.decode(tokens[:n])):
-            return tokens[:n]
-    return []
 
 
 async def updates(state, plan: Plan, queue):
@@ -316,7 +315,7 @@ class Planner:
         messages = self._messages(req)
         kw = self._template_kwargs(req)
         try:
-            prompt = self.pipe.encode_chat(messages, tools=tools, **kw)
+            prompt = self.pipe.encode_chat(messages, tools=tools, **kw, **self._continuation(req))
         except GenerationError as e:
             raise invalid(str(e), "messages") from None
         thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
@@ -353,6 +352,16 @@ class Planner:
                     message[key] = getattr(m, key)
             messages.append(message)
         return messages
+
+    @staticmethod
+    def _continuation(req) -> dict[str, bool]:
+        """vLLM's add_generation_prompt / continue_final_message, checked as vLLM checks them."""
+        if req.continue_final_message and req.add_generation_prompt and \
+                "add_generation_prompt" in req.model_fields_set:
+            raise invalid("continue_final_message and add_generation_prompt cannot both be true",
+                          "continue_final_message")
+        return {"add_generation_prompt": req.add_generation_prompt and not req.continue_final_message,
+                "continue_final_message": req.continue_final_message}
 
     @staticmethod
     def _template_kwargs(req) -> dict[str, Any]:
@@ -429,8 +438,8 @@ class Planner:
                                      chat_template_kwargs=req.chat_template_kwargs)
         tools, kw = self._tools(chat)[0], self._template_kwargs(chat)
         try:
-            return self.pipe.tokenizer.encode_chat(self._messages(chat), req.add_generation_prompt, tools=tools,
-                                                   **kw)
+            return self.pipe.tokenizer.encode_chat(self._messages(chat), tools=tools, **kw,
+                                                   **self._continuation(req))
         except (ValueError, TypeError) as e:
             raise invalid(str(e), "messages") from None
 
@@ -516,8 +525,13 @@ class Planner:
         if seed + req.n - 1 >= SEED_LIMIT:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
+        prompts = self._truncate(req, prompts, param)
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                    repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                    stop_token_ids=self._token_ids(req.stop_token_ids, "stop_token_ids"),
+                    allowed_token_ids=self._token_ids(req.allowed_token_ids, "allowed_token_ids", empty=False),
+                    include_stop_str_in_output=req.include_stop_str_in_output,
                     ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
                     adaptive_steps=req.steps is None,  # steps named in the request are kept under load
                     logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
@@ -537,6 +551,9 @@ class Planner:
             if echo and logprobs is not None:  # the text the prompt's tokens spell, so their offsets land in it
                 text_echo = self.pipe.tokenizer.decode(prompt, skip_special=True)
             max_tokens = self._max_tokens(req, prompt, base, fixed, param)
+            if req.min_tokens > max_tokens:
+                raise invalid(f"min_tokens ({req.min_tokens}) must be at most max_tokens ({max_tokens})",
+                              "min_tokens")
             for j in range(req.n):
                 opts = dict(base, seed=seed + j)
                 if suffix_ids:
@@ -605,6 +622,31 @@ class Planner:
         if kind == "json_object":
             return Grammar.json_object()
         return {"regex": Grammar.regex, "choice": Grammar.choice, "grammar": Grammar.lark}[kind](value)
+
+    def _token_ids(self, ids: list[int] | None, param: str, empty: bool = True) -> tuple[int, ...] | None:
+        """vLLM's stop_token_ids / allowed_token_ids: token ids in the vocabulary (None: not given)."""
+        if ids is None:
+            return None
+        vocab = self.pipe.model.cfg.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise invalid(f"{param} has token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param)
+        if not ids and not empty:
+            raise invalid(f"{param} must name at least one token", param)
+        return tuple(ids)
+
+    def _truncate(self, req: _Common, prompts: list[tuple[list[int], str | None]], param: str
+                  ) -> list[tuple[list[int], str | None]]:
+        """vLLM's truncate_prompt_tokens: each prompt's last k tokens (-1: as many as the context holds); a prompt
+        that was cut loses its text (echo then shows the tokens kept)."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return prompts
+        if k == 0:
+            raise invalid("truncate_prompt_tokens must be -1 or at least 1", "truncate_prompt_tokens")
+        if k == -1:
+            k = self.worker.engine.max_len
+        return [(p[-k:], text if len(p) <= k else None) for p, text in prompts]
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
         """OpenAI's logit_bias: token ids (as JSON object keys) -> a bias from -100 to 100."""

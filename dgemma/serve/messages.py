@@ -4,7 +4,8 @@ A Messages request becomes a chat completion request (`to_chat`): `system` is th
 conversation (text blocks; an assistant's `tool_use` blocks its tool calls; a user's `tool_result` blocks the tool
 messages before its text), `tools` ({name, description, input_schema}) the chat tools, `tool_choice` (auto / any /
 tool / none, `disable_parallel_tool_use`) the chat one, `thinking: {"type": "enabled"}` thinking on,
-`stop_sequences` the stop strings; dgemma's extra body fields (`steps`, `ar`, ...) pass through. The answer comes
+`stop_sequences` the stop strings, a last assistant message a prefill (the reply continues its text:
+`continue_final_message`); dgemma's extra body fields (`steps`, `ar`, ...) pass through. The answer comes
 back as Anthropic content blocks (`thinking`, `text`, `tool_use`) with its `stop_reason` (end_turn, max_tokens,
 stop_sequence, tool_use), and a stream sends Anthropic's events (message_start, content_block_start /
 _delta / _stop, message_delta, message_stop). Errors on this path use Anthropic's shape
@@ -79,6 +80,8 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
             body["parallel_tool_calls"] = parallel
     if req.thinking is not None and req.thinking.get("type") == "enabled":
         body["chat_template_kwargs"] = {"enable_thinking": True}
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+        body["continue_final_message"] = True  # a prefill: the reply goes on from the assistant's text
     return chat_request(body)
 
 

@@ -75,6 +75,13 @@ class _Common(DiffusionOptions):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extras: a seen token's logit / p when positive, * p when negative (after logit_bias)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0)  # no EOS, stop token or stop string before this many tokens
+    stop_token_ids: list[int] | None = None  # tokens that end the output as EOS does
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the prompt's last k tokens (-1: the context)
     user: str | None = None
     # structured output: OpenAI's response_format (text / json_object / json_schema), or vLLM's structured_outputs
     response_format: dict[str, Any] | None = None
@@ -117,6 +124,10 @@ class ChatCompletionRequest(_Common):
     function_call: Any = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: continue_final_message continues the last (assistant) message instead of opening a new reply;
+    # add_generation_prompt false renders the conversation without opening the model's turn
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     store: bool | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
@@ -131,6 +142,7 @@ class TokenizeRequest(_Strict):
     add_special_tokens: bool = True  # text prompts: BOS first, as /v1/completions encodes them
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: list[Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
