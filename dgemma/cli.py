@@ -375,18 +375,19 @@ def cmd_generate(args) -> int:
     lps = None
     if done.logprobs is not None:
         piece = (lambda t: pipe.tokenizer.decode([t])) if pipe.tokenizer is not None else str  # noqa: E731
-        lps = [{"token": t, "text": piece(t), "logprob": v,
+        lps = [{"token": t, "text": piece(t), "logprob": v, "entropy": h,
                 "top_logprobs": [{"token": a, "text": piece(a), "logprob": w} for a, w in top]}
-               for t, v, top in zip(done.tokens, done.logprobs, done.top_logprobs)]
+               for t, v, top, h in zip(done.tokens, done.logprobs, done.top_logprobs, done.entropies)]
     if args.json:
         out = {"text": done.text, "tokens": done.tokens, "finish_reason": done.finish_reason, "stats": done.stats}
         print(json.dumps(out if lps is None else {**out, "logprobs": lps}, indent=2, ensure_ascii=False))
         return 0
     if lps is not None:
-        print("\nlogprob  token   (most likely there)", file=sys.stderr)
+        print("\nlogprob  entropy  token   (most likely there)", file=sys.stderr)
         for e in lps:
             alts = "  ".join(f"{a['text']!r} {a['logprob']:.2f}" for a in e["top_logprobs"])
-            print(f"{e['logprob']:7.3f}  {e['text']!r}" + (f"   ({alts})" if alts else ""), file=sys.stderr)
+            print(f"{e['logprob']:7.3f}  {e['entropy']:7.3f}  {e['text']!r}" + (f"   ({alts})" if alts else ""),
+                  file=sys.stderr)
     if n_suffix is not None:
         body = done.text if done.text is not None else " ".join(map(str, done.tokens))
         print(f"{text}\x1b[4m{body}\x1b[0m{args.suffix}" if sys.stdout.isatty() else body)

@@ -231,6 +231,7 @@ class Commit:
     logprobs: list[float] | None = None
     top_logprobs: list[TopLogprobs] | None = None
     partial: bool = False
+    entropies: list[float] | None = None  # with logprobs: each token's raw entropy (see Done)
 
 
 @dataclass
@@ -244,6 +245,9 @@ class Done:
     top_logprobs: list[TopLogprobs] | None = None
     prompt_logprobs: list[float | None] | None = None  # one per prompt token (None first), with prompt_logprobs
     prompt_top_logprobs: list[TopLogprobs] | None = None
+    # with logprobs: per token, the entropy (nats) of the distribution its log-probability is of (the raw logits at
+    # the forward that emitted it): how spread the model was there, not only how sure of the token it kept
+    entropies: list[float] | None = None
 
 
 Event = Draft | Commit | Done
@@ -264,9 +268,11 @@ class _Row:
         self.sc_logits: torch.Tensor | None = None  # reference rng: processed logits of the last step
         self.history: list[torch.Tensor] = []
         self.out: list[int] = []
-        self.lp: tuple | None = None  # logprobs of the current canvas's draft: (lp [T], top ids, top lps) or None
+        # logprobs of the current canvas's draft: (lp [T], top ids, top lps, raw entropies [T]) or None
+        self.lp: tuple | None = None
         self.out_lp: list[float] = []
         self.out_top: list[TopLogprobs] = []
+        self.out_ent: list[float] = []
         self.prompt_lp: list[float | None] | None = None
         self.prompt_top: list[TopLogprobs] | None = None
         self.steps_per_canvas: list[int] = []  # every attempt's steps, restarts included
@@ -711,7 +717,7 @@ class Engine:
             if r.p.logprobs is not None:
                 n = r.p.logprobs
                 r.g_lp = (torch.zeros(self.T), torch.zeros(self.T, n, dtype=torch.long) if n else None,
-                          torch.full((self.T, n), float("-inf")) if n else None)
+                          torch.full((self.T, n), float("-inf")) if n else None, torch.zeros(self.T))
 
     def _step_budget(self, cfg: SamplerConfig) -> int:
         """The steps a canvas starting now may take under the load-adaptive budget (see __init__)."""
@@ -788,7 +794,8 @@ class Engine:
                 cut = sub if floor is None else \
                     sub.masked_fill(sub / S.temperature(k, cfg, sub.device) < floor[..., None], float("-inf"))
                 out = S.reference_step(cut, k, cfg, r.canvas[None].to(sub.device), sc_dtype=m.dtype)
-                r_lp = None if r.p.logprobs is None else S.raw_logprobs(sub[0], out.argmax[0], r.p.logprobs)
+                r_lp = None if r.p.logprobs is None else \
+                    (*S.raw_logprobs(sub[0], out.argmax[0], r.p.logprobs), S.raw_entropy(sub[0]))
                 self._after_step(r, cfg, out.canvas[0].cpu(), out.argmax[0].cpu(), out.entropies[0],
                                  out.accepted[0], None, out.sc_logits[0], events, r_lp)
             else:
@@ -856,6 +863,7 @@ class Engine:
                 lps, top_ids, top_lp = S.raw_logprobs(masked[None], torch.tensor([tok], device=row.device),
                                                       r.p.logprobs)
                 r.g_lp[0][j] = lps[0].cpu()
+                r.g_lp[3][j] = S.raw_entropy(masked)
                 if top_ids is not None:
                     r.g_lp[1][j], r.g_lp[2][j] = top_ids[0].cpu(), top_lp[0].cpu()
             r.g_tok[j] = tok
@@ -918,7 +926,7 @@ class Engine:
                                logprobs=top, floor=floor)
         canvas, cand, draft, ent, acc, sc = out.canvas, out.candidates, out.argmax, out.entropies, out.accepted, \
             out.sc_embedding
-        lp, top_ids, top_lp = out.logprob, out.top_ids, out.top_logprobs
+        lp, top_ids, top_lp, raw_h = out.logprob, out.top_ids, out.top_logprobs, out.raw_entropy
         pinned = [(i, pos, tok) for i, r in enumerate(rows) for pos, tok in r.pins()]
         if pinned and logits is None:
             # Fixed (infill) and committed (grammar) positions, exactly as if their logits were one-hot: zero
@@ -927,7 +935,7 @@ class Engine:
             cand, draft, ent = cand.clone(), draft.clone(), ent.clone()
             sc = None if sc is None else sc.clone()
             if lp is not None:
-                lp = lp.clone()
+                lp, raw_h = lp.clone(), raw_h.clone()
                 top_ids, top_lp = (top_ids.clone(), top_lp.clone()) if top_ids is not None else (None, None)
             for i, pos, tok in pinned:
                 pos, tok = pos.to(m.device), tok.to(m.device)
@@ -935,7 +943,7 @@ class Engine:
                 if sc is not None:
                     sc[i, pos] = E[tok].float() * torch.tensor(scale, dtype=torch.float32)
                 if lp is not None:  # one-hot logits: the fixed token is certain, nothing else is possible
-                    lp[i, pos] = 0.0
+                    lp[i, pos], raw_h[i, pos] = 0.0, 0.0
                     if top_ids is not None:
                         top_ids[i, pos, 0], top_lp[i, pos, 0], top_lp[i, pos, 1:] = tok, 0.0, float("-inf")
             acc = S.entropy_bound_accept(ent, cfg.entropy_bound, stable=True)
@@ -946,7 +954,7 @@ class Engine:
         for j, r in enumerate(rows):
             r_lp = None if r.p.logprobs is None else \
                 (lp[j], None if top_ids is None else top_ids[j, :, :r.p.logprobs],
-                 None if top_lp is None else top_lp[j, :, :r.p.logprobs])
+                 None if top_lp is None else top_lp[j, :, :r.p.logprobs], raw_h[j])
             self._after_step(r, cfg, canvas[j], draft[j], ent[j], acc[j],
                              None if sc is None else sc[j].to(m.dtype), None,
                              events, r_lp)
@@ -1035,9 +1043,9 @@ class Engine:
                 continue
             room = r.p.max_new_tokens - (len(r.out) - r.sent)  # from the canvas's start
             added = cut[:room][r.sent:]  # a grammar row sent the first r.sent already (`_emit_partial`)
-            lps, tops = self._take_logprobs(r, len(added), start=r.sent)
+            lps = self._take_logprobs(r, len(added), start=r.sent)
             r.out.extend(added)
-            events.append(Commit(r.id, r.canvas_idx, added, steps, lps, tops))
+            events.append(Commit(r.id, r.canvas_idx, added, steps, **lps))
             r.canvas_idx += 1
             if hit_eos or (r.matcher is not None and r.matcher.done):
                 r.finished = "stop"
@@ -1099,25 +1107,28 @@ class Engine:
         run = run[:eos]
         if not run:
             return
-        lps, tops = self._take_logprobs(r, len(run), start=r.sent)
+        lps = self._take_logprobs(r, len(run), start=r.sent)
         r.sent += len(run)
         r.out.extend(run)
         if r.t_first is None:
             r.t_first = time.perf_counter()
-        events.append(Commit(r.id, r.canvas_idx, run, r.spent + r.step, lps, tops, partial=True))
+        events.append(Commit(r.id, r.canvas_idx, run, r.spent + r.step, partial=True, **lps))
 
     @staticmethod
-    def _take_logprobs(r: _Row, n: int, start: int = 0) -> tuple[list[float] | None, list[TopLogprobs] | None]:
-        """Positions start..start+n-1's logprobs of the row's last step (`r.lp`), appended to its output's."""
+    def _take_logprobs(r: _Row, n: int, start: int = 0) -> dict[str, list | None]:
+        """Positions start..start+n-1's logprobs (and raw entropies) of the row's last step (`r.lp`), appended to
+        its output's: Commit's logprobs, top_logprobs and entropies."""
         if r.p.logprobs is None or r.lp is None:
-            return None, None
-        lp, ids, tlp = r.lp
+            return {}
+        lp, ids, tlp, ent = r.lp
         sl = slice(start, start + n)
         lps = lp[sl].tolist()
         tops = _top_lists(None if ids is None else ids[sl], None if tlp is None else tlp[sl], len(lps))
+        ents = ent[sl].tolist()
         r.out_lp.extend(lps)
         r.out_top.extend(tops)
-        return lps, tops
+        r.out_ent.extend(ents)
+        return {"logprobs": lps, "top_logprobs": tops, "entropies": ents}
 
     def _ar(self, rows: list[_Row], events) -> None:
         if not rows:
@@ -1151,7 +1162,7 @@ class Engine:
             tok = int(torch.argmax(logits))
         if r.p.logprobs is not None:
             lp, ids, tlp = S.raw_logprobs(logits[None], torch.tensor([tok], device=logits.device), r.p.logprobs)
-            r.lp = (lp, ids, tlp)
+            r.lp = (lp, ids, tlp, S.raw_entropy(logits[None]))
         if r.t_first is None:
             r.t_first = time.perf_counter()
         r.phase = "ar"
@@ -1160,11 +1171,11 @@ class Engine:
             events.append(Commit(r.id, len(r.out), [], 1))
             return
         r.out.append(tok)
-        lps, tops = self._take_logprobs(r, 1)
+        lps = self._take_logprobs(r, 1)
         if r.p.mode == AR:
-            events.append(Commit(r.id, len(r.out) - 1, [tok], 1, lps, tops))
+            events.append(Commit(r.id, len(r.out) - 1, [tok], 1, **lps))
         else:  # ar_fallback: a token of the span that replaces an unsure canvas, final as it is written
-            events.append(Commit(r.id, r.canvas_idx, [tok], 1, lps, tops, partial=True))
+            events.append(Commit(r.id, r.canvas_idx, [tok], 1, partial=True, **lps))
         if r.matcher is not None:
             r.matcher.consume(tok)
         if (r.matcher is not None and r.matcher.done) or tok in r.ends:
@@ -1219,10 +1230,10 @@ class Engine:
             "time_to_first_commit_s": (r.t_first - r.t0) if r.t_first else None,
             "tokens_per_s": len(tokens) / wall if wall > 0 else None,
         }
-        lps = tops = None
+        lps = tops = ents = None
         if r.p.logprobs is not None:
-            lps, tops = r.out_lp[:len(tokens)], r.out_top[:len(tokens)]
-        return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top)
+            lps, tops, ents = r.out_lp[:len(tokens)], r.out_top[:len(tokens)], r.out_ent[:len(tokens)]
+        return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top, ents)
 
 
 class _WalkLogits:

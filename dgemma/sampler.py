@@ -484,6 +484,8 @@ class FusedStep(NamedTuple):
     # with keep=idx (flat positions row * canvas + j): those positions' raw logits [len(idx), vocab], copied out
     # of the blocks as they pass (the grammar walk reads them; the fused head otherwise never holds logits)
     kept_logits: Tensor | None = None
+    # with logprobs: the entropy (nats) of the raw distribution the log-probabilities are of [rows, canvas]
+    raw_entropy: Tensor | None = None
 
 
 def _inverse_cdf(ends: Tensor, target: Tensor) -> Tensor:
@@ -669,6 +671,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     if logprobs is not None:
         raw_max = torch.full((N,), _F64_MIN, dtype=torch.float64, device=device)  # running shift of the raw lse
         raw_sum = torch.zeros(N, dtype=torch.float64, device=device)  # in units of exp(. - raw_max)
+        raw_ed = torch.zeros(N, dtype=torch.float64, device=device)  # sum of exp(l - raw_max) (l - raw_max), same
         raw_at_arg = torch.empty(N, nb, dtype=torch.float32, device=device)
         top_v = torch.empty(N, 0, dtype=torch.float32, device=device)
         top_i = torch.empty(N, 0, dtype=torch.int64, device=device)
@@ -703,9 +706,16 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
             raw_at_arg[:, b] = raw.gather(1, barg[:, None]).squeeze(1)
             # The block's max of x times T is its raw max (to rounding): a safe shift, with no pass for a max.
             shift = ((bmax if shift_max is None else shift_max) * temp[:, 0]).clamp(min=_F32_MIN)
-            part = _sum_exp(raw, shift[:, None])  # fp32 in the block, combined in fp64 as above
+            # fp32 in the block (exp2, as `_sum_exp`), combined in fp64 as above; for the raw entropy also the sum
+            # of e * (l - shift), all shifted to the running max as the blocks come (-inf entries: e = 0, d finite)
+            d_raw = (raw - shift[:, None]).clamp_(min=_F32_MIN)
+            e_raw = torch.exp2(d_raw * _LOG2E)
+            part, part_ed = e_raw.sum(-1).double(), torch.linalg.vecdot(e_raw, d_raw).double()
             new_rmax = torch.maximum(raw_max, shift.double())
-            raw_sum = raw_sum * torch.exp(raw_max - new_rmax) + part.double() * torch.exp(shift.double() - new_rmax)
+            old_d, new_d = raw_max - new_rmax, shift.double() - new_rmax
+            a, c = torch.exp(old_d), torch.exp(new_d)
+            raw_ed = (raw_ed + old_d * raw_sum) * a + (part_ed + new_d * part) * c
+            raw_sum = raw_sum * a + part * c
             raw_max = new_rmax
             if logprobs:
                 v, i = raw.topk(min(logprobs, hi - lo), dim=-1)
@@ -762,8 +772,9 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
     if embedding is not None:
         # sc_acc is in units of exp(. - run_max) = exp(. - global max); divide by the total mass in those units.
         sc = (sc_acc / total.float()[:, None] * embed_scale).view(rows, canvas_len, -1)
-    lp = top_ids = top_lp = None
+    lp = top_ids = top_lp = raw_h = None
     if logprobs is not None:
+        raw_h = (torch.log(raw_sum) - raw_ed / raw_sum).float().view(rows, canvas_len)
         lse = raw_max + torch.log(raw_sum)
         at = raw_at_arg.gather(-1, best_block[:, None]).squeeze(-1)
         lp = (at.double() - lse).float().view(rows, canvas_len)
@@ -771,7 +782,7 @@ def _fused(source, rows, canvas_len, vocab, device, k_remaining, cfg, row_genera
             top_ids = top_i.view(rows, canvas_len, -1)
             top_lp = (top_v.double() - lse[:, None]).float().view(rows, canvas_len, -1)
     return FusedStep(canvas, candidates, argmax.view(rows, canvas_len), entropies, accepted, sc, lp, top_ids,
-                     top_lp, kept_logits)
+                     top_lp, kept_logits, raw_h)
 
 
 def draw(probs: Tensor, generator: torch.Generator) -> int:
@@ -854,6 +865,18 @@ def truncation_floor(logits: Tensor, temperature: float | Tensor = 1.0, top_k: i
         floor[ended] = torch.maximum(floor[ended], v.gather(1, last).squeeze(1)[done])
         todo, k = todo[~done], min(8 * k, n)
     return floor
+
+
+def raw_entropy(logits: Tensor) -> Tensor:
+    """The entropy (nats) of the raw distribution softmax(logits) over materialised logits [..., V] (-inf entries
+    carry no mass): H = log s - sum e d / s with d = l - max, e = exp(d), s = sum e. The fused step computes the same
+    block by block for its draft positions (`FusedStep.raw_entropy`)."""
+    x = logits.float()
+    m = x.amax(dim=-1, keepdim=True).clamp(min=_F32_MIN)
+    d = (x - m).clamp_(min=_F32_MIN)
+    e = torch.exp2(d * _LOG2E)
+    s = e.sum(-1).double()
+    return (torch.log(s) - torch.linalg.vecdot(e, d).double() / s).float()
 
 
 def raw_logprobs(logits: Tensor, tokens: Tensor, top: int = 0) -> tuple[Tensor, Tensor | None, Tensor | None]:

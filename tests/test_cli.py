@@ -154,9 +154,10 @@ def test_generate_logprobs_and_logit_bias(ckpt_tok, tmp_path):
     j = json.loads(run("generate", str(ckpt_tok), "def f(x):", "--max-new-tokens", "6", "--logprobs", "2",
                        "--logit-bias", "7=100", "--json").stdout)
     assert j["tokens"] == [7] * 6 and [e["token"] for e in j["logprobs"]] == j["tokens"]
+    assert all(e["entropy"] >= -1e-6 for e in j["logprobs"])
     assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == 7 for e in j["logprobs"])
     p = run("generate", str(ckpt_tok), "def f(x):", "--max-new-tokens", "4", "--logprobs", "1")
-    assert "logprob  token" in p.stderr and len(p.stderr.splitlines()) >= 6
+    assert "logprob  entropy  token" in p.stderr and len(p.stderr.splitlines()) >= 6
     broken = tmp_path / "broken"  # a malformed generation_config.json is one clear line, not a traceback
     shutil.copytree(ckpt_tok, broken)
     (broken / "generation_config.json").write_text("{not json")

@@ -316,6 +316,8 @@ def test_fused_path_adds_biases_as_the_plain_path_does(model):
     fused = generate(model, prompts, params, fused_head=True)
     assert [d.tokens for d in fused] == [d.tokens for d in plain]
     assert [d.logprobs for d in fused] == [d.logprobs for d in plain]
+    for a, b in zip(fused, plain):
+        assert a.entropies == pytest.approx(b.entropies, abs=1e-5)
 
 
 @pytest.mark.parametrize("allowed,msg", [({-1: [5]}, "outside the canvas"), ({0: []}, "non-empty"),
@@ -466,14 +468,25 @@ def test_logprobs(model, mode):
             assert top[0][0] == tok and top[0][1] == pytest.approx(lp, abs=1e-6)
             assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
         assert b.top_logprobs == [[] for _ in b.tokens]
+        # each token's raw entropy: at least what its own log-probability leaves room for, never negative
+        assert len(a.entropies) == len(a.tokens) and all(h >= -1e-5 for h in a.entropies)
         if mode == DIFFUSION:
             assert b.logprobs[3] == 0.0 and b.logprobs[T - 1] == 0.0
+            assert b.entropies[3] == 0.0 and b.entropies[T - 1] == 0.0  # one-hot: nothing else possible
     for x, y in zip(*runs):
         assert x.top_logprobs == y.top_logprobs
         assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+        assert x.entropies == pytest.approx(y.entropies, abs=1e-4)
     events = list(generate(model, prompts[:1], asked[0], events=True))
     commits = [e for e in events if isinstance(e, Commit)]
     assert sum((e.logprobs for e in commits), []) == events[-1].logprobs
+    assert sum((e.entropies for e in commits), []) == events[-1].entropies
+    if mode == AR:  # greedy AR: the entropy of the model's next-token distribution, recomputed without a cache
+        seq = prompts[0] + events[-1].tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0, len(prompts[0]) - 1:-1]
+        want = torch.distributions.Categorical(logits=logits.float()).entropy()
+        assert events[-1].entropies == pytest.approx(want.tolist(), abs=1e-3)
     with pytest.raises(GenerationError, match="logprobs must be"):
         generate(model, prompts[:1], base[0].replace(logprobs=21))
 
@@ -698,6 +711,8 @@ def test_fused_path_applies_vllm_extras_as_the_plain_path_does(model):
     fused = generate(model, prompts, params, fused_head=True)
     assert [d.tokens for d in fused] == [d.tokens for d in plain]
     assert [d.logprobs for d in fused] == [d.logprobs for d in plain]
+    for a, b in zip(fused, plain):
+        assert a.entropies == pytest.approx(b.entropies, abs=1e-5)
     assert len(plain[3].tokens) >= T + 5
 
 

@@ -212,6 +212,12 @@ def test_streaming_equals_non_streaming(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far, never falling, ending at the total
+    chunks = list(complete(client, "Stream me", seed=4, max_tokens=40, ignore_eos=True, stream=True,
+                           stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None and c.usage.prompt_tokens == chunks[-1].usage.prompt_tokens for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 40 and counts[0] < 40
 
 
 @pytest.mark.parametrize("ar", [False, True])
@@ -235,9 +241,12 @@ def test_logprobs(client, pipe, ar):
         assert e.logprob <= 0 and len(e.top_logprobs) == 3
         assert [t.token for t in e.top_logprobs] == [tok.decode([t]) for t, _ in top]
         assert e.top_logprobs[0].token == e.token  # the output is the draft / greedy argmax
+    # dgemma's addition: each entry's raw entropy, the engine's
+    assert [e.model_extra["entropy"] for e in content] == pytest.approx(ref.entropies[:len(content)], abs=1e-6)
     chunks = list(client.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert [(e.token, e.logprob, e.model_extra["entropy"]) for e in streamed] == \
+        [(e.token, e.logprob, e.model_extra["entropy"]) for e in content]
 
     c = complete(client, "Hello", seed=4, max_tokens=30, logprobs=2, ar=ar, stop=["e"], temperature=0)
     lp = c.choices[0].logprobs
@@ -245,6 +254,7 @@ def test_logprobs(client, pipe, ar):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
     assert lp.text_offset[:1] in ([], [0]) and lp.text_offset == sorted(lp.text_offset)  # a stop may cut a token
     assert all(len(d) <= 2 and max(d.values()) == v for d, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert len(lp.model_extra["entropies"]) == n and min(lp.model_extra["entropies"]) >= -1e-6
     chunks = list(complete(client, "Hello", seed=4, max_tokens=30, logprobs=2, ar=ar, stop=["e"], temperature=0,
                            stream=True))
     got = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
@@ -572,6 +582,33 @@ def test_anthropic_messages_api(server, http, pipe):
         resp = http.post("/v1/messages", json=body)
         assert resp.status_code == status and resp.json()["type"] == "error", resp.text
         assert resp.json()["error"]["type"] == kind and resp.json()["error"]["message"]
+
+
+def test_return_token_ids(client, http, pipe):
+    """vLLM's return_token_ids: each choice's output ids and the prompt's, which decode to the text; in a stream,
+    on each choice's finish chunk."""
+    r = complete(client, "Hello there", seed=4, max_tokens=12, n=2, extra_body={"return_token_ids": True})
+    for ch in r.choices:
+        extra = ch.model_extra
+        assert extra["prompt_token_ids"] == pipe.encode("Hello there")
+        assert pipe.tokenizer.decode(extra["token_ids"]) == ch.text
+    assert sum(len(ch.model_extra["token_ids"]) for ch in r.choices) == r.usage.completion_tokens
+    assert "token_ids" not in complete(client, "Hello there", max_tokens=4).choices[0].model_extra
+    stop = complete(client, "Stop here", seed=8, max_tokens=48, ignore_eos=True).choices[0].text[10:12]
+    r = complete(client, "Stop here", seed=8, max_tokens=48, ignore_eos=True, stop=stop,
+                 extra_body={"return_token_ids": True})
+    # a stop string may end inside a token: the ids are those whose text the answer holds whole
+    assert r.choices[0].text.startswith(pipe.tokenizer.decode(r.choices[0].model_extra["token_ids"]))
+    chat = [{"role": "user", "content": "Hi"}]
+    c = client.chat.completions.create(model=NAME, messages=chat, seed=2, max_tokens=10,
+                                       extra_body={"return_token_ids": True})
+    assert c.model_extra["prompt_token_ids"] == pipe.encode_chat(chat)
+    assert len(c.choices[0].model_extra["token_ids"]) == c.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=NAME, messages=chat, seed=2, max_tokens=10, stream=True,
+                                                 extra_body={"return_token_ids": True}))
+    last = [k for k in chunks if k.choices and k.choices[0].finish_reason]
+    assert len(last) == 1 and last[0].model_extra["prompt_token_ids"] == pipe.encode_chat(chat)
+    assert last[0].choices[0].model_extra["token_ids"] == c.choices[0].model_extra["token_ids"]
 
 
 def test_continue_final_message(server, client, http, pipe):

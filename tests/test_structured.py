@@ -5,6 +5,7 @@ doing: these tests check that the text always matches, across canvases, seeds, b
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -172,9 +173,16 @@ def test_logprobs_under_a_grammar(model, tok):
         assert lp <= 1e-6 and 1 <= len(top) <= 2  # only a and b are possible there
         assert {tok.decode([t]) for t, _ in top} <= {"a", "b"}
         assert abs(sum(torch.tensor([v for _, v in top]).exp().tolist()) - 1) < 1e-4
+    # the raw entropy of the same (masked) distribution: two tokens at most, so at most ln 2
+    assert len(done.entropies) == 5 and all(-1e-6 <= h <= math.log(2) + 1e-5 for h in done.entropies)
+    for h, top in zip(done.entropies, done.top_logprobs):
+        assert h == pytest.approx(-sum(math.exp(v) * v for _, v in top), abs=1e-4)
 
 
 def test_bad_combinations(model, tok):
+    for kw in (dict(min_tokens=2), dict(stop_token_ids=(5,)), dict(allowed_token_ids=(5, 6))):
+        with pytest.raises(GenerationError, match="grammar"):
+            generate(model, [[5, 6]], GenerationParams(grammar=Grammar.json_object(), **kw), tokenizer=tok)
     g = Grammar.json_object()
     for kw in (dict(fixed={0: 5}), dict(allowed={0: [5]}), dict(ignore_eos=True), dict(rng="reference")):
         with pytest.raises(GenerationError, match="grammar"):

@@ -44,7 +44,8 @@ from ..generate import Commit, Done, Draft
 from ..structured import ll_tokenizer
 from ..tools import ToolError, check_tokenizer
 from . import errors
-from .completions import Plan, Planner, chunk, commit_event, draft_event, response, tool_call_deltas, usage
+from .completions import (Plan, Planner, chunk, commit_event, draft_event, response, tool_call_deltas, usage,
+                          with_token_ids)
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
@@ -268,7 +269,7 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
         return JSONResponse(response_object(plan, responses, output, tok))
     if messages is not None:
         return JSONResponse(anthropic.message_object(plan, messages, tok))
-    return JSONResponse(response(plan, tok).model_dump())
+    return JSONResponse(with_token_ids(plan, response(plan, tok).model_dump()))
 
 
 async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Queue) -> None:
@@ -342,7 +343,7 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                         yield chunk(plan, index, text=rest, logprobs=lp)
                     if choice.tool_calls:
                         yield chunk(plan, index, tool_calls=tool_call_deltas(choice))
-                    yield chunk(plan, index, finish_reason=choice.finish_reason)
+                    yield chunk(plan, index, finish_reason=choice.finish_reason, token_ids=plan.token_ids)
                     pending.discard(index)
                 elif isinstance(ev, Failed):
                     yield errors_sse(APIError(ev.status, ev.message, code="generation_failed"))

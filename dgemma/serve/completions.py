@@ -63,6 +63,7 @@ class Choice:
     logprobs: int | None = None  # alternatives asked per token (None: no logprobs)
     lps: list[float] = field(default_factory=list)  # per committed token
     tops: list = field(default_factory=list)
+    ents: list[float] = field(default_factory=list)  # per committed token: the raw entropy its logprob is from
     lp_sent: int = 0  # tokens whose logprobs have been streamed
     sent: str = ""  # text already streamed (after `echo`)
     done: Done | None = None
@@ -141,6 +142,7 @@ class Choice:
         if ev.logprobs is not None:
             self.lps.extend(ev.logprobs)
             self.tops.extend(ev.top_logprobs)
+            self.ents.extend(ev.entropies or [])
 
     def delta(self, tok) -> str:
         text = self.visible(tok)
@@ -164,7 +166,7 @@ class Choice:
         start, self.lp_sent = self.lp_sent, max(end, self.lp_sent)
         if end <= start:
             return None
-        return logprobs_payload(kind, tok, toks, self.lps, self.tops, start, end, len(self.echo))
+        return logprobs_payload(kind, tok, toks, self.lps, self.tops, start, end, len(self.echo), self.ents)
 
     def finish(self, tok, done: Done) -> str:
         """Final text, finish_reason and token count from the engine's Done; returns the unsent remainder."""
@@ -189,6 +191,7 @@ class Choice:
         self.tokens = list(done.tokens)
         if done.logprobs is not None:
             self.lps, self.tops = list(done.logprobs), list(done.top_logprobs)
+            self.ents = list(done.entropies or [])
         rest = self.text[len(self.sent):] if self.text.startswith(self.sent) else ""
         self.sent = self.text
         return rest
@@ -213,6 +216,8 @@ class Plan:
     drafts: bool
     include_usage: bool
     seed: int
+    token_ids: bool = False  # vLLM's return_token_ids
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     t0: float = field(default_factory=time.perf_counter)
@@ -569,7 +574,8 @@ class Planner:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Plan(kind=kind, model=req.model or self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
-                    include_usage=include_usage, seed=seed)
+                    include_usage=include_usage, seed=seed, token_ids=req.return_token_ids,
+                    continuous_usage=include_usage and req.stream_options.continuous_usage_stats)
 
     def _grammar(self, req: _Common, suffix: bool) -> Grammar | None:
         """The output's grammar from response_format (OpenAI) or structured_outputs (vLLM), or None."""
@@ -712,7 +718,8 @@ def usage(plan: Plan) -> Usage:
     passes = sum(c.done.stats["decoder_passes"] if c.done.stats["mode"] != AR else c.done.stats["encoder_passes"]
                  for c in done)
     generated = sum(len(c.done.tokens) for c in done)
-    completion = sum(c.completion_tokens for c in plan.choices)
+    # a stream's running usage (continuous_usage_stats) counts the tokens committed so far of unfinished choices
+    completion = sum(c.completion_tokens if c.done is not None else len(c.tokens) for c in plan.choices)
     # a prompt counts once however many choices share it; the choices that copied its keys from the one that
     # encoded it are not cached tokens, what that one found in the cache is
     cached: dict[int, int] = {}
@@ -730,12 +737,12 @@ def usage(plan: Plan) -> Usage:
 def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionResponse:
     extra = {"seed": plan.seed, "choices": [c.stats() for c in plan.choices]}
     lp = {c.index: None if c.logprobs is None else
-          logprobs_payload(plan.kind, tok, c.tokens, c.lps, c.tops, 0, c.completion_tokens, len(c.echo))
+          logprobs_payload(plan.kind, tok, c.tokens, c.lps, c.tops, 0, c.completion_tokens, len(c.echo), c.ents)
           for c in plan.choices}
     for c in plan.choices:
         if c.logprobs is not None and c.done is not None and c.done.prompt_logprobs is not None:
             head = prompt_logprobs_payload(tok, c.prompt, c.done.prompt_logprobs, c.done.prompt_top_logprobs)
-            lp[c.index] = {k: head[k] + lp[c.index][k] for k in head}
+            lp[c.index] = {k: head[k] + lp[c.index][k] for k in head if k in lp[c.index]}
     if plan.kind == "completion":
         choices = [CompletionChoice(index=c.index, text=c.echo + (c.text or ""), finish_reason=c.finish_reason,
                                     logprobs=lp[c.index]) for c in plan.choices]
@@ -745,6 +752,23 @@ def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionRespons
                for c in plan.choices]
     return ChatCompletionResponse(id=plan.id, created=plan.created, model=plan.model, choices=choices,
                                   usage=usage(plan), dgemma=extra)
+
+
+def with_token_ids(plan: Plan, body: dict, index: int | None = None) -> dict:
+    """vLLM's return_token_ids on a response (or on one choice's final stream chunk, `index`): each choice's
+    output ids (`token_ids`) and the prompt's (`prompt_token_ids`: per choice on completions, on the response for
+    chat, whose choices share one prompt). Unchanged without it."""
+    if not plan.token_ids:
+        return body
+    by_index = {c.index: c for c in plan.choices}
+    for ch in body["choices"]:
+        c = by_index[ch["index"]]
+        ch["token_ids"] = c.tokens[:c.completion_tokens]
+        if plan.kind == "completion":
+            ch["prompt_token_ids"] = c.prompt
+    if plan.kind == "chat":
+        body["prompt_token_ids"] = plan.choices[0].prompt
+    return body
 
 
 def _message(c: Choice) -> AssistantMessage:
@@ -766,8 +790,10 @@ def sse(obj: dict) -> str:
 
 def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool = False,
           finish_reason: str | None = None, dgemma: dict | None = None, usage_: Usage | None = None,
-          logprobs: dict | None = None, tool_calls: list | None = None, reasoning: str | None = None) -> str:
-    """One streaming chunk. `index=None` gives `choices: []` (the usage chunk)."""
+          logprobs: dict | None = None, tool_calls: list | None = None, reasoning: str | None = None,
+          token_ids: bool = False) -> str:
+    """One streaming chunk. `index=None` gives `choices: []` (the usage chunk). token_ids: the choice's (and the
+    prompt's) token ids, on its finish chunk (vLLM's return_token_ids)."""
     obj: dict[str, Any] = {"id": plan.id, "created": plan.created, "model": plan.model}
     if plan.kind == "completion":
         obj["object"] = "text_completion"
@@ -785,10 +811,14 @@ def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool 
             delta["tool_calls"] = tool_calls
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     obj["choices"] = [] if index is None else [choice]
+    if usage_ is None and plan.continuous_usage and index is not None:
+        usage_ = usage(plan)
     if usage_ is not None:
         obj["usage"] = usage_.model_dump()
     if dgemma is not None:
         obj["dgemma"] = dgemma
+    if token_ids:
+        with_token_ids(plan, obj)
     return sse(obj)
 
 
@@ -815,19 +845,25 @@ def _by_text(tok, top) -> dict[str, float]:
 
 
 def logprobs_payload(kind: str, tok, ids: list[int], lps: list[float], tops: list, start: int, end: int,
-                     offset: int = 0) -> dict[str, Any]:
+                     offset: int = 0, ents: list[float] | None = None) -> dict[str, Any]:
     """OpenAI's logprobs object for tokens [start, end) of a choice: chat's `content` entries (token, logprob,
     bytes, top_logprobs), or completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset;
-    offsets count from the start of the returned text, `offset` being the echoed prompt's length)."""
+    offsets count from the start of the returned text, `offset` being the echoed prompt's length). dgemma adds
+    each token's raw entropy (`ents`): an `entropy` in each chat entry, an `entropies` list for completions."""
+    ents = ents if ents and len(ents) >= end else None
     if kind == "chat":
         def entry(t: int, v: float) -> dict[str, Any]:
             return {"token": tok.decode([t]), "logprob": v, "bytes": list(tok.token_bytes(t))}
 
-        return {"content": [{**entry(ids[i], lps[i]), "top_logprobs": [entry(t, v) for t, v in tops[i]]}
+        return {"content": [{**entry(ids[i], lps[i]), "top_logprobs": [entry(t, v) for t, v in tops[i]],
+                             **({"entropy": ents[i]} if ents else {})}
                             for i in range(start, end)], "refusal": None}
-    return {"tokens": [tok.decode([t]) for t in ids[start:end]], "token_logprobs": lps[start:end],
-            "top_logprobs": [_by_text(tok, tops[i]) for i in range(start, end)],
-            "text_offset": [offset + o for o in char_offsets(tok, ids[:end])[start:end]]}
+    out = {"tokens": [tok.decode([t]) for t in ids[start:end]], "token_logprobs": lps[start:end],
+           "top_logprobs": [_by_text(tok, tops[i]) for i in range(start, end)],
+           "text_offset": [offset + o for o in char_offsets(tok, ids[:end])[start:end]]}
+    if ents:
+        out["entropies"] = ents[start:end]
+    return out
 
 
 def prompt_logprobs_payload(tok, ids: list[int], lps: list, tops: list) -> dict[str, Any]:
@@ -835,7 +871,7 @@ def prompt_logprobs_payload(tok, ids: list[int], lps: list, tops: list) -> dict[
     legacy API; offsets index the prompt's text as its tokens spell it (special tokens take no room)."""
     return {"tokens": [tok.decode([t]) for t in ids], "token_logprobs": list(lps),
             "top_logprobs": [None] + [_by_text(tok, tops[i]) for i in range(1, len(ids))],
-            "text_offset": char_offsets(tok, ids, skip_special=True)[:len(ids)]}
+            "text_offset": char_offsets(tok, ids, skip_special=True)[:len(ids)], "entropies": [None] * len(ids)}
 
 
 def draft_event(tok, choice: Choice, ev) -> dict[str, Any]:

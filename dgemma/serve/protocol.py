@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's name; accepted, no effect
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class DiffusionOptions(_Strict):
@@ -82,6 +82,7 @@ class _Common(DiffusionOptions):
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the prompt's last k tokens (-1: the context)
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     user: str | None = None
     # structured output: OpenAI's response_format (text / json_object / json_schema), or vLLM's structured_outputs
     response_format: dict[str, Any] | None = None
