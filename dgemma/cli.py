@@ -545,7 +545,7 @@ def cmd_serve(args) -> int:
         cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache,
         prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()), allow_runtime_lora=args.allow_runtime_lora,
-        adaptive_steps=_adaptive_steps(args.adaptive_steps))
+        adaptive_steps=_adaptive_steps(args.adaptive_steps), scheduling_policy=args.scheduling_policy)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
@@ -1152,6 +1152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
                    "add and remove adapters while serving (vLLM's endpoints; they read directories on this host, "
                    "so keep --api-key on where others can reach the server)")
+    s.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="the order waiting requests get engine rows: fcfs (arrival, default) or priority (a "
+                   "request's `priority`, lower first, then arrival; vLLM's; running rows are not preempted)")
     s.add_argument("--adaptive-steps", metavar="ROWS[:MIN_STEPS]",
                    help="load-adaptive step budget: a canvas that starts while more than ROWS requests are "
                    "denoising gets N * ROWS / rows of its N steps, at least MIN_STEPS (default 4); requests that "

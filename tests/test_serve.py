@@ -925,6 +925,44 @@ def test_worker_cancels_each_job_once(pipe):
         worker.stop()
 
 
+@pytest.mark.parametrize("policy", [False, True])
+def test_priority_scheduling(pipe, policy):
+    """vLLM's --scheduling-policy priority: waiting rows are admitted lowest `priority` first, in arrival order
+    among equals (fcfs: arrival order alone); a running row is never preempted."""
+    from dgemma.serve.engine import Done, Job, Worker
+
+    worker = Worker(pipe.engine(max_rows=1, max_len=256), max_queue=8, priority=policy)
+    order: list[str] = []
+    finished = threading.Event()
+
+    def sink(job, events):
+        if any(isinstance(e, Done) for e in events):
+            order.append(job.tag)
+            if len(order) == 5:
+                finished.set()
+
+    params = pipe.params(max_new_tokens=8, ignore_eos=True, seed=0)
+    jobs = [Job(pipe.encode("x"), params, sink, tag=t, priority=p)
+            for t, p in (("a", -10), ("b", 5), ("c", -1), ("d", 5), ("e", 0))]
+    worker.start()
+    try:
+        worker.submit(jobs)  # one engine row: "a" (first either way) runs, the rest wait
+        assert finished.wait(30)
+        assert order == (["a", "c", "e", "b", "d"] if policy else ["a", "b", "c", "d", "e"])
+    finally:
+        worker.stop()
+
+
+def test_priority_needs_the_policy(http):
+    with pytest.raises(ValueError, match="scheduling-policy"):
+        ServerSettings(scheduling_policy="lifo")
+    r = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2, "priority": 3})
+    assert_error(r, 400, param="priority")
+    assert "--scheduling-policy priority" in r.json()["error"]["message"]
+    assert http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2, "priority": 0}
+                     ).status_code == 200
+
+
 # ---------------------------------------------------------------- errors: status and OpenAI's shape
 BAD_REQUESTS = [
     # (path, body, status, code, param)

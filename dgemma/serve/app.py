@@ -94,7 +94,8 @@ class State:
         engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context,
                                  prefix_cache=settings.prefix_cache, prefix_margin=settings.prefix_margin,
                                  adaptive_steps=settings.adaptive_steps)
-        self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics)
+        self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics,
+                             priority=settings.scheduling_policy == "priority")
         self.planner = Planner(pipeline, self.worker, settings, self.adapters)
         self.created = int(time.time())
         if pipeline.tokenizer is not None:
@@ -245,7 +246,7 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
 
     for c in plan.choices:
         c.job = Job(c.prompt, c.params.replace(drafts=plan.drafts), sink, drafts=plan.drafts, tag=c.index,
-                    model=plan.model)
+                    model=plan.model, priority=plan.priority)
     try:
         state.worker.submit(plan.jobs)
     except QueueFull as e:

@@ -218,6 +218,7 @@ class Plan:
     seed: int
     token_ids: bool = False  # vLLM's return_token_ids
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
+    priority: int = 0  # vLLM's: admission order under --scheduling-policy priority
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     t0: float = field(default_factory=time.perf_counter)
@@ -479,6 +480,9 @@ class Planner:
             raise invalid("stop must be up to 16 non-empty strings", "stop")
         if req.stream_options is not None and not req.stream:
             raise invalid("stream_options is only allowed with stream: true", "stream_options")
+        if req.priority and self.settings.scheduling_policy != "priority":
+            raise invalid("priority needs priority scheduling: start the server with --scheduling-policy priority",
+                          "priority")
         if req.stream_drafts and req.ar:
             raise invalid("stream_drafts needs diffusion decoding: AR decoding has no draft canvas",
                           "stream_drafts")
@@ -575,7 +579,8 @@ class Planner:
         return Plan(kind=kind, model=req.model or self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
                     include_usage=include_usage, seed=seed, token_ids=req.return_token_ids,
-                    continuous_usage=include_usage and req.stream_options.continuous_usage_stats)
+                    continuous_usage=include_usage and req.stream_options.continuous_usage_stats,
+                    priority=req.priority)
 
     def _grammar(self, req: _Common, suffix: bool) -> Grammar | None:
         """The output's grammar from response_format (OpenAI) or structured_outputs (vLLM), or None."""

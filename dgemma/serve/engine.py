@@ -66,6 +66,7 @@ class Job:
     model: str = ""  # the model name the request asked for (the base's or a LoRA module's): a metrics label
     rid: int | None = None
     state: str = "new"  # new -> waiting -> running -> done (or cancelled / failed)
+    priority: int = 0  # with priority scheduling: waiting jobs of lower value are admitted first
     t_submit: float = field(default_factory=time.perf_counter)
 
     @property
@@ -74,8 +75,13 @@ class Job:
 
 
 class Worker:
-    def __init__(self, engine: Engine, *, max_queue: int, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, *, max_queue: int, metrics: Metrics | None = None,
+                 priority: bool = False):
         self.engine = engine
+        # vLLM's scheduling policies: "fcfs" admits waiting jobs in arrival order; priority=True (--scheduling-policy
+        # priority) admits the lowest `Job.priority` first, arrival order among equals. Running rows are never
+        # preempted: a canvas in flight finishes.
+        self.priority = priority
         self.max_rows = len(engine.free) + len(engine.rows)
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -176,7 +182,7 @@ class Worker:
                     # Cancelled rows free their slots below, before the admitted rows take theirs.
                     room = len(self.engine.free) + sum(j.state == "running" for j in cancels)
                     while self._waiting and len(admitted) < room:
-                        admitted.append(self._waiting.popleft())
+                        admitted.append(self._next())
                     self._active = len(self._running) + len(admitted)
                 for job in cancels:
                     if job.state == "running":
@@ -210,6 +216,16 @@ class Worker:
                 self._finish(job, "failed", Failed(503, "the server is shutting down"
                                                    if self.error is None else "the engine stopped"))
             self._running.clear()
+
+    def _next(self) -> Job:
+        """The waiting job to admit next (under the lock): the first, or with priority scheduling the first of
+        the lowest priority."""
+        if not self.priority:
+            return self._waiting.popleft()
+        best = min(range(len(self._waiting)), key=lambda i: (self._waiting[i].priority, i))
+        job = self._waiting[best]
+        del self._waiting[best]
+        return job
 
     def _admit(self, job: Job) -> None:
         try:

@@ -25,6 +25,8 @@ class ServerSettings:
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths on this host)
     # load-adaptive step budget (rows, min steps): past that many engine rows, canvases get fewer steps (Engine)
     adaptive_steps: tuple[int, int] | None = None
+    # vLLM's: "fcfs" (arrival order) or "priority" (a request's `priority`, lower first, then arrival)
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
@@ -37,6 +39,8 @@ class ServerSettings:
             self.adaptive_steps = tuple(self.adaptive_steps)
             if len(self.adaptive_steps) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.adaptive_steps):
                 raise ValueError(f"adaptive-steps takes ROWS[:MIN_STEPS], both >= 1, got {self.adaptive_steps!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max-queue must be >= 0, got {self.max_queue!r}")
         if not 0 <= self.port < 65536:
