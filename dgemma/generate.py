@@ -307,6 +307,7 @@ class _Row:
         self.vocab = vocab
         # repetition_penalty: the tokens in the prompt or in out[:counted]
         self.seen: torch.Tensor | None = None
+        self.seen_ids: torch.Tensor | None = None  # its token ids, sorted, on the host (`dense_adjust`)
         if params.repetition_penalty != 1:
             self.seen = torch.zeros(vocab, dtype=torch.bool)
             self.seen[torch.tensor(prompt, dtype=torch.long)] = True
