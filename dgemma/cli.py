@@ -363,6 +363,10 @@ def cmd_generate(args) -> int:
         if FILL not in text:
             raise UsageError(f"--infill needs the prompt to mark the hole with {FILL}")
         text, args.suffix = text.split(FILL, 1)
+    if args.draft is not None:
+        if args.ar:
+            raise UsageError("--draft needs diffusion decoding: --ar has no canvas to start from")
+        opts["init_canvas"] = pipe.encode(args.draft, add_bos=False)
     if args.suffix is not None:
         prompt_ids, params, n_suffix = pipe.infill_request(text, args.suffix, ar=args.ar, **opts)
     else:
@@ -1103,6 +1107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     s.add_argument("--suffix", help="infill: the prompt is the text before the hole, this the text after it")
     s.add_argument("--infill", action="store_true", help="infill the [FILL] hole of the prompt through the canvas")
+    s.add_argument("--draft", metavar="TEXT", help="warm start: the first canvas starts from this text instead of "
+                   "noise (a draft to correct; diffusion only)")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     s.add_argument("--json", action="store_true", help="print text, tokens and stats as JSON")
     add_sampling_args(s)

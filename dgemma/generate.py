@@ -68,7 +68,9 @@ class GenerationParams:
     fixed: dict[int, int] | None = None  # first canvas: position -> token kept fixed (infill / edit)
     # first canvas (AR: the first canvas_length tokens): position -> the only tokens that may be sampled there
     allowed: dict[int, Sequence[int]] | None = None
-    init_canvas: Sequence[int] | None = None  # first canvas's starting tokens (transformers' decoder_input_ids)
+    # first canvas's starting tokens (transformers' decoder_input_ids): a draft to correct, at positions 0..n-1 (n
+    # up to the canvas length; the positions after it start from the usual noise)
+    init_canvas: Sequence[int] | None = None
     # token -> bias added to its logit at every position of every canvas (every AR step), OpenAI's logit_bias:
     # -100 all but bans a token, +100 all but forces it (the logits themselves are soft-capped at 30)
     logit_bias: dict[int, float] | None = None
@@ -182,8 +184,8 @@ class GenerationParams:
             if self.mode != DIFFUSION or self.grammar is not None or self.fixed:
                 raise GenerationError("ar_fallback applies to free diffusion decoding (not AR, a grammar or infill)")
         if self.init_canvas is not None:
-            if len(self.init_canvas) != canvas:
-                raise GenerationError(f"init_canvas must hold {canvas} tokens, got {len(self.init_canvas)}")
+            if not 0 < len(self.init_canvas) <= canvas:
+                raise GenerationError(f"init_canvas must hold 1 to {canvas} tokens, got {len(self.init_canvas)}")
             if any(not 0 <= t < vocab for t in self.init_canvas):
                 raise GenerationError("init_canvas has a token outside the vocabulary")
         if self.grammar is not None:
@@ -708,7 +710,8 @@ class Engine:
             r.gen.manual_seed(S.canvas_seed(seed, attempt) if attempt else seed)
             canvas = S.fused_init_canvas([r.gen], self.T, self.V)[0]
         if first and not attempt and r.p.init_canvas is not None:
-            canvas = torch.tensor(list(r.p.init_canvas), dtype=torch.long)
+            init = torch.tensor(list(r.p.init_canvas), dtype=torch.long)
+            canvas[:len(init)] = init
         if first and len(r.fixed_pos):
             canvas[r.fixed_pos] = r.fixed_tok
         r.canvas = canvas

@@ -165,8 +165,9 @@ class Pipeline:
         middle = done.tokens[:n]
         text = self.decode(middle) if self.tokenizer is not None else None
         lps, tops = (done.logprobs[:n], done.top_logprobs[:n]) if done.logprobs is not None else (None, None)
+        ents = done.entropies[:n] if done.entropies is not None else None
         return dataclasses.replace(done, tokens=middle, text=text, finish_reason="stop", logprobs=lps,
-                                   top_logprobs=tops)
+                                   top_logprobs=tops, entropies=ents)
 
     def infill(self, prefix: str, suffix: str, **options: Any) -> Done:
         prompt, params, n = self.infill_request(prefix, suffix, **options)

@@ -184,6 +184,10 @@ def test_generate_vllm_extras(ckpt_tok, capsys):
     assert main(["generate", str(ckpt_tok), "hi", "--repetition-penalty", "0"]) == 2
     err = capsys.readouterr().err
     assert "repetition_penalty must be a number > 0" in err and len(err.strip().splitlines()) == 1
+    # --draft: the first canvas starts from that text (the engine's init_canvas)
+    assert gen("--max-new-tokens", "8", "--ignore-eos", "--draft", "return x")["tokens"] != plain
+    assert main(["generate", str(ckpt_tok), "hi", "--draft", "x", "--ar"]) == 2
+    assert "--draft needs diffusion" in capsys.readouterr().err
 
 
 def test_generate_structured_output(ckpt_tok, tmp_path, capsys):

@@ -729,3 +729,22 @@ def test_stop_strings_min_tokens_and_include(model):
     d = generate(model, [_prompt(model)], params.replace(stop=(stop,), min_tokens=first + 2), tokenizer=tok)[0]
     later = full.find(stop, first + 1)
     assert d.text == (full[:later] if later >= 0 else full)
+
+
+def test_partial_warm_start_is_the_draft_over_the_canvas_noise(model):
+    """init_canvas shorter than the canvas: its tokens at the first positions, the rest the noise the row would
+    have drawn anyway, so a draft of k tokens runs exactly as the full canvas made of them and that noise."""
+    from dgemma.sampler import canvas_seed, fused_init_canvas
+
+    T = model.cfg.canvas_length
+    params = GenerationParams(max_new_tokens=T, ignore_eos=True, seed=5, sampler=SamplerConfig(max_denoising_steps=3))
+    draft = [7, 8, 9, 10, 11]
+    noise = fused_init_canvas([torch.Generator().manual_seed(canvas_seed(5, 0))], T, model.cfg.vocab_size)[0]
+    full = draft + noise[len(draft):].tolist()
+    a = generate(model, [_prompt(model)], params.replace(init_canvas=draft))[0]
+    b = generate(model, [_prompt(model)], params.replace(init_canvas=full))[0]
+    c = generate(model, [_prompt(model)], params)[0]
+    assert a.tokens == b.tokens != c.tokens
+    for bad in ([], [1] * (T + 1)):
+        with pytest.raises(GenerationError, match="init_canvas must hold"):
+            generate(model, [_prompt(model)], params.replace(init_canvas=bad))

@@ -611,6 +611,28 @@ def test_return_token_ids(client, http, pipe):
     assert last[0].choices[0].model_extra["token_ids"] == c.choices[0].model_extra["token_ids"]
 
 
+def test_draft_warm_starts_the_first_canvas(client, http, pipe):
+    """The `draft` extra field starts the first canvas from that text (or those ids) instead of noise: the
+    engine's init_canvas, on completions, chat and with a suffix; AR and oversized drafts are 400s."""
+    draft = "def add(a, b):"
+    ids = pipe.encode(draft, add_bos=False)
+    ref = pipe.generate(["Hello"], seed=3, max_new_tokens=16, ignore_eos=True, init_canvas=ids)[0]
+    r = complete(client, "Hello", seed=3, max_tokens=16, ignore_eos=True, extra_body={"draft": draft})
+    assert r.choices[0].text == ref.text
+    assert complete(client, "Hello", seed=3, max_tokens=16, ignore_eos=True,
+                    extra_body={"draft": ids}).choices[0].text == ref.text
+    assert complete(client, "Hello", seed=3, max_tokens=16, ignore_eos=True).choices[0].text != ref.text
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], seed=3,
+                                          max_tokens=8, extra_body={"draft": "Hello!"})
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert complete(client, "x = ", suffix=" + 1", max_tokens=8, extra_body={"draft": "40"}).choices[0].text is not None
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 4}
+    assert_error(http.post("/v1/completions", json={**body, "draft": "x", "ar": True}), 400, param="draft")
+    assert_error(http.post("/v1/completions", json={**body, "draft": "x" * 40}), 400, param="draft")
+    assert_error(http.post("/v1/completions", json={**body, "draft": [10**7]}), 400, param="draft")
+    assert_error(http.post("/v1/completions", json={**body, "draft": ""}), 400, param="draft")
+
+
 def test_continue_final_message(server, client, http, pipe):
     """vLLM's continue_final_message (and Anthropic's prefill): the model continues the assistant's text, on the
     prompt the template gives the messages before it plus that text; the reply holds the continuation alone."""

@@ -552,6 +552,7 @@ class Planner:
         fixed = None
         if suffix_ids:
             fixed = {self.canvas - len(suffix_ids) + k: t for k, t in enumerate(suffix_ids)}
+        base["init_canvas"] = self._draft(req, self.canvas - len(suffix_ids))
         choices = []
         for p_i, (prompt, text) in enumerate(prompts):
             if not prompt:
@@ -633,6 +634,25 @@ class Planner:
         if kind == "json_object":
             return Grammar.json_object()
         return {"regex": Grammar.regex, "choice": Grammar.choice, "grammar": Grammar.lark}[kind](value)
+
+    def _draft(self, req: _Common, room: int) -> list[int] | None:
+        """The `draft` extra field: the first canvas's starting tokens (text is tokenized without BOS), at most
+        `room` of them (the canvas, less a suffix's pinned positions)."""
+        if req.draft is None:
+            return None
+        if req.ar:
+            raise invalid("draft needs diffusion decoding: AR decoding has no canvas to start from", "draft")
+        if isinstance(req.draft, str):
+            if self.pipe.tokenizer is None:
+                raise invalid("this checkpoint has no tokenizer: send the draft as token ids", "draft")
+            ids = self.pipe.encode(req.draft, add_bos=False)
+        else:
+            ids = list(self._token_ids(req.draft, "draft"))
+        if not ids:
+            raise invalid("draft is empty", "draft")
+        if len(ids) > room:
+            raise invalid(f"draft is {len(ids)} tokens; the first canvas has room for {room}", "draft")
+        return ids
 
     def _token_ids(self, ids: list[int] | None, param: str, empty: bool = True) -> tuple[int, ...] | None:
         """vLLM's stop_token_ids / allowed_token_ids: token ids in the vocabulary (None: not given)."""

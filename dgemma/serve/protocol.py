@@ -40,6 +40,8 @@ class DiffusionOptions(_Strict):
     stream_drafts: bool = False  # also stream every step's draft canvas (see app.py for the chunk shape)
     ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks that force a length)
     ar_fallback: float | None = Field(None, ge=0)  # a canvas ending above this mean entropy is decoded AR instead
+    # warm start: the first canvas starts from this text (or these token ids) instead of noise, a draft to correct
+    draft: str | list[int] | None = None
 
     def sampler_options(self) -> dict[str, Any]:
         opts = dict(steps=self.steps, entropy_bound=self.entropy_bound, t_min=self.t_min, t_max=self.t_max,
