@@ -941,9 +941,10 @@ def cmd_code(args) -> int:
 
         torch.set_num_threads(args.threads)
     settings = list(args.settings.split(",")) if args.settings else list(CE.SETTINGS)
-    bad = [s for s in settings if s not in CE.SETTINGS]
+    bad = [s for s in settings if s not in CE.SETTINGS + CE.EXTRA_SETTINGS]
     if bad:
-        raise UsageError(f"unknown --settings {', '.join(bad)}; choose from {', '.join(CE.SETTINGS)}")
+        raise UsageError(f"unknown --settings {', '.join(bad)}; choose from "
+                         f"{', '.join(CE.SETTINGS + CE.EXTRA_SETTINGS)}")
     for h in args.ar_fallback or []:
         if h < 0:
             raise UsageError("--ar-fallback takes a mean entropy >= 0")
@@ -984,7 +985,7 @@ def _add_code_parser(sub) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--settings", help="comma-separated rows to run (default: all of " + ", ".join(
         ("completion:diffusion", "completion:ar", "infill-canvas:diffusion", "infill-fim:diffusion",
-         "infill-fim:ar")) + ")")
+         "infill-fim:ar")) + "; also completion:ar-draft, AR's answer refined by diffusion from it as the draft)")
     e.add_argument("--ar-fallback", type=float, action="append", metavar="H",
                    help="also completion by diffusion with canvases that end above mean entropy H decoded AR instead "
                         "(repeatable)")

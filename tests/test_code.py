@@ -188,9 +188,12 @@ def test_functions_and_eval_end_to_end(data, tmp_path):
     assert report["heldout_loss"]["diffusion_loss"] > 0 and report["heldout_loss"]["ar_loss"] > 0
     assert "held-out loss" in CE.format_report(report)
     again = CE.run_eval(str(ckpt), str(out), n=2, steps=4, loss_examples=0,
-                        settings=("completion:diffusion", "completion:top_p@0"))
+                        settings=("completion:diffusion", "completion:top_p@0", "completion:ar-draft"))
     assert again["results"][0]["samples"] == report["results"][0]["samples"]  # a fixed seed decodes the same
     assert again["results"][1]["setting"] == "completion:top_p@0" and again["results"][1]["functions"] == 2
+    refined = again["results"][2]  # AR's answer refined by diffusion: both passes counted
+    assert refined["functions"] == 2 and 0 <= refined["draft_changed_share"] <= 1
+    assert "draft changed" in CE.format_row(refined)
 
 
 def cli(*args):

@@ -90,6 +90,10 @@ def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> di
     wall, passes, step_counts, samples = 0.0, 0, [], []
     kind, mode = name.split(":")
     fallback = top_p = None
+    refine = mode == "ar-draft"  # AR's own (greedy) answer as the first canvas's draft, refined by diffusion
+    changed = 0
+    if refine:
+        mode = "diffusion"
     if mode.startswith("fallback@"):  # diffusion, with canvases above this mean entropy decoded AR instead
         mode, fallback = "diffusion", float(mode.split("@", 1)[1])
     elif mode.startswith("top_p@"):  # diffusion, each step cut to its nucleus
@@ -106,13 +110,22 @@ def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> di
             params = pipe.params(ar=mode == "ar", **opts)
         else:
             prompt = [BOS, *_prefix_ids(tok, task.prefix, PMAX)]
-            params = pipe.params(ar=mode == "ar", **opts)
+            draft = None
+            if refine:
+                first_pass = generate(pipe.model, [prompt], pipe.params(ar=True, max_new_tokens=T, seed=seed + i),
+                                      tokenizer=tok)[0]
+                draft = first_pass.tokens + ([EOS] if len(first_pass.tokens) < T else [])
+                wall += first_pass.stats["wall_s"]
+                passes += first_pass.stats["encoder_passes"]
+            params = pipe.params(ar=mode == "ar", init_canvas=draft, **opts)
         done: Done = generate(pipe.model, [prompt], params, tokenizer=tok)[0]
         ids = list(done.tokens)
         if kind == "infill-canvas":
             ids = ids[:T - len(suffix)]
         if EOS in ids:
             ids = ids[:ids.index(EOS)]
+        if refine:
+            changed += ids != first_pass.tokens
         text = tok.decode(ids)
         body = completion_body(text, task.indent) if kind == "completion" else text
         good = parses(task, body)
@@ -132,11 +145,14 @@ def run_setting(pipe, tasks: list[Task], name: str, steps: int, seed: int) -> di
             "tokens_per_s": gen_tokens / wall if wall else None, "tokens_per_forward": gen_tokens / max(passes, 1),
             "mean_steps_per_canvas": sum(step_counts) / len(step_counts) if step_counts else None,
             "ar_fallback_share": fell_back / n if fallback is not None else None,
+            "draft_changed_share": changed / n if refine else None,  # ar-draft: outputs that differ from the draft
             "wall_s": round(wall, 1), "samples": samples}
 
 
 SETTINGS = ("completion:diffusion", "completion:ar", "infill-canvas:diffusion", "infill-fim:diffusion",
             "infill-fim:ar")
+# also accepted by --settings, not run by default: completion from AR's answer as the draft, refined by diffusion
+EXTRA_SETTINGS = ("completion:ar-draft",)
 
 
 def heldout_loss(pipe, data_dir, n: int) -> dict:
@@ -177,7 +193,9 @@ def format_row(r: dict) -> str:
     share = r.get("ar_fallback_share")
     return (f"{r['setting']:<26} parses {100 * r['parses']:5.1f}%  first line {100 * r['first_line']:5.1f}%  "
             f"{r['tokens_per_s']:7.1f} tok/s  {r['tokens_per_forward']:5.2f} tok/forward  steps {steps}"
-            + (f"  AR fallback {100 * share:5.1f}%" if share is not None else ""))
+            + (f"  AR fallback {100 * share:5.1f}%" if share is not None else "")
+            + (f"  draft changed {100 * r['draft_changed_share']:5.1f}%" if r.get("draft_changed_share") is not None
+               else ""))
 
 
 def format_report(report: dict) -> str:
