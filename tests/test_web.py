@@ -227,6 +227,7 @@ def chrome():
 
 def test_page_denoises_live_replays_and_compares(chrome, web_server):
     prompt, max_tokens, seed, bound, top_p = "Write about the sea and the moon .", 2 * CANVAS, 4, 40, 0.9
+    draft = "the sea ."
     chrome.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 1000, "deviceScaleFactor": 1,
                                                        "mobile": False})
     chrome.send("Page.enable")
@@ -241,6 +242,7 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
         document.getElementById('seed').value = {seed};
         document.getElementById('entropy-bound').value = {bound};
         document.getElementById('top-p').value = {top_p};
+        document.getElementById('draft').value = {json.dumps(draft)};
         document.getElementById('compare').checked = true;
         document.getElementById('run').click(); }})()""")
     assert chrome.wait_for("['running', 'done', 'error'].includes(document.body.dataset.state) && "
@@ -266,7 +268,7 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
     })()""")
     truth = httpx.post(web_server.url + "/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "seed": seed,
-        "entropy_bound": bound, "top_p": top_p}).json()
+        "entropy_bound": bound, "top_p": top_p, "draft": draft}).json()
     canvases = truth["usage"]["canvases"]
     steps = [s for c in truth["dgemma"]["choices"] for s in c["steps_per_canvas"]]
     assert [(c, s) for c, s, _ in page["drafts"]] == [(c, s + 1) for c, n in enumerate(steps) for s in range(n)]

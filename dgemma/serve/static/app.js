@@ -192,6 +192,7 @@ function requestBody(mode, ar) {
   if ($("entropy-bound").value && !ar) body.entropy_bound = Number($("entropy-bound").value);
   if ($("top-p").value) body.top_p = Number($("top-p").value);  // cuts each diffusion step (greedy AR: no effect)
   if (ar) { body.ar = true; body.temperature = 0; } else body.stream_drafts = true;
+  if ($("draft").value && !ar) body.draft = $("draft").value;  // warm start: the first canvas begins as this text
   const format = $("format").value;  // structured output: the grammar holds both runs to the same format
   if (format === "json_object") body.response_format = { type: "json_object" };
   if (format === "json_schema") {
@@ -310,6 +311,7 @@ $("api-key").addEventListener("change", () => { localStorage.setItem("dgemma-api
   if (q.has("seed")) $("seed").value = q.get("seed");
   if (q.has("entropy_bound")) $("entropy-bound").value = q.get("entropy_bound");
   if (q.has("top_p")) $("top-p").value = q.get("top_p");
+  if (q.has("draft")) $("draft").value = q.get("draft");
   if (q.get("compare") === "1") $("compare").checked = true;
   if (["json_object", "json_schema"].includes(q.get("format"))) $("format").value = q.get("format");
   $("schema").hidden = $("format").value !== "json_schema";
