@@ -311,13 +311,18 @@ def test_fused_path_adds_biases_as_the_plain_path_does(model):
                                sampler=SamplerConfig(max_denoising_steps=5, entropy_bound=0.5)) for s in (1, 2, 3)]
     params[0] = params[0].replace(logit_bias={5: 3.0, 9: -2.5})
     params[1] = params[1].replace(presence_penalty=0.7, frequency_penalty=0.4)
-    prompts = [_prompt(model, 7), _prompt(model, 12, seed=3), _prompt(model, 5, seed=4)]
+    _fused_is_plain(model, [_prompt(model, 7), _prompt(model, 12, seed=3), _prompt(model, 5, seed=4)], params)
+
+
+def _fused_is_plain(model, prompts, params) -> list[Done]:
+    """The fused head's results for these rows (in one batch) are the plain path's: tokens, logprobs, entropies."""
     plain = generate(model, prompts, params, fused_head=False)
     fused = generate(model, prompts, params, fused_head=True)
     assert [d.tokens for d in fused] == [d.tokens for d in plain]
     assert [d.logprobs for d in fused] == [d.logprobs for d in plain]
     for a, b in zip(fused, plain):
         assert a.entropies == pytest.approx(b.entropies, abs=1e-5)
+    return plain
 
 
 @pytest.mark.parametrize("allowed,msg", [({-1: [5]}, "outside the canvas"), ({0: []}, "non-empty"),
@@ -707,12 +712,7 @@ def test_fused_path_applies_vllm_extras_as_the_plain_path_does(model):
               base.replace(seed=5, ignore_eos=True)]
     prompts = [_prompt(model, 7), _prompt(model, 12, seed=3), _prompt(model, 5, seed=4), _prompt(model, 8, seed=5),
                _prompt(model, 6, seed=6)]
-    plain = generate(model, prompts, params, fused_head=False)
-    fused = generate(model, prompts, params, fused_head=True)
-    assert [d.tokens for d in fused] == [d.tokens for d in plain]
-    assert [d.logprobs for d in fused] == [d.logprobs for d in plain]
-    for a, b in zip(fused, plain):
-        assert a.entropies == pytest.approx(b.entropies, abs=1e-5)
+    plain = _fused_is_plain(model, prompts, params)
     assert len(plain[3].tokens) >= T + 5
 
 
