@@ -344,7 +344,8 @@ def test_vllm_sampling_extras(client, http, pipe):
         assert r.choices[0].text == ref.text
     plain = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True).choices[0].text
     neutral = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True,  # what `vllm bench` sends
-                       extra_body={"repetition_penalty": 1.0, "min_tokens": 0, "include_stop_str_in_output": False})
+                       extra_body={"repetition_penalty": 1.0, "min_tokens": 0, "include_stop_str_in_output": False,
+                                   "skip_special_tokens": False})
     assert neutral.choices[0].text == plain
     y, z = (pipe.tokenizer.encode(c, add_bos=False)[0] for c in "yz")
     r = complete(client, "Hi", seed=1, max_tokens=20, ignore_eos=True, extra_body={"allowed_token_ids": [y, z]})
@@ -1033,6 +1034,8 @@ BAD_REQUESTS = [
      "truncate_prompt_tokens"),
     ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, "invalid_value", "priority"),
     ("/v1/completions", {"prompt": "x", "bad_words": ["x"]}, 400, "unrecognized_argument", "bad_words"),
+    ("/v1/completions", {"prompt": "x", "skip_special_tokens": True}, 400, "unsupported_parameter",
+     "skip_special_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True},
      400, "invalid_value", "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_value", "messages"),

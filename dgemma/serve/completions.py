@@ -480,6 +480,9 @@ class Planner:
             raise invalid("stop must be up to 16 non-empty strings", "stop")
         if req.stream_options is not None and not req.stream:
             raise invalid("stream_options is only allowed with stream: true", "stream_options")
+        if req.skip_special_tokens:
+            raise unsupported("skip_special_tokens: true is not supported: the text keeps the special tokens the "
+                              "model writes (send false, or leave it out)", "skip_special_tokens")
         if req.priority and self.settings.scheduling_policy != "priority":
             raise invalid("priority needs priority scheduling: start the server with --scheduling-policy priority",
                           "priority")

@@ -86,6 +86,9 @@ class _Common(DiffusionOptions):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the prompt's last k tokens (-1: the context)
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     priority: int = 0  # vLLM's: with --scheduling-policy priority, lower is admitted first
+    # vLLM's; dgemma's text keeps special tokens (tool calls and the thought channel are read from them): only
+    # false is accepted
+    skip_special_tokens: bool | None = None
     user: str | None = None
     # structured output: OpenAI's response_format (text / json_object / json_schema), or vLLM's structured_outputs
     response_format: dict[str, Any] | None = None
