@@ -537,7 +537,7 @@ class Planner:
         if seed + req.n - 1 >= SEED_LIMIT:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
-        prompts = self._truncate(req, prompts, param)
+        prompts = self._truncate(req, prompts)
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
@@ -669,7 +669,7 @@ class Planner:
             raise invalid(f"{param} must name at least one token", param)
         return tuple(ids)
 
-    def _truncate(self, req: _Common, prompts: list[tuple[list[int], str | None]], param: str
+    def _truncate(self, req: _Common, prompts: list[tuple[list[int], str | None]]
                   ) -> list[tuple[list[int], str | None]]:
         """vLLM's truncate_prompt_tokens: each prompt's last k tokens (-1: as many as the context holds); a prompt
         that was cut loses its text (echo then shows the tokens kept)."""
