@@ -379,6 +379,9 @@ def test_vllm_sampling_extras(client, http, pipe):
                          ({"repetition_penalty": 0}, "repetition_penalty"),
                          ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")):
         assert_error(http.post("/v1/completions", json={**body, **extra}), 400, param=param)
+    r = http.post("/v1/completions", json={"model": NAME, "prompt": "Hi", "min_tokens": 5000})  # default max_tokens
+    assert_error(r, 400, param="min_tokens")
+    assert "at most max_tokens (32)" in r.json()["error"]["message"]
     r = http.post("/v1/completions", json={**body, "min_tokens": 2, "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"]
 

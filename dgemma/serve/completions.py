@@ -723,7 +723,8 @@ class Planner:
 
         def fits(m: int) -> bool:
             try:
-                self.worker.check(prompt, self._params(req.ar, dict(base, max_new_tokens=m)))
+                # min_tokens is checked against the result (a 400 that names it), not folded into the search
+                self.worker.check(prompt, self._params(req.ar, dict(base, max_new_tokens=m, min_tokens=0)))
                 return True
             except GenerationError:
                 return False
@@ -735,7 +736,7 @@ class Planner:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         if lo == 0:
-            self._check(prompt, self._params(req.ar, dict(base, max_new_tokens=1)), param)  # raises the reason
+            self._check(prompt, self._params(req.ar, dict(base, max_new_tokens=1, min_tokens=0)), param)  # why
         return lo
 
 
