@@ -480,6 +480,24 @@ def test_tool_calls(client, pipe):
     assert r.usage.prompt_tokens == len(pipe.encode_chat(history, tools=TOOLS))
 
 
+def test_responses_logprobs(client, pipe):
+    """Responses' include ["message.output_text.logprobs"] / top_logprobs: the answer's entries, the chat path's,
+    whole and streamed (each delta with the entries of the tokens it completes)."""
+    kw = dict(model=NAME, input="Hello", max_output_tokens=16, extra_body={"seed": 3})
+    r = client.responses.create(**kw, include=["message.output_text.logprobs"], top_logprobs=2)
+    chat = client.chat.completions.create(model=NAME, seed=3, max_tokens=16, logprobs=True, top_logprobs=2,
+                                          messages=[{"role": "user", "content": "Hello"}])
+    part = r.output[0].content[0]
+    want = chat.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in part.logprobs] == [(e.token, e.logprob) for e in want]
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs) and r.output_text == chat.choices[0].message.content
+    assert client.responses.create(**kw).output[0].content[0].logprobs == []
+    with client.responses.stream(**kw, include=["message.output_text.logprobs"], top_logprobs=2) as s:
+        events = list(s)
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in want]
+
+
 def test_responses_api(client, http, pipe):
     """POST /v1/responses: the chat path under Responses' shapes (input items, instructions, flat function tools,
     text.format, typed stream events), through the openai client's own Responses support."""

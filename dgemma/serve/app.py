@@ -266,7 +266,7 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
     tok = state.pipe.tokenizer
     if responses is not None:
         output = Output()
-        output.finish(plan.choices[0])
+        output.finish(plan.choices[0], tok)
         return JSONResponse(response_object(plan, responses, output, tok))
     if messages is not None:
         return JSONResponse(anthropic.message_object(plan, messages, tok))

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from ..generate import Done
 from ..tokenizer import THOUGHT_CLOSE
-from .completions import Choice, Plan, chat_request, join_text, updates, usage
+from .completions import Choice, Plan, chat_request, join_text, logprobs_payload, updates, usage
 from .engine import Failed
 from .errors import APIError, invalid, unsupported
 from .protocol import ChatCompletionRequest, DiffusionOptions
@@ -56,7 +56,10 @@ class ResponsesRequest(DiffusionOptions):
     include: list[str] | None = None
     service_tier: str | None = None
     max_tool_calls: int | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the answer's logprobs
 
 
 # ---------------------------------------------------------------- request -> chat
@@ -65,9 +68,8 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     if req.previous_response_id is not None or req.conversation is not None:
         raise unsupported("this server stores no responses: send the whole conversation in input",
                           "previous_response_id" if req.previous_response_id is not None else "conversation")
-    for name in ("max_tool_calls", "top_logprobs"):
-        if getattr(req, name) is not None:
-            raise unsupported(f"{name} is not supported", name)
+    if req.max_tool_calls is not None:
+        raise unsupported("max_tool_calls is not supported", "max_tool_calls")
     if req.truncation not in (None, "disabled"):
         raise unsupported("truncation must be 'disabled': a prompt too long for the context is a 400", "truncation")
     messages: list[dict[str, Any]] = []
@@ -94,6 +96,8 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
         body["response_format"] = _format(fmt)
     if req.reasoning is not None and req.reasoning.get("effort") not in ("none", "minimal"):
         body["chat_template_kwargs"] = {"enable_thinking": True}
+    if LOGPROBS in (req.include or []) or req.top_logprobs is not None:
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     return chat_request(body)
 
 
@@ -200,7 +204,7 @@ class Output:
         self.items.append(item)
         return item
 
-    def finish(self, c: Choice) -> None:
+    def finish(self, c: Choice, tok=None) -> None:
         """Every item final, from the choice's finished text (the non-streaming path fills them all here)."""
         if c.reasoning is not None:
             item = self.reasoning or self.open_reasoning()
@@ -208,6 +212,7 @@ class Output:
         if c.text or not c.tool_calls:
             item = self.message or self.open_message()
             item["content"][0]["text"], item["status"] = c.text or "", "completed"
+            item["content"][0]["logprobs"] = _answer_logprobs(c, tok)
         for call in c.tool_calls:
             self.call(call)
 
@@ -235,6 +240,15 @@ def response_object(plan: Plan, req: ResponsesRequest, output: Output, tok, stat
                                             "tokens_per_forward": u.tokens_per_forward,
                                             "forward_passes": u.forward_passes, "canvases": u.canvases})},
     }
+
+
+def _answer_logprobs(c: Choice, tok) -> list[dict[str, Any]]:
+    """The answer's logprob entries (chat's shape, with dgemma's `entropy`): its tokens after any thought channel;
+    [] when not asked."""
+    if c.logprobs is None or tok is None or c.done is None:
+        return []
+    return logprobs_payload("chat", tok, c.tokens, c.lps, c.tops, _thought(c, tok), c.completion_tokens, 0,
+                            c.ents)["content"]
 
 
 def _thought(c: Choice, tok) -> int:
@@ -288,10 +302,12 @@ async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
             if text:
                 if out.message is None:
                     yield "".join(added(out.open_message(), len(out.items) - 1))
+                # the entries of the tokens this delta completes (with thinking: all of them in the done event)
+                lp = None if c.thinking else c.stream_logprobs(tok, "chat", final=isinstance(ev, Done))
                 yield send("response.output_text.delta", item_id=out.message["id"], output_index=at(out.message),
-                           content_index=0, delta=text, logprobs=[])
+                           content_index=0, delta=text, logprobs=lp["content"] if lp else [])
             if isinstance(ev, Done):
-                for event in _close(send, out, c, added):
+                for event in _close(send, out, c, added, tok):
                     yield event
                 # Ended by max_output_tokens too: status "incomplete" inside, as vLLM sends it (the openai client's
                 # stream helper waits for response.completed, whatever the status).
@@ -300,10 +316,10 @@ async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
         state.worker.cancel(plan.jobs)
 
 
-def _close(send, out: Output, c: Choice, added):
+def _close(send, out: Output, c: Choice, added, tok=None):
     """The done events of every item, in order, once the choice has finished (new items announced first)."""
     known = len(out.items)
-    out.finish(c)
+    out.finish(c, tok)
     for item in out.items[known:]:
         if item["type"] == "function_call":
             yield from added(dict(item, arguments="", status="in_progress"), known)
@@ -321,6 +337,6 @@ def _close(send, out: Output, c: Choice, added):
         elif item["type"] == "message":
             part = item["content"][0]
             yield send("response.output_text.done", item_id=item["id"], output_index=k, content_index=0,
-                       text=part["text"], logprobs=[])
+                       text=part["text"], logprobs=part["logprobs"])
             yield send("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
         yield send("response.output_item.done", output_index=k, item=item)
