@@ -250,6 +250,7 @@ class Done:
     # with logprobs: per token, the entropy (nats) of the distribution its log-probability is of (the raw logits at
     # the forward that emitted it): how spread the model was there, not only how sure of the token it kept
     entropies: list[float] | None = None
+    prompt_ranks: list[int | None] | None = None  # with prompt_logprobs: each prompt token's rank (1: likeliest)
 
 
 Event = Draft | Commit | Done
@@ -277,6 +278,7 @@ class _Row:
         self.out_ent: list[float] = []
         self.prompt_lp: list[float | None] | None = None
         self.prompt_top: list[TopLogprobs] | None = None
+        self.prompt_rank: list[int | None] | None = None
         self.steps_per_canvas: list[int] = []  # every attempt's steps, restarts included
         self.restarts_per_canvas: list[int] = []
         self.attempt = 0  # restarts of the current canvas so far
@@ -687,12 +689,15 @@ class Engine:
         targets = torch.tensor(r.prompt[1:], dtype=torch.long, device=h.device)
         lps: list[float | None] = [None]
         tops: list[TopLogprobs] = [[]]
+        ranks: list[int | None] = [None]
         for lo in range(0, h.shape[0], self.PROMPT_CHUNK):
-            lp, ids, tlp = S.raw_logprobs(self.model.logits(h[lo:lo + self.PROMPT_CHUNK]),
-                                          targets[lo:lo + self.PROMPT_CHUNK], n)
+            logits, t = self.model.logits(h[lo:lo + self.PROMPT_CHUNK]), targets[lo:lo + self.PROMPT_CHUNK]
+            lp, ids, tlp = S.raw_logprobs(logits, t, n)
             lps += lp.tolist()
             tops += _top_lists(ids, tlp, lp.shape[0])
-        r.prompt_lp, r.prompt_top = lps, tops
+            # the token's rank among the vocabulary (1: the likeliest; ties share the best rank), vLLM's `rank`
+            ranks += ((logits > logits.gather(-1, t[:, None])).sum(-1) + 1).tolist()
+        r.prompt_lp, r.prompt_top, r.prompt_rank = lps, tops, ranks
 
     def _new_canvas(self, r: _Row, first: bool = False, attempt: int = 0) -> None:
         """Start canvas `r.canvas_idx` from noise; attempt > 0: restart it from fresh noise (`_restart`)."""
@@ -1237,7 +1242,8 @@ class Engine:
         lps = tops = ents = None
         if r.p.logprobs is not None:
             lps, tops, ents = r.out_lp[:len(tokens)], r.out_top[:len(tokens)], r.out_ent[:len(tokens)]
-        return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top, ents)
+        return Done(r.id, tokens, text, r.finished or "length", stats, lps, tops, r.prompt_lp, r.prompt_top, ents,
+                    r.prompt_rank)
 
 
 class _WalkLogits:

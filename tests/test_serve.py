@@ -297,6 +297,23 @@ def test_echo_logprobs_score_the_prompt(client, pipe):
     m = more.choices[0].logprobs
     assert len(m.tokens) == len(ids) + 5 and m.token_logprobs[:len(ids)] == lp.token_logprobs
     assert m.text_offset[len(ids)] == len("Hello there")
+    # vLLM's prompt_logprobs: the same values, with each token's rank and the top n, keyed by token id
+    v = complete(client, ids, max_tokens=2, logprobs=0, extra_body={"prompt_logprobs": 3}, seed=2)
+    pl = v.choices[0].model_extra["prompt_logprobs"]
+    assert pl[0] is None and len(pl) == len(ids) and v.choices[0].logprobs.tokens  # the output's own stay apart
+    for t, want, entry in zip(ids[1:], lp.token_logprobs[1:], pl[1:]):
+        mine = entry[str(t)]
+        assert mine["logprob"] == pytest.approx(want) and mine["decoded_token"] == pipe.tokenizer.decode([t])
+        above = [e for k, e in entry.items() if k != str(t) and e["logprob"] > mine["logprob"]]
+        assert mine["rank"] >= 1 and (mine["rank"] == len(above) + 1 if mine["rank"] <= 3 else len(above) == 3)
+        assert sorted(e["rank"] for k, e in entry.items() if k != str(t)) == \
+            [k for k in range(1, 4) if k != mine["rank"]][:len(entry) - 1]
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+    for extra in ({"prompt_logprobs": 1, "echo": True, "logprobs": 1}, {"prompt_logprobs": 1, "stream": True}):
+        with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+            client.completions.create(model=NAME, prompt="x", max_tokens=2, extra_body=extra)
 
 
 def test_logit_bias(client, pipe):

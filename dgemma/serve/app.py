@@ -45,7 +45,7 @@ from ..structured import ll_tokenizer
 from ..tools import ToolError, check_tokenizer
 from . import errors
 from .completions import (Plan, Planner, chunk, commit_event, draft_event, response, tool_call_deltas, usage,
-                          with_token_ids)
+                          with_prompt_logprobs, with_token_ids)
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
@@ -270,7 +270,7 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
         return JSONResponse(response_object(plan, responses, output, tok))
     if messages is not None:
         return JSONResponse(anthropic.message_object(plan, messages, tok))
-    return JSONResponse(with_token_ids(plan, response(plan, tok).model_dump()))
+    return JSONResponse(with_prompt_logprobs(plan, with_token_ids(plan, response(plan, tok).model_dump()), tok))
 
 
 async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Queue) -> None:

@@ -219,6 +219,7 @@ class Plan:
     token_ids: bool = False  # vLLM's return_token_ids
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
     priority: int = 0  # vLLM's: admission order under --scheduling-policy priority
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     t0: float = field(default_factory=time.perf_counter)
@@ -538,6 +539,14 @@ class Planner:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
         prompts = self._truncate(req, prompts)
+        if req.prompt_logprobs is not None:
+            if echo and logprobs is not None:
+                raise invalid("send one of echo with logprobs and prompt_logprobs", "prompt_logprobs")
+            if req.stream:
+                raise unsupported("prompt_logprobs is not supported when streaming", "prompt_logprobs")
+            if self.pipe.tokenizer is None:
+                raise invalid("this checkpoint has no tokenizer, so logprobs cannot name their tokens",
+                              "prompt_logprobs")
         base = dict(req.sampler_options(), ignore_eos=req.ignore_eos, logprobs=logprobs,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
@@ -546,7 +555,8 @@ class Planner:
                     include_stop_str_in_output=req.include_stop_str_in_output,
                     ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
                     adaptive_steps=req.steps is None,  # steps named in the request are kept under load
-                    logit_bias=self._logit_bias(req.logit_bias), prompt_logprobs=logprobs if echo else None,
+                    logit_bias=self._logit_bias(req.logit_bias),
+                    prompt_logprobs=logprobs if echo and logprobs is not None else req.prompt_logprobs,
                     grammar=grammar or self._grammar(req, suffix=bool(suffix_ids)))
         # the sampling cut, for AR sampling and diffusion steps alike (vLLM's; its top_k -1 is "all")
         base.update(top_p=req.top_p, top_k=max(req.top_k, 0) if req.top_k is not None else None, min_p=req.min_p)
@@ -584,7 +594,7 @@ class Planner:
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
                     include_usage=include_usage, seed=seed, token_ids=req.return_token_ids,
                     continuous_usage=include_usage and req.stream_options.continuous_usage_stats,
-                    priority=req.priority)
+                    priority=req.priority, prompt_logprobs=req.prompt_logprobs)
 
     def _grammar(self, req: _Common, suffix: bool) -> Grammar | None:
         """The output's grammar from response_format (OpenAI) or structured_outputs (vLLM), or None."""
@@ -769,7 +779,8 @@ def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionRespons
           logprobs_payload(plan.kind, tok, c.tokens, c.lps, c.tops, 0, c.completion_tokens, len(c.echo), c.ents)
           for c in plan.choices}
     for c in plan.choices:
-        if c.logprobs is not None and c.done is not None and c.done.prompt_logprobs is not None:
+        if c.logprobs is not None and c.done is not None and c.done.prompt_logprobs is not None \
+                and plan.prompt_logprobs is None:  # echo with logprobs: the prompt's entries lead
             head = prompt_logprobs_payload(tok, c.prompt, c.done.prompt_logprobs, c.done.prompt_top_logprobs)
             lp[c.index] = {k: head[k] + lp[c.index][k] for k in head if k in lp[c.index]}
     if plan.kind == "completion":
@@ -797,6 +808,33 @@ def with_token_ids(plan: Plan, body: dict, index: int | None = None) -> dict:
             ch["prompt_token_ids"] = c.prompt
     if plan.kind == "chat":
         body["prompt_token_ids"] = plan.choices[0].prompt
+    return body
+
+
+def with_prompt_logprobs(plan: Plan, body: dict, tok) -> dict:
+    """vLLM's prompt_logprobs on a response: per prompt token (None for the first), {token id: {logprob, rank,
+    decoded_token}} for the token itself and the most likely ones there; on each completion choice, on the
+    response for chat (its choices share one prompt). Unchanged without it."""
+    if plan.prompt_logprobs is None:
+        return body
+
+    def entries(c: Choice) -> list[dict[str, Any] | None]:
+        d = c.done
+        out: list[dict[str, Any] | None] = [None]
+        for i in range(1, len(c.prompt)):
+            t = c.prompt[i]
+            e = {str(t): {"logprob": d.prompt_logprobs[i], "rank": d.prompt_ranks[i], "decoded_token": tok.decode([t])}}
+            for k, (a, v) in enumerate(d.prompt_top_logprobs[i], start=1):
+                e.setdefault(str(a), {"logprob": v, "rank": k, "decoded_token": tok.decode([a])})
+            out.append(e)
+        return out
+
+    by_index = {c.index: c for c in plan.choices}
+    if plan.kind == "chat":
+        body["prompt_logprobs"] = entries(plan.choices[0])
+    else:
+        for ch in body["choices"]:
+            ch["prompt_logprobs"] = entries(by_index[ch["index"]])
     return body
 
 

@@ -85,6 +85,7 @@ class _Common(DiffusionOptions):
     allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the prompt's last k tokens (-1: the context)
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's logprob, rank and top n
     priority: int = 0  # vLLM's: with --scheduling-policy priority, lower is admitted first
     # vLLM's; dgemma's text keeps special tokens (tool calls and the thought channel are read from them): only
     # false is accepted
