@@ -192,7 +192,7 @@ class GenerationParams:
             if not isinstance(self.grammar, Grammar):
                 raise GenerationError(f"grammar must be a dgemma.structured.Grammar, got {type(self.grammar)}")
             for name, clash in (("fixed", self.fixed), ("allowed", self.allowed), ("ignore_eos", self.ignore_eos),
-                                ("min_tokens", self.min_tokens), ("stop_token_ids", self.stop_token_ids),
+                                ("min_tokens", self.min_tokens),
                                 ("allowed_token_ids", self.allowed_token_ids is not None)):
                 if clash:
                     raise GenerationError(f"a grammar cannot be combined with {name}")
@@ -877,7 +877,7 @@ class Engine:
                     r.g_lp[1][j], r.g_lp[2][j] = top_ids[0].cpu(), top_lp[0].cpu()
             r.g_tok[j] = tok
             j += 1
-            if tok in self._eos_set:
+            if tok in self._eos_set or tok in r.stop_ids:  # a stop token the grammar allowed ends the text too
                 ended = True
                 break
             r.matcher.consume(tok)
@@ -1112,8 +1112,9 @@ class Engine:
         """A grammar row's newly committed run, up to an EOS, sent at once as a partial Commit: the walk never
         takes a committed token back, so it can be streamed before its canvas ends."""
         run = r.g_tok[r.sent:min(r.frontier, r.limit)].tolist()
-        eos = next((i for i, t in enumerate(run) if t in self._eos_set), None)
-        run = run[:eos]
+        end = next((i for i, t in enumerate(run) if t in r.ends), None)
+        if end is not None:
+            run = run[:end + self._kept(r, run[end])]
         if not run:
             return
         lps = self._take_logprobs(r, len(run), start=r.sent)

@@ -179,8 +179,18 @@ def test_logprobs_under_a_grammar(model, tok):
         assert h == pytest.approx(-sum(math.exp(v) * v for _, v in top), abs=1e-4)
 
 
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_stop_token_ids_under_a_grammar(model, tok, mode):
+    """A stop token the grammar allows ends the text there (kept: it is no special token), finish "stop"."""
+    b = tok.encode("b", add_bos=False)[0]
+    texts = [_run(model, tok, Grammar.regex("[ab]{8}"), mode=mode, seed=seed, n=16, stop_token_ids=(b,))
+             for seed in range(4)]
+    assert all(re.fullmatch("a*b|a{8}", d.text) and d.finish_reason == "stop" for d in texts), [d.text for d in texts]
+    assert any(d.text.endswith("b") for d in texts)  # the stop token came up, and ended the text
+
+
 def test_bad_combinations(model, tok):
-    for kw in (dict(min_tokens=2), dict(stop_token_ids=(5,)), dict(allowed_token_ids=(5, 6))):
+    for kw in (dict(min_tokens=2), dict(allowed_token_ids=(5, 6))):
         with pytest.raises(GenerationError, match="grammar"):
             generate(model, [[5, 6]], GenerationParams(grammar=Grammar.json_object(), **kw), tokenizer=tok)
     g = Grammar.json_object()
