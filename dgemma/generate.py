@@ -205,7 +205,8 @@ class GenerationParams:
 
 @dataclass
 class Draft:
-    """One denoising step of one row: the argmax canvas, which positions were accepted, the mean entropy."""
+    """One denoising step of one row: the argmax canvas, which positions were accepted, the mean entropy (and
+    each position's: the sampler's entropy at the step's temperature, what EntropyBound accepted by)."""
 
     request: int
     canvas: int
@@ -214,6 +215,7 @@ class Draft:
     accepted: list[bool]
     mean_entropy: float
     attempt: int = 0  # 0, then 1, 2, ... for each restart of this canvas from fresh noise (SamplerConfig.restarts)
+    entropies: list[float] | None = None
 
 
 TopLogprobs = list[tuple[int, float]]  # (token, log-probability), most likely first
@@ -996,7 +998,8 @@ class Engine:
         mean_t = ent.float().mean()  # compared in float32, as the reference does
         mean_h = r.mean_entropy = float(mean_t)
         if r.p.drafts if r.p.drafts is not None else self.drafts:
-            events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h, r.attempt))
+            events.append(Draft(r.id, r.canvas_idx, r.step, draft.tolist(), acc.cpu().tolist(), mean_h, r.attempt,
+                                ent.float().cpu().tolist()))
         if r.matcher is not None:
             # A grammar's canvas ends when every position that can reach the output is committed (the walk
             # commits them all by the last budgeted step), whatever the early stop would say.

@@ -746,6 +746,8 @@ def test_draft_streaming_through_the_openai_client(client):
     for d in drafts:
         assert len(d["canvas"]) == len(d["accepted"]) == len(d["pieces"]) == CANVAS
         assert d["accepted_count"] == sum(d["accepted"]) >= 1 and d["mean_entropy"] >= 0
+        assert len(d["entropies"]) == CANVAS and min(d["entropies"]) >= 0  # each position's, the mean their mean
+        assert sum(d["entropies"]) / CANVAS == pytest.approx(d["mean_entropy"], abs=1e-3)
         assert isinstance(d["text"], str)
     assert [c["canvas_index"] for c in commits] == [0, 1] and all(c["steps"] == STEPS for c in commits)
     last = {d["canvas_index"]: d["canvas"] for d in drafts}  # the committed canvas is the last step's draft

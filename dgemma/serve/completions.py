@@ -947,6 +947,7 @@ def draft_event(tok, choice: Choice, ev) -> dict[str, Any]:
     return {"type": "draft", "choice": choice.index, "canvas_index": ev.canvas, "step": ev.step, "attempt": ev.attempt,
             "canvas": ev.tokens, "pieces": pieces, "text": tok.decode(ev.tokens) if tok else "",
             "accepted": ev.accepted, "accepted_count": sum(ev.accepted), "mean_entropy": ev.mean_entropy,
+            "entropies": [round(h, 4) for h in ev.entropies] if ev.entropies is not None else None,
             "fixed": choice.suffix_len if ev.canvas == 0 else 0}
 
 

@@ -114,7 +114,8 @@ function render(index) {
     cell.className = cls.join(" ");
     cell.textContent = show(rec.pieces[i] ?? String(rec.canvas[i]));
     cell.title = `position ${i} · token ${rec.canvas[i]}` + (rec.committed ? " · committed" :
-      rec.accepted[i] ? " · accepted" : " · re-noised");
+      (rec.accepted[i] ? " · accepted" : " · re-noised") +
+      (rec.entropies ? ` · entropy ${rec.entropies[i].toFixed(3)}` : ""));
   }
   const what = rec.committed ? "committed" :
     `step ${rec.step}${restartLabel(rec)} · ${rec.accepted_count}/${rec.canvas.length} accepted · ` +
