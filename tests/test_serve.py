@@ -647,7 +647,20 @@ def test_return_token_ids(client, http, pipe):
                                                  extra_body={"return_token_ids": True}))
     last = [k for k in chunks if k.choices and k.choices[0].finish_reason]
     assert len(last) == 1 and last[0].model_extra["prompt_token_ids"] == pipe.encode_chat(chat)
-    assert last[0].choices[0].model_extra["token_ids"] == c.choices[0].model_extra["token_ids"]
+    # each chunk: the ids of the tokens whose text it completes; together, the answer's
+    got = [t for k in chunks if k.choices for t in (k.choices[0].model_extra.get("token_ids") or [])]
+    assert got == c.choices[0].model_extra["token_ids"]
+    # ... also when a stop string cuts the text inside the stream
+    first = complete(client, "Stop here", seed=8, max_tokens=48, ignore_eos=True, extra_body={"return_token_ids": True})
+    full = first.choices[0].text
+    k = next(i for i in range(len(pipe.tokenizer.decode(first.choices[0].model_extra["token_ids"][:CANVAS])) + 1,
+                              len(full) - 2)  # a stop first seen in the 2nd canvas
+             if full[i].isprintable() and full[i] != "\ufffd" and full.find(full[i:i + 2]) == i)
+    kw = dict(seed=8, max_tokens=48, ignore_eos=True, stop=full[k:k + 2], extra_body={"return_token_ids": True})
+    whole = complete(client, "Stop here", **kw).choices[0].model_extra["token_ids"]
+    parts = [k.choices[0].model_extra.get("token_ids") or [] for k in complete(client, "Stop here", stream=True, **kw)
+             if k.choices]
+    assert [t for p in parts for t in p] == whole and sum(bool(p) for p in parts) > 1
 
 
 def test_draft_warm_starts_the_first_canvas(client, http, pipe):

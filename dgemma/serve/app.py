@@ -333,7 +333,8 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                             first_text = False
                             state.metrics.observe(state.metrics.ttft, time.perf_counter() - plan.t0)
                         yield chunk(plan, index, text=delta, logprobs=lp,
-                                    dgemma=commit_event(choice, ev) if plan.drafts and not ev.partial else None)
+                                    dgemma=commit_event(choice, ev) if plan.drafts and not ev.partial else None,
+                                    token_ids=choice.stream_token_ids(tok) if plan.token_ids else None)
                 elif isinstance(ev, Done):
                     rest = choice.finish(tok, ev)
                     thought = choice.reasoning_rest()
@@ -344,7 +345,8 @@ async def stream(state: State, plan: Plan, queue: asyncio.Queue):
                         yield chunk(plan, index, text=rest, logprobs=lp)
                     if choice.tool_calls:
                         yield chunk(plan, index, tool_calls=tool_call_deltas(choice))
-                    yield chunk(plan, index, finish_reason=choice.finish_reason, token_ids=plan.token_ids)
+                    yield chunk(plan, index, finish_reason=choice.finish_reason, prompt_ids=True,
+                                token_ids=choice.stream_token_ids(tok, final=True) if plan.token_ids else None)
                     pending.discard(index)
                 elif isinstance(ev, Failed):
                     yield errors_sse(APIError(ev.status, ev.message, code="generation_failed"))

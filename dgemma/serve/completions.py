@@ -65,6 +65,7 @@ class Choice:
     tops: list = field(default_factory=list)
     ents: list[float] = field(default_factory=list)  # per committed token: the raw entropy its logprob is from
     lp_sent: int = 0  # tokens whose logprobs have been streamed
+    ids_sent: int = 0  # tokens whose ids have been streamed (return_token_ids)
     sent: str = ""  # text already streamed (after `echo`)
     done: Done | None = None
     text: str | None = None
@@ -151,22 +152,36 @@ class Choice:
         d, self.sent = text[len(self.sent):], text
         return d
 
+    def _sent_tokens(self, tok, start: int, final: bool) -> int:
+        """How many of the output's tokens the stream has sent the text of in full, from `start` on (after `finish`:
+        all of them)."""
+        if final:
+            return self.completion_tokens
+        toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
+        ends, end = char_offsets(tok, toks)[1:], start  # where each token's text ends
+        while end < len(toks) and ends[end] <= len(self.sent):
+            end += 1
+        return end
+
     def stream_logprobs(self, tok, kind: str, final: bool = False) -> dict | None:
         """Logprobs of the tokens whose text the stream has now sent in full (after `finish`: all of them)."""
         if self.logprobs is None or (self.thinking and not final):  # offsets would count the thought: all at the end
             return None
         toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
-        end = self.lp_sent
-        if final:
-            end = self.completion_tokens
-        else:
-            ends = char_offsets(tok, toks)[1:]  # where each token's text ends
-            while end < len(toks) and ends[end] <= len(self.sent):
-                end += 1
+        end = self._sent_tokens(tok, self.lp_sent, final)
         start, self.lp_sent = self.lp_sent, max(end, self.lp_sent)
         if end <= start:
             return None
         return logprobs_payload(kind, tok, toks, self.lps, self.tops, start, end, len(self.echo), self.ents)
+
+    def stream_token_ids(self, tok, final: bool = False) -> list[int] | None:
+        """return_token_ids in a stream: the ids of the tokens whose text this chunk completes (after `finish`: the
+        rest), so the chunks' lists add up to the answer's `token_ids` even when a stop string cuts the text."""
+        if self.thinking and not final:  # the answer's text does not count the thought: all at the end
+            return None
+        end = self._sent_tokens(tok, self.ids_sent, final)
+        start, self.ids_sent = self.ids_sent, max(end, self.ids_sent)
+        return self.tokens[start:end] if end > start else None
 
     def finish(self, tok, done: Done) -> str:
         """Final text, finish_reason and token count from the engine's Done; returns the unsent remainder."""
@@ -858,9 +873,10 @@ def sse(obj: dict) -> str:
 def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool = False,
           finish_reason: str | None = None, dgemma: dict | None = None, usage_: Usage | None = None,
           logprobs: dict | None = None, tool_calls: list | None = None, reasoning: str | None = None,
-          token_ids: bool = False) -> str:
-    """One streaming chunk. `index=None` gives `choices: []` (the usage chunk). token_ids: the choice's (and the
-    prompt's) token ids, on its finish chunk (vLLM's return_token_ids)."""
+          token_ids: list[int] | None = None, prompt_ids: bool = False) -> str:
+    """One streaming chunk. `index=None` gives `choices: []` (the usage chunk). With vLLM's return_token_ids:
+    `token_ids`, the ids of the tokens whose text this chunk completes; prompt_ids, the prompt's ids too (on the
+    choice's finish chunk)."""
     obj: dict[str, Any] = {"id": plan.id, "created": plan.created, "model": plan.model}
     if plan.kind == "completion":
         obj["object"] = "text_completion"
@@ -884,8 +900,10 @@ def chunk(plan: Plan, index: int | None, *, text: str | None = None, role: bool 
         obj["usage"] = usage_.model_dump()
     if dgemma is not None:
         obj["dgemma"] = dgemma
-    if token_ids:
-        with_token_ids(plan, obj)
+    if plan.token_ids and index is not None:
+        choice["token_ids"] = token_ids or []
+        if prompt_ids:
+            (choice if plan.kind == "completion" else obj)["prompt_token_ids"] = plan.choices[index].prompt
     return sse(obj)
 
 
