@@ -370,11 +370,9 @@ class _Row:
         (logit_bias: per request; penalties: per canvas), not per step."""
         if self._dense is None or self._dense[0].device != torch.device(device):
             sep = self.seen is not None
-            ids, vals = (torch.tensor(sorted(self._pre), dtype=torch.long),
-                         torch.tensor([float(self._pre[t]) for t in sorted(self._pre)])) if sep else \
-                (self.bias_ids, self.bias)
-            bias = torch.zeros(self.vocab, dtype=torch.float32)
-            bias[ids] = vals
+            bias = _dense(self._pre, self.vocab) if sep else torch.zeros(self.vocab, dtype=torch.float32)
+            if not sep:
+                bias[self.bias_ids] = self.bias
             if self.allow is not None:
                 banned = torch.ones(self.vocab, dtype=torch.bool)
                 banned[torch.tensor(self.allow, dtype=torch.long)] = False
@@ -383,9 +381,7 @@ class _Row:
             if sep:
                 rep = self.seen_ids = self.seen.nonzero()[:, 0]  # on the host too: the blocks' spans need no sync
                 if self._post:
-                    after = torch.zeros(self.vocab, dtype=torch.float32)
-                    after[torch.tensor(sorted(self._post), dtype=torch.long)] = \
-                        torch.tensor([float(self._post[t]) for t in sorted(self._post)])
+                    after = _dense(self._post, self.vocab)
             self._dense = tuple(None if x is None else x.to(device) for x in (bias, rep, after))
         return self._dense
 
@@ -1206,17 +1202,15 @@ class Engine:
     def _stop_string(self, r: _Row) -> bool:
         if not r.p.stop:
             return False
-        return stop_cut(self.tok.decode(r.out), r.p.stop, self._min_text(r, r.out)) is not None
-
-    def _min_text(self, r: _Row, tokens: list[int]) -> int:
-        """min_tokens: the characters of text its first tokens spell, which no stop string may end within."""
-        return len(self.tok.decode(tokens[:r.p.min_tokens])) if r.p.min_tokens and r.p.stop else 0
+        after = min_text(self.tok, r.out, r.p.min_tokens, r.p.stop)
+        return stop_cut(self.tok.decode(r.out), r.p.stop, after) is not None
 
     def _done(self, r: _Row) -> Done:
         tokens, text = r.out, None
         if self.tok is not None:
             text = self.tok.decode(tokens)
-            cut = stop_cut(text, r.p.stop, self._min_text(r, tokens), r.p.include_stop_str_in_output)
+            after = min_text(self.tok, tokens, r.p.min_tokens, r.p.stop)
+            cut = stop_cut(text, r.p.stop, after, r.p.include_stop_str_in_output)
             if cut is not None:
                 text = text[:cut]
                 tokens = tokens_for_prefix(self.tok, tokens, text)
@@ -1303,6 +1297,19 @@ def _top_lists(ids: torch.Tensor | None, lps: torch.Tensor | None, n: int) -> li
     if ids is None:
         return [[] for _ in range(n)]
     return [[(t, v) for t, v in zip(ti, tv) if v != float("-inf")] for ti, tv in zip(ids.tolist(), lps.tolist())]
+
+
+def _dense(bias: dict[int, float], vocab: int) -> torch.Tensor:
+    """A {token: value} map as a [V] fp32 vector, 0.0 elsewhere."""
+    out = torch.zeros(vocab, dtype=torch.float32)
+    out[torch.tensor(sorted(bias), dtype=torch.long)] = torch.tensor([float(bias[t]) for t in sorted(bias)])
+    return out
+
+
+def min_text(tok, tokens: Sequence[int], min_tokens: int, stops: Sequence[str]) -> int:
+    """min_tokens: the characters of text the output's first min_tokens tokens spell, within which no stop string
+    may end (0 without min_tokens or stop strings)."""
+    return len(tok.decode(tokens[:min_tokens])) if min_tokens and stops else 0
 
 
 def stop_cut(text: str, stops: Sequence[str], after: int = 0, include: bool = False) -> int | None:

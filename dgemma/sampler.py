@@ -567,9 +567,8 @@ def fused_head_step(
     bias: [rows, V] fp32 added to every position's logits of its row (logit_bias, penalties; 0.0 where none), as
     the plain path adds it to materialised logits: the same bits. Then repetition: (row, sorted token ids on
     the device, penalty p, the same ids on the host), `repetition_penalty` at those tokens of the row (only they
-    are touched); then after
-    ([rows, V]) added (the penalties, when a repetition penalty comes between). bans: (row, n, token ids) with
-    -inf at those tokens of the row's first n positions (min_tokens).
+    are touched); then after ([rows, V]) added (the penalties, when a repetition penalty comes between). bans:
+    (row, n, token ids) with -inf at those tokens of the row's first n positions (min_tokens).
     """
     rows, canvas_len, _ = hidden.shape
     flat = hidden.reshape(rows * canvas_len, -1)

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..generate import AR, Commit, Done, GenerationError, GenerationParams, stop_cut, tokens_for_prefix
+from ..generate import AR, Commit, Done, GenerationError, GenerationParams, min_text, stop_cut, tokens_for_prefix
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
@@ -104,9 +104,7 @@ class Choice:
         return text[:keep]
 
     def _min_text(self, tok, toks: list[int]) -> int:
-        """min_tokens: the characters its first tokens spell, within which no stop string may end."""
-        m = self.params.min_tokens if self.params is not None else 0
-        return len(tok.decode(toks[:m])) if m and self.stop else 0
+        return min_text(tok, toks, self.params.min_tokens if self.params is not None else 0, self.stop)
 
     @property
     def include_stop(self) -> bool:
