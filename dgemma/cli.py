@@ -69,11 +69,14 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
     }
     import torch
 
-    from .quant import QuantConfig, weight_bytes
+    from .quant import QUANT_KEY, QuantConfig, weight_bytes
 
     qcfg = QuantConfig.of(cfg)
     if qcfg is not None:  # codes and scales at their stored size, the rest (embedding, norms) per dtype
         out["quantization"] = qcfg.to_dict()
+        if cfg.extra[QUANT_KEY].get("quant_method") != qcfg.to_dict()["quant_method"]:  # llm-compressor's
+            out["quantization"].update(quant_method=cfg.extra[QUANT_KEY]["quant_method"],
+                                       format=cfg.extra[QUANT_KEY].get("format"))
         out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch, name)) for name in DTYPE_BYTES}
     if ckpt is not None:
         out["files_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
@@ -104,7 +107,9 @@ def print_info(d: dict) -> None:
     print(f"  mlp             dense {d['dense_mlp_width']} + MoE {e['count']} experts x {e['width']}, top-{e['top_k']}")
     print(f"  canvas          {d['canvas_length']} tokens")
     print(f"  parameters      {_fmt_count(p['total'])} total, {_fmt_count(p['active'])} active per token")
-    quant = f", {d['quantization']['scheme']} quantized" if "quantization" in d else ""
+    q = d.get("quantization")
+    quant = "" if q is None else f", {q['scheme']} quantized" + (
+        f" ({q['quant_method']} {q['format']})" if q["quant_method"] != "dgemma" else "")
     print("  memory          " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in d["weights_bytes"].items())
           + f"  (weights{quant}" + (f"; {_fmt_bytes(d['files_bytes'])} on disk)" if d.get("files_bytes") else ")"))
     kv = d["kv_cache_bytes"]
@@ -1023,14 +1028,19 @@ def cmd_quantize(args) -> int:
 
     import torch
 
+    from .compressed import is_compressed
     from .config import preset
-    from .quant import QuantConfig, quantize_checkpoint, weight_bytes, write_random_quantized
+    from .quant import QUANT_KEY, QuantConfig, quantize_checkpoint, weight_bytes, write_random_quantized
     from .weights import load_config, resolve
 
-    if args.scheme is None:
-        raise UsageError("give --scheme int8 or --scheme int4")
-    qcfg = QuantConfig(args.scheme, args.group_size)
     paths = [p for p in (args.src, args.dst) if p is not None]
+    if args.scheme is None and not args.random_preset and len(paths) == 2:
+        src = resolve(paths[0])
+        if is_compressed(load_config(src).extra.get(QUANT_KEY)):  # llm-compressor's: into dgemma's layout
+            return _convert(args, src, Path(paths[1]))
+    if args.scheme is None:
+        raise UsageError("give --scheme int8, int4 or fp8")
+    qcfg = QuantConfig(args.scheme, args.group_size)
     if args.random_preset:
         if len(paths) != 1:
             raise UsageError("with --random-preset NAME give only DST")
@@ -1042,6 +1052,10 @@ def cmd_quantize(args) -> int:
         if dst.absolute() == src.absolute():
             raise UsageError("DST must be a new directory, not SRC")
         cfg = load_config(src)
+        if is_compressed(cfg.extra.get(QUANT_KEY)):
+            raise UsageError(f"{src} is already quantized (compressed-tensors {QuantConfig.of(cfg).scheme}); "
+                             "leave out --scheme to convert it into dgemma's layout, or quantize the "
+                             "full-precision checkpoint")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     parent = _check_destination(dst, args.overwrite)
     need = weight_bytes(cfg, qcfg, dtype or torch.bfloat16)
@@ -1066,17 +1080,57 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _convert(args, src: Path, dst: Path) -> int:
+    import time
+
+    from .quant import convert_checkpoint
+
+    if dst.absolute() == src.absolute():
+        raise UsageError("DST must be a new directory, not SRC")
+    if args.group_size is not None or args.dtype:
+        raise UsageError("converting a compressed-tensors checkpoint keeps its scheme and dtypes: leave out "
+                         "--group-size and --dtype")
+    parent = _check_destination(dst, args.overwrite)
+    srcsize = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    if _free_bytes(parent) < srcsize * 1.05:
+        raise UsageError(f"{parent} has {_fmt_bytes(_free_bytes(parent))} free; the converted checkpoint needs "
+                         f"about {_fmt_bytes(srcsize)}")
+    log = None if args.quiet else (lambda m: print(f"dgemma quantize: {m}", file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    try:
+        qcfg = convert_checkpoint(src, dst, max_shard_bytes=int(args.max_shard_gib * (1 << 30)), log=log)
+    except OSError as e:
+        raise UsageError(f"writing {dst} failed: {e.strerror or e}") from None
+    size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+    what = "no layer quantized" if qcfg is None else (
+        qcfg.scheme + (f" group {qcfg.group_size}" if qcfg.group_size else "")
+        + (f", {len(qcfg.ignore)} layers kept in floats" if qcfg.ignore else ""))
+    print(f"{dst}: converted from compressed-tensors, {what}, {_fmt_bytes(size)} of weights, "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free
+
+
 def _add_quantize_parser(sub) -> None:
-    s = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint",
-                       usage="dgemma quantize SRC DST --scheme {int8,int4} [options]\n"
-                             "       dgemma quantize --random-preset NAME DST --scheme {int8,int4} [options]",
+    s = sub.add_parser("quantize", help="weight-only int8 / int4 / fp8 quantization of a checkpoint",
+                       usage="dgemma quantize SRC DST --scheme {int8,int4,fp8} [options]\n"
+                             "       dgemma quantize --random-preset NAME DST --scheme {int8,int4,fp8} [options]\n"
+                             "       dgemma quantize COMPRESSED_TENSORS_SRC DST   (convert into dgemma's layout)",
                        description="Quantize the attention, dense-MLP, self-conditioning and expert weights "
                        "(router, norms and embedding stay as they are). The result loads with every dgemma "
-                       "command; transformers cannot load it.")
+                       "command; transformers cannot load it. Without --scheme, an llm-compressor "
+                       "(compressed-tensors) checkpoint such as RedHatAI's FP8-dynamic is converted into dgemma's "
+                       "layout, which loads memory-mapped (dgemma also loads the original as it is).")
     s.add_argument("src", nargs="?", metavar="SRC", help="full-precision checkpoint directory or hub id")
     s.add_argument("dst", nargs="?", metavar="DST", help="new directory to write (atomically)")
-    s.add_argument("--scheme", help="int8 (per output channel) or int4 (group-wise)")
-    s.add_argument("--group-size", type=int, help="int4 inputs per scale: 32, 64 or 128 (default 128)")
+    s.add_argument("--scheme", help="int8 or fp8 (e4m3; both per output channel) or int4 (group-wise)")
+    s.add_argument("--group-size", type=int, help="inputs per scale: 16, 32, 64, 128 or 256 (int4: default 128; "
+                   "int8 / fp8: one scale per output channel unless given)")
     s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype of the tensors kept at full precision "
                    "(default: as in SRC; bfloat16 with --random-preset)")
     s.add_argument("--random-preset", metavar="NAME", help="write random weights of a preset (e.g. 26b-a4b) "

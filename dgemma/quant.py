@@ -1,4 +1,4 @@
-"""Weight-only quantization as a module swap: int8 per output channel, int4 group-wise.
+"""Weight-only quantization as a module swap: int8 and fp8 per output channel (or per group), int4 group-wise.
 
 The model never sees it (gpt-fast's `WeightOnlyInt8QuantHandler` is the pattern): `quantize_model` replaces each
 `nn.Linear` of the attention, the dense MLP and the self-conditioning MLP with a `QuantLinear`, and each `Experts`
@@ -7,6 +7,9 @@ embedding / tied LM head stay at full precision (the model reads `embed_tokens.w
 
 Schemes (`w` is one output row, `K` input features):
   int8   symmetric, one scale per output channel:   w ~ q * scale,              q in [-127, 127]
+         (or per group of `group_size` inputs, as llm-compressor's W8A16 stores it)
+  fp8    the same with e4m3 codes:                  w ~ q * scale,              |q| <= 448
+         (llm-compressor's FP8 checkpoints; its 128x128 block scales load as groups of 128, each row its block's)
   int4   asymmetric, one scale and zero per group of `group_size` consecutive inputs (the last group of a row
          is shorter when K is not a multiple; the 26B model's 704 and 2112 are not multiples of 128):
                                                     w ~ (q - 8) * scale + zero,  q in [0, 15]
@@ -16,7 +19,8 @@ Schemes (`w` is one output row, `K` input features):
          tinygemm's convention (`_weight_int4pack_mm`), so those kernels could take these scales and zeros as is.
 
 Tensors (HF names; `P` is `model.decoder.layers.N.self_attn.q_proj` and the like, or `...experts.gate_up_proj`):
-  int8   P.weight int8 [out, in]                 P.weight_scale float32 [out]
+  int8   P.weight int8 [out, in]                 P.weight_scale float32 [out]  (grouped: [out, G])
+  fp8    P.weight float8_e4m3fn [out, in]        P.weight_scale float32 [out]  (grouped: [out, G])
   int4   P.weight uint8 [out, in/2]              P.weight_scale bfloat16 [out, G]   P.weight_zero bfloat16 [out, G]
          byte j of a row holds input j in its low nibble and input j + in/2 in its high nibble, so unpacking
          writes two contiguous halves.
@@ -49,7 +53,8 @@ from .model import DiffusionGemma, Experts, Router, exact_under_compile, moe_dis
 
 QUANT_KEY = "quantization_config"
 METHOD = "dgemma"
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (16, 32, 64, 128, 256)
+SCHEMES = ("int8", "int4", "fp8")
 DEFAULT_GROUP_SIZE = 128
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 # Bytes of one expert weight expanded for all experts at once (QuantExperts.linear): a CPU keeps its memory for the
@@ -63,36 +68,69 @@ class QuantError(ConfigError):
 
 # ---------------------------------------------------------------- schemes
 class Int8:
-    """Symmetric int8, one float32 scale per output channel."""
+    """Symmetric int8, one float32 scale per output channel, or per group of `group_size` inputs of a channel
+    (the last group of a row may be short): w ~ q * scale, |q| <= 127."""
 
     name = "int8"
-    group_size = None
     suffixes = ("", "_scale")
+    code_dtype, qmax = torch.int8, 127
+
+    def __init__(self, group_size: int | None = None):
+        self.group_size = group_size
 
     def specs(self, lead: tuple[int, ...], out: int, inp: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {"": ((*lead, out, inp), torch.int8), "_scale": ((*lead, out), torch.float32)}
+        scale = (*lead, out) if self.group_size is None else (*lead, out, -(-inp // self.group_size))
+        return {"": ((*lead, out, inp), self.code_dtype), "_scale": (scale, torch.float32)}
+
+    def _codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         w = w.float()
-        scale = (w.abs().amax(-1) / 127).clamp_min(1e-30)
-        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-        return {"": q, "_scale": scale}
+        if self.group_size is None:
+            scale = (w.abs().amax(-1) / self.qmax).clamp_min(1e-30)
+            return {"": self._codes(w, scale[..., None]), "_scale": scale}
+        *lead, out, inp = w.shape
+        g, G = self.group_size, -(-inp // self.group_size)
+        pad = torch.cat([w, w[..., -1:].expand(*lead, out, G * g - inp)], dim=-1) if G * g != inp else w
+        scale = (pad.view(*lead, out, G, g).abs().amax(-1) / self.qmax).clamp_min(1e-30)
+        return {"": self._codes(w, self._per_input(scale, inp)), "_scale": scale}
+
+    def _per_input(self, scale: torch.Tensor, inp: int) -> torch.Tensor:
+        """A group-wise scale `[..., out, G]` repeated over its group's inputs: `[..., out, inp]`."""
+        return scale.repeat_interleave(self.group_size, dim=-1)[..., :inp]
 
     def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return t[""].to(dtype) * t["_scale"].to(dtype)[..., None]
+        q, scale = t[""], t["_scale"].to(dtype)
+        return q.to(dtype) * (scale[..., None] if self.group_size is None else self._per_input(scale, q.shape[-1]))
 
     # The experts' grouped matmul (QuantExperts.linear): the weights it multiplies, then what follows per row, so
-    # that each row gets exactly `linear`'s bits: `(x @ q^T) * scale`, the scale of the row's own expert.
+    # that each row gets exactly `linear`'s bits: `(x @ q^T) * scale`, the scale of the row's own expert. With
+    # groups, the scale is in the weight (dequantize, then multiply), as int4 does.
     def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return t[""].to(dtype)
+        return t[""].to(dtype) if self.group_size is None else self.dequantize(t, dtype)
 
     def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
-        return y * t["_scale"].to(y.dtype)[expert_of_row]
+        return y * t["_scale"].to(y.dtype)[expert_of_row] if self.group_size is None else y
 
     def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.group_size is not None:
+            return F.linear(x, self.dequantize(t, x.dtype))
         # Under torch.compile (`--compile`) the same line runs as an opaque op: Inductor would otherwise rewrite
         # it into `_weight_int8pack_mm` in bf16 (other bits, and see int8_linear).
         return (_int8_linear_op if exact_under_compile() else int8_linear)(x, t[""], t["_scale"])
+
+
+class Fp8(Int8):
+    """FP8 (e4m3) codes, one float32 scale per output channel (or per group of inputs): w ~ q * scale, |q| <= 448.
+    The layout of llm-compressor's FP8 checkpoints (compressed.py); multiplied exactly as int8 is (e4m3 -> bf16
+    is exact)."""
+
+    name = "fp8"
+    code_dtype, qmax = torch.float8_e4m3fn, 448.0
+
+    def _codes(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (w / scale).clamp_(-self.qmax, self.qmax).to(self.code_dtype)  # round to nearest even
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -181,38 +219,48 @@ class Int4:
 # ---------------------------------------------------------------- config
 @dataclass(frozen=True)
 class QuantConfig:
-    """What `config.json`'s `quantization_config` records. group_size applies to int4 only (default 128)."""
+    """What `config.json`'s `quantization_config` records. group_size: inputs per scale (int4: default 128; int8
+    and fp8: None, one scale per output channel, unless given).
+    ignore: the layers (dgemma module names, e.g. `self_conditioning.gate_proj`, `layers.3.experts`) that stay at
+    full precision although they are of a quantized kind (a checkpoint converted from one that kept them so)."""
 
     scheme: str
     group_size: int | None = None
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("int8", "int4"):
-            raise QuantError(f"unknown quantization scheme {self.scheme!r}; choose int8 or int4")
-        if self.scheme == "int8":
-            if self.group_size is not None:
-                raise QuantError("int8 is per output channel; --group-size applies to int4 only")
-        elif self.group_size is None:
+        if self.scheme not in SCHEMES:
+            raise QuantError(f"unknown quantization scheme {self.scheme!r}; choose {', '.join(SCHEMES)}")
+        if self.scheme == "int4" and self.group_size is None:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
-        elif self.group_size not in GROUP_SIZES:
-            raise QuantError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise QuantError(f"{self.scheme} group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                              f"got {self.group_size}")
+        if isinstance(self.ignore, str) or not all(isinstance(n, str) for n in self.ignore):
+            raise QuantError("quantization_config's ignore must be a list of module names")
+        object.__setattr__(self, "ignore", tuple(sorted(set(self.ignore))))
 
     def make(self) -> Int8 | Int4:
-        return Int8() if self.scheme == "int8" else Int4(self.group_size)
+        return {"int8": Int8, "fp8": Fp8, "int4": Int4}[self.scheme](self.group_size)
 
     def to_dict(self) -> dict:
-        return {"quant_method": METHOD, "scheme": self.scheme, "group_size": self.group_size}
+        d = {"quant_method": METHOD, "scheme": self.scheme, "group_size": self.group_size}
+        return {**d, "ignore": list(self.ignore)} if self.ignore else d
 
     @classmethod
     def from_dict(cls, d) -> "QuantConfig":
         if not isinstance(d, dict):
             raise QuantError(f"{QUANT_KEY} must be a JSON object")
         method = d.get("quant_method")
+        if method == "compressed-tensors":  # llm-compressor's format: the scheme only (which layers: at load)
+            from .compressed import parse
+
+            return parse(d)[0]
         if method != METHOD:
-            raise QuantError(f"{QUANT_KEY} has quant_method {method!r}; dgemma loads only its own int8/int4 "
-                             f"checkpoints (quant_method {METHOD!r}), not FP8/NVFP4/GGUF/MLX exports")
-        return cls(scheme=d.get("scheme"), group_size=d.get("group_size"))
+            raise QuantError(f"{QUANT_KEY} has quant_method {method!r}; dgemma loads its own int8/int4/fp8 "
+                             f"checkpoints (quant_method {METHOD!r}) and llm-compressor's (compressed-tensors), "
+                             "not GPTQ/AWQ/bitsandbytes/ModelOpt/GGUF/MLX exports")
+        return cls(scheme=d.get("scheme"), group_size=d.get("group_size"), ignore=tuple(d.get("ignore") or ()))
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "QuantConfig | None":
@@ -329,15 +377,17 @@ def quantize_stacked(scheme, get: Callable[[int], torch.Tensor], n: int) -> dict
 
 
 # ---------------------------------------------------------------- the swap
-def _targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+def targets(model: nn.Module, ignore: tuple[str, ...] = ()) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
     """(qualified name, parent, attribute, module) for every layer that is quantized: every Linear but the
-    routers' (routing decisions are discrete: keep them exact, the router is tiny) and every Experts."""
+    routers' (routing decisions are discrete: keep them exact, the router is tiny) and every Experts, less the
+    names in `ignore`."""
     for prefix, parent in list(model.named_modules()):
         if isinstance(parent, (Router, QuantLinear, QuantExperts)):
             continue
         for name, child in list(parent.named_children()):
-            if isinstance(child, (nn.Linear, Experts)):
-                yield (f"{prefix}.{name}" if prefix else name), parent, name, child
+            qname = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, (nn.Linear, Experts)) and qname not in ignore:
+                yield qname, parent, name, child
 
 
 def quantize_model(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
@@ -345,7 +395,7 @@ def quantize_model(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
     if QuantConfig.of(model.cfg) is not None:
         raise QuantError(f"the model is already quantized ({QuantConfig.of(model.cfg).scheme})")
     scheme = qcfg.make()
-    for _, parent, name, child in list(_targets(model)):
+    for _, parent, name, child in list(targets(model, qcfg.ignore)):
         new = (QuantLinear.from_linear(child, scheme) if isinstance(child, nn.Linear)
                else QuantExperts.from_experts(child, scheme))
         setattr(parent, name, new)
@@ -356,7 +406,7 @@ def quantize_model(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
 def swap_modules(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
     """Replace the quantized layers with empty quantized modules on the same device (meta, for loading)."""
     scheme = qcfg.make()
-    for _, parent, name, child in list(_targets(model)):
+    for _, parent, name, child in list(targets(model, qcfg.ignore)):
         if isinstance(child, nn.Linear):
             new = QuantLinear(child.in_features, child.out_features, scheme, bias=child.bias is not None,
                               device=child.weight.device)
@@ -387,7 +437,8 @@ def quantized_names(model: nn.Module) -> set[str]:
 
 def dtype_problem(t: torch.Tensor, expected: torch.Tensor) -> str | None:
     """Why a stored quantized tensor cannot go where `expected` (a meta tensor) is, or None."""
-    if expected.is_floating_point() and t.is_floating_point():
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if expected.is_floating_point() and t.is_floating_point() and expected.dtype not in fp8 and t.dtype not in fp8:
         return None  # scales and zeros: any float dtype (kept as stored)
     if t.dtype != expected.dtype:
         return f"has dtype {t.dtype}, expected {expected.dtype} (does config.json's {QUANT_KEY} match the weights?)"
@@ -469,7 +520,7 @@ def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.
     """
     scheme = qcfg.make()
     linears, experts = set(), set()
-    for qname, _, _, child in _targets(model):
+    for qname, _, _, child in targets(model, qcfg.ignore):
         if isinstance(child, nn.Linear):
             linears.add(qname + ".weight")
         else:
@@ -537,6 +588,34 @@ def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | Non
                   copy_from=Path(model.source), passthrough=getattr(model, "passthrough", {}), log=log)
 
 
+def convert_checkpoint(src, dst, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, log=None) -> QuantConfig | None:
+    """Rewrite an llm-compressor (compressed-tensors) checkpoint into dgemma's layout, which loads memory-mapped
+    (the original converts in memory at every load). Streamed: one layer is converted and written at a time. The
+    result is loaded back before it is renamed into place. Returns its QuantConfig."""
+    from .compressed import is_compressed
+    from .io import atomic_dir
+    from .weights import CHECKPOINT_FILES, checkpoint_entries, load_config, load_model, resolve
+
+    src = resolve(src)
+    if not is_compressed(load_config(src).extra.get(QUANT_KEY)):
+        raise QuantError(f"{src} is not a compressed-tensors checkpoint; give --scheme to quantize it")
+    model, entries = checkpoint_entries(src)
+    dst = Path(dst)
+    with atomic_dir(dst) as tmp:
+        w = _ShardWriter(tmp, max_shard_bytes, safetensors_metadata(model.cfg))
+        for key, (_, read) in entries.items():
+            if log is not None and key.endswith(".experts.down_proj"):
+                log(f"layer {int(key.split('.')[3]) + 1}/{model.cfg.num_hidden_layers}")
+            w.add(key, read())
+        w.finish()
+        model.cfg.save(tmp / "config.json")
+        for fname in CHECKPOINT_FILES[1:]:
+            if (src / fname).exists():
+                (tmp / fname).write_bytes((src / fname).read_bytes())
+        load_model(tmp, quiet=True)  # every tensor where dgemma expects it (or the error, and dst untouched)
+    return QuantConfig.of(model.cfg)
+
+
 def write_random_quantized(cfg: ModelConfig, dst, qcfg: QuantConfig, *, seed: int = 0,
                            dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                            log=None) -> Path:
@@ -566,6 +645,6 @@ def write_random_quantized(cfg: ModelConfig, dst, qcfg: QuantConfig, *, seed: in
     return _write(Path(dst), qcfg.apply_to(cfg), tensors, dtype=None, max_shard_bytes=max_shard_bytes, log=log)
 
 
-__all__ = ["QuantConfig", "QuantError", "QuantLinear", "QuantExperts", "Int8", "Int4", "quantize_model",
+__all__ = ["QuantConfig", "QuantError", "QuantLinear", "QuantExperts", "Int8", "Int4", "Fp8", "quantize_model",
            "swap_modules", "prepare_for_load", "quantized_names", "quantize_checkpoint", "write_random_quantized",
-           "weight_bytes", "safetensors_metadata"]
+           "weight_bytes", "safetensors_metadata", "convert_checkpoint"]

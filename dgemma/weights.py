@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import quant
+from . import compressed, quant
 from .config import ConfigError, ModelConfig
 from .io import atomic_dir
 from .model import DiffusionGemma
@@ -135,16 +135,39 @@ def load_config(ckpt: Path) -> ModelConfig:
         raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
 
 
+def checkpoint_entries(ckpt: Path) -> tuple[DiffusionGemma, dict]:
+    """The model for a checkpoint directory, on the meta device, and its tensors as {HF key: (file, reader)}, read
+    one at a time when asked. An llm-compressor (compressed-tensors) checkpoint is rewritten here into dgemma's
+    quantized layout (compressed.py): its entries convert lazily and model.cfg records the dgemma scheme."""
+    cfg = load_config(ckpt)
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    entries = {}
+    for f in weight_files(ckpt):
+        handle = _open(f)
+        entries.update({key: (f, lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})
+    qc = cfg.extra.get(quant.QUANT_KEY)
+    if compressed.is_compressed(qc):
+        try:
+            entries, qcfg = compressed.adapt(model, entries, qc)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
+        extra = {k: v for k, v in cfg.extra.items() if k != quant.QUANT_KEY}
+        cfg = cfg.replace(extra=extra)
+        model.cfg = cfg if qcfg is None else qcfg.apply_to(cfg)
+    return model, entries
+
+
 def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                revision: str | None = None, quiet: bool = False) -> DiffusionGemma:
     """Build the model on the meta device, then assign the checkpoint's tensors (memory-mapped) into it.
 
     dtype: None keeps the checkpoint's dtype; otherwise tensors are converted (which copies them).
     """
+    from safetensors import SafetensorError
+
     ckpt = resolve(path_or_id, revision)
-    cfg = load_config(ckpt)
-    with torch.device("meta"):
-        model = DiffusionGemma(cfg)
+    model, entries = checkpoint_entries(ckpt)
     # --- quantized checkpoints (quant.py): config.json's quantization_config swaps in quantized modules here,
     # before assigning, so their int8/uint8 codes and scales are memory-mapped like every other tensor.
     try:
@@ -156,35 +179,34 @@ def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | to
     state: dict[str, torch.Tensor] = {}
     passthrough: dict[str, Path] = {}
     unused: list[str] = []
-    from safetensors import SafetensorError
-
-    for f in weight_files(ckpt):
-        handle = _open(f)
-        for key in handle.keys():
-            name = dgemma_name(key)
-            if name is None:
-                if key.startswith(PASSTHROUGH):
-                    passthrough[key] = f
-                elif not key.startswith(TIED):
-                    unused.append(key)
-                continue
-            if name not in expected:
+    for key, (f, read) in entries.items():
+        name = dgemma_name(key)
+        if name is None:
+            if key.startswith(PASSTHROUGH):
+                passthrough[key] = f
+            elif not key.startswith(TIED):
                 unused.append(key)
-                continue
-            try:
-                t = handle.get_tensor(key)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"cannot read tensor {key} from {f} (truncated or corrupt?): {e}") from None
-            want = tuple(expected[name].shape)
-            if tuple(t.shape) != want:
-                raise CheckpointError(f"tensor {key} in {f.name} has shape {tuple(t.shape)}, expected {want}")
-            if name in qnames:  # quantized codes and scales keep their stored dtype
-                problem = quant.dtype_problem(t, expected[name])
-                if problem:
-                    raise CheckpointError(f"tensor {key} in {f.name} {problem}")
-            elif dtype is not None and t.dtype != dtype:
-                t = t.to(dtype)
-            state[name] = t.to(device) if str(device) != "cpu" else t
+            continue
+        if name not in expected:
+            unused.append(key)
+            continue
+        try:
+            t = read()
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt}: {e}") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read tensor {key} from {f} (truncated or corrupt?): {e}") from None
+        fname = getattr(f, "name", f)
+        want = tuple(expected[name].shape)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"tensor {key} in {fname} has shape {tuple(t.shape)}, expected {want}")
+        if name in qnames:  # quantized codes and scales keep their stored dtype
+            problem = quant.dtype_problem(t, expected[name])
+            if problem:
+                raise CheckpointError(f"tensor {key} in {fname} {problem}")
+        elif dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        state[name] = t.to(device) if str(device) != "cpu" else t
     missing = [hf_name(k) for k in expected if k not in state]
     # A checkpoint without the encoder's own layer scalars (some converters write one copy) uses the decoder's.
     for k in list(missing):
