@@ -42,11 +42,12 @@ def test_compiled_denoiser_gives_eager_bits(dtype):
             assert torch.equal(a, b)
 
 
-def test_compiled_int8_in_bf16_gives_eager_bits():
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_compiled_int8_in_bf16_gives_eager_bits(scheme):
     """Inductor would rewrite int8's dequantize + matmul into `_weight_int8pack_mm` (other bits; crashes on some
-    shapes): under compile it runs as an opaque op."""
-    model = quantize_model(randomize(DiffusionGemma(tiny_config("a")), seed=1), QuantConfig("int8"))
-    model = model.eval().to(torch.bfloat16)
+    shapes): under compile it runs as an opaque op (fp8 codes go through the same op)."""
+    model = randomize(DiffusionGemma(tiny_config("a")), seed=1).eval().to(torch.bfloat16)
+    model = quantize_model(model, QuantConfig(scheme))
     compiled = copy.deepcopy(model).compile_denoiser()
     for a, b in zip(_passes(model), _passes(compiled)):
         assert torch.equal(a, b)
