@@ -37,7 +37,8 @@ from dgemma.weights import load_model  # noqa: E402
 
 FORMATS = {"FP8_DYNAMIC": ("float-quantized", None), "FP8": ("float-quantized", None),
            "FP8_BLOCK": ("float-quantized", None), "W8A8": ("int-quantized", None),
-           "W8A16": ("pack-quantized", 128), "W4A16": ("pack-quantized", 128), "W4A16_ASYM": ("pack-quantized", 128)}
+           "W8A16": ("pack-quantized", 128), "W4A16": ("pack-quantized", 128), "W4A16_ASYM": ("pack-quantized", 128),
+           "NVFP4A16": ("nvfp4-pack-quantized", None)}
 
 
 def logits(model, seed=0):
@@ -69,7 +70,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default=str(ROOT / "dgemma/models/code"))
     p.add_argument("--preset", help="random weights of a preset (e.g. bench-80m) instead of --checkpoint: load and "
                    "conversion times at a larger size (transformers' init; errors then are of a random model)")
-    p.add_argument("--schemes", default="FP8_DYNAMIC,FP8_BLOCK,W8A8,W8A16,W4A16,W4A16_ASYM")
+    p.add_argument("--schemes", default="FP8_DYNAMIC,FP8_BLOCK,W8A8,W8A16,W4A16,W4A16_ASYM,NVFP4A16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=str(ROOT / "bench/results-compressed.json"))
     args = p.parse_args()

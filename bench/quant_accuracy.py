@@ -1,4 +1,4 @@
-"""Accuracy and memory of dgemma's weight-only quantization (int8 and fp8 per channel, int4 group-wise).
+"""Accuracy and memory of dgemma's weight-only quantization (int8 and fp8 per channel, int4 and nvfp4 group-wise).
 
     python bench/quant_accuracy.py [--presets tiny-a,tiny-b,tiny-c,small] [--threads 1]
     python bench/quant_accuracy.py --checkpoints dgemma/models/code,dgemma/models/sudoku   # trained models
@@ -30,7 +30,7 @@ from dgemma.model import DiffusionGemma  # noqa: E402
 from dgemma.quant import Int4, QuantConfig, quantize_model, weight_bytes  # noqa: E402
 
 SCHEMES = [QuantConfig("int8"), QuantConfig("fp8"), QuantConfig("int4", 32), QuantConfig("int4", 64),
-           QuantConfig("int4", 128)]
+           QuantConfig("int4", 128), QuantConfig("nvfp4")]
 
 
 def config(name: str):

@@ -1039,7 +1039,7 @@ def cmd_quantize(args) -> int:
         if is_compressed(load_config(src).extra.get(QUANT_KEY)):  # llm-compressor's: into dgemma's layout
             return _convert(args, src, Path(paths[1]))
     if args.scheme is None:
-        raise UsageError("give --scheme int8, int4 or fp8")
+        raise UsageError("give --scheme int8, int4, fp8 or nvfp4")
     qcfg = QuantConfig(args.scheme, args.group_size)
     if args.random_preset:
         if len(paths) != 1:
@@ -1117,9 +1117,10 @@ def _free_bytes(path: Path) -> int:
 
 
 def _add_quantize_parser(sub) -> None:
-    s = sub.add_parser("quantize", help="weight-only int8 / int4 / fp8 quantization of a checkpoint",
-                       usage="dgemma quantize SRC DST --scheme {int8,int4,fp8} [options]\n"
-                             "       dgemma quantize --random-preset NAME DST --scheme {int8,int4,fp8} [options]\n"
+    s = sub.add_parser("quantize", help="weight-only int8 / int4 / fp8 / nvfp4 quantization of a checkpoint",
+                       usage="dgemma quantize SRC DST --scheme {int8,int4,fp8,nvfp4} [options]\n"
+                             "       dgemma quantize --random-preset NAME DST --scheme {int8,int4,fp8,nvfp4} "
+                             "[options]\n"
                              "       dgemma quantize COMPRESSED_TENSORS_SRC DST   (convert into dgemma's layout)",
                        description="Quantize the attention, dense-MLP, self-conditioning and expert weights "
                        "(router, norms and embedding stay as they are). The result loads with every dgemma "
@@ -1128,7 +1129,8 @@ def _add_quantize_parser(sub) -> None:
                        "layout, which loads memory-mapped (dgemma also loads the original as it is).")
     s.add_argument("src", nargs="?", metavar="SRC", help="full-precision checkpoint directory or hub id")
     s.add_argument("dst", nargs="?", metavar="DST", help="new directory to write (atomically)")
-    s.add_argument("--scheme", help="int8 or fp8 (e4m3; both per output channel) or int4 (group-wise)")
+    s.add_argument("--scheme", help="int8 or fp8 (e4m3; both per output channel), int4 (group-wise), or nvfp4 "
+                   "(e2m1 codes, e4m3 scales per 16 inputs)")
     s.add_argument("--group-size", type=int, help="inputs per scale: 16, 32, 64, 128 or 256 (int4: default 128; "
                    "int8 / fp8: one scale per output channel unless given)")
     s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="dtype of the tensors kept at full precision "

@@ -1,8 +1,8 @@
 """Checkpoints in llm-compressor's compressed-tensors format, converted into dgemma's quantized modules at load.
 
 This is the format of the published quantized DiffusionGemma checkpoints that vLLM serves: RedHatAI's
-`diffusiongemma-26B-A4B-it-FP8-dynamic` (FP8 e4m3 weights, one scale per output channel), INT8 W8A8 (int8 per
-channel), and W4A16 / W8A16 (int4 / int8 packed into int32, per group or channel). `config.json` holds
+`diffusiongemma-26B-A4B-it-FP8-dynamic` (FP8 e4m3 weights, one scale per output channel) and `...-NVFP4`, INT8
+W8A8 (int8 per channel), and W4A16 / W8A16 (int4 / int8 packed into int32, per group or channel). `config.json` holds
 `"quantization_config": {"quant_method": "compressed-tensors", "format": ..., "config_groups": {NAME: {"targets":
 ["Linear"], "weights": {"num_bits", "type", "strategy", "group_size", "symmetric"}, "input_activations": ...}},
 "ignore": [...]}`. Each quantized Linear `P` stores (compressed_tensors.compressors):
@@ -21,9 +21,10 @@ unpacked and repacked two per byte with the scale as stored and zero = -zero_poi
 into `[E, ...]`. Layers the checkpoint keeps in floats become `QuantConfig.ignore`; a quantized layer dgemma keeps
 in floats (a router) is dequantized. Only weights are read: activation quantization (`input_activations`, the
 `input_scale`s of static schemes) and the KV-cache scales are not applied, so dgemma runs these checkpoints
-weight-only, with activations in the model dtype. Group and block scales (W8A16's int8 groups, FP8_BLOCK's 128x128
+weight-only, with activations in the model dtype. NVFP4 (`nvfp4-pack-quantized`: e2m1 pairs per byte, e4m3 scales
+per 16 inputs, a global scale) loads as dgemma's nvfp4, tensors as stored. Group and block scales (W8A16's int8 groups, FP8_BLOCK's 128x128
 blocks) load as dgemma's grouped int8 / fp8: a block's scale repeated over its rows. Not supported, each with a
-clear error: NVFP4 / MXFP4, 2:4 sparse formats, several weight schemes in one checkpoint, asymmetric int8 / fp8.
+clear error: MXFP4 / MXFP8, 2:4 sparse formats, several weight schemes in one checkpoint, asymmetric int8 / fp8.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ from torch import nn
 from .quant import QuantConfig, QuantError, targets
 
 METHOD = "compressed-tensors"
-FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
+FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "nvfp4-pack-quantized")
 # Per-module tensors of what compressed-tensors quantizes and dgemma does not: activations, the KV cache.
 SKIPPED = (".input_scale", ".input_zero_point", ".input_global_scale", ".output_scale", ".output_zero_point",
            ".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point")
-PARTS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+PARTS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale")
 DECODER = "model.decoder."
 
 Entry = tuple[object, Callable[[], torch.Tensor]]  # (where it comes from, for messages; a reader)
@@ -75,8 +76,8 @@ def parse(qc: dict) -> tuple[QuantConfig, dict]:
     bits, kind, strategy = a["num_bits"], a["type"], a["strategy"]
     what = f"{kind} {bits}-bit weights, {strategy} strategy, format {fmt!r}"
     if fmt not in FORMATS:
-        hint = (" (NVFP4 / MXFP4 need FP4 kernels; use the bf16 checkpoint and `dgemma quantize --scheme int4`)"
-                if "fp4" in str(fmt) or (kind == "float" and bits == 4) else "")
+        hint = (" (use the bf16 checkpoint and `dgemma quantize --scheme nvfp4` or `--scheme int4`)"
+                if "fp4" in str(fmt) else "")
         raise QuantError(f"compressed-tensors format {fmt!r} is not supported{hint}; dgemma reads "
                          f"{', '.join(FORMATS)}")
     per_channel = strategy in ("channel", "tensor")
@@ -86,7 +87,13 @@ def parse(qc: dict) -> tuple[QuantConfig, dict]:
         if not (isinstance(bs, (list, tuple)) and len(bs) == 2 and all(isinstance(v, int) and v > 0 for v in bs)):
             raise QuantError(f"compressed-tensors block strategy needs block_structure [rows, inputs], got {bs!r}")
         group = bs[1]
-    if kind == "float" and bits == 8 and (per_channel or group):
+    if fmt == "nvfp4-pack-quantized" or (kind == "float" and bits == 4):
+        if not (fmt == "nvfp4-pack-quantized" and kind == "float" and bits == 4 and strategy == "tensor_group"
+                and a["group_size"] == 16 and a["symmetric"] is not False):
+            raise QuantError(f"compressed-tensors {what}, group size {a['group_size']} is not supported; dgemma "
+                             "reads FP4 as NVFP4 (e2m1, e4m3 scales per 16 inputs, a global scale per tensor)")
+        qcfg = QuantConfig("nvfp4")
+    elif kind == "float" and bits == 8 and (per_channel or group):
         qcfg = QuantConfig("fp8", group)
     elif kind == "int" and bits == 8 and (per_channel or group) and a["symmetric"] is not False:
         qcfg = QuantConfig("int8", group)
@@ -154,6 +161,13 @@ class _Reader:
 
     def dgemma(self, p: str) -> dict[str, torch.Tensor]:
         """One Linear in dgemma's layout for the scheme: {"": codes, "_scale": ..., ["_zero": ...]}."""
+        if self.qcfg.scheme == "nvfp4":  # as stored: packed e2m1 pairs, e4m3 group scales; the global per row
+            packed, scale = self.get(p + ".weight_packed"), self.get(p + ".weight_scale")
+            glob = self.get(p + ".weight_global_scale").float().reshape(-1)
+            if packed.dtype != torch.uint8 or scale.dtype != torch.float8_e4m3fn or glob.numel() != 1:
+                raise QuantError(f"{p}: NVFP4 needs uint8 weight_packed, float8_e4m3fn weight_scale and one "
+                                 f"weight_global_scale; got {packed.dtype}, {scale.dtype}, {glob.numel()} values")
+            return {"": packed, "_scale": scale, "_global": glob.expand(packed.shape[0]).contiguous()}
         q, scale, zp = self.codes(p)
         out, inp = q.shape
         if self.qcfg.scheme in ("fp8", "int8"):

@@ -54,7 +54,7 @@ from .model import DiffusionGemma, Experts, Router, exact_under_compile, moe_dis
 QUANT_KEY = "quantization_config"
 METHOD = "dgemma"
 GROUP_SIZES = (16, 32, 64, 128, 256)
-SCHEMES = ("int8", "int4", "fp8")
+SCHEMES = ("int8", "int4", "fp8", "nvfp4")
 DEFAULT_GROUP_SIZE = 128
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 # Bytes of one expert weight expanded for all experts at once (QuantExperts.linear): a CPU keeps its memory for the
@@ -216,6 +216,70 @@ class Int4:
         return y
 
 
+# e2m1 values of the 16 codes: bit 3 the sign, bits 0-2 the magnitude index.
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+FP8_MAX, FP4_MAX = 448.0, 6.0
+
+
+class Nvfp4:
+    """NVFP4: e2m1 codes two per byte (element 2j in the low nibble, 2j + 1 in the high one), an e4m3 scale per
+    16 inputs and a float32 global scale: w = e2m1(q) * scale / global. The layout of compressed-tensors'
+    `nvfp4-pack-quantized` (RedHatAI's NVFP4 releases), so their tensors load as stored. The global scale is kept
+    per output channel (checkpoints have one per tensor; fused gate and up rows keep each their own)."""
+
+    name = "nvfp4"
+    suffixes = ("", "_scale", "_global")
+    group_size = 16
+
+    def __init__(self, group_size: int | None = 16):
+        if group_size not in (None, 16):
+            raise QuantError("nvfp4 has groups of 16 inputs")
+
+    def specs(self, lead, out, inp):
+        if inp % 2:
+            raise QuantError(f"nvfp4 packs two inputs per byte; a layer with {inp} (odd) inputs cannot be packed")
+        return {"": ((*lead, out, inp // 2), torch.uint8),
+                "_scale": ((*lead, out, -(-inp // 16)), torch.float8_e4m3fn), "_global": ((*lead, out), torch.float32)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        *lead, out, inp = w.shape
+        self.specs(tuple(lead), out, inp)
+        G = -(-inp // 16)
+        w = w.float()
+        if G * 16 != inp:  # a short last group (checkpoints from elsewhere have none): padded with its last input
+            w = torch.cat([w, w[..., -1:].expand(*lead, out, G * 16 - inp)], dim=-1)
+        amax = w.abs().amax((-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        glob = FP8_MAX * FP4_MAX / amax  # the tensor's largest group scale lands on e4m3's largest value
+        wg = w.view(*lead, out, G, 16)
+        scale = (wg.abs().amax(-1) / FP4_MAX * glob).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+        eff = scale.float() / glob
+        x = wg / torch.where(eff == 0, 1.0, eff)[..., None]
+        mids = _E2M1_MIDPOINTS.to(x.device)
+        mag = torch.bucketize(x.abs(), mids)  # nearest e2m1 magnitude; a tie lands on the lower one, so:
+        mag += (mag % 2 == 1) & (x.abs() == mids[mag.clamp(max=len(mids) - 1)])  # ties to even, as the hardware
+        q = mag + 8 * (x < 0)
+        q = q.view(*lead, out, G * 16)[..., :inp].to(torch.uint8)
+        return {"": q[..., 0::2] | (q[..., 1::2] << 4), "_scale": scale,
+                "_global": glob.reshape(*lead, 1).expand(*lead, out).contiguous()}
+
+    def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        b = t[""]
+        lut = E2M1.to(b.device)
+        vals = torch.stack((lut[(b & 15).long()], lut[(b >> 4).long()]), dim=-1).flatten(-2)
+        eff = t["_scale"].float() / t["_global"].float()[..., None]  # compressed-tensors' order: scale / global
+        return (vals * eff.repeat_interleave(16, dim=-1)[..., :vals.shape[-1]]).to(dtype)
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, self.dequantize(t, x.dtype))
+
+    def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize(t, dtype)
+
+    def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
+        return y
+
+
 # ---------------------------------------------------------------- config
 @dataclass(frozen=True)
 class QuantConfig:
@@ -233,6 +297,10 @@ class QuantConfig:
             raise QuantError(f"unknown quantization scheme {self.scheme!r}; choose {', '.join(SCHEMES)}")
         if self.scheme == "int4" and self.group_size is None:
             object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+        if self.scheme == "nvfp4":
+            if self.group_size not in (None, 16):
+                raise QuantError("nvfp4 has groups of 16 inputs (--group-size does not apply)")
+            object.__setattr__(self, "group_size", 16)
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise QuantError(f"{self.scheme} group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                              f"got {self.group_size}")
@@ -241,7 +309,7 @@ class QuantConfig:
         object.__setattr__(self, "ignore", tuple(sorted(set(self.ignore))))
 
     def make(self) -> Int8 | Int4:
-        return {"int8": Int8, "fp8": Fp8, "int4": Int4}[self.scheme](self.group_size)
+        return {"int8": Int8, "fp8": Fp8, "int4": Int4, "nvfp4": Nvfp4}[self.scheme](self.group_size)
 
     def to_dict(self) -> dict:
         d = {"quant_method": METHOD, "scheme": self.scheme, "group_size": self.group_size}
@@ -329,7 +397,8 @@ class QuantExperts(nn.Module):
         with torch.no_grad():
             for name in EXPERT_WEIGHTS:
                 w = getattr(ex, name).detach()
-                for suffix, t in quantize_stacked(scheme, lambda e: w[e], E).items():
+                parts = 2 if name == "gate_up_proj" else 1
+                for suffix, t in quantize_stacked(scheme, lambda e: w[e], E, parts).items():
                     setattr(q, name + suffix, t)
         return q
 
@@ -365,14 +434,18 @@ class QuantExperts(nn.Module):
         return f"num_experts={self.num_experts}, {self.scheme.name}{g}"
 
 
-def quantize_stacked(scheme, get: Callable[[int], torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    """Quantize n stacked matrices one at a time (`get(i)` -> `[out, in]`), so only one is ever in fp32."""
+def quantize_stacked(scheme, get: Callable[[int], torch.Tensor], n: int, parts: int = 1) -> dict[str, torch.Tensor]:
+    """Quantize n stacked matrices one at a time (`get(i)` -> `[out, in]`), so only one is ever in fp32. parts:
+    each matrix is that many matrices stacked along its rows (gate_up_proj: gate, then up), quantized one by one:
+    the same for per-row schemes, and for nvfp4 each keeps its own global scale, as checkpoints store them."""
     first = get(0)
     specs = scheme.specs((n,), *first.shape)
     out = {s: torch.empty(shape, dtype=dtype, device=first.device) for s, (shape, dtype) in specs.items()}
     for i in range(n):
-        for s, t in scheme.quantize(first if i == 0 else get(i)).items():
-            out[s][i] = t
+        w = first if i == 0 else get(i)
+        chunks = [scheme.quantize(c) for c in w.chunk(parts, dim=0)]
+        for s in chunks[0]:
+            out[s][i] = torch.cat([c[s] for c in chunks], dim=0)
     return out
 
 
@@ -530,7 +603,8 @@ def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.
             for s, t in scheme.quantize(get(name, like)).items():
                 yield name + s, t, True
         elif name in experts:
-            for s, t in quantize_stacked(scheme, lambda e: get_expert(name, like, e), like.shape[0]).items():
+            parts = 2 if name.endswith("gate_up_proj") else 1
+            for s, t in quantize_stacked(scheme, lambda e: get_expert(name, like, e), like.shape[0], parts).items():
                 yield name + s, t, True
         else:
             yield name, get(name, like), False
@@ -645,6 +719,6 @@ def write_random_quantized(cfg: ModelConfig, dst, qcfg: QuantConfig, *, seed: in
     return _write(Path(dst), qcfg.apply_to(cfg), tensors, dtype=None, max_shard_bytes=max_shard_bytes, log=log)
 
 
-__all__ = ["QuantConfig", "QuantError", "QuantLinear", "QuantExperts", "Int8", "Int4", "Fp8", "quantize_model",
+__all__ = ["QuantConfig", "QuantError", "QuantLinear", "QuantExperts", "Int8", "Int4", "Fp8", "Nvfp4", "quantize_model",
            "swap_modules", "prepare_for_load", "quantized_names", "quantize_checkpoint", "write_random_quantized",
            "weight_bytes", "safetensors_metadata", "convert_checkpoint"]

@@ -13,15 +13,17 @@ import torch
 from conftest import randomize, tiny_config
 from dgemma.cli import main as cli_main
 from dgemma.model import DiffusionGemma
-from dgemma.quant import QuantExperts, QuantLinear, convert_checkpoint
+from dgemma.quant import QuantConfig, QuantExperts, QuantLinear, convert_checkpoint, quantize_model
 from dgemma.weights import CheckpointError, dgemma_name, load_model, save_model, state_for_save
 from test_quant import _logits
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8  # noqa: E402
+from compressed_tensors.quantization.lifecycle.forward import dequantize  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme  # noqa: E402
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 
 # RedHatAI's ignore list for DiffusionGemma's FP8-dynamic release: LM head, embeddings, routers, self-conditioning.
 IGNORE = ["lm_head", "re:.*embed.*", "re:.*router.*", "re:.*self_conditioning.*"]
@@ -39,6 +41,8 @@ CASES = [
     ("w4a16-asym", PRESET_SCHEMES["W4A16_ASYM"], "pack-quantized", 32, "int4"),
     ("w8a16-int8-groups", PRESET_SCHEMES["W8A16"], "pack-quantized", 32, "int8"),
     ("fp8-blocks", FP8_BLOCK, "float-quantized", None, "fp8"),
+    ("nvfp4", PRESET_SCHEMES["NVFP4A16"], "nvfp4-pack-quantized", None, "nvfp4"),
+    ("nvfp4-w4a4", PRESET_SCHEMES["NVFP4"], "nvfp4-pack-quantized", None, "nvfp4"),
 ]
 
 
@@ -80,14 +84,22 @@ def write_ct(model, out, scheme_args, fmt, group_size=None, ignore=IGNORE, split
             (bo, bi), o2, i2 = a.block_structure, -(-o // a.block_structure[0]), -(-i // a.block_structure[1])
             wb = torch.nn.functional.pad(w, (0, i2 * bi - i, 0, o2 * bo - o)).view(o2, bo, i2, bi)
             lo, hi = wb.amin((1, 3)), wb.amax((1, 3))
-        else:
+        else:  # group, tensor_group
             wg = w.view(o, i // a.group_size, a.group_size)
             lo, hi = wg.amin(-1), wg.amax(-1)
-        scale, zp = calculate_qparams(lo, hi, a)
-        scale = scale.to(torch.bfloat16)  # as llm-compressor stores them for a bf16 model
-        d = comp.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+        if a.strategy == "tensor_group":  # NVFP4: a global scale, then e4m3 scales per group of 16
+            glob = generate_gparam(w.min().reshape(1), w.max().reshape(1))
+            scale, _ = calculate_qparams(lo, hi, a, global_scale=glob)
+            d = comp.compress({"weight": w, "weight_scale": scale, "weight_global_scale": glob}, scheme)
+            codes = unpack_fp4_from_uint8(d["weight_packed"], o, i, dtype=torch.float32)
+            deq[k] = dequantize(x_q=codes, scale=d["weight_scale"].float(), args=a, global_scale=glob,
+                                dtype=torch.float32)  # its decompress, in float32 rather than bf16
+        else:
+            scale, zp = calculate_qparams(lo, hi, a)
+            scale = scale.to(torch.bfloat16)  # as llm-compressor stores them for a bf16 model
+            d = comp.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+            deq[k] = comp.decompress({**d, "weight_scale": d["weight_scale"].float()}, scheme)["weight"].float()
         tensors.update({f"{k[:-len('.weight')]}.{n}": t for n, t in d.items()})
-        deq[k] = comp.decompress({**d, "weight_scale": d["weight_scale"].float()}, scheme)["weight"].float()
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
@@ -132,6 +144,7 @@ def test_loads_with_the_weights_compressed_tensors_decompresses_to(model, tmp_pa
     q = load_model(tmp_path / "ct", dtype=torch.float32)
     rec = q.cfg.extra["quantization_config"]
     groups = g or (args["weights"].block_structure or [None, None])[1]  # a block's inputs are a row's groups
+    groups = 16 if scheme == "nvfp4" else groups
     assert rec["quant_method"] == "dgemma" and rec["scheme"] == scheme and rec["group_size"] == groups
     assert rec["ignore"] == ["self_conditioning.down_proj", "self_conditioning.gate_proj", "self_conditioning.up_proj"]
     assert isinstance(q.layers[0].self_attn.q_proj, QuantLinear) and isinstance(q.layers[0].experts, QuantExperts)
@@ -217,7 +230,7 @@ def _config_error(tmp_path, model, **change):
 
 
 @pytest.mark.parametrize("change,msg", [
-    (dict(format="nvfp4-pack-quantized"), "NVFP4"),
+    (dict(format="mxfp4-pack-quantized"), "--scheme nvfp4"),
     (dict(format="sparse-24-bitmask"), "not supported"),
     (dict(config_groups={"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "strategy": "channel", "symmetric": True}}}), "channel strategy"),
@@ -226,7 +239,7 @@ def _config_error(tmp_path, model, **change):
         "b": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
                                                   "symmetric": True}}}), "mixes weight schemes"),
     (dict(config_groups={}), "no config_groups"),
-], ids=["nvfp4", "sparse", "int4-channel", "mixed", "empty"])
+], ids=["mxfp4", "sparse", "int4-channel", "mixed", "empty"])
 def test_unsupported_configs_are_clear_errors(model, tmp_path, change, msg):
     assert msg in _config_error(tmp_path, model, **change)
 
@@ -247,3 +260,18 @@ def test_broken_tensors_are_clear_errors(model, tmp_path):
     save_file(bad, str(f))
     with pytest.raises(CheckpointError, match="groups of 32 need"):
         load_model(tmp_path / "ct")
+
+
+def test_nvfp4_scheme_writes_llm_compressors_codes(model, tmp_path):
+    """`--scheme nvfp4` quantizes as compressed-tensors does (global scale, e4m3 group scales, e2m1 codes rounded
+    to nearest, ties to even): on every layer both quantize, the same bytes."""
+    write_ct(model, tmp_path / "ct", PRESET_SCHEMES["NVFP4A16"], "nvfp4-pack-quantized")
+    theirs = dict(load_model(tmp_path / "ct").named_modules())
+    ours = quantize_model(copy.deepcopy(model), QuantConfig("nvfp4"))
+    compared = 0
+    for name, m in ours.named_modules():
+        if isinstance(m, (QuantLinear, QuantExperts)) and isinstance(theirs.get(name), type(m)):
+            for n, t in m.named_buffers(recurse=False):
+                assert torch.equal(t.float(), getattr(theirs[name], n).float()), (name, n)
+            compared += 1
+    assert compared == 2 * 8 + 2 * 7  # q, k, v, o, the dense MLP, the experts; full layers have no v_proj
