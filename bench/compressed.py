@@ -6,7 +6,8 @@ For each compressed-tensors preset, the checkpoint's weights are compressed by t
 (as llm-compressor's data-free `model_free_ptq` would: min-max scales, RedHatAI's ignore list, experts split per
 expert) into a compressed-tensors checkpoint. Then, timed: loading it with dgemma (converted in memory), converting
 it with `dgemma quantize SRC DST` (streamed), and loading the converted checkpoint (memory-mapped). Accuracy: logits
-over a 32-token prompt, a first denoise step and a second with self-conditioning, against the fp32 model, and
+over a 32-token prompt, a first denoise step and a second with self-conditioning (quant_accuracy.py's), against the
+fp32 model, and
 whether the codes equal those of dgemma's own `--scheme` of the same kind. Writes a table and JSON
 (bench/results-compressed.json). Needs `compressed-tensors` (a test dependency).
 """
@@ -28,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import quant_accuracy  # noqa: E402  (bench/, the script's own directory)
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
 from test_compressed import write_ct  # noqa: E402
 
@@ -41,17 +43,8 @@ FORMATS = {"FP8_DYNAMIC": ("float-quantized", None), "FP8": ("float-quantized", 
            "NVFP4A16": ("nvfp4-pack-quantized", None)}
 
 
-def logits(model, seed=0):
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=g)
-    canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=g)
-    with torch.no_grad():
-        cache = model.new_cache(1, 64 + cfg.canvas_length)
-        enc = model.encode(prompt, cache)
-        den = model.denoise(canvas, cache)
-        den2 = model.denoise(canvas, cache, sc=model.soft_embed(den / 0.8))
-    return torch.cat([enc.flatten(), den.flatten(), den2.flatten()])
+def logits(model) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in quant_accuracy.logits(model)])
 
 
 def same_codes(a, b) -> bool:

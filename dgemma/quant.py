@@ -150,7 +150,21 @@ def _(x, q, scale):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
-class Int4:
+class _DequantizeFirst:
+    """Schemes whose scales vary along the inputs: the weight is dequantized, then multiplied (also for the
+    experts' grouped matmul, where nothing is left to do per row after it)."""
+
+    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, self.dequantize(t, x.dtype))
+
+    def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantize(t, dtype)
+
+    def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class Int4(_DequantizeFirst):
     """Asymmetric int4, one bfloat16 scale and zero per group of `group_size` inputs (last group may be short)."""
 
     name = "int4"
@@ -206,14 +220,6 @@ class Int4:
             tail.mul_(scale[..., -1:]).add_(offset[..., -1:])
         return w
 
-    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.linear(x, self.dequantize(t, x.dtype))
-
-    def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantize(t, dtype)
-
-    def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
-        return y
 
 
 # e2m1 values of the 16 codes: bit 3 the sign, bits 0-2 the magnitude index.
@@ -222,7 +228,7 @@ _E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 FP8_MAX, FP4_MAX = 448.0, 6.0
 
 
-class Nvfp4:
+class Nvfp4(_DequantizeFirst):
     """NVFP4: e2m1 codes two per byte (element 2j in the low nibble, 2j + 1 in the high one), an e4m3 scale per
     16 inputs and a float32 global scale: w = e2m1(q) * scale / global. The layout of compressed-tensors'
     `nvfp4-pack-quantized` (RedHatAI's NVFP4 releases), so their tensors load as stored. The global scale is kept
@@ -270,14 +276,6 @@ class Nvfp4:
         eff = t["_scale"].float() / t["_global"].float()[..., None]  # compressed-tensors' order: scale / global
         return (vals * eff.repeat_interleave(16, dim=-1)[..., :vals.shape[-1]]).to(dtype)
 
-    def linear(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.linear(x, self.dequantize(t, x.dtype))
-
-    def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return self.dequantize(t, dtype)
-
-    def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
-        return y
 
 
 # ---------------------------------------------------------------- config
