@@ -69,14 +69,16 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
     }
     import torch
 
-    from .quant import QUANT_KEY, QuantConfig, weight_bytes
+    from .compressed import foreign_config
+    from .quant import QuantConfig, weight_bytes
 
-    qcfg = QuantConfig.of(cfg)
+    foreign = foreign_config(ckpt, cfg) if ckpt is not None else None  # llm-compressor's, ModelOpt's
+    qcfg = QuantConfig.from_dict(foreign) if foreign is not None else QuantConfig.of(cfg)
     if qcfg is not None:  # codes and scales at their stored size, the rest (embedding, norms) per dtype
         out["quantization"] = qcfg.to_dict()
-        if cfg.extra[QUANT_KEY].get("quant_method") != qcfg.to_dict()["quant_method"]:  # llm-compressor's
-            out["quantization"].update(quant_method=cfg.extra[QUANT_KEY]["quant_method"],
-                                       format=cfg.extra[QUANT_KEY].get("format"))
+        if foreign is not None:
+            out["quantization"].update(quant_method=foreign["quant_method"],
+                                       format=foreign.get("format") or foreign.get("quant_algo"))
         out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch, name)) for name in DTYPE_BYTES}
     if ckpt is not None:
         out["files_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
@@ -1028,15 +1030,15 @@ def cmd_quantize(args) -> int:
 
     import torch
 
-    from .compressed import is_compressed
+    from .compressed import foreign_config
     from .config import preset
-    from .quant import QUANT_KEY, QuantConfig, quantize_checkpoint, weight_bytes, write_random_quantized
+    from .quant import QuantConfig, quantize_checkpoint, weight_bytes, write_random_quantized
     from .weights import load_config, resolve
 
     paths = [p for p in (args.src, args.dst) if p is not None]
     if args.scheme is None and not args.random_preset and len(paths) == 2:
         src = resolve(paths[0])
-        if is_compressed(load_config(src).extra.get(QUANT_KEY)):  # llm-compressor's: into dgemma's layout
+        if foreign_config(src, load_config(src)) is not None:  # llm-compressor's, ModelOpt's: dgemma's layout
             return _convert(args, src, Path(paths[1]))
     if args.scheme is None:
         raise UsageError("give --scheme int8, int4, fp8 or nvfp4")
@@ -1052,8 +1054,10 @@ def cmd_quantize(args) -> int:
         if dst.absolute() == src.absolute():
             raise UsageError("DST must be a new directory, not SRC")
         cfg = load_config(src)
-        if is_compressed(cfg.extra.get(QUANT_KEY)):
-            raise UsageError(f"{src} is already quantized (compressed-tensors {QuantConfig.of(cfg).scheme}); "
+        fq = foreign_config(src, cfg)
+        if fq is not None:
+            raise UsageError(f"{src} is already quantized ({fq['quant_method']} "
+                             f"{QuantConfig.from_dict(fq).scheme}); "
                              "leave out --scheme to convert it into dgemma's layout, or quantize the "
                              "full-precision checkpoint")
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -1105,9 +1109,16 @@ def _convert(args, src: Path, dst: Path) -> int:
     what = "no layer quantized" if qcfg is None else (
         qcfg.scheme + (f" group {qcfg.group_size}" if qcfg.group_size else "")
         + (f", {len(qcfg.ignore)} layers kept in floats" if qcfg.ignore else ""))
-    print(f"{dst}: converted from compressed-tensors, {what}, {_fmt_bytes(size)} of weights, "
+    print(f"{dst}: converted from {_foreign_name(src)}, {what}, {_fmt_bytes(size)} of weights, "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _foreign_name(src: Path) -> str:
+    from .compressed import foreign_config
+    from .weights import load_config
+
+    return foreign_config(src, load_config(src))["quant_method"]
 
 
 def _free_bytes(path: Path) -> int:
@@ -1121,12 +1132,13 @@ def _add_quantize_parser(sub) -> None:
                        usage="dgemma quantize SRC DST --scheme {int8,int4,fp8,nvfp4} [options]\n"
                              "       dgemma quantize --random-preset NAME DST --scheme {int8,int4,fp8,nvfp4} "
                              "[options]\n"
-                             "       dgemma quantize COMPRESSED_TENSORS_SRC DST   (convert into dgemma's layout)",
+                             "       dgemma quantize LLM_COMPRESSOR_OR_MODELOPT_SRC DST   (into dgemma's layout)",
                        description="Quantize the attention, dense-MLP, self-conditioning and expert weights "
                        "(router, norms and embedding stay as they are). The result loads with every dgemma "
                        "command; transformers cannot load it. Without --scheme, an llm-compressor "
-                       "(compressed-tensors) checkpoint such as RedHatAI's FP8-dynamic is converted into dgemma's "
-                       "layout, which loads memory-mapped (dgemma also loads the original as it is).")
+                       "(compressed-tensors) or ModelOpt checkpoint such as RedHatAI's FP8-dynamic or NVIDIA's "
+                       "NVFP4 is converted into dgemma's layout, which loads memory-mapped (dgemma also loads the "
+                       "original as it is).")
     s.add_argument("src", nargs="?", metavar="SRC", help="full-precision checkpoint directory or hub id")
     s.add_argument("dst", nargs="?", metavar="DST", help="new directory to write (atomically)")
     s.add_argument("--scheme", help="int8 or fp8 (e4m3; both per output channel), int4 (group-wise), or nvfp4 "

@@ -37,22 +37,59 @@ from torch import nn
 from .quant import QuantConfig, QuantError, targets
 
 METHOD = "compressed-tensors"
+MODELOPT = "modelopt"
+QUANT_KEY = "quantization_config"
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "nvfp4-pack-quantized")
 # Per-module tensors of what compressed-tensors quantizes and dgemma does not: activations, the KV cache.
 SKIPPED = (".input_scale", ".input_zero_point", ".input_global_scale", ".output_scale", ".output_zero_point",
            ".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point")
-PARTS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale")
+PARTS = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_global_scale",
+         "weight_scale_2")
 DECODER = "model.decoder."
 
 Entry = tuple[object, Callable[[], torch.Tensor]]  # (where it comes from, for messages; a reader)
 
 
 def is_compressed(qc) -> bool:
-    return isinstance(qc, dict) and qc.get("quant_method") == METHOD
+    """Whether a `quantization_config` is one this module converts: llm-compressor's or ModelOpt's."""
+    return isinstance(qc, dict) and qc.get("quant_method") in (METHOD, MODELOPT)
+
+
+def foreign_config(ckpt, cfg) -> dict | None:
+    """The llm-compressor / ModelOpt quantization config of a checkpoint directory: config.json's
+    `quantization_config`, or ModelOpt's older `hf_quant_config.json` beside it; None for anything else."""
+    import json
+    from pathlib import Path
+
+    qc = cfg.extra.get(QUANT_KEY)
+    if qc is None and (Path(ckpt) / "hf_quant_config.json").exists():
+        try:
+            hq = json.loads((Path(ckpt) / "hf_quant_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise QuantError(f"malformed hf_quant_config.json: {e}") from None
+        qc = {"quant_method": MODELOPT, **(hq.get("quantization") or {})} if isinstance(hq, dict) else None
+    return qc if is_compressed(qc) else None
+
+
+def _parse_modelopt(qc: dict) -> tuple[QuantConfig, dict]:
+    """NVIDIA ModelOpt's export (`quant_method: modelopt`, `quant_algo`): NVFP4 stores `weight` (uint8 e2m1 pairs),
+    `weight_scale` (e4m3 per 16 inputs) and `weight_scale_2` (float32, 1 / the global scale); FP8 stores `weight`
+    (e4m3) and `weight_scale` (per tensor, or per channel for FP8_PER_CHANNEL_PER_TOKEN)."""
+    algo = qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")
+    if algo == "NVFP4":
+        if qc.get("group_size", 16) != 16:
+            raise QuantError(f"ModelOpt NVFP4 with group size {qc.get('group_size')} is not supported (16 is)")
+        return QuantConfig("nvfp4"), {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}
+    if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
+        return QuantConfig("fp8"), {"num_bits": 8, "type": "float", "strategy": "channel", "group_size": None}
+    raise QuantError(f"ModelOpt quant_algo {algo!r} is not supported; dgemma reads ModelOpt's NVFP4 and FP8")
 
 
 def parse(qc: dict) -> tuple[QuantConfig, dict]:
-    """The dgemma scheme a compressed-tensors config maps to, and its weight arguments; QuantError otherwise."""
+    """The dgemma scheme a compressed-tensors or ModelOpt config maps to, and its weight arguments; QuantError
+    otherwise."""
+    if qc.get("quant_method") == MODELOPT:
+        return _parse_modelopt(qc)
     fmt = qc.get("format")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
@@ -162,11 +199,15 @@ class _Reader:
     def dgemma(self, p: str) -> dict[str, torch.Tensor]:
         """One Linear in dgemma's layout for the scheme: {"": codes, "_scale": ..., ["_zero": ...]}."""
         if self.qcfg.scheme == "nvfp4":  # as stored: packed e2m1 pairs, e4m3 group scales; the global per row
-            packed, scale = self.get(p + ".weight_packed"), self.get(p + ".weight_scale")
-            glob = self.get(p + ".weight_global_scale").float().reshape(-1)
+            packed = self.get(p + (".weight_packed" if p + ".weight_packed" in self.entries else ".weight"))
+            scale = self.get(p + ".weight_scale")
+            if p + ".weight_scale_2" in self.entries:  # ModelOpt: w = e2m1 * scale * scale_2, scale_2 = 1 / global
+                glob = 1.0 / self.get(p + ".weight_scale_2").float().reshape(-1)
+            else:
+                glob = self.get(p + ".weight_global_scale").float().reshape(-1)
             if packed.dtype != torch.uint8 or scale.dtype != torch.float8_e4m3fn or glob.numel() != 1:
-                raise QuantError(f"{p}: NVFP4 needs uint8 weight_packed, float8_e4m3fn weight_scale and one "
-                                 f"weight_global_scale; got {packed.dtype}, {scale.dtype}, {glob.numel()} values")
+                raise QuantError(f"{p}: NVFP4 needs uint8 codes, float8_e4m3fn weight_scale and one global "
+                                 f"scale; got {packed.dtype}, {scale.dtype}, {glob.numel()} values")
             return {"": packed, "_scale": scale, "_global": glob.expand(packed.shape[0]).contiguous()}
         q, scale, zp = self.codes(p)
         out, inp = q.shape

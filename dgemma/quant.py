@@ -318,7 +318,7 @@ class QuantConfig:
         if not isinstance(d, dict):
             raise QuantError(f"{QUANT_KEY} must be a JSON object")
         method = d.get("quant_method")
-        if method == "compressed-tensors":  # llm-compressor's format: the scheme only (which layers: at load)
+        if method in ("compressed-tensors", "modelopt"):  # llm-compressor's, ModelOpt's: the scheme only
             from .compressed import parse
 
             return parse(d)[0]
@@ -661,16 +661,17 @@ def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | Non
 
 
 def convert_checkpoint(src, dst, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, log=None) -> QuantConfig | None:
-    """Rewrite an llm-compressor (compressed-tensors) checkpoint into dgemma's layout, which loads memory-mapped
+    """Rewrite an llm-compressor (compressed-tensors) or ModelOpt checkpoint into dgemma's layout, which loads memory-mapped
     (the original converts in memory at every load). Streamed: one layer is converted and written at a time. The
     result is loaded back before it is renamed into place. Returns its QuantConfig."""
-    from .compressed import is_compressed
+    from .compressed import foreign_config
     from .io import atomic_dir
     from .weights import CHECKPOINT_FILES, checkpoint_entries, load_config, load_model, resolve
 
     src = resolve(src)
-    if not is_compressed(load_config(src).extra.get(QUANT_KEY)):
-        raise QuantError(f"{src} is not a compressed-tensors checkpoint; give --scheme to quantize it")
+    if foreign_config(src, load_config(src)) is None:
+        raise QuantError(f"{src} is not an llm-compressor (compressed-tensors) or ModelOpt checkpoint; give "
+                         "--scheme to quantize it")
     model, entries = checkpoint_entries(src)
     dst = Path(dst)
     with atomic_dir(dst) as tmp:

@@ -137,8 +137,8 @@ def load_config(ckpt: Path) -> ModelConfig:
 
 def checkpoint_entries(ckpt: Path) -> tuple[DiffusionGemma, dict]:
     """The model for a checkpoint directory, on the meta device, and its tensors as {HF key: (file, reader)}, read
-    one at a time when asked. An llm-compressor (compressed-tensors) checkpoint is rewritten here into dgemma's
-    quantized layout (compressed.py): its entries convert lazily and model.cfg records the dgemma scheme."""
+    one at a time when asked. An llm-compressor (compressed-tensors) or ModelOpt checkpoint is rewritten here into
+    dgemma's quantized layout (compressed.py): its entries convert lazily and model.cfg records the dgemma scheme."""
     cfg = load_config(ckpt)
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
@@ -146,8 +146,11 @@ def checkpoint_entries(ckpt: Path) -> tuple[DiffusionGemma, dict]:
     for f in weight_files(ckpt):
         handle = _open(f)
         entries.update({key: (f, lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})
-    qc = cfg.extra.get(quant.QUANT_KEY)
-    if compressed.is_compressed(qc):
+    try:
+        qc = compressed.foreign_config(ckpt, cfg)
+    except quant.QuantError as e:
+        raise CheckpointError(f"{ckpt}: {e}") from None
+    if qc is not None:
         try:
             entries, qcfg = compressed.adapt(model, entries, qc)
         except quant.QuantError as e:

@@ -179,7 +179,7 @@ def test_convert_into_dgemmas_layout(model, tmp_path, capsys):
     # a second conversion of a dgemma checkpoint, or --scheme on a compressed one, is a clear error
     assert cli_main(["quantize", str(tmp_path / "ct"), str(tmp_path / "x"), "--scheme", "int4"]) == 2
     assert "already quantized (compressed-tensors fp8)" in capsys.readouterr().err
-    with pytest.raises(Exception, match="not a compressed-tensors checkpoint"):
+    with pytest.raises(Exception, match="not an llm-compressor .compressed-tensors. or ModelOpt checkpoint"):
         convert_checkpoint(tmp_path / "conv", tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -275,3 +275,62 @@ def test_nvfp4_scheme_writes_llm_compressors_codes(model, tmp_path):
                 assert torch.equal(t.float(), getattr(theirs[name], n).float()), (name, n)
             compared += 1
     assert compared == 2 * 8 + 2 * 7  # q, k, v, o, the dense MLP, the experts; full layers have no v_proj
+
+
+def _as_modelopt(ct_dir, out, algo, sidecar=False):
+    """A compressed-tensors checkpoint rewritten into NVIDIA ModelOpt's export names, as vLLM's ModelOpt loader
+    reads them (no ModelOpt library here): NVFP4 `weight` (uint8 e2m1 pairs), `weight_scale` (e4m3 per 16) and
+    `weight_scale_2` (1 / the global scale); FP8 `weight` and a scalar `weight_scale`; `input_scale`s as noise."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(ct_dir / "model.safetensors"))
+    new = {}
+    for k, v in t.items():
+        if k.endswith(".weight_packed"):
+            new[k[: -len("_packed")]] = v
+        elif k.endswith(".weight_global_scale"):
+            new[k.replace("weight_global_scale", "weight_scale_2")] = (1.0 / v.float()).reshape(())
+            new[k.replace("weight_global_scale", "input_scale")] = torch.ones(())
+        elif k.endswith(".weight_scale") and algo == "FP8":
+            new[k] = v.float().reshape(())
+        else:
+            new[k] = v
+    out.mkdir()
+    save_file(new, str(out / "model.safetensors"))
+    cfg = json.loads((ct_dir / "config.json").read_text())
+    mo = {"quant_algo": algo, "group_size": 16, "exclude_modules": ["lm_head", "*router*", "*self_conditioning*"]}
+    if sidecar:  # ModelOpt's older exports: hf_quant_config.json beside a config.json without it
+        del cfg["quantization_config"]
+        (out / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": mo}))
+    else:
+        cfg["quantization_config"] = {"quant_method": "modelopt", **mo}
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("algo,sidecar", [("NVFP4", False), ("NVFP4", True), ("FP8", False)],
+                         ids=["nvfp4", "nvfp4-hf_quant_config", "fp8-tensor"])
+def test_modelopt_exports(model, tmp_path, algo, sidecar, capsys):
+    args, fmt = ((PRESET_SCHEMES["NVFP4A16"], "nvfp4-pack-quantized") if algo == "NVFP4"
+                 else (PRESET_SCHEMES["FP8"], "float-quantized"))
+    deq = write_ct(model, tmp_path / "ct", args, fmt)
+    _as_modelopt(tmp_path / "ct", tmp_path / "mo", algo, sidecar)
+    q = load_model(tmp_path / "mo", dtype=torch.float32)
+    assert q.cfg.extra["quantization_config"]["scheme"] == ("nvfp4" if algo == "NVFP4" else "fp8")
+    sd = _with_weights(model, deq).state_dict()
+    for name, m in q.named_modules():  # scale * scale_2 vs scale / global: the same to float32's last bit or so
+        if isinstance(m, QuantLinear):
+            torch.testing.assert_close(m.dequantize(), sd[name + ".weight"], rtol=3e-7, atol=0)
+    assert cli_main(["quantize", str(tmp_path / "mo"), str(tmp_path / "conv"), "--quiet"]) == 0
+    assert "converted from modelopt" in capsys.readouterr().out
+    conv = load_model(tmp_path / "conv", dtype=torch.float32)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(q.state_dict().values(), conv.state_dict().values()))
+    from dgemma.cli import info_dict
+
+    assert info_dict(str(tmp_path / "mo"))["quantization"]["format"] == algo
+
+
+def test_modelopt_unsupported_algo(model, tmp_path):
+    write_ct(model, tmp_path / "ct", PRESET_SCHEMES["FP8"], "float-quantized")
+    _as_modelopt(tmp_path / "ct", tmp_path / "mo", "W4A8_AWQ")
+    with pytest.raises(CheckpointError, match="ModelOpt quant_algo 'W4A8_AWQ' is not supported"):
+        load_model(tmp_path / "mo")
