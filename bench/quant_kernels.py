@@ -1,4 +1,5 @@
-"""Weight-only matmul on CPU: dgemma's dequantize-then-F.linear vs torch's int8 / int4 weight-only kernels.
+"""Weight-only matmul on CPU: dgemma's dequantize-then-F.linear (int8, int4, fp8, nvfp4) vs torch's int8 / int4
+weight-only kernels.
 
     python bench/quant_kernels.py [--threads 1] [--repeats 5]
 
@@ -19,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dgemma.quant import Int4, Int8, QuantLinear
+from dgemma.quant import Fp8, Int4, Int8, Nvfp4, QuantLinear
 
 SHAPES = [  # name, M, N, K
     ("26b expert gate_up, 16 tok", 16, 1408, 2816),
@@ -47,6 +48,7 @@ def bench_shape(M, N, K, group_size, repeats):
     torch.manual_seed(0)
     lin = torch.nn.Linear(K, N, bias=False)
     q8, q4 = QuantLinear.from_linear(lin, Int8()), QuantLinear.from_linear(lin, Int4(group_size))
+    qf8, qn4 = QuantLinear.from_linear(lin, Fp8()), QuantLinear.from_linear(lin, Nvfp4())
     cases = {}
     for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         x, w = torch.randn(M, K).to(dt), lin.weight.detach().to(dt)
@@ -57,6 +59,8 @@ def bench_shape(M, N, K, group_size, repeats):
         cases[f"{tag} int8 _weight_int8pack_mm"] = lambda x=x, s8=s8: torch.ops.aten._weight_int8pack_mm(
             x, q8.weight, s8)
         cases[f"{tag} int4 dgemma (dequant+linear)"] = lambda x=x: q4(x)
+        cases[f"{tag} fp8 dgemma"] = lambda x=x: qf8(x)
+        cases[f"{tag} nvfp4 dgemma (dequant+linear)"] = lambda x=x: qn4(x)
         if K % group_size == 0:
             codes = torch.cat([q4.weight & 15, q4.weight >> 4], -1).to(torch.int32)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -86,7 +90,7 @@ def bench_experts(repeats, tokens=256):
         ex.down_proj.normal_(0, 0.02)
     idx = torch.stack([torch.randperm(cfg.num_experts)[:cfg.top_k_experts] for _ in range(tokens)])
     cases = {}
-    for scheme in (Int8(), Int4(128)):
+    for scheme in (Int8(), Int4(128), Fp8(), Nvfp4()):
         qx = Q.QuantExperts.from_experts(ex, scheme)
         for dt, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             x, w = torch.randn(tokens, cfg.hidden_size).to(dt), torch.rand(tokens, cfg.top_k_experts).to(dt)

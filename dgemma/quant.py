@@ -102,13 +102,14 @@ class Int8:
 
     def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         q, scale = t[""], t["_scale"].to(dtype)
-        return q.to(dtype) * (scale[..., None] if self.group_size is None else self._per_input(scale, q.shape[-1]))
+        w = codes_to(q, dtype)
+        return w * (scale[..., None] if self.group_size is None else self._per_input(scale, q.shape[-1]))
 
     # The experts' grouped matmul (QuantExperts.linear): the weights it multiplies, then what follows per row, so
     # that each row gets exactly `linear`'s bits: `(x @ q^T) * scale`, the scale of the row's own expert. With
     # groups, the scale is in the weight (dequantize, then multiply), as int4 does.
     def stacked(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return t[""].to(dtype) if self.group_size is None else self.dequantize(t, dtype)
+        return codes_to(t[""], dtype) if self.group_size is None else self.dequantize(t, dtype)
 
     def finish(self, y: torch.Tensor, t: dict[str, torch.Tensor], expert_of_row: torch.Tensor) -> torch.Tensor:
         return y * t["_scale"].to(y.dtype)[expert_of_row] if self.group_size is None else y
@@ -133,11 +134,23 @@ class Fp8(Int8):
         return (w / scale).clamp_(-self.qmax, self.qmax).to(self.code_dtype)  # round to nearest even
 
 
+def codes_to(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 or e4m3 codes as `dtype`, exactly. On the CPU torch converts e4m3 one element at a time; moving its
+    bits into a bf16 instead (exponent bias 127 there, 7 in e4m3), multiplying by 2^120, then converting gives the
+    same values, subnormals included, 2-4x faster here (16-bit integer ops: half the memory traffic of 32-bit
+    ones). The NaN codes, which no weight has, map to 480."""
+    if q.dtype != torch.float8_e4m3fn or q.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return q.to(dtype)
+    x = q.view(torch.uint8).to(torch.int16)
+    w = (((x & 0x80) << 8) | ((x & 0x7F) << 4)).view(torch.bfloat16).mul_(2.0 ** 120)
+    return w.to(dtype)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`x @ (q * scale)^T` as `(x @ q^T) * scale`: the scale is per output channel, so it multiplies the (smaller)
     output, not the weight. torch's `_weight_int8pack_mm` is not used: on a CPU with native bf16 it is 2-5x slower
     than this line and it crashes the process (SIGSEGV) on some shapes (K = 40, N = 24 on a Zen 4, torch 2.13)."""
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return F.linear(x, codes_to(q, x.dtype)) * scale.to(x.dtype)
 
 
 @torch.library.custom_op("dgemma::int8_linear", mutates_args=())
@@ -270,11 +283,26 @@ class Nvfp4(_DequantizeFirst):
                 "_global": glob.reshape(*lead, 1).expand(*lead, out).contiguous()}
 
     def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        b = t[""]
-        lut = E2M1.to(b.device)
-        vals = torch.stack((lut[(b & 15).long()], lut[(b >> 4).long()]), dim=-1).flatten(-2)
+        # Each nibble's bits moved into a bf16: the sign to bit 15, the 2-bit exponent and 1-bit mantissa to
+        # bf16's exponent bits 7-8 and mantissa bit 6, so the number is e2m1's value times 2^-126 (e2m1's bias is
+        # 1, bf16's 127; a zero exponent is a subnormal in both); the 2^126 goes into the scale. 16-bit integer
+        # ops, then float32 for the scale: 2-3x faster than a table lookup on the CPU, and the same bits.
+        b = t[""].to(torch.int16)
+        *lead, out, half = b.shape
+        v = torch.empty(*lead, out, half, 2, dtype=torch.int16, device=b.device)
+        m = torch.empty_like(v)
+        v[..., 0], v[..., 1] = b << 12, b << 8  # element 2j: the low nibble; 2j + 1: the high one
+        m[..., 0], m[..., 1] = b << 6, b << 2
+        v.bitwise_and_(-(1 << 15)).bitwise_or_(m.bitwise_and_(7 << 6))
         eff = t["_scale"].float() / t["_global"].float()[..., None]  # compressed-tensors' order: scale / global
-        return (vals * eff.repeat_interleave(16, dim=-1)[..., :vals.shape[-1]]).to(dtype)
+        eff = eff * 2.0 ** 126
+        x = v.view(torch.bfloat16).view(*lead, out, 2 * half).float()
+        inp, G = 2 * half, eff.shape[-1]
+        if G * 16 == inp:
+            x.view(*lead, out, G, 16).mul_(eff[..., None])
+        else:
+            x.mul_(eff.repeat_interleave(16, dim=-1)[..., :inp])
+        return x.to(dtype)
 
 
 

@@ -364,3 +364,18 @@ def test_cli_errors_are_one_line_and_leave_nothing(float_ckpt, tmp_path, capsys,
     assert rc == 2
     assert msg in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no DST, no temporary directory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_fp8_and_fp4_decoding_is_exact(dtype):
+    """The CPU's bit-moving decoders of e4m3 (codes_to) and e2m1 (Nvfp4.dequantize) against torch's own e4m3
+    conversion and the e2m1 table, on every code."""
+    from dgemma.quant import E2M1, Nvfp4, codes_to
+
+    q = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    ok = ~torch.isnan(q.to(torch.float32))  # 0x7f, 0xff: e4m3fn's NaNs, never a weight
+    assert torch.equal(codes_to(q, dtype)[ok], q.to(dtype)[ok])
+    b = torch.arange(256, dtype=torch.uint8).view(16, 16)  # every byte: every pair of nibbles
+    t = {"": b, "_scale": torch.ones(16, 2, dtype=torch.float8_e4m3fn), "_global": torch.ones(16)}
+    want = torch.stack((E2M1[(b & 15).long()], E2M1[(b >> 4).long()]), -1).flatten(-2)
+    assert torch.equal(Nvfp4().dequantize(t, dtype), want.to(dtype))
