@@ -1036,10 +1036,12 @@ def cmd_quantize(args) -> int:
     from .weights import load_config, resolve
 
     paths = [p for p in (args.src, args.dst) if p is not None]
-    if args.scheme is None and not args.random_preset and len(paths) == 2:
+    if not args.random_preset and len(paths) == 2:
         src = resolve(paths[0])
-        if foreign_config(src, load_config(src)) is not None:  # llm-compressor's, ModelOpt's: dgemma's layout
-            return _convert(args, src, Path(paths[1]))
+        cfg = load_config(src)
+        fq = foreign_config(src, cfg)  # llm-compressor's, ModelOpt's: without --scheme, into dgemma's layout
+        if fq is not None and args.scheme is None:
+            return _convert(args, src, Path(paths[1]), fq["quant_method"])
     if args.scheme is None:
         raise UsageError("give --scheme int8, int4, fp8 or nvfp4")
     qcfg = QuantConfig(args.scheme, args.group_size)
@@ -1050,11 +1052,9 @@ def cmd_quantize(args) -> int:
     else:
         if len(paths) != 2:
             raise UsageError("give SRC and DST (or --random-preset NAME DST)")
-        src, dst = resolve(paths[0]), Path(paths[1])
+        dst = Path(paths[1])
         if dst.absolute() == src.absolute():
             raise UsageError("DST must be a new directory, not SRC")
-        cfg = load_config(src)
-        fq = foreign_config(src, cfg)
         if fq is not None:
             raise UsageError(f"{src} is already quantized ({fq['quant_method']} "
                              f"{QuantConfig.from_dict(fq).scheme}); "
@@ -1084,7 +1084,8 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _convert(args, src: Path, dst: Path) -> int:
+def _convert(args, src: Path, dst: Path, method: str) -> int:
+    import shutil
     import time
 
     from .quant import convert_checkpoint
@@ -1092,12 +1093,13 @@ def _convert(args, src: Path, dst: Path) -> int:
     if dst.absolute() == src.absolute():
         raise UsageError("DST must be a new directory, not SRC")
     if args.group_size is not None or args.dtype:
-        raise UsageError("converting a compressed-tensors checkpoint keeps its scheme and dtypes: leave out "
+        raise UsageError(f"converting a {method} checkpoint keeps its scheme and dtypes: leave out "
                          "--group-size and --dtype")
     parent = _check_destination(dst, args.overwrite)
     srcsize = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    if _free_bytes(parent) < srcsize * 1.05:
-        raise UsageError(f"{parent} has {_fmt_bytes(_free_bytes(parent))} free; the converted checkpoint needs "
+    free = shutil.disk_usage(parent).free
+    if free < srcsize * 1.05:
+        raise UsageError(f"{parent} has {_fmt_bytes(free)} free; the converted checkpoint needs "
                          f"about {_fmt_bytes(srcsize)}")
     log = None if args.quiet else (lambda m: print(f"dgemma quantize: {m}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -1109,22 +1111,9 @@ def _convert(args, src: Path, dst: Path) -> int:
     what = "no layer quantized" if qcfg is None else (
         qcfg.scheme + (f" group {qcfg.group_size}" if qcfg.group_size else "")
         + (f", {len(qcfg.ignore)} layers kept in floats" if qcfg.ignore else ""))
-    print(f"{dst}: converted from {_foreign_name(src)}, {what}, {_fmt_bytes(size)} of weights, "
+    print(f"{dst}: converted from {method}, {what}, {_fmt_bytes(size)} of weights, "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
-
-
-def _foreign_name(src: Path) -> str:
-    from .compressed import foreign_config
-    from .weights import load_config
-
-    return foreign_config(src, load_config(src))["quant_method"]
-
-
-def _free_bytes(path: Path) -> int:
-    import shutil
-
-    return shutil.disk_usage(path).free
 
 
 def _add_quantize_parser(sub) -> None:

@@ -34,11 +34,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .quant import QuantConfig, QuantError, targets
+from .quant import QUANT_KEY, Int4, QuantConfig, QuantError, targets
 
 METHOD = "compressed-tensors"
 MODELOPT = "modelopt"
-QUANT_KEY = "quantization_config"
 FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "nvfp4-pack-quantized")
 # Per-module tensors of what compressed-tensors quantizes and dgemma does not: activations, the KV cache.
 SKIPPED = (".input_scale", ".input_zero_point", ".input_global_scale", ".output_scale", ".output_zero_point",
@@ -167,7 +166,7 @@ class _Reader:
     """The per-module tensors of one compressed-tensors Linear `P` (names `P.weight_scale` and the like)."""
 
     def __init__(self, entries: dict[str, Entry], a: dict, qcfg: QuantConfig):
-        self.entries, self.a, self.qcfg = entries, a, qcfg
+        self.entries, self.a, self.qcfg, self.scheme = entries, a, qcfg, qcfg.make()
 
     def has(self, p: str) -> bool:
         return p + ".weight_scale" in self.entries
@@ -214,7 +213,7 @@ class _Reader:
         if self.qcfg.scheme in ("fp8", "int8"):
             if zp is not None and bool(zp.ne(0).any()):
                 raise QuantError(f"{p} has a nonzero zero point: asymmetric {self.qcfg.scheme} is not supported")
-            codes = q if q.dtype == self.qcfg.make().code_dtype else q.to(torch.int8)
+            codes = q if q.dtype == self.scheme.code_dtype else q.to(torch.int8)
             if self.qcfg.group_size is None:
                 scale = scale.reshape(-1)
                 if scale.numel() == 1:
@@ -239,15 +238,12 @@ class _Reader:
             raise QuantError(f"{p}.weight_scale has shape {tuple(scale.shape)}; groups of {g} need {(out, groups)}")
         if inp % 2:
             raise QuantError(f"{p} has {inp} (odd) inputs; int4 packs two per byte")
-        u = (q + 8).to(torch.uint8)  # dgemma's code: q + 8 in [0, 15]
-        half = inp // 2
-        packed = torch.add(u[:, :half], u[:, half:], alpha=16).to(torch.uint8)
         zero = (torch.zeros_like(scale) if zp is None else -zp.reshape(out, groups).float() * scale.float())
-        return {"": packed, "_scale": scale, "_zero": zero}
+        return {"": Int4.pack((q + 8).to(torch.uint8)), "_scale": scale, "_zero": zero}  # dgemma's code: q + 8
 
     def dequantized(self, p: str) -> torch.Tensor:
         """A quantized Linear of a layer dgemma keeps in floats (a router), as a float32 weight."""
-        return self.qcfg.make().dequantize(self.dgemma(p), torch.float32)
+        return self.scheme.dequantize(self.dgemma(p), torch.float32)
 
 
 def _stack(parts: list[Callable[[], dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
@@ -301,8 +297,9 @@ def adapt(model: nn.Module, entries: dict[str, Entry], qc: dict) -> tuple[dict[s
         for s in suffixes:
             new[key + s] = (src, read(s))
 
-    suffixes = qcfg.make().suffixes
+    suffixes, total = r.scheme.suffixes, 0
     for qname, _, _, child in targets(model):
+        total += 1
         p = DECODER + qname
         if isinstance(child, nn.Linear):
             if r.has(p):
@@ -338,7 +335,6 @@ def adapt(model: nn.Module, entries: dict[str, Entry], qc: dict) -> tuple[dict[s
     for key, v in entries.items():
         if key not in used and key not in new:
             new[key] = v
-    total = len(list(targets(model)))
     if len(ignore) == total:
         return new, None
     return new, QuantConfig(qcfg.scheme, qcfg.group_size, tuple(ignore))

@@ -211,9 +211,13 @@ class Int4(_DequantizeFirst):
         inv = 1 / scale.float()
         q = torch.addcmul((8 - zero.float() * inv)[..., None], wg, inv[..., None]).round_().clamp_(0, 15)
         q = q.view(*lead, out, G * g)[..., :inp]
-        half = inp // 2
-        packed = torch.add(q[..., :half], q[..., half:], alpha=16).to(torch.uint8)  # low nibble j, high j + half
-        return {"": packed, "_scale": scale, "_zero": zero}
+        return {"": self.pack(q), "_scale": scale, "_zero": zero}
+
+    @staticmethod
+    def pack(q: torch.Tensor) -> torch.Tensor:
+        """Codes in [0, 15] `[..., in]` -> bytes `[..., in/2]`: input j in the low nibble, j + in/2 in the high."""
+        half = q.shape[-1] // 2
+        return torch.add(q[..., :half], q[..., half:], alpha=16).to(torch.uint8)
 
     def dequantize(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         packed = t[""]
