@@ -73,7 +73,11 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
     from .quant import QuantConfig, weight_bytes
 
     foreign = foreign_config(ckpt, cfg) if ckpt is not None else None  # llm-compressor's, ModelOpt's
-    qcfg = QuantConfig.from_dict(foreign) if foreign is not None else QuantConfig.of(cfg)
+    qcfg = QuantConfig.of(cfg)
+    if foreign is not None:  # the layers the checkpoint holds quantized (its keys, no tensor read)
+        from .weights import checkpoint_entries
+
+        qcfg = QuantConfig.of(checkpoint_entries(ckpt)[0].cfg)
     if qcfg is not None:  # codes and scales at their stored size, the rest (embedding, norms) per dtype
         out["quantization"] = qcfg.to_dict()
         if foreign is not None:
@@ -216,7 +220,8 @@ def sampling_options(args) -> dict:
             "min_tokens": getattr(args, "min_tokens", None),
             "ignore_eos": True if getattr(args, "ignore_eos", False) else None,
             "stop_token_ids": tuple(args.stop_token_id) if getattr(args, "stop_token_id", None) else None,
-            "ar_fallback": getattr(args, "ar_fallback", None)}
+            "ar_fallback": getattr(args, "ar_fallback", None),
+            "skip_special_tokens": True if getattr(args, "skip_special_tokens", False) else None}
 
 
 def _grammar(args):
@@ -324,7 +329,7 @@ def run_one(pipe, prompt_ids, params, *, show_canvas: bool, stream_text: bool, e
                 view.commit(ev)
             so_far.extend(ev.tokens)
             if stream_text and pipe.tokenizer is not None and not params.stop:
-                text = pipe.decode(so_far)
+                text = pipe.tokenizer.decode(so_far, skip_special=params.skip_special_tokens)
                 if text.startswith(shown):  # print only the new part (a multi-byte char may still be open)
                     sys.stdout.write(text[len(shown):])
                     sys.stdout.flush()
@@ -382,7 +387,7 @@ def cmd_generate(args) -> int:
     stream = not args.json and n_suffix is None
     done = run_one(pipe, prompt_ids, params, show_canvas=args.show_canvas, stream_text=stream)
     if n_suffix is not None:
-        done = pipe.trim_infill(done, n_suffix)
+        done = pipe.trim_infill(done, n_suffix, params.skip_special_tokens)
     lps = None
     if done.logprobs is not None:
         piece = (lambda t: pipe.tokenizer.decode([t])) if pipe.tokenizer is not None else str  # noqa: E731
@@ -1169,6 +1174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "noise (a draft to correct; diffusion only)")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     s.add_argument("--json", action="store_true", help="print text, tokens and stats as JSON")
+    s.add_argument("--skip-special-tokens", action="store_true", help="leave the special tokens the model writes "
+                   "out of the text (stop strings match the text without them; the tokens keep them)")
     add_sampling_args(s)
     add_model_args(s)
     s.set_defaults(func=cmd_generate)

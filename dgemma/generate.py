@@ -90,6 +90,9 @@ class GenerationParams:
     # special token (as EOS is), and the finish reason is "stop"
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False  # vLLM's: keep the stop string that ended the text
+    # vLLM's: the text (`Done.text`, what stop strings match) leaves out the special tokens the model writes (the
+    # tokens keep them); False keeps them in the text too
+    skip_special_tokens: bool = False
     # vLLM's: only these tokens can be sampled, at every position of every canvas (every AR step); None: all
     allowed_token_ids: tuple[int, ...] | None = None
     # Diffusion: a canvas that ends (after its restarts) with a mean entropy above this is not used; its span is
@@ -1202,18 +1205,20 @@ class Engine:
     def _stop_string(self, r: _Row) -> bool:
         if not r.p.stop:
             return False
-        after = min_text(self.tok, r.out, r.p.min_tokens, r.p.stop)
-        return stop_cut(self.tok.decode(r.out), r.p.stop, after) is not None
+        skip = r.p.skip_special_tokens
+        after = min_text(self.tok, r.out, r.p.min_tokens, r.p.stop, skip)
+        return stop_cut(self.tok.decode(r.out, skip_special=skip), r.p.stop, after) is not None
 
     def _done(self, r: _Row) -> Done:
         tokens, text = r.out, None
         if self.tok is not None:
-            text = self.tok.decode(tokens)
-            after = min_text(self.tok, tokens, r.p.min_tokens, r.p.stop)
+            skip = r.p.skip_special_tokens
+            text = self.tok.decode(tokens, skip_special=skip)
+            after = min_text(self.tok, tokens, r.p.min_tokens, r.p.stop, skip)
             cut = stop_cut(text, r.p.stop, after, r.p.include_stop_str_in_output)
             if cut is not None:
                 text = text[:cut]
-                tokens = tokens_for_prefix(self.tok, tokens, text)
+                tokens = tokens_for_prefix(self.tok, tokens, text, skip)
         wall = time.perf_counter() - r.t0
         stats = {
             "mode": r.p.mode,
@@ -1306,10 +1311,10 @@ def _dense(bias: dict[int, float], vocab: int) -> torch.Tensor:
     return out
 
 
-def min_text(tok, tokens: Sequence[int], min_tokens: int, stops: Sequence[str]) -> int:
+def min_text(tok, tokens: Sequence[int], min_tokens: int, stops: Sequence[str], skip_special: bool = False) -> int:
     """min_tokens: the characters of text the output's first min_tokens tokens spell, within which no stop string
     may end (0 without min_tokens or stop strings)."""
-    return len(tok.decode(tokens[:min_tokens])) if min_tokens and stops else 0
+    return len(tok.decode(tokens[:min_tokens], skip_special=skip_special)) if min_tokens and stops else 0
 
 
 def stop_cut(text: str, stops: Sequence[str], after: int = 0, include: bool = False) -> int | None:
@@ -1325,10 +1330,10 @@ def stop_cut(text: str, stops: Sequence[str], after: int = 0, include: bool = Fa
     return best[0] + best[1] if include else best[0]
 
 
-def tokens_for_prefix(tok, tokens: list[int], text: str) -> list[int]:
+def tokens_for_prefix(tok, tokens: list[int], text: str, skip_special: bool = False) -> list[int]:
     """The longest prefix of `tokens` whose decoding is a prefix of `text` (after a stop-string cut)."""
     for n in range(len(tokens), -1, -1):
-        if text.startswith(tok.decode(tokens[:n])):
+        if text.startswith(tok.decode(tokens[:n], skip_special=skip_special)):
             return tokens[:n]
     return []
 

@@ -27,7 +27,7 @@ PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "i
                  "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar", "presence_penalty",
                  "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps",
                  "repetition_penalty", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
-                 "allowed_token_ids"}
+                 "allowed_token_ids", "skip_special_tokens"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
@@ -160,10 +160,11 @@ class Pipeline:
         fixed = {T - len(sids) + i: t for i, t in enumerate(sids)}
         return self.encode(prefix), self.params(fixed=fixed, **options), len(sids)
 
-    def trim_infill(self, done: Done, n_suffix: int) -> Done:
+    def trim_infill(self, done: Done, n_suffix: int, skip_special: bool = False) -> Done:
+        """The middle of an infill's canvas (`skip_special`: its text without the special tokens written)."""
         n = self.model.cfg.canvas_length - n_suffix
         middle = done.tokens[:n]
-        text = self.decode(middle) if self.tokenizer is not None else None
+        text = self.tokenizer.decode(middle, skip_special=skip_special) if self.tokenizer is not None else None
         lps, tops = (done.logprobs[:n], done.top_logprobs[:n]) if done.logprobs is not None else (None, None)
         ents = done.entropies[:n] if done.entropies is not None else None
         return dataclasses.replace(done, tokens=middle, text=text, finish_reason="stop", logprobs=lps,
@@ -171,7 +172,8 @@ class Pipeline:
 
     def infill(self, prefix: str, suffix: str, **options: Any) -> Done:
         prompt, params, n = self.infill_request(prefix, suffix, **options)
-        return self.trim_infill(generate(self.model, [prompt], params, tokenizer=self.tokenizer)[0], n)
+        return self.trim_infill(generate(self.model, [prompt], params, tokenizer=self.tokenizer)[0], n,
+                                params.skip_special_tokens)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], **options: Any) -> list[Done]:
         """Text (or token-id) prompts in, `Done` results (with `.text`) out."""

@@ -355,9 +355,9 @@ class QuantConfig:
 
             return parse(d)[0]
         if method != METHOD:
-            raise QuantError(f"{QUANT_KEY} has quant_method {method!r}; dgemma loads its own int8/int4/fp8 "
-                             f"checkpoints (quant_method {METHOD!r}) and llm-compressor's (compressed-tensors), "
-                             "not GPTQ/AWQ/bitsandbytes/ModelOpt/GGUF/MLX exports")
+            raise QuantError(f"{QUANT_KEY} has quant_method {method!r}; dgemma loads its own int8/int4/fp8/nvfp4 "
+                             f"checkpoints (quant_method {METHOD!r}), llm-compressor's (compressed-tensors) and "
+                             "ModelOpt's (modelopt), not GPTQ/AWQ/bitsandbytes/GGUF/MLX exports")
         return cls(scheme=d.get("scheme"), group_size=d.get("group_size"), ignore=tuple(d.get("ignore") or ()))
 
     @classmethod

@@ -184,6 +184,11 @@ def test_generate_vllm_extras(ckpt_tok, capsys):
     assert main(["generate", str(ckpt_tok), "hi", "--repetition-penalty", "0"]) == 2
     err = capsys.readouterr().err
     assert "repetition_penalty must be a number > 0" in err and len(err.strip().splitlines()) == 1
+    # --skip-special-tokens: the same tokens, their text without the special ones (<|turn> is 105)
+    kept = gen("--max-new-tokens", "12", "--ignore-eos", "--logit-bias", "105=3")
+    skip = gen("--max-new-tokens", "12", "--ignore-eos", "--logit-bias", "105=3", "--skip-special-tokens")
+    assert skip["tokens"] == kept["tokens"] and 105 in kept["tokens"] and "<|turn>" in kept["text"]
+    assert skip["text"] == kept["text"].replace("<|turn>", "")
     # --draft: the first canvas starts from that text (the engine's init_canvas)
     assert gen("--max-new-tokens", "8", "--ignore-eos", "--draft", "return x")["tokens"] != plain
     assert main(["generate", str(ckpt_tok), "hi", "--draft", "x", "--ar"]) == 2

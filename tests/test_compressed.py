@@ -13,7 +13,7 @@ import torch
 from conftest import randomize, tiny_config
 from dgemma.cli import main as cli_main
 from dgemma.model import DiffusionGemma
-from dgemma.quant import QuantConfig, QuantExperts, QuantLinear, convert_checkpoint, quantize_model
+from dgemma.quant import QuantConfig, QuantExperts, QuantLinear, convert_checkpoint, quantize_model, weight_bytes
 from dgemma.weights import CheckpointError, dgemma_name, load_model, save_model, state_for_save
 from test_quant import _logits
 
@@ -210,6 +210,14 @@ def test_quantized_router_is_dequantized_and_float_experts_are_stacked(model, tm
     assert [n for n in q.cfg.extra["quantization_config"]["ignore"]] == [f"layers.{i}.experts" for i in range(4)]
     assert torch.equal(q.layers[2].experts.gate_up_proj, model.layers[2].experts.gate_up_proj)
     assert (_logits(q) - _logits(ref)).abs().max() < 1e-4
+    # `dgemma info` counts the experts the checkpoint keeps in floats at float size: the loaded model's bytes
+    from dgemma.cli import info_dict
+
+    est = info_dict(str(tmp_path / "split"))
+    assert est["quantization"]["ignore"] == q.cfg.extra["quantization_config"]["ignore"]
+    held = sum(t.numel() * t.element_size() for t in q.state_dict().values())  # its scales are bf16, not fp32
+    assert abs(est["weights_bytes"]["float32"] - held) < 0.01 * held
+    assert held > 1.5 * weight_bytes(q.cfg, QuantConfig("fp8"))  # as if the experts were fp8 too
 
     write_ct(model, tmp_path / "fused", PRESET_SCHEMES["FP8_DYNAMIC"], "float-quantized", split=False)
     q = load_model(tmp_path / "fused", dtype=torch.float32)  # fused 3-D experts: the quantizer skipped them

@@ -280,6 +280,46 @@ def test_char_offsets_are_linear_and_exact(pipe):
     assert char_offsets(tok, [tok.bos_id, *ids], skip_special=True)[1:] == off
 
 
+def test_skip_special_tokens(client, pipe):
+    """vLLM's skip_special_tokens: true leaves the special tokens the model writes out of the text, streamed or
+    not, with log-probability offsets into that text; stop strings match it; the tokens are the same either way.
+    Chat with thinking keeps them (the thought is read from them)."""
+    tok, turn = pipe.tokenizer, pipe.tokenizer.token_to_id("<|turn>")
+    y, z = (tok.encode(c, add_bos=False)[0] for c in "yz")
+    kw = dict(seed=3, max_tokens=40, ignore_eos=True, extra_body={"allowed_token_ids": [turn, y, z],
+                                                                 "return_token_ids": True})
+    full = complete(client, "Hi", **kw).choices[0]
+    ids = full.model_extra["token_ids"]
+    assert turn in ids and full.text == tok.decode(ids) and "<|turn>" in full.text
+    kw["extra_body"] = {**kw["extra_body"], "skip_special_tokens": True}
+    skip = complete(client, "Hi", logprobs=0, **kw).choices[0]
+    want = tok.decode(ids, skip_special=True)
+    assert skip.model_extra["token_ids"] == ids and skip.text == want and set(want) == {"y", "z"}
+    assert skip.logprobs.text_offset == [len(tok.decode(ids[:i], skip_special=True)) for i in range(len(ids))]
+    assert "".join(c.choices[0].text for c in complete(client, "Hi", stream=True, **kw)) == want
+    # a stop string that spans a special token in the written text: found in the text without it
+    def spanned(k: int) -> bool:  # y <|turn> z: the first "yz" of the text without specials is this one
+        if ids[k] != turn or turn in (ids[k - 1], ids[k + 1]):
+            return False
+        return want.find(tok.decode([ids[k - 1], ids[k + 1]])) == len(tok.decode(ids[:k - 1], skip_special=True))
+
+    k = next(k for k in range(1, len(ids) - 1) if spanned(k))
+    stop = tok.decode([ids[k - 1], ids[k + 1]])
+    cut = complete(client, "Hi", stop=stop, **kw).choices[0]
+    assert cut.text == want[:want.find(stop)] and cut.finish_reason == "stop"
+    msgs = [{"role": "user", "content": "Hi"}]
+    body = dict(seed=3, max_tokens=24, extra_body={"ignore_eos": True, "allowed_token_ids": [turn, y, z]})
+    kept = client.chat.completions.create(model=NAME, messages=msgs, **body).choices[0].message.content
+    body["extra_body"]["skip_special_tokens"] = True
+    assert client.chat.completions.create(model=NAME, messages=msgs, **body).choices[0].message.content == \
+        kept.replace("<|turn>", "")
+    body["extra_body"]["chat_template_kwargs"] = {"enable_thinking": True}
+    thinking = client.chat.completions.create(model=NAME, messages=msgs, **body).choices[0].message.content
+    assert "<|turn>" in thinking
+    body["extra_body"]["skip_special_tokens"] = False
+    assert client.chat.completions.create(model=NAME, messages=msgs, **body).choices[0].message.content == thinking
+
+
 def test_echo_logprobs_score_the_prompt(client, pipe):
     """echo + logprobs + max_tokens 0, the loglikelihood request of lm-evaluation-harness: the prompt's own
     tokens with their next-token log-probabilities (None first), offsets into the echoed text; with max_tokens > 0
@@ -362,7 +402,7 @@ def test_vllm_sampling_extras(client, http, pipe):
     plain = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True).choices[0].text
     neutral = complete(client, "Hello there", seed=4, max_tokens=40, ignore_eos=True,  # what `vllm bench` sends
                        extra_body={"repetition_penalty": 1.0, "min_tokens": 0, "include_stop_str_in_output": False,
-                                   "skip_special_tokens": False})
+                                   "skip_special_tokens": False, "spaces_between_special_tokens": True})
     assert neutral.choices[0].text == plain
     y, z = (pipe.tokenizer.encode(c, add_bos=False)[0] for c in "yz")
     r = complete(client, "Hi", seed=1, max_tokens=20, ignore_eos=True, extra_body={"allowed_token_ids": [y, z]})
@@ -1087,8 +1127,7 @@ BAD_REQUESTS = [
      "truncate_prompt_tokens"),
     ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, "invalid_value", "priority"),
     ("/v1/completions", {"prompt": "x", "bad_words": ["x"]}, 400, "unrecognized_argument", "bad_words"),
-    ("/v1/completions", {"prompt": "x", "skip_special_tokens": True}, 400, "unsupported_parameter",
-     "skip_special_tokens"),
+    ("/v1/completions", {"prompt": "x", "skip_special_tokens": "maybe"}, 400, "invalid_value", "skip_special_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True},
      400, "invalid_value", "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_value", "messages"),

@@ -77,13 +77,14 @@ class Choice:
     thinking: bool = False  # chat with thinking on: the thought channel is returned apart, as reasoning_content
     reasoning: str | None = None
     reasoning_sent: str = ""
+    skip_special: bool = False  # vLLM's skip_special_tokens: the text leaves out the special tokens written
 
     # ------------------------------------------------------------ text assembly
     def visible(self, tok) -> str:
         """The part of the text so far that can be streamed now: cut at a stop string; without one, holding
         back a trailing U+FFFD (maybe half a UTF-8 character) and any tail that could start a stop string."""
         toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
-        text = tok.decode(toks)
+        text = tok.decode(toks, skip_special=self.skip_special)
         after = self._min_text(tok, toks)
         if self.thinking:
             answer = split_thought(text)[1]  # the end of the text: min_tokens' text moves back with it
@@ -104,7 +105,8 @@ class Choice:
         return text[:keep]
 
     def _min_text(self, tok, toks: list[int]) -> int:
-        return min_text(tok, toks, self.params.min_tokens if self.params is not None else 0, self.stop)
+        return min_text(tok, toks, self.params.min_tokens if self.params is not None else 0, self.stop,
+                        self.skip_special)
 
     @property
     def include_stop(self) -> bool:
@@ -156,7 +158,7 @@ class Choice:
         if final:
             return self.completion_tokens
         toks = self.tokens[:min(self.middle_len, self.max_tokens)] if self.suffix_len else self.tokens
-        ends, end = char_offsets(tok, toks)[1:], start  # where each token's text ends
+        ends, end = char_offsets(tok, toks, self.skip_special)[1:], start  # where each token's text ends
         while end < len(toks) and ends[end] <= len(self.sent):
             end += 1
         return end
@@ -170,7 +172,8 @@ class Choice:
         start, self.lp_sent = self.lp_sent, max(end, self.lp_sent)
         if end <= start:
             return None
-        return logprobs_payload(kind, tok, toks, self.lps, self.tops, start, end, len(self.echo), self.ents)
+        return logprobs_payload(kind, tok, toks, self.lps, self.tops, start, end, len(self.echo), self.ents,
+                                self.skip_special)
 
     def stream_token_ids(self, tok, final: bool = False) -> list[int] | None:
         """return_token_ids in a stream: the ids of the tokens whose text this chunk completes (after `finish`: the
@@ -189,11 +192,11 @@ class Choice:
             reason = "stop"
             if len(middle) > self.max_tokens:
                 middle, reason = middle[:self.max_tokens], "length"
-            text = tok.decode(middle)
+            text = tok.decode(middle, skip_special=self.skip_special)
             cut = stop_cut(text, self.stop, self._min_text(tok, middle), self.include_stop)
             if cut is not None:
                 text, reason = text[:cut], "stop"
-                middle = tokens_for_prefix(tok, middle, text)
+                middle = tokens_for_prefix(tok, middle, text, self.skip_special)
             self.text, self.finish_reason, self.completion_tokens = text, reason, len(middle)
         else:
             self.text, self.finish_reason = done.text or "", done.finish_reason
@@ -317,7 +320,7 @@ class Planner:
         else:
             suffix_ids = self._suffix(req) if req.suffix else []
         return self._plan("completion", req, prompts, suffix_ids, echo=req.echo, param="prompt",
-                          logprobs=req.logprobs)
+                          logprobs=req.logprobs, skip_special=bool(req.skip_special_tokens))
 
     def chat(self, req: ChatCompletionRequest) -> Plan:
         if req.max_tokens is not None and req.max_completion_tokens is not None \
@@ -343,8 +346,13 @@ class Planner:
         if grammar is None and thinking:  # structured output holds the answer, after the thought
             grammar = self._grammar(req, suffix=False)
             grammar = grammar.after_thought(self.pipe.tokenizer) if grammar is not None else None
+        # the thought channel and tool calls are read from their special tokens, so with either the text keeps
+        # them (as vLLM's reasoning and tool parsers turn skip_special_tokens off); what the reply holds apart from
+        # them has none
+        skip = bool(req.skip_special_tokens) and tool_names is None and not thinking
         plan = self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
-                          logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar)
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar,
+                          skip_special=skip)
         for c in plan.choices:
             c.tool_names, c.parallel_tool_calls = tool_names, req.parallel_tool_calls is not False
             c.thinking = thinking
@@ -494,9 +502,6 @@ class Planner:
             raise invalid("stop must be up to 16 non-empty strings", "stop")
         if req.stream_options is not None and not req.stream:
             raise invalid("stream_options is only allowed with stream: true", "stream_options")
-        if req.skip_special_tokens:
-            raise unsupported("skip_special_tokens: true is not supported: the text keeps the special tokens the "
-                              "model writes (send false, or leave it out)", "skip_special_tokens")
         if req.priority and self.settings.scheduling_policy != "priority":
             raise invalid("priority needs priority scheduling: start the server with --scheduling-policy priority",
                           "priority")
@@ -539,7 +544,8 @@ class Planner:
             raise invalid(str(e), "suffix") from None
 
     def _plan(self, kind: str, req: _Common, prompts: list[tuple[list[int], str | None]], suffix_ids: list[int],
-              *, echo: bool, param: str, logprobs: int | None = None, grammar: Grammar | None = None) -> Plan:
+              *, echo: bool, param: str, logprobs: int | None = None, grammar: Grammar | None = None,
+              skip_special: bool = False) -> Plan:
         n_rows = len(prompts) * req.n
         room = self.worker.max_rows + self.worker.max_queue
         if n_rows > room:
@@ -565,7 +571,7 @@ class Planner:
                     repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
                     stop_token_ids=self._token_ids(req.stop_token_ids, "stop_token_ids"),
                     allowed_token_ids=self._token_ids(req.allowed_token_ids, "allowed_token_ids", empty=False),
-                    include_stop_str_in_output=req.include_stop_str_in_output,
+                    include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=skip_special,
                     ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
                     adaptive_steps=req.steps is None,  # steps named in the request are kept under load
                     logit_bias=self._logit_bias(req.logit_bias),
@@ -601,7 +607,7 @@ class Planner:
                 choices.append(Choice(index=p_i * req.n + j, prompt=prompt, params=params, seed=seed + j,
                                       echo=text_echo, suffix_len=len(suffix_ids),
                                       middle_len=self.canvas - len(suffix_ids), max_tokens=max_tokens,
-                                      stop=stops, logprobs=logprobs))
+                                      stop=stops, logprobs=logprobs, skip_special=skip_special))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Plan(kind=kind, model=req.model or self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
@@ -789,7 +795,8 @@ def usage(plan: Plan) -> Usage:
 def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionResponse:
     extra = {"seed": plan.seed, "choices": [c.stats() for c in plan.choices]}
     lp = {c.index: None if c.logprobs is None else
-          logprobs_payload(plan.kind, tok, c.tokens, c.lps, c.tops, 0, c.completion_tokens, len(c.echo), c.ents)
+          logprobs_payload(plan.kind, tok, c.tokens, c.lps, c.tops, 0, c.completion_tokens, len(c.echo), c.ents,
+                           c.skip_special)
           for c in plan.choices}
     for c in plan.choices:
         if c.logprobs is not None and c.done is not None and c.done.prompt_logprobs is not None \
@@ -928,7 +935,8 @@ def _by_text(tok, top) -> dict[str, float]:
 
 
 def logprobs_payload(kind: str, tok, ids: list[int], lps: list[float], tops: list, start: int, end: int,
-                     offset: int = 0, ents: list[float] | None = None) -> dict[str, Any]:
+                     offset: int = 0, ents: list[float] | None = None, skip_special: bool = False
+                     ) -> dict[str, Any]:
     """OpenAI's logprobs object for tokens [start, end) of a choice: chat's `content` entries (token, logprob,
     bytes, top_logprobs), or completions' parallel lists (tokens, token_logprobs, top_logprobs, text_offset;
     offsets count from the start of the returned text, `offset` being the echoed prompt's length). dgemma adds
@@ -943,7 +951,7 @@ def logprobs_payload(kind: str, tok, ids: list[int], lps: list[float], tops: lis
                             for i in range(start, end)], "refusal": None}
     out = {"tokens": [tok.decode([t]) for t in ids[start:end]], "token_logprobs": lps[start:end],
            "top_logprobs": [_by_text(tok, tops[i]) for i in range(start, end)],
-           "text_offset": [offset + o for o in char_offsets(tok, ids[:end])[start:end]]}
+           "text_offset": [offset + o for o in char_offsets(tok, ids[:end], skip_special)[start:end]]}
     if ents:
         out["entropies"] = ents[start:end]
     return out

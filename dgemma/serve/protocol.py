@@ -87,9 +87,11 @@ class _Common(DiffusionOptions):
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's logprob, rank and top n
     priority: int = 0  # vLLM's: with --scheduling-policy priority, lower is admitted first
-    # vLLM's; dgemma's text keeps special tokens (tool calls and the thought channel are read from them): only
-    # false is accepted
+    # vLLM's: true leaves the special tokens the model writes out of the text (None / false: kept, dgemma's
+    # default); chat with tools or thinking keeps them, to read the calls and the thought from them
     skip_special_tokens: bool | None = None
+    # vLLM's: accepted and, as in vLLM with a fast tokenizer (the only kind dgemma reads), without effect
+    spaces_between_special_tokens: bool = True
     user: str | None = None
     # structured output: OpenAI's response_format (text / json_object / json_schema), or vLLM's structured_outputs
     response_format: dict[str, Any] | None = None
