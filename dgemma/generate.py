@@ -506,6 +506,7 @@ class Engine:
                 raise GenerationError(f"adapter must be 0 (the base) or one this model serves ({live}), got {a!r}")
         if params.stop and self.tok is None:
             raise GenerationError("stop strings need a tokenizer")
+        self._check_choices(params)
         if params.grammar is not None:
             if self.tok is None:
                 raise GenerationError("a grammar needs a tokenizer")
@@ -522,6 +523,21 @@ class Engine:
                 f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the context "
                 f"of {min(self.max_len, self.cfg.max_position_embeddings)} tokens"
             )
+
+    def _check_choices(self, params: GenerationParams) -> None:
+        """A position whose every token is banned has nothing to sample: allowed_token_ids (and a first-canvas
+        position's `allowed`) holding only tokens that end the output while min_tokens bans those there, or an
+        `allowed` list outside allowed_token_ids."""
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_set)
+        everywhere = set(params.allowed_token_ids) if params.allowed_token_ids is not None else None
+        if params.min_tokens and everywhere is not None and everywhere <= ends:
+            raise GenerationError("allowed_token_ids holds only tokens that end the output (EOS, stop tokens), "
+                                  "so min_tokens leaves nothing to write before its end")
+        for pos, toks in (params.allowed or {}).items():
+            ok = set(toks) if everywhere is None else set(toks) & everywhere
+            if not ok - (ends if pos < params.min_tokens else set()):
+                raise GenerationError(f"allowed[{pos}] leaves no token to write there (with allowed_token_ids and "
+                                      "min_tokens)")
 
     def add(self, prompt: Sequence[int], params: GenerationParams) -> int:
         self.check(prompt, params)
@@ -1237,7 +1253,8 @@ class Engine:
             "encoder_passes": r.encoder_passes,
             # transformers' definition: generated (non-pad) tokens per decoder forward pass (with ar_fallback, the
             # forwards that decoded its AR spans count too)
-            "tokens_per_forward": len(r.out) / ((r.decoder_passes + r.ar_steps) or r.encoder_passes),
+            # (no forward at all: max_tokens 0 on a prompt the prefix cache held whole)
+            "tokens_per_forward": len(r.out) / max((r.decoder_passes + r.ar_steps) or r.encoder_passes, 1),
             "wall_s": wall,
             "time_to_first_commit_s": (r.t_first - r.t0) if r.t_first else None,
             "tokens_per_s": len(tokens) / wall if wall > 0 else None,

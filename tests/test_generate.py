@@ -696,6 +696,17 @@ def test_allowed_token_ids(model, mode):
     assert len(d.tokens) == 2 * T and set(d.tokens) <= {4, 8, 15, 16, 23, 42}
     with pytest.raises(GenerationError, match="at least one"):
         generate(model, [_prompt(model)], free.replace(allowed_token_ids=()))
+    # nothing left to sample is refused up front (it crashed the fused step, and AR wrote a banned token)
+    only_ends = free.replace(ignore_eos=False, allowed_token_ids=(1, 106), min_tokens=2)
+    with pytest.raises(GenerationError, match="min_tokens leaves nothing"):
+        generate(model, [_prompt(model)], only_ends)
+    with pytest.raises(GenerationError, match="min_tokens leaves nothing"):
+        generate(model, [_prompt(model)], free.replace(allowed_token_ids=(7,), stop_token_ids=(7,), min_tokens=1))
+    assert set(generate(model, [_prompt(model)], only_ends.replace(ignore_eos=True))[0].tokens) <= {1, 106}
+    with pytest.raises(GenerationError, match=r"allowed\[0\] leaves no token"):
+        generate(model, [_prompt(model)], free.replace(allowed_token_ids=(4, 8), allowed={0: [9]}))
+    with pytest.raises(GenerationError, match=r"allowed\[1\] leaves no token"):
+        generate(model, [_prompt(model)], free.replace(ignore_eos=False, allowed={1: [1]}, min_tokens=2))
 
 
 def test_fused_path_applies_vllm_extras_as_the_plain_path_does(model):

@@ -1123,6 +1123,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop_token_ids": ["a"]}, 400, "invalid_value", "stop_token_ids.0"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [1.5]}, 400, "invalid_value", "allowed_token_ids.0"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [99999]}, 400, "invalid_value", "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [1], "min_tokens": 2}, 400, "invalid_value",
+     "allowed_token_ids"),
     ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": -2}, 400, "invalid_value",
      "truncate_prompt_tokens"),
     ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, "invalid_value", "priority"),
@@ -1258,6 +1260,10 @@ def test_prefix_cache_usage_and_metrics(ckpt, client, pipe):
             assert u["cache_read_input_tokens"] == len(prompt2) and u["input_tokens"] == 0
             metric = re.search(r"^dgemma_prompt_tokens_cached_total (\S+)$", h.get("/metrics").text, re.M)
             assert float(metric.group(1)) == shared + u["cache_read_input_tokens"]
+            # max_tokens 0 on a prompt the cache holds whole: no forward at all, an empty answer (not a 500)
+            for _ in range(2):
+                r = h.post("/v1/completions", json={"model": NAME, "prompt": "Hello", "max_tokens": 0})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == "", r.text
 
 
 def test_ar_sampling_cut(client):
@@ -1363,6 +1369,8 @@ def test_runtime_lora_loading(ckpt, tmp_path, http):
                                     ({"lora_name": NAME, "lora_path": path}, 400, "lora_name"),
                                     ({"lora_name": "other", "lora_path": bad}, 400, "lora_path"),
                                     ({"lora_name": "other", "lora_path": str(tmp_path)}, 400, "lora_path"),
+                                    ({"lora_name": "other", "lora_path": "a" * 5000}, 400, "lora_path"),
+                                    ({"lora_name": "other", "lora_path": "a\u0000b"}, 400, "lora_path"),
                                     ({"lora_name": "other"}, 400, "lora_path")):
             r = h.post("/v1/load_lora_adapter", json=body)
             assert r.status_code == status and r.json()["error"]["param"] == param, r.text

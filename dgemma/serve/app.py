@@ -136,6 +136,8 @@ class State:
             loaded = await asyncio.to_thread(read_adapter, self.pipe.model, Path(path).expanduser())
         except AdapterError as e:
             raise APIError(400, str(e), param="lora_path") from None
+        except (OSError, ValueError) as e:  # a path the OS refuses (too long, a NUL byte), a file it cannot read
+            raise APIError(400, f"cannot read the adapter at {path!r}: {e}", param="lora_path") from None
         if name in self.adapters:  # a concurrent load of the same name won
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
         fut = self.worker.call(lambda: install_adapter(self.pipe.model, path, loaded))
