@@ -367,13 +367,13 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     import argparse
 
-    from .cli import positive_int
+    from .cli import device_arg, positive_int
 
     p = argparse.ArgumentParser(prog="dgemma bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ", ".join(ENGINES))
     p.add_argument("--threads", type=positive_int, help="torch threads in each engine process (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights and activations of every engine (default: the device's fastest, as dgemma picks it: "
                         "bfloat16 on CUDA and on CPUs with native bf16, float32 on other CPUs)")
@@ -400,13 +400,7 @@ def main(argv=None) -> int:
         os.environ["DGEMMA_BENCH_THREADS"] = str(args.threads)
     import torch
 
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
-        print(f"dgemma bench: error: --device {args.device}: use cpu, or cuda on a machine with CUDA", file=sys.stderr)
-        return 2
+    dev = torch.device(args.device)
     if args.dtype is None:
         from .pipeline import default_dtype
 

@@ -149,7 +149,7 @@ def add_model_args(s) -> None:
     s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights and activations dtype (default: the "
                    "device's fastest: bfloat16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; float32 "
                    "on other CPUs; DGEMMA_CPU_DTYPE pins the CPU's)")
-    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
                    "weights as they load; a MODEL that is itself an adapter directory loads the base it records")
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass (a one-off "
@@ -850,6 +850,24 @@ def torch_float32():
     import torch
 
     return torch.float32
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a device dgemma runs on that this machine has (cpu, cuda, cuda:N)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (or torch was built without "
+                                         "CUDA); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def positive_int(text: str) -> int:

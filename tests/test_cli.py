@@ -166,6 +166,19 @@ def test_generate_logprobs_and_logit_bias(ckpt_tok, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["generate", "serve", "bench"])
+def test_bad_device_is_a_usage_error(ckpt_tok, capsys, command):
+    """--device names a device this machine has: anything else is argparse's one-line error, not a traceback."""
+    from dgemma.cli import main
+
+    model = [] if command == "bench" else [str(ckpt_tok)]
+    for device, msg in (("tpu", "use cpu, cuda or cuda:N"), ("cuda:99", "CUDA device")):
+        with pytest.raises(SystemExit) as e:
+            main([command, *model, "--device", device])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err, err
+
+
 def test_generate_vllm_extras(ckpt_tok, capsys):
     """--stop-token-id, --min-tokens and --repetition-penalty reach the engine; a bad value is one clear line."""
     from dgemma.cli import main

@@ -1,5 +1,6 @@
 """Randomised requests against `dgemma serve` (fixed seeds): a client's mistake is never a 5xx, and a valid request
-gives the same answer streamed and not, whatever runs beside it (rows are batch-invariant). These found a step that
+gives the same answer streamed and not, whatever runs beside it (rows are batch-invariant), on the chat and
+completions endpoints, the Responses API and the Messages API. These found a step that
 crashed every row batched with a request that left nothing to sample, and a division by zero on max_tokens 0.
 DGEMMA_FUZZ=N runs N times as many requests (N=20 is a few minutes)."""
 
@@ -167,7 +168,7 @@ def test_random_valid_requests_agree_streamed_and_not(http):
     and the stream's pieces add up to the answer); a request it refuses is refused both ways."""
     rnd = random.Random(1)
     jobs = []
-    for _ in range(150 * SCALE):
+    for _ in range(100 * SCALE):
         path = rnd.choice(list(VALID))
         base, pool = VALID[path]
         body = dict(base, seed=rnd.randrange(100))
@@ -186,3 +187,97 @@ def test_random_valid_requests_agree_streamed_and_not(http):
     differ = [(job, a, b) for job, a, b in results if (a[0], b[0]) != (400, 400) and a != b]
     assert not differ, differ[:3]
     assert sum(a[0] == 200 for _, a, _ in results) > len(results) // 2  # most combinations run
+
+
+# ---------------------------------------------------------------- the other APIs' streams
+RESPONSES = {"input": ["Hi", [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]],
+             "max_output_tokens": [1, 8, 40], "instructions": ["Be brief"], "temperature": [0, 1], "top_p": [0.5],
+             "tools": [[{"type": "function", "name": "now", "parameters": {"type": "object", "properties": {}}}]],
+             "tool_choice": ["auto", "required", "none"], "text": [{"format": {"type": "json_object"}}],
+             "reasoning": [{"effort": "low"}]}
+MESSAGES = {"messages": [[{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                          {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "More"}]],
+            "max_tokens": [1, 8, 40], "system": ["S", [{"type": "text", "text": "S"}]], "stop_sequences": [["a"], []],
+            "temperature": [0, 1], "top_k": [1, 5], "top_p": [0.5],
+            "tools": [[{"name": "now", "input_schema": {"type": "object", "properties": {}}}]],
+            "tool_choice": [{"type": "auto"}, {"type": "any"}, {"type": "tool", "name": "now"}, {"type": "none"}],
+            "thinking": [{"type": "enabled", "budget_tokens": 1024}]}
+
+
+def _events(r: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def _response_summary(resp: dict) -> tuple:
+    """(status, text, function calls, reasoning) of a Responses API response object."""
+    text = "".join(p["text"] for item in resp["output"] if item["type"] == "message" for p in item["content"])
+    calls = [(i["name"], i["arguments"]) for i in resp["output"] if i["type"] == "function_call"]
+    thought = "".join(p["text"] for i in resp["output"] if i["type"] == "reasoning" for p in i.get("content") or [])
+    return resp["status"], text, calls, thought
+
+
+def _message_summary(msg: dict) -> tuple:
+    """(stop reason, text, tool uses, thinking) of an Anthropic message."""
+    blocks = msg["content"]
+    return (msg["stop_reason"], "".join(b["text"] for b in blocks if b["type"] == "text"),
+            [(b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"],
+            "".join(b["thinking"] for b in blocks if b["type"] == "thinking"))
+
+
+def _responses_both(http, body: dict):
+    r = http.post("/v1/responses", json=body)
+    if r.status_code != 200:
+        return (r.status_code,), (r.status_code,)
+    plain = _response_summary(r.json())
+    with http.stream("POST", "/v1/responses", json=dict(body, stream=True)) as s:
+        events = _events(s)
+    done = [e for e in events if e["type"] in ("response.completed", "response.failed")]
+    if s.status_code != 200 or len(done) != 1 or done[0]["type"] != "response.completed":
+        return plain, (s.status_code, events[-1:])
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    final = _response_summary(done[0]["response"])
+    return plain, final if deltas == final[1] else (final, "deltas", deltas)
+
+
+def _messages_both(http, body: dict):
+    r = http.post("/v1/messages", json=body)
+    if r.status_code != 200:
+        return (r.status_code,), (r.status_code,)
+    plain = _message_summary(r.json())
+    with http.stream("POST", "/v1/messages", json=dict(body, stream=True)) as s:
+        events = _events(s)
+    if s.status_code != 200 or events[-1]["type"] != "message_stop":
+        return plain, (s.status_code, events[-1:])
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    thought = "".join(e["delta"].get("thinking", "") for e in events if e["type"] == "content_block_delta")
+    tools = [(e["content_block"]["name"], json.loads(d["delta"]["partial_json"]))
+             for e, d in zip(events, events[1:]) if e["type"] == "content_block_start"
+             and e["content_block"]["type"] == "tool_use"]
+    stop = next(e["delta"]["stop_reason"] for e in events if e["type"] == "message_delta")
+    return plain, (stop, text, tools, thought)
+
+
+def test_responses_and_messages_streams_agree(http):
+    """Random valid Responses and Messages requests: the stream's deltas add up to the answer the same request
+    gets unstreamed (text, calls, thought, how it ended), and neither is ever a 5xx."""
+    rnd = random.Random(2)
+    jobs = []
+    for _ in range(40 * SCALE):
+        kind = rnd.choice(["responses", "messages"])
+        pool = RESPONSES if kind == "responses" else MESSAGES
+        body = {"model": NAME, "input": "Hi", "max_output_tokens": 8} if kind == "responses" else \
+            {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+        body["seed"] = rnd.randrange(100)  # both APIs take dgemma's seed
+        for field in rnd.sample(list(pool), rnd.randint(1, 4)):
+            body[field] = rnd.choice(pool[field])
+        jobs.append((kind, body))
+
+    def both(job):
+        kind, body = job
+        return job, *(_responses_both if kind == "responses" else _messages_both)(http, body)
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(both, jobs))
+    bad = [x for x in results if x[1] != x[2] or x[1][0] in range(500, 600)]
+    assert not bad, bad[:3]
+    assert sum(len(a) > 1 for _, a, _ in results) > len(results) // 2
