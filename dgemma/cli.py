@@ -194,6 +194,8 @@ def add_sampling_args(s) -> None:
     g.add_argument("--min-tokens", type=int, metavar="N", help="no EOS, stop token or stop string before N tokens")
     g.add_argument("--stop-token-id", type=int, action="append", metavar="ID", help="end the output at this token "
                    "as at EOS (repeatable; kept in the text unless it is a special token)")
+    g.add_argument("--bad-word", action="append", metavar="WORD", help="never write this word (repeatable; vLLM's "
+                   "bad_words: also with a leading space; diffusion bans words of one token, --ar any word)")
     g.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability (raw logits, "
                    "at the step that emitted it) and the N most likely tokens there (0-20)")
     g = s.add_argument_group("structured output (the text is held to a grammar; one of these)").\
@@ -206,8 +208,10 @@ def add_sampling_args(s) -> None:
     g.add_argument("--grammar", metavar="FILE", help="text in the language of this Lark grammar (start rule `start`)")
 
 
-def sampling_options(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
+def sampling_options(args, pipe=None) -> dict:
+    """The sampling flags as `Pipeline.params` options (`pipe` spells --bad-word's words in its tokens)."""
+    bad = getattr(args, "bad_word", None)
+    return {"bad_words": pipe.bad_words_ids(bad) if bad and pipe is not None else None,"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
             "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
             "stability": args.stability, "confidence": args.confidence, "restarts": args.restarts,
             "stop": args.stop,
@@ -365,7 +369,7 @@ def cmd_generate(args) -> int:
     split_model_prompt(args)
     text = _read_prompt(args)
     pipe = load_pipeline(args)
-    opts = sampling_options(args)
+    opts = sampling_options(args, pipe)
     if text == "":
         raise UsageError("the prompt is empty")
     n_suffix = None
@@ -416,7 +420,7 @@ def cmd_chat(args) -> int:
     from .tools import read_reply
 
     pipe = load_pipeline(args)
-    opts = sampling_options(args)
+    opts = sampling_options(args, pipe)
     tools, names, forced = _chat_tools(args, pipe, structured=opts["grammar"] is not None)
     if opts["grammar"] is not None and args.think:
         opts["grammar"] = opts["grammar"].after_thought(pipe.tokenizer)

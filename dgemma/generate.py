@@ -95,6 +95,10 @@ class GenerationParams:
     skip_special_tokens: bool = False
     # vLLM's: only these tokens can be sampled, at every position of every canvas (every AR step); None: all
     allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's bad_words as token-id sequences (`Pipeline.bad_words_ids` spells words as vLLM does): a one-token
+    # word is never sampled; a longer one (AR only: a canvas writes its tokens together) cannot end after its
+    # first tokens, so the output never holds it
+    bad_words: tuple[tuple[int, ...], ...] = ()
     # Diffusion: a canvas that ends (after its restarts) with a mean entropy above this is not used; its span is
     # decoded autoregressively by the same weights instead (up to canvas_length tokens, at ar_temperature), then
     # denoising resumes with the next canvas. None: never. The model's own uncertainty routes the hard spans.
@@ -180,6 +184,15 @@ class GenerationParams:
                 raise GenerationError(f"{name} must be token ids in the vocabulary (0..{vocab - 1})")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise GenerationError("allowed_token_ids must name at least one token")
+        if isinstance(self.bad_words, (str, bytes)) or any(
+                isinstance(w, (str, bytes)) or not w or any(not isinstance(t, int) or isinstance(t, bool)
+                                                            or not 0 <= t < vocab for t in w) for w in self.bad_words):
+            raise GenerationError(f"bad_words must be non-empty sequences of token ids in the vocabulary "
+                                  f"(0..{vocab - 1})")
+        if self.mode == DIFFUSION and any(len(w) > 1 for w in self.bad_words):
+            raise GenerationError("bad_words: diffusion bans words of one token (a canvas writes its tokens "
+                                  "together, so a longer word cannot be cut at its last token); decode AR for longer "
+                                  "ones")
         if self.ar_fallback is not None:
             if not isinstance(self.ar_fallback, (int, float)) or isinstance(self.ar_fallback, bool) \
                     or self.ar_fallback < 0:
@@ -196,7 +209,8 @@ class GenerationParams:
                 raise GenerationError(f"grammar must be a dgemma.structured.Grammar, got {type(self.grammar)}")
             for name, clash in (("fixed", self.fixed), ("allowed", self.allowed), ("ignore_eos", self.ignore_eos),
                                 ("min_tokens", self.min_tokens),
-                                ("allowed_token_ids", self.allowed_token_ids is not None)):
+                                ("allowed_token_ids", self.allowed_token_ids is not None),
+                                ("bad_words", bool(self.bad_words))):
                 if clash:
                     raise GenerationError(f"a grammar cannot be combined with {name}")
             if self.rng != "row":
@@ -321,10 +335,16 @@ class _Row:
             self.seen = torch.zeros(vocab, dtype=torch.bool)
             self.seen[torch.tensor(prompt, dtype=torch.long)] = True
         self.allow = params.allowed_token_ids
+        # bad_words: one-token words are a -inf logit_bias; longer ones, last token -> the tokens before it (AR)
+        self.bad_tokens = {w[0] for w in params.bad_words if len(w) == 1}
+        self.bad_after: dict[int, list[tuple[int, ...]]] = {}
+        for w in params.bad_words:
+            if len(w) > 1:
+                self.bad_after.setdefault(w[-1], []).append(tuple(w[:-1]))
         self.stop_ids = frozenset(params.stop_token_ids)
         self.ends: frozenset[int] = self.stop_ids  # tokens that end the output (Engine.add adds EOS)
         self.ban_ids: list[int] = []  # min_tokens: the `ends`, banned until the output holds min_tokens
-        self._set_bias(params.logit_bias or {}, {})
+        self._set_bias({**(params.logit_bias or {}), **dict.fromkeys(self.bad_tokens, float("-inf"))}, {})
         self.matcher = None  # structured.Matcher with a grammar (set by Engine.add)
         self.frontier = 0  # grammar: positions of the current canvas committed, left to right
         self.limit = canvas  # grammar: positions of the current canvas that can reach the output
@@ -401,6 +421,12 @@ class _Row:
             logits[..., rep] = S.repetition_penalty(logits[..., rep], self.p.repetition_penalty)
         if after is not None:
             logits += after
+
+    def bad_next(self) -> list[int]:
+        """bad_words of several tokens: the tokens that would end one after the output so far (AR)."""
+        out = self.out
+        return [t for t, heads in self.bad_after.items()
+                if any(len(h) <= len(out) and tuple(out[len(out) - len(h):]) == h for h in heads)]
 
     def early_bans(self) -> int:
         """min_tokens: how many positions from the next output token on may not end the output."""
@@ -530,9 +556,15 @@ class Engine:
         `allowed` list outside allowed_token_ids."""
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_set)
         everywhere = set(params.allowed_token_ids) if params.allowed_token_ids is not None else None
+        banned = {w[0] for w in params.bad_words if len(w) == 1}
+        if banned:
+            everywhere = (everywhere if everywhere is not None else set(range(self.V))) - banned
+            if not everywhere:
+                raise GenerationError("allowed_token_ids and bad_words leave no token to write")
         if params.min_tokens and everywhere is not None and everywhere <= ends:
-            raise GenerationError("allowed_token_ids holds only tokens that end the output (EOS, stop tokens), "
-                                  "so min_tokens leaves nothing to write before its end")
+            what = "allowed_token_ids less the bad_words" if banned else "allowed_token_ids"
+            raise GenerationError(f"{what} holds only tokens that end the output (EOS, stop tokens), so min_tokens "
+                                  "leaves nothing to write before its end")
         for pos, toks in (params.allowed or {}).items():
             ok = set(toks) if everywhere is None else set(toks) & everywhere
             if not ok - (ends if pos < params.min_tokens else set()):
@@ -1174,13 +1206,19 @@ class Engine:
 
     def _ar_token(self, r: _Row, logits: torch.Tensor, events) -> None:
         r.refresh_penalties()
-        if r.adjusted or r.early_bans() or (len(r.allowed_pos) and len(r.out) < self.T):
+        bad = r.bad_next() if r.bad_after else []
+        if r.adjusted or r.early_bans() or (len(r.allowed_pos) and len(r.out) < self.T) or bad:
             logits = logits.clone()
             r.add_bias(logits)
             r.ban_early(logits[None])
             r.constrain(logits[None], first=len(r.out))
+            logits[bad] = float("-inf")
         if r.matcher is not None:
             logits = logits.masked_fill(~r.matcher.allowed().to(logits.device), float("-inf"))
+        if bad and not bool(torch.isfinite(logits).any()):  # every token left would finish a bad word: end here
+            r.phase, r.finished = "ar", "stop"
+            events.append(Commit(r.id, len(r.out), [], 1))
+            return
         if r.p.ar_temperature > 0:
             probs = torch.softmax(logits.float() / r.p.ar_temperature, dim=-1)
             if r.p.truncates:

@@ -27,7 +27,7 @@ PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "i
                  "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar", "presence_penalty",
                  "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps",
                  "repetition_penalty", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
-                 "allowed_token_ids", "skip_special_tokens"}
+                 "allowed_token_ids", "skip_special_tokens", "bad_words"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
@@ -126,6 +126,20 @@ class Pipeline:
         """The suffix tokens an infill uses: its first quarter-canvas (the rest is too far away to matter)."""
         T = self.model.cfg.canvas_length
         return (self.encode(suffix, add_bos=False) if suffix else [])[:max(T // 4, 1)]
+
+    def bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's bad_words as token-id sequences, spelled as vLLM spells them: each word without its leading
+        spaces, and with one leading space where that is as many tokens and starts with another token."""
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            if not isinstance(word, str) or not word.strip():
+                raise GenerationError(f"bad_words must be non-empty strings, got {word!r}")
+            bare = tuple(self.encode(word.lstrip(), add_bos=False))
+            spaced = tuple(self.encode(" " + word.lstrip(), add_bos=False))
+            out.append(bare)
+            if len(spaced) == len(bare) and spaced[0] != bare[0]:
+                out.append(spaced)
+        return tuple(dict.fromkeys(out))
 
     def has_fim(self) -> bool:
         tok = self.tokenizer

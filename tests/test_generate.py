@@ -709,6 +709,37 @@ def test_allowed_token_ids(model, mode):
         generate(model, [_prompt(model)], free.replace(ignore_eos=False, allowed={1: [1]}, min_tokens=2))
 
 
+@pytest.mark.parametrize("mode", [DIFFUSION, AR])
+def test_bad_words(model, mode):
+    """bad_words: a one-token word is never sampled (diffusion and AR, fused head or not); AR also never writes a
+    longer one, and writes what it wrote without it up to where the word began."""
+    from collections import Counter
+
+    T = model.cfg.canvas_length
+    free = GenerationParams(max_new_tokens=2 * T, ignore_eos=True, sampler=SamplerConfig(max_denoising_steps=4),
+                            mode=mode, seed=1)
+    plain = generate(model, [_prompt(model)], free)[0].tokens
+    common = Counter(plain).most_common(1)[0][0]
+    for fused in (True, False):
+        d = generate(model, [_prompt(model)], free.replace(bad_words=((common,),)), fused_head=fused)[0]
+        assert len(d.tokens) == 2 * T and common not in d.tokens
+    if mode == DIFFUSION:
+        with pytest.raises(GenerationError, match="diffusion bans words of one token"):
+            generate(model, [_prompt(model)], free.replace(bad_words=((4, 5),)))
+        return
+    k = next(i for i in range(1, len(plain)) if plain[i] != plain[i - 1])  # a pair of two different tokens
+    pair = (plain[k - 1], plain[k])
+    d = generate(model, [_prompt(model)], free.replace(bad_words=(pair,)))[0].tokens
+    assert all((a, b) != pair for a, b in zip(d, d[1:])) and d[:k] == plain[:k] and d[k] != plain[k]
+    with pytest.raises(GenerationError, match="bad_words must be"):
+        generate(model, [_prompt(model)], free.replace(bad_words=((),)))
+    # every token the word leaves would finish it: the output ends there
+    d = generate(model, [_prompt(model)], free.replace(allowed_token_ids=(4, 5), bad_words=((4, 4), (4, 5))))[0]
+    assert d.tokens[-1] == 4 and set(d.tokens) <= {4, 5} and d.finish_reason == "stop"
+    with pytest.raises(GenerationError, match="leave no token"):
+        generate(model, [_prompt(model)], free.replace(allowed_token_ids=(4,), bad_words=((4,),)))
+
+
 def test_fused_path_applies_vllm_extras_as_the_plain_path_does(model):
     """repetition_penalty (with and without the other biases), allowed_token_ids and min_tokens in the fused
     head: the plain path's tokens and logprobs, next to a row with none of them."""

@@ -280,6 +280,22 @@ def test_char_offsets_are_linear_and_exact(pipe):
     assert char_offsets(tok, [tok.bos_id, *ids], skip_special=True)[1:] == off
 
 
+def test_bad_words(client, pipe):
+    """vLLM's bad_words: never in the text, diffusion (one-token words) and AR (any word); spelled as vLLM spells
+    them, with and without a leading space."""
+    # " ab" is one token more than "ab" here (bytes), so vLLM's rule keeps the bare word alone
+    assert pipe.bad_words_ids([" ab"]) == (tuple(pipe.encode("ab", add_bos=False)),)
+    y, z = (pipe.tokenizer.encode(c, add_bos=False)[0] for c in "yz")
+    kw = dict(seed=2, max_tokens=40, ignore_eos=True, extra_body={"allowed_token_ids": [y, z]})
+    assert "y" in complete(client, "Hi", **kw).choices[0].text
+    kw["extra_body"]["bad_words"] = ["y"]
+    assert complete(client, "Hi", **kw).choices[0].text == "z" * 40
+    kw["extra_body"].update(bad_words=["zy", "yy"], ar=True)
+    text = complete(client, "Hi", temperature=1, **kw).choices[0].text
+    assert len(text) == 40 and "zy" not in text and "yy" not in text  # only "y" first, then z's
+    assert text.lstrip("y") == "z" * len(text.lstrip("y")) and len(text) - len(text.lstrip("y")) <= 1
+
+
 def test_skip_special_tokens(client, pipe):
     """vLLM's skip_special_tokens: true leaves the special tokens the model writes out of the text, streamed or
     not, with log-probability offsets into that text; stop strings match it; the tokens are the same either way.
@@ -1128,7 +1144,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "truncate_prompt_tokens": -2}, 400, "invalid_value",
      "truncate_prompt_tokens"),
     ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, "invalid_value", "priority"),
-    ("/v1/completions", {"prompt": "x", "bad_words": ["x"]}, 400, "unrecognized_argument", "bad_words"),
+    ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "unrecognized_argument", "use_beam_search"),
+    ("/v1/completions", {"prompt": "x", "bad_words": [" "]}, 400, "invalid_value", "bad_words"),
+    ("/v1/completions", {"prompt": "x", "bad_words": "x"}, 400, "invalid_value", "bad_words"),
+    ("/v1/completions", {"prompt": "x", "bad_words": ["two words"]}, 400, "unsupported_parameter", "bad_words"),
     ("/v1/completions", {"prompt": "x", "skip_special_tokens": "maybe"}, 400, "invalid_value", "skip_special_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True},
      400, "invalid_value", "messages"),

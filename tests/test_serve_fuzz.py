@@ -40,7 +40,7 @@ ENDPOINTS = {
     "/v1/completions": ({"model": NAME, "prompt": "Hello", "max_tokens": 8, "seed": 1}, [
         "prompt", "max_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature", "top_p", "top_k",
         "min_p", "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "min_tokens",
-        "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "truncate_prompt_tokens",
+        "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "bad_words", "truncate_prompt_tokens",
         "return_token_ids", "prompt_logprobs", "priority", "skip_special_tokens", "response_format",
         "structured_outputs", "suffix", "echo", "best_of", "logprobs", "steps", "entropy_bound", "t_min", "t_max",
         "stability_threshold", "confidence_threshold", "restarts", "ar", "stream_drafts", "ignore_eos",
@@ -68,6 +68,7 @@ SAMPLING = {
     "repetition_penalty": [0.5, 1.2], "min_tokens": [0, 1, 3, 20], "stop_token_ids": [[5], [106], []],
     "include_stop_str_in_output": [True], "allowed_token_ids": [[5, 6], [1], [105, 70]],
     "truncate_prompt_tokens": [-1, 1, 2], "return_token_ids": [True], "skip_special_tokens": [True, False],
+    "bad_words": [["y"], ["ab"], []],
     "response_format": [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
                         {"type": "text"}],
     "structured_outputs": [{"regex": "[ab]{2,5}"}, {"choice": ["yes", "no"]}, {"json": {"type": "array"}}],

@@ -372,3 +372,16 @@ def test_gguf_errors(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match="too small"):
         read_gguf_tokenizer(tmp_path / "empty.gguf")
+
+
+def test_bad_words_spelled_as_vllm(gemma3_tok):
+    """Pipeline.bad_words_ids on Gemma's tokenizer: each word bare, and with a leading space where that is as many
+    tokens (vLLM's SamplingParams rule), so " hello" mid-sentence is banned as well as "hello"."""
+    from conftest import tiny_config
+    from dgemma.model import DiffusionGemma
+    from dgemma.pipeline import Pipeline
+
+    pipe = Pipeline(DiffusionGemma(tiny_config("a")), gemma3_tok)
+    enc = lambda t: tuple(gemma3_tok.encode(t, add_bos=False))  # noqa: E731
+    assert len(enc("hello")) == len(enc(" hello")) == 1
+    assert pipe.bad_words_ids(["hello", "  hello"]) == (enc("hello"), enc(" hello"))

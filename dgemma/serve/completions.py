@@ -571,6 +571,7 @@ class Planner:
                     repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
                     stop_token_ids=self._token_ids(req.stop_token_ids, "stop_token_ids"),
                     allowed_token_ids=self._token_ids(req.allowed_token_ids, "allowed_token_ids", empty=False),
+                    bad_words=self._bad_words(req),
                     include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=skip_special,
                     ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
                     adaptive_steps=req.steps is None,  # steps named in the request are kept under load
@@ -684,6 +685,23 @@ class Planner:
             raise invalid("draft is empty", "draft")
         if len(ids) > room:
             raise invalid(f"draft is {len(ids)} tokens; the first canvas has room for {room}", "draft")
+        return ids
+
+    def _bad_words(self, req: _Common) -> tuple[tuple[int, ...], ...]:
+        """vLLM's bad_words as token sequences (`Pipeline.bad_words_ids`); diffusion bans words of one token."""
+        if not req.bad_words:
+            return ()
+        if self.pipe.tokenizer is None:
+            raise invalid("this checkpoint has no tokenizer, so bad_words cannot be spelled in tokens", "bad_words")
+        try:
+            ids = self.pipe.bad_words_ids(req.bad_words)
+        except GenerationError as e:
+            raise invalid(str(e), "bad_words") from None
+        long = next((w for w in ids if len(w) > 1), None)
+        if long is not None and not req.ar:
+            raise unsupported(f"bad_words: {self.pipe.decode(list(long))!r} is {len(long)} tokens; diffusion bans "
+                              "words of one token (a canvas writes its tokens together, so a longer word cannot be "
+                              "cut at its last token); send ar: true to ban longer words", "bad_words")
         return ids
 
     def _token_ids(self, ids: list[int] | None, param: str, empty: bool = True) -> tuple[int, ...] | None:
