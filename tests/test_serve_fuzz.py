@@ -225,30 +225,31 @@ def _message_summary(msg: dict) -> tuple:
             "".join(b["thinking"] for b in blocks if b["type"] == "thinking"))
 
 
-def _responses_both(http, body: dict):
-    r = http.post("/v1/responses", json=body)
+def _both(http, path: str, body: dict, summary):
+    """The unstreamed answer's summary and the status and events of the same request streamed; (status,) twice
+    when the server refuses it."""
+    r = http.post(path, json=body)
     if r.status_code != 200:
-        return (r.status_code,), (r.status_code,)
-    plain = _response_summary(r.json())
-    with http.stream("POST", "/v1/responses", json=dict(body, stream=True)) as s:
+        return (r.status_code,), (r.status_code,), []
+    with http.stream("POST", path, json=dict(body, stream=True)) as s:
         events = _events(s)
+    return summary(r.json()), (s.status_code,), events
+
+
+def _responses_both(http, body: dict):
+    plain, status, events = _both(http, "/v1/responses", body, _response_summary)
     done = [e for e in events if e["type"] in ("response.completed", "response.failed")]
-    if s.status_code != 200 or len(done) != 1 or done[0]["type"] != "response.completed":
-        return plain, (s.status_code, events[-1:])
+    if status != (200,) or len(done) != 1 or done[0]["type"] != "response.completed":
+        return plain, (status, events[-1:]) if events else status
     deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     final = _response_summary(done[0]["response"])
     return plain, final if deltas == final[1] else (final, "deltas", deltas)
 
 
 def _messages_both(http, body: dict):
-    r = http.post("/v1/messages", json=body)
-    if r.status_code != 200:
-        return (r.status_code,), (r.status_code,)
-    plain = _message_summary(r.json())
-    with http.stream("POST", "/v1/messages", json=dict(body, stream=True)) as s:
-        events = _events(s)
-    if s.status_code != 200 or events[-1]["type"] != "message_stop":
-        return plain, (s.status_code, events[-1:])
+    plain, status, events = _both(http, "/v1/messages", body, _message_summary)
+    if status != (200,) or events[-1]["type"] != "message_stop":
+        return plain, (status, events[-1:]) if events else status
     text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
     thought = "".join(e["delta"].get("thinking", "") for e in events if e["type"] == "content_block_delta")
     tools = [(e["content_block"]["name"], json.loads(d["delta"]["partial_json"]))
