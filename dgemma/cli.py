@@ -654,7 +654,7 @@ def _finish_training(trainer) -> int:
     if trainer.dist.main:
         shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
         print(json.dumps({"out": str(trainer.out), "step": trainer.step, **shown}))
-    trainer.dist.close()
+    trainer.close()
     return 0
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,24 +20,40 @@ TINY = ["--preset", "tiny", "--set", "vocab_size=16", "--set", "eos_token_id=[1]
         "--set", "canvas_length=8", "--threads", "1"]
 
 
-def run(cmd: list[str], env: dict, timeout: float = 150) -> subprocess.CompletedProcess:
-    """Run `cmd` in its own session. If it outlives `timeout`, every process in the session gets SIGABRT first,
-    which PYTHONFAULTHANDLER turns into a Python traceback of each thread on stderr, then SIGKILL; the test fails
-    with that stderr, so a hang says where it hung."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**env, "PYTHONFAULTHANDLER": "1"}, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGABRT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd[:6])} ... hung for {timeout} s; its stderr:\n{err[-6000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+def _session_and_workers(pid: int, marker: str) -> list[int]:
+    """The processes to stop: `pid`'s, and every process whose command line holds `marker` (torchrun starts its
+    workers in sessions of their own, so killing torchrun's process group leaves them running)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+def run(cmd: list[str], env: dict, marker: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session, its output in files (a worker left behind cannot hold a pipe open). If it
+    outlives `timeout`, it and every process whose command line holds `marker` get SIGABRT, which
+    PYTHONFAULTHANDLER turns into a Python traceback of each thread on stderr, then SIGKILL; the test fails with
+    that stderr, so a hang says where it hung."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT,
+                                env={**env, "PYTHONFAULTHANDLER": "1"}, start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGABRT, signal.SIGKILL):
+                for pid in _session_and_workers(proc.pid, marker):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, sig) if pid == proc.pid else os.kill(pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+            err.seek(0)
+            raise AssertionError(f"{' '.join(cmd[:6])} ... hung for {timeout} s; its stderr:\n"
+                                 f"{err.read()[-6000:]}") from None
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def curve(out: Path) -> dict[int, float]:
@@ -55,11 +72,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     common = ["train", "--data", str(data), *TINY, "--steps", "6", "--batch-size", "8", "--lr", "3e-3",
               "--warmup", "2", "--log-every", "1", "--save-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = run([sys.executable, "-m", "dgemma.cli", *common, "--out", str(tmp_path / "one")], env)
+    one = run([sys.executable, "-m", "dgemma.cli", *common, "--out", str(tmp_path / "one")], env, str(tmp_path))
     assert one.returncode == 0, one.stderr
     # two ranks of 4 examples each, and each rank accumulates two micro-batches of 2
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dgemma.cli", *common, "--micro-batch", "2", "--out", str(tmp_path / "two")], env)
+               "-m", "dgemma.cli", *common, "--micro-batch", "2", "--out", str(tmp_path / "two")], env, str(tmp_path))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))

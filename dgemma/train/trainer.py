@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import sys
@@ -368,6 +369,14 @@ class Trainer:
             # RoPE tables in set() order, which differs between processes (PYTHONHASHSEED): broadcasting them
             # would write one layer type's table into the other's.
             self.ddp = DDP(self.module, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+
+    def close(self) -> None:
+        """End the run's process group, if any. DDP's reducer goes first: freed after the group is destroyed (when
+        the Trainer is collected, at exit) it can hang there, as CI saw under load; then every rank tears the
+        group down together (`DistEnv.close`)."""
+        self.ddp = None
+        gc.collect()
+        self.dist.close()
 
     # ------------------------------------------------------------ state
     def _load(self, ckpt: Path) -> None:
