@@ -57,6 +57,8 @@ ENDPOINTS = {
         "tool_choice", "thinking", "model"]),
     "/tokenize": ({"model": NAME, "prompt": "Hi"}, ["prompt", "messages", "add_special_tokens", "tools"]),
     "/detokenize": ({"model": NAME, "tokens": [3, 4]}, ["tokens", "model"]),
+    "/v1/load_lora_adapter": ({"lora_name": "a", "lora_path": "/nonexistent"}, ["lora_name", "lora_path"]),
+    "/v1/unload_lora_adapter": ({"lora_name": "a"}, ["lora_name"]),
 }
 
 # ---------------------------------------------------------------- valid values, combined at random
@@ -97,7 +99,7 @@ VALID = {"/v1/completions": ({"model": NAME, "prompt": "Hello", "max_tokens": 8}
 def http(tmp_path_factory):
     ckpt = build_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny")
     settings = ServerSettings(model_name=NAME, max_concurrency=3, max_queue=32, max_tokens_limit=512,
-                              max_context=1024, max_body_bytes=64 * 1024)
+                              max_context=1024, max_body_bytes=64 * 1024, allow_runtime_lora=True)
     with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
         with httpx.Client(base_url=s.url, timeout=120) as c:
             yield c
