@@ -211,7 +211,7 @@ def add_sampling_args(s) -> None:
 def sampling_options(args, pipe=None) -> dict:
     """The sampling flags as `Pipeline.params` options (`pipe` spells --bad-word's words in its tokens)."""
     bad = getattr(args, "bad_word", None)
-    return {"bad_words": pipe.bad_words_ids(bad) if bad and pipe is not None else None,"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
+    return {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "steps": args.steps,
             "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
             "stability": args.stability, "confidence": args.confidence, "restarts": args.restarts,
             "stop": args.stop,
@@ -225,7 +225,8 @@ def sampling_options(args, pipe=None) -> dict:
             "ignore_eos": True if getattr(args, "ignore_eos", False) else None,
             "stop_token_ids": tuple(args.stop_token_id) if getattr(args, "stop_token_id", None) else None,
             "ar_fallback": getattr(args, "ar_fallback", None),
-            "skip_special_tokens": True if getattr(args, "skip_special_tokens", False) else None}
+            "skip_special_tokens": True if getattr(args, "skip_special_tokens", False) else None,
+            "bad_words": pipe.bad_words_ids(bad) if bad and pipe is not None else None}
 
 
 def _grammar(args):

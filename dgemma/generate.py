@@ -122,6 +122,11 @@ class GenerationParams:
     adaptive_steps: bool = True
 
     @property
+    def bad_tokens(self) -> frozenset[int]:
+        """The bad_words of one token: never sampled."""
+        return frozenset(w[0] for w in self.bad_words if len(w) == 1)
+
+    @property
     def truncates(self) -> bool:
         """Whether min_p, top_k or top_p cut anything."""
         return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
@@ -336,7 +341,6 @@ class _Row:
             self.seen[torch.tensor(prompt, dtype=torch.long)] = True
         self.allow = params.allowed_token_ids
         # bad_words: one-token words are a -inf logit_bias; longer ones, last token -> the tokens before it (AR)
-        self.bad_tokens = {w[0] for w in params.bad_words if len(w) == 1}
         self.bad_after: dict[int, list[tuple[int, ...]]] = {}
         for w in params.bad_words:
             if len(w) > 1:
@@ -344,7 +348,7 @@ class _Row:
         self.stop_ids = frozenset(params.stop_token_ids)
         self.ends: frozenset[int] = self.stop_ids  # tokens that end the output (Engine.add adds EOS)
         self.ban_ids: list[int] = []  # min_tokens: the `ends`, banned until the output holds min_tokens
-        self._set_bias({**(params.logit_bias or {}), **dict.fromkeys(self.bad_tokens, float("-inf"))}, {})
+        self._set_bias({**(params.logit_bias or {}), **dict.fromkeys(params.bad_tokens, float("-inf"))}, {})
         self.matcher = None  # structured.Matcher with a grammar (set by Engine.add)
         self.frontier = 0  # grammar: positions of the current canvas committed, left to right
         self.limit = canvas  # grammar: positions of the current canvas that can reach the output
@@ -555,18 +559,17 @@ class Engine:
         position's `allowed`) holding only tokens that end the output while min_tokens bans those there, or an
         `allowed` list outside allowed_token_ids."""
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos_set)
-        everywhere = set(params.allowed_token_ids) if params.allowed_token_ids is not None else None
-        banned = {w[0] for w in params.bad_words if len(w) == 1}
-        if banned:
-            everywhere = (everywhere if everywhere is not None else set(range(self.V))) - banned
-            if not everywhere:
-                raise GenerationError("allowed_token_ids and bad_words leave no token to write")
-        if params.min_tokens and everywhere is not None and everywhere <= ends:
+        banned = params.bad_tokens
+        # the tokens left everywhere (None: the vocabulary less `banned`, never built: counting is enough)
+        left = set(params.allowed_token_ids) - banned if params.allowed_token_ids is not None else None
+        if (not left) if left is not None else len(banned) >= self.V:
+            raise GenerationError("allowed_token_ids and bad_words leave no token to write")
+        if params.min_tokens and (left <= ends if left is not None else len(banned | ends) >= self.V):
             what = "allowed_token_ids less the bad_words" if banned else "allowed_token_ids"
             raise GenerationError(f"{what} holds only tokens that end the output (EOS, stop tokens), so min_tokens "
                                   "leaves nothing to write before its end")
         for pos, toks in (params.allowed or {}).items():
-            ok = set(toks) if everywhere is None else set(toks) & everywhere
+            ok = set(toks) - banned if left is None else set(toks) & left
             if not ok - (ends if pos < params.min_tokens else set()):
                 raise GenerationError(f"allowed[{pos}] leaves no token to write there (with allowed_token_ids and "
                                       "min_tokens)")

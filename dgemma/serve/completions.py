@@ -77,7 +77,6 @@ class Choice:
     thinking: bool = False  # chat with thinking on: the thought channel is returned apart, as reasoning_content
     reasoning: str | None = None
     reasoning_sent: str = ""
-    skip_special: bool = False  # vLLM's skip_special_tokens: the text leaves out the special tokens written
 
     # ------------------------------------------------------------ text assembly
     def visible(self, tok) -> str:
@@ -111,6 +110,11 @@ class Choice:
     @property
     def include_stop(self) -> bool:
         return self.params is not None and self.params.include_stop_str_in_output
+
+    @property
+    def skip_special(self) -> bool:
+        """vLLM's skip_special_tokens: the text leaves out the special tokens written."""
+        return self.params is not None and self.params.skip_special_tokens
 
     def reasoning_delta(self, tok) -> str:
         """The thought channel's text not yet streamed (thinking on), holding back a trailing U+FFFD."""
@@ -608,7 +612,7 @@ class Planner:
                 choices.append(Choice(index=p_i * req.n + j, prompt=prompt, params=params, seed=seed + j,
                                       echo=text_echo, suffix_len=len(suffix_ids),
                                       middle_len=self.canvas - len(suffix_ids), max_tokens=max_tokens,
-                                      stop=stops, logprobs=logprobs, skip_special=skip_special))
+                                      stop=stops, logprobs=logprobs))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Plan(kind=kind, model=req.model or self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,

@@ -77,7 +77,8 @@ def from_generation(e: Exception, param: str | None = None) -> APIError:
     if isinstance(e, ContextLengthError):
         return APIError(400, msg, param="messages" if param == "messages" else "prompt",
                         code="context_length_exceeded")
-    for key, name in (("bad_words", "bad_words"), ("allowed_token_ids", "allowed_token_ids"), ("max_new_tokens", "max_tokens"), ("max_denoising_steps", "steps"), ("t_min", "t_min"),
+    for key, name in (("bad_words", "bad_words"), ("allowed_token_ids", "allowed_token_ids"),
+                      ("max_new_tokens", "max_tokens"), ("max_denoising_steps", "steps"), ("t_min", "t_min"),
                       ("t_max", "t_max"), ("entropy_bound", "entropy_bound"), ("stop", "stop"),
                       ("stability_threshold", "stability_threshold"), ("ar_temperature", "temperature"),
                       ("confidence_threshold", "confidence_threshold"), ("vocabulary", param or "prompt"),
