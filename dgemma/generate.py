@@ -698,7 +698,7 @@ class Engine:
                 ids[i, :n[i]] = torch.tensor(r.prompt[r.reused:])
             h = self.model.encode(ids.to(self.model.device), self._view(enc), n_valid=n.to(self.model.device),
                                   head=False, known_lengths=[r.reused for r in enc],
-                                  adapters=_adapters(enc))
+                                  adapters=_adapters(enc), valid_lengths=n.tolist())
         at = {r.id: i for i, r in enumerate(enc)}
         for r in rows:
             if r.source is not None:

@@ -253,8 +253,12 @@ class Attention(nn.Module):
         cap, layer = cache.capacity[self.layer], self.layer
         kbuf, vbuf = cache.storage(layer)
         wraps = cap < cache.max_len  # a sliding ring: slot s holds the latest position congruent to s
+        T = q.shape[2]
         outs = []
         for i, (slot, L) in enumerate(zip(cache.row_slots, ctx.known)):
+            # an encoder row shorter than the longest (a padded prefill) attends with its own tokens only: the
+            # padding's keys are masked anyway, but more keys would change how the kernel sums the rest
+            nv = ctx.valid[i] if ctx.valid is not None and not ctx.denoise else T
             # positions lo..L-1: a sliding layer sees the last W - 1 of them, a full layer all of them
             lo = max(0, L - (self.window - 1)) if self.window else 0
             if wraps and L > cap:  # a ring that has wrapped: slot = position % cap, read in position order
@@ -262,15 +266,18 @@ class Attention(nn.Module):
                 parts = [(a, b)] if a < b else [(a, cap), (0, b)]
             else:
                 parts = [(lo, L)]
-            keys = torch.cat([kbuf[slot:slot + 1, :, s:e].to(k.dtype) for s, e in parts] + [k[i:i + 1]], dim=2)
-            values = torch.cat([vbuf[slot:slot + 1, :, s:e].to(v.dtype) for s, e in parts] + [v[i:i + 1]], dim=2)
+            keys = torch.cat([kbuf[slot:slot + 1, :, s:e].to(k.dtype) for s, e in parts] + [k[i:i + 1, :, :nv]],
+                             dim=2)
+            values = torch.cat([vbuf[slot:slot + 1, :, s:e].to(v.dtype) for s, e in parts] + [v[i:i + 1, :, :nv]],
+                               dim=2)
             mask = None  # the denoiser sees every one of these keys from every canvas position
             if not ctx.denoise:
                 pos = torch.arange(lo, L, device=q.device)
-                mask = encoder_mask(ctx.positions[i:i + 1], pos[None], torch.ones_like(pos, dtype=torch.bool)[None],
-                                    ctx.n_valid[i:i + 1], self.window)
-            outs.append(F.scaled_dot_product_attention(q[i:i + 1], keys, values, attn_mask=mask, scale=1.0,
-                                                       enable_gqa=self.n_kv != self.n_heads))
+                mask = encoder_mask(ctx.positions[i:i + 1, :nv], pos[None],
+                                    torch.ones_like(pos, dtype=torch.bool)[None], ctx.n_valid[i:i + 1], self.window)
+            out = F.scaled_dot_product_attention(q[i:i + 1, :, :nv], keys, values, attn_mask=mask, scale=1.0,
+                                                 enable_gqa=self.n_kv != self.n_heads)
+            outs.append(out if nv == T else F.pad(out, (0, 0, 0, T - nv)))  # the padding's outputs: unused
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -542,11 +549,12 @@ class SelfConditioning(nn.Module):
 class _Ctx:
     """What every layer of one forward needs to know: the cache, the flag, positions and slot layouts."""
 
-    __slots__ = ("cache", "denoise", "positions", "n_valid", "slots", "known")
+    __slots__ = ("cache", "denoise", "positions", "n_valid", "slots", "known", "valid")
 
-    def __init__(self, cache, denoise, positions, n_valid, slots, known=None):
+    def __init__(self, cache, denoise, positions, n_valid, slots, known=None, valid=None):
         self.cache, self.denoise, self.positions, self.n_valid, self.slots = cache, denoise, positions, n_valid, slots
         self.known = known
+        self.valid = valid  # n_valid as host ints, where the caller knows them (with `known`)
 
 
 class DiffusionGemma(nn.Module):
@@ -615,7 +623,7 @@ class DiffusionGemma(nn.Module):
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, *, denoise: bool = False,
                 sc: torch.Tensor | None = None, n_valid: torch.Tensor | None = None,
                 head: bool = True, known_lengths: list[int] | None = None,
-                adapters: list[int] | None = None) -> torch.Tensor:
+                adapters: list[int] | None = None, valid_lengths: list[int] | None = None) -> torch.Tensor:
         """Run the stack over `ids` `[B, T]` placed right after each row's cached context.
 
         denoise=False (encode): causal; writes the K/V of the first `n_valid[b]` tokens of each row into `cache`
@@ -624,6 +632,8 @@ class DiffusionGemma(nn.Module):
             the self-conditioning soft embedding (None on a canvas's first step).
         known_lengths: every row's cached length as host ints (exactly `cache.lengths`), when the caller tracks
             them: attention then reads only each row's filled slots (see `Attention._per_row`).
+        valid_lengths: with known_lengths, `n_valid` as host ints: each row's attention then runs over its own
+            tokens only, not the padding up to the longest row's (so a row's bits do not depend on the others).
         adapters: each row's LoRA adapter, 0 = none, on a model serving several (`adapters.attach_adapters`).
         Returns fp32 soft-capped logits `[B, T, V]`, or the final-normed hidden states if head=False.
         """
@@ -631,16 +641,16 @@ class DiffusionGemma(nn.Module):
         if sel is None:
             if adapters is not None and any(adapters):
                 raise ValueError("this model serves no LoRA adapters")
-            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths)
+            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths)
         if adapters is not None and len(adapters) != ids.shape[0]:
             raise ValueError("adapters needs one adapter per row")
         sel.set(adapters, ids.shape[1], ids.device)
         try:
-            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths)
+            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths)
         finally:
             sel.clear()
 
-    def _forward(self, ids, cache, denoise, sc, n_valid, head, known_lengths) -> torch.Tensor:
+    def _forward(self, ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths=None) -> torch.Tensor:
         B, T = ids.shape
         if cache is not None:
             lengths = cache.lengths
@@ -661,7 +671,10 @@ class DiffusionGemma(nn.Module):
             # host (the CPU, where the tests run); on a GPU it would be a sync, so there they are trusted.
             if runtime.host_reads_free(lengths.device) and lengths.tolist() != list(known_lengths):
                 raise ValueError(f"known_lengths {list(known_lengths)} differ from the cache's {lengths.tolist()}")
-        ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths)
+        if valid_lengths is not None and (known_lengths is None or len(valid_lengths) != B
+                                          or not all(0 < v <= T for v in valid_lengths)):
+            raise ValueError("valid_lengths needs known_lengths and one length in 1..T per row")
+        ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths, valid_lengths)
 
         h = self.embed_tokens(ids) * self.embed_scale()
         if denoise:
@@ -675,9 +688,9 @@ class DiffusionGemma(nn.Module):
         h = self.norm(h)
         return self.logits(h) if head else h
 
-    def encode(self, ids, cache, n_valid=None, head=True, known_lengths=None, adapters=None):
+    def encode(self, ids, cache, n_valid=None, head=True, known_lengths=None, adapters=None, valid_lengths=None):
         return self.forward(ids, cache, denoise=False, n_valid=n_valid, head=head, known_lengths=known_lengths,
-                            adapters=adapters)
+                            adapters=adapters, valid_lengths=valid_lengths)
 
     def denoise(self, canvas, cache, sc=None, head=True, known_lengths=None, adapters=None):
         return self.forward(canvas, cache, denoise=True, sc=sc, head=head, known_lengths=known_lengths,

@@ -151,3 +151,32 @@ def test_bench_flop_count_matches_torch_counter(name, sc, monkeypatch):
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             model.denoise(canvas, cache, sc=s, known_lengths=[prompt])
     assert counter.get_total_flops() == canvas_forward_flops(cfg, prompt, self_conditioning=sc)
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_padded_prefill_gives_each_row_its_own_bits(name):
+    """Prompts of several lengths encoded in one padded pass (the engine's prefill) give each row the hidden states
+    and cached K/V it gets alone, bit for bit: with `valid_lengths` a row's attention never sums over the padding
+    (masked, but more keys change how the kernel adds up the rest; that made a request's tokens depend on the
+    lengths of the prompts it arrived with). In bf16, where every matmul here rounds a row the same whatever the
+    rows beside it; fp32's CPU matmuls round a few rows (under 12, as an expert may get) differently from many
+    (README, Randomness)."""
+    model = randomize(DiffusionGemma(tiny_config(name)), seed=3).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 23, 12, 40]
+    prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+    with torch.no_grad():
+        cache = model.new_cache(len(lengths), 128)
+        h = model.encode(ids, cache, n_valid=torch.tensor(lengths), head=False, known_lengths=[0] * len(lengths),
+                         valid_lengths=lengths)
+        for i, p in enumerate(prompts):
+            one = model.new_cache(1, 128)
+            h1 = model.encode(p[None], one, head=False, known_lengths=[0])
+            assert torch.equal(h[i, :len(p)], h1[0]), (i, (h[i, :len(p)] - h1[0]).abs().max())
+            for layer in range(model.cfg.num_hidden_layers):
+                (k, v), (k1, v1) = cache.storage(layer), one.storage(layer)
+                n = min(len(p), one.capacity[layer])  # a sliding ring's slots (its last one is trash)
+                assert torch.equal(k[i, :, :n], k1[0, :, :n]) and torch.equal(v[i, :, :n], v1[0, :, :n])
