@@ -557,20 +557,35 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise UsageError(f"dgemma serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'dgemma[serve]'") from None
-    settings = ServerSettings(
-        model_name=args.model_name or (Path(str(args.adapter or args.model).rstrip("/")).name
-                                       if args.adapter or args.model else "dgemma-code"),
-        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
-        max_concurrency=args.max_concurrency, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-        max_context=args.max_context, max_body_bytes=args.max_body_bytes,
-        cors_origins=tuple(args.cors_origin or ()), prefix_cache=args.prefix_cache,
-        prefix_margin=args.prefix_cache_margin,
-        lora_modules=tuple(_lora_module(m) for m in args.lora or ()), allow_runtime_lora=args.allow_runtime_lora,
-        adaptive_steps=_adaptive_steps(args.adaptive_steps), scheduling_policy=args.scheduling_policy)
+    settings = _server_settings(args, ServerSettings, host=args.host, port=args.port,
+                                api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
+                                max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                                cors_origins=tuple(args.cors_origin or ()),
+                                allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
     check_port(settings.host, settings.port)  # before the (slow) model load
+    run(_server_pipeline(args, settings), settings, log_level=args.log_level)
+    return 0
+
+
+def _server_settings(args, ServerSettings, **kw):
+    """The ServerSettings of the options `serve` and `run-batch` share, plus `kw`."""
+    return ServerSettings(
+        model_name=args.model_name or (Path(str(args.adapter or args.model).rstrip("/")).name
+                                       if args.adapter or args.model else "dgemma-code"),
+        max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit, max_context=args.max_context,
+        prefix_cache=args.prefix_cache, prefix_margin=args.prefix_cache_margin,
+        lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
+        adaptive_steps=_adaptive_steps(args.adaptive_steps), **kw)
+
+
+def _server_pipeline(args, settings):
+    """The pipeline a server runs: the model, its LoRA modules attached, a tokenizer required."""
+    if settings.lora_modules and args.compile:
+        raise UsageError("--lora cannot be combined with --compile (torch.compile does not apply to a model "
+                         "serving LoRA adapters)")
     pipe = load_pipeline(args)
     if settings.lora_modules:
         from .adapters import AdapterError, attach_adapters
@@ -581,7 +596,53 @@ def cmd_serve(args) -> int:
             raise UsageError(str(e)) from None
     if pipe.tokenizer is None:
         raise UsageError(f"{model_path(args)} has no tokenizer.json; the server needs one to read and write text")
-    run(pipe, settings, log_level=args.log_level)
+    return pipe
+
+
+def cmd_run_batch(args) -> int:
+    import logging
+    import time
+
+    try:
+        from .serve.batch import BatchError, run_batch
+        from .serve.settings import ServerSettings
+    except ImportError as e:
+        raise UsageError(f"dgemma run-batch needs FastAPI, uvicorn and httpx ({e.name} is missing): "
+                         "pip install 'dgemma[serve]'") from None
+    settings = _server_settings(args, ServerSettings)
+    inp, out = Path(args.input_file), Path(args.output_file)
+    if not inp.is_file():
+        raise UsageError(f"{inp}: no such file")
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f"{out}: not a file in an existing directory")
+    if out.resolve() == inp.resolve():
+        raise UsageError("the output file is the input file")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not args.quiet:
+        print(f"run-batch: resuming after the answers in {partial}", file=sys.stderr)
+    pipe = _server_pipeline(args, settings)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+
+    def progress(s) -> None:
+        if not args.quiet:
+            rate = (s.lines - s.resumed) / max(time.perf_counter() - t0, 1e-9)
+            print(f"run-batch: {s.lines} lines answered ({s.ok} ok, {s.failed} failed, {s.invalid} invalid), "
+                  f"{rate:.2f} lines/s", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    try:
+        summary = run_batch(pipe, settings, inp, out, progress=progress)
+    except BatchError as e:
+        raise UsageError(str(e)) from None
+    if args.summary_json:
+        from .io import atomic_write_text
+
+        atomic_write_text(args.summary_json, json.dumps(summary.as_dict(), indent=2) + "\n")
+    if not args.quiet:
+        tps = summary.completion_tokens / summary.wall_s if summary.wall_s else 0.0
+        print(f"run-batch: wrote {out}: {summary.lines} lines ({summary.resumed} from an earlier run), {summary.ok} "
+              f"ok, {summary.failed} failed, {summary.invalid} invalid; {summary.completion_tokens} tokens written "
+              f"in {summary.wall_s:.1f} s ({tps:.1f} tok/s)", file=sys.stderr)
     return 0
 
 
@@ -1174,6 +1235,30 @@ def _add_quantize_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------- main
+def _add_server_engine_args(s) -> None:
+    """The model and engine options `serve` and `run-batch` share."""
+    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name)")
+    s.add_argument("--max-concurrency", type=int, default=8, help="engine rows denoised together (default 8)")
+    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-context", type=int, default=8192,
+                   help="KV-cache positions per row: prompt plus committed canvases (default 8192)")
+    s.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="serve the LoRA adapter at PATH (dgemma train --lora-rank) over the base, as model NAME "
+                   "(repeatable): requests choose it by `model`, and rows of different adapters share a forward")
+    s.add_argument("--adaptive-steps", metavar="ROWS[:MIN_STEPS]",
+                   help="load-adaptive step budget: a canvas that starts while more than ROWS requests are "
+                   "denoising gets N * ROWS / rows of its N steps, at least MIN_STEPS (default 4); requests that "
+                   "name their `steps` keep them. Off by default: a seed's tokens then depend on the load")
+    s.add_argument("--prefix-cache", action="store_true",
+                   help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
+                   "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "
+                   "on what ran before, by float rounding (README, Prefix caching)")
+    s.add_argument("--prefix-cache-margin", type=int, metavar="TOKENS",
+                   help="with --prefix-cache: how far a cached context longer than the sliding window may be cut back "
+                   "and reused (default: one canvas); each token widens every row's sliding-layer cache by one "
+                   "position")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma engine: generate, serve, train, bench.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -1231,17 +1316,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                    "(default: $DGEMMA_API_KEY; none: open)")
-    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name)")
-    s.add_argument("--max-concurrency", type=int, default=8, help="engine rows denoised together (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="rows waiting for an engine row (default 64); "
                    "beyond that, 429")
-    s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
-    s.add_argument("--max-context", type=int, default=8192,
-                   help="KV-cache positions per row: prompt plus committed canvases (default 8192)")
     s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
-    s.add_argument("--lora", action="append", metavar="NAME=PATH",
-                   help="serve the LoRA adapter at PATH (dgemma train --lora-rank) over the base, as model NAME "
-                   "(repeatable): requests choose it by `model`, and rows of different adapters share a forward")
     s.add_argument("--allow-runtime-lora", action="store_true",
                    help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
                    "add and remove adapters while serving (vLLM's endpoints; they read directories on this host, "
@@ -1249,23 +1326,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                    help="the order waiting requests get engine rows: fcfs (arrival, default) or priority (a "
                    "request's `priority`, lower first, then arrival; vLLM's; running rows are not preempted)")
-    s.add_argument("--adaptive-steps", metavar="ROWS[:MIN_STEPS]",
-                   help="load-adaptive step budget: a canvas that starts while more than ROWS requests are "
-                   "denoising gets N * ROWS / rows of its N steps, at least MIN_STEPS (default 4); requests that "
-                   "name their `steps` keep them. Off by default: a seed's tokens then depend on the load")
-    s.add_argument("--prefix-cache", action="store_true",
-                   help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
-                   "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "
-                   "on what ran before, by float rounding (README, Prefix caching)")
-    s.add_argument("--prefix-cache-margin", type=int, metavar="TOKENS",
-                   help="with --prefix-cache: how far a cached context longer than the sliding window may be cut back "
-                   "and reused (default: one canvas); each token widens every row's sliding-layer cache by one "
-                   "position")
+    _add_server_engine_args(s)
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_args(s)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("run-batch", help="answer a file of requests in the OpenAI Batch format, offline (vLLM's "
+                       "run-batch)", usage="dgemma run-batch [MODEL] -i INPUT.jsonl -o OUTPUT.jsonl [options]")
+    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (org/name); default: the shipped code "
+                   "model")
+    s.add_argument("-i", "--input-file", required=True, help="JSONL, one request a line: {custom_id, method: POST, "
+                   "url: /v1/chat/completions (or /v1/completions, /v1/responses, /v1/messages), body}")
+    s.add_argument("-o", "--output-file", required=True, help="JSONL, one answer a line in input order: {id, "
+                   "custom_id, response: {status_code, request_id, body}, error}; written to OUTPUT.partial as "
+                   "lines finish and renamed at the end (run again to resume after a kill)")
+    s.add_argument("--summary-json", metavar="PATH", help="also write the counts, tokens and wall time as JSON")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    _add_server_engine_args(s)
+    add_model_args(s)
+    s.set_defaults(func=cmd_run_batch)
 
     s = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     s.add_argument("--fast", action="store_true", help="a shorter run")

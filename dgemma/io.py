@@ -28,6 +28,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def commit_file(tmp: str | Path, path: str | Path) -> None:
+    """Move the finished file `tmp` onto `path` (same directory) durably: its bytes on disk, then one rename."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""
@@ -39,10 +47,7 @@ def atomic_path(path: str | Path):
     tmp = Path(tmp)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        commit_file(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
