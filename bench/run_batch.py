@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from dgemma.pipeline import default_dtype
 
     dtype = args.dtype or str(default_dtype(torch.device("cpu"))).removeprefix("torch.")
-    result = {"model": args.model, "dtype": dtype, "requests": args.requests, "max_tokens": args.max_tokens, "runs": rows,
+    result = {"model": args.model, "dtype": dtype, "requests": args.requests, "max_tokens": args.max_tokens,
+              "runs": rows,
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__}}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -561,7 +561,8 @@ def cmd_serve(args) -> int:
                                 api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
                                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                 cors_origins=tuple(args.cors_origin or ()),
-                                allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy)
+                                allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy,
+                                batch_dir=args.batch_dir)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
@@ -1327,6 +1328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the order waiting requests get engine rows: fcfs (arrival, default) or priority (a "
                    "request's `priority`, lower first, then arrival; vLLM's; running rows are not preempted)")
     _add_server_engine_args(s)
+    s.add_argument("--batch-dir", metavar="DIR", help="turn on OpenAI's Files and Batches APIs (/v1/files, "
+                   "/v1/batches), keeping uploads, batch state and outputs under DIR; a batch's requests run as "
+                   "background rows beside live traffic, and resume after a restart")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -60,6 +60,8 @@ ENDPOINTS = {
     "/detokenize": ({"model": NAME, "tokens": [3, 4]}, ["tokens", "model"]),
     "/v1/load_lora_adapter": ({"lora_name": "a", "lora_path": "/nonexistent"}, ["lora_name", "lora_path"]),
     "/v1/unload_lora_adapter": ({"lora_name": "a"}, ["lora_name"]),
+    "/v1/batches": ({"input_file_id": "file-0", "endpoint": "/v1/completions", "completion_window": "24h"},
+                    ["input_file_id", "endpoint", "completion_window", "metadata"]),
 }
 
 # ---------------------------------------------------------------- valid values, combined at random
@@ -101,7 +103,8 @@ VALID = {"/v1/completions": ({"model": NAME, "prompt": "Hello", "max_tokens": 8}
 def http(tmp_path_factory):
     ckpt = build_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny")
     settings = ServerSettings(model_name=NAME, max_concurrency=3, max_queue=32, max_tokens_limit=512,
-                              max_context=1024, max_body_bytes=64 * 1024, allow_runtime_lora=True)
+                              max_context=1024, max_body_bytes=64 * 1024, allow_runtime_lora=True,
+                              batch_dir=str(tmp_path_factory.mktemp("batches")))
     with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
         with httpx.Client(base_url=s.url, timeout=120) as c:
             yield c

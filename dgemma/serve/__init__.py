@@ -7,6 +7,8 @@
     engine.py       the worker thread that owns the Engine and batches rows step by step
     completions.py  requests -> engine jobs, engine events -> responses and SSE chunks
     app.py          routes, auth, SSE, the web page
+    batch.py        OpenAI Batch files answered through the app in process (`dgemma run-batch`)
+    batch_api.py    OpenAI's Files and Batches APIs on the server (--batch-dir): background rows, resumable
     static/         the live-canvas web page (no build step)
 """
 

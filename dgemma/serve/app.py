@@ -10,6 +10,7 @@
     POST /v1/messages           Anthropic's Messages API, through the chat path (messages.py)
     POST /tokenize, /detokenize text or chat messages -> token ids, and back (vLLM's endpoints)
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   LoRA adapters at run time (--allow-runtime-lora)
+    /v1/files, /v1/batches      OpenAI's Files and Batches APIs (--batch-dir; batch_api.py)
 
 Streaming (`stream: true`) sends OpenAI chunks as SSE and ends with `data: [DONE]`. With `stream_drafts: true`
 it also sends, for every denoising step, a chunk whose only choice has an empty delta and which carries a
@@ -49,8 +50,8 @@ from .completions import (Plan, Planner, chunk, commit_event, draft_event, respo
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRARequest, ModelCard,
-                       ModelList, TokenizeRequest, UnloadLoRARequest)
+from .protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       LoadLoRARequest, ModelCard, ModelList, TokenizeRequest, UnloadLoRARequest)
 from . import messages as anthropic
 from .messages import MessagesRequest
 from .responses import Output, ResponsesRequest, rename_param, response_object, stream_events, to_chat
@@ -59,7 +60,8 @@ from .settings import ServerSettings
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models", "/tokenize",
-             "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics", "/")
+             "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/files", "/v1/batches", "/health",
+             "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -97,6 +99,7 @@ class State:
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics,
                              priority=settings.scheduling_policy == "priority")
         self.planner = Planner(pipeline, self.worker, settings, self.adapters)
+        self.batches = None  # the Files and Batches APIs' store (--batch-dir; create_app sets it)
         self.created = int(time.time())
         if pipeline.tokenizer is not None:
             # Structured output's token tables take ~3 s at Gemma's 262,144 tokens: built now, off the request path.
@@ -242,13 +245,14 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
     Anthropic message for `messages`)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    background = state.batches is not None and state.batches.is_internal(request.headers)
 
     def sink(job: Job, events: list) -> None:  # worker thread -> event loop
         loop.call_soon_threadsafe(queue.put_nowait, (job.tag, events))
 
     for c in plan.choices:
         c.job = Job(c.prompt, c.params.replace(drafts=plan.drafts), sink, drafts=plan.drafts, tag=c.index,
-                    model=plan.model, priority=plan.priority)
+                    model=plan.model, priority=plan.priority, background=background)
     try:
         state.worker.submit(plan.jobs)
     except QueueFull as e:
@@ -377,8 +381,8 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else \
-            "/static" if path.startswith("/static/") else "other"
+        endpoint = path if path in ENDPOINTS else next(
+            (p for p in ("/v1/models", "/v1/files", "/v1/batches", "/static") if path.startswith(p + "/")), "other")
         t0, status = time.perf_counter(), [500]
 
         async def send_wrapper(message):
@@ -400,13 +404,25 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         state.worker.start()
+        if state.batches is not None:
+            state.batches.start()
         try:
             yield
         finally:
+            if state.batches is not None:
+                await state.batches.stop()
             state.worker.stop()
 
     app = FastAPI(title="dgemma", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.dgemma = state
+    if settings.batch_dir is not None:
+        from .batch_api import BatchStore
+
+        # batches leave a quarter of the rows (at least one, where there are two) to live traffic
+        rows = settings.max_concurrency
+        state.batches = BatchStore(Path(settings.batch_dir).expanduser(), app, api_key=settings.api_key,
+                                   inflight=max(1, rows - max(1, rows // 4)),
+                                   max_file_bytes=settings.batch_max_file_bytes)
     errors.install(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -486,6 +502,7 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    _batch_routes(api, state)
     app.include_router(api)
 
     @app.get("/health")
@@ -504,6 +521,80 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _batch_routes(api: APIRouter, state: State) -> None:
+    """OpenAI's Files and Batches APIs (batch_api.py), a 403 that says how to turn them on without --batch-dir."""
+
+    def store():
+        if state.batches is None:
+            raise APIError(403, "the Files and Batches APIs are off; start the server with --batch-dir DIR (where "
+                                "uploaded files, batch state and outputs are kept)", code="batch_api_disabled")
+        return state.batches
+
+    @api.post("/v1/files")
+    async def create_file(request: Request):
+        s = store()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > s.max_file_bytes + (64 << 10):
+            raise APIError(413, f"the upload is {int(length)} bytes; files here are at most {s.max_file_bytes}",
+                           param="file", code="file_too_large")
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except (AssertionError, ImportError) as e:  # Starlette without python-multipart
+            raise APIError(501, f"file uploads need python-multipart: pip install 'dgemma[serve]' ({e})",
+                           code="not_supported") from None
+        try:
+            purpose = form.get("purpose")
+            return await s.create_file(form.get("file"), purpose if isinstance(purpose, str) else None)
+        finally:
+            await form.close()
+
+    @api.get("/v1/files")
+    async def list_files(purpose: str | None = None):
+        data = store().list_files(purpose)
+        return {"object": "list", "data": data, "has_more": False,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    @api.get("/v1/files/{file_id}")
+    async def get_file(file_id: str):
+        return store().get_file(file_id)
+
+    @api.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str):
+        s = store()
+        meta = s.get_file(file_id)
+        return FileResponse(s.file_path(file_id), media_type="application/octet-stream", filename=meta["filename"])
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str):
+        return store().delete_file(file_id)
+
+    @api.post("/v1/batches")
+    async def create_batch(request: Request):
+        s = store()
+        req = parse(BatchCreateRequest, await read_json(request, state.settings.max_body_bytes))
+        return s.create_batch(req.model_dump())
+
+    @api.get("/v1/batches")
+    async def list_batches(limit: int = 20, after: str | None = None):
+        if not 1 <= limit <= 100:
+            raise errors.invalid(f"limit must be 1..100, got {limit}", "limit")
+        data = store().list_batches()
+        if after is not None:
+            ids = [b["id"] for b in data]
+            data = data[ids.index(after) + 1:] if after in ids else []
+        page = data[:limit]
+        return {"object": "list", "data": page, "has_more": len(data) > limit,
+                "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+
+    @api.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str):
+        return store().get_batch(batch_id)
+
+    @api.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str):
+        return store().cancel_batch(batch_id)
 
 
 # ---------------------------------------------------------------- running

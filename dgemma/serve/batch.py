@@ -118,7 +118,7 @@ def parse_line(text: str, lineno: int) -> tuple[str | None, tuple[str, dict] | N
     return cid, (url, body), None
 
 
-def _input_lines(path: Path) -> Iterator[tuple[int, str]]:
+def input_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each non-blank line."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -129,7 +129,7 @@ def _input_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise BatchError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _read_partial(path: Path) -> list[dict]:
+def read_partial(path: Path) -> list[dict]:
     """The whole lines an earlier run wrote; the file is cut back to them (a kill may have cut the last short)."""
     if not path.exists():
         return []
@@ -167,14 +167,21 @@ class _OrderedWriter:
         self.f.flush()
 
 
-async def _run(app, inp: Path, partial: Path, summary: BatchSummary, inflight: int,
-               progress: Callable[[BatchSummary], None] | None) -> None:
+async def run_lines(app, inp: Path, partial: Path, summary: BatchSummary, inflight: int,
+                    progress: Callable[[BatchSummary], None] | None = None, *, headers: dict | None = None,
+                    stop: Callable[[], bool] | None = None, sem: asyncio.Semaphore | None = None) -> bool:
+    """Answer the lines of `inp` through `app`, appending to `partial` (resuming after what it holds), at most
+    `inflight` requests at a time (or as `sem` allows: one semaphore for several batches). `stop()` is asked before
+    each new request: once it says so no more are sent, and those in flight are answered. A 429 (the server's
+    queue is full of other clients' rows) is retried after its Retry-After. Returns whether every line was
+    answered."""
     import httpx
 
-    done = _read_partial(partial)
+    done = read_partial(partial)
     seen: dict[str, int] = {}
     tasks: set[asyncio.Task] = set()
-    sem = asyncio.Semaphore(inflight)
+    sem = sem or asyncio.Semaphore(inflight)
+    complete = True
     last = [time.perf_counter()]
 
     def tick() -> None:
@@ -192,7 +199,11 @@ async def _run(app, inp: Path, partial: Path, summary: BatchSummary, inflight: i
 
         async def one(index: int, cid: str, url: str, body: dict) -> None:
             try:
-                r = await client.post(url, json=body)
+                while True:
+                    r = await client.post(url, json=body, headers=headers)
+                    if r.status_code != 429:
+                        break
+                    await asyncio.sleep(min(float(r.headers.get("retry-after", "1") or 1), 30.0))
                 try:
                     payload = r.json()
                 except ValueError:
@@ -207,35 +218,45 @@ async def _run(app, inp: Path, partial: Path, summary: BatchSummary, inflight: i
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://dgemma-batch", timeout=None) as client:
             index = 0
-            for lineno, text in _input_lines(inp):
-                cid, request, out = parse_line(text, lineno)
-                if cid is not None:
-                    if cid in seen:
-                        request, out = None, _invalid(cid, "duplicate_custom_id", f"line {lineno}: custom_id {cid!r} "
-                                                      f"is already used on line {seen[cid]}")
+            try:
+                for lineno, text in input_lines(inp):
+                    cid, request, out = parse_line(text, lineno)
+                    if cid is not None:
+                        if cid in seen:
+                            request, out = None, _invalid(cid, "duplicate_custom_id", f"line {lineno}: custom_id "
+                                                          f"{cid!r} is already used on line {seen[cid]}")
+                        else:
+                            seen[cid] = lineno
+                    if index < len(done):
+                        if done[index].get("custom_id") != cid:
+                            raise BatchError(
+                                f"{partial} does not answer {inp}: its line {index + 1} is for custom_id "
+                                f"{done[index].get('custom_id')!r}, the input's is {cid!r}. It holds an earlier run "
+                                "on other input: delete it to start over, or write to another output file")
+                        summary.count(done[index], resumed=True)
+                    elif stop is not None and stop():
+                        complete = False
+                        break
+                    elif request is None:
+                        finish(index, out)
                     else:
-                        seen[cid] = lineno
-                if index < len(done):
-                    if done[index].get("custom_id") != cid:
-                        raise BatchError(
-                            f"{partial} does not answer {inp}: its line {index + 1} is for custom_id "
-                            f"{done[index].get('custom_id')!r}, the input's is {cid!r}. It holds an earlier run on "
-                            "other input: delete it to start over, or write to another output file")
-                    summary.count(done[index], resumed=True)
-                elif request is None:
-                    finish(index, out)
-                else:
-                    await sem.acquire()
-                    task = asyncio.create_task(one(index, cid, *request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                index += 1
-            if index < len(done):
-                raise BatchError(f"{partial} holds {len(done)} answers but {inp} has {index} requests: it holds an "
-                                 "earlier run on other input; delete it to start over, or write to another output "
-                                 "file")
-            if tasks:
-                await asyncio.gather(*tasks)
+                        await sem.acquire()
+                        task = asyncio.create_task(one(index, cid, *request))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    index += 1
+                if complete and index < len(done):
+                    raise BatchError(f"{partial} holds {len(done)} answers but {inp} has {index} requests: it holds "
+                                     "an earlier run on other input; delete it to start over, or write to another "
+                                     "output file")
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                if tasks:  # stopped half way (cancelled, an error): the requests in flight go too
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+    return complete
 
 
 def run_batch(pipeline, settings: ServerSettings, input_path: str | Path, output_path: str | Path, *,
@@ -259,7 +280,7 @@ def run_batch(pipeline, settings: ServerSettings, input_path: str | Path, output
 
     async def main() -> None:
         async with app.router.lifespan_context(app):
-            await _run(app, inp, partial, summary, inflight, progress)
+            await run_lines(app, inp, partial, summary, inflight, progress)
 
     t0 = time.perf_counter()
     asyncio.run(main())
@@ -268,4 +289,5 @@ def run_batch(pipeline, settings: ServerSettings, input_path: str | Path, output
     return summary
 
 
-__all__ = ["run_batch", "parse_line", "BatchSummary", "BatchError", "URLS"]
+__all__ = ["run_batch", "run_lines", "parse_line", "input_lines", "read_partial", "BatchSummary", "BatchError",
+           "URLS"]

@@ -67,6 +67,7 @@ class Job:
     rid: int | None = None
     state: str = "new"  # new -> waiting -> running -> done (or cancelled / failed)
     priority: int = 0  # with priority scheduling: waiting jobs of lower value are admitted first
+    background: bool = False  # a Batch API request: admitted only when no other job waits
     t_submit: float = field(default_factory=time.perf_counter)
 
     @property
@@ -219,10 +220,11 @@ class Worker:
 
     def _next(self) -> Job:
         """The waiting job to admit next (under the lock): the first, or with priority scheduling the first of
-        the lowest priority."""
-        if not self.priority:
+        the lowest priority; a background job (a batch's) only when no other waits."""
+        if not self.priority and not self._waiting[0].background:
             return self._waiting.popleft()
-        best = min(range(len(self._waiting)), key=lambda i: (self._waiting[i].priority, i))
+        best = min(range(len(self._waiting)), key=lambda i: (self._waiting[i].background,
+                                                             self._waiting[i].priority if self.priority else 0, i))
         job = self._waiting[best]
         del self._waiting[best]
         return job

@@ -8,7 +8,7 @@ is an error rather than a silently ignored knob. OpenAI fields we cannot honour 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -171,6 +171,15 @@ class UnloadLoRARequest(_Strict):
 
     lora_name: str
     lora_int_id: int | None = None
+
+
+class BatchCreateRequest(_Strict):
+    """OpenAI's POST /v1/batches."""
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=16)
 
 
 class DetokenizeRequest(_Strict):

@@ -27,10 +27,14 @@ class ServerSettings:
     adaptive_steps: tuple[int, int] | None = None
     # vLLM's: "fcfs" (arrival order) or "priority" (a request's `priority`, lower first, then arrival)
     scheduling_policy: str = "fcfs"
+    # OpenAI's Files and Batches APIs, their files and batches kept under this directory (None: the APIs are off)
+    batch_dir: str | None = None
+    batch_max_file_bytes: int = 200 << 20  # the largest file /v1/files takes (OpenAI's limit is 200 MB)
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
-        for name in ("max_concurrency", "max_tokens_limit", "max_context", "max_body_bytes", "retry_after_s"):
+        for name in ("max_concurrency", "max_tokens_limit", "max_context", "max_body_bytes", "retry_after_s",
+                     "batch_max_file_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
         if self.prefix_margin is not None and (not isinstance(self.prefix_margin, int) or self.prefix_margin < 0):
