@@ -548,16 +548,25 @@ def _adaptive_steps(text: str | None) -> tuple[int, int] | None:
     return value
 
 
+def _need_serve(command: str) -> None:
+    """One readable line when the `serve` extra is not installed."""
+    import importlib
+
+    for name in ("fastapi", "uvicorn", "httpx", "python_multipart"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UsageError(f"dgemma {command} needs the serve extra ({name} is missing): "
+                             "pip install 'dgemma[serve]'") from None
+
+
 def cmd_serve(args) -> int:
     import os
 
-    try:
-        from .serve.app import check_port, run
-        from .serve.settings import ServerSettings
-    except ImportError as e:
-        raise UsageError(f"dgemma serve needs FastAPI and uvicorn ({e.name} is missing): "
-                         "pip install 'dgemma[serve]'") from None
-    settings = _server_settings(args, ServerSettings, host=args.host, port=args.port,
+    _need_serve("serve")
+    from .serve.app import check_port, run
+
+    settings = _server_settings(args, host=args.host, port=args.port,
                                 api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
                                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                 cors_origins=tuple(args.cors_origin or ()),
@@ -571,8 +580,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _server_settings(args, ServerSettings, **kw):
+def _server_settings(args, **kw):
     """The ServerSettings of the options `serve` and `run-batch` share, plus `kw`."""
+    from .serve.settings import ServerSettings
+
     return ServerSettings(
         model_name=args.model_name or (Path(str(args.adapter or args.model).rstrip("/")).name
                                        if args.adapter or args.model else "dgemma-code"),
@@ -604,13 +615,10 @@ def cmd_run_batch(args) -> int:
     import logging
     import time
 
-    try:
-        from .serve.batch import BatchError, run_batch
-        from .serve.settings import ServerSettings
-    except ImportError as e:
-        raise UsageError(f"dgemma run-batch needs FastAPI, uvicorn and httpx ({e.name} is missing): "
-                         "pip install 'dgemma[serve]'") from None
-    settings = _server_settings(args, ServerSettings)
+    _need_serve("run-batch")
+    from .serve.batch import BatchError, run_batch
+
+    settings = _server_settings(args)
     inp, out = Path(args.input_file), Path(args.output_file)
     if not inp.is_file():
         raise UsageError(f"{inp}: no such file")

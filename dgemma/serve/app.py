@@ -550,11 +550,13 @@ def _batch_routes(api: APIRouter, state: State) -> None:
         finally:
             await form.close()
 
+    def page(data: list[dict], has_more: bool = False) -> dict:
+        return {"object": "list", "data": data, "has_more": has_more,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
     @api.get("/v1/files")
     async def list_files(purpose: str | None = None):
-        data = store().list_files(purpose)
-        return {"object": "list", "data": data, "has_more": False,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return page(store().list_files(purpose))
 
     @api.get("/v1/files/{file_id}")
     async def get_file(file_id: str):
@@ -584,9 +586,7 @@ def _batch_routes(api: APIRouter, state: State) -> None:
         if after is not None:
             ids = [b["id"] for b in data]
             data = data[ids.index(after) + 1:] if after in ids else []
-        page = data[:limit]
-        return {"object": "list", "data": page, "has_more": len(data) > limit,
-                "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+        return page(data[:limit], len(data) > limit)
 
     @api.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str):
