@@ -96,19 +96,20 @@ def test_parse_line_refuses_what_is_not_a_request():
 def test_batch_answers_every_line_in_order_as_the_server_does(ckpt, tmp_path, capsys):
     bad = [req("neg", prompt="x", temperature=-1), "not json", req("chat", prompt="dup"),
            req("emb", "/v1/embeddings", input="x"), req("streamed", prompt="x", stream=True),
-           req("huge", prompt="x", max_tokens=10 ** 6), req("unknown-model", prompt="x", model="gpt-4o")]
+           req("huge", prompt="x", max_tokens=10 ** 6), req("inf", prompt="x", temperature=float("inf")),
+           req("unknown-model", prompt="x", model="gpt-4o")]
     inp = write(tmp_path / "in.jsonl", [REQUESTS[0], "", *REQUESTS[1:], *bad])
     out = tmp_path / "out.jsonl"
     assert run(ckpt, inp, out, "--summary-json", str(tmp_path / "sum.json")) == 0
     lines = read(out)
     assert [o["custom_id"] for o in lines] == [r["custom_id"] for r in REQUESTS] + [
-        "neg", None, "chat", "emb", "streamed", "huge", "unknown-model"]
+        "neg", None, "chat", "emb", "streamed", "huge", "inf", "unknown-model"]
     assert not (tmp_path / "out.jsonl.partial").exists()
     for o in lines:
         assert set(o) == {"id", "custom_id", "response", "error"} and o["id"].startswith("batch_req_")
-    good, refused, invalid = lines[:len(REQUESTS)], [lines[-7], *lines[-2:]], lines[-6:-2]
+    good, refused, invalid = lines[:len(REQUESTS)], [lines[-8], *lines[-3:]], lines[-7:-3]
     assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in good)
-    assert [o["response"]["status_code"] for o in refused] == [400, 400, 404]
+    assert [o["response"]["status_code"] for o in refused] == [400, 400, 400, 404]
     for o in refused:  # the error both where OpenAI keeps it (the body) and where vLLM does (`error`)
         assert o["error"]["message"] == o["response"]["body"]["error"]["message"]
     assert [o["error"]["code"] for o in invalid] == ["invalid_json", "duplicate_custom_id", "invalid_url",
@@ -117,7 +118,7 @@ def test_batch_answers_every_line_in_order_as_the_server_does(ckpt, tmp_path, ca
     assert len(good[2]["response"]["body"]["choices"]) == 2
     assert good[0]["response"]["request_id"] == good[0]["response"]["body"]["id"]
     summary = json.loads((tmp_path / "sum.json").read_text())
-    assert (summary["lines"], summary["ok"], summary["failed"], summary["invalid"]) == (14, 7, 3, 4)
+    assert (summary["lines"], summary["ok"], summary["failed"], summary["invalid"]) == (15, 7, 4, 4)
     assert summary["completion_tokens"] == sum((o["response"]["body"].get("usage") or {}).get(
         "completion_tokens", (o["response"]["body"].get("usage") or {}).get("output_tokens", 0)) for o in good)
     assert capsys.readouterr().err == ""  # --quiet

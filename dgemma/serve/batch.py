@@ -182,6 +182,7 @@ async def run_lines(app, inp: Path, partial: Path, summary: BatchSummary, inflig
     tasks: set[asyncio.Task] = set()
     sem = sem or asyncio.Semaphore(inflight)
     complete = True
+    send_headers = {"content-type": "application/json", **(headers or {})}
     last = [time.perf_counter()]
 
     def tick() -> None:
@@ -199,8 +200,9 @@ async def run_lines(app, inp: Path, partial: Path, summary: BatchSummary, inflig
 
         async def one(index: int, cid: str, url: str, body: dict) -> None:
             try:
+                content = json.dumps(body)  # NaN and Infinity as the line had them (httpx's json= refuses them)
                 while True:
-                    r = await client.post(url, json=body, headers=headers)
+                    r = await client.post(url, content=content, headers=send_headers)
                     if r.status_code != 429:
                         break
                     await asyncio.sleep(min(float(r.headers.get("retry-after", "1") or 1), 30.0))
