@@ -77,6 +77,10 @@ def test_a_batch_runs_to_completion_as_the_requests_would(pipe, tmp_path):
         assert [o["custom_id"] for o in out] == [f"r{i}" for i in range(5)] and [e["custom_id"] for e in err] == ["bad"]
         assert err[0]["response"]["status_code"] == 400 and err[0]["error"]["code"]
         assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
+        tokens = [o["response"]["body"]["usage"] for o in out]
+        assert b.usage.input_tokens == sum(u["prompt_tokens"] for u in tokens) > 0
+        assert b.usage.output_tokens == sum(u["completion_tokens"] for u in tokens) > 0
+        assert b.usage.total_tokens == b.usage.input_tokens + b.usage.output_tokens
         for r, o in zip(reqs, out):  # what a client gets sending the request itself
             same_answer(http.post("/v1/completions", json=r).json(), o["response"]["body"])
         assert b.id in [x.id for x in client.batches.list()]

@@ -195,7 +195,7 @@ class BatchStore:
              "error_file_id": None, "created_at": now, "in_progress_at": None, "expires_at": now + WINDOW_S,
              "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None,
              "cancelling_at": None, "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
-             "metadata": body.get("metadata")}
+             "metadata": body.get("metadata"), "usage": _usage([])}
         self._save(b)
         self._launch(b)
         return b
@@ -290,6 +290,7 @@ class BatchStore:
                 self._register(fid, f"{b['id']}_{name}.jsonl", "batch_output", len(text.encode()))
                 b[key] = fid
         b["request_counts"] = {"total": b["request_counts"]["total"], "completed": len(ok), "failed": len(bad)}
+        b["usage"] = _usage(answers)
         b["status"] = status
         b[{"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[status]] = _now()
         self._save(b)
@@ -298,6 +299,24 @@ class BatchStore:
 
 def _counts(summary: BatchSummary, total: int) -> dict:
     return {"total": total, "completed": summary.ok, "failed": summary.failed + summary.invalid}
+
+
+def _usage(answers: list[dict]) -> dict:
+    """OpenAI's batch usage: the tokens of every answer, whichever API's usage shape it has."""
+    n = {"in": 0, "out": 0, "cached": 0, "reasoning": 0}
+    for a in answers:
+        u = ((a.get("response") or {}).get("body") or {}).get("usage")
+        if not isinstance(u, dict):
+            continue
+        n["in"] += int(u.get("prompt_tokens", u.get("input_tokens", 0)) or 0)
+        n["out"] += int(u.get("completion_tokens", u.get("output_tokens", 0)) or 0)
+        details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}
+        n["cached"] += int(details.get("cached_tokens", u.get("cache_read_input_tokens", 0)) or 0)
+        details = u.get("completion_tokens_details") or u.get("output_tokens_details") or {}
+        n["reasoning"] += int(details.get("reasoning_tokens", 0) or 0)
+    return {"input_tokens": n["in"], "input_tokens_details": {"cached_tokens": n["cached"]},
+            "output_tokens": n["out"], "output_tokens_details": {"reasoning_tokens": n["reasoning"]},
+            "total_tokens": n["in"] + n["out"]}
 
 
 def _safe_id(value: str, prefix: str) -> bool:
