@@ -84,6 +84,7 @@ def test_a_batch_runs_to_completion_as_the_requests_would(pipe, tmp_path):
         for r, o in zip(reqs, out):  # what a client gets sending the request itself
             same_answer(http.post("/v1/completions", json=r).json(), o["response"]["body"])
         assert b.id in [x.id for x in client.batches.list()]
+        assert "dgemma_batches_running 0" in http.get("/metrics").text
         with pytest.raises(openai.ConflictError):
             client.batches.cancel(b.id)
         assert client.files.delete(f.id).deleted and f.id not in [x.id for x in client.files.list()]

@@ -423,6 +423,10 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         state.batches = BatchStore(Path(settings.batch_dir).expanduser(), app, api_key=settings.api_key,
                                    inflight=max(1, rows - max(1, rows // 4)),
                                    max_file_bytes=settings.batch_max_file_bytes)
+        state.metrics.gauge("dgemma_batches_running", "Batches (/v1/batches) running now.",
+                            lambda: len(state.batches.running))
+        log.info("Files and Batches APIs on: files and batches under %s, batches use at most %d of %d rows",
+                 state.batches.root, state.batches.inflight, rows)
     errors.install(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
