@@ -1057,6 +1057,72 @@ def test_worker_cancels_each_job_once(pipe):
         worker.stop()
 
 
+def test_an_engine_fault_fails_the_row_that_causes_it_alone(pipe):
+    """A step that raises whenever one poisoned prompt is among its rows: the rows batched with it by chance start
+    again one at a time and finish with the tokens they get alone; the poisoned row fails alone. A row that had
+    already sent text when the fault came fails too (its client has part of an answer)."""
+    from dgemma.serve.engine import Commit, Done, Failed, Job, Worker
+
+    engine = pipe.engine(max_rows=4, max_len=512)
+    poison = pipe.encode("POISON")
+    real = engine.step
+
+    def step():
+        if any(r.prompt == poison for r in engine.rows.values()):
+            raise RuntimeError("simulated fault")
+        return real()
+
+    engine.step = step
+    worker = Worker(engine, max_queue=8)
+    seen: dict[str, list] = {}
+    ended = threading.Event()
+
+    def sink(job, events):
+        seen.setdefault(job.tag, []).extend(events)
+        if sum(isinstance(e, (Done, Failed)) for evs in seen.values() for e in evs) == len(jobs):
+            ended.set()
+
+    def params(seed, n=24):
+        return pipe.params(max_new_tokens=n, ignore_eos=True, seed=seed)
+
+    alone = {seed: pipe.generate([pipe.encode(f"row {seed}")], **dict(max_new_tokens=24, ignore_eos=True,
+                                                                       seed=seed))[0].tokens for seed in (1, 2)}
+    jobs = [Job(pipe.encode("row 1"), params(1), sink, tag="a"), Job(poison, params(3), sink, tag="p"),
+            Job(pipe.encode("row 2"), params(2), sink, tag="b")]
+    worker.start()
+    try:
+        worker.submit(jobs)  # admitted together: one step holds all three
+        assert ended.wait(60)
+        for tag, seed in (("a", 1), ("b", 2)):
+            done = seen[tag][-1]
+            assert isinstance(done, Done) and done.tokens == alone[seed], tag
+        assert isinstance(seen["p"][-1], Failed) and seen["p"][-1].status == 500
+        assert "simulated fault" in seen["p"][-1].message
+        assert all(j.retried for j in jobs) and worker.load() == (0, 0)
+
+        # a row that has sent a canvas when the poison joins fails with it; later rows run as usual
+        seen.clear()
+        ended.clear()
+        long = Job(pipe.encode("row 1"), params(1, n=20 * pipe.model.cfg.canvas_length), sink, tag="long")
+        jobs = [long]
+        worker.submit(jobs)
+        deadline = time.time() + 30
+        while not any(isinstance(e, Commit) for e in seen.get("long", [])) and time.time() < deadline:
+            time.sleep(0.01)
+        jobs = [long, Job(poison, params(3), sink, tag="p")]
+        worker.submit(jobs[1:])
+        assert ended.wait(60)
+        assert isinstance(seen["long"][-1], Failed) and isinstance(seen["p"][-1], Failed)
+        assert not long.retried and long.commits >= 1
+        seen.clear()
+        ended.clear()
+        jobs = [Job(pipe.encode("row 2"), params(2), sink, tag="b")]
+        worker.submit(jobs)
+        assert ended.wait(60) and seen["b"][-1].tokens == alone[2]
+    finally:
+        worker.stop()
+
+
 @pytest.mark.parametrize("policy", [False, True])
 def test_priority_scheduling(pipe, policy):
     """vLLM's --scheduling-policy priority: waiting rows are admitted lowest `priority` first, in arrival order

@@ -11,6 +11,11 @@ Requests join and leave the batch between steps; each row keeps its own seed and
 batch-invariant). Memory is bounded: at most `max_rows` rows in the engine and `max_queue` rows waiting;
 `submit` refuses anything beyond that (the app answers 429 with Retry-After). Every job ends with exactly one
 terminal event: the engine's `Done`, `Failed` (engine error, shutdown) or `Cancelled`, so nothing waits forever.
+
+An engine step that raises fails the rows that had already sent text (a Commit): their clients have part of an
+answer. The others start again, one at a time and alone in the engine, so the row that makes the engine fail
+fails alone and the rows batched with it by chance finish as if nothing had happened (the same seed gives the
+same tokens). Nothing else is admitted meanwhile; each row is retried once.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class Job:
     state: str = "new"  # new -> waiting -> running -> done (or cancelled / failed)
     priority: int = 0  # with priority scheduling: waiting jobs of lower value are admitted first
     background: bool = False  # a Batch API request: admitted only when no other job waits
+    commits: int = 0  # Commit events sent: text the client has (a row with none can start again unseen)
+    retried: bool = False  # started again, alone, after an engine fault
     t_submit: float = field(default_factory=time.perf_counter)
 
     @property
@@ -88,6 +95,8 @@ class Worker:
         self.metrics = metrics or Metrics()
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
+        self._suspects: deque[Job] = deque()  # rows of a failed step, to run again one at a time, alone
+        self._alone: Job | None = None  # the suspect running now
         self._cancels: list[Job] = []
         self._calls: list[tuple[Callable[[], Any], Future]] = []  # run on the worker thread between two steps
         self._running: dict[int, Job] = {}  # engine request id -> job (worker thread only)
@@ -122,7 +131,7 @@ class Worker:
         with self._cond:
             if not self.alive:
                 raise Unavailable("the engine is not running")
-            if self._active + len(self._waiting) + len(jobs) > self.max_rows + self.max_queue:
+            if self._active + len(self._waiting) + len(self._suspects) + len(jobs) > self.max_rows + self.max_queue:
                 raise QueueFull(f"{self._active} rows running and {len(self._waiting)} waiting (limits: "
                                 f"{self.max_rows} rows, {self.max_queue} waiting)")
             for job in jobs:
@@ -151,19 +160,20 @@ class Worker:
 
     def uses(self, pred: Callable[[Any], bool]) -> int:
         """Rows running or waiting whose params match `pred` (from a `call`, where nothing moves meanwhile)."""
-        return sum(pred(j.params) for j in list(self._waiting) + list(self._running.values()))
+        return sum(pred(j.params) for j in list(self._waiting) + list(self._suspects) + list(self._running.values()))
 
     def load(self) -> tuple[int, int]:
         """(rows running, rows waiting)."""
         with self._cond:
-            return self._active, len(self._waiting)
+            return self._active, len(self._waiting) + len(self._suspects)
 
     # ------------------------------------------------------------ worker thread
     def _run(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not (self._stop or self._waiting or self._cancels or self._running or self._calls):
+                    while not (self._stop or self._waiting or self._suspects or self._cancels or self._running
+                               or self._calls):
                         self._cond.wait()
                     if self._stop:
                         break
@@ -176,14 +186,22 @@ class Worker:
                             fut.set_exception(e)
                     # A job may be cancelled twice (disconnect watcher and handler cleanup): once is enough.
                     cancels, self._cancels = list(dict.fromkeys(self._cancels)), []
-                    waiting_cancelled = [j for j in cancels if j.state == "waiting"]
-                    for job in waiting_cancelled:
-                        self._waiting.remove(job)
+                    for job in cancels:
+                        if job.state == "waiting":
+                            (self._suspects if job in self._suspects else self._waiting).remove(job)
                     admitted = []
                     # Cancelled rows free their slots below, before the admitted rows take theirs.
-                    room = len(self.engine.free) + sum(j.state == "running" for j in cancels)
-                    while self._waiting and len(admitted) < room:
-                        admitted.append(self._next())
+                    stopping = sum(j.state == "running" for j in cancels)
+                    room = len(self.engine.free) + stopping
+                    if self._alone is not None and self._alone.finished:
+                        self._alone = None
+                    if self._suspects or self._alone is not None:  # after an engine fault: one row at a time
+                        if self._alone is None and len(self._running) == stopping:
+                            self._alone = self._suspects.popleft()
+                            admitted.append(self._alone)
+                    else:
+                        while self._waiting and len(admitted) < room:
+                            admitted.append(self._next())
                     self._active = len(self._running) + len(admitted)
                 for job in cancels:
                     if job.state == "running":
@@ -205,8 +223,9 @@ class Worker:
         finally:
             with self._cond:
                 self._stop = True
-                left = list(self._waiting) + list(self._running.values())
+                left = list(self._waiting) + list(self._suspects) + list(self._running.values())
                 self._waiting.clear()
+                self._suspects.clear()
                 self._active = 0
                 calls, self._calls = self._calls, []
             for _, fut in calls:
@@ -237,19 +256,29 @@ class Worker:
             return
         job.state = "running"
         self._running[job.rid] = job
-        self.metrics.observe(self.metrics.queue_wait, time.perf_counter() - job.t_submit)
-        self.metrics.inc(self.metrics.prompt_tokens, by=len(job.prompt))
+        if not job.retried:
+            self.metrics.observe(self.metrics.queue_wait, time.perf_counter() - job.t_submit)
+            self.metrics.inc(self.metrics.prompt_tokens, by=len(job.prompt))
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         try:
             events = self.engine.step()
         except Exception as e:  # an engine fault fails the rows it was running, never the server
-            log.exception("engine step failed; failing %d rows", len(self._running))
+            log.exception("engine step failed with %d rows", len(self._running))
+            several, again = len(self._running) > 1, []
             for rid, job in list(self._running.items()):
                 self.engine.cancel(rid)
-                self._finish(job, "failed", Failed(500, f"generation failed: {type(e).__name__}: {e}"))
+                if several and not job.commits and not job.retried:
+                    job.retried, job.rid, job.state = True, None, "waiting"
+                    again.append(job)
+                else:
+                    self._finish(job, "failed", Failed(500, f"generation failed: {type(e).__name__}: {e}"))
             self._running.clear()
+            if again:
+                log.warning("running %d rows of the failed step again, one at a time", len(again))
+                with self._cond:
+                    self._suspects.extend(again)
             return
         self.steps += 1
         self.metrics.observe(self.metrics.step_time, time.perf_counter() - t0)
@@ -283,6 +312,7 @@ class Worker:
         self._emit(job, [event])
 
     def _emit(self, job: Job, events: list) -> None:
+        job.commits += sum(isinstance(ev, Commit) for ev in events)
         try:
             job.sink(job, events)
         except Exception:  # a sink must not take the engine down (e.g. its event loop has closed)
