@@ -548,11 +548,11 @@ def _adaptive_steps(text: str | None) -> tuple[int, int] | None:
     return value
 
 
-def _need_serve(command: str) -> None:
-    """One readable line when the `serve` extra is not installed."""
+def _need_serve(command: str, *names: str) -> None:
+    """One readable line when a module of the `serve` extra that `command` needs is not installed."""
     import importlib
 
-    for name in ("fastapi", "uvicorn", "httpx", "python_multipart"):
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError:
@@ -563,7 +563,7 @@ def _need_serve(command: str) -> None:
 def cmd_serve(args) -> int:
     import os
 
-    _need_serve("serve")
+    _need_serve("serve", "fastapi", "uvicorn", *(("httpx", "python_multipart") if args.batch_dir else ()))
     from .serve.app import check_port, run
 
     settings = _server_settings(args, host=args.host, port=args.port,
@@ -615,7 +615,7 @@ def cmd_run_batch(args) -> int:
     import logging
     import time
 
-    _need_serve("run-batch")
+    _need_serve("run-batch", "fastapi", "httpx")
     from .serve.batch import BatchError, run_batch
 
     settings = _server_settings(args)

@@ -179,6 +179,20 @@ def test_bad_device_is_a_usage_error(ckpt_tok, capsys, command):
         assert e.value.code == 2 and msg in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("args", [["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"],
+                                  ["serve", "--batch-dir", "batches", "--port", "0"]])
+def test_a_missing_serve_module_is_one_line(args, capsys, monkeypatch):
+    """httpx (run-batch, the Batch API) missing: the command says which extra to install, before loading anything;
+    `dgemma serve` without --batch-dir does not need it."""
+    from dgemma.cli import _need_serve, main
+
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(httpx is missing): pip install 'dgemma[serve]'" in err and "\n" not in err
+    _need_serve("serve", "fastapi", "uvicorn")  # no raise
+
+
 def test_generate_vllm_extras(ckpt_tok, capsys):
     """--stop-token-id, --min-tokens and --repetition-penalty reach the engine; a bad value is one clear line."""
     from dgemma.cli import main
