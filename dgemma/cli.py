@@ -571,7 +571,7 @@ def cmd_serve(args) -> int:
                                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                 cors_origins=tuple(args.cors_origin or ()),
                                 allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy,
-                                batch_dir=args.batch_dir)
+                                batch_dir=args.batch_dir, responses_store=args.responses_store)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
@@ -1336,6 +1336,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the order waiting requests get engine rows: fcfs (arrival, default) or priority (a "
                    "request's `priority`, lower first, then arrival; vLLM's; running rows are not preempted)")
     _add_server_engine_args(s)
+    s.add_argument("--responses-store", type=int, default=1000, metavar="N",
+                   help="the Responses API keeps the last N responses in memory, so a request can continue one by "
+                   "previous_response_id (OpenAI's `store`, on unless a request says false; default 1000, 0: none)")
     s.add_argument("--batch-dir", metavar="DIR", help="turn on OpenAI's Files and Batches APIs (/v1/files, "
                    "/v1/batches), keeping uploads, batch state and outputs under DIR; a batch's requests run as "
                    "background rows beside live traffic, and resume after a restart")

@@ -614,7 +614,7 @@ def test_responses_api(client, http, pipe):
     assert set(json.loads(r.output_text)) == {"ok"}
     # Errors name the Responses field.
     for body, param, code in [
-            ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "unsupported_parameter"),
+            ({"input": "x", "conversation": "conv_1"}, "conversation", "unsupported_parameter"),
             ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0", "unsupported_parameter"),
             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
              "input.0.content.0", "unsupported_parameter"),
@@ -623,6 +623,73 @@ def test_responses_api(client, http, pipe):
             ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format", "invalid_value"),
             ({"input": "x", "tool_choice": "required"}, "tool_choice", "invalid_value")]:
         assert_error(http.post("/v1/responses", json=body), 400, code=code, param=param)
+
+
+def test_responses_store_and_previous_response_id(client, http, pipe):
+    """Stored responses: a request continues one by previous_response_id exactly as if it sent the conversation
+    again (the same prompt, so the same tokens for a seed), through a tool call too; retrieve, input_items, delete;
+    store: false keeps nothing."""
+    r1 = client.responses.create(model=NAME, input="My name is Ada.", max_output_tokens=12, extra_body={"seed": 4})
+    assert r1.store is True and r1.previous_response_id is None
+    r2 = client.responses.create(model=NAME, input="And mine?", previous_response_id=r1.id, max_output_tokens=12,
+                                 instructions="Be brief.", extra_body={"seed": 5})
+    again = client.responses.create(model=NAME, input=[
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": r1.output_text},
+        {"role": "user", "content": "And mine?"}], instructions="Be brief.", max_output_tokens=12,
+        extra_body={"seed": 5})
+    assert r2.previous_response_id == r1.id and r2.output_text == again.output_text
+    assert r2.usage.input_tokens == again.usage.input_tokens
+    got = client.responses.retrieve(r2.id)
+    assert got.id == r2.id and got.output_text == r2.output_text and got.usage.input_tokens == r2.usage.input_tokens
+    items = client.responses.input_items.list(r2.id, order="asc")
+    texts = [i.content[0].text for i in items.data]
+    assert texts == ["My name is Ada.", r1.output_text, "And mine?"] and all(i.id for i in items.data)
+    assert [i.id for i in client.responses.input_items.list(r2.id).data] == [i.id for i in items.data][::-1]
+    # a forced tool call, then only its output, by previous_response_id
+    tools = [{"type": "function", "name": "get_weather", "description": "Current weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}}]
+    r = client.responses.create(model=NAME, input="Weather in Paris?", tools=tools, tool_choice="required",
+                                parallel_tool_calls=False, max_output_tokens=64, extra_body={"seed": 1})
+    [call] = r.output
+    follow = client.responses.create(model=NAME, previous_response_id=r.id, tools=tools, max_output_tokens=8,
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "sunny"}], extra_body={"seed": 2})
+    whole = client.responses.create(model=NAME, tools=tools, max_output_tokens=8, extra_body={"seed": 2}, input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert follow.usage.input_tokens == whole.usage.input_tokens and follow.output_text == whole.output_text
+    # streamed responses are kept too; store: false ones are not
+    with client.responses.stream(model=NAME, input="Hi", max_output_tokens=8) as stream:
+        final = stream.get_final_response()
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+    gone = client.responses.create(model=NAME, input="Hi", max_output_tokens=4, store=False)
+    assert gone.store is False
+    for rid in (gone.id, "resp_nope"):
+        assert_error(http.get(f"/v1/responses/{rid}"), 404, code="response_not_found")
+    client.responses.delete(r1.id)
+    assert_error(http.get(f"/v1/responses/{r1.id}"), 404)
+    assert_error(http.post("/v1/responses", json={"input": "x", "previous_response_id": r1.id}), 404,
+                 code="previous_response_not_found", param="previous_response_id")
+    assert_error(http.get(f"/v1/responses/{r2.id}/input_items", params={"order": "sideways"}), 400, param="order")
+
+
+def test_responses_store_size(ckpt):
+    from dgemma.serve.responses import ResponsesRequest, ResponseStore
+
+    store = ResponseStore(2)
+    for k in range(3):
+        req = ResponsesRequest(input=f"q{k}")
+        store.history(req)
+        store.keep(req, {"id": f"resp_{k}", "status": "completed", "output": []})
+    assert list(store.entries) == ["resp_1", "resp_2"]  # the oldest went
+    off = ResponseStore(0)
+    req = ResponsesRequest(input="x", previous_response_id="resp_1")
+    with pytest.raises(Exception, match="--responses-store 0"):
+        off.history(req)
+    req = ResponsesRequest(input="x")
+    off.history(req)
+    assert req._stored is False
 
 
 def test_anthropic_messages_api(server, http, pipe):

@@ -54,7 +54,8 @@ from .protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequ
                        LoadLoRARequest, ModelCard, ModelList, TokenizeRequest, UnloadLoRARequest)
 from . import messages as anthropic
 from .messages import MessagesRequest
-from .responses import Output, ResponsesRequest, rename_param, response_object, stream_events, to_chat
+from .responses import (Output, ResponsesRequest, ResponseStore, rename_param, response_object, stream_events,
+                        to_chat)
 from .settings import ServerSettings
 
 log = logging.getLogger("dgemma.serve")
@@ -100,6 +101,7 @@ class State:
                              priority=settings.scheduling_policy == "priority")
         self.planner = Planner(pipeline, self.worker, settings, self.adapters)
         self.batches = None  # the Files and Batches APIs' store (--batch-dir; create_app sets it)
+        self.responses = ResponseStore(settings.responses_store)  # for previous_response_id
         self.created = int(time.time())
         if pipeline.tokenizer is not None:
             # Structured output's token tables take ~3 s at Gemma's 262,144 tokens: built now, off the request path.
@@ -273,7 +275,9 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
     if responses is not None:
         output = Output()
         output.finish(plan.choices[0], tok)
-        return JSONResponse(response_object(plan, responses, output, tok))
+        obj = response_object(plan, responses, output, tok)
+        state.responses.keep(responses, obj)
+        return JSONResponse(obj)
     if messages is not None:
         return JSONResponse(anthropic.message_object(plan, messages, tok))
     return JSONResponse(with_prompt_logprobs(plan, with_token_ids(plan, response(plan, tok).model_dump()), tok))
@@ -473,11 +477,32 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     @api.post("/v1/responses")
     async def responses(request: Request):
         req = parse(ResponsesRequest, await read_json(request, settings.max_body_bytes))
+        state.responses.history(req)
         try:
             plan = await asyncio.to_thread(state.planner.chat, to_chat(req))
         except APIError as e:
             raise rename_param(e) from None
         return await execute(request, state, plan, responses=req)
+
+    @api.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return state.responses.get(response_id)[0]
+
+    @api.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return state.responses.delete(response_id)
+
+    @api.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, limit: int = 20, order: str = "desc", after: str | None = None):
+        if not 1 <= limit <= 100 or order not in ("asc", "desc"):
+            raise errors.invalid("limit must be 1..100 and order 'asc' or 'desc'", "limit" if order in ("asc", "desc")
+                                 else "order")
+        items = state.responses.get(response_id)[1]
+        items = items if order == "asc" else items[::-1]
+        if after is not None:
+            ids = [i.get("id") for i in items]
+            items = items[ids.index(after) + 1:] if after in ids else []
+        return _page(items[:limit], len(items) > limit)
 
     @api.post("/v1/messages")
     async def messages(request: Request):
@@ -527,6 +552,12 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     return app
 
 
+def _page(data: list[dict], has_more: bool = False) -> dict:
+    """OpenAI's list object."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0].get("id") if data else None, "last_id": data[-1].get("id") if data else None}
+
+
 def _batch_routes(api: APIRouter, state: State) -> None:
     """OpenAI's Files and Batches APIs (batch_api.py), a 403 that says how to turn them on without --batch-dir."""
 
@@ -554,13 +585,9 @@ def _batch_routes(api: APIRouter, state: State) -> None:
         finally:
             await form.close()
 
-    def page(data: list[dict], has_more: bool = False) -> dict:
-        return {"object": "list", "data": data, "has_more": has_more,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
-
     @api.get("/v1/files")
     async def list_files(purpose: str | None = None):
-        return page(store().list_files(purpose))
+        return _page(store().list_files(purpose))
 
     @api.get("/v1/files/{file_id}")
     async def get_file(file_id: str):
@@ -590,7 +617,7 @@ def _batch_routes(api: APIRouter, state: State) -> None:
         if after is not None:
             ids = [b["id"] for b in data]
             data = data[ids.index(after) + 1:] if after in ids else []
-        return page(data[:limit], len(data) > limit)
+        return _page(data[:limit], len(data) > limit)
 
     @api.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str):

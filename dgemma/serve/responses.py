@@ -9,17 +9,24 @@ back as Responses output items: a `reasoning` item (the thought channel, with th
 `output_text`, and one `function_call` item per tool call. A stream sends Responses' typed events
 (`response.created`, `response.output_item.added`, `response.output_text.delta`, ..., `response.completed`).
 
-Not supported (a 400 naming the field): `previous_response_id` and `conversation` (nothing is stored; send the
-whole conversation), built-in tools (web search, file search, ...), images and files, `n`-like fan-out.
+Stored responses (`store`, on unless false, as OpenAI's): the server keeps the last --responses-store responses
+in memory (`ResponseStore`), each with its conversation (the items before it, its input and its output), so a
+request with `previous_response_id` continues it without sending it again, and `GET /v1/responses/{id}`,
+`GET /v1/responses/{id}/input_items` and `DELETE /v1/responses/{id}` read and drop them. `instructions` are the
+request's own (OpenAI does not carry them over either).
+
+Not supported (a 400 naming the field): `conversation` (the Conversations API), built-in tools (web search, file
+search, ...), images and files, `background`, `n`-like fan-out.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from ..generate import Done
 from ..tokenizer import THOUGHT_CLOSE
@@ -47,7 +54,7 @@ class ResponsesRequest(DiffusionOptions):
     reasoning: dict[str, Any] | None = None
     stream: bool = False
     seed: int | None = Field(None, ge=0)  # not in OpenAI's API; vLLM's and ours
-    store: bool | None = None  # accepted; nothing is stored
+    store: bool | None = None  # kept for previous_response_id and GET /v1/responses/{id} unless false
     metadata: dict[str, Any] | None = None
     user: str | None = None
     previous_response_id: str | None = None
@@ -57,6 +64,8 @@ class ResponsesRequest(DiffusionOptions):
     service_tier: str | None = None
     max_tool_calls: int | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    _history: list[dict[str, Any]] = PrivateAttr(default_factory=list)  # previous_response_id's conversation
+    _stored: bool = PrivateAttr(default=False)  # this response is kept (store, and a store with room)
 
 
 LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the answer's logprobs
@@ -65,9 +74,9 @@ LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for t
 # ---------------------------------------------------------------- request -> chat
 def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request this Responses request stands for (APIError where it cannot be one)."""
-    if req.previous_response_id is not None or req.conversation is not None:
-        raise unsupported("this server stores no responses: send the whole conversation in input",
-                          "previous_response_id" if req.previous_response_id is not None else "conversation")
+    if req.conversation is not None:
+        raise unsupported("the Conversations API is not supported: continue a response with previous_response_id, "
+                          "or send the whole conversation in input", "conversation")
     if req.max_tool_calls is not None:
         raise unsupported("max_tool_calls is not supported", "max_tool_calls")
     if req.truncation not in (None, "disabled"):
@@ -75,6 +84,8 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
+    for item in req._history:  # checked when it was stored
+        _add_item(messages, item, "previous_response_id")
     if isinstance(req.input, str):
         messages.append({"role": "user", "content": req.input})
     else:
@@ -227,8 +238,9 @@ def response_object(plan: Plan, req: ResponsesRequest, output: Output, tok, stat
         "model": plan.model, "output": output.items,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None, "error": None,
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-        "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
-        "reasoning": req.reasoning, "store": False, "temperature": req.temperature, "top_p": req.top_p,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": req.previous_response_id, "reasoning": req.reasoning, "store": req._stored,
+        "temperature": req.temperature, "top_p": req.top_p,
         "text": req.text or {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
         "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "user": req.user,
         "usage": None if u is None else {
@@ -311,7 +323,9 @@ async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
                     yield event
                 # Ended by max_output_tokens too: status "incomplete" inside, as vLLM sends it (the openai client's
                 # stream helper waits for response.completed, whatever the status).
-                yield send("response.completed", response=response_object(plan, req, out, tok))
+                final = response_object(plan, req, out, tok)
+                state.responses.keep(req, final)
+                yield send("response.completed", response=final)
     finally:
         state.worker.cancel(plan.jobs)
 
@@ -340,3 +354,55 @@ def _close(send, out: Output, c: Choice, added, tok=None):
                        text=part["text"], logprobs=part["logprobs"])
             yield send("response.content_part.done", item_id=item["id"], output_index=k, content_index=0, part=part)
         yield send("response.output_item.done", output_index=k, item=item)
+
+
+# ---------------------------------------------------------------- stored responses
+def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as Responses items, each with an id (`input_items` lists them)."""
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": req.input}]}] \
+        if isinstance(req.input, str) else [dict(item) for item in req.input]
+    for item in items:
+        item.setdefault("type", "message")
+        item.setdefault("id", _id("msg" if item["type"] == "message" else "item"))
+    return items
+
+
+class ResponseStore:
+    """The last `size` stored responses, in memory (the event loop's only): id -> (response object, the items its
+    conversation holds before its output, its output items)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def history(self, req: ResponsesRequest) -> None:
+        """Resolve `previous_response_id` into the conversation the request continues (404 if not kept)."""
+        req._stored = req.store is not False and self.size > 0
+        if req.previous_response_id is None:
+            return
+        entry = self.entries.get(req.previous_response_id)
+        if entry is None:
+            raise APIError(404, f"Previous response with id '{req.previous_response_id}' not found."
+                           + ("" if self.size else " This server keeps no responses (--responses-store 0)."),
+                           param="previous_response_id", code="previous_response_not_found")
+        obj, items = entry
+        req._history = items + [item for item in obj["output"] if item["type"] != "reasoning"]
+
+    def keep(self, req: ResponsesRequest, obj: dict[str, Any]) -> None:
+        if not req._stored or obj["status"] not in ("completed", "incomplete"):
+            return
+        self.entries[obj["id"]] = (obj, req._history + input_items(req))
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        entry = self.entries.get(rid)
+        if entry is None:
+            raise APIError(404, f"Response with id '{rid}' not found.", param="response_id",
+                           code="response_not_found")
+        return entry
+
+    def delete(self, rid: str) -> dict[str, Any]:
+        self.get(rid)
+        del self.entries[rid]
+        return {"id": rid, "object": "response", "deleted": True}

@@ -27,6 +27,8 @@ class ServerSettings:
     adaptive_steps: tuple[int, int] | None = None
     # vLLM's: "fcfs" (arrival order) or "priority" (a request's `priority`, lower first, then arrival)
     scheduling_policy: str = "fcfs"
+    # Responses API: the last this many responses kept in memory for previous_response_id (0: none)
+    responses_store: int = 1000
     # OpenAI's Files and Batches APIs, their files and batches kept under this directory (None: the APIs are off)
     batch_dir: str | None = None
     batch_max_file_bytes: int = 200 << 20  # the largest file /v1/files takes (OpenAI's limit is 200 MB)
@@ -45,6 +47,8 @@ class ServerSettings:
                 raise ValueError(f"adaptive-steps takes ROWS[:MIN_STEPS], both >= 1, got {self.adaptive_steps!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if not isinstance(self.responses_store, int) or self.responses_store < 0:
+            raise ValueError(f"responses-store must be >= 0, got {self.responses_store!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max-queue must be >= 0, got {self.max_queue!r}")
         if not 0 <= self.port < 65536:
