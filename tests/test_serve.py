@@ -674,6 +674,30 @@ def test_responses_store_and_previous_response_id(client, http, pipe):
     assert_error(http.get(f"/v1/responses/{r2.id}/input_items", params={"order": "sideways"}), 400, param="order")
 
 
+def test_responses_in_the_background(client, http):
+    """background: true answers at once (queued), runs whether or not anyone waits, and is read by polling; cancel
+    stops it."""
+    fg = client.responses.create(model=NAME, input="Tell me", max_output_tokens=16, extra_body={"seed": 6})
+    r = client.responses.create(model=NAME, input="Tell me", max_output_tokens=16, background=True,
+                                extra_body={"seed": 6})
+    assert r.status == "queued" and r.background is True and r.output == []
+    deadline = time.time() + 60
+    while (r := client.responses.retrieve(r.id)).status in ("queued", "in_progress") and time.time() < deadline:
+        time.sleep(0.05)
+    assert r.status == fg.status and r.output_text == fg.output_text and r.usage.output_tokens == fg.usage.output_tokens
+    assert client.responses.cancel(r.id).status == r.status  # finished: unchanged
+    long = client.responses.create(model=NAME, input="Go on", max_output_tokens=512, background=True,
+                                   extra_body={"ignore_eos": True, "steps": 16})
+    assert client.responses.cancel(long.id).status == "cancelled"
+    assert wait_until(lambda: client.responses.retrieve(long.id).status == "cancelled")
+    assert wait_until(lambda: _active(str(http.base_url).rstrip("/")) == 0)
+    assert_error(http.post("/v1/responses", json={"input": "x", "background": True, "store": False}), 400,
+                 param="background")
+    assert_error(http.post("/v1/responses", json={"input": "x", "background": True, "stream": True}), 400,
+                 param="stream")
+    assert_error(http.post(f"/v1/responses/{fg.id}/cancel"), 400, param="response_id")
+
+
 def test_responses_store_size(ckpt):
     from dgemma.serve.responses import ResponsesRequest, ResponseStore
 

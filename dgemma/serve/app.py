@@ -264,6 +264,11 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
     except Unavailable as e:
         state.metrics.inc(state.metrics.rejected, "unavailable")
         raise APIError(503, f"The server cannot take requests now ({e}).", code="unavailable") from None
+    if responses is not None and responses.background:
+        obj = response_object(plan, responses, Output(), state.pipe.tokenizer, status="queued")
+        task = asyncio.get_running_loop().create_task(_background(state, plan, queue, responses))
+        state.responses.start(responses, obj, task, plan.jobs)
+        return JSONResponse(obj)
     if plan.stream:
         events = stream_events(state, plan, queue, responses) if responses is not None else \
             anthropic.stream_events(state, plan, queue, messages) if messages is not None else \
@@ -283,10 +288,27 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
     return JSONResponse(with_prompt_logprobs(plan, with_token_ids(plan, response(plan, tok).model_dump()), tok))
 
 
-async def collect(request: Request, state: State, plan: Plan, queue: asyncio.Queue) -> None:
-    """Wait for every choice of a plan to finish (its events folded into the choices)."""
+async def _background(state: State, plan: Plan, queue: asyncio.Queue, req: ResponsesRequest) -> None:
+    """A background response: wait for it as a request would (no client to go away), then store what it gave."""
     tok = state.pipe.tokenizer
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    output = Output()
+    try:
+        await collect(None, state, plan, queue)
+        output.finish(plan.choices[0], tok)
+        obj = response_object(plan, req, output, tok)
+    except APIError as e:
+        obj = response_object(plan, req, output, tok, status="failed")
+        obj["error"] = {"code": e.code or "generation_failed", "message": e.message}
+    except asyncio.CancelledError:  # POST /v1/responses/{id}/cancel (the rows were cancelled on the way out)
+        obj = response_object(plan, req, output, tok, status="cancelled")
+    state.responses.keep(req, obj)
+
+
+async def collect(request: Request | None, state: State, plan: Plan, queue: asyncio.Queue) -> None:
+    """Wait for every choice of a plan to finish (its events folded into the choices); a client that goes away
+    cancels it (none for a background response)."""
+    tok = state.pipe.tokenizer
+    watcher = asyncio.ensure_future(_wait_disconnect(request) if request is not None else asyncio.Event().wait())
 
     def gone(task: asyncio.Task) -> None:
         if not task.cancelled():
@@ -487,6 +509,10 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     @api.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
         return state.responses.get(response_id)[0]
+
+    @api.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str):
+        return state.responses.cancel(response_id)
 
     @api.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):

@@ -15,8 +15,12 @@ request with `previous_response_id` continues it without sending it again, and `
 `GET /v1/responses/{id}/input_items` and `DELETE /v1/responses/{id}` read and drop them. `instructions` are the
 request's own (OpenAI does not carry them over either).
 
-Not supported (a 400 naming the field): `conversation` (the Conversations API), built-in tools (web search, file
-search, ...), images and files, `background`, `n`-like fan-out.
+Background responses (`background: true`, stored): the request returns at once with status `queued`; the rows
+run as any others (a client that goes away does not cancel them); `GET /v1/responses/{id}` shows `in_progress`,
+then the finished response; `POST /v1/responses/{id}/cancel` stops it (`cancelled`).
+
+Not supported (a 400 naming the field): `conversation` (the Conversations API), a background response streamed,
+built-in tools (web search, file search, ...), images and files, `n`-like fan-out.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class ResponsesRequest(DiffusionOptions):
     stream: bool = False
     seed: int | None = Field(None, ge=0)  # not in OpenAI's API; vLLM's and ours
     store: bool | None = None  # kept for previous_response_id and GET /v1/responses/{id} unless false
+    background: bool | None = None  # answer at once; poll GET /v1/responses/{id} (needs store)
     metadata: dict[str, Any] | None = None
     user: str | None = None
     previous_response_id: str | None = None
@@ -74,6 +79,8 @@ LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for t
 # ---------------------------------------------------------------- request -> chat
 def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request this Responses request stands for (APIError where it cannot be one)."""
+    if req.background and req.stream:
+        raise unsupported("a background response cannot be streamed here: poll GET /v1/responses/{id}", "stream")
     if req.conversation is not None:
         raise unsupported("the Conversations API is not supported: continue a response with previous_response_id, "
                           "or send the whole conversation in input", "conversation")
@@ -240,6 +247,7 @@ def response_object(plan: Plan, req: ResponsesRequest, output: Output, tok, stat
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": req.previous_response_id, "reasoning": req.reasoning, "store": req._stored,
+        "background": bool(req.background),
         "temperature": req.temperature, "top_p": req.top_p,
         "text": req.text or {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
         "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "user": req.user,
@@ -374,10 +382,14 @@ class ResponseStore:
     def __init__(self, size: int):
         self.size = size
         self.entries: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+        self.running: dict[str, tuple[Any, list]] = {}  # background responses: id -> (task, jobs)
 
     def history(self, req: ResponsesRequest) -> None:
         """Resolve `previous_response_id` into the conversation the request continues (404 if not kept)."""
         req._stored = req.store is not False and self.size > 0
+        if req.background and not req._stored:
+            raise invalid("background responses are kept until read: they need store (not false) and a server "
+                          "that keeps responses (--responses-store above 0)", "background")
         if req.previous_response_id is None:
             return
         entry = self.entries.get(req.previous_response_id)
@@ -389,20 +401,45 @@ class ResponseStore:
         req._history = items + [item for item in obj["output"] if item["type"] != "reasoning"]
 
     def keep(self, req: ResponsesRequest, obj: dict[str, Any]) -> None:
-        if not req._stored or obj["status"] not in ("completed", "incomplete"):
+        """Keep a response (a finished one; a background one from its start, `queued`), the oldest finished ones
+        going past `size`."""
+        if not req._stored or obj["status"] not in ("completed", "incomplete", "queued", "failed", "cancelled"):
             return
         self.entries[obj["id"]] = (obj, req._history + input_items(req))
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        for rid in list(self.entries):
+            if len(self.entries) <= self.size:
+                break
+            if rid not in self.running:
+                del self.entries[rid]
+
+    def start(self, req: ResponsesRequest, obj: dict[str, Any], task, jobs: list) -> None:
+        self.keep(req, obj)
+        self.running[obj["id"]] = (task, jobs)
+        task.add_done_callback(lambda _t, rid=obj["id"]: self.running.pop(rid, None))
 
     def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         entry = self.entries.get(rid)
         if entry is None:
             raise APIError(404, f"Response with id '{rid}' not found.", param="response_id",
                            code="response_not_found")
-        return entry
+        obj, items = entry
+        if rid in self.running and obj["status"] == "queued" and any(j.state != "waiting"
+                                                                     for j in self.running[rid][1]):
+            obj = dict(obj, status="in_progress")
+        return obj, items
+
+    def cancel(self, rid: str) -> dict[str, Any]:
+        obj, _ = self.get(rid)
+        if not obj.get("background"):
+            raise invalid("only background responses can be cancelled", "response_id")
+        if rid in self.running:
+            self.running[rid][0].cancel()
+            obj = dict(obj, status="cancelled")  # the task stores it so as it unwinds
+        return obj
 
     def delete(self, rid: str) -> dict[str, Any]:
         self.get(rid)
-        del self.entries[rid]
+        if rid in self.running:
+            self.running.pop(rid)[0].cancel()
+        self.entries.pop(rid, None)
         return {"id": rid, "object": "response", "deleted": True}
