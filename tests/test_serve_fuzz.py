@@ -52,7 +52,7 @@ ENDPOINTS = {
         "response_format", "stream", "n", "structured_outputs", "stop", "metadata"]),
     "/v1/responses": ({"model": NAME, "input": "Hi", "max_output_tokens": 8}, [
         "input", "instructions", "max_output_tokens", "stream", "tools", "tool_choice", "text", "reasoning",
-        "temperature", "previous_response_id", "model"]),
+        "temperature", "previous_response_id", "model", "store", "background"]),
     "/v1/messages": ({"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}, [
         "messages", "system", "max_tokens", "stream", "stop_sequences", "temperature", "top_k", "tools",
         "tool_choice", "thinking", "model"]),
