@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -611,26 +612,100 @@ def _server_pipeline(args, settings):
     return pipe
 
 
+def _is_url(name: str) -> bool:
+    return name.startswith(("http://", "https://"))
+
+
+def _download(url: str, dest: Path) -> None:
+    """GET `url` into `dest` (vLLM's run-batch reads its input from a URL too, e.g. a presigned one)."""
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, follow_redirects=True, timeout=60) as r, open(dest, "wb") as f:
+            if r.status_code >= 400:
+                raise UsageError(f"reading {url}: HTTP {r.status_code}")
+            for chunk in r.iter_bytes(1 << 20):
+                f.write(chunk)
+    except httpx.HTTPError as e:
+        raise UsageError(f"reading {url}: {e}") from None
+
+
+def _upload(path: Path, url: str, tries: int = 3) -> None:
+    """PUT the file at `path` to `url`, a few tries; on failure the file stays (the message names it)."""
+    import httpx
+
+    error = ""
+    for k in range(tries):
+        try:
+            with open(path, "rb") as f:
+                r = httpx.put(url, content=f, timeout=600)
+            if r.status_code < 300:
+                return
+            error = f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            error = str(e)
+        time.sleep(min(2 ** k, 10) if k + 1 < tries else 0)
+    raise UsageError(f"uploading to {url} failed ({error}); the answers are in {path}")
+
+
 def cmd_run_batch(args) -> int:
-    import logging
-    import time
+    import hashlib
+    import tempfile
 
     _need_serve("run-batch", "fastapi", "httpx")
-    from .serve.batch import BatchError, run_batch
-
     settings = _server_settings(args)
-    inp, out = Path(args.input_file), Path(args.output_file)
-    if not inp.is_file():
-        raise UsageError(f"{inp}: no such file")
+    tmp_dir = Path(args.output_tmp_dir or tempfile.gettempdir())
+    if not tmp_dir.is_dir():
+        raise UsageError(f"--output-tmp-dir {tmp_dir}: no such directory")
+    # an output URL: answers kept under --output-tmp-dir first, by a name the URL fixes (so a rerun resumes), and
+    # PUT there at the end
+    out = tmp_dir / f"dgemma-batch-{hashlib.sha256(args.output_file.encode()).hexdigest()[:16]}.jsonl" \
+        if _is_url(args.output_file) else Path(args.output_file)
     if out.is_dir() or not out.parent.is_dir():
         raise UsageError(f"{out}: not a file in an existing directory")
-    if out.resolve() == inp.resolve():
-        raise UsageError("the output file is the input file")
+    downloaded = None
+    if _is_url(args.input_file):
+        downloaded = inp = Path(tempfile.mkstemp(prefix="dgemma-batch-input-", suffix=".jsonl", dir=tmp_dir)[1])
+    else:
+        inp = Path(args.input_file)
+        if not inp.is_file():
+            raise UsageError(f"{inp}: no such file")
+        if out.resolve() == inp.resolve():
+            raise UsageError("the output file is the input file")
+    try:
+        if downloaded is not None:
+            _download(args.input_file, downloaded)
+        summary = _answer_batch(args, settings, inp, out)
+    finally:
+        if downloaded is not None:
+            downloaded.unlink(missing_ok=True)
+    if _is_url(args.output_file):
+        _upload(out, args.output_file)
+        out.unlink()
+    if args.summary_json:
+        from .io import atomic_write_text
+
+        atomic_write_text(args.summary_json, json.dumps(summary.as_dict(), indent=2) + "\n")
+    if not args.quiet:
+        tps = summary.completion_tokens / summary.wall_s if summary.wall_s else 0.0
+        print(f"run-batch: wrote {args.output_file}: {summary.lines} lines ({summary.resumed} from an earlier run), "
+              f"{summary.ok} ok, {summary.failed} failed, {summary.invalid} invalid; {summary.completion_tokens} "
+              f"tokens written in {summary.wall_s:.1f} s ({tps:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _answer_batch(args, settings, inp: Path, out: Path):
+    """run-batch's run: the model loaded, the file answered with progress lines."""
+    import logging
+
+    from .serve.batch import BatchError, run_batch
+
     partial = out.with_name(out.name + ".partial")
     if partial.exists() and not args.quiet:
         print(f"run-batch: resuming after the answers in {partial}", file=sys.stderr)
     pipe = _server_pipeline(args, settings)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
 
     def progress(s) -> None:
         if not args.quiet:
@@ -638,21 +713,10 @@ def cmd_run_batch(args) -> int:
             print(f"run-batch: {s.lines} lines answered ({s.ok} ok, {s.failed} failed, {s.invalid} invalid), "
                   f"{rate:.2f} lines/s", file=sys.stderr)
 
-    t0 = time.perf_counter()
     try:
-        summary = run_batch(pipe, settings, inp, out, progress=progress)
+        return run_batch(pipe, settings, inp, out, progress=progress)
     except BatchError as e:
         raise UsageError(str(e)) from None
-    if args.summary_json:
-        from .io import atomic_write_text
-
-        atomic_write_text(args.summary_json, json.dumps(summary.as_dict(), indent=2) + "\n")
-    if not args.quiet:
-        tps = summary.completion_tokens / summary.wall_s if summary.wall_s else 0.0
-        print(f"run-batch: wrote {out}: {summary.lines} lines ({summary.resumed} from an earlier run), {summary.ok} "
-              f"ok, {summary.failed} failed, {summary.invalid} invalid; {summary.completion_tokens} tokens written "
-              f"in {summary.wall_s:.1f} s ({tps:.1f} tok/s)", file=sys.stderr)
-    return 0
 
 
 # ---------------------------------------------------------------- train
@@ -1353,10 +1417,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", help="checkpoint directory or hub id (org/name); default: the shipped code "
                    "model")
     s.add_argument("-i", "--input-file", required=True, help="JSONL, one request a line: {custom_id, method: POST, "
-                   "url: /v1/chat/completions (or /v1/completions, /v1/responses, /v1/messages), body}")
+                   "url: /v1/chat/completions (or /v1/completions, /v1/responses, /v1/messages), body}; a local "
+                   "file or an http(s) URL to GET")
     s.add_argument("-o", "--output-file", required=True, help="JSONL, one answer a line in input order: {id, "
                    "custom_id, response: {status_code, request_id, body}, error}; written to OUTPUT.partial as "
-                   "lines finish and renamed at the end (run again to resume after a kill)")
+                   "lines finish and renamed at the end (run again to resume after a kill); or an http(s) URL to PUT "
+                   "them to at the end")
+    s.add_argument("--output-tmp-dir", metavar="DIR", help="with an http(s) output URL: where the answers are kept "
+                   "until they are PUT there (default: the system's temp directory; a rerun resumes from it)")
     s.add_argument("--summary-json", metavar="PATH", help="also write the counts, tokens and wall time as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])

@@ -190,3 +190,52 @@ def test_batch_cli_errors(ckpt, tmp_path, capsys):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"custom_id": "\xe9"}\n')
     assert run(ckpt, tmp_path / "latin1.jsonl", tmp_path / "o.jsonl") == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_batch_reads_and_writes_urls(ckpt, tmp_path, capsys):
+    """vLLM's run-batch takes http(s) URLs too: the input by GET, the answers by PUT at the end (kept under
+    --output-tmp-dir until then, so a failed upload loses nothing and a rerun resumes)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    rows = [req(f"r{i}", prompt=f"p{i}", max_tokens=8, seed=i) for i in range(3)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    put: dict[str, bytes] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/in.jsonl"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            if ok:
+                self.wfile.write(data)
+
+        def do_PUT(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            ok = self.path != "/refuse"
+            if ok:
+                put[self.path] = body
+            self.send_response(200 if ok else 500)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert run(ckpt, url + "/in.jsonl", url + "/out.jsonl", "--output-tmp-dir", str(tmp_path)) == 0
+        answers = [json.loads(x) for x in put["/out.jsonl"].decode().splitlines()]
+        assert [a["custom_id"] for a in answers] == ["r0", "r1", "r2"]
+        assert all(a["response"]["status_code"] == 200 for a in answers)
+        assert list(tmp_path.iterdir()) == []  # nothing left behind
+        assert run(ckpt, url + "/missing.jsonl", tmp_path / "o.jsonl") == 2
+        assert "HTTP 404" in capsys.readouterr().err
+        assert run(ckpt, url + "/in.jsonl", url + "/refuse", "--output-tmp-dir", str(tmp_path)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "failed (HTTP 500); the answers are in" in err and "\n" not in err
+        [kept] = list(tmp_path.iterdir())
+        assert [json.loads(x)["custom_id"] for x in kept.read_text().splitlines()] == ["r0", "r1", "r2"]
+    finally:
+        server.shutdown()
