@@ -705,6 +705,7 @@ def _answer_batch(args, settings, inp: Path, out: Path):
         print(f"run-batch: resuming after the answers in {partial}", file=sys.stderr)
     pipe = _server_pipeline(args, settings)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise, at --log-level info
     t0 = time.perf_counter()
 
     def progress(s) -> None:

@@ -671,6 +671,7 @@ def run(pipeline, settings: ServerSettings, log_level: str = "info") -> None:
 
     check_port(settings.host, settings.port)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the batches' in-process requests, one line each
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                     settings.host)
