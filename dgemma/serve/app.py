@@ -308,14 +308,16 @@ async def collect(request: Request | None, state: State, plan: Plan, queue: asyn
     """Wait for every choice of a plan to finish (its events folded into the choices); a client that goes away
     cancels it (none for a background response)."""
     tok = state.pipe.tokenizer
-    watcher = asyncio.ensure_future(_wait_disconnect(request) if request is not None else asyncio.Event().wait())
+    watcher = None
+    if request is not None:
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
 
-    def gone(task: asyncio.Task) -> None:
-        if not task.cancelled():
-            task.exception()  # retrieved, so asyncio does not log it; either way the client is gone
-            state.worker.cancel(plan.jobs)
+        def gone(task: asyncio.Task) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it; either way the client is gone
+                state.worker.cancel(plan.jobs)
 
-    watcher.add_done_callback(gone)
+        watcher.add_done_callback(gone)
     try:
         pending = len(plan.choices)
         while pending:
@@ -333,7 +335,8 @@ async def collect(request: Request | None, state: State, plan: Plan, queue: asyn
                     # Only a disconnect cancels a non-streaming request: nobody reads this answer.
                     raise APIError(499, "client closed the request", code="cancelled")
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         state.worker.cancel(plan.jobs)
 
 

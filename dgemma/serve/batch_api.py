@@ -170,14 +170,17 @@ class BatchStore:
         b = self._read_json(self._batch_path(bid)) if _safe_id(bid, "batch_") else None
         if b is None:
             raise APIError(404, f"No such Batch object: {bid}", param="batch_id", code="batch_not_found")
-        run = self.running.get(bid)
-        if run is not None and b["status"] in ("in_progress", "cancelling"):  # live counts between two saves
+        return self._live(b)
+
+    def _live(self, b: dict) -> dict:
+        """A saved batch with the counts of its run so far (they are saved only now and then)."""
+        run = self.running.get(b["id"])
+        if run is not None and b["status"] in ("in_progress", "cancelling"):
             b["request_counts"] = _counts(run.summary, b["request_counts"]["total"])
         return b
 
     def list_batches(self) -> list[dict]:
-        return sorted((self.get_batch(b["id"]) for b in self._batches()), key=lambda b: (b["created_at"], b["id"]),
-                      reverse=True)
+        return sorted(map(self._live, self._batches()), key=lambda b: (b["created_at"], b["id"]), reverse=True)
 
     def create_batch(self, body: dict) -> dict:
         fid, endpoint = body["input_file_id"], body["endpoint"]
@@ -280,8 +283,9 @@ class BatchStore:
         the batch with `status`."""
         partial = self._partial(b["id"])
         answers = read_partial(partial)
-        ok = [a for a in answers if a.get("response") and 200 <= a["response"].get("status_code", 0) < 300]
-        bad = [a for a in answers if not (a.get("response") and 200 <= a["response"].get("status_code", 0) < 300)]
+        good = [bool(a.get("response")) and 200 <= a["response"].get("status_code", 0) < 300 for a in answers]
+        ok = [a for a, g in zip(answers, good) if g]
+        bad = [a for a, g in zip(answers, good) if not g]
         for key, rows, name in (("output_file_id", ok, "output"), ("error_file_id", bad, "errors")):
             if rows and b.get(key) is None:
                 fid = f"file-{uuid.uuid4().hex[:24]}"
