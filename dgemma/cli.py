@@ -1403,7 +1403,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_engine_args(s)
     s.add_argument("--responses-store", type=int, default=1000, metavar="N",
                    help="the Responses API keeps the last N responses in memory, so a request can continue one by "
-                   "previous_response_id (OpenAI's `store`, on unless a request says false; default 1000, 0: none)")
+                   "previous_response_id (OpenAI's `store`, on unless a request says false), and up to N "
+                   "conversations (/v1/conversations; the least recently used go first); default 1000, 0: none")
     s.add_argument("--batch-dir", metavar="DIR", help="turn on OpenAI's Files and Batches APIs (/v1/files, "
                    "/v1/batches), keeping uploads, batch state and outputs under DIR; a batch's requests run as "
                    "background rows beside live traffic, and resume after a restart")

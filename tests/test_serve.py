@@ -614,7 +614,6 @@ def test_responses_api(client, http, pipe):
     assert set(json.loads(r.output_text)) == {"ok"}
     # Errors name the Responses field.
     for body, param, code in [
-            ({"input": "x", "conversation": "conv_1"}, "conversation", "unsupported_parameter"),
             ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0", "unsupported_parameter"),
             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
              "input.0.content.0", "unsupported_parameter"),
@@ -714,6 +713,98 @@ def test_responses_store_size(ckpt):
     req = ResponsesRequest(input="x")
     off.history(req)
     assert req._stored is False
+
+
+def test_conversations_api(client, http):
+    """OpenAI's Conversations API with the Responses API's `conversation`: a response on a conversation gives what
+    sending the whole conversation as input gives (the same prompt, so the same tokens for a seed) and adds its
+    input and output items to it; items are listed page by page, added, read and deleted; one response at a time
+    (409 while one runs; a cancelled one adds nothing); errors name their field."""
+    start = [{"role": "user", "content": "My name is Ada."},
+             {"type": "message", "role": "assistant", "content": "Hello Ada."}]
+    conv = client.conversations.create(items=start, metadata={"topic": "names"})
+    assert conv.object == "conversation" and conv.metadata == {"topic": "names"} and conv.id.startswith("conv_")
+    r = client.responses.create(model=NAME, input="And mine?", conversation=conv.id, max_output_tokens=12,
+                                extra_body={"seed": 5})
+    turns = start + [{"role": "user", "content": "And mine?"}]
+    whole = client.responses.create(model=NAME, input=turns, max_output_tokens=12, store=False,
+                                    extra_body={"seed": 5})
+    assert r.conversation.id == conv.id and whole.conversation is None
+    assert r.output_text == whole.output_text and r.usage.input_tokens == whole.usage.input_tokens
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert [(i.role, i.content[0].text) for i in items] == [(m["role"], m["content"]) for m in turns] + [
+        ("assistant", r.output_text)]
+    assert items[-1].id == r.output[-1].id and len({i.id for i in items}) == 4
+    assert [i.content[0].type for i in items[:2]] == ["input_text", "output_text"]
+    # The next turn sends only what is new ({"id": ...} as well as the id); a streamed response adds its items too.
+    with client.responses.stream(model=NAME, input="Thanks", conversation={"id": conv.id}, max_output_tokens=8,
+                                 extra_body={"seed": 6}) as stream:
+        final = stream.get_final_response()
+    turns += [{"role": "assistant", "content": r.output_text}, {"role": "user", "content": "Thanks"}]
+    again = client.responses.create(model=NAME, input=turns, max_output_tokens=8, store=False, extra_body={"seed": 6})
+    assert final.output_text == again.output_text and final.usage.input_tokens == again.usage.input_tokens
+    # Pages (the client follows `after` by itself), newest first unless order=asc.
+    listed = [i.id for i in client.conversations.items.list(conv.id, limit=2)]
+    assert len(listed) == 6 and listed[0] == final.output[-1].id and listed[2:] == [i.id for i in items][::-1]
+    first = client.conversations.items.list(conv.id, limit=2)
+    assert first.has_more and [i.id for i in first.data] == listed[:2]
+    # Items added by hand: checked as input items, read back, deleted (which answers the conversation).
+    added = client.conversations.items.create(conv.id, items=[
+        {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "42"}])
+    assert [i.type for i in added.data] == ["function_call", "function_call_output"]
+    got = client.conversations.items.retrieve(added.data[1].id, conversation_id=conv.id)
+    assert got.type == "function_call_output" and got.output == "42"
+    assert client.conversations.items.delete(added.data[0].id, conversation_id=conv.id).id == conv.id
+    assert len(list(client.conversations.items.list(conv.id, limit=100))) == 7
+    assert client.conversations.update(conv.id, metadata={"topic": "done"}).metadata == {"topic": "done"}
+    assert client.conversations.retrieve(conv.id).metadata == {"topic": "done"}
+    # One response at a time: a second one while a background one runs is a 409; cancelled, it adds nothing.
+    bg = client.responses.create(model=NAME, input="Go on", conversation=conv.id, background=True,
+                                 max_output_tokens=512, extra_body={"ignore_eos": True, "steps": 16})
+    assert bg.conversation.id == conv.id
+    assert_error(http.post("/v1/responses", json={"input": "x", "conversation": conv.id}), 409,
+                 code="conversation_locked", param="conversation")
+    client.responses.cancel(bg.id)
+    assert wait_until(lambda: client.responses.retrieve(bg.id).status == "cancelled")
+    assert wait_until(lambda: _active(str(http.base_url).rstrip("/")) == 0)
+    assert len(list(client.conversations.items.list(conv.id, limit=100))) == 7
+    ok = client.responses.create(model=NAME, input="Hi", conversation=conv.id, max_output_tokens=4)
+    assert ok.status in ("completed", "incomplete")
+    base = f"/v1/conversations/{conv.id}"
+    for path, body, status, param in [
+            ("/v1/responses", {"input": "x", "conversation": conv.id, "previous_response_id": r.id}, 400,
+             "conversation"),
+            ("/v1/responses", {"input": "x", "conversation": "conv_nope"}, 404, "conversation"),
+            ("/v1/responses", {"input": "x", "conversation": {"name": "x"}}, 400, "conversation"),
+            ("/v1/conversations", {"metadata": {str(k): "v" for k in range(17)}}, 400, "metadata"),
+            ("/v1/conversations", {"items": [{"role": "robot", "content": "x"}]}, 400, "items.0.role"),
+            ("/v1/conversations", {"items": [{"role": "user", "content": "x"}] * 21}, 400, "items"),
+            ("/v1/conversations", {"colour": "red"}, 400, "colour"),
+            (base + "/items", {"items": [{"id": "a", "role": "user", "content": "x"}] * 2}, 400, "items.1.id"),
+            (base + "/items", {"items": [{"type": "web_search_call"}]}, 400, "items.0"),
+            (base + "/items", {}, 400, "items"),
+            (base, {}, 400, "metadata")]:
+        assert_error(http.post(path, json=body), status, param=param)
+    assert_error(http.get(base + "/items/nope"), 404, code="item_not_found")
+    assert_error(http.get(base + "/items", params={"order": "up"}), 400, param="order")
+    assert client.conversations.delete(conv.id).deleted is True
+    assert_error(http.get(base), 404, code="conversation_not_found")
+    assert_error(http.post("/v1/responses", json={"input": "x", "conversation": conv.id}), 404,
+                 code="conversation_not_found")
+
+
+def test_conversation_store(ckpt):
+    """At most --responses-store conversations, the least recently used going first; 0 turns the API off."""
+    from dgemma.serve.conversations import ConversationCreate, ConversationStore
+
+    store = ConversationStore(2)
+    ids = [store.create(ConversationCreate())["id"] for _ in range(2)]
+    store.get(ids[0])  # used: now the most recent
+    ids.append(store.create(ConversationCreate())["id"])
+    assert list(store.entries) == [ids[0], ids[2]]
+    with pytest.raises(Exception, match="--responses-store above 0"):
+        ConversationStore(0).create(ConversationCreate())
 
 
 def test_anthropic_messages_api(server, http, pipe):

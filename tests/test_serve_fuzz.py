@@ -52,7 +52,7 @@ ENDPOINTS = {
         "response_format", "stream", "n", "structured_outputs", "stop", "metadata"]),
     "/v1/responses": ({"model": NAME, "input": "Hi", "max_output_tokens": 8}, [
         "input", "instructions", "max_output_tokens", "stream", "tools", "tool_choice", "text", "reasoning",
-        "temperature", "previous_response_id", "model", "store", "background"]),
+        "temperature", "previous_response_id", "model", "store", "background", "conversation"]),
     "/v1/messages": ({"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}, [
         "messages", "system", "max_tokens", "stream", "stop_sequences", "temperature", "top_k", "tools",
         "tool_choice", "thinking", "model"]),
@@ -62,6 +62,8 @@ ENDPOINTS = {
     "/v1/unload_lora_adapter": ({"lora_name": "a"}, ["lora_name"]),
     "/v1/batches": ({"input_file_id": "file-0", "endpoint": "/v1/completions", "completion_window": "24h"},
                     ["input_file_id", "endpoint", "completion_window", "metadata"]),
+    "/v1/conversations": ({"items": [{"role": "user", "content": "Hi"}], "metadata": {"a": "b"}},
+                          ["items", "metadata", "safety_identifier"]),
 }
 
 # ---------------------------------------------------------------- valid values, combined at random

@@ -11,6 +11,7 @@
     POST /tokenize, /detokenize text or chat messages -> token ids, and back (vLLM's endpoints)
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   LoRA adapters at run time (--allow-runtime-lora)
     /v1/files, /v1/batches      OpenAI's Files and Batches APIs (--batch-dir; batch_api.py)
+    /v1/conversations           OpenAI's Conversations API, for the Responses API's `conversation` (conversations.py)
 
 Streaming (`stream: true`) sends OpenAI chunks as SSE and ends with `data: [DONE]`. With `stream_drafts: true`
 it also sends, for every denoising step, a chunk whose only choice has an empty delta and which carries a
@@ -47,11 +48,12 @@ from ..tools import ToolError, check_tokenizer
 from . import errors
 from .completions import (Plan, Planner, chunk, commit_event, draft_event, response, tool_call_deltas, usage,
                           with_prompt_logprobs, with_token_ids)
+from .conversations import ConversationCreate, ConversationStore, ConversationUpdate, ItemsCreate
 from .engine import Cancelled, Failed, Job, QueueFull, Unavailable, Worker
 from .errors import APIError
 from .metrics import Metrics
 from .protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       LoadLoRARequest, ModelCard, ModelList, TokenizeRequest, UnloadLoRARequest)
+                       LoadLoRARequest, ModelCard, ModelList, TokenizeRequest, UnloadLoRARequest, items_page, page)
 from . import messages as anthropic
 from .messages import MessagesRequest
 from .responses import (Output, ResponsesRequest, ResponseStore, rename_param, response_object, stream_events,
@@ -61,8 +63,8 @@ from .settings import ServerSettings
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models", "/tokenize",
-             "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/files", "/v1/batches", "/health",
-             "/metrics", "/")
+             "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/files", "/v1/batches",
+             "/v1/conversations", "/health", "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -102,6 +104,7 @@ class State:
         self.planner = Planner(pipeline, self.worker, settings, self.adapters)
         self.batches = None  # the Files and Batches APIs' store (--batch-dir; create_app sets it)
         self.responses = ResponseStore(settings.responses_store)  # for previous_response_id
+        self.conversations = ConversationStore(settings.responses_store)  # for a response's `conversation`
         self.created = int(time.time())
         if pipeline.tokenizer is not None:
             # Structured output's token tables take ~3 s at Gemma's 262,144 tokens: built now, off the request path.
@@ -175,6 +178,11 @@ class State:
                                 "finish", param="lora_name", code="adapter_in_use")
         log.info("unloaded LoRA adapter %s", name)
         return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def keep_response(self, req: ResponsesRequest, obj: dict) -> None:
+        """A response has ended: stored (unless store is false), and its items added to its conversation."""
+        self.responses.keep(req, obj)
+        self.conversations.finish(req, obj)
 
     def model_card(self) -> ModelCard:
         s = self.pipe.sampler
@@ -264,6 +272,8 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
     except Unavailable as e:
         state.metrics.inc(state.metrics.rejected, "unavailable")
         raise APIError(503, f"The server cannot take requests now ({e}).", code="unavailable") from None
+    if responses is not None:
+        state.conversations.hold(responses, plan.jobs)
     if responses is not None and responses.background:
         obj = response_object(plan, responses, Output(), state.pipe.tokenizer, status="queued")
         task = asyncio.get_running_loop().create_task(_background(state, plan, queue, responses))
@@ -281,7 +291,7 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
         output = Output()
         output.finish(plan.choices[0], tok)
         obj = response_object(plan, responses, output, tok)
-        state.responses.keep(responses, obj)
+        state.keep_response(responses, obj)
         return JSONResponse(obj)
     if messages is not None:
         return JSONResponse(anthropic.message_object(plan, messages, tok))
@@ -301,7 +311,7 @@ async def _background(state: State, plan: Plan, queue: asyncio.Queue, req: Respo
         obj["error"] = {"code": e.code or "generation_failed", "message": e.message}
     except asyncio.CancelledError:  # POST /v1/responses/{id}/cancel (the rows were cancelled on the way out)
         obj = response_object(plan, req, output, tok, status="cancelled")
-    state.responses.keep(req, obj)
+    state.keep_response(req, obj)
 
 
 async def collect(request: Request | None, state: State, plan: Plan, queue: asyncio.Queue) -> None:
@@ -411,7 +421,8 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else next(
-            (p for p in ("/v1/models", "/v1/files", "/v1/batches", "/static") if path.startswith(p + "/")), "other")
+            (p for p in ("/v1/models", "/v1/files", "/v1/batches", "/v1/responses", "/v1/conversations",
+                                      "/static") if path.startswith(p + "/")), "other")
         t0, status = time.perf_counter(), [500]
 
         async def send_wrapper(message):
@@ -503,11 +514,16 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     async def responses(request: Request):
         req = parse(ResponsesRequest, await read_json(request, settings.max_body_bytes))
         state.responses.history(req)
+        state.conversations.open(req)
         try:
-            plan = await asyncio.to_thread(state.planner.chat, to_chat(req))
-        except APIError as e:
-            raise rename_param(e) from None
-        return await execute(request, state, plan, responses=req)
+            try:
+                plan = await asyncio.to_thread(state.planner.chat, to_chat(req))
+            except APIError as e:
+                raise rename_param(e) from None
+            return await execute(request, state, plan, responses=req)
+        except BaseException:  # an error, or a client gone: the conversation is free again
+            state.conversations.release(req)
+            raise
 
     @api.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
@@ -523,15 +539,7 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
 
     @api.get("/v1/responses/{response_id}/input_items")
     async def response_input_items(response_id: str, limit: int = 20, order: str = "desc", after: str | None = None):
-        if not 1 <= limit <= 100 or order not in ("asc", "desc"):
-            raise errors.invalid("limit must be 1..100 and order 'asc' or 'desc'", "limit" if order in ("asc", "desc")
-                                 else "order")
-        items = state.responses.get(response_id)[1]
-        items = items if order == "asc" else items[::-1]
-        if after is not None:
-            ids = [i.get("id") for i in items]
-            items = items[ids.index(after) + 1:] if after in ids else []
-        return _page(items[:limit], len(items) > limit)
+        return items_page(state.responses.get(response_id)[1], limit, order, after)
 
     @api.post("/v1/messages")
     async def messages(request: Request):
@@ -561,6 +569,7 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     _batch_routes(api, state)
+    _conversation_routes(api, state)
     app.include_router(api)
 
     @app.get("/health")
@@ -581,10 +590,42 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     return app
 
 
-def _page(data: list[dict], has_more: bool = False) -> dict:
-    """OpenAI's list object."""
-    return {"object": "list", "data": data, "has_more": has_more,
-            "first_id": data[0].get("id") if data else None, "last_id": data[-1].get("id") if data else None}
+def _conversation_routes(api: APIRouter, state: State) -> None:
+    """OpenAI's Conversations API (conversations.py)."""
+    conversations, limit = state.conversations, state.settings.max_body_bytes
+
+    @api.post("/v1/conversations")
+    async def create_conversation(request: Request):
+        return conversations.create(parse(ConversationCreate, await read_json(request, limit)))
+
+    @api.get("/v1/conversations/{conversation_id}")
+    async def get_conversation(conversation_id: str):
+        return conversations.get(conversation_id).object()
+
+    @api.post("/v1/conversations/{conversation_id}")
+    async def update_conversation(conversation_id: str, request: Request):
+        return conversations.update(conversation_id, parse(ConversationUpdate, await read_json(request, limit)))
+
+    @api.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str):
+        return conversations.delete(conversation_id)
+
+    @api.get("/v1/conversations/{conversation_id}/items")
+    async def list_conversation_items(conversation_id: str, limit: int = 20, order: str = "desc",
+                                      after: str | None = None):
+        return conversations.list_items(conversation_id, limit, order, after)
+
+    @api.post("/v1/conversations/{conversation_id}/items")
+    async def add_conversation_items(conversation_id: str, request: Request):
+        return conversations.add_items(conversation_id, parse(ItemsCreate, await read_json(request, limit)))
+
+    @api.get("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def get_conversation_item(conversation_id: str, item_id: str):
+        return conversations.item(conversation_id, item_id)
+
+    @api.delete("/v1/conversations/{conversation_id}/items/{item_id}")
+    async def delete_conversation_item(conversation_id: str, item_id: str):
+        return conversations.delete_item(conversation_id, item_id)
 
 
 def _batch_routes(api: APIRouter, state: State) -> None:
@@ -616,7 +657,7 @@ def _batch_routes(api: APIRouter, state: State) -> None:
 
     @api.get("/v1/files")
     async def list_files(purpose: str | None = None):
-        return _page(store().list_files(purpose))
+        return page(store().list_files(purpose))
 
     @api.get("/v1/files/{file_id}")
     async def get_file(file_id: str):
@@ -646,7 +687,7 @@ def _batch_routes(api: APIRouter, state: State) -> None:
         if after is not None:
             ids = [b["id"] for b in data]
             data = data[ids.index(after) + 1:] if after in ids else []
-        return _page(data[:limit], len(data) > limit)
+        return page(data[:limit], len(data) > limit)
 
     @api.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str):

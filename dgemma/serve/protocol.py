@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from ..sampler import MAX_RESTARTS
+from .errors import invalid
 
 SEED_LIMIT = 2**63
 
@@ -257,3 +258,24 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- OpenAI's list object
+def page(data: list[dict], has_more: bool = False) -> dict:
+    """OpenAI's list object."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0].get("id") if data else None, "last_id": data[-1].get("id") if data else None}
+
+
+def items_page(items: list[dict], limit: int = 20, order: str = "desc", after: str | None = None) -> dict:
+    """A page of items (a response's input items, a conversation's): `order` asc or desc, `after` an item id (the
+    cursor), at most `limit` (1..100) of them; 400 for a bad limit or order."""
+    if order not in ("asc", "desc"):
+        raise invalid("order must be 'asc' or 'desc'", "order")
+    if not 1 <= limit <= 100:
+        raise invalid("limit must be 1..100", "limit")
+    items = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [i.get("id") for i in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return page(items[:limit], len(items) > limit)

@@ -19,8 +19,11 @@ Background responses (`background: true`, stored): the request returns at once w
 run as any others (a client that goes away does not cancel them); `GET /v1/responses/{id}` shows `in_progress`,
 then the finished response; `POST /v1/responses/{id}/cancel` stops it (`cancelled`).
 
-Not supported (a 400 naming the field): `conversation` (the Conversations API), a background response streamed,
-built-in tools (web search, file search, ...), images and files, `n`-like fan-out.
+A response with `conversation` (conversations.py) starts from that conversation's items, and its input and output
+items are added to it when it completes.
+
+Not supported (a 400 naming the field): a background response streamed, built-in tools (web search, file search,
+...), images and files, `n`-like fan-out.
 """
 
 from __future__ import annotations
@@ -63,14 +66,25 @@ class ResponsesRequest(DiffusionOptions):
     metadata: dict[str, Any] | None = None
     user: str | None = None
     previous_response_id: str | None = None
-    conversation: Any = None
+    conversation: str | dict[str, Any] | None = None  # a conversation's id, or {"id": ...}
     truncation: str | None = None
     include: list[str] | None = None
     service_tier: str | None = None
     max_tool_calls: int | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    _history: list[dict[str, Any]] = PrivateAttr(default_factory=list)  # previous_response_id's conversation
+    # the items before `input`: previous_response_id's conversation, or the conversation's items
+    _history: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     _stored: bool = PrivateAttr(default=False)  # this response is kept (store, and a store with room)
+    _conversation: Any = PrivateAttr(default=None)  # conversations.Conversation, for `conversation`
+    _items: list[dict[str, Any]] | None = PrivateAttr(default=None)
+
+    def input_items(self) -> list[dict[str, Any]]:
+        """`input` as Responses items, each with an id (the same ids every time: the stored response's
+        `input_items` and its conversation's items)."""
+        if self._items is None:
+            items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+            self._items = [stored_item(item, f"input.{i}") for i, item in enumerate(items)]
+        return self._items
 
 
 LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the answer's logprobs
@@ -81,9 +95,6 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request this Responses request stands for (APIError where it cannot be one)."""
     if req.background and req.stream:
         raise unsupported("a background response cannot be streamed here: poll GET /v1/responses/{id}", "stream")
-    if req.conversation is not None:
-        raise unsupported("the Conversations API is not supported: continue a response with previous_response_id, "
-                          "or send the whole conversation in input", "conversation")
     if req.max_tool_calls is not None:
         raise unsupported("max_tool_calls is not supported", "max_tool_calls")
     if req.truncation not in (None, "disabled"):
@@ -92,7 +103,7 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
     for item in req._history:  # checked when it was stored
-        _add_item(messages, item, "previous_response_id")
+        _add_item(messages, item, "conversation" if req.conversation is not None else "previous_response_id")
     if isinstance(req.input, str):
         messages.append({"role": "user", "content": req.input})
     else:
@@ -153,6 +164,25 @@ def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
         return  # earlier thoughts: the template drops them from earlier turns anyway
     else:
         raise unsupported(f"input items of type {kind!r} are not supported", where)
+
+
+_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def stored_item(item: Any, where: str) -> dict[str, Any]:
+    """An input item as a stored response or a conversation lists it: checked as `input` would be (APIError
+    naming `where`), with an id (its own, or a new one), a status, and a message's text content as a part."""
+    _add_item([], item, where)
+    if "id" in item and not isinstance(item["id"], str):
+        raise invalid("an item's id must be a string", f"{where}.id")
+    item = dict(item)
+    kind = item.setdefault("type", "message")
+    item.setdefault("id", _id(_ID_PREFIX.get(kind, "item")))
+    item.setdefault("status", "completed")
+    if kind == "message" and isinstance(item.get("content"), str):
+        item["content"] = [{"type": "output_text", "text": item["content"], "annotations": []}
+                           if item["role"] == "assistant" else {"type": "input_text", "text": item["content"]}]
+    return item
 
 
 def _tool(tool: Any, where: str) -> dict[str, Any]:
@@ -247,6 +277,7 @@ def response_object(plan: Plan, req: ResponsesRequest, output: Output, tok, stat
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": req.previous_response_id, "reasoning": req.reasoning, "store": req._stored,
+        "conversation": None if req._conversation is None else {"id": req._conversation.id},
         "background": bool(req.background),
         "temperature": req.temperature, "top_p": req.top_p,
         "text": req.text or {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
@@ -332,10 +363,11 @@ async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
                 # Ended by max_output_tokens too: status "incomplete" inside, as vLLM sends it (the openai client's
                 # stream helper waits for response.completed, whatever the status).
                 final = response_object(plan, req, out, tok)
-                state.responses.keep(req, final)
+                state.keep_response(req, final)
                 yield send("response.completed", response=final)
     finally:
         state.worker.cancel(plan.jobs)
+        state.conversations.release(req)
 
 
 def _close(send, out: Output, c: Choice, added, tok=None):
@@ -365,16 +397,6 @@ def _close(send, out: Output, c: Choice, added, tok=None):
 
 
 # ---------------------------------------------------------------- stored responses
-def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as Responses items, each with an id (`input_items` lists them)."""
-    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": req.input}]}] \
-        if isinstance(req.input, str) else [dict(item) for item in req.input]
-    for item in items:
-        item.setdefault("type", "message")
-        item.setdefault("id", _id("msg" if item["type"] == "message" else "item"))
-    return items
-
-
 class ResponseStore:
     """The last `size` stored responses, in memory (the event loop's only): id -> (response object, the items its
     conversation holds before its output, its output items)."""
@@ -387,6 +409,9 @@ class ResponseStore:
     def history(self, req: ResponsesRequest) -> None:
         """Resolve `previous_response_id` into the conversation the request continues (404 if not kept)."""
         req._stored = req.store is not False and self.size > 0
+        if req.previous_response_id is not None and req.conversation is not None:
+            raise invalid("previous_response_id and conversation cannot be used together: a response continues "
+                          "one or the other", "conversation")
         if req.background and not req._stored:
             raise invalid("background responses are kept until read: they need store (not false) and a server "
                           "that keeps responses (--responses-store above 0)", "background")
@@ -405,7 +430,7 @@ class ResponseStore:
         going past `size`."""
         if not req._stored or obj["status"] not in ("completed", "incomplete", "queued", "failed", "cancelled"):
             return
-        self.entries[obj["id"]] = (obj, req._history + input_items(req))
+        self.entries[obj["id"]] = (obj, req._history + req.input_items())
         for rid in list(self.entries):
             if len(self.entries) <= self.size:
                 break
