@@ -565,18 +565,20 @@ def cmd_serve(args) -> int:
     import os
 
     _need_serve("serve", "fastapi", "uvicorn", *(("httpx", "python_multipart") if args.batch_dir else ()))
-    from .serve.app import check_port, run
+    from .serve.app import check_dirs, check_port, run
 
     settings = _server_settings(args, host=args.host, port=args.port,
                                 api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
                                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                 cors_origins=tuple(args.cors_origin or ()),
                                 allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy,
-                                batch_dir=args.batch_dir, responses_store=args.responses_store)
+                                batch_dir=args.batch_dir, responses_store=args.responses_store,
+                                responses_dir=args.responses_dir)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
     check_port(settings.host, settings.port)  # before the (slow) model load
+    check_dirs(settings)
     run(_server_pipeline(args, settings), settings, log_level=args.log_level)
     return 0
 
@@ -1405,6 +1407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Responses API keeps the last N responses in memory, so a request can continue one by "
                    "previous_response_id (OpenAI's `store`, on unless a request says false), and up to N "
                    "conversations (/v1/conversations; the least recently used go first); default 1000, 0: none")
+    s.add_argument("--responses-dir", metavar="DIR", help="keep stored responses and conversations under DIR as "
+                   "well as in memory, so they outlive a restart (a background response a restart interrupted "
+                   "comes back failed); default: in memory only")
     s.add_argument("--batch-dir", metavar="DIR", help="turn on OpenAI's Files and Batches APIs (/v1/files, "
                    "/v1/batches), keeping uploads, batch state and outputs under DIR; a batch's requests run as "
                    "background rows beside live traffic, and resume after a restart")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -82,3 +83,28 @@ def atomic_dir(path: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class JsonRecords:
+    """A directory of JSON records, one file per key (an id the caller made, never a client's text), each written
+    atomically, so a kill leaves every record whole: the old version or the new."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def save(self, key: str, record) -> None:
+        atomic_write_text(self.path / f"{key}.json", json.dumps(record, ensure_ascii=False))
+
+    def remove(self, key: str) -> None:
+        (self.path / f"{key}.json").unlink(missing_ok=True)
+
+    def load(self) -> tuple[list[tuple[str, object]], list[Path]]:
+        """Every record, the least recently written first, and the files that could not be read."""
+        found, bad = [], []
+        for p in sorted(self.path.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
+            try:
+                found.append((p.stem, json.loads(p.read_text())))
+            except (OSError, ValueError):
+                bad.append(p)
+        return found, bad

@@ -193,6 +193,19 @@ def test_a_missing_serve_module_is_one_line(args, capsys, monkeypatch):
     _need_serve("serve", "fastapi", "uvicorn")  # no raise
 
 
+@pytest.mark.parametrize("flag", ["--batch-dir", "--responses-dir"])
+def test_serve_state_dirs_must_be_writable_directories(ckpt_tok, tmp_path, capsys, flag):
+    """A --batch-dir or --responses-dir that cannot be a directory is one line before the model loads."""
+    from dgemma.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path, msg in ((afile, "not a directory"), (afile / "sub", "cannot write there")):
+        assert main(["serve", str(ckpt_tok), flag, str(path), "--port", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{flag} {path}: {msg}" in err and "\n" not in err, err
+
+
 def test_generate_vllm_extras(ckpt_tok, capsys):
     """--stop-token-id, --min-tokens and --repetition-penalty reach the engine; a bad value is one clear line."""
     from dgemma.cli import main

@@ -4,6 +4,7 @@ the error cases) on a tiny random model with a byte-level tokenizer. Servers run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import socket
@@ -690,6 +691,12 @@ def test_responses_in_the_background(client, http):
     assert client.responses.cancel(long.id).status == "cancelled"
     assert wait_until(lambda: client.responses.retrieve(long.id).status == "cancelled")
     assert wait_until(lambda: _active(str(http.base_url).rstrip("/")) == 0)
+    # deleted while it runs: stopped, and not brought back as cancelled when its task unwinds
+    doomed = client.responses.create(model=NAME, input="Go on", max_output_tokens=512, background=True,
+                                     extra_body={"ignore_eos": True, "steps": 16})
+    client.responses.delete(doomed.id)
+    assert wait_until(lambda: _active(str(http.base_url).rstrip("/")) == 0)
+    assert_error(http.get(f"/v1/responses/{doomed.id}"), 404)
     assert_error(http.post("/v1/responses", json={"input": "x", "background": True, "store": False}), 400,
                  param="background")
     assert_error(http.post("/v1/responses", json={"input": "x", "background": True, "stream": True}), 400,
@@ -805,6 +812,55 @@ def test_conversation_store(ckpt):
     assert list(store.entries) == [ids[0], ids[2]]
     with pytest.raises(Exception, match="--responses-store above 0"):
         ConversationStore(0).create(ConversationCreate())
+
+
+def test_responses_and_conversations_outlive_a_restart(ckpt, tmp_path):
+    """--responses-dir: stored responses and conversations are read back by the next server, which continues them
+    as the first would have; deleted ones stay deleted, the oldest past --responses-store go (their files too), an
+    unreadable file is skipped, and a background response a restart interrupted comes back failed."""
+    state = tmp_path / "state"
+    settings = ServerSettings(model_name=NAME, max_concurrency=2, max_tokens_limit=64, responses_store=3,
+                              responses_dir=str(state))
+
+    def serve(settings):
+        return ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings))
+
+    def connect(s):
+        return openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    with serve(settings) as s:
+        c = connect(s)
+        first = c.responses.create(model=NAME, input="Hi", max_output_tokens=4)  # the oldest: will go
+        r = c.responses.create(model=NAME, input="My name is Ada.", max_output_tokens=8, extra_body={"seed": 1})
+        conv = c.conversations.create(items=[{"role": "user", "content": "Hi"}], metadata={"k": "v"})
+        c.responses.create(model=NAME, input="Again", conversation=conv.id, max_output_tokens=8, store=False)
+        deleted = c.responses.create(model=NAME, input="x", max_output_tokens=4)
+        c.responses.delete(deleted.id)
+        items = [i.id for i in c.conversations.items.list(conv.id)]
+        c.responses.create(model=NAME, input="y", max_output_tokens=4)
+        follow = c.responses.create(model=NAME, input="And mine?", previous_response_id=r.id, max_output_tokens=8,
+                                    extra_body={"seed": 2})
+        assert len(list((state / "responses").glob("*.json"))) == 3
+        assert not (state / "responses" / f"{first.id}.json").exists()
+    # what a kill leaves: a background response still queued, and a torn file
+    record = json.loads((state / "responses" / f"{r.id}.json").read_text())
+    record["response"].update(id="resp_bg", status="queued", background=True)
+    (state / "responses" / "resp_bg.json").write_text(json.dumps(record))
+    (state / "conversations" / "conv_torn.json").write_text('{"conversation": {"id"')
+    with serve(dataclasses.replace(settings, responses_store=10)) as s:
+        c, http = connect(s), httpx.Client(base_url=s.url, timeout=60)
+        assert c.responses.retrieve(r.id).output_text == r.output_text
+        again = c.responses.create(model=NAME, input="And mine?", previous_response_id=r.id, max_output_tokens=8,
+                                   extra_body={"seed": 2})
+        assert again.output_text == follow.output_text and again.usage.input_tokens == follow.usage.input_tokens
+        assert_error(http.get(f"/v1/responses/{deleted.id}"), 404)
+        bg = c.responses.retrieve("resp_bg")
+        assert bg.status == "failed" and bg.error.code == "server_restarted"
+        assert c.conversations.retrieve(conv.id).metadata == {"k": "v"}
+        assert [i.id for i in c.conversations.items.list(conv.id)] == items
+        c.responses.create(model=NAME, input="More", conversation=conv.id, max_output_tokens=4)
+        assert len(c.conversations.items.list(conv.id).data) == len(items) + 2
+        assert_error(http.get("/v1/conversations/conv_torn"), 404)
 
 
 def test_anthropic_messages_api(server, http, pipe):

@@ -103,8 +103,9 @@ class State:
                              priority=settings.scheduling_policy == "priority")
         self.planner = Planner(pipeline, self.worker, settings, self.adapters)
         self.batches = None  # the Files and Batches APIs' store (--batch-dir; create_app sets it)
-        self.responses = ResponseStore(settings.responses_store)  # for previous_response_id
-        self.conversations = ConversationStore(settings.responses_store)  # for a response's `conversation`
+        root = None if settings.responses_dir is None else Path(settings.responses_dir).expanduser()
+        self.responses = ResponseStore(settings.responses_store, root and root / "responses")  # previous_response_id
+        self.conversations = ConversationStore(settings.responses_store, root and root / "conversations")
         self.created = int(time.time())
         if pipeline.tokenizer is not None:
             # Structured output's token tables take ~3 s at Gemma's 262,144 tokens: built now, off the request path.
@@ -708,6 +709,24 @@ def check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def check_dirs(settings: ServerSettings) -> None:
+    """Fail early, as one line, when --batch-dir or --responses-dir cannot be a directory the server writes in."""
+    import tempfile
+
+    for flag, path in (("--batch-dir", settings.batch_dir), ("--responses-dir", settings.responses_dir)):
+        if path is None:
+            continue
+        root = Path(path).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{flag} {path}: not a directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as e:
+            raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
 def run(pipeline, settings: ServerSettings, log_level: str = "info") -> None:

@@ -17,24 +17,29 @@ needs to send only what is new. One response at a time runs on a conversation: a
     DELETE /v1/conversations/{id}/items/{item_id}     delete an item (answers the conversation)
 
 The server keeps at most --responses-store conversations (the least recently used go first when a new one would
-pass that; 0 turns the API off), in memory: they do not outlive the server and are not scoped per API key.
+pass that; 0 turns the API off), in memory, and with --responses-dir also one JSON file each, read back at start
+(so they outlive a restart; their order then is that of their last change). They are not scoped per API key.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
+from ..io import JsonRecords
 from .errors import APIError, invalid
 from .protocol import _Strict, items_page, page
 from .responses import ResponsesRequest, stored_item
 
 MAX_ITEMS = 20  # items per create call, as OpenAI's
+log = logging.getLogger("dgemma.serve")
 
 
 def _metadata(value: dict[str, str] | None) -> dict[str, str] | None:
@@ -85,11 +90,39 @@ class Conversation:
 
 
 class ConversationStore:
-    """Conversations by id, the most recently used last (the event loop's only)."""
+    """Conversations by id, the most recently used last (the event loop's only); with `root`, saved there too."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, root: Path | None = None):
         self.size = size
         self.entries: OrderedDict[str, Conversation] = OrderedDict()
+        self.disk = None if root is None or not size else JsonRecords(root)
+        if self.disk is not None:
+            found, bad = self.disk.load()
+            for p in bad:
+                log.warning("skipping unreadable stored conversation %s", p)
+            for cid, record in found:
+                try:
+                    head = record["conversation"]
+                    conv = Conversation(cid, int(head["created_at"]), dict(head["metadata"]), list(record["items"]))
+                except (KeyError, TypeError, ValueError):
+                    log.warning("skipping a stored conversation not in dgemma's format: %s.json", cid)
+                    continue
+                self.entries[cid] = conv
+            self._trim()
+
+    def _save(self, conv: Conversation) -> None:
+        if self.disk is not None and self.entries.get(conv.id) is conv:
+            self.disk.save(conv.id, {"conversation": conv.object(), "items": conv.items})
+
+    def _trim(self) -> None:
+        """Drop the least recently used conversations past `size` (not one a response is running on)."""
+        for cid in list(self.entries):
+            if len(self.entries) <= self.size:
+                break
+            if not self.entries[cid].busy():
+                del self.entries[cid]
+                if self.disk is not None:
+                    self.disk.remove(cid)
 
     # ------------------------------------------------------------ the API
     def create(self, body: ConversationCreate) -> dict[str, Any]:
@@ -99,11 +132,8 @@ class ConversationStore:
         conv = Conversation(f"conv_{uuid.uuid4().hex}", int(time.time()), body.metadata or {})
         self._add(conv, body.items or [])
         self.entries[conv.id] = conv
-        for cid in list(self.entries):
-            if len(self.entries) <= self.size:
-                break
-            if not self.entries[cid].busy():
-                del self.entries[cid]
+        self._save(conv)
+        self._trim()
         return conv.object()
 
     def get(self, cid: str, param: str = "conversation_id") -> Conversation:
@@ -116,15 +146,21 @@ class ConversationStore:
     def update(self, cid: str, body: ConversationUpdate) -> dict[str, Any]:
         conv = self.get(cid)
         conv.metadata = body.metadata
+        self._save(conv)
         return conv.object()
 
     def delete(self, cid: str) -> dict[str, Any]:
         self.get(cid)
         del self.entries[cid]
+        if self.disk is not None:
+            self.disk.remove(cid)
         return {"id": cid, "object": "conversation.deleted", "deleted": True}
 
     def add_items(self, cid: str, body: ItemsCreate) -> dict[str, Any]:
-        return page(self._add(self.get(cid), body.items))
+        conv = self.get(cid)
+        added = self._add(conv, body.items)
+        self._save(conv)
+        return page(added)
 
     def list_items(self, cid: str, limit: int = 20, order: str = "desc", after: str | None = None) -> dict[str, Any]:
         return items_page(self.get(cid).items, limit, order, after)
@@ -135,6 +171,7 @@ class ConversationStore:
     def delete_item(self, cid: str, item_id: str) -> dict[str, Any]:
         conv = self.get(cid)
         del conv.items[self._index(cid, item_id)]
+        self._save(conv)
         return conv.object()
 
     def _index(self, cid: str, item_id: str) -> int:
@@ -185,6 +222,7 @@ class ConversationStore:
             return
         if obj["status"] in ("completed", "incomplete") and self.entries.get(conv.id) is conv:
             conv.items.extend(req.input_items() + [dict(item) for item in obj["output"]])
+            self._save(conv)
         self.release(req)
 
     def release(self, req: ResponsesRequest) -> None:

@@ -29,18 +29,23 @@ Not supported (a 400 naming the field): a background response streamed, built-in
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, PrivateAttr
 
 from ..generate import Done
+from ..io import JsonRecords
 from ..tokenizer import THOUGHT_CLOSE
 from .completions import Choice, Plan, chat_request, join_text, logprobs_payload, updates, usage
 from .engine import Failed
 from .errors import APIError, invalid, unsupported
 from .protocol import ChatCompletionRequest, DiffusionOptions
+
+log = logging.getLogger("dgemma.serve")
 
 # Chat fields named in errors, as this endpoint calls them.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
@@ -398,13 +403,43 @@ def _close(send, out: Output, c: Choice, added, tok=None):
 
 # ---------------------------------------------------------------- stored responses
 class ResponseStore:
-    """The last `size` stored responses, in memory (the event loop's only): id -> (response object, the items its
-    conversation holds before its output, its output items)."""
+    """The last `size` stored responses (the event loop's only): id -> (response object, the items its conversation
+    holds before its output). In memory, and with `root` (--responses-dir) also one JSON file each under it, read
+    back at start, so they outlive a restart; a background response that a restart interrupted comes back
+    `failed`."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, root: Path | None = None):
         self.size = size
         self.entries: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
         self.running: dict[str, tuple[Any, list]] = {}  # background responses: id -> (task, jobs)
+        self.disk = None if root is None or not size else JsonRecords(root)
+        if self.disk is not None:
+            found, bad = self.disk.load()
+            for p in bad:
+                log.warning("skipping unreadable stored response %s", p)
+            for rid, record in found:
+                try:
+                    obj, items = record["response"], list(record["items"])
+                    status = obj["status"]
+                except (KeyError, TypeError):
+                    log.warning("skipping a stored response not in dgemma's format: %s.json", rid)
+                    continue
+                if status in ("queued", "in_progress"):
+                    obj.update(status="failed", error={"code": "server_restarted", "message":
+                                                       "the server stopped before this background response finished"})
+                    self.disk.save(rid, record)
+                self.entries[rid] = (obj, items)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest responses past `size` (not running ones)."""
+        for rid in list(self.entries):
+            if len(self.entries) <= self.size:
+                break
+            if rid not in self.running:
+                del self.entries[rid]
+                if self.disk is not None:
+                    self.disk.remove(rid)
 
     def history(self, req: ResponsesRequest) -> None:
         """Resolve `previous_response_id` into the conversation the request continues (404 if not kept)."""
@@ -430,12 +465,12 @@ class ResponseStore:
         going past `size`."""
         if not req._stored or obj["status"] not in ("completed", "incomplete", "queued", "failed", "cancelled"):
             return
+        if req.background and obj["status"] != "queued" and obj["id"] not in self.entries:
+            return  # deleted while it ran: not brought back by its end
         self.entries[obj["id"]] = (obj, req._history + req.input_items())
-        for rid in list(self.entries):
-            if len(self.entries) <= self.size:
-                break
-            if rid not in self.running:
-                del self.entries[rid]
+        if self.disk is not None:
+            self.disk.save(obj["id"], {"response": obj, "items": self.entries[obj["id"]][1]})
+        self._trim()
 
     def start(self, req: ResponsesRequest, obj: dict[str, Any], task, jobs: list) -> None:
         self.keep(req, obj)
@@ -467,4 +502,6 @@ class ResponseStore:
         if rid in self.running:
             self.running.pop(rid)[0].cancel()
         self.entries.pop(rid, None)
+        if self.disk is not None:
+            self.disk.remove(rid)
         return {"id": rid, "object": "response", "deleted": True}

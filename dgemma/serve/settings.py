@@ -29,6 +29,9 @@ class ServerSettings:
     scheduling_policy: str = "fcfs"
     # Responses API: the last this many responses kept in memory for previous_response_id (0: none)
     responses_store: int = 1000
+    # ... and the conversations of the Conversations API; with a directory, both are kept there too (a restart
+    # reads them back)
+    responses_dir: str | None = None
     # OpenAI's Files and Batches APIs, their files and batches kept under this directory (None: the APIs are off)
     batch_dir: str | None = None
     batch_max_file_bytes: int = 200 << 20  # the largest file /v1/files takes (OpenAI's limit is 200 MB)
