@@ -699,9 +699,39 @@ def test_responses_in_the_background(client, http):
     assert_error(http.get(f"/v1/responses/{doomed.id}"), 404)
     assert_error(http.post("/v1/responses", json={"input": "x", "background": True, "store": False}), 400,
                  param="background")
-    assert_error(http.post("/v1/responses", json={"input": "x", "background": True, "stream": True}), 400,
-                 param="stream")
     assert_error(http.post(f"/v1/responses/{fg.id}/cancel"), 400, param="response_id")
+
+
+def test_background_responses_stream_and_resume(client, http):
+    """background + stream: the events are kept, so a client that dropped the stream reads on from its last
+    sequence number (or from the start) while the response runs and after; the openai stream helper resumes by
+    response_id; the text is the one a foreground request with that seed gives."""
+    kw = dict(model=NAME, input="Tell me", max_output_tokens=64, extra_body={"seed": 7, "ignore_eos": True})
+    fg = client.responses.create(**kw)
+    stream = client.responses.create(background=True, stream=True, **kw)
+    head = []
+    for event in stream:
+        head.append(event)
+        if len(head) == 4:
+            break
+    stream.close()  # the client goes; the response does not
+    assert [e.type for e in head[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert head[0].response.status == "queued" and head[0].response.background is True
+    rid = head[0].response.id
+    rest = list(client.responses.retrieve(rid, stream=True, starting_after=head[-1].sequence_number))
+    events = head + rest
+    assert [e.sequence_number for e in events] == list(range(len(events))) and rest[-1].type == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == fg.output_text == rest[-1].response.output_text == client.responses.retrieve(rid).output_text
+    again = list(client.responses.retrieve(rid, stream=True))  # after the end: the whole stream again
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in events]
+    with client.responses.stream(response_id=rid, starting_after=3) as resumed:
+        assert [e.sequence_number for e in resumed] == list(range(4, len(events)))
+        assert resumed.get_final_response().output_text == fg.output_text
+    assert_error(http.get(f"/v1/responses/{fg.id}", params={"stream": "true"}), 400, param="stream")
+    assert_error(http.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": "x"}), 400,
+                 param="starting_after")
+    assert_error(http.get(f"/v1/responses/{rid}/input_items", params={"limit": "many"}), 400, param="limit")
 
 
 def test_responses_store_size(ckpt):

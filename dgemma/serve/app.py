@@ -56,7 +56,7 @@ from .protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequ
                        LoadLoRARequest, ModelCard, ModelList, TokenizeRequest, UnloadLoRARequest, items_page, page)
 from . import messages as anthropic
 from .messages import MessagesRequest
-from .responses import (Output, ResponsesRequest, ResponseStore, rename_param, response_object, stream_events,
+from .responses import (EventLog, Output, ResponsesRequest, ResponseStore, rename_param, response_object, stream_events,
                         to_chat)
 from .settings import ServerSettings
 
@@ -277,15 +277,19 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
         state.conversations.hold(responses, plan.jobs)
     if responses is not None and responses.background:
         obj = response_object(plan, responses, Output(), state.pipe.tokenizer, status="queued")
-        task = asyncio.get_running_loop().create_task(_background(state, plan, queue, responses))
+        if plan.stream:  # its events are kept, so any client can read (or reread) them while it runs
+            events = EventLog()
+            task = loop.create_task(_background_stream(state, plan, queue, responses, events))
+            state.responses.start(responses, obj, task, plan.jobs, events)
+            return sse(events.follow())
+        task = loop.create_task(_background(state, plan, queue, responses))
         state.responses.start(responses, obj, task, plan.jobs)
         return JSONResponse(obj)
     if plan.stream:
         events = stream_events(state, plan, queue, responses) if responses is not None else \
             anthropic.stream_events(state, plan, queue, messages) if messages is not None else \
             stream(state, plan, queue)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse(events)
     await collect(request, state, plan, queue)
     tok = state.pipe.tokenizer
     if responses is not None:
@@ -297,6 +301,24 @@ async def execute(request: Request, state: State, plan: Plan, responses: Respons
     if messages is not None:
         return JSONResponse(anthropic.message_object(plan, messages, tok))
     return JSONResponse(with_prompt_logprobs(plan, with_token_ids(plan, response(plan, tok).model_dump()), tok))
+
+
+def sse(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _background_stream(state: State, plan: Plan, queue: asyncio.Queue, req: ResponsesRequest,
+                             log: EventLog) -> None:
+    """A background response created with stream: true: its events go to `log`, whoever reads them (the stream
+    stores the response as it ends; cancelled, it is stored here)."""
+    try:
+        async for text in stream_events(state, plan, queue, req):
+            log.add(text)
+    except asyncio.CancelledError:  # POST /v1/responses/{id}/cancel
+        state.keep_response(req, response_object(plan, req, Output(), state.pipe.tokenizer, status="cancelled"))
+    finally:
+        log.close()
 
 
 async def _background(state: State, plan: Plan, queue: asyncio.Queue, req: ResponsesRequest) -> None:
@@ -527,8 +549,10 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
             raise
 
     @api.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str):
-        return state.responses.get(response_id)[0]
+    async def get_response(response_id: str, stream: bool = False, starting_after: int | None = None):
+        if not stream:
+            return state.responses.get(response_id)[0]
+        return sse(state.responses.events(response_id).follow(-1 if starting_after is None else starting_after))
 
     @api.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str):

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -100,6 +101,14 @@ def install(app) -> None:
 
             return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
         return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_query(request: Request, e: RequestValidationError):  # a query or path parameter of a bad type
+        err = (e.errors() or [{}])[0]
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body")]
+        param = ".".join(loc) or None
+        return error_response(APIError(400, f"Invalid value for '{param}': {err.get('msg', 'invalid')}.", param=param,
+                                       code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):

@@ -17,17 +17,19 @@ request's own (OpenAI does not carry them over either).
 
 Background responses (`background: true`, stored): the request returns at once with status `queued`; the rows
 run as any others (a client that goes away does not cancel them); `GET /v1/responses/{id}` shows `in_progress`,
-then the finished response; `POST /v1/responses/{id}/cancel` stops it (`cancelled`).
+then the finished response; `POST /v1/responses/{id}/cancel` stops it (`cancelled`). With `stream: true` its events
+are kept (`EventLog`), and `GET /v1/responses/{id}?stream=true&starting_after=N` reads them from any point, live.
 
 A response with `conversation` (conversations.py) starts from that conversation's items, and its input and output
 items are added to it when it completes.
 
-Not supported (a 400 naming the field): a background response streamed, built-in tools (web search, file search,
-...), images and files, `n`-like fan-out.
+Not supported (a 400 naming the field): built-in tools (web search, file search, ...), images and files, `n`-like
+fan-out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -98,8 +100,6 @@ LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for t
 # ---------------------------------------------------------------- request -> chat
 def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request this Responses request stands for (APIError where it cannot be one)."""
-    if req.background and req.stream:
-        raise unsupported("a background response cannot be streamed here: poll GET /v1/responses/{id}", "stream")
     if req.max_tool_calls is not None:
         raise unsupported("max_tool_calls is not supported", "max_tool_calls")
     if req.truncation not in (None, "disabled"):
@@ -328,6 +328,41 @@ class EventWriter:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+class EventLog:
+    """The SSE events of a background response created with `stream: true`, kept while the response is, so that
+    any client can read them from any point, live: `GET /v1/responses/{id}?stream=true&starting_after=N` (an
+    event's index here is its sequence_number)."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.done = False
+        self._wake = asyncio.Event()
+
+    def add(self, text: str) -> None:
+        self.events += [e + "\n\n" for e in text.split("\n\n") if e]  # one text may hold several events
+        self._notify()
+
+    def close(self) -> None:
+        self.done = True
+        self._notify()
+
+    def _notify(self) -> None:
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
+
+    async def follow(self, after: int = -1):
+        """The events after sequence number `after`, then each new one as it comes, until the response ends."""
+        i = max(after + 1, 0)
+        while True:
+            if i < len(self.events):
+                yield self.events[i]
+                i += 1
+            elif self.done:
+                return
+            else:
+                await self._wake.wait()
+
+
 async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
     """The Responses event stream of a one-choice plan, from the engine's events."""
     tok = state.pipe.tokenizer
@@ -340,7 +375,11 @@ async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
             yield send("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
                        part=dict(item["content"][0]))
 
-    yield send("response.created", response=response_object(plan, req, out, tok, status="in_progress"))
+    if req.background:  # as OpenAI's: created and queued, then in progress
+        yield send("response.created", response=response_object(plan, req, out, tok, status="queued"))
+        yield send("response.queued", response=response_object(plan, req, out, tok, status="queued"))
+    else:
+        yield send("response.created", response=response_object(plan, req, out, tok, status="in_progress"))
     yield send("response.in_progress", response=response_object(plan, req, out, tok, status="in_progress"))
     try:
         async for thought, text, ev in updates(state, plan, queue):
@@ -348,6 +387,7 @@ async def stream_events(state, plan: Plan, queue, req: ResponsesRequest):
                 failed = response_object(plan, req, out, tok, status="failed")
                 failed["error"] = {"code": "generation_failed" if ev.status >= 500 else "invalid_request",
                                    "message": ev.message}
+                state.keep_response(req, failed)
                 yield send("response.failed", response=failed)
                 return
             if thought:
@@ -412,6 +452,7 @@ class ResponseStore:
         self.size = size
         self.entries: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
         self.running: dict[str, tuple[Any, list]] = {}  # background responses: id -> (task, jobs)
+        self.streams: dict[str, EventLog] = {}  # background responses created with stream: true
         self.disk = None if root is None or not size else JsonRecords(root)
         if self.disk is not None:
             found, bad = self.disk.load()
@@ -438,6 +479,7 @@ class ResponseStore:
                 break
             if rid not in self.running:
                 del self.entries[rid]
+                self.streams.pop(rid, None)
                 if self.disk is not None:
                     self.disk.remove(rid)
 
@@ -472,9 +514,12 @@ class ResponseStore:
             self.disk.save(obj["id"], {"response": obj, "items": self.entries[obj["id"]][1]})
         self._trim()
 
-    def start(self, req: ResponsesRequest, obj: dict[str, Any], task, jobs: list) -> None:
+    def start(self, req: ResponsesRequest, obj: dict[str, Any], task, jobs: list, log: EventLog | None = None
+              ) -> None:
         self.keep(req, obj)
         self.running[obj["id"]] = (task, jobs)
+        if log is not None:
+            self.streams[obj["id"]] = log
         task.add_done_callback(lambda _t, rid=obj["id"]: self.running.pop(rid, None))
 
     def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -487,6 +532,14 @@ class ResponseStore:
                                                                      for j in self.running[rid][1]):
             obj = dict(obj, status="in_progress")
         return obj, items
+
+    def events(self, rid: str) -> EventLog:
+        """The event log of a background response created with stream: true (404 / 400 otherwise)."""
+        self.get(rid)
+        if rid not in self.streams:
+            raise invalid("only a background response created with stream: true can be streamed (and its events "
+                          "are not kept across a restart): GET it without stream", "stream")
+        return self.streams[rid]
 
     def cancel(self, rid: str) -> dict[str, Any]:
         obj, _ = self.get(rid)
@@ -502,6 +555,7 @@ class ResponseStore:
         if rid in self.running:
             self.running.pop(rid)[0].cancel()
         self.entries.pop(rid, None)
+        self.streams.pop(rid, None)
         if self.disk is not None:
             self.disk.remove(rid)
         return {"id": rid, "object": "response", "deleted": True}
