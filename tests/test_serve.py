@@ -931,6 +931,13 @@ def test_anthropic_messages_api(server, http, pipe):
                            tool_choice={"type": "tool", "name": "get_weather"}) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use" and final.content[-1].name == "get_weather"
+    # count_tokens: the prompt a request with those fields has (system, tools, tool results, thinking too).
+    r = c.messages.create(model=NAME, max_tokens=8, system="Be brief.", tools=tools, messages=history,
+                          thinking={"type": "enabled", "budget_tokens": 1024})
+    count = c.messages.count_tokens(model=NAME, system="Be brief.", tools=tools, messages=history,
+                                    thinking={"type": "enabled", "budget_tokens": 1024})
+    assert count.input_tokens == r.usage.input_tokens
+    assert c.messages.count_tokens(model=NAME, messages=ask).input_tokens == len(pipe.encode_chat(ask))
     # Errors in Anthropic's shape.
     for body, status, kind in [
             ({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, 404,
@@ -945,6 +952,11 @@ def test_anthropic_messages_api(server, http, pipe):
         resp = http.post("/v1/messages", json=body)
         assert resp.status_code == status and resp.json()["type"] == "error", resp.text
         assert resp.json()["error"]["type"] == kind and resp.json()["error"]["message"]
+    for body, status in [({"model": NAME}, 400), ({"model": "nope", "messages": ask}, 404),
+                         ({"model": NAME, "messages": ask, "max_tokens": 5}, 400),
+                         ({"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400)]:
+        resp = http.post("/v1/messages/count_tokens", json=body)
+        assert resp.status_code == status and resp.json()["type"] == "error", resp.text
 
 
 def test_return_token_ids(client, http, pipe):

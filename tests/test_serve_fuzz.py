@@ -56,6 +56,8 @@ ENDPOINTS = {
     "/v1/messages": ({"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}, [
         "messages", "system", "max_tokens", "stream", "stop_sequences", "temperature", "top_k", "tools",
         "tool_choice", "thinking", "model"]),
+    "/v1/messages/count_tokens": ({"model": NAME, "messages": [{"role": "user", "content": "Hi"}]}, [
+        "messages", "system", "tools", "tool_choice", "thinking", "model"]),
     "/tokenize": ({"model": NAME, "prompt": "Hi"}, ["prompt", "messages", "add_special_tokens", "tools"]),
     "/detokenize": ({"model": NAME, "tokens": [3, 4]}, ["tokens", "model"]),
     "/v1/load_lora_adapter": ({"lora_name": "a", "lora_path": "/nonexistent"}, ["lora_name", "lora_path"]),

@@ -7,7 +7,7 @@
     POST /v1/completions        text or token-id prompts, `suffix` fill-in-the-middle, `echo`
     POST /v1/chat/completions   the checkpoint's chat template, multi-turn
     POST /v1/responses          OpenAI's Responses API, through the chat path (responses.py)
-    POST /v1/messages           Anthropic's Messages API, through the chat path (messages.py)
+    POST /v1/messages           Anthropic's Messages API, through the chat path (messages.py), and its count_tokens
     POST /tokenize, /detokenize text or chat messages -> token ids, and back (vLLM's endpoints)
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   LoRA adapters at run time (--allow-runtime-lora)
     /v1/files, /v1/batches      OpenAI's Files and Batches APIs (--batch-dir; batch_api.py)
@@ -62,9 +62,9 @@ from .settings import ServerSettings
 
 log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/models", "/tokenize",
-             "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/files", "/v1/batches",
-             "/v1/conversations", "/health", "/metrics", "/")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+             "/v1/models", "/tokenize", "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+             "/v1/files", "/v1/batches", "/v1/conversations", "/health", "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -574,6 +574,15 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         except APIError as e:
             raise anthropic.rename_param(e) from None
         return await execute(request, state, plan, messages=req)
+
+    @api.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        req = parse(anthropic.CountTokensRequest, await read_json(request, settings.max_body_bytes))
+        try:
+            ids = await asyncio.to_thread(state.planner.chat_prompt, anthropic.to_chat(req.messages_request()))
+        except APIError as e:
+            raise anthropic.rename_param(e) from None
+        return {"input_tokens": len(ids)}
 
     @api.post("/tokenize")
     async def tokenize(request: Request):

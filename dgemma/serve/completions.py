@@ -339,12 +339,8 @@ class Planner:
             raise unsupported("the deprecated functions / function_call fields are not supported: send tools and "
                               "tool_choice", "functions" if req.functions else "function_call")
         tools, tool_grammar_, tool_names = self._tools(req)
-        messages = self._messages(req)
+        prompt = self._encode_chat(req, tools)
         kw = self._template_kwargs(req)
-        try:
-            prompt = self.pipe.encode_chat(messages, tools=tools, **kw, **self._continuation(req))
-        except GenerationError as e:
-            raise invalid(str(e), "messages") from None
         thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
         grammar = tool_grammar_
         if grammar is None and thinking:  # structured output holds the answer, after the thought
@@ -455,6 +451,19 @@ class Planner:
             raise invalid("ignore_eos cannot be combined with a required tool call, which ends where the call does",
                           "ignore_eos")
         return tools, grammar, names
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt ids a chat request becomes, as `chat` encodes them, without planning it (Anthropic's
+        count_tokens)."""
+        self._adapter(req.model)
+        return self._encode_chat(req, self._tools(req)[0])
+
+    def _encode_chat(self, req: ChatCompletionRequest, tools) -> list[int]:
+        try:
+            return self.pipe.encode_chat(self._messages(req), tools=tools, **self._template_kwargs(req),
+                                         **self._continuation(req))
+        except GenerationError as e:
+            raise invalid(str(e), "messages") from None
 
     def tokenize(self, req) -> list[int]:
         """/tokenize: the ids a text prompt (as /v1/completions encodes it) or chat messages (as

@@ -96,7 +96,7 @@ def install(app) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        if request.url.path == "/v1/messages":  # Anthropic's clients read Anthropic's error shape
+        if request.url.path.startswith("/v1/messages"):  # Anthropic's clients read Anthropic's error shape
             from .messages import error_body
 
             return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)

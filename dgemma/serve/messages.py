@@ -11,6 +11,9 @@ stop_sequence, tool_use), and a stream sends Anthropic's events (message_start, 
 _delta / _stop, message_delta, message_stop). Errors on this path use Anthropic's shape
 (`{"type": "error", "error": {"type", "message"}}`), and the API key may come as `x-api-key`.
 
+`POST /v1/messages/count_tokens` answers `{"input_tokens": N}`: the prompt a Messages request with those fields
+would have (its `usage.input_tokens`).
+
 Not supported (a 400): images and documents, server tools (web search, code execution, ...).
 """
 
@@ -25,7 +28,7 @@ from ..generate import Done
 from .completions import Choice, Plan, chat_request, join_text, updates, usage
 from .engine import Failed
 from .errors import APIError, invalid, unsupported
-from .protocol import ChatCompletionRequest, DiffusionOptions
+from .protocol import ChatCompletionRequest, DiffusionOptions, _Strict
 
 # Anthropic's error `type` per HTTP status.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -50,6 +53,20 @@ class MessagesRequest(DiffusionOptions):
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     seed: int | None = Field(None, ge=0)  # not in Anthropic's API; ours
+
+
+class CountTokensRequest(_Strict):
+    """`POST /v1/messages/count_tokens`: a Messages request's prompt fields, answered with its input token count."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+    def messages_request(self) -> MessagesRequest:
+        return MessagesRequest(max_tokens=1, **self.model_dump(exclude_unset=True))
 
 
 def error_body(e: APIError) -> dict[str, Any]:
