@@ -620,6 +620,15 @@ class Engine:
                 best = (slot, n)
         return best
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix: the free slots' and the running rows' (their K/V are not kept when they
+        end). Returns how many slots held one. Between two steps only."""
+        n = sum(bool(h) for h in self.held) + sum(bool(r.held) for r in self.rows.values())
+        self.held = [None if h is None else [] for h in self.held]
+        for r in self.rows.values():
+            r.held = None
+        return n
+
     @property
     def busy(self) -> bool:
         return bool(self.rows)

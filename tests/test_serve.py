@@ -1629,6 +1629,10 @@ def test_prefix_cache_usage_and_metrics(ckpt, client, pipe):
             for _ in range(2):
                 r = h.post("/v1/completions", json={"model": NAME, "prompt": "Hello", "max_tokens": 0})
                 assert r.status_code == 200 and r.json()["choices"][0]["text"] == "", r.text
+            # vLLM's /reset_prefix_cache: the same request then encodes its whole prompt again
+            assert h.post("/reset_prefix_cache").json() == {"reset": True, "slots": 1}
+            again = c.chat.completions.create(messages=second, **ask)
+            assert again.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_ar_sampling_cut(client):
@@ -1772,7 +1776,12 @@ def test_runtime_lora_loading(ckpt, tmp_path, http):
 def test_health_and_metrics(server, http):
     h = http.get("/health").json()
     assert h["status"] == "ok" and h["model"] == NAME and h["max_concurrency"] == 4
+    assert http.get("/ping").json() == http.post("/ping").json() == h  # SageMaker's health check, vLLM's alias
+    import dgemma
+    assert http.get("/version").json() == {"version": dgemma.__version__}
+    assert_error(http.post("/reset_prefix_cache"), 400)  # this server caches no prefixes
     http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+    http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4, "stream": True})  # a first token's time
     http.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")

@@ -1,7 +1,9 @@
 """The HTTP app: routes, auth, request bodies, SSE streaming and the web page.
 
     GET  /                      the live-canvas web page (static/)
-    GET  /health                liveness and load, never behind the API key
+    GET  /health                liveness and load, never behind the API key (also GET/POST /ping, SageMaker's)
+    GET  /version               dgemma's version
+    POST /reset_prefix_cache    forget the cached prefixes (vLLM's; --prefix-cache)
     GET  /metrics               Prometheus text format
     GET  /v1/models[/{model}]   the model this server serves, and its LoRA adapters (--lora)
     POST /v1/completions        text or token-id prompts, `suffix` fill-in-the-middle, `echo`
@@ -42,6 +44,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
+from .. import __version__
 from ..generate import Commit, Done, Draft
 from ..structured import ll_tokenizer
 from ..tools import ToolError, check_tokenizer
@@ -64,7 +67,8 @@ log = logging.getLogger("dgemma.serve")
 STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
              "/v1/models", "/tokenize", "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
-             "/v1/files", "/v1/batches", "/v1/conversations", "/health", "/metrics", "/")
+             "/v1/files", "/v1/batches", "/v1/conversations", "/health", "/ping", "/version", "/reset_prefix_cache",
+             "/metrics", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -602,10 +606,23 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @api.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """vLLM's: forget the cached prefixes (say between two benchmark runs)."""
+        if not settings.prefix_cache:
+            raise errors.invalid("prefix caching is off (start the server with --prefix-cache)", None)
+        slots = await asyncio.wrap_future(state.worker.call(state.worker.engine.reset_prefix_cache))
+        return {"reset": True, "slots": slots}
+
     _batch_routes(api, state)
     _conversation_routes(api, state)
     app.include_router(api)
 
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
     @app.get("/health")
     async def health():
         active, waiting = state.worker.load()
