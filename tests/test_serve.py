@@ -831,6 +831,43 @@ def test_conversations_api(client, http):
                  code="conversation_not_found")
 
 
+def test_responses_truncation_auto(client, http, pipe):
+    """truncation "auto": a conversation too long for the context leaves out its first items, as few as fit (a
+    tool call's output never without its call), and the prompt is the one those last items alone give; the stored
+    response keeps every item; "disabled" (the default) is a 400."""
+    turns = [{"role": "user" if k % 2 == 0 else "assistant", "content": f"turn {k} " + "x" * 150} for k in range(8)]
+    turns[5:7] = [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "c1", "output": "y" * 150}]
+    body = {"model": NAME, "input": turns, "max_output_tokens": 16, "seed": 3}
+    assert_error(http.post("/v1/responses", json=body), 400, code="context_length_exceeded")
+    r = http.post("/v1/responses", json=dict(body, truncation="auto")).json()
+    assert r["truncation"] == "auto" and r["status"] in ("completed", "incomplete")
+    fits = [k for k in range(1, len(turns)) if turns[k].get("type") != "function_call_output" and
+            len(pipe.encode_chat(_as_chat(turns[k:]))) + 16 <= 1024]
+    alone = http.post("/v1/responses", json=dict(body, input=turns[fits[0]:])).json()
+    assert fits[0] > 1 and r["usage"]["input_tokens"] == alone["usage"]["input_tokens"]
+    assert r["output"] == [dict(o, id=r["output"][k]["id"]) for k, o in enumerate(alone["output"])]
+    assert len(client.responses.input_items.list(r["id"], limit=100).data) == len(turns)
+    # a last item too long alone is still a 400
+    assert_error(http.post("/v1/responses", json=dict(body, truncation="auto", input="z" * 2000)), 400,
+                 code="context_length_exceeded")
+    assert_error(http.post("/v1/responses", json=dict(body, truncation="sometimes")), 400, param="truncation")
+
+
+def _as_chat(items):
+    """Responses input items as chat messages (the test's own small translation: messages and one tool call)."""
+    out = []
+    for it in items:
+        if it.get("type") == "function_call":
+            out.append({"role": "assistant", "content": "", "tool_calls": [
+                {"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": "{}"}}]})
+        elif it.get("type") == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": it["call_id"], "content": it["output"]})
+        else:
+            out.append({"role": it["role"], "content": it["content"]})
+    return out
+
+
 def test_conversation_store(ckpt):
     """At most --responses-store conversations, the least recently used going first; 0 turns the API off."""
     from dgemma.serve.conversations import ConversationCreate, ConversationStore

@@ -59,8 +59,8 @@ from .protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequ
                        LoadLoRARequest, ModelCard, ModelList, TokenizeRequest, UnloadLoRARequest, items_page, page)
 from . import messages as anthropic
 from .messages import MessagesRequest
-from .responses import (EventLog, Output, ResponsesRequest, ResponseStore, rename_param, response_object, stream_events,
-                        to_chat)
+from .responses import (EventLog, Output, ResponsesRequest, ResponseStore, rename_param, response_object,
+                        stream_events, to_chat, truncate)
 from .settings import ServerSettings
 
 log = logging.getLogger("dgemma.serve")
@@ -544,7 +544,7 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         state.conversations.open(req)
         try:
             try:
-                plan = await asyncio.to_thread(state.planner.chat, to_chat(req))
+                plan = await asyncio.to_thread(truncate, req, lambda: state.planner.chat(to_chat(req)))
             except APIError as e:
                 raise rename_param(e) from None
             return await execute(request, state, plan, responses=req)

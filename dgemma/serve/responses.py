@@ -34,6 +34,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ class ResponsesRequest(DiffusionOptions):
     _history: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     _stored: bool = PrivateAttr(default=False)  # this response is kept (store, and a store with room)
     _conversation: Any = PrivateAttr(default=None)  # conversations.Conversation, for `conversation`
+    _skip: int = PrivateAttr(default=0)  # truncation "auto": the first items of the conversation left out
     _items: list[dict[str, Any]] | None = PrivateAttr(default=None)
 
     def input_items(self) -> list[dict[str, Any]]:
@@ -102,18 +104,13 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request this Responses request stands for (APIError where it cannot be one)."""
     if req.max_tool_calls is not None:
         raise unsupported("max_tool_calls is not supported", "max_tool_calls")
-    if req.truncation not in (None, "disabled"):
-        raise unsupported("truncation must be 'disabled': a prompt too long for the context is a 400", "truncation")
+    if req.truncation not in (None, "disabled", "auto"):
+        raise invalid("truncation must be 'auto' or 'disabled'", "truncation")
     messages: list[dict[str, Any]] = []
     if req.instructions:
         messages.append({"role": "system", "content": req.instructions})
-    for item in req._history:  # checked when it was stored
-        _add_item(messages, item, "conversation" if req.conversation is not None else "previous_response_id")
-    if isinstance(req.input, str):
-        messages.append({"role": "user", "content": req.input})
-    else:
-        for i, item in enumerate(req.input):
-            _add_item(messages, item, f"input.{i}")
+    for item, where in _conversation_items(req)[req._skip:]:
+        _add_item(messages, item, where)
     body: dict[str, Any] = {"messages": messages, "stream": req.stream, "parallel_tool_calls": req.parallel_tool_calls,
                             **req.model_dump(include=set(DiffusionOptions.model_fields), exclude_unset=True)}
     for name in ("model", "temperature", "top_p", "seed", "user", "metadata"):
@@ -133,6 +130,45 @@ def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     if LOGPROBS in (req.include or []) or req.top_logprobs is not None:
         body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     return chat_request(body)
+
+
+def _conversation_items(req: ResponsesRequest) -> list[tuple[Any, str]]:
+    """The items the prompt renders, in order (the history's, checked when it was stored, then `input`'s), each
+    with the field an error names."""
+    where = "conversation" if req.conversation is not None else "previous_response_id"
+    items = [(item, where) for item in req._history]
+    if isinstance(req.input, str):
+        return items + [({"type": "message", "role": "user", "content": req.input}, "input")]
+    return items + [(item, f"input.{i}") for i, item in enumerate(req.input)]
+
+
+def truncate(req: ResponsesRequest, plan: Callable[[], Any]) -> Any:
+    """`plan()` for the request; with truncation "auto", a prompt too long for the context leaves out the
+    conversation's first items, as few as fit (a tool call's output never without its call; the last item always
+    stays), instead of failing. What is stored keeps every item."""
+    try:
+        return plan()
+    except APIError as e:
+        if req.truncation != "auto" or e.code != "context_length_exceeded":
+            raise
+        first = e
+    items = _conversation_items(req)
+    starts = [k for k in range(1, len(items)) if items[k][0].get("type") != "function_call_output"]
+    found, lo, hi = None, 0, len(starts) - 1  # the fewest left out: the first start whose prompt fits
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        req._skip = starts[mid]
+        try:
+            found, hi = (plan(), mid), mid - 1
+        except APIError as e:
+            if e.code != "context_length_exceeded":
+                raise
+            lo = mid + 1
+    if found is None:
+        req._skip = 0
+        raise first
+    req._skip = starts[found[1]]
+    return found[0]
 
 
 def _text(content: Any, where: str) -> str:
@@ -286,7 +322,7 @@ def response_object(plan: Plan, req: ResponsesRequest, output: Output, tok, stat
         "background": bool(req.background),
         "temperature": req.temperature, "top_p": req.top_p,
         "text": req.text or {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
-        "tools": req.tools or [], "truncation": "disabled", "metadata": req.metadata or {}, "user": req.user,
+        "tools": req.tools or [], "truncation": req.truncation or "disabled", "metadata": req.metadata or {}, "user": req.user,
         "usage": None if u is None else {
             "input_tokens": u.prompt_tokens, "input_tokens_details": dict(u.prompt_tokens_details),
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": _thought(c, tok)},
