@@ -349,12 +349,16 @@ def run_one(pipe, prompt_ids, params, *, show_canvas: bool, stream_text: bool, e
     return done
 
 
+def _read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _read_prompt(args) -> str:
     if args.prompt_file:
-        try:
-            return Path(args.prompt_file).read_text()
-        except OSError as e:
-            raise UsageError(f"cannot read {args.prompt_file}: {e.strerror}") from None
+        return _read_text(args.prompt_file, "--prompt-file")
     if args.prompt is not None:
         return args.prompt
     if not sys.stdin.isatty():
@@ -385,6 +389,16 @@ def cmd_generate(args) -> int:
         if args.ar:
             raise UsageError("--draft needs diffusion decoding: --ar has no canvas to start from")
         opts["init_canvas"] = pipe.encode(args.draft, add_bos=False)
+    if args.prediction is not None or args.prediction_file is not None:
+        if args.ar:
+            raise UsageError("--prediction needs diffusion decoding: --ar has no canvas to start from")
+        if args.prediction is not None and args.prediction_file is not None:
+            raise UsageError("give either --prediction or --prediction-file, not both")
+        predicted = args.prediction if args.prediction is not None else _read_text(args.prediction_file,
+                                                                                   "--prediction-file")
+        opts["prediction"] = pipe.encode(predicted, add_bos=False)
+        if not opts["prediction"]:
+            raise UsageError("the prediction is empty")
     if args.suffix is not None:
         prompt_ids, params, n_suffix = pipe.infill_request(text, args.suffix, ar=args.ar, **opts)
     else:
@@ -1356,6 +1370,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--infill", action="store_true", help="infill the [FILL] hole of the prompt through the canvas")
     s.add_argument("--draft", metavar="TEXT", help="warm start: the first canvas starts from this text instead of "
                    "noise (a draft to correct; diffusion only)")
+    s.add_argument("--prediction", metavar="TEXT", help="OpenAI's Predicted Outputs: the output expected (a file "
+                   "being edited); every canvas starts from the predicted text after the output so far, and the "
+                   "model keeps it where it agrees (diffusion only)")
+    s.add_argument("--prediction-file", metavar="PATH", help="--prediction, read from a file")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     s.add_argument("--json", action="store_true", help="print text, tokens and stats as JSON")
     s.add_argument("--skip-special-tokens", action="store_true", help="leave the special tokens the model writes "

@@ -71,6 +71,11 @@ class GenerationParams:
     # first canvas's starting tokens (transformers' decoder_input_ids): a draft to correct, at positions 0..n-1 (n
     # up to the canvas length; the positions after it start from the usual noise)
     init_canvas: Sequence[int] | None = None
+    # OpenAI's Predicted Outputs: the output expected, or most of it (a file being edited). Diffusion only: every
+    # canvas starts from the prediction's tokens that follow the output so far (found again after a canvas that
+    # inserted or dropped tokens: `predicted_draft`), a draft the model keeps where it agrees; the first canvas's
+    # init_canvas, if any, goes first
+    prediction: Sequence[int] | None = None
     # token -> bias added to its logit at every position of every canvas (every AR step), OpenAI's logit_bias:
     # -100 all but bans a token, +100 all but forces it (the logits themselves are soft-capped at 30)
     logit_bias: dict[int, float] | None = None
@@ -209,6 +214,12 @@ class GenerationParams:
                 raise GenerationError(f"init_canvas must hold 1 to {canvas} tokens, got {len(self.init_canvas)}")
             if any(not 0 <= t < vocab for t in self.init_canvas):
                 raise GenerationError("init_canvas has a token outside the vocabulary")
+        if self.prediction is not None:
+            if self.mode != DIFFUSION:
+                raise GenerationError("prediction needs diffusion decoding: AR decoding has no canvas to start from")
+            if not len(self.prediction) or any(not 0 <= t < vocab for t in self.prediction):
+                raise GenerationError(f"prediction must be a non-empty sequence of token ids in the vocabulary "
+                                      f"(0..{vocab - 1})")
         if self.grammar is not None:
             if not isinstance(self.grammar, Grammar):
                 raise GenerationError(f"grammar must be a dgemma.structured.Grammar, got {type(self.grammar)}")
@@ -317,6 +328,8 @@ class _Row:
         # left the slot inconsistent); `reused` of the prompt's first tokens were there already when it came
         self.held: list[int] | None = []
         self.reused = 0
+        # prediction: where the current canvas's draft starts in it, that draft, and its tokens the output kept
+        self.pred_at, self.pred_draft, self.pred_accepted = 0, [], 0
         self.source: "_Row | None" = None  # a row of the same prefill with the same prompt, whose K/V it copies
         self.finished: str | None = None
         self.t0 = time.perf_counter()
@@ -775,6 +788,10 @@ class Engine:
             seed = S.canvas_seed(r.p.seed, r.canvas_idx)
             r.gen.manual_seed(S.canvas_seed(seed, attempt) if attempt else seed)
             canvas = S.fused_init_canvas([r.gen], self.T, self.V)[0]
+        if r.p.prediction is not None and not attempt:
+            r.pred_at, r.pred_draft = predicted_draft(r.p.prediction, r.out, r.pred_at, self.T)
+            if r.pred_draft:
+                canvas[:len(r.pred_draft)] = torch.tensor(r.pred_draft, dtype=torch.long)
         if first and not attempt and r.p.init_canvas is not None:
             init = torch.tensor(list(r.p.init_canvas), dtype=torch.long)
             canvas[:len(init)] = init
@@ -1114,6 +1131,10 @@ class Engine:
                 continue
             room = r.p.max_new_tokens - (len(r.out) - r.sent)  # from the canvas's start
             added = cut[:room][r.sent:]  # a grammar row sent the first r.sent already (`_emit_partial`)
+            if r.pred_draft:  # the prediction's tokens this canvas kept where they were
+                kept = sum(a == b for a, b in zip(r.pred_draft, cut[:room]))
+                r.pred_accepted += kept
+                r.pred_at += len(cut[:room])  # where the output ends had it followed the prediction: a hint
             lps = self._take_logprobs(r, len(added), start=r.sent)
             r.out.extend(added)
             events.append(Commit(r.id, r.canvas_idx, added, steps, **lps))
@@ -1299,6 +1320,10 @@ class Engine:
             "mean_steps_per_canvas": (sum(r.steps_per_canvas) / len(r.steps_per_canvas)
                                       if r.steps_per_canvas else None),
             "ar_fallback_canvases": r.fallbacks,  # canvases whose span was decoded AR instead (ar_fallback)
+            # prediction: its tokens the output kept where a canvas's draft put them, and the rest (OpenAI's
+            # accepted / rejected_prediction_tokens)
+            "accepted_prediction_tokens": r.pred_accepted,
+            "rejected_prediction_tokens": len(r.p.prediction) - r.pred_accepted if r.p.prediction else 0,
             "decoder_passes": r.decoder_passes,
             "encoder_passes": r.encoder_passes,
             # transformers' definition: generated (non-pad) tokens per decoder forward pass (with ar_fallback, the
@@ -1346,6 +1371,27 @@ def _adapters(rows) -> list[int] | None:
     """Each row's LoRA adapter for a forward, or None when every row runs the base (the plain path)."""
     ids = [r.p.adapter for r in rows]
     return ids if any(ids) else None
+
+
+def predicted_draft(prediction: Sequence[int], out: Sequence[int], hint: int, length: int
+                    ) -> tuple[int, list[int]]:
+    """Where the output so far ends in `prediction`, and the (up to) `length` predicted tokens after it: the next
+    canvas's draft. The output's last tokens (16, else 8, else 4) are looked for in the prediction, the match
+    ending nearest `hint` (where the output would end had it followed the prediction) winning; none found, the
+    hint is trusted. An output that left the prediction behind gets what follows the hint, which the model is free
+    to overwrite; past the prediction's end, no draft."""
+    at = min(max(hint, 0), len(prediction))
+    if out:
+        pred = list(prediction)
+        for m in (16, 8, 4):
+            if len(out) < m:
+                continue
+            tail = list(out[-m:])
+            ends = [i + m for i in range(len(pred) - m + 1) if pred[i:i + m] == tail]
+            if ends:
+                at = min(ends, key=lambda e: (abs(e - hint), e))
+                break
+    return at, list(prediction[at:at + length])
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:

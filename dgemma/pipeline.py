@@ -23,9 +23,9 @@ SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
 # Short names users type (CLI flags, server body fields) for the sampler's options.
 ALIASES = {"steps": "max_denoising_steps", "stability": "stability_threshold",
            "confidence": "confidence_threshold"}
-PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "ignore_eos", "rng",
-                 "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar", "presence_penalty",
-                 "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps",
+PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "init_canvas", "prediction",
+                 "ignore_eos", "rng", "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar",
+                 "presence_penalty", "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps",
                  "repetition_penalty", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
                  "allowed_token_ids", "skip_special_tokens", "bad_words"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")

@@ -102,6 +102,21 @@ def test_generate_text_and_json(ckpt_tok):
     assert ar["stats"]["mode"] == "ar"
 
 
+def test_generate_with_a_prediction(ckpt_tok, tmp_path):
+    """--prediction / --prediction-file: the engine's prediction (the same tokens as through Python), counted."""
+    from dgemma.pipeline import Pipeline
+
+    pipe = Pipeline.load(str(ckpt_tok), device="cpu", quiet=True)
+    text = "def f(x):\n    return x\n" * 3
+    (tmp_path / "pred.py").write_text(text)
+    [done] = pipe.generate([pipe.encode("abc")], max_new_tokens=24, seed=1, prediction=pipe.encode(text, add_bos=False))
+    for flag in (["--prediction", text], ["--prediction-file", str(tmp_path / "pred.py")]):
+        j = json.loads(run("generate", str(ckpt_tok), "abc", "--max-new-tokens", "24", "--seed", "1", "--json",
+                           *flag).stdout)
+        assert j["tokens"] == done.tokens
+        assert j["stats"]["accepted_prediction_tokens"] == done.stats["accepted_prediction_tokens"]
+
+
 def test_generate_show_canvas_and_infill(ckpt_tok):
     p = run("generate", str(ckpt_tok), "abc", "--show-canvas", "--max-new-tokens", "16", "--steps", "3")
     assert "canvas 0 step 3/3" in p.stderr
@@ -140,6 +155,8 @@ def test_chat_reads_turns_from_stdin(ckpt_tok):
     (("--json-schema", '{"type": "nonsense"}'), "invalid json schema: Invalid type: nonsense"),
     (("--json-schema", "missing.json"), "no file 'missing.json'"),
     (("--grammar", "missing.lark"), "no file 'missing.lark'"),
+    (("--prediction", "x", "--ar"), "--prediction needs diffusion decoding"),
+    (("--prediction-file", "missing.txt"), "--prediction-file: cannot read missing.txt"),
 ])
 def test_generate_errors(ckpt_tok, extra, msg, capsys):
     from dgemma.cli import main

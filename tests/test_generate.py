@@ -790,3 +790,49 @@ def test_partial_warm_start_is_the_draft_over_the_canvas_noise(model):
     for bad in ([], [1] * (T + 1)):
         with pytest.raises(GenerationError, match="init_canvas must hold"):
             generate(model, [_prompt(model)], params.replace(init_canvas=bad))
+
+
+def test_predicted_draft_follows_the_output_through_edits():
+    """Where the next canvas's draft starts in a prediction: after the output's last tokens wherever they are in
+    it (an output that inserted or dropped tokens is found again), the match nearest the hint winning; no match,
+    the hint; past the prediction's end, no draft."""
+    from dgemma.generate import predicted_draft
+
+    pred = list(range(100, 160))
+    assert predicted_draft(pred, [], 0, 8) == (0, pred[:8])
+    assert predicted_draft(pred, pred[:20], 20, 8) == (20, pred[20:28])  # followed it
+    inserted = pred[:10] + [1, 2, 3] + pred[10:20]  # three tokens more, so the hint (23) is 3 past the end
+    assert predicted_draft(pred, inserted, 23, 8) == (20, pred[20:28])
+    dropped = pred[:10] + pred[15:30]  # five fewer: the hint (25) is 5 short
+    assert predicted_draft(pred, dropped, 25, 8) == (30, pred[30:38])
+    assert predicted_draft(pred, [1, 2, 3, 4, 5], 12, 8) == (12, pred[12:20])  # left it: trust the hint
+    assert predicted_draft(pred, pred, 60, 8) == (60, [])
+    twice = [5, 6, 7, 8, 9] * 4  # repeated text: the occurrence nearest the hint
+    assert predicted_draft(twice, [5, 6, 7, 8, 9], 10, 4)[0] == 10
+
+
+def test_prediction_drafts_every_canvas(model):
+    """prediction: the first canvas starts exactly as init_canvas = its first tokens would; every canvas's draft
+    is the slice after the output so far, and the stats count the predicted tokens kept where they were put."""
+    from dgemma.generate import predicted_draft
+
+    T = model.cfg.canvas_length
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randint(3, model.cfg.vocab_size, (3 * T,), generator=g).tolist()
+    params = GenerationParams(max_new_tokens=3 * T, ignore_eos=True, seed=2,
+                              sampler=SamplerConfig(max_denoising_steps=3))
+    a = generate(model, [_prompt(model)], params.replace(prediction=pred))[0]
+    first = generate(model, [_prompt(model)], params.replace(init_canvas=pred[:T], max_new_tokens=T))[0]
+    assert a.tokens[:T] == first.tokens
+    at, kept = 0, 0
+    for k in range(3):
+        at, draft = predicted_draft(pred, a.tokens[:k * T], at, T)
+        kept += sum(x == y for x, y in zip(draft, a.tokens[k * T:(k + 1) * T]))
+        at += T
+    assert a.stats["accepted_prediction_tokens"] == kept
+    assert a.stats["rejected_prediction_tokens"] == len(pred) - kept
+    assert generate(model, [_prompt(model)], params)[0].stats["accepted_prediction_tokens"] == 0
+    for bad, msg in ((dict(prediction=[]), "non-empty"), (dict(prediction=[10 ** 6]), "in the vocabulary"),
+                     (dict(prediction=[5], mode=AR), "needs diffusion")):
+        with pytest.raises(GenerationError, match=msg):
+            generate(model, [_prompt(model)], params.replace(**bad))

@@ -996,6 +996,37 @@ def test_anthropic_messages_api(server, http, pipe):
         assert resp.status_code == status and resp.json()["type"] == "error", resp.text
 
 
+def test_predicted_outputs(client, http, pipe):
+    """OpenAI's prediction: the engine's prediction (every canvas drafted from the predicted text), with usage's
+    accepted / rejected_prediction_tokens; a wrong shape, AR or an empty prediction is a 400."""
+    from dgemma.generate import GenerationParams
+
+    chat = [{"role": "user", "content": "Hi"}]
+    predicted = "print('hello world')\n" * 6
+    r = client.chat.completions.create(model=NAME, messages=chat, seed=3, max_tokens=40,
+                                       prediction={"type": "content", "content": predicted},
+                                       extra_body={"ignore_eos": True})
+    ids = pipe.encode(predicted, add_bos=False)
+    [done] = pipe.generate([pipe.encode_chat(chat)], seed=3, max_new_tokens=40, ignore_eos=True, prediction=ids)
+    assert r.choices[0].message.content == done.text
+    d = r.usage.completion_tokens_details
+    assert d.accepted_prediction_tokens == done.stats["accepted_prediction_tokens"]
+    assert d.accepted_prediction_tokens + d.rejected_prediction_tokens == len(ids)
+    parts = client.chat.completions.create(model=NAME, messages=chat, seed=3, max_tokens=40, extra_body={
+        "ignore_eos": True}, prediction={"type": "content", "content": [{"type": "text", "text": predicted}]})
+    assert parts.choices[0].message.content == done.text
+    assert client.chat.completions.create(model=NAME, messages=chat, max_tokens=4).usage.completion_tokens_details \
+        is None
+    assert GenerationParams().prediction is None
+    body = {"model": NAME, "messages": chat, "max_tokens": 8}
+    for prediction, extra, param in [({"type": "text", "content": "x"}, {}, "prediction.type"),
+                                     ({"type": "content", "content": "x"}, {"ar": True}, "prediction"),
+                                     ({"type": "content", "content": ""}, {}, "prediction.content"),
+                                     ({"type": "content"}, {}, "prediction.content")]:
+        assert_error(http.post("/v1/chat/completions", json=dict(body, prediction=prediction, **extra)), 400,
+                     param=param)
+
+
 def test_return_token_ids(client, http, pipe):
     """vLLM's return_token_ids: each choice's output ids and the prompt's, which decode to the text; in a stream,
     on each choice's finish chunk."""

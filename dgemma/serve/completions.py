@@ -599,6 +599,7 @@ class Planner:
         if suffix_ids:
             fixed = {self.canvas - len(suffix_ids) + k: t for k, t in enumerate(suffix_ids)}
         base["init_canvas"] = self._draft(req, self.canvas - len(suffix_ids))
+        base["prediction"] = self._prediction(req)
         choices = []
         for p_i, (prompt, text) in enumerate(prompts):
             if not prompt:
@@ -698,6 +699,24 @@ class Planner:
             raise invalid("draft is empty", "draft")
         if len(ids) > room:
             raise invalid(f"draft is {len(ids)} tokens; the first canvas has room for {room}", "draft")
+        return ids
+
+    def _prediction(self, req: _Common) -> list[int] | None:
+        """OpenAI's Predicted Outputs (chat's `prediction`): the predicted text's tokens (no BOS)."""
+        pred = getattr(req, "prediction", None)
+        if pred is None:
+            return None
+        if pred.get("type") != "content":
+            raise invalid('prediction must be {"type": "content", "content": ...}', "prediction.type")
+        text = join_text(pred.get("content"), "prediction.content", text=("text",), refused=())
+        if req.ar:
+            raise invalid("prediction needs diffusion decoding: AR decoding has no canvas to start from",
+                          "prediction")
+        if self.pipe.tokenizer is None:
+            raise invalid("this checkpoint has no tokenizer to read the prediction with", "prediction")
+        ids = self.pipe.encode(text, add_bos=False)
+        if not ids:
+            raise invalid("prediction is empty", "prediction.content")
         return ids
 
     def _bad_words(self, req: _Common) -> tuple[tuple[int, ...], ...]:
@@ -815,12 +834,16 @@ def usage(plan: Plan) -> Usage:
     for c in done:
         n = c.done.stats["cached_prompt_tokens"]
         cached[id(c.prompt)] = min(n, cached.get(id(c.prompt), n))
+    details = None
+    if any(c.params.prediction is not None for c in plan.choices):
+        details = {k: sum(c.done.stats[k] for c in done)
+                   for k in ("accepted_prediction_tokens", "rejected_prediction_tokens")}
     return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion,
                  total_tokens=plan.prompt_tokens + completion,
                  prompt_tokens_details={"cached_tokens": sum(cached.values())},
                  steps_per_canvas=round(sum(steps) / len(steps), 3) if steps else None,
                  tokens_per_forward=round(generated / passes, 3) if passes else None,
-                 forward_passes=passes, canvases=len(steps))
+                 forward_passes=passes, canvases=len(steps), completion_tokens_details=details)
 
 
 def response(plan: Plan, tok=None) -> CompletionResponse | ChatCompletionResponse:

@@ -144,6 +144,9 @@ class ChatCompletionRequest(_Common):
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
+    # OpenAI's Predicted Outputs, {"type": "content", "content": text or text parts}: diffusion starts every canvas
+    # from the predicted text after the output so far
+    prediction: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Strict):
@@ -200,6 +203,8 @@ class Usage(BaseModel):
     tokens_per_forward: float | None = None  # generated tokens per decoder forward (AR: per encoder forward)
     forward_passes: int = 0  # decoder forwards (diffusion) or encoder forwards (AR), all choices together
     canvases: int = 0
+    # OpenAI's, with a prediction: accepted_prediction_tokens / rejected_prediction_tokens
+    completion_tokens_details: dict[str, int] | None = None
 
 
 class CompletionChoice(BaseModel):
