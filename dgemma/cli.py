@@ -607,7 +607,7 @@ def _server_settings(args, **kw):
         max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit, max_context=args.max_context,
         prefix_cache=args.prefix_cache, prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
-        adaptive_steps=_adaptive_steps(args.adaptive_steps), **kw)
+        adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk, **kw)
 
 
 def _server_pipeline(args, settings):
@@ -1343,6 +1343,10 @@ def _add_server_engine_args(s) -> None:
                    help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
                    "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "
                    "on what ran before, by float rounding (README, Prefix caching)")
+    s.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                   help="chunked prefill: encode at most TOKENS of a new prompt per engine step, so a long prompt "
+                   "does not hold up the requests already denoising (their steps go on between its chunks); off "
+                   "by default: a seed's tokens then depend on the chunk size, by float rounding (README)")
     s.add_argument("--prefix-cache-margin", type=int, metavar="TOKENS",
                    help="with --prefix-cache: how far a cached context longer than the sliding window may be cut back "
                    "and reused (default: one canvas); each token widens every row's sliding-layer cache by one "

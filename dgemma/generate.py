@@ -297,6 +297,7 @@ class _Row:
         self.id, self.slot, self.prompt, self.p = rid, slot, prompt, params
         self.sampler = params.sampler  # as asked; a load-adaptive budget sets each canvas's own in self.p
         self.phase = "prefill"
+        self.prefilled: int | None = None  # prompt tokens in the cache so far (None: its prefill has not begun)
         self.gen = torch.Generator().manual_seed(params.seed)
         self.canvas_idx = 0
         self.step = 0
@@ -486,7 +487,7 @@ class Engine:
     def __init__(self, model: DiffusionGemma, tokenizer=None, *, max_rows: int = 8, max_len: int | None = None,
                  eos_ids: Iterable[int] | None = None, drafts: bool = False,
                  fused_head: bool | None = None, prefix_cache: bool = False, prefix_margin: int | None = None,
-                 adaptive_steps: tuple[int, int] | None = None):
+                 adaptive_steps: tuple[int, int] | None = None, prefill_chunk: int | None = None):
         self.model = model.eval()
         if model.device.type == "cpu":
             tune_cpu_allocator()  # every step's temporaries reused, not page-faulted in anew (runtime.py)
@@ -533,6 +534,14 @@ class Engine:
             if not (isinstance(r_, int) and isinstance(m_, int) and r_ >= 1 and m_ >= 1):
                 raise GenerationError(f"adaptive_steps must be (rows >= 1, min steps >= 1), got {adaptive_steps!r}")
         self.adaptive_steps = adaptive_steps
+        # Chunked prefill (opt-in): a step encodes at most this many of a new row's prompt tokens, so a long prompt
+        # is encoded over several steps while the other rows go on denoising (otherwise the step that encodes it
+        # at once holds them all up). A chunk's keys differ from those of one pass by float rounding, so a seed's
+        # tokens depend on this setting (not on the batch: a row's chunks are cut at the same places whatever
+        # runs beside it). Rows that score their prompt (prompt_logprobs) encode it at once.
+        if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk >= 1):
+            raise GenerationError(f"prefill_chunk must be a positive number of tokens, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
 
     # ------------------------------------------------------------ requests
     def check(self, prompt: Sequence[int], params: GenerationParams) -> None:
@@ -698,12 +707,18 @@ class Engine:
     def _prefill(self, rows: list[_Row], events) -> None:
         """Encode each new row's prompt into its slot: only the tokens after those the slot holds already
         (prefix caching), and once for rows of this prefill with the same prompt (n samples of one prompt:
-        the others copy its K/V and hidden states)."""
+        the others copy its K/V and hidden states). With `prefill_chunk`, at most that many tokens of a row per
+        step: a row whose prompt is not all in yet stays in this phase (the rows sharing its prompt wait too)."""
         if not rows:
             return
         groups: dict[tuple, list[_Row]] = {}
         for r in rows:
+            if r.source is not None and r.source.id not in self.rows:  # the row it waited on was cancelled
+                r.source = None
+            if r.prefilled is not None:  # a chunked prefill going on: its group was formed when it began
+                continue
             self.cache.rewind(r.slot, r.reused)
+            r.prefilled = r.reused
             if r.p.prompt_logprobs is None:
                 key = (tuple(r.prompt), r.p.adapter, r.p.mode == AR or r.p.ar_fallback is not None)
                 groups.setdefault(key, []).append(r)
@@ -711,29 +726,33 @@ class Engine:
             src = max(group, key=lambda r: r.reused)  # the one with the least left to encode
             for r in group:
                 r.source = src if r is not src else None
-        enc = [r for r in rows if r.source is None and r.reused < len(r.prompt)]
+        enc = [r for r in rows if r.source is None and r.prefilled < len(r.prompt)]
         h = n = None
         if enc:
-            n = torch.tensor([len(r.prompt) - r.reused for r in enc])
+            chunk = self.prefill_chunk
+            n = torch.tensor([len(r.prompt) - r.prefilled if chunk is None or r.p.prompt_logprobs is not None
+                              else min(chunk, len(r.prompt) - r.prefilled) for r in enc])
             ids = torch.full((len(enc), int(n.max())), self.pad, dtype=torch.long)
             for i, r in enumerate(enc):
-                ids[i, :n[i]] = torch.tensor(r.prompt[r.reused:])
+                ids[i, :n[i]] = torch.tensor(r.prompt[r.prefilled:r.prefilled + int(n[i])])
             h = self.model.encode(ids.to(self.model.device), self._view(enc), n_valid=n.to(self.model.device),
-                                  head=False, known_lengths=[r.reused for r in enc],
+                                  head=False, known_lengths=[r.prefilled for r in enc],
                                   adapters=_adapters(enc), valid_lengths=n.tolist())
+            for i, r in enumerate(enc):
+                if r.held is not None:
+                    r.held.extend(r.prompt[r.prefilled:r.prefilled + int(n[i])])
+                r.prefilled += int(n[i])
+                r.encoder_passes += 1
         at = {r.id: i for i, r in enumerate(enc)}
-        for r in rows:
+        done = [r for r in rows if (r.source or r).prefilled == len((r.source or r).prompt)]
+        for r in done:
             if r.source is not None:
                 self.cache.copy_row(r.source.slot, r.slot, len(r.prompt))
-                r.reused = len(r.prompt)  # all of it came from the cache
+                r.reused = r.prefilled = len(r.prompt)  # all of it came from the cache
                 r.held = list(r.prompt) if self.prefix_cache else None
-            else:
-                r.encoder_passes += r.id in at
-                if r.held is not None:
-                    r.held.extend(r.prompt[r.reused:])
             r.cached = len(r.prompt)
         last: dict[int, torch.Tensor] = {}  # hidden state of the prompt's last token, for the rows that need it
-        for r in rows:
+        for r in done:
             src = r.source or r
             if src.id in at and (r.p.ar_fallback is not None or r.p.mode == AR):
                 i = at[src.id]
@@ -744,13 +763,14 @@ class Engine:
                 self._prompt_logprobs(r, h[at[r.id], :len(r.prompt) - 1])
             if r.p.max_new_tokens == 0:  # the prompt alone (scoring it): no canvas, no token
                 r.finished = "length"
-        ar_rows = [r for r in rows if r.p.mode == AR and r.finished is None]
+        ar_rows = [r for r in done if r.p.mode == AR and r.finished is None]
         if ar_rows:
             logits = self.model.logits(torch.stack([last[r.id] for r in ar_rows]))  # never [rows, prompt, V]
             for j, r in enumerate(ar_rows):
                 self._ar_token(r, logits[j], events)
-        for r in rows:
+        for r in done:
             r.source = None
+        for r in done:
             if r.p.mode == DIFFUSION and r.finished is None:
                 self._new_canvas(r, first=True)
 

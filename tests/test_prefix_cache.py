@@ -147,3 +147,49 @@ def test_failed_step_leaves_no_reusable_slot(model, monkeypatch):
     monkeypatch.undo()
     engine.cancel(rid)
     assert _run(engine, p, params).stats["cached_prompt_tokens"] == 0
+
+
+# ---------------------------------------------------------------- chunked prefill
+def test_chunked_prefill_encodes_a_prompt_over_several_steps(model, monkeypatch):
+    """prefill_chunk: a 50-token prompt goes in as chunks of 16, 16, 16 and 2 tokens, one per step, while a row
+    already denoising gets its step every time; the keys are those of one pass up to float rounding (greedy AR
+    tokens agree), and a row's tokens do not depend on what runs beside it."""
+    p, other = _prompt(50, 5), _prompt(6, 6)
+    greedy = GenerationParams(mode=AR, max_new_tokens=12, ignore_eos=True)
+    assert _run(Engine(model, max_rows=1, prefill_chunk=16), p, greedy).tokens == \
+        _run(Engine(model, max_rows=1), p, greedy).tokens
+    engine = Engine(model, max_rows=2, drafts=True, prefill_chunk=16)
+    slow = GenerationParams(max_new_tokens=16, seed=1, sampler=SamplerConfig(max_denoising_steps=20,
+                                                                              confidence_threshold=0))
+    a = engine.add(other, slow)
+    engine.step()  # its prefill (6 tokens: one chunk)
+    seen = _count_encoded(model, monkeypatch)
+    b = engine.add(p, GenerationParams(max_new_tokens=16, seed=2, sampler=SamplerConfig(max_denoising_steps=3)))
+    drafts = []
+    for _ in range(4):
+        drafts.append({ev.request for ev in engine.step() if hasattr(ev, "step")})
+    monkeypatch.undo()
+    assert seen == [16, 16, 16, 2]  # the new row's chunks; the other row denoised meanwhile
+    assert [a in d for d in drafts] == [True] * 4 and [b in d for d in drafts] == [False, False, False, True]
+    ends = [ev for _ in range(64) if engine.busy for ev in engine.step() if isinstance(ev, Done)]
+    assert {ev.request: ev.stats["encoder_passes"] for ev in ends}[b] == 4
+    # bf16 (batch-invariant bit for bit): alone, or beside a short prompt and a second sample of its own prompt
+    # (which waits for its chunks, then copies its keys)
+    bf = randomize(DiffusionGemma(tiny_config("a")), seed=3).eval().to(torch.bfloat16)
+    params = GenerationParams(max_new_tokens=32, seed=3, sampler=SamplerConfig(max_denoising_steps=4))
+    alone = [_run(Engine(bf, max_rows=1, prefill_chunk=16), p, params.replace(seed=s)).tokens for s in (3, 4)]
+    together = Engine(bf, max_rows=3, prefill_chunk=16).run([other, p, p], [params.replace(seed=9), params,
+                                                                             params.replace(seed=4)])
+    done = sorted((ev for ev in together if isinstance(ev, Done)), key=lambda d: d.request)
+    assert [d.tokens for d in done[1:]] == alone and done[2].stats["cached_prompt_tokens"] == len(p)
+    with pytest.raises(Exception, match="prefill_chunk must be"):
+        Engine(model, prefill_chunk=0)
+
+
+def test_chunked_prefill_leaves_prompt_scoring_whole(model):
+    """A row that scores its prompt (prompt_logprobs) encodes it at once: the same scores with or without chunks."""
+    p = _prompt(40, 7)
+    params = GenerationParams(max_new_tokens=0, prompt_logprobs=2)
+    a = _run(Engine(model, max_rows=1, prefill_chunk=8), p, params)
+    b = _run(Engine(model, max_rows=1), p, params)
+    assert a.prompt_logprobs == b.prompt_logprobs and a.stats["encoder_passes"] == 1

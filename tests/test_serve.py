@@ -1703,6 +1703,24 @@ def test_prefix_cache_usage_and_metrics(ckpt, client, pipe):
             assert again.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_chunked_prefill_setting(ckpt, pipe):
+    """--prefill-chunk reaches the engine: a long prompt's answer is the engine's with that chunk size (one encoder
+    pass per chunk, then one per committed canvas); a bad size is refused at start-up."""
+    from dgemma.generate import Done
+
+    prompt = "Hello there, " * 8
+    settings = ServerSettings(model_name=NAME, max_concurrency=2, prefill_chunk=16)
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 8, "seed": 1},
+                       timeout=60).json()
+    ids = pipe.encode(prompt)
+    engine = pipe.engine(max_rows=1, prefill_chunk=16)
+    [done] = [ev for ev in engine.run([ids], pipe.params(max_new_tokens=8, seed=1)) if isinstance(ev, Done)]
+    assert r["choices"][0]["text"] == done.text and done.stats["encoder_passes"] == -(-len(ids) // 16)
+    with pytest.raises(ValueError, match="prefill-chunk"):
+        ServerSettings(prefill_chunk=0)
+
+
 def test_ar_sampling_cut(client):
     """With ar: true the server samples with top_k / top_p / min_p (vLLM's); a cut to the likeliest token is greedy."""
     greedy = complete(client, "Hello", ar=True, temperature=0, max_tokens=12, ignore_eos=True).choices[0].text

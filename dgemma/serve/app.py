@@ -102,7 +102,7 @@ class State:
         self.adapters = {name: (i, path) for i, (name, path) in enumerate(settings.lora_modules, start=1)}
         engine = pipeline.engine(max_rows=settings.max_concurrency, max_len=self.max_context,
                                  prefix_cache=settings.prefix_cache, prefix_margin=settings.prefix_margin,
-                                 adaptive_steps=settings.adaptive_steps)
+                                 adaptive_steps=settings.adaptive_steps, prefill_chunk=settings.prefill_chunk)
         self.worker = Worker(engine, max_queue=settings.max_queue, metrics=self.metrics,
                              priority=settings.scheduling_policy == "priority")
         self.planner = Planner(pipeline, self.worker, settings, self.adapters)

@@ -25,6 +25,8 @@ class ServerSettings:
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths on this host)
     # load-adaptive step budget (rows, min steps): past that many engine rows, canvases get fewer steps (Engine)
     adaptive_steps: tuple[int, int] | None = None
+    # chunked prefill: at most this many prompt tokens of a row per engine step (None: a prompt at once)
+    prefill_chunk: int | None = None
     # vLLM's: "fcfs" (arrival order) or "priority" (a request's `priority`, lower first, then arrival)
     scheduling_policy: str = "fcfs"
     # Responses API: the last this many responses kept in memory for previous_response_id (0: none)
@@ -48,6 +50,8 @@ class ServerSettings:
             self.adaptive_steps = tuple(self.adaptive_steps)
             if len(self.adaptive_steps) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.adaptive_steps):
                 raise ValueError(f"adaptive-steps takes ROWS[:MIN_STEPS], both >= 1, got {self.adaptive_steps!r}")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill-chunk must be a positive number of tokens, got {self.prefill_chunk!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if not isinstance(self.responses_store, int) or self.responses_store < 0:
