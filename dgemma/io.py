@@ -99,12 +99,14 @@ class JsonRecords:
     def remove(self, key: str) -> None:
         (self.path / f"{key}.json").unlink(missing_ok=True)
 
-    def load(self) -> tuple[list[tuple[str, object]], list[Path]]:
-        """Every record, the least recently written first, and the files that could not be read."""
-        found, bad = [], []
+    def load(self, log=None) -> list[tuple[str, object]]:
+        """Every record, the least recently written first; a file that cannot be read is skipped (and named to
+        `log`, a logging.Logger, as a warning)."""
+        found = []
         for p in sorted(self.path.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
             try:
                 found.append((p.stem, json.loads(p.read_text())))
             except (OSError, ValueError):
-                bad.append(p)
-        return found, bad
+                if log is not None:
+                    log.warning("skipping unreadable %s", p)
+        return found

@@ -97,10 +97,7 @@ class ConversationStore:
         self.entries: OrderedDict[str, Conversation] = OrderedDict()
         self.disk = None if root is None or not size else JsonRecords(root)
         if self.disk is not None:
-            found, bad = self.disk.load()
-            for p in bad:
-                log.warning("skipping unreadable stored conversation %s", p)
-            for cid, record in found:
+            for cid, record in self.disk.load(log):
                 try:
                     head = record["conversation"]
                     conv = Conversation(cid, int(head["created_at"]), dict(head["metadata"]), list(record["items"]))

@@ -491,10 +491,7 @@ class ResponseStore:
         self.streams: dict[str, EventLog] = {}  # background responses created with stream: true
         self.disk = None if root is None or not size else JsonRecords(root)
         if self.disk is not None:
-            found, bad = self.disk.load()
-            for p in bad:
-                log.warning("skipping unreadable stored response %s", p)
-            for rid, record in found:
+            for rid, record in self.disk.load(log):
                 try:
                     obj, items = record["response"], list(record["items"])
                     status = obj["status"]
