@@ -313,16 +313,16 @@ def sse(events) -> StreamingResponse:
 
 
 async def _background_stream(state: State, plan: Plan, queue: asyncio.Queue, req: ResponsesRequest,
-                             log: EventLog) -> None:
-    """A background response created with stream: true: its events go to `log`, whoever reads them (the stream
+                             events: EventLog) -> None:
+    """A background response created with stream: true: its events go to `events`, whoever reads them (the stream
     stores the response as it ends; cancelled, it is stored here)."""
     try:
         async for text in stream_events(state, plan, queue, req):
-            log.add(text)
+            events.add(text)
     except asyncio.CancelledError:  # POST /v1/responses/{id}/cancel
         state.keep_response(req, response_object(plan, req, Output(), state.pipe.tokenizer, status="cancelled"))
     finally:
-        log.close()
+        events.close()
 
 
 async def _background(state: State, plan: Plan, queue: asyncio.Queue, req: ResponsesRequest) -> None:
@@ -447,9 +447,8 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else next(
-            (p for p in ("/v1/models", "/v1/files", "/v1/batches", "/v1/responses", "/v1/conversations",
-                                      "/static") if path.startswith(p + "/")), "other")
+        prefixes = ("/v1/models", "/v1/files", "/v1/batches", "/v1/responses", "/v1/conversations", "/static")
+        endpoint = path if path in ENDPOINTS else next((p for p in prefixes if path.startswith(p + "/")), "other")
         t0, status = time.perf_counter(), [500]
 
         async def send_wrapper(message):
@@ -611,7 +610,10 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         """vLLM's: forget the cached prefixes (say between two benchmark runs)."""
         if not settings.prefix_cache:
             raise errors.invalid("prefix caching is off (start the server with --prefix-cache)", None)
-        slots = await asyncio.wrap_future(state.worker.call(state.worker.engine.reset_prefix_cache))
+        try:
+            slots = await asyncio.wrap_future(state.worker.call(state.worker.engine.reset_prefix_cache))
+        except Unavailable as e:
+            raise APIError(503, f"The server cannot take requests now ({e}).", code="unavailable") from None
         return {"reset": True, "slots": slots}
 
     _batch_routes(api, state)

@@ -547,12 +547,12 @@ class ResponseStore:
             self.disk.save(obj["id"], {"response": obj, "items": self.entries[obj["id"]][1]})
         self._trim()
 
-    def start(self, req: ResponsesRequest, obj: dict[str, Any], task, jobs: list, log: EventLog | None = None
+    def start(self, req: ResponsesRequest, obj: dict[str, Any], task, jobs: list, events: EventLog | None = None
               ) -> None:
         self.keep(req, obj)
         self.running[obj["id"]] = (task, jobs)
-        if log is not None:
-            self.streams[obj["id"]] = log
+        if events is not None:
+            self.streams[obj["id"]] = events
         task.add_done_callback(lambda _t, rid=obj["id"]: self.running.pop(rid, None))
 
     def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
