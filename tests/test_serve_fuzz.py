@@ -49,7 +49,7 @@ ENDPOINTS = {
     "/v1/chat/completions": ({"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}, [
         "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
         "parallel_tool_calls", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-        "response_format", "stream", "n", "structured_outputs", "stop", "metadata"]),
+        "response_format", "stream", "n", "structured_outputs", "stop", "metadata", "prediction"]),
     "/v1/responses": ({"model": NAME, "input": "Hi", "max_output_tokens": 8}, [
         "input", "instructions", "max_output_tokens", "stream", "tools", "tool_choice", "text", "reasoning",
         "temperature", "previous_response_id", "model", "store", "background", "conversation"]),
@@ -92,6 +92,8 @@ CHAT = dict(SAMPLING, logprobs=[True, False], top_logprobs=[0, 3], tools=[TOOLS]
             tool_choice=["auto", "required", "none", {"type": "function", "function": {"name": "now"}}],
             chat_template_kwargs=[{"enable_thinking": True}], add_generation_prompt=[False],
             continue_final_message=[True], max_completion_tokens=[3, 20],
+            prediction=[{"type": "content", "content": "def f(x):\n    return x\n" * 4},
+                        {"type": "content", "content": [{"type": "text", "text": "ab"}]}],
             messages=[[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                        {"role": "assistant", "content": "A"}],
                       [{"role": "user", "content": "w?"},
@@ -108,7 +110,7 @@ def http(tmp_path_factory):
     ckpt = build_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny")
     settings = ServerSettings(model_name=NAME, max_concurrency=3, max_queue=32, max_tokens_limit=512,
                               max_context=1024, max_body_bytes=64 * 1024, allow_runtime_lora=True,
-                              batch_dir=str(tmp_path_factory.mktemp("batches")))
+                              batch_dir=str(tmp_path_factory.mktemp("batches")), prefill_chunk=8)
     with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
         with httpx.Client(base_url=s.url, timeout=120) as c:
             yield c
