@@ -6,6 +6,8 @@
   3. Infill: the same model fills a function body between its signature and the code after it (the suffix is
      fixed at the canvas end); autoregressive decoding infills through a fill-in-the-middle prompt.
   4. Structured output: the same model writes a JSON object held to a JSON schema, diffusion and AR.
+  5. Predicted Outputs: the same model rewrites code given its current text as the prediction (OpenAI's
+     `prediction`): every canvas starts from the predicted text, so it settles in a few steps.
 Each run prints its stats (steps per canvas, tokens per forward pass, tokens/s) next to the other decoder's.
 Without a shipped code model it runs a random model with the real Gemma vocabulary and says so.
 """
@@ -134,6 +136,62 @@ def _structured(pipe, steps: int) -> None:
         print(_stats(label, done))
 
 
+PREDICTED_PROMPT = '''def merge_intervals(intervals):
+    """Merge overlapping (start, end) pairs and return them sorted by start."""
+'''
+PREDICTED_BODY = '''    if not intervals:
+        return []
+    ordered = sorted(intervals, key=lambda pair: pair[0])
+    merged = [list(ordered[0])]
+    for start, end in ordered[1:]:
+        last = merged[-1]
+        if start <= last[1]:
+            last[1] = max(last[1], end)
+        else:
+            merged.append([start, end])
+    return [tuple(pair) for pair in merged]
+
+
+def total_length(intervals):
+    """Return the total length covered by the intervals, counting overlaps once."""
+    return sum(end - start for start, end in merge_intervals(intervals))
+
+
+def gaps(intervals, lo, hi):
+    """Return the sub-intervals of (lo, hi) that no interval covers."""
+    out = []
+    cursor = lo
+    for start, end in merge_intervals(intervals):
+        if start > cursor:
+            out.append((cursor, min(start, hi)))
+        cursor = max(cursor, end)
+        if cursor >= hi:
+            break
+    if cursor < hi:
+        out.append((cursor, hi))
+    return out
+'''
+
+
+def _predicted(pipe, steps: int) -> None:
+    from .cli import run_one
+
+    _banner("5. Predicted Outputs: rewriting code whose current text is given as the prediction (every canvas "
+            "starts from it)")
+    print(PREDICTED_PROMPT + PREDICTED_BODY)
+    prompt, predicted = pipe.encode(PREDICTED_PROMPT), pipe.encode(PREDICTED_BODY, add_bos=False)
+    results = {}
+    for label, extra in (("from noise", {}), ("with prediction", {"prediction": predicted}),
+                         ("autoregressive", {"ar": True})):
+        params = pipe.params(steps=steps, seed=0, max_new_tokens=len(predicted), ignore_eos=True, **extra)
+        done = results[label] = run_one(pipe, prompt, params, show_canvas=label == "with prediction",
+                                        stream_text=False)
+        same = sum(a == b for a, b in zip(done.tokens, predicted))
+        print(f"--- {label}: {same} of {len(predicted)} tokens as predicted ---", flush=True)
+    for label, done in results.items():
+        print(_stats(label, done))
+
+
 def _body(text: str | None) -> str:
     from .tasks.code_eval import completion_body
 
@@ -157,6 +215,7 @@ def run_demo(args) -> int:
     pipe = Pipeline.load(str(code), dtype=torch.float32, device="cpu", quiet=True)
     _code(pipe, steps)
     _structured(pipe, steps)
+    _predicted(pipe, steps)
     return 0
 
 
