@@ -1015,6 +1015,16 @@ def test_predicted_outputs(client, http, pipe):
     parts = client.chat.completions.create(model=NAME, messages=chat, seed=3, max_tokens=40, extra_body={
         "ignore_eos": True}, prediction={"type": "content", "content": [{"type": "text", "text": predicted}]})
     assert parts.choices[0].message.content == done.text
+    # the same field on the other endpoints (dgemma's extension there): completions, Responses, Messages
+    body = {"model": NAME, "seed": 3, "ignore_eos": True, "prediction": {"type": "content", "content": predicted}}
+    c = http.post("/v1/completions", json=dict(body, prompt="Hi", max_tokens=40)).json()
+    [alone] = pipe.generate([pipe.encode("Hi")], seed=3, max_new_tokens=40, ignore_eos=True, prediction=ids)
+    assert c["choices"][0]["text"] == alone.text
+    assert c["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == \
+        alone.stats["accepted_prediction_tokens"]
+    rs = http.post("/v1/responses", json=dict(body, input="Hi", max_output_tokens=40, store=False)).json()
+    ms = http.post("/v1/messages", json=dict(body, messages=chat, max_tokens=40)).json()
+    assert rs["output"][0]["content"][0]["text"] == ms["content"][0]["text"] == done.text
     assert client.chat.completions.create(model=NAME, messages=chat, max_tokens=4).usage.completion_tokens_details \
         is None
     assert GenerationParams().prediction is None

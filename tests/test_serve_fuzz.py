@@ -12,6 +12,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -111,7 +112,11 @@ def http(tmp_path_factory):
     settings = ServerSettings(model_name=NAME, max_concurrency=3, max_queue=32, max_tokens_limit=512,
                               max_context=1024, max_body_bytes=64 * 1024, allow_runtime_lora=True,
                               batch_dir=str(tmp_path_factory.mktemp("batches")), prefill_chunk=8)
-    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+    # bf16, the default on CUDA and native-bf16 CPUs, is the dtype whose rows are batch-invariant bit for bit (on
+    # this CPU fp32 matmuls pick kernels by row count, README's Randomness), which the agreement tests rely on, and
+    # chunked prefill cuts expert groups small enough to meet those kernels
+    pipe = Pipeline.load(str(ckpt), device="cpu", dtype=torch.bfloat16, quiet=True)
+    with ServerThread(create_app(pipe, settings)) as s:
         with httpx.Client(base_url=s.url, timeout=120) as c:
             yield c
 

@@ -702,8 +702,9 @@ class Planner:
         return ids
 
     def _prediction(self, req: _Common) -> list[int] | None:
-        """OpenAI's Predicted Outputs (chat's `prediction`): the predicted text's tokens (no BOS)."""
-        pred = getattr(req, "prediction", None)
+        """OpenAI's Predicted Outputs (`prediction`, chat's and here completions' too): the predicted text's tokens
+        (no BOS)."""
+        pred = req.prediction
         if pred is None:
             return None
         if pred.get("type") != "content":

@@ -43,6 +43,9 @@ class DiffusionOptions(_Strict):
     ar_fallback: float | None = Field(None, ge=0)  # a canvas ending above this mean entropy is decoded AR instead
     # warm start: the first canvas starts from this text (or these token ids) instead of noise, a draft to correct
     draft: str | list[int] | None = None
+    # OpenAI's Predicted Outputs (chat's field; on completions too), {"type": "content", "content": text or text
+    # parts}: diffusion starts every canvas from the predicted text after the output so far
+    prediction: dict[str, Any] | None = None
 
     def sampler_options(self) -> dict[str, Any]:
         opts = dict(steps=self.steps, entropy_bound=self.entropy_bound, t_min=self.t_min, t_max=self.t_max,
@@ -144,9 +147,6 @@ class ChatCompletionRequest(_Common):
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
-    # OpenAI's Predicted Outputs, {"type": "content", "content": text or text parts}: diffusion starts every canvas
-    # from the predicted text after the output so far
-    prediction: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Strict):
