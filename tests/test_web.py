@@ -268,7 +268,7 @@ def test_page_denoises_live_replays_and_compares(chrome, web_server):
     })()""")
     truth = httpx.post(web_server.url + "/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "seed": seed,
-        "entropy_bound": bound, "top_p": top_p, "draft": draft}).json()
+        "entropy_bound": bound, "top_p": top_p, "prediction": {"type": "content", "content": draft}}).json()
     canvases = truth["usage"]["canvases"]
     steps = [s for c in truth["dgemma"]["choices"] for s in c["steps_per_canvas"]]
     assert [(c, s) for c, s, _ in page["drafts"]] == [(c, s + 1) for c, n in enumerate(steps) for s in range(n)]

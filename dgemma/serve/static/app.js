@@ -193,7 +193,8 @@ function requestBody(mode, ar) {
   if ($("entropy-bound").value && !ar) body.entropy_bound = Number($("entropy-bound").value);
   if ($("top-p").value) body.top_p = Number($("top-p").value);  // cuts each diffusion step (greedy AR: no effect)
   if (ar) { body.ar = true; body.temperature = 0; } else body.stream_drafts = true;
-  if ($("draft").value && !ar) body.draft = $("draft").value;  // warm start: the first canvas begins as this text
+  // warm start: every canvas begins as the predicted text after the output so far (OpenAI's `prediction`)
+  if ($("draft").value && !ar) body.prediction = { type: "content", content: $("draft").value };
   const format = $("format").value;  // structured output: the grammar holds both runs to the same format
   if (format === "json_object") body.response_format = { type: "json_object" };
   if (format === "json_schema") {
