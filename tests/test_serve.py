@@ -868,6 +868,32 @@ def _as_chat(items):
     return out
 
 
+def test_finished_background_streams_keep_their_events_for_a_while(ckpt):
+    """The event logs of background streams: kept while they run, and for the last KEPT_STREAMS that ended."""
+    from dgemma.serve.responses import KEPT_STREAMS, EventLog, ResponsesRequest, ResponseStore
+
+    class Task:
+        def add_done_callback(self, fn):
+            pass
+
+    store, logs = ResponseStore(1000), []
+    for k in range(KEPT_STREAMS + 5):
+        req = ResponsesRequest(input="x", background=True, stream=True)
+        store.history(req)
+        logs.append(EventLog())
+        store.start(req, {"id": f"resp_{k}", "status": "queued", "output": [], "background": True}, Task(), [],
+                    logs[-1])
+        if k != 2:
+            logs[-1].close()  # ended, but for resp_2
+    store.start(req, {"id": "resp_new", "status": "queued", "output": [], "background": True}, Task(), [],
+                EventLog())
+    kept = list(store.streams)
+    assert "resp_2" in kept and len([r for r in kept if store.streams[r].done]) == KEPT_STREAMS
+    assert "resp_0" not in kept and kept[-1] == "resp_new"
+    with pytest.raises(Exception, match="last 64 that ended"):
+        store.events("resp_0")
+
+
 def test_conversation_store(ckpt):
     """At most --responses-store conversations, the least recently used going first; 0 turns the API off."""
     from dgemma.serve.conversations import ConversationCreate, ConversationStore

@@ -96,6 +96,7 @@ class ResponsesRequest(DiffusionOptions):
         return self._items
 
 
+KEPT_STREAMS = 64  # the finished background streams whose events are kept for GET ...?stream=true
 LOGPROBS = "message.output_text.logprobs"  # the `include` entry that asks for the answer's logprobs
 
 
@@ -488,7 +489,9 @@ class ResponseStore:
         self.size = size
         self.entries: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
         self.running: dict[str, tuple[Any, list]] = {}  # background responses: id -> (task, jobs)
-        self.streams: dict[str, EventLog] = {}  # background responses created with stream: true
+        # background responses created with stream: true: their events, while they run and for the last
+        # KEPT_STREAMS that ended (a stream with every draft can hold megabytes)
+        self.streams: OrderedDict[str, EventLog] = OrderedDict()
         self.disk = None if root is None or not size else JsonRecords(root)
         if self.disk is not None:
             for rid, record in self.disk.load(log):
@@ -553,6 +556,9 @@ class ResponseStore:
         self.running[obj["id"]] = (task, jobs)
         if events is not None:
             self.streams[obj["id"]] = events
+            ended = [rid for rid, log_ in self.streams.items() if log_.done]
+            for rid in ended[:max(0, len(ended) - KEPT_STREAMS)]:
+                del self.streams[rid]
         task.add_done_callback(lambda _t, rid=obj["id"]: self.running.pop(rid, None))
 
     def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -570,8 +576,9 @@ class ResponseStore:
         """The event log of a background response created with stream: true (404 / 400 otherwise)."""
         self.get(rid)
         if rid not in self.streams:
-            raise invalid("only a background response created with stream: true can be streamed (and its events "
-                          "are not kept across a restart): GET it without stream", "stream")
+            raise invalid(f"only a background response created with stream: true can be streamed, while it runs "
+                          f"and for the last {KEPT_STREAMS} that ended (not across a restart): GET it without "
+                          "stream", "stream")
         return self.streams[rid]
 
     def cancel(self, rid: str) -> dict[str, Any]:
