@@ -734,13 +734,7 @@ def _batch_routes(api: APIRouter, state: State) -> None:
 
     @api.get("/v1/batches")
     async def list_batches(limit: int = 20, after: str | None = None):
-        if not 1 <= limit <= 100:
-            raise errors.invalid(f"limit must be 1..100, got {limit}", "limit")
-        data = store().list_batches()
-        if after is not None:
-            ids = [b["id"] for b in data]
-            data = data[ids.index(after) + 1:] if after in ids else []
-        return page(data[:limit], len(data) > limit)
+        return items_page(store().list_batches(), limit, "asc", after)  # newest first already
 
     @api.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str):

@@ -163,19 +163,21 @@ class ConversationStore:
         return items_page(self.get(cid).items, limit, order, after)
 
     def item(self, cid: str, item_id: str) -> dict[str, Any]:
-        return self.get(cid).items[self._index(cid, item_id)]
+        conv = self.get(cid)
+        return conv.items[self._index(conv, item_id)]
 
     def delete_item(self, cid: str, item_id: str) -> dict[str, Any]:
         conv = self.get(cid)
-        del conv.items[self._index(cid, item_id)]
+        del conv.items[self._index(conv, item_id)]
         self._save(conv)
         return conv.object()
 
-    def _index(self, cid: str, item_id: str) -> int:
-        for i, item in enumerate(self.get(cid).items):
+    @staticmethod
+    def _index(conv: Conversation, item_id: str) -> int:
+        for i, item in enumerate(conv.items):
             if item.get("id") == item_id:
                 return i
-        raise APIError(404, f"Item with id '{item_id}' not found in conversation '{cid}'.", param="item_id",
+        raise APIError(404, f"Item with id '{item_id}' not found in conversation '{conv.id}'.", param="item_id",
                        code="item_not_found")
 
     def _add(self, conv: Conversation, items: list[Any]) -> list[dict[str, Any]]:
