@@ -15,11 +15,13 @@ import torch
 
 
 def encoder_mask(q_pos: torch.Tensor, slot_pos: torch.Tensor, slot_valid: torch.Tensor, n_valid: torch.Tensor,
-                 window: int | None) -> torch.Tensor:
+                 window: int | None, block: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (optionally sliding) mask `[rows, 1, T, slots + T]` for T new tokens written after the cache.
 
     q_pos: `[rows, T]` absolute positions of the new tokens; n_valid: `[rows]` real (non-padding) new tokens.
     A query always sees itself, so padding queries never get an all-masked row (which would give NaN).
+    block: `[rows, T]` image-span ids of the new tokens (-1 = text): tokens of one span also see each other
+    both ways, whatever the window (transformers' blockwise overlay, OR-ed after the sliding window).
     """
     T = q_pos.shape[1]
     qp = q_pos[:, :, None]
@@ -30,7 +32,14 @@ def encoder_mask(q_pos: torch.Tensor, slot_pos: torch.Tensor, slot_valid: torch.
     if window is not None:
         cache_ok = cache_ok & (qp - slot_pos[:, None, :] < window)
         new_ok = new_ok & ((t[:, None] - t[None, :]) < window)[None]
+    if block is not None:
+        new_ok = new_ok | same_block(block)
     return torch.cat([cache_ok, new_ok], dim=-1)[:, None]
+
+
+def same_block(block: torch.Tensor) -> torch.Tensor:
+    """`[rows, T, T]`: query and key in the same image span."""
+    return (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
 
 
 def denoiser_mask(lengths: torch.Tensor, slot_pos: torch.Tensor, slot_valid: torch.Tensor, T: int,

@@ -86,6 +86,12 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
                                        format=foreign.get("format") or foreign.get("quant_algo"))
         out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch, name)) for name in DTYPE_BYTES}
     if ckpt is not None:
+        from .vision import DEFAULT_SOFT_TOKENS, TOWER, tower_params
+        from .weights import checkpoint_entries
+
+        if any(k.startswith(TOWER) for k in checkpoint_entries(ckpt)[1]):  # safetensors headers only
+            out["vision"] = {"tower_parameters": tower_params(cfg),
+                             "soft_tokens_per_image": cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS}
         out["files_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         gen = read_generation_config(ckpt)
         if gen:
@@ -123,6 +129,10 @@ def print_info(d: dict) -> None:
     print("  kv cache        " + ", ".join(
         f"{k} {_fmt_bytes(v['per_token_full_layers'] * 1024)}/1k tokens + {_fmt_bytes(v['sliding_layers_fixed'])}"
         for k, v in kv.items()) + " (per row)")
+    if "vision" in d:
+        v = d["vision"]
+        print(f"  vision          tower of {_fmt_count(v['tower_parameters'])} parameters, up to "
+              f"{v['soft_tokens_per_image']} tokens per image")
     s = d["special_tokens"]
     print(f"  special tokens  pad {s['pad']}, bos {s['bos']}, eos {s['eos']}")
     if "tokenizer" in d:
@@ -371,6 +381,7 @@ FILL = "[FILL]"
 
 def cmd_generate(args) -> int:
     from .display import describe_stats
+    from .vision import IMAGE_MARKER
 
     split_model_prompt(args)
     text = _read_prompt(args)
@@ -399,10 +410,19 @@ def cmd_generate(args) -> int:
         opts["prediction"] = pipe.encode(predicted, add_bos=False)
         if not opts["prediction"]:
             raise UsageError("the prediction is empty")
+    images = None
+    if args.image:
+        if args.suffix is not None:
+            raise UsageError("--image cannot be combined with infilling (--suffix, --infill)")
+        images = [pipe.image(path) for path in args.image]
+        opts["images"] = tuple(images)
+        if IMAGE_MARKER not in text:
+            text = IMAGE_MARKER * len(images) + text
     if args.suffix is not None:
         prompt_ids, params, n_suffix = pipe.infill_request(text, args.suffix, ar=args.ar, **opts)
     else:
-        prompt_ids = pipe.encode_chat([{"role": "user", "content": text}]) if args.chat else pipe.encode(text)
+        prompt_ids = pipe.encode_chat([{"role": "user", "content": text}], images=images) if args.chat \
+            else pipe.encode(text, images=images)
         params = pipe.params(ar=args.ar, **opts)
     stream = not args.json and n_suffix is None
     done = run_one(pipe, prompt_ids, params, show_canvas=args.show_canvas, stream_text=stream)
@@ -1378,6 +1398,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "being edited); every canvas starts from the predicted text after the output so far, and the "
                    "model keeps it where it agrees (diffusion only)")
     s.add_argument("--prediction-file", metavar="PATH", help="--prediction, read from a file")
+    s.add_argument("--image", metavar="PATH", action="append", help="an image (PNG, JPEG, WebP, ...) the model sees "
+                   "(repeat for several; a model with a vision tower): it goes where the prompt says <|image|>, "
+                   "else before the prompt")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     s.add_argument("--json", action="store_true", help="print text, tokens and stats as JSON")
     s.add_argument("--skip-special-tokens", action="store_true", help="leave the special tokens the model writes "
@@ -1416,7 +1439,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $DGEMMA_API_KEY; none: open)")
     s.add_argument("--max-queue", type=int, default=64, help="rows waiting for an engine row (default 64); "
                    "beyond that, 429")
-    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    s.add_argument("--max-body-bytes", type=int, default=32 << 20,
+                   help="larger request bodies get 413 (default 32 MiB: images come inline, base64)")
     s.add_argument("--allow-runtime-lora", action="store_true",
                    help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
                    "add and remove adapters while serving (vLLM's endpoints; they read directories on this host, "

@@ -33,6 +33,7 @@ from .model import DiffusionGemma
 from .runtime import tune_cpu_allocator
 from .sampler import SamplerConfig
 from .structured import Grammar, GrammarError
+from .vision import ImageError, has_vision, image_spans, vision_tower
 
 DIFFUSION, AR = "diffusion", "ar"
 LOGITS_BUDGET = 64 * 2**20  # bytes of fp32 logits per step above which the LM head is fused (auto)
@@ -76,6 +77,9 @@ class GenerationParams:
     # inserted or dropped tokens: `predicted_draft`), a draft the model keeps where it agrees; the first canvas's
     # init_canvas, if any, goes first
     prediction: Sequence[int] | None = None
+    # the prompt's images (`vision.Image`), in order: the prompt holds one run of the model's image_token_id per
+    # image, as long as its soft tokens (`vision.image_ids`), whose embeddings become the vision tower's features
+    images: Sequence[Any] | None = None
     # token -> bias added to its logit at every position of every canvas (every AR step), OpenAI's logit_bias:
     # -100 all but bans a token, +100 all but forces it (the logits themselves are soft-capped at 30)
     logit_bias: dict[int, float] | None = None
@@ -328,6 +332,7 @@ class _Row:
         # prefix caching: the tokens whose K/V the row's slot holds, in order (None once a failed write may have
         # left the slot inconsistent); `reused` of the prompt's first tokens were there already when it came
         self.held: list[int] | None = []
+        self.spans: list[tuple[int, int]] = []  # (start, end) of each image's placeholders in the prompt
         self.reused = 0
         # prediction: where the current canvas's draft starts in it, that draft, and its tokens the output kept
         self.pred_at, self.pred_draft, self.pred_accepted = 0, [], 0
@@ -558,6 +563,7 @@ class Engine:
                 raise GenerationError(f"adapter must be 0 (the base) or one this model serves ({live}), got {a!r}")
         if params.stop and self.tok is None:
             raise GenerationError("stop strings need a tokenizer")
+        self._check_images(prompt, params)
         self._check_choices(params)
         if params.grammar is not None:
             if self.tok is None:
@@ -575,6 +581,27 @@ class Engine:
                 f"prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the context "
                 f"of {min(self.max_len, self.cfg.max_position_embeddings)} tokens"
             )
+
+    def _check_images(self, prompt: Sequence[int], params: GenerationParams) -> None:
+        """Every image has its run of placeholders in the prompt, of its length, and the model can see images."""
+        images = list(params.images or ())
+        if not images and not has_vision(self.model):  # a text model: its ids are text, whatever their value
+            return
+        spans = image_spans(prompt, self.cfg.image_token_id)
+        if not images and not spans:
+            return
+        if images:
+            try:
+                vision_tower(self.model)  # built here, on first use, so that a checkpoint's problem is this error
+            except ImageError as e:
+                raise GenerationError(str(e)) from None
+        if len(spans) != len(images):
+            raise GenerationError(f"the prompt has {len(spans)} image placeholder run(s) (token "
+                                  f"{self.cfg.image_token_id}) but {len(images)} image(s) came with it")
+        for k, ((a, b), img) in enumerate(zip(spans, images)):
+            if b - a != img.tokens:
+                raise GenerationError(f"image {k} takes {img.tokens} tokens but its placeholder run in the prompt "
+                                      f"has {b - a}")
 
     def _check_choices(self, params: GenerationParams) -> None:
         """A position whose every token is banned has nothing to sample: allowed_token_ids (and a first-canvas
@@ -609,6 +636,11 @@ class Engine:
         # prefix caching only: the tokens the slot holds, kept up to date as the row writes more
         row.held = (list(held[:keep]) if keep else []) if self.prefix_cache else None
         row.reused = keep
+        if params.images:
+            # the image's placeholders are the same ids whatever the image: a slot that held them would match
+            # another image's prompt, so a row with images leaves no prefix record behind
+            row.held = None
+            row.spans = image_spans(row.prompt, self.cfg.image_token_id)
         if params.grammar is not None:
             row.matcher = params.grammar.matcher(self.tok, self.V)
         if not params.ignore_eos:
@@ -633,6 +665,8 @@ class Engine:
             return best
         # AR and ar_fallback need the hidden state of the prompt's last token: it is always encoded
         limit = len(prompt) - (params.mode == AR or params.ar_fallback is not None)
+        if params.images:  # text before the first image only (an image's features are not in its ids)
+            limit = min(limit, image_spans(prompt, self.cfg.image_token_id)[0][0])
         for slot in self.free:
             held = self.held[slot]
             if not held or self.held_adapter[slot] != params.adapter:
@@ -720,7 +754,8 @@ class Engine:
             self.cache.rewind(r.slot, r.reused)
             r.prefilled = r.reused
             if r.p.prompt_logprobs is None:
-                key = (tuple(r.prompt), r.p.adapter, r.p.mode == AR or r.p.ar_fallback is not None)
+                key = (tuple(r.prompt), r.p.adapter, r.p.mode == AR or r.p.ar_fallback is not None,
+                       tuple(img.digest for img in r.p.images or ()))
                 groups.setdefault(key, []).append(r)
         for group in groups.values():
             src = max(group, key=lambda r: r.reused)  # the one with the least left to encode
@@ -729,15 +764,14 @@ class Engine:
         enc = [r for r in rows if r.source is None and r.prefilled < len(r.prompt)]
         h = n = None
         if enc:
-            chunk = self.prefill_chunk
-            n = torch.tensor([len(r.prompt) - r.prefilled if chunk is None or r.p.prompt_logprobs is not None
-                              else min(chunk, len(r.prompt) - r.prefilled) for r in enc])
+            n = torch.tensor([self._chunk_end(r) - r.prefilled for r in enc])
             ids = torch.full((len(enc), int(n.max())), self.pad, dtype=torch.long)
             for i, r in enumerate(enc):
                 ids[i, :n[i]] = torch.tensor(r.prompt[r.prefilled:r.prefilled + int(n[i])])
             h = self.model.encode(ids.to(self.model.device), self._view(enc), n_valid=n.to(self.model.device),
                                   head=False, known_lengths=[r.prefilled for r in enc],
-                                  adapters=_adapters(enc), valid_lengths=n.tolist())
+                                  adapters=_adapters(enc), valid_lengths=n.tolist(),
+                                  images=self._image_inputs(enc, n.tolist()))
             for i, r in enumerate(enc):
                 if r.held is not None:
                     r.held.extend(r.prompt[r.prefilled:r.prefilled + int(n[i])])
@@ -773,6 +807,32 @@ class Engine:
         for r in done:
             if r.p.mode == DIFFUSION and r.finished is None:
                 self._new_canvas(r, first=True)
+
+    def _chunk_end(self, r: _Row) -> int:
+        """Where this step's piece of a row's prompt ends: all of it, or `prefill_chunk` tokens on, moved to the
+        end of an image span it would cut (an image's tokens attend to each other both ways: one forward)."""
+        left = len(r.prompt) - r.prefilled
+        if self.prefill_chunk is None or r.p.prompt_logprobs is not None or left <= self.prefill_chunk:
+            return len(r.prompt)
+        end = r.prefilled + self.prefill_chunk
+        for a, b in r.spans:
+            if a < end < b:
+                return b
+        return end
+
+    def _image_inputs(self, rows: list[_Row], n: list[int]) -> list | None:
+        """Per row, the (offset, features) of the images whose spans lie in this step's piece of its prompt; the
+        features are computed (the vision tower) the first time a row needs them."""
+        if not any(r.spans for r in rows):
+            return None
+        out = []
+        for r, k in zip(rows, n):
+            lo, hi, mine = r.prefilled, r.prefilled + k, []
+            for j, (a, b) in enumerate(r.spans):
+                if lo <= a and b <= hi:
+                    mine.append((a - lo, vision_tower(self.model).features(r.p.images[j])))
+            out.append(mine)
+        return out
 
     PROMPT_CHUNK = 256  # prompt positions per LM-head call for prompt logprobs: [256, V] logits at a time
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import runtime
-from .attention import denoiser_mask, encoder_mask, no_cache_mask
+from .attention import denoiser_mask, encoder_mask, no_cache_mask, same_block
 from .cache import KVCache
 from .config import FULL, ModelConfig
 
@@ -228,6 +228,8 @@ class Attention(nn.Module):
         if cache is None:
             keys, values = k, v
             mask = no_cache_mask(T, causal=not ctx.denoise, window=self.window, device=q.device)
+            if ctx.block is not None and not ctx.denoise:
+                mask = mask | same_block(ctx.block)[:, None]
         else:
             slot_pos, slot_valid = ctx.slots[cache.capacity[self.layer]]
             keys = torch.cat([cache.k[self.layer].to(k.dtype), k], dim=2)
@@ -235,7 +237,7 @@ class Attention(nn.Module):
             if ctx.denoise:
                 mask = denoiser_mask(cache.lengths, slot_pos, slot_valid, T, self.window)
             else:
-                mask = encoder_mask(ctx.positions, slot_pos, slot_valid, ctx.n_valid, self.window)
+                mask = encoder_mask(ctx.positions, slot_pos, slot_valid, ctx.n_valid, self.window, ctx.block)
                 cache.write(self.layer, k, v, ctx.n_valid)
         # Gemma 4 uses attention scale 1.0: q and k are RMS-normalised per head instead of scaled by 1/sqrt(d).
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
@@ -274,7 +276,8 @@ class Attention(nn.Module):
             if not ctx.denoise:
                 pos = torch.arange(lo, L, device=q.device)
                 mask = encoder_mask(ctx.positions[i:i + 1, :nv], pos[None],
-                                    torch.ones_like(pos, dtype=torch.bool)[None], ctx.n_valid[i:i + 1], self.window)
+                                    torch.ones_like(pos, dtype=torch.bool)[None], ctx.n_valid[i:i + 1], self.window,
+                                    ctx.block[i:i + 1, :nv] if ctx.block is not None else None)
             out = F.scaled_dot_product_attention(q[i:i + 1, :, :nv], keys, values, attn_mask=mask, scale=1.0,
                                                  enable_gqa=self.n_kv != self.n_heads)
             outs.append(out if nv == T else F.pad(out, (0, 0, 0, T - nv)))  # the padding's outputs: unused
@@ -549,12 +552,13 @@ class SelfConditioning(nn.Module):
 class _Ctx:
     """What every layer of one forward needs to know: the cache, the flag, positions and slot layouts."""
 
-    __slots__ = ("cache", "denoise", "positions", "n_valid", "slots", "known", "valid")
+    __slots__ = ("cache", "denoise", "positions", "n_valid", "slots", "known", "valid", "block")
 
-    def __init__(self, cache, denoise, positions, n_valid, slots, known=None, valid=None):
+    def __init__(self, cache, denoise, positions, n_valid, slots, known=None, valid=None, block=None):
         self.cache, self.denoise, self.positions, self.n_valid, self.slots = cache, denoise, positions, n_valid, slots
         self.known = known
         self.valid = valid  # n_valid as host ints, where the caller knows them (with `known`)
+        self.block = block  # [B, T] image-span id of each new token (-1 text), or None: no image in this forward
 
 
 class DiffusionGemma(nn.Module):
@@ -623,7 +627,8 @@ class DiffusionGemma(nn.Module):
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, *, denoise: bool = False,
                 sc: torch.Tensor | None = None, n_valid: torch.Tensor | None = None,
                 head: bool = True, known_lengths: list[int] | None = None,
-                adapters: list[int] | None = None, valid_lengths: list[int] | None = None) -> torch.Tensor:
+                adapters: list[int] | None = None, valid_lengths: list[int] | None = None,
+                images: list | None = None) -> torch.Tensor:
         """Run the stack over `ids` `[B, T]` placed right after each row's cached context.
 
         denoise=False (encode): causal; writes the K/V of the first `n_valid[b]` tokens of each row into `cache`
@@ -635,22 +640,26 @@ class DiffusionGemma(nn.Module):
         valid_lengths: with known_lengths, `n_valid` as host ints: each row's attention then runs over its own
             tokens only, not the padding up to the longest row's (so a row's bits do not depend on the others).
         adapters: each row's LoRA adapter, 0 = none, on a model serving several (`adapters.attach_adapters`).
+        images (encode only): per row, a list of (offset, features `[n, H]`): the input embeddings of the n new
+            tokens from `offset` are the features (an image's soft tokens, `vision.VisionTower.features`), and
+            those n tokens attend to each other both ways. A span is never cut by the forward's end.
         Returns fp32 soft-capped logits `[B, T, V]`, or the final-normed hidden states if head=False.
         """
         sel = getattr(self, "served_adapters", None)
         if sel is None:
             if adapters is not None and any(adapters):
                 raise ValueError("this model serves no LoRA adapters")
-            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths)
+            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths, images)
         if adapters is not None and len(adapters) != ids.shape[0]:
             raise ValueError("adapters needs one adapter per row")
         sel.set(adapters, ids.shape[1], ids.device)
         try:
-            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths)
+            return self._forward(ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths, images)
         finally:
             sel.clear()
 
-    def _forward(self, ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths=None) -> torch.Tensor:
+    def _forward(self, ids, cache, denoise, sc, n_valid, head, known_lengths, valid_lengths=None,
+                 images=None) -> torch.Tensor:
         B, T = ids.shape
         if cache is not None:
             lengths = cache.lengths
@@ -674,9 +683,22 @@ class DiffusionGemma(nn.Module):
         if valid_lengths is not None and (known_lengths is None or len(valid_lengths) != B
                                           or not all(0 < v <= T for v in valid_lengths)):
             raise ValueError("valid_lengths needs known_lengths and one length in 1..T per row")
-        ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths, valid_lengths)
+        block = None
+        if images is not None and any(images):
+            if denoise or len(images) != B:
+                raise ValueError("images go into the encoder, one list per row")
+            block = torch.full((B, T), -1, dtype=torch.long, device=ids.device)
+        ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths, valid_lengths, block)
 
         h = self.embed_tokens(ids) * self.embed_scale()
+        if block is not None:
+            for b, row in enumerate(images):
+                for j, (off, feats) in enumerate(row or ()):
+                    n = feats.shape[0]
+                    if not 0 <= off <= T - n:
+                        raise ValueError(f"an image's {n} tokens at {off} do not fit in {T}")
+                    h[b, off:off + n] = feats.to(h.dtype)
+                    block[b, off:off + n] = j
         if denoise:
             h = self.self_conditioning(h, sc)
         rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, h.dtype)
@@ -688,9 +710,10 @@ class DiffusionGemma(nn.Module):
         h = self.norm(h)
         return self.logits(h) if head else h
 
-    def encode(self, ids, cache, n_valid=None, head=True, known_lengths=None, adapters=None, valid_lengths=None):
+    def encode(self, ids, cache, n_valid=None, head=True, known_lengths=None, adapters=None, valid_lengths=None,
+               images=None):
         return self.forward(ids, cache, denoise=False, n_valid=n_valid, head=head, known_lengths=known_lengths,
-                            adapters=adapters, valid_lengths=valid_lengths)
+                            adapters=adapters, valid_lengths=valid_lengths, images=images)
 
     def denoise(self, canvas, cache, sc=None, head=True, known_lengths=None, adapters=None):
         return self.forward(canvas, cache, denoise=True, sc=sc, head=head, known_lengths=known_lengths,

@@ -17,6 +17,8 @@ from .generate import AR, DIFFUSION, Done, Engine, GenerationError, GenerationPa
 from .model import DiffusionGemma
 from .runtime import cpu_dtype
 from .sampler import SamplerConfig
+from .vision import (DEFAULT_SOFT_TOKENS, IMAGE_MARKER, VISION_DEFAULTS, Image, ImageError, has_vision, image_ids,
+                     load_image, preprocess)
 from .weights import load_model, read_generation_config, resolve
 
 SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -27,7 +29,7 @@ PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "i
                  "ignore_eos", "rng", "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar",
                  "presence_penalty", "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps",
                  "repetition_penalty", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
-                 "allowed_token_ids", "skip_special_tokens", "bad_words"}
+                 "allowed_token_ids", "skip_special_tokens", "bad_words", "images"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
@@ -106,14 +108,81 @@ class Pipeline:
             raise GenerationError("this checkpoint has no tokenizer.json: pass token ids instead of text")
         return self.tokenizer
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return self._need_tokenizer().encode(text, add_bos=add_bos)
+    def encode(self, text: str, add_bos: bool = True, images: Sequence[Image] | None = None) -> list[int]:
+        """Token ids of `text`; with `images`, each `<|image|>` marker in it becomes that image's ids, in order
+        (as many markers as images)."""
+        tok = self._need_tokenizer()
+        if not images:
+            return tok.encode(text, add_bos=add_bos)
+        pieces = text.split(IMAGE_MARKER)
+        if len(pieces) - 1 != len(images):
+            raise GenerationError(f"the prompt marks {len(pieces) - 1} image(s) with {IMAGE_MARKER} but "
+                                  f"{len(images)} came with it")
+        ids = tok.encode(pieces[0], add_bos=add_bos) if pieces[0] or add_bos else []
+        for img, piece in zip(images, pieces[1:]):
+            ids += image_ids(self.model.cfg, img)
+            if piece:
+                ids += tok.encode(piece, add_bos=False)
+        return ids
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], **kw) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, images: Sequence[Image] | None = None,
+                    **kw) -> list[int]:
+        """The chat template over `messages`, tokenized. With `images`, each `<|image|>` marker in the rendered
+        prompt (`chat_messages` writes one per image part) becomes that image's ids (`vision.image_ids`)."""
         try:
-            return self._need_tokenizer().encode_chat(messages, **kw)
+            if not images:
+                return self._need_tokenizer().encode_chat(messages, **kw)
+            return self.encode(self._need_tokenizer().apply_chat_template(messages, **kw), add_bos=False,
+                               images=images)
         except ValueError as e:
             raise GenerationError(str(e)) from None
+
+    def image(self, src: Any) -> Image:
+        """One image, read (a path, encoded bytes, a data: URL or a PIL image) and preprocessed for this model.
+        A model without a vision tower is a GenerationError."""
+        if not has_vision(self.model):
+            raise GenerationError("this model has no vision tower, so it takes text only (its checkpoint carries "
+                                  "no model.encoder.vision_tower.* tensors)")
+        c = {**VISION_DEFAULTS, **(self.model.cfg.vision_config or {})}
+        kw = dict(patch=c["patch_size"], kernel=c["pooling_kernel_size"],
+                  max_soft_tokens=self.model.cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS)
+        try:
+            if hasattr(src, "convert") and hasattr(src, "size"):  # a PIL image
+                return preprocess(src.convert("RGB"), **kw)
+            return load_image(src, **kw)
+        except ImageError as e:
+            raise GenerationError(str(e)) from None
+
+    def chat_messages(self, messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[Image]]:
+        """Messages whose content may be a list of parts, as transformers and OpenAI write them, made into what the
+        chat template takes: text parts joined by newlines, each image part (`{"type": "image", "image": path,
+        bytes or PIL image}`, `{"type": "image", "url" | "path": ...}` or OpenAI's `{"type": "image_url",
+        "image_url": {"url": "data:..."}}`) the `<|image|>` marker (Gemma 4's template writes it before the text,
+        no newline); and the images, read, in order."""
+        out, images = [], []
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, Mapping) else None
+            if not isinstance(content, list):
+                out.append(dict(m) if isinstance(m, Mapping) else m)
+                continue
+            text = ""
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    text += ("\n" if text and not text.endswith(IMAGE_MARKER) else "") + part["text"]
+                elif kind in ("image", "image_url"):
+                    src = part.get("image", part.get("path", part.get("url"))) if kind == "image" else \
+                        part.get("image_url")
+                    if isinstance(src, Mapping):
+                        src = src.get("url")
+                    if src is None:
+                        raise GenerationError(f"messages[{i}].content[{j}]: an image part needs its image")
+                    images.append(self.image(src))
+                    text += IMAGE_MARKER
+                else:
+                    raise GenerationError(f"messages[{i}].content[{j}]: parts are text or images, got {kind!r}")
+            out.append({**m, "content": text})
+        return out, images
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(ids)
@@ -203,7 +272,8 @@ class Pipeline:
         tool calls parsed out (`tools`; `tool_choice` "auto", "required", "none" or a tool's name, the last two
         forced by the call grammar). A `grammar` option (structured output) holds the answer after any thought.
         continue_final_message: the last message is the assistant's reply so far, which the turn continues (the
-        reply holds the continuation)."""
+        reply holds the continuation). A message's content may be a list of text and image parts
+        (`chat_messages`), on a model with a vision tower."""
         from .tools import ToolError, read_reply, tool_setup
 
         tok = self._need_tokenizer()
@@ -220,8 +290,11 @@ class Pipeline:
             options["grammar"] = forced
         elif options.get("grammar") is not None and enable_thinking:
             options["grammar"] = options["grammar"].after_thought(tok)
+        messages, images = self.chat_messages(messages)
         prompt = self.encode_chat(messages, tools=tools, enable_thinking=enable_thinking,
-                                  continue_final_message=continue_final_message)
+                                  continue_final_message=continue_final_message, images=images)
+        if images:
+            options["images"] = tuple(images)
         [done] = generate(self.model, [prompt], self.params(ar=ar, **options), tokenizer=tok)
         thought, content, calls, reason = read_reply(done.text or "", done.finish_reason, thinking=enable_thinking,
                                                       names=names, parallel=parallel_tool_calls)

@@ -3,7 +3,8 @@
 The HF model ties the encoder's text weights to the decoder's, so the shared stack is stored once under
 `model.decoder.*`; only the per-layer `layer_scalar` buffers exist twice (`model.encoder.language_model.layers.N.
 layer_scalar`). dgemma's parameter names are the decoder's with the prefix removed, so the map is a rename.
-Vision-tower tensors are not used for text and are carried through to a save untouched.
+Vision-tower tensors are not part of the text model: they are read when the first image arrives (`vision.py`) and
+carried through to a save untouched.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -229,9 +229,6 @@ def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | to
     model.rebuild_buffers(device)
     model.passthrough = passthrough
     model.source = ckpt
-    if passthrough and not quiet:
-        print(f"dgemma: skipping {len(passthrough)} vision-tower tensors (text-only; image input is not supported yet)",
-              file=sys.stderr)
     return model
 
 
@@ -242,6 +239,10 @@ def state_for_save(model: DiffusionGemma) -> dict[str, torch.Tensor]:
         out[hf_name(name)] = t.detach().to("cpu").contiguous()
     for key, f in getattr(model, "passthrough", {}).items():
         out[key] = _open(f).get_tensor(key)
+    vision = getattr(model, "vision", None)  # a tower made here (vision.attach_vision), not read from a checkpoint
+    if vision is not None:
+        for name, t in vision.state_dict().items():
+            out.setdefault("model.encoder." + name, t.detach().to("cpu").contiguous())
     return out
 
 

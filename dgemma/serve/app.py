@@ -48,6 +48,7 @@ from .. import __version__
 from ..generate import Commit, Done, Draft
 from ..structured import ll_tokenizer
 from ..tools import ToolError, check_tokenizer
+from ..vision import has_vision, vision_tower
 from . import errors
 from .completions import (Plan, Planner, chunk, commit_event, draft_event, response, tool_call_deltas, usage,
                           with_prompt_logprobs, with_token_ids)
@@ -465,6 +466,8 @@ class MetricsMiddleware:
 def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving `pipeline`. The engine worker starts and stops with the app's lifespan."""
     settings = settings or ServerSettings()
+    if has_vision(pipeline.model):
+        vision_tower(pipeline.model)  # read now: the first image request does not wait, a bad tower fails the start
     state = State(pipeline, settings)
 
     @asynccontextmanager

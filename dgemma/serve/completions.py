@@ -41,6 +41,7 @@ from ..generate import AR, Commit, Done, GenerationError, GenerationParams, min_
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
+from ..vision import IMAGE_MARKER, has_vision
 from .engine import Cancelled, Failed, Job
 from .errors import APIError, from_generation, from_validation, invalid, unsupported
 from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -339,7 +340,7 @@ class Planner:
             raise unsupported("the deprecated functions / function_call fields are not supported: send tools and "
                               "tool_choice", "functions" if req.functions else "function_call")
         tools, tool_grammar_, tool_names = self._tools(req)
-        prompt = self._encode_chat(req, tools)
+        prompt, images = self._encode_chat(req, tools)
         kw = self._template_kwargs(req)
         thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
         grammar = tool_grammar_
@@ -352,26 +353,31 @@ class Planner:
         skip = bool(req.skip_special_tokens) and tool_names is None and not thinking
         plan = self._plan("chat", req, [(prompt, None)], [], echo=False, param="messages",
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar,
-                          skip_special=skip)
+                          skip_special=skip, images=images)
         for c in plan.choices:
             c.tool_names, c.parallel_tool_calls = tool_names, req.parallel_tool_calls is not False
             c.thinking = thinking
         return plan
 
-    @staticmethod
-    def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-        """The request's messages as the chat template takes them (text parts joined; tool fields kept)."""
-        messages = []
+    def _messages(self, req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list]:
+        """The request's messages as the chat template takes them (text parts joined by newlines, tool fields
+        kept; an image part is the `<|image|>` marker), and the images, read, in order."""
+        messages, images = [], []
         for i, m in enumerate(req.messages):
             content = m.content
             if isinstance(content, list):
-                parts = []
+                text = ""
                 for j, part in enumerate(content):
-                    if part.type != "text" or part.text is None:
-                        raise unsupported(f"content parts of type {part.type!r} (images, audio, files) are not "
-                                          "supported yet: send text", f"messages.{i}.content.{j}")
-                    parts.append(part.text)
-                content = "\n".join(parts)
+                    where = f"messages.{i}.content.{j}"
+                    if part.type == "image_url":
+                        images.append(self._image(getattr(part, "image_url", None), where))
+                        text += IMAGE_MARKER
+                    elif part.type != "text" or part.text is None:
+                        raise unsupported(f"content parts of type {part.type!r} (audio, files) are not supported: "
+                                          "send text and images", where)
+                    else:
+                        text += ("\n" if text and not text.endswith(IMAGE_MARKER) else "") + part.text
+                content = text
             message = {"role": m.role, "content": content if content is not None else ""}
             if m.tool_calls:
                 message["tool_calls"] = m.tool_calls
@@ -379,7 +385,23 @@ class Planner:
                 if getattr(m, key) is not None:
                     message[key] = getattr(m, key)
             messages.append(message)
-        return messages
+        return messages, images
+
+    def _image(self, spec: Any, where: str):
+        """An image_url part's image: a base64 data: URL (the server fetches nothing and reads no files)."""
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str):
+            raise invalid('an image_url part needs {"url": "data:image/...;base64,..."}', where)
+        if not url.startswith("data:"):
+            scheme = url.split(":", 1)[0] if ":" in url else "a path"
+            raise unsupported(f"image URLs are not fetched ({scheme}): send the image inline as a data: URL "
+                              "(data:image/png;base64,...)", where)
+        if not has_vision(self.pipe.model):
+            raise invalid(f"model {self.settings.model_name!r} has no vision tower, so it takes text only", where)
+        try:
+            return self.pipe.image(url)
+        except GenerationError as e:
+            raise invalid(str(e), where) from None
 
     @staticmethod
     def _continuation(req) -> dict[str, bool]:
@@ -456,12 +478,14 @@ class Planner:
         """The prompt ids a chat request becomes, as `chat` encodes them, without planning it (Anthropic's
         count_tokens)."""
         self._adapter(req.model)
-        return self._encode_chat(req, self._tools(req)[0])
+        return self._encode_chat(req, self._tools(req)[0])[0]
 
-    def _encode_chat(self, req: ChatCompletionRequest, tools) -> list[int]:
+    def _encode_chat(self, req: ChatCompletionRequest, tools) -> tuple[list[int], list]:
+        """The prompt ids of a chat request, and its images."""
+        messages, images = self._messages(req)
         try:
-            return self.pipe.encode_chat(self._messages(req), tools=tools, **self._template_kwargs(req),
-                                         **self._continuation(req))
+            return self.pipe.encode_chat(messages, tools=tools, images=images, **self._template_kwargs(req),
+                                         **self._continuation(req)), images
         except GenerationError as e:
             raise invalid(str(e), "messages") from None
 
@@ -478,10 +502,10 @@ class Planner:
         chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
                                      chat_template_kwargs=req.chat_template_kwargs)
         tools, kw = self._tools(chat)[0], self._template_kwargs(chat)
+        messages, images = self._messages(chat)
         try:
-            return self.pipe.tokenizer.encode_chat(self._messages(chat), tools=tools, **kw,
-                                                   **self._continuation(req))
-        except (ValueError, TypeError) as e:
+            return self.pipe.encode_chat(messages, tools=tools, images=images, **kw, **self._continuation(req))
+        except (GenerationError, TypeError) as e:
             raise invalid(str(e), "messages") from None
 
     def detokenize(self, req) -> str:
@@ -558,7 +582,7 @@ class Planner:
 
     def _plan(self, kind: str, req: _Common, prompts: list[tuple[list[int], str | None]], suffix_ids: list[int],
               *, echo: bool, param: str, logprobs: int | None = None, grammar: Grammar | None = None,
-              skip_special: bool = False) -> Plan:
+              skip_special: bool = False, images: list | None = None) -> Plan:
         n_rows = len(prompts) * req.n
         room = self.worker.max_rows + self.worker.max_queue
         if n_rows > room:
@@ -570,7 +594,10 @@ class Planner:
         if seed + req.n - 1 >= SEED_LIMIT:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))
-        prompts = self._truncate(req, prompts)
+        cut = self._truncate(req, prompts)
+        if images and any(len(a) != len(b) for (a, _), (b, _) in zip(cut, prompts)):
+            raise invalid("truncate_prompt_tokens cannot cut a prompt with images", "truncate_prompt_tokens")
+        prompts = cut
         if req.prompt_logprobs is not None:
             if echo and logprobs is not None:
                 raise invalid("send one of echo with logprobs and prompt_logprobs", "prompt_logprobs")
@@ -600,6 +627,7 @@ class Planner:
             fixed = {self.canvas - len(suffix_ids) + k: t for k, t in enumerate(suffix_ids)}
         base["init_canvas"] = self._draft(req, self.canvas - len(suffix_ids))
         base["prediction"] = self._prediction(req)
+        base["images"] = tuple(images) if images else None
         choices = []
         for p_i, (prompt, text) in enumerate(prompts):
             if not prompt:

@@ -14,7 +14,8 @@ _delta / _stop, message_delta, message_stop). Errors on this path use Anthropic'
 `POST /v1/messages/count_tokens` answers `{"input_tokens": N}`: the prompt a Messages request with those fields
 would have (its `usage.input_tokens`).
 
-Not supported (a 400): images and documents, server tools (web search, code execution, ...).
+Images come as `image` blocks with a base64 source (the chat endpoint's image_url parts). Not supported (a 400): a
+url image source, documents, server tools (web search, code execution, ...).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def _add(messages: list[dict[str, Any]], m: Any, where: str) -> None:
         return
     if not isinstance(content, list):
         raise invalid("content must be a string or a list of blocks", f"{where}.content")
-    text, calls, results = [], [], []
+    text, calls, results, parts = [], [], [], []
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         at = f"{where}.content.{j}"
@@ -131,16 +132,33 @@ def _add(messages: list[dict[str, Any]], m: Any, where: str) -> None:
             continue  # earlier thoughts: the template drops them from earlier turns anyway
         elif kind == "text":
             text.append(_text([block], at))
+            parts.append({"type": "text", "text": text[-1]})
+        elif kind == "image" and m["role"] == "user":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"), at)}})
         else:
-            _text([block], at)  # raises: an image, a document, or a block out of place
+            _text([block], at)  # raises: a document, or a block out of place
     messages.extend(results)
     if m["role"] == "assistant":
         message: dict[str, Any] = {"role": "assistant", "content": "\n".join(text)}
         if calls:
             message["tool_calls"] = calls
         messages.append(message)
+    elif len(parts) > len(text):  # images among the text: the chat request's content parts, in order
+        messages.append({"role": "user", "content": parts})
     elif text or not results:
         messages.append({"role": "user", "content": "\n".join(text)})
+
+
+def _image_url(source: Any, where: str) -> str:
+    """An image block's source as a chat image_url: base64 data inline (a `url` source is passed on, and refused
+    there: the server fetches nothing)."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise invalid('an image block needs a source {"type": "base64", "media_type": "image/png", "data": ...}',
+                  f"{where}.source")
 
 
 def _tool(tool: Any, where: str) -> dict[str, Any]:

@@ -23,8 +23,8 @@ are kept (`EventLog`), and `GET /v1/responses/{id}?stream=true&starting_after=N`
 A response with `conversation` (conversations.py) starts from that conversation's items, and its input and output
 items are added to it when it completes.
 
-Not supported (a 400 naming the field): built-in tools (web search, file search, ...), images and files, `n`-like
-fan-out.
+`input_image` parts (a data: URL) become the chat endpoint's image_url parts. Not supported (a 400 naming the
+field): built-in tools (web search, file search, ...), files, an image by file_id, `n`-like fan-out.
 """
 
 from __future__ import annotations
@@ -177,6 +177,22 @@ def _text(content: Any, where: str) -> str:
                      refused=("input_image", "input_file", "input_audio"))
 
 
+def _parts(content: list, where: str) -> list[dict[str, Any]]:
+    """A message's content with images, as chat content parts in order (input_image: an image_url, a data: URL
+    inline; a file_id is refused)."""
+    out = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str):
+                raise unsupported("an input_image needs image_url (a data: URL); file_id is not supported",
+                                  f"{where}.{j}")
+            out.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            out.append({"type": "text", "text": _text([part], f"{where}.{j}")})
+    return out
+
+
 def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
     if not isinstance(item, dict):
         raise invalid("input items must be objects", where)
@@ -185,7 +201,11 @@ def _add_item(messages: list[dict[str, Any]], item: Any, where: str) -> None:
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):
             raise invalid(f"unknown role {role!r}", f"{where}.role")
-        messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+        content = item.get("content")
+        images = isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "input_image"
+                                                   for p in content)
+        messages.append({"role": role, "content": _parts(content, f"{where}.content") if images
+                         else _text(content, f"{where}.content")})
     elif kind == "function_call":
         if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
             raise invalid("a function_call item needs name and call_id", where)

@@ -15,7 +15,7 @@ class ServerSettings:
     max_queue: int = 64  # rows waiting for a free engine row; beyond that, 429
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for (and the cap on the default)
     max_context: int = 8192  # KV-cache positions per row: prompt + committed canvases (capped by the model)
-    max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    max_body_bytes: int = 32 << 20  # larger request bodies get 413 (images come base64 inline)
     cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are named
     retry_after_s: int = 1  # Retry-After on 429
     prefix_cache: bool = False  # reuse the K/V a finished request leaves for the next prompt with its prefix

@@ -1,0 +1,424 @@
+"""Image input: the vision tower, image preprocessing and image prompts, against transformers' Gemma 4 / DiffusionGemma
+(the oracle), plus the engine's handling of image prompts (chunked prefill, prefix caching, sharing) and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from dgemma import vision
+from dgemma.generate import Engine, GenerationError, GenerationParams, generate
+from dgemma.model import DiffusionGemma
+from dgemma.pipeline import Pipeline
+from dgemma.sampler import SamplerConfig
+from dgemma.tokenizer import byte_level
+from dgemma.weights import load_model, save_model
+
+PIL = pytest.importorskip("PIL.Image")
+
+# A small tower with every feature the released one has (standardize, GQA-free heads, 2-D RoPE, 3x3 pooling).
+VISION = {"model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "position_embedding_size": 128,
+          "standardize": True}
+IMG, BOI, EOI = 300, 301, 302  # image / begin / end ids inside the tiny vocabulary
+SAMPLER = dict(max_denoising_steps=6, entropy_bound=0.5, t_min=0.4, t_max=0.8, stability_threshold=1,
+               confidence_threshold=0.005)
+
+
+def picture(w: int, h: int, seed: int = 0, mode: str = "RGB"):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = (rng.random((h, w, channels)) * 255).astype(np.uint8)
+    return PIL.fromarray(arr[..., 0] if channels == 1 else arr, mode)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny checkpoint with a vision tower (window 8: an image's 60+ tokens span several windows)."""
+    cfg = tiny_config("a", image_token_id=IMG, boi_token_id=BOI, eoi_token_id=EOI, vision_soft_tokens_per_image=70)
+    model = randomize(DiffusionGemma(cfg), seed=5).eval()
+    with torch.no_grad():  # sharper logits so that acceptance and early stopping really happen
+        model.embed_tokens.weight.mul_(4.0)
+    vision.attach_vision(model, VISION, seed=3)
+    d = tmp_path_factory.mktemp("vision") / "ckpt"
+    gen = {"max_denoising_steps": 6, "max_new_tokens": 32, "eos_token_id": [1, 106, 50]}
+    return save_model(model, d, generation_config=gen, tokenizer=byte_level())
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt, quiet=True).eval()
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+def _processor(soft=70):
+    pytest.importorskip("transformers")
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil(max_soft_tokens=soft)
+
+
+# ---------------------------------------------------------------- preprocessing
+@pytest.mark.parametrize("size,mode", [((150, 100), "RGB"), ((64, 300), "RGB"), ((500, 20), "RGB"),
+                                       ((48, 48), "RGBA"), ((97, 61), "L"), ((1000, 700), "RGB")])
+def test_preprocess_matches_the_gemma4_image_processor(size, mode):
+    img = picture(*size, mode=mode)
+    ref = _processor()(img, return_tensors="pt")
+    got = vision.preprocess(vision.open_image(_png(img)), max_soft_tokens=70)
+    n = got.patches.shape[0]
+    assert ref["num_soft_tokens_per_image"].tolist() == [got.tokens] and n == 9 * got.tokens
+    assert torch.equal(ref["pixel_values"][0, :n].float(), got.patches)
+    assert torch.equal(ref["image_position_ids"][0, :n], got.positions)
+    assert (ref["image_position_ids"][0, n:] == -1).all()  # the rest is the processor's padding
+
+
+def test_target_size_matches_transformers():
+    from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
+
+    rng = np.random.default_rng(0)
+    for h, w in rng.integers(1, 4000, size=(300, 2)).tolist() + [[1, 1], [10, 4000], [4000, 10], [48, 48]]:
+        for soft in (70, 280):
+            try:
+                want = get_aspect_ratio_preserving_size(h, w, 16, soft * 9, 3)
+            except ValueError:
+                with pytest.raises(vision.ImageError):
+                    vision.target_size(h, w, 16, soft * 9, 3)
+                continue
+            assert vision.target_size(h, w, 16, soft * 9, 3) == want, (h, w)
+
+
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_images_are_clear_errors(tmp_path):
+    with pytest.raises(vision.ImageError, match="not an image"):
+        vision.load_image(b"GIF89a but not really")
+    with pytest.raises(vision.ImageError, match="cannot read image"):
+        vision.load_image(tmp_path / "missing.png")
+    with pytest.raises(vision.ImageError, match="base64"):
+        vision.load_image("data:image/png;base64,@@@")
+    with pytest.raises(vision.ImageError, match="base64-encoded"):
+        vision.load_image("data:image/png,rawbytes")
+    with pytest.raises(vision.ImageError, match="max_soft_tokens"):
+        vision.preprocess(picture(60, 60), max_soft_tokens=100)
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(_png(picture(60, 60))).decode()
+    assert vision.load_image(url) == vision.load_image(_png(picture(60, 60)))  # same pixels, same digest
+
+
+# ---------------------------------------------------------------- the tower and the encoder vs transformers
+@torch.no_grad()
+def test_features_match_transformers(model, hf):
+    for size in ((150, 100), (48, 480)):
+        img = picture(*size, seed=1)
+        ref = _processor()(img, return_tensors="pt")
+        want = hf.model.encoder.get_image_features(ref["pixel_values"], ref["image_position_ids"],
+                                                   return_dict=True).pooler_output
+        got = vision.vision_tower(model).features(vision.preprocess(img, max_soft_tokens=70))
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() < 1e-5
+
+
+def _prompt(model, image, before=(2, 5, 6), after=(8, 9, 10, 11)):
+    return list(before) + vision.image_ids(model.cfg, image) + list(after)
+
+
+@torch.no_grad()
+def test_encoder_with_an_image_matches_transformers(model, hf):
+    """The image's features replace its placeholders' embeddings and its tokens see each other both ways (also
+    across the sliding window), with generate's masks (transformers' bare encoder forward drops them)."""
+    from transformers.cache_utils import DynamicCache
+
+    img = picture(150, 100, seed=2)
+    ref = _processor()(img, return_tensors="pt")
+    image = vision.preprocess(img, max_soft_tokens=70)
+    ids = torch.tensor([_prompt(model, image)])
+    cache = DynamicCache(config=hf.config.text_config)
+    pos = torch.arange(ids.shape[1])[None]
+    masks = hf.model.encoder.create_masks_for_generate(
+        config=hf.config, inputs_embeds=torch.empty(1, ids.shape[1], 0), attention_mask=torch.ones_like(ids).bool(),
+        past_key_values=cache, position_ids=pos, mm_token_type_ids=(ids == IMG).long())
+    h = hf.model.encoder(input_ids=ids, pixel_values=ref["pixel_values"], image_position_ids=ref["image_position_ids"],
+                         attention_mask=masks, past_key_values=cache, position_ids=pos).last_hidden_state
+    want = torch.tanh(hf.lm_head(h).float() / 30.0) * 30.0
+    feats = vision.vision_tower(model).features(image)
+    [(start, end)] = vision.image_spans(ids[0].tolist(), IMG)
+    for kw in ({}, {"known_lengths": [0], "valid_lengths": [ids.shape[1]]}):  # batched and per-row attention
+        got = model.encode(ids, model.new_cache(1, 256), images=[[(start, feats)]], **kw)
+        assert (got - want).abs().max().item() < 1e-4
+    causal = model.encode(ids, model.new_cache(1, 256), images=[[(start, feats)]], known_lengths=[0],
+                          valid_lengths=[ids.shape[1]])
+    blind = model.encode(ids, model.new_cache(1, 256))  # placeholders' own embeddings: a different prompt
+    assert (blind - want).abs().max().item() > 0.1 and torch.equal(causal, got)
+
+
+def test_generate_with_an_image_matches_transformers(model, hf):
+    """Token for token what transformers' generate writes for the same prompt, image and seed."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    img, other = picture(150, 100, seed=4), picture(150, 100, seed=5)
+    ref = _processor()(img, return_tensors="pt")
+    image = vision.preprocess(img, max_soft_tokens=70)
+    prompt = _prompt(model, image)
+    ids = torch.tensor([prompt])
+    kw = {k: v for k, v in SAMPLER.items() if k != "entropy_bound"}
+    kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=SAMPLER["entropy_bound"])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = hf.generate(ids, pixel_values=ref["pixel_values"], image_position_ids=ref["image_position_ids"],
+                              mm_token_type_ids=(ids == IMG).long(), max_new_tokens=48, **kw)
+        want = out.sequences[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(want) if t in (1, 106, 50)), len(want))
+        params = GenerationParams(max_new_tokens=48, sampler=SamplerConfig(**SAMPLER), seed=seed, rng="reference",
+                                  images=(image,))
+        got = generate(model, [prompt], params)[0]
+        assert got.tokens == want[:cut], f"seed {seed}"
+        swapped = params.replace(images=(vision.preprocess(other, max_soft_tokens=70),))
+        assert generate(model, [prompt], swapped)[0].tokens != got.tokens  # the image is really seen
+
+
+# ---------------------------------------------------------------- the engine
+def _params(image, **kw):
+    return GenerationParams(**{"max_new_tokens": 32, "sampler": SamplerConfig(**SAMPLER), "seed": 7,
+                               "images": (image,), **kw})
+
+
+def test_chunked_prefill_never_cuts_an_image(model, monkeypatch):
+    image = vision.preprocess(picture(150, 100, seed=6), max_soft_tokens=70)
+    prompt = _prompt(model, image, before=range(3, 12))
+    [(a, b)] = vision.image_spans(prompt, IMG)
+    pieces = []
+    encode = model.encode
+
+    def spy(ids, cache, *args, **kw):
+        if kw.get("images") is not None:
+            pieces.append((int(kw["known_lengths"][0]), int(kw["valid_lengths"][0]), kw["images"][0]))
+        elif kw.get("valid_lengths") is not None:
+            pieces.append((int(kw["known_lengths"][0]), int(kw["valid_lengths"][0]), None))
+        return encode(ids, cache, *args, **kw)
+
+    monkeypatch.setattr(model, "encode", spy)
+    eng = Engine(model, max_rows=1, prefill_chunk=8)
+    done = [ev for ev in eng.run([prompt], _params(image)) if type(ev).__name__ == "Done"][0]
+    prefill = [p for p in pieces if p[0] < len(prompt)][:4]
+    # 8 tokens, then the piece that reaches into the image runs to its end, then the rest
+    assert [(lo, n) for lo, n, _ in prefill[:3]] == [(0, 8), (8, b - 8), (b, len(prompt) - b)]
+    assert prefill[1][2][0][0] == a - 8 and prefill[1][2][0][1].shape[0] == b - a
+    assert done.stats["encoder_passes"] >= 3
+
+
+def test_prefix_cache_stops_at_the_first_image(model):
+    """The placeholders are the same ids for every image: a slot's cached prefix is reused up to the image only,
+    and a row with images leaves no prefix behind."""
+    a = vision.preprocess(picture(150, 100, seed=8), max_soft_tokens=70)
+    b = vision.preprocess(picture(150, 100, seed=9), max_soft_tokens=70)
+    prompt = _prompt(model, a, before=range(3, 15))
+    start = vision.image_spans(prompt, IMG)[0][0]
+    text = GenerationParams(max_new_tokens=16, sampler=SamplerConfig(**SAMPLER), seed=1)
+    eng = Engine(model, max_rows=1, prefix_cache=True)
+    list(eng.run([prompt[:start] + [20, 21]], text))  # leaves the text before the image in the slot
+    first = [ev for ev in eng.run([prompt], _params(a)) if type(ev).__name__ == "Done"][0]
+    assert first.stats["cached_prompt_tokens"] == start
+    second = [ev for ev in eng.run([prompt], _params(b)) if type(ev).__name__ == "Done"][0]
+    assert second.stats["cached_prompt_tokens"] == 0  # the image row left nothing to reuse
+    fresh = generate(model, [prompt], _params(b))[0]
+    assert second.tokens == fresh.tokens
+
+
+def test_rows_share_a_prompt_only_with_the_same_images(model, monkeypatch):
+    a = vision.preprocess(picture(150, 100, seed=10), max_soft_tokens=70)
+    b = vision.preprocess(picture(150, 100, seed=11), max_soft_tokens=70)
+    prompt = _prompt(model, a)
+    eng = Engine(model, max_rows=4)
+    out = {}
+    ids = [eng.add(prompt, _params(img, seed=s)) for img, s in ((a, 1), (a, 2), (b, 1))]
+    while eng.busy:
+        for ev in eng.step():
+            if type(ev).__name__ == "Done":
+                out[ev.request] = ev
+    # the second row of image a copies the first's encoding; image b's row encodes its own
+    assert [out[i].stats["cached_prompt_tokens"] for i in ids] == [0, len(prompt), 0]
+    for i, (img, s) in zip(ids, ((a, 1), (a, 2), (b, 1))):
+        assert out[i].tokens == generate(model, [prompt], _params(img, seed=s))[0].tokens
+
+
+def test_image_prompt_errors(model):
+    image = vision.preprocess(picture(150, 100), max_soft_tokens=70)
+    eng = Engine(model, max_rows=1)
+    prompt = _prompt(model, image)
+    with pytest.raises(GenerationError, match="1 image placeholder run.* but 0 image"):
+        eng.add(prompt, GenerationParams(max_new_tokens=8))
+    with pytest.raises(GenerationError, match="0 image placeholder run.* but 1 image"):
+        eng.add([2, 5, 6], _params(image))
+    with pytest.raises(GenerationError, match="takes 60 tokens but its placeholder run in the prompt has 59"):
+        eng.add(prompt[:5] + prompt[6:], _params(image))
+    text_only = randomize(DiffusionGemma(tiny_config("a", image_token_id=IMG)), seed=1)
+    with pytest.raises(GenerationError, match="no vision tower"):
+        Engine(text_only, max_rows=1).add(prompt, _params(image))
+
+
+# ---------------------------------------------------------------- the pipeline and the CLI
+def test_pipeline_chat_with_an_image(ckpt, tmp_path):
+    pipe = Pipeline.load(str(ckpt), device="cpu", quiet=True)
+    path = tmp_path / "pic.png"
+    picture(150, 100, seed=12).save(path)
+    parts = [{"type": "image", "image": str(path)}, {"type": "text", "text": "  what is this?"}]
+    messages, images = pipe.chat_messages([{"role": "user", "content": parts}])
+    assert messages[0]["content"] == "<|image|>  what is this?" and len(images) == 1
+    prompt = pipe.encode_chat(messages, images=images)
+    [(a, b)] = vision.image_spans(prompt, IMG)
+    assert prompt[a - 1] == BOI and prompt[b] == EOI and b - a == images[0].tokens
+    reply = pipe.chat([{"role": "user", "content": parts}], max_new_tokens=16, seed=3)
+    again = pipe.chat([{"role": "user", "content": [{"type": "image", "image": PIL.open(path)},
+                                                     parts[1]]}], max_new_tokens=16, seed=3)
+    assert reply.done.tokens == again.done.tokens
+    assert reply.done.stats["prompt_tokens"] == len(prompt)
+    with pytest.raises(GenerationError, match="marks 0 image"):
+        pipe.encode("no marker here", images=images)
+
+
+def test_cli_generate_with_an_image(ckpt, tmp_path, capsys):
+    import json
+
+    from dgemma.cli import main
+
+    path = tmp_path / "pic.png"
+    picture(150, 100, seed=13).save(path)
+    assert main(["generate", str(ckpt), "describe", "--image", str(path), "--max-new-tokens", "16", "--seed", "2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["prompt_tokens"] == 1 + 62 + len("describe")  # BOS, the image, the text
+    for args, msg in ((["--image", str(tmp_path / "nope.png")], "cannot read image"),
+                      (["--image", __file__], "not an image"),
+                      (["--image", str(path), "--suffix", "x"], "cannot be combined with infilling")):
+        assert main(["generate", str(ckpt), "describe", *args, "--max-new-tokens", "4"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------- the server
+def _data_url(img, fmt="PNG") -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    pytest.importorskip("fastapi")
+    from test_serve import ServerThread
+
+    from dgemma.serve import ServerSettings, create_app
+
+    settings = ServerSettings(model_name="eyes", max_concurrency=2, max_queue=8, max_context=1024)
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def test_server_chat_with_an_image(http, ckpt):
+    """OpenAI's image_url parts (data: URLs): the prompt is the pipeline's, the reply depends on the image, and a
+    stream says what the plain answer says."""
+    pipe = Pipeline.load(str(ckpt), device="cpu", quiet=True)
+    img, other = picture(150, 100, seed=20), picture(100, 150, seed=21)
+    parts = lambda im: [{"type": "image_url", "image_url": {"url": _data_url(im)}},  # noqa: E731
+                        {"type": "text", "text": "What is in it?"}]
+    body = lambda im, **kw: {"model": "eyes", "messages": [{"role": "user", "content": parts(im)}],  # noqa: E731
+                             "max_tokens": 24, "seed": 4, **kw}
+    r = http.post("/tokenize", json={"model": "eyes", "messages": [{"role": "user", "content": parts(img)}]}).json()
+    messages, images = pipe.chat_messages([{"role": "user", "content": [
+        {"type": "image", "image": img}, {"type": "text", "text": "What is in it?"}]}])
+    assert r["tokens"] == pipe.encode_chat(messages, images=images)
+    one = http.post("/v1/chat/completions", json=body(img)).json()
+    assert one["usage"]["prompt_tokens"] == r["count"] == len(r["tokens"])
+    assert http.post("/v1/chat/completions", json=body(img)).json()["choices"][0]["message"] == \
+        one["choices"][0]["message"]
+    two = http.post("/v1/chat/completions", json=body(other)).json()
+    assert two["choices"][0]["message"]["content"] != one["choices"][0]["message"]["content"]
+    import json
+
+    with http.stream("POST", "/v1/chat/completions", json=body(img, stream=True)) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == one["choices"][0]["message"]["content"]
+
+
+def test_server_messages_and_responses_take_images(http):
+    img = picture(150, 100, seed=22)
+    url = _data_url(img, "JPEG")
+    b64 = url.split(",", 1)[1]
+    chat = http.post("/v1/chat/completions", json={
+        "model": "eyes", "max_tokens": 8, "seed": 1,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": "Describe"}]}]}).json()
+    blocks = [{"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": b64}},
+              {"type": "text", "text": "Describe"}]
+    msg = http.post("/v1/messages", json={"model": "eyes", "max_tokens": 8, "messages": [
+        {"role": "user", "content": blocks}]})
+    assert msg.status_code == 200, msg.text
+    count = http.post("/v1/messages/count_tokens", json={"model": "eyes", "messages": [
+        {"role": "user", "content": blocks}]}).json()
+    assert count["input_tokens"] == msg.json()["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    resp = http.post("/v1/responses", json={"model": "eyes", "max_output_tokens": 8, "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                     {"type": "input_text", "text": "Describe"}]}]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+
+
+def test_server_image_errors(http, ckpt, tmp_path):
+    from test_serve import ServerThread, assert_error, build_checkpoint
+
+    def chat(url, **kw):
+        return http.post("/v1/chat/completions", json={"model": "eyes", "max_tokens": 4, **kw, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+
+    where = "messages.0.content.0"
+    assert "not fetched" in assert_error(chat("https://example.com/cat.png"), 400, param=where)["message"]
+    assert "not fetched" in assert_error(chat(str(tmp_path / "x.png")), 400, param=where)["message"]  # no file reads
+    assert_error(chat("data:image/png;base64,%%%"), 400, param=where)
+    assert_error(chat("data:image/png;base64,aGVsbG8="), 400, param=where)  # "hello": not an image
+    assert_error(http.post("/v1/chat/completions", json={"model": "eyes", "messages": [
+        {"role": "user", "content": [{"type": "image_url"}]}]}), 400, param=where)
+    assert_error(chat(_data_url(picture(150, 100)), truncate_prompt_tokens=20), 400, param="truncate_prompt_tokens")
+    bad = {"type": "image", "source": {"type": "file", "file_id": "f"}}
+    r = http.post("/v1/messages", json={"model": "eyes", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [bad]}]})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"  # Anthropic's shape
+    assert_error(http.post("/v1/responses", json={"model": "eyes", "input": [
+        {"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}), 400)
+    from dgemma.serve import ServerSettings, create_app
+
+    text_only = build_checkpoint(tmp_path / "text")
+    with ServerThread(create_app(Pipeline.load(str(text_only), device="cpu", quiet=True),
+                                 ServerSettings(model_name="blind"))) as s:
+        import httpx
+
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={"model": "blind", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(picture(60, 60))}}]}]})
+        assert "no vision tower" in assert_error(r, 400, param=where)["message"]
