@@ -453,6 +453,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from .display import describe_stats
+    from .generate import GenerationError
     from .tools import read_reply
 
     pipe = load_pipeline(args)
@@ -475,7 +476,8 @@ def cmd_chat(args) -> int:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
     if interactive:
-        print("dgemma chat: /reset clears the conversation, /exit quits.", file=sys.stderr)
+        print("dgemma chat: /image PATH adds an image to your next message, /reset clears the conversation, /exit "
+              "quits.", file=sys.stderr)
 
     def ask(prompt: str) -> str | None:
         try:
@@ -484,6 +486,7 @@ def cmd_chat(args) -> int:
             return None
 
     pending = False  # tool results were just added: the model answers without a new user turn
+    images = []  # /image PATH: images for the next user message
     while True:
         if not pending:
             line = ask("> ")
@@ -496,10 +499,23 @@ def cmd_chat(args) -> int:
                 break
             if line == "/reset":
                 messages = messages[:1] if args.system else []
+                images = []
                 continue
-            messages.append({"role": "user", "content": line})
-        prompt_ids = pipe.encode_chat(messages, **template_kw)
-        done = run_one(pipe, prompt_ids, pipe.params(ar=args.ar, **(opts if pending else first)),
+            if line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                try:
+                    images.append(pipe.image(path if path else None))
+                    print(f"[{images[-1]!r}: goes with your next message]", file=sys.stderr)
+                except GenerationError as e:
+                    print(f"[{e}]", file=sys.stderr)
+                continue
+            parts = [{"type": "image", "image": img} for img in images]
+            messages.append({"role": "user", "content": parts + [{"type": "text", "text": line}] if parts else line})
+            images = []
+        turn, seen = pipe.chat_messages(messages)
+        prompt_ids = pipe.encode_chat(turn, images=seen, **template_kw)
+        run_opts = dict(opts if pending else first, images=tuple(seen) or None)
+        done = run_one(pipe, prompt_ids, pipe.params(ar=args.ar, **run_opts),
                        show_canvas=args.show_canvas, stream_text=True, engine=engine)
         pending = False
         print(f"[{describe_stats(done.stats)}]", file=sys.stderr, flush=True)

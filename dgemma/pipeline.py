@@ -138,7 +138,8 @@ class Pipeline:
             raise GenerationError(str(e)) from None
 
     def image(self, src: Any) -> Image:
-        """One image, read (a path, encoded bytes, a data: URL or a PIL image) and preprocessed for this model.
+        """One image, read (a path, encoded bytes, a data: URL or a PIL image; a `vision.Image` is taken as it is)
+        and preprocessed for this model.
         A model without a vision tower is a GenerationError."""
         if not has_vision(self.model):
             raise GenerationError("this model has no vision tower, so it takes text only (its checkpoint carries "
@@ -146,6 +147,10 @@ class Pipeline:
         c = {**VISION_DEFAULTS, **(self.model.cfg.vision_config or {})}
         kw = dict(patch=c["patch_size"], kernel=c["pooling_kernel_size"],
                   max_soft_tokens=self.model.cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS)
+        if isinstance(src, Image):
+            return src
+        if src is None or src == "":
+            raise GenerationError("no image given")
         try:
             if hasattr(src, "convert") and hasattr(src, "size"):  # a PIL image
                 return preprocess(src.convert("RGB"), **kw)

@@ -133,6 +133,22 @@ def test_features_match_transformers(model, hf):
         assert (got - want).abs().max().item() < 1e-5
 
 
+def test_features_are_cached_by_digest(model):
+    tower = vision.vision_tower(model)
+    a, b = (vision.preprocess(picture(150, 100, seed=s), max_soft_tokens=70) for s in (30, 31))
+    again = vision.preprocess(picture(150, 100, seed=30), max_soft_tokens=70)  # another object, the same pixels
+    hits, misses = tower.hits, tower.misses
+    fa = tower.features(a)
+    assert tower.features(again) is fa and (tower.hits, tower.misses) == (hits + 1, misses + 1)
+    size = fa.numel() * fa.element_size()
+    tower.cache_bytes = size  # room for one: b evicts a
+    try:
+        tower.features(b)
+        assert tower.features(a) is not fa and torch.equal(tower.features(a), fa)
+    finally:
+        tower.cache_bytes = vision.FEATURE_CACHE_BYTES
+
+
 def _prompt(model, image, before=(2, 5, 6), after=(8, 9, 10, 11)):
     return list(before) + vision.image_ids(model.cfg, image) + list(after)
 
@@ -341,7 +357,7 @@ def http(server):
         yield c
 
 
-def test_server_chat_with_an_image(http, ckpt):
+def test_server_chat_with_an_image(server, http, ckpt):
     """OpenAI's image_url parts (data: URLs): the prompt is the pipeline's, the reply depends on the image, and a
     stream says what the plain answer says."""
     pipe = Pipeline.load(str(ckpt), device="cpu", quiet=True)
@@ -354,10 +370,14 @@ def test_server_chat_with_an_image(http, ckpt):
     messages, images = pipe.chat_messages([{"role": "user", "content": [
         {"type": "image", "image": img}, {"type": "text", "text": "What is in it?"}]}])
     assert r["tokens"] == pipe.encode_chat(messages, images=images)
+    tower = vision.vision_tower(server.app.state.dgemma.pipe.model)  # read at the server's start
+    misses = tower.misses
     one = http.post("/v1/chat/completions", json=body(img)).json()
     assert one["usage"]["prompt_tokens"] == r["count"] == len(r["tokens"])
+    assert tower.misses == misses + 1  # run while planning; the engine's prefill found it cached
     assert http.post("/v1/chat/completions", json=body(img)).json()["choices"][0]["message"] == \
         one["choices"][0]["message"]
+    assert tower.misses == misses + 1  # the same image again: no second tower forward
     two = http.post("/v1/chat/completions", json=body(other)).json()
     assert two["choices"][0]["message"]["content"] != one["choices"][0]["message"]["content"]
     import json
@@ -422,3 +442,48 @@ def test_server_image_errors(http, ckpt, tmp_path):
         r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={"model": "blind", "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(picture(60, 60))}}]}]})
         assert "no vision tower" in assert_error(r, 400, param=where)["message"]
+
+
+def test_cli_chat_takes_images(ckpt, tmp_path, capsys, monkeypatch):
+    """`/image PATH` adds an image to the next message; the turns after it keep the image in the conversation;
+    a bad path is a message, and the chat goes on."""
+    import io
+
+    from dgemma.cli import main
+
+    path = tmp_path / "pic.png"
+    picture(150, 100, seed=14).save(path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {tmp_path / 'nope.png'}\n/image {path}\nwhat is it\n"
+                                                 "and now?\n"))
+    prompts = []
+    encode_chat = Pipeline.encode_chat
+
+    def spy(self, messages, images=None, **kw):
+        prompts.append((encode_chat(self, messages, images=images, **kw), len(images or ())))
+        return prompts[-1][0]
+
+    monkeypatch.setattr(Pipeline, "encode_chat", spy)
+    assert main(["chat", str(ckpt), "--max-new-tokens", "8", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "60 tokens" in err and "goes with your next message" in err
+    assert [n for _, n in prompts] == [1, 1] and err.count("tokens/forward") == 2
+    first, second = (p for p, _ in prompts)
+    assert first.count(IMG) == second.count(IMG) == 60 and len(second) > len(first)  # the image stays in the chat
+
+
+def test_a_quantized_checkpoint_keeps_its_tower(ckpt, tmp_path):
+    """`dgemma quantize` quantizes the text stack; the tower's tensors are written back as they were, and the
+    quantized model takes images."""
+    from safetensors import safe_open
+
+    from dgemma.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["quantize", str(ckpt), str(out), "--scheme", "int8"]) == 0
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        keys = [k for k in a.keys() if k.startswith(vision.TOWER) or k.startswith(vision.EMBED)]
+        assert keys and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
+    pipe = Pipeline.load(str(out), device="cpu", quiet=True)
+    reply = pipe.chat([{"role": "user", "content": [{"type": "image", "image": picture(150, 100)},
+                                                    {"type": "text", "text": "hi"}]}], max_new_tokens=8, seed=1)
+    assert reply.done.stats["prompt_tokens"] > 60

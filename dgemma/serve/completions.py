@@ -41,7 +41,7 @@ from ..generate import AR, Commit, Done, GenerationError, GenerationParams, min_
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
-from ..vision import IMAGE_MARKER, has_vision
+from ..vision import IMAGE_MARKER, has_vision, vision_tower
 from .engine import Cancelled, Failed, Job
 from .errors import APIError, from_generation, from_validation, invalid, unsupported
 from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
@@ -651,6 +651,8 @@ class Planner:
                                       echo=text_echo, suffix_len=len(suffix_ids),
                                       middle_len=self.canvas - len(suffix_ids), max_tokens=max_tokens,
                                       stop=stops, logprobs=logprobs))
+        for img in images or ():  # the tower runs here, in the planning thread, beside the engine's steps
+            vision_tower(self.pipe.model).features(img)  # (cached: the engine's prefill finds it)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Plan(kind=kind, model=req.model or self.settings.model_name, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
