@@ -614,7 +614,8 @@ def _need_serve(command: str, *names: str) -> None:
 def cmd_serve(args) -> int:
     import os
 
-    _need_serve("serve", "fastapi", "uvicorn", *(("httpx", "python_multipart") if args.batch_dir else ()))
+    _need_serve("serve", "fastapi", "uvicorn", *(("httpx", "python_multipart") if args.batch_dir else ()),
+                *(("httpx",) if args.allowed_media_domains else ()))
     from .serve.app import check_dirs, check_port, run
 
     settings = _server_settings(args, host=args.host, port=args.port,
@@ -623,7 +624,9 @@ def cmd_serve(args) -> int:
                                 cors_origins=tuple(args.cors_origin or ()),
                                 allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy,
                                 batch_dir=args.batch_dir, responses_store=args.responses_store,
-                                responses_dir=args.responses_dir)
+                                responses_dir=args.responses_dir,
+                                allowed_media_domains=tuple(",".join(args.allowed_media_domains or ()).split(",")),
+                                allowed_local_media_path=args.allowed_local_media_path)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
@@ -1472,6 +1475,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--responses-dir", metavar="DIR", help="keep stored responses and conversations under DIR as "
                    "well as in memory, so they outlive a restart (a background response a restart interrupted "
                    "comes back failed); default: in memory only")
+    s.add_argument("--allowed-media-domains", metavar="HOST[,HOST...]", action="append",
+                   help="fetch http(s) image URLs from these hosts ('*': any; the default: none, images come inline "
+                   "as data: URLs); redirects must stay on them")
+    s.add_argument("--allowed-local-media-path", metavar="DIR", help="let file:// image URLs read images under DIR "
+                   "(nothing outside it)")
     s.add_argument("--batch-dir", metavar="DIR", help="turn on OpenAI's Files and Batches APIs (/v1/files, "
                    "/v1/batches), keeping uploads, batch state and outputs under DIR; a batch's requests run as "
                    "background rows beside live traffic, and resume after a restart")

@@ -221,6 +221,9 @@ def test_serve_state_dirs_must_be_writable_directories(ckpt_tok, tmp_path, capsy
         assert main(["serve", str(ckpt_tok), flag, str(path), "--port", "0"]) == 2
         err = capsys.readouterr().err.strip()
         assert f"{flag} {path}: {msg}" in err and "\n" not in err, err
+    if flag == "--batch-dir":
+        assert main(["serve", str(ckpt_tok), "--allowed-local-media-path", str(afile), "--port", "0"]) == 2
+        assert "--allowed-local-media-path" in capsys.readouterr().err
 
 
 def test_generate_vllm_extras(ckpt_tok, capsys):

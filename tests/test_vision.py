@@ -419,8 +419,10 @@ def test_server_image_errors(http, ckpt, tmp_path):
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
 
     where = "messages.0.content.0"
-    assert "not fetched" in assert_error(chat("https://example.com/cat.png"), 400, param=where)["message"]
-    assert "not fetched" in assert_error(chat(str(tmp_path / "x.png")), 400, param=where)["message"]  # no file reads
+    err = assert_error(chat("https://example.com/cat.png"), 400, code="unsupported_parameter", param=where)
+    assert "does not fetch images from 'example.com'" in err["message"] and "--allowed-media-domains" in err["message"]
+    for url in (str(tmp_path / "x.png"), f"file://{tmp_path}/x.png"):  # no file reads by default
+        assert_error(chat(url), 400, code="unsupported_parameter", param=where)
     assert_error(chat("data:image/png;base64,%%%"), 400, param=where)
     assert_error(chat("data:image/png;base64,aGVsbG8="), 400, param=where)  # "hello": not an image
     assert_error(http.post("/v1/chat/completions", json={"model": "eyes", "messages": [
@@ -487,3 +489,74 @@ def test_a_quantized_checkpoint_keeps_its_tower(ckpt, tmp_path):
     reply = pipe.chat([{"role": "user", "content": [{"type": "image", "image": picture(150, 100)},
                                                     {"type": "text", "text": "hi"}]}], max_new_tokens=8, seed=1)
     assert reply.done.stats["prompt_tokens"] > 60
+
+
+def test_server_fetches_image_urls_only_where_allowed(ckpt, tmp_path):
+    """--allowed-media-domains / --allowed-local-media-path (vLLM's flags): http(s) images from the hosts named
+    (redirects too), file:// images under the directory; the same image as a data: URL gives the same reply."""
+    import http.server
+    import threading
+
+    import httpx
+    from test_serve import ServerThread, assert_error
+
+    from dgemma.serve import ServerSettings, create_app
+
+    img = picture(150, 100, seed=40)
+    png = _png(img)
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "pic.png").write_bytes(png)
+    (tmp_path / "outside.png").write_bytes(png)
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            port = self.server.server_address[1]
+            if self.path == "/pic.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+            elif self.path.startswith("/to/"):  # a redirect to another host name of this machine
+                self.send_response(302)
+                self.send_header("Location", f"http://{self.path[4:]}:{port}/pic.png")
+                self.end_headers()
+            elif self.path == "/big":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"\0" * (21 << 20))
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    settings = ServerSettings(model_name="eyes", allowed_media_domains=("127.0.0.1",),
+                              allowed_local_media_path=str(media))
+    where = "messages.0.content.0"
+    try:
+        with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+            def chat(url):
+                return httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+                    "model": "eyes", "max_tokens": 8, "seed": 3, "messages": [{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]})
+
+            want = chat(_data_url(img)).json()["choices"][0]["message"]["content"]
+            for url in (base + "/pic.png", base + "/to/127.0.0.1", f"file://{media}/pic.png",
+                        f"file://{media}/../media/pic.png"):
+                r = chat(url)
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want, (url, r.text)
+            for url, msg in ((base + "/to/localhost", "redirects to 'localhost'"),
+                             (base + "/missing.png", "answered 404"),
+                             (base + "/big", "larger than"),
+                             (f"http://localhost:{files.server_address[1]}/pic.png", "does not fetch images"),
+                             (f"file://{tmp_path}/outside.png", "must be under"),
+                             (f"file://{media}/none.png", "no image file"),
+                             ("ftp://127.0.0.1/pic.png", "must be a data: URL")):
+                assert msg in assert_error(chat(url), 400, param=where)["message"], url
+    finally:
+        files.shutdown()

@@ -761,7 +761,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def check_dirs(settings: ServerSettings) -> None:
-    """Fail early, as one line, when --batch-dir or --responses-dir cannot be a directory the server writes in."""
+    """Fail early, as one line, when --batch-dir or --responses-dir cannot be a directory the server writes in, or
+    --allowed-local-media-path is not a directory."""
     import tempfile
 
     for flag, path in (("--batch-dir", settings.batch_dir), ("--responses-dir", settings.responses_dir)):
@@ -776,6 +777,9 @@ def check_dirs(settings: ServerSettings) -> None:
                 pass
         except OSError as e:
             raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    media = settings.allowed_local_media_path
+    if media is not None and not Path(media).expanduser().is_dir():
+        raise ValueError(f"--allowed-local-media-path {media}: not a directory")
 
 
 def run(pipeline, settings: ServerSettings, log_level: str = "info") -> None:

@@ -41,9 +41,10 @@ from ..generate import AR, Commit, Done, GenerationError, GenerationParams, min_
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
-from ..vision import IMAGE_MARKER, has_vision, vision_tower
+from ..vision import IMAGE_MARKER, ImageError, has_vision, vision_tower
 from .engine import Cancelled, Failed, Job
 from .errors import APIError, from_generation, from_validation, invalid, unsupported
+from .media import image_source
 from .protocol import (SEED_LIMIT, AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
                        CompletionChoice, CompletionRequest, CompletionResponse, StructuredOutputs, Usage, _Common)
 
@@ -388,18 +389,20 @@ class Planner:
         return messages, images
 
     def _image(self, spec: Any, where: str):
-        """An image_url part's image: a base64 data: URL (the server fetches nothing and reads no files)."""
+        """An image_url part's image: a base64 data: URL, or an http(s) / file:// URL where the server allows those
+        (media.py)."""
         url = spec.get("url") if isinstance(spec, dict) else spec
         if not isinstance(url, str):
             raise invalid('an image_url part needs {"url": "data:image/...;base64,..."}', where)
-        if not url.startswith("data:"):
-            scheme = url.split(":", 1)[0] if ":" in url else "a path"
-            raise unsupported(f"image URLs are not fetched ({scheme}): send the image inline as a data: URL "
-                              "(data:image/png;base64,...)", where)
-        if not has_vision(self.pipe.model):
-            raise invalid(f"model {self.settings.model_name!r} has no vision tower, so it takes text only", where)
+        st = self.settings
         try:
-            return self.pipe.image(url)
+            src = image_source(url, domains=st.allowed_media_domains, local_root=st.allowed_local_media_path)
+        except ImageError as e:
+            raise unsupported(str(e), where) from None
+        if not has_vision(self.pipe.model):
+            raise invalid(f"model {st.model_name!r} has no vision tower, so it takes text only", where)
+        try:
+            return self.pipe.image(src)
         except GenerationError as e:
             raise invalid(str(e), where) from None
 

@@ -14,8 +14,8 @@ _delta / _stop, message_delta, message_stop). Errors on this path use Anthropic'
 `POST /v1/messages/count_tokens` answers `{"input_tokens": N}`: the prompt a Messages request with those fields
 would have (its `usage.input_tokens`).
 
-Images come as `image` blocks with a base64 source (the chat endpoint's image_url parts). Not supported (a 400): a
-url image source, documents, server tools (web search, code execution, ...).
+Images come as `image` blocks (a base64 or url source: the chat endpoint's image_url parts, so a url is fetched
+only where the server allows it). Not supported (a 400): documents, server tools (web search, code execution, ...).
 """
 
 from __future__ import annotations

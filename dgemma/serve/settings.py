@@ -37,9 +37,14 @@ class ServerSettings:
     # OpenAI's Files and Batches APIs, their files and batches kept under this directory (None: the APIs are off)
     batch_dir: str | None = None
     batch_max_file_bytes: int = 200 << 20  # the largest file /v1/files takes (OpenAI's limit is 200 MB)
+    # image URLs (media.py): hosts whose http(s) images may be fetched ("*": any; none: data: URLs only), and the
+    # directory file:// images may be read from (None: none)
+    allowed_media_domains: tuple[str, ...] = ()
+    allowed_local_media_path: str | None = None
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
+        self.allowed_media_domains = tuple(d.strip().lower() for d in self.allowed_media_domains if d.strip())
         for name in ("max_concurrency", "max_tokens_limit", "max_context", "max_body_bytes", "retry_after_s",
                      "batch_max_file_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
