@@ -353,3 +353,50 @@ def test_page_picks_a_lora_adapter(chrome, web_server, tmp_path):
             "model": "poet", "messages": [{"role": "user", "content": prompt}], "max_tokens": CANVAS,
             "seed": 2}).json()["choices"][0]["message"]["content"]
         assert chrome.js("document.getElementById('output').textContent") == want
+
+
+def test_page_sends_an_image(chrome, web_server, tmp_path):
+    """On a checkpoint with a vision tower the page offers an image picker; the picked file goes with the chat
+    message as an image_url data: URL, and the reply is the API's for that image. A text model hides the picker."""
+    from test_vision import BOI, EOI, IMG, VISION, picture
+
+    from dgemma import vision
+
+    chrome.send("Page.navigate", {"url": web_server.url + "/"})
+    chrome.wait_for("document.body && document.body.dataset.state === 'idle'", timeout=30)
+    assert chrome.js("document.getElementById('image-row').hidden") is True
+    model = randomize(DiffusionGemma(tiny_config("a", canvas_length=CANVAS, image_token_id=IMG, boi_token_id=BOI,
+                                                 eoi_token_id=EOI, vision_soft_tokens_per_image=70)), seed=3)
+    vision.attach_vision(model, VISION, seed=2)
+    ckpt = save_model(model, tmp_path / "eyes", tokenizer=word_tokenizer(),
+                      generation_config={"max_denoising_steps": STEPS, "max_new_tokens": 64})
+    path = tmp_path / "pic.png"
+    picture(150, 100, seed=9).save(path)
+    settings = ServerSettings(model_name="eyes", max_concurrency=2)
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        chrome.send("Page.navigate", {"url": s.url + "/"})
+        chrome.wait_for("document.body && document.body.dataset.state === 'idle' && "
+                        "!document.getElementById('image-row').hidden", timeout=30)
+        root = chrome.send("DOM.getDocument")["root"]["nodeId"]
+        node = chrome.send("DOM.querySelector", {"nodeId": root, "selector": "#image"})["nodeId"]
+        chrome.send("DOM.setFileInputFiles", {"nodeId": node, "files": [str(path)]})
+        chrome.wait_for("window.dgemma.image && !document.getElementById('image-preview').hidden", timeout=10)
+        prompt = "What is in the picture ?"
+        chrome.js(f"""(() => {{
+            document.getElementById('prompt').value = {json.dumps(prompt)};
+            document.getElementById('max-tokens').value = {CANVAS};
+            document.getElementById('seed').value = 5;
+            document.getElementById('compare').checked = false;
+            document.getElementById('run').click(); }})()""")
+        state = chrome.wait_for("['done', 'error'].includes(document.body.dataset.state) && "
+                                "document.body.dataset.state", timeout=120)
+        assert state == "done", chrome.js("document.getElementById('error').textContent")
+        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        want = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "model": "eyes", "max_tokens": CANVAS, "seed": 5, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}]}).json()
+        assert chrome.js("document.getElementById('output').textContent") == \
+            want["choices"][0]["message"]["content"]
+        assert chrome.js("window.dgemma.image") == url
+        chrome.js("document.getElementById('image-clear').click()")
+        assert chrome.js("window.dgemma.image") is None

@@ -198,7 +198,8 @@ class State:
             "steps": s.max_denoising_steps, "entropy_bound": s.entropy_bound, "t_min": s.t_min, "t_max": s.t_max,
             "stability_threshold": s.stability_threshold, "confidence_threshold": s.confidence_threshold,
             # fill-in-the-middle tokens: `suffix` also works with ar: true (and the page starts in completion mode)
-            "fim": self.pipe.has_fim(), "tools": _has_call_tokens(self.pipe.tokenizer)})
+            "fim": self.pipe.has_fim(), "tools": _has_call_tokens(self.pipe.tokenizer),
+            "vision": has_vision(self.pipe.model)})  # image_url parts work (the page shows its image picker)
 
 
 # ---------------------------------------------------------------- request plumbing

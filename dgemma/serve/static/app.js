@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   model: null, canvasLength: 16, records: [], follow: true, controller: null,
-  runs: {}, text: "", arText: "",
+  runs: {}, text: "", arText: "", image: null,  // image: the picked image as a data: URL
 };
 window.dgemma = state;
 
@@ -48,6 +48,7 @@ async function loadModel() {
       pick.addEventListener("change", () => { state.model = pick.value; });
       $("model-info").append(" · model ", pick);
     }
+    $("image-row").hidden = !d.vision;  // a checkpoint with a vision tower takes images
     $("steps").placeholder = d.steps ? `${d.steps}` : "default";
     if (d.entropy_bound !== undefined) $("entropy-bound").placeholder = `${d.entropy_bound}`;
     if (d.fim && !state.touched) {  // a code model (it knows fill-in-the-middle): start with a completion of code
@@ -202,8 +203,13 @@ function requestBody(mode, ar) {
     try { schema = JSON.parse($("schema").value); } catch (e) { throw new Error(`the JSON schema is not JSON: ${e.message}`); }
     body.response_format = { type: "json_schema", json_schema: { name: "schema", schema } };
   }
-  if (mode === "chat") body.messages = [{ role: "user", content: prompt }];
-  else body.prompt = prompt;
+  if (mode === "chat") {
+    const content = state.image ? [{ type: "image_url", image_url: { url: state.image } }, { type: "text", text: prompt }]
+      : prompt;
+    body.messages = [{ role: "user", content }];
+  } else if (state.image) {
+    throw new Error("images go with chat mode (the completions API takes text)");
+  } else body.prompt = prompt;
   return body;
 }
 
@@ -299,6 +305,23 @@ async function run() {
 $("run").addEventListener("click", run);
 $("format").addEventListener("change", () => { $("schema").hidden = $("format").value !== "json_schema"; });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+
+// ------------------------------------------------------------------ an image for the chat (a vision checkpoint)
+function setImage(url) {
+  state.image = url;
+  $("image-preview").src = url || "";
+  $("image-preview").hidden = $("image-clear").hidden = !url;
+  if (!url) $("image").value = "";
+}
+$("image").addEventListener("change", () => {
+  const file = $("image").files[0];
+  if (!file) return setImage(null);
+  const reader = new FileReader();
+  reader.onload = () => setImage(reader.result);  // sent inline: the server fetches nothing by default
+  reader.onerror = () => showError(`cannot read ${file.name}`);
+  reader.readAsDataURL(file);
+});
+$("image-clear").addEventListener("click", () => setImage(null));
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) run(); });
 $("prompt").addEventListener("input", () => { state.touched = true; });
 $("api-key").addEventListener("change", () => { localStorage.setItem("dgemma-api-key", $("api-key").value); loadModel(); });
