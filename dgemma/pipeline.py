@@ -144,13 +144,13 @@ class Pipeline:
         if not has_vision(self.model):
             raise GenerationError("this model has no vision tower, so it takes text only (its checkpoint carries "
                                   "no model.encoder.vision_tower.* tensors)")
-        c = {**VISION_DEFAULTS, **(self.model.cfg.vision_config or {})}
-        kw = dict(patch=c["patch_size"], kernel=c["pooling_kernel_size"],
-                  max_soft_tokens=self.model.cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS)
         if isinstance(src, Image):
             return src
         if src is None or src == "":
             raise GenerationError("no image given")
+        c = {**VISION_DEFAULTS, **(self.model.cfg.vision_config or {})}
+        kw = dict(patch=c["patch_size"], kernel=c["pooling_kernel_size"],
+                  max_soft_tokens=self.model.cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS)
         try:
             if hasattr(src, "convert") and hasattr(src, "size"):  # a PIL image
                 return preprocess(src.convert("RGB"), **kw)

@@ -395,12 +395,12 @@ class Planner:
         if not isinstance(url, str):
             raise invalid('an image_url part needs {"url": "data:image/...;base64,..."}', where)
         st = self.settings
+        if not has_vision(self.pipe.model):  # before anything is fetched
+            raise unsupported(f"model {st.model_name!r} has no vision tower, so it takes text only", where)
         try:
             src = image_source(url, domains=st.allowed_media_domains, local_root=st.allowed_local_media_path)
         except ImageError as e:
             raise unsupported(str(e), where) from None
-        if not has_vision(self.pipe.model):
-            raise invalid(f"model {st.model_name!r} has no vision tower, so it takes text only", where)
         try:
             return self.pipe.image(src)
         except GenerationError as e:
