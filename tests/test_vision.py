@@ -560,3 +560,69 @@ def test_server_fetches_image_urls_only_where_allowed(ckpt, tmp_path):
                 assert msg in assert_error(chat(url), 400, param=where)["message"], url
     finally:
         files.shutdown()
+
+
+# ---------------------------------------------------------------- training
+def test_fine_tuning_learns_to_read_the_image(ckpt, tmp_path):
+    """`dgemma train` on chat records with image parts (paths relative to the JSONL): the frozen tower's features go
+    into the encoder as at inference, so two prompts that differ only by their image learn two answers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for name, color in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        PIL.new("RGB", (96, 96), color).save(tmp_path / f"{name}.png")
+    recs = [{"messages": [{"role": "user", "content": [{"type": "image", "image": f"{n}.png"},
+                                                       {"type": "text", "text": "color?"}]},
+                          {"role": "assistant", "content": n}]} for n in ("red", "blue")]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in recs * 8) + "\n")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", "--model", str(ckpt), "--data",
+                        str(tmp_path / "data.jsonl"), "--steps", "120", "--batch-size", "8", "--lr", "3e-3",
+                        "--warmup", "10", "--out", str(tmp_path / "run"), "--threads", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert p.returncode == 0, p.stderr
+    pipe = Pipeline.load(str(tmp_path / "run" / "final"), device="cpu", quiet=True)
+    for name in ("red", "blue"):
+        reply = pipe.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / f"{name}.png")},
+                                                        {"type": "text", "text": "color?"}]}],
+                          max_new_tokens=16, seed=0)
+        assert reply.content == name
+
+
+def test_training_records_with_images(ckpt, tmp_path):
+    """Image records: the prompt is the inference prompt; AR targets skip the placeholders; a text-only model or
+    a missing file is an error naming the line; the fingerprint tells images apart."""
+    import json
+
+    from dgemma.train.data import DataError, ar_count, fingerprint, load_jsonl, make_batch
+    from dgemma.train.noise import draw
+
+    picture(150, 100, seed=50).save(tmp_path / "a.png")
+    picture(150, 100, seed=51).save(tmp_path / "b.png")
+    rec = lambda f: {"messages": [{"role": "user", "content": [  # noqa: E731
+        {"type": "text", "text": "look"}, {"type": "image", "image": f}]}, {"role": "assistant", "content": "ok"}]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(rec("a.png")) + "\n" + json.dumps(rec("b.png")) + "\n")
+    pipe = Pipeline.load(str(ckpt), device="cpu", quiet=True)
+    kw = dict(vocab=320, eos=1, eos_set={1, 106, 50}, canvas=16, max_len=1024)
+    a, b = load_jsonl(data, pipe.tokenizer, pipe=pipe, **kw)
+    messages, images = pipe.chat_messages([rec(str(tmp_path / "a.png"))["messages"][0]])
+    assert list(a.prompt) == pipe.encode_chat(messages, images=images) and a.images == tuple(images)
+    assert a.prompt == b.prompt and a.images != b.images  # the same ids, told apart by the images
+    g = torch.Generator().manual_seed(0)
+    batch = make_batch([a], [draw(g, a.n_blocks(16), 16, 320, 1e-3, 0.5)], canvas=16, pad=0, ar_on_prompt=True)
+    [(start, end)] = a.spans
+    assert batch.images == [[(start, a.images[0])]]
+    assert (batch.ar_targets[0, start - 1:end - 1] == -100).all()
+    assert int((batch.ar_targets != -100).sum()) == ar_count(a, True)
+    fa = fingerprint([a])
+    assert fa != fingerprint([b])
+    with pytest.raises(DataError, match=r"d.jsonl:1: .*vision tower"):
+        load_jsonl(data, pipe.tokenizer, **kw)
+    data.write_text(json.dumps(rec("missing.png")) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:1: cannot read image"):
+        load_jsonl(data, pipe.tokenizer, pipe=pipe, **kw)

@@ -5,6 +5,9 @@ Accepted records, one JSON object per line (blank lines are skipped):
     {"messages": [{"role", "content"}, ...]}    the last message is the model's answer (the response); the ones
                                                 before it go through the chat template with the generation prompt
     {"prompt_ids": [int], "response_ids": [int]}  already tokenized (no tokenizer needed)
+A message's content may be a list of parts, text and images ({"type": "image", "image": PATH}, a path relative to
+the JSONL file, or OpenAI's {"type": "image_url", "image_url": {"url": "data:..."}}), on a model with a vision
+tower: the images go into the prompt as inference puts them (`Pipeline.chat_messages`); the tower stays frozen.
 Every mistake names the file and line.
 
 Layout of one example (T = canvas length, P = prompt length, R = response length including its terminator):
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..vision import image_spans
 from .noise import NoiseDraw, corrupt, draw
 
 IGNORE = -100  # target id that cross-entropy skips
@@ -41,6 +45,9 @@ class Example:
     # The last `fixed` response tokens stay clean in the noised canvas, as inference's fixed positions are (an
     # infill suffix at the canvas end): only in the block that holds them.
     fixed: int = 0
+    # the prompt's images (`vision.Image`), in order, and the (start, end) of each one's placeholders in it
+    images: tuple = ()
+    spans: tuple[tuple[int, int], ...] = ()
 
     def n_blocks(self, canvas: int) -> int:
         return math.ceil(len(self.response) / canvas)
@@ -64,8 +71,10 @@ def _ids(value, where: str, field: str, vocab: int) -> list[int]:
     return list(value)
 
 
-def record_to_example(rec, where: str, tokenizer, *, vocab: int, eos: int, eos_set) -> Example:
-    """One parsed JSON record -> Example (raises DataError naming `where` = "file:line")."""
+def record_to_example(rec, where: str, tokenizer, *, vocab: int, eos: int, eos_set, pipe=None,
+                      root: Path | None = None) -> Example:
+    """One parsed JSON record -> Example (raises DataError naming `where` = "file:line"). pipe: a `Pipeline` of a
+    model with a vision tower, for records with images (paths relative to `root`)."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "prompt_ids" in rec or "response_ids" in rec:
@@ -88,14 +97,20 @@ def record_to_example(rec, where: str, tokenizer, *, vocab: int, eos: int, eos_s
             raise DataError(f"{where}: the last message must have role 'assistant' (it is the trained response)")
         if not isinstance(last.get("content"), str):
             raise DataError(f"{where}: the last message's 'content' must be a string")
+        images: tuple = ()
         try:
-            prompt = tokenizer.encode_chat(msgs[:-1], add_generation_prompt=True)
+            if any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs[:-1]):
+                prompt, images = _with_images(msgs[:-1], where, pipe, root)
+            else:
+                prompt = tokenizer.encode_chat(msgs[:-1], add_generation_prompt=True)
         except (ValueError, TypeError) as e:
             raise DataError(f"{where}: {e}") from None
         # A model turn ends with the end-of-turn token when the vocabulary has one (Gemma: <turn|>, an EOS id).
         end = tokenizer.token_to_id("<turn|>")
         end = end if end is not None and end in eos_set else eos
-        return Example(tuple(prompt), _terminated(tokenizer.encode(last["content"]), end, eos_set))
+        spans = tuple(image_spans(prompt, pipe.model.cfg.image_token_id)) if images else ()
+        return Example(tuple(prompt), _terminated(tokenizer.encode(last["content"]), end, eos_set), images=images,
+                       spans=spans)
     missing = [f for f in ("prompt", "response") if f not in rec]
     if missing:
         raise DataError(f"{where}: missing field {missing[0]!r} "
@@ -108,6 +123,35 @@ def record_to_example(rec, where: str, tokenizer, *, vocab: int, eos: int, eos_s
     if not prompt:
         raise DataError(f"{where}: the prompt is empty")
     return Example(tuple(prompt), _terminated(tokenizer.encode(rec["response"]), eos, eos_set))
+
+
+def _with_images(msgs: list, where: str, pipe, root: Path | None) -> tuple[list[int], tuple]:
+    """The prompt ids and images of messages with content parts, as `Pipeline.chat` builds them."""
+    if pipe is None:
+        raise DataError(f"{where}: image parts need a model with a vision tower (this one takes text only)")
+    fixed = []
+    for m in msgs:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and root is not None:
+            content = [_rooted(p, root) for p in content]
+        fixed.append({**m, "content": content} if isinstance(m, dict) else m)
+    from ..generate import GenerationError
+
+    try:
+        messages, images = pipe.chat_messages(fixed)
+        return pipe.encode_chat(messages, images=images, add_generation_prompt=True), tuple(images)
+    except GenerationError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _rooted(part, root: Path):
+    """An image part whose path is relative, made relative to the data file's directory."""
+    if not isinstance(part, dict) or part.get("type") != "image":
+        return part
+    key = next((k for k in ("image", "path") if isinstance(part.get(k), str)), None)
+    if key is None or part[key].startswith("data:") or Path(part[key]).is_absolute():
+        return part
+    return {**part, key: str(root / part[key])}
 
 
 def iter_jsonl(path: Path):
@@ -124,7 +168,7 @@ def iter_jsonl(path: Path):
 
 
 def load_jsonl(path: str | Path, tokenizer=None, *, vocab: int, eos: int, eos_set=(), canvas: int,
-               max_len: int, quiet: bool = False) -> list[Example]:
+               max_len: int, quiet: bool = False, pipe=None) -> list[Example]:
     """Read and tokenize a JSONL file. Examples longer than `max_len` positions (after canvas padding) are skipped
     with a note on stderr; a malformed line is an error naming its line number."""
     path = Path(path)
@@ -133,7 +177,8 @@ def load_jsonl(path: str | Path, tokenizer=None, *, vocab: int, eos: int, eos_se
     eos_set = frozenset(eos_set) | {eos}
     out, skipped = [], 0
     for where, rec in iter_jsonl(path):
-        ex = record_to_example(rec, where, tokenizer, vocab=vocab, eos=eos, eos_set=eos_set)
+        ex = record_to_example(rec, where, tokenizer, vocab=vocab, eos=eos, eos_set=eos_set, pipe=pipe,
+                               root=path.parent)
         if ex.length(canvas) > max_len:
             skipped += 1
             continue
@@ -152,6 +197,8 @@ def fingerprint(dataset) -> str:
     for i in range(len(dataset)) if len(dataset) <= 200_000 else range(0, len(dataset), len(dataset) // 200_000):
         ex = dataset[i]
         h.update(repr((ex.prompt, ex.response)).encode())
+        if ex.images:  # (text datasets keep the fingerprints they had)
+            h.update(" ".join(img.digest for img in ex.images).encode())
     return h.hexdigest()[:16]
 
 
@@ -198,9 +245,11 @@ class Batch:
     corrupted: torch.Tensor  # [B, T] bool, positions resampled by the noise
     t: torch.Tensor  # [B] noise level
     self_condition: torch.Tensor  # [B] bool
+    # per row, (offset in enc_ids, vision.Image) of each image of its prompt; None when no row has one
+    images: list | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
     @property
     def rows(self) -> int:
@@ -209,7 +258,7 @@ class Batch:
 
 def ar_count(ex: Example, ar_on_prompt: bool) -> int:
     """Next-token targets of one example: the response (with its terminator), plus the prompt if asked."""
-    return len(ex.response) + (len(ex.prompt) - 1 if ar_on_prompt else 0)
+    return len(ex.response) + (len(ex.prompt) - 1 - sum(b - a for a, b in ex.spans) if ar_on_prompt else 0)
 
 
 def make_batch(examples: Sequence[Example], draws: Sequence[NoiseDraw], *, canvas: int, pad: int,
@@ -228,6 +277,8 @@ def make_batch(examples: Sequence[Example], draws: Sequence[NoiseDraw], *, canva
             first = 0 if ar_on_prompt else P - 1
             for i in range(first, len(enc) - 1):
                 targets[i] = enc[i + 1]
+            for a, b in ex.spans if ar_on_prompt else ():  # an image's placeholders are not text to predict
+                targets[a - 1:b - 1] = [IGNORE] * (b - a)
         rows.append((enc, targets, P + sel * canvas, padded[sel * canvas:(sel + 1) * canvas]))
     B, L = len(rows), max(len(r[0]) for r in rows)
     enc_ids = torch.full((B, L), pad, dtype=torch.long)
@@ -245,9 +296,11 @@ def make_batch(examples: Sequence[Example], draws: Sequence[NoiseDraw], *, canva
             lo, hi = max(lo, 0), min(hi, canvas)
             if lo < hi:
                 noisy[i, lo:hi], hit[i, lo:hi] = clean[i, lo:hi], False
+    images = [[(a, img) for (a, _), img in zip(ex.spans, ex.images)] for ex in examples]
     return Batch(enc_ids=enc_ids, enc_len=torch.tensor([len(r[0]) for r in rows]), ar_targets=ar_targets,
                  canvas_start=torch.tensor([r[2] for r in rows]), clean=clean, noisy=noisy, corrupted=hit,
-                 t=t.float(), self_condition=torch.tensor([d.self_condition for d in draws]))
+                 t=t.float(), self_condition=torch.tensor([d.self_condition for d in draws]),
+                 images=images if any(images) else None)
 
 
 def draw_for(examples: Sequence[Example], gens, *, canvas: int, vocab: int, eps: float, sc_prob: float

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..vision import vision_tower
 from .data import IGNORE, Batch
 
 
@@ -142,7 +143,11 @@ def objective(model, batch: Batch, ocfg: ObjectiveConfig, *, canvas_norm: float,
     cfg = model.cfg
     cache = TrainCache(cfg, batch.rows, device=batch.enc_ids.device, dtype=model.dtype)
     # 1. encode (also fills the cache)
-    h_enc = model.forward(batch.enc_ids, cache, n_valid=batch.enc_len, head=False)
+    images = None
+    if getattr(batch, "images", None):  # the frozen tower's features (cached per image), as inference computes them
+        tower = vision_tower(model)
+        images = [[(a, tower.features(img)) for a, img in row] for row in batch.images]
+    h_enc = model.forward(batch.enc_ids, cache, n_valid=batch.enc_len, head=False, images=images)
     # 2. AR loss
     stats = {}
     loss = h_enc.new_zeros((), dtype=torch.float32)

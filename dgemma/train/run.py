@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig, preset
+from ..vision import has_vision
 from . import state as S
 from .data import load_jsonl
 from .dist import DistEnv
@@ -101,6 +102,10 @@ def prepare(cfg: TrainConfig | None, source: dict | None, *, resume: bool = Fals
     eos_set = set(mc.eos_token_id) | (set(tok.eos_ids) if tok is not None else set())
     kw = dict(vocab=mc.vocab_size, eos=eos, eos_set=eos_set, canvas=mc.canvas_length, max_len=max_len,
               quiet=quiet or not dist.main)
+    if has_vision(model) and tok is not None:  # records may carry images (data.py)
+        from ..pipeline import Pipeline
+
+        kw["pipe"] = Pipeline(model, tok)
     if not source.get("data"):
         raise TrainError("--data TRAIN.jsonl is required")
     train = ListDataset(load_jsonl(source["data"], tok, **kw))
