@@ -626,3 +626,33 @@ def test_training_records_with_images(ckpt, tmp_path):
     data.write_text(json.dumps(rec("missing.png")) + "\n")
     with pytest.raises(DataError, match=r"d.jsonl:1: cannot read image"):
         load_jsonl(data, pipe.tokenizer, pipe=pipe, **kw)
+
+
+@torch.no_grad()
+def test_two_images_in_one_prompt_match_transformers(model, hf):
+    """Two images of different sizes: two spans, each bidirectional within itself only, features in order."""
+    from transformers.cache_utils import DynamicCache
+
+    imgs = [picture(150, 100, seed=60), picture(64, 200, seed=61)]
+    ref = _processor()(imgs, return_tensors="pt")
+    ours = [vision.preprocess(im, max_soft_tokens=70) for im in imgs]
+    ids = [2, 5] + vision.image_ids(model.cfg, ours[0]) + [7, 8] + vision.image_ids(model.cfg, ours[1]) + [9]
+    x = torch.tensor([ids])
+    cache = DynamicCache(config=hf.config.text_config)
+    pos = torch.arange(x.shape[1])[None]
+    masks = hf.model.encoder.create_masks_for_generate(
+        config=hf.config, inputs_embeds=torch.empty(1, x.shape[1], 0), attention_mask=torch.ones_like(x).bool(),
+        past_key_values=cache, position_ids=pos, mm_token_type_ids=(x == IMG).long())
+    h = hf.model.encoder(input_ids=x, pixel_values=ref["pixel_values"], image_position_ids=ref["image_position_ids"],
+                         attention_mask=masks, past_key_values=cache, position_ids=pos).last_hidden_state
+    want = torch.tanh(hf.lm_head(h).float() / 30.0) * 30.0
+    spans = vision.image_spans(ids, IMG)
+    assert [b - a for a, b in spans] == [o.tokens for o in ours] and ours[0].tokens != ours[1].tokens
+    tower = vision.vision_tower(model)
+    got = model.encode(x, model.new_cache(1, 512), images=[[(a, tower.features(o)) for (a, _), o in zip(spans, ours)]])
+    assert (got - want).abs().max().item() < 1e-4
+    image = vision.preprocess(imgs[0], max_soft_tokens=70)
+    params = GenerationParams(max_new_tokens=16, sampler=SamplerConfig(**SAMPLER), seed=1, images=tuple(ours))
+    assert generate(model, [ids], params)[0].finish_reason in ("stop", "length")
+    with pytest.raises(GenerationError, match="2 image placeholder run"):
+        generate(model, [ids], params.replace(images=(image,)))
