@@ -298,6 +298,15 @@ class VisionTower(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, quarter, 2, dtype=torch.float32)
                                                            / quarter)), persistent=False)
 
+    def __getstate__(self):  # copy.deepcopy / pickle: the features cache and its lock stay behind
+        state = dict(super().__getstate__())
+        state.update(_cache=OrderedDict(), _held=0, _lock=None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
     @property
     def patch(self) -> int:
         return self.c["patch_size"]
@@ -380,9 +389,15 @@ def has_vision(model) -> bool:
 
 def vision_tower(model) -> VisionTower:
     """The model's vision tower, built from its checkpoint's tensors on first use (memory-mapped reads, converted
-    to the model's dtype and device) and kept on the model (`model.vision`)."""
+    to the model's dtype and device) and kept on the model (`model.vision`); moved along if the model was."""
     tower = getattr(model, "vision", None)
     if tower is not None:
+        w = tower.embed_vision.embedding_projection.weight
+        if w.device != model.device or w.dtype != model.dtype:  # the model moved (`.to()`) after the tower was read
+            with tower._lock:
+                tower.to(device=model.device, dtype=model.dtype)
+                tower._cache.clear()
+                tower._held = 0
         return tower
     files = getattr(model, "passthrough", {})
     if not any(k.startswith(TOWER) for k in files):

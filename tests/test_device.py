@@ -142,3 +142,29 @@ def test_compiled_denoiser_gives_eager_bits_on_the_device():
     compiled = copy.deepcopy(model).compile_denoiser()
     for a, b in zip(_passes(model, DEVICE), _passes(compiled, DEVICE)):
         assert torch.equal(a, b)
+
+
+def test_images_on_the_device():
+    """The vision tower and an image prompt on the device: features as on the CPU, and a generation that runs."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from dgemma import vision
+
+    cfg = tiny_config("a", image_token_id=300, boi_token_id=301, eoi_token_id=302, vision_soft_tokens_per_image=70)
+    cpu = randomize(DiffusionGemma(cfg), seed=2).eval()
+    vision.attach_vision(cpu, {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                               "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+                               "position_embedding_size": 128, "standardize": True}, seed=4)
+    arr = (np.random.default_rng(0).random((100, 150, 3)) * 255).astype(np.uint8)
+    image = vision.preprocess(PILImage.fromarray(arr), max_soft_tokens=70)
+    want = vision.vision_tower(cpu).features(image)
+    dev = copy.deepcopy(cpu).to(DEVICE)  # the tower is not a submodule: it follows the model on its next use
+    got = vision.vision_tower(dev).features(image)
+    assert got.device.type == torch.device(DEVICE).type
+    assert (got.float().cpu() - want).abs().max().item() < 1e-4
+    prompt = [2, 5, 6] + vision.image_ids(cfg, image) + [8, 9]
+    params = GenerationParams(max_new_tokens=32, sampler=SamplerConfig(max_denoising_steps=4), seed=3,
+                              images=(image,))
+    a, b = generate(dev, [prompt], params)[0], generate(cpu, [prompt], params)[0]
+    assert len(a.tokens) == len(b.tokens) or a.finish_reason == "stop"

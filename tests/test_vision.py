@@ -656,3 +656,18 @@ def test_two_images_in_one_prompt_match_transformers(model, hf):
     assert generate(model, [ids], params)[0].finish_reason in ("stop", "length")
     with pytest.raises(GenerationError, match="2 image placeholder run"):
         generate(model, [ids], params.replace(images=(image,)))
+
+
+def test_the_tower_follows_the_model(model):
+    """A model copied (deepcopy drops the features cache and its lock) and cast: its tower follows it on next use."""
+    import copy
+
+    image = vision.preprocess(picture(150, 100, seed=70), max_soft_tokens=70)
+    want = vision.vision_tower(model).features(image)
+    other = copy.deepcopy(model).to(torch.bfloat16)
+    tower = vision.vision_tower(other)  # moved and cast now, its cache (fp32 features) dropped
+    misses = tower.misses
+    got = tower.features(image)
+    assert got.dtype == torch.bfloat16 and tower.misses == misses + 1
+    assert vision.vision_tower(model).embed_vision.embedding_projection.weight.dtype == torch.float32
+    assert (got.float() - want).abs().max().item() < 0.1  # bf16 rounding
