@@ -206,7 +206,8 @@ def add_sampling_args(s) -> None:
     g.add_argument("--stop-token-id", type=int, action="append", metavar="ID", help="end the output at this token "
                    "as at EOS (repeatable; kept in the text unless it is a special token)")
     g.add_argument("--bad-word", action="append", metavar="WORD", help="never write this word (repeatable; vLLM's "
-                   "bad_words: also with a leading space; diffusion bans words of one token, --ar any word)")
+                   "bad_words: also with a leading space; a word of several tokens makes diffusion commit its canvas left to "
+                   "right)")
     g.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability (raw logits, "
                    "at the step that emitted it) and the N most likely tokens there (0-20)")
     g = s.add_argument_group("structured output (the text is held to a grammar; one of these)").\

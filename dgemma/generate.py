@@ -203,10 +203,6 @@ class GenerationParams:
                                                             or not 0 <= t < vocab for t in w) for w in self.bad_words):
             raise GenerationError(f"bad_words must be non-empty sequences of token ids in the vocabulary "
                                   f"(0..{vocab - 1})")
-        if self.mode == DIFFUSION and any(len(w) > 1 for w in self.bad_words):
-            raise GenerationError("bad_words: diffusion bans words of one token (a canvas writes its tokens "
-                                  "together, so a longer word cannot be cut at its last token); decode AR for longer "
-                                  "ones")
         if self.ar_fallback is not None:
             if not isinstance(self.ar_fallback, (int, float)) or isinstance(self.ar_fallback, bool) \
                     or self.ar_fallback < 0:
@@ -359,7 +355,8 @@ class _Row:
             self.seen = torch.zeros(vocab, dtype=torch.bool)
             self.seen[torch.tensor(prompt, dtype=torch.long)] = True
         self.allow = params.allowed_token_ids
-        # bad_words: one-token words are a -inf logit_bias; longer ones, last token -> the tokens before it (AR)
+        # bad_words: one-token words are a -inf logit_bias; longer ones, last token -> the tokens before it (AR; a
+        # diffusion row's are a WordBans matcher)
         self.bad_after: dict[int, list[tuple[int, ...]]] = {}
         for w in params.bad_words:
             if len(w) > 1:
@@ -370,6 +367,7 @@ class _Row:
         self._set_bias({**(params.logit_bias or {}), **dict.fromkeys(params.bad_tokens, float("-inf"))}, {})
         self.matcher = None  # structured.Matcher with a grammar (set by Engine.add)
         self.frontier = 0  # grammar: positions of the current canvas committed, left to right
+        self.cut_at: int | None = None  # ... and where the walk ended the text in it, if it did
         self.limit = canvas  # grammar: positions of the current canvas that can reach the output
         self.g_tok = torch.zeros(canvas, dtype=torch.long)  # grammar: the committed tokens
         self.g_lp: tuple | None = None  # grammar + logprobs: (lp [T], top ids, top lps) at each commit
@@ -643,6 +641,10 @@ class Engine:
             row.spans = image_spans(row.prompt, self.cfg.image_token_id)
         if params.grammar is not None:
             row.matcher = params.grammar.matcher(self.tok, self.V)
+        if params.mode == DIFFUSION and any(len(w) > 1 for w in params.bad_words):
+            # a word of several tokens is banned where its last token would complete it, so the canvas is
+            # committed left to right, as under a grammar (with it, if there is one)
+            row.matcher = WordBans(params.bad_words, self.V, row.matcher)
         if not params.ignore_eos:
             row.ends = row.ends | self._eos_set
         if params.min_tokens:
@@ -881,6 +883,7 @@ class Engine:
         r.argmax = canvas.clone()
         if r.matcher is not None:
             r.frontier, r.sent, r.limit = 0, 0, min(self.T, r.p.max_new_tokens - len(r.out))
+            r.cut_at = None
             if r.p.logprobs is not None:
                 n = r.p.logprobs
                 r.g_lp = (torch.zeros(self.T), torch.zeros(self.T, n, dtype=torch.long) if n else None,
@@ -1010,6 +1013,9 @@ class Engine:
             ids = allowed.nonzero()[:, 0] if int(allowed.sum()) <= self.SUBSET else None
             # Few tokens allowed (JSON's punctuation, keys, literals): work on those alone, not the vocabulary.
             sub = row[ids] if ids is not None else row.masked_fill(~allowed, float("-inf"))
+            if not bool(torch.isfinite(sub).any()):  # what the matcher allows, the row's bans exclude (bad_words
+                ended = True  # of several tokens with allowed_token_ids): the text ends here, as AR's does
+                break
             lp = torch.log_softmax(sub / t.to(row.device), dim=-1)
             p = lp.exp()
             if r.p.truncates:  # the cut over what the grammar allows, as AR sampling cuts
@@ -1035,13 +1041,13 @@ class Engine:
                     r.g_lp[1][j], r.g_lp[2][j] = top_ids[0].cpu(), top_lp[0].cpu()
             r.g_tok[j] = tok
             j += 1
-            if tok in self._eos_set or tok in r.stop_ids:  # a stop token the grammar allowed ends the text too
+            if tok in r.ends:  # EOS (unless ignore_eos) or a stop token the grammar allowed ends the text too
                 ended = True
                 break
             r.matcher.consume(tok)
         if ended:
             r.g_tok[j:] = int(self.eos[0])
-            j = self.T
+            r.cut_at, j = j, self.T  # the output ends at j (the EOS after it may be text, with ignore_eos)
         r.frontier = j
 
     def _step_inputs(self, rows: list[_Row], cfg: SamplerConfig) -> tuple[torch.Tensor, tuple]:
@@ -1202,6 +1208,8 @@ class Engine:
                 r.t_first = time.perf_counter()
             cut = toks.tolist()
             hit_eos = False
+            if r.cut_at is not None:  # the commit walk ended the text there (a grammar complete, nothing allowed)
+                cut, hit_eos = cut[:r.cut_at], True
             if r.ends:  # EOS (unless ignore_eos) and stop_token_ids
                 first = next((i for i, t in enumerate(cut) if t in r.ends), None)
                 if first is not None:
@@ -1274,7 +1282,8 @@ class Engine:
     def _emit_partial(self, r: _Row, events) -> None:
         """A grammar row's newly committed run, up to an EOS, sent at once as a partial Commit: the walk never
         takes a committed token back, so it can be streamed before its canvas ends."""
-        run = r.g_tok[r.sent:min(r.frontier, r.limit)].tolist()
+        stop = min(r.frontier, r.limit, r.cut_at if r.cut_at is not None else r.limit)
+        run = r.g_tok[r.sent:stop].tolist() if stop > r.sent else []
         end = next((i for i, t in enumerate(run) if t in r.ends), None)
         if end is not None:
             run = run[:end + self._kept(r, run[end])]
@@ -1445,6 +1454,40 @@ class _WalkLogits:
             if self.add_bias is not None:  # as the plain path adds it (the kept rows have it from the head's pass)
                 self.add_bias(self.block)
         return self.block[j - self.lo]
+
+
+class WordBans:
+    """bad_words of several tokens on a diffusion row, as a grammar matcher (`structured.Matcher`'s interface) that
+    the engine's left-to-right commit walk consults: after the output so far, a word's last token is not allowed
+    where the tokens before it end the output (vLLM's rule for AR decoding, here for each committed position). Wraps
+    the row's grammar matcher, if any: both must allow a token."""
+
+    def __init__(self, words, vocab: int, inner=None):
+        self.words = [tuple(w) for w in words if len(w) > 1]
+        self.vocab, self.inner = vocab, inner
+        self.keep = max(len(w) for w in self.words) - 1
+        self.tail: list[int] = []  # the output's last tokens, as many as the longest word less one
+
+    @property
+    def done(self) -> bool:
+        return self.inner is not None and self.inner.done
+
+    @property
+    def accepting(self) -> bool:
+        return self.inner is None or self.inner.accepting
+
+    def allowed(self) -> torch.Tensor:
+        mask = self.inner.allowed().clone() if self.inner is not None else torch.ones(self.vocab, dtype=torch.bool)
+        for w in self.words:
+            n = len(w) - 1
+            if len(self.tail) >= n and tuple(self.tail[len(self.tail) - n:]) == w[:-1]:
+                mask[w[-1]] = False
+        return mask
+
+    def consume(self, token: int) -> None:
+        if self.inner is not None:
+            self.inner.consume(token)
+        self.tail = (self.tail + [int(token)])[-self.keep:]
 
 
 def _adapters(rows) -> list[int] | None:

@@ -711,8 +711,9 @@ def test_allowed_token_ids(model, mode):
 
 @pytest.mark.parametrize("mode", [DIFFUSION, AR])
 def test_bad_words(model, mode):
-    """bad_words: a one-token word is never sampled (diffusion and AR, fused head or not); AR also never writes a
-    longer one, and writes what it wrote without it up to where the word began."""
+    """bad_words: a one-token word is never sampled (diffusion and AR, fused head or not); a longer one is never
+    written either (AR: cut at its last token, the output the same up to where the word began; diffusion: the
+    canvas committed left to right, each position's last-token ban known from the output before it)."""
     from collections import Counter
 
     T = model.cfg.canvas_length
@@ -723,14 +724,20 @@ def test_bad_words(model, mode):
     for fused in (True, False):
         d = generate(model, [_prompt(model)], free.replace(bad_words=((common,),)), fused_head=fused)[0]
         assert len(d.tokens) == 2 * T and common not in d.tokens
-    if mode == DIFFUSION:
-        with pytest.raises(GenerationError, match="diffusion bans words of one token"):
-            generate(model, [_prompt(model)], free.replace(bad_words=((4, 5),)))
-        return
     k = next(i for i in range(1, len(plain)) if plain[i] != plain[i - 1])  # a pair of two different tokens
     pair = (plain[k - 1], plain[k])
-    d = generate(model, [_prompt(model)], free.replace(bad_words=(pair,)))[0].tokens
-    assert all((a, b) != pair for a, b in zip(d, d[1:])) and d[:k] == plain[:k] and d[k] != plain[k]
+    if mode == DIFFUSION:  # the pairs the plain output holds most, and a triple: none of them written
+        pairs = [p for p, _ in Counter(zip(plain, plain[1:])).most_common(3)]
+        words = (*pairs, tuple(plain[k - 1:k + 2]))
+        for fused in (True, False):
+            d = generate(model, [_prompt(model)], free.replace(bad_words=words), fused_head=fused)[0].tokens
+            assert len(d) == 2 * T
+            assert not any(tuple(d[i:i + len(w)]) == w for w in words for i in range(len(d)))
+        d = generate(model, [_prompt(model)], free.replace(bad_words=(pair,)))[0].tokens
+        assert all((a, b) != pair for a, b in zip(d, d[1:]))
+    else:
+        d = generate(model, [_prompt(model)], free.replace(bad_words=(pair,)))[0].tokens
+        assert all((a, b) != pair for a, b in zip(d, d[1:])) and d[:k] == plain[:k] and d[k] != plain[k]
     with pytest.raises(GenerationError, match="bad_words must be"):
         generate(model, [_prompt(model)], free.replace(bad_words=((),)))
     # every token the word leaves would finish it: the output ends there

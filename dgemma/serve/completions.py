@@ -754,7 +754,7 @@ class Planner:
         return ids
 
     def _bad_words(self, req: _Common) -> tuple[tuple[int, ...], ...]:
-        """vLLM's bad_words as token sequences (`Pipeline.bad_words_ids`); diffusion bans words of one token."""
+        """vLLM's bad_words as token sequences (`Pipeline.bad_words_ids`)."""
         if not req.bad_words:
             return ()
         if self.pipe.tokenizer is None:
@@ -763,11 +763,6 @@ class Planner:
             ids = self.pipe.bad_words_ids(req.bad_words)
         except GenerationError as e:
             raise invalid(str(e), "bad_words") from None
-        long = next((w for w in ids if len(w) > 1), None)
-        if long is not None and not req.ar:
-            raise unsupported(f"bad_words: {self.pipe.decode(list(long))!r} is {len(long)} tokens; diffusion bans "
-                              "words of one token (a canvas writes its tokens together, so a longer word cannot be "
-                              "cut at its last token); send ar: true to ban longer words", "bad_words")
         return ids
 
     def _token_ids(self, ids: list[int] | None, param: str, empty: bool = True) -> tuple[int, ...] | None:
