@@ -87,7 +87,7 @@ class _Common(DiffusionOptions):
     stop_token_ids: list[int] | None = None  # tokens that end the output as EOS does
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
-    bad_words: list[str] | None = None  # vLLM's: words never written (diffusion: words of one token)
+    bad_words: list[str] | None = None  # vLLM's: words never written
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the prompt's last k tokens (-1: the context)
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's logprob, rank and top n
