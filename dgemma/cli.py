@@ -412,10 +412,12 @@ def cmd_generate(args) -> int:
         if not opts["prediction"]:
             raise UsageError("the prediction is empty")
     images = None
+    if args.image_tokens and not args.image:
+        raise UsageError("--image-tokens goes with --image")
     if args.image:
         if args.suffix is not None:
             raise UsageError("--image cannot be combined with infilling (--suffix, --infill)")
-        images = [pipe.image(path) for path in args.image]
+        images = [pipe.image(path, args.image_tokens) for path in args.image]
         opts["images"] = tuple(images)
         if IMAGE_MARKER not in text:
             text = IMAGE_MARKER * len(images) + text
@@ -1421,6 +1423,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", metavar="PATH", action="append", help="an image (PNG, JPEG, WebP, ...) the model sees "
                    "(repeat for several; a model with a vision tower): it goes where the prompt says <|image|>, "
                    "else before the prompt")
+    s.add_argument("--image-tokens", type=int, choices=(70, 140, 280, 560, 1120), metavar="N",
+                   help="read each image in at most N tokens (70, 140, 280, 560 or 1120; default the checkpoint's, "
+                   "280 for the released model): more tokens, more detail, a longer prompt")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     s.add_argument("--json", action="store_true", help="print text, tokens and stats as JSON")
     s.add_argument("--skip-special-tokens", action="store_true", help="leave the special tokens the model writes "

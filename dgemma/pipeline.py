@@ -17,8 +17,8 @@ from .generate import AR, DIFFUSION, Done, Engine, GenerationError, GenerationPa
 from .model import DiffusionGemma
 from .runtime import cpu_dtype
 from .sampler import SamplerConfig
-from .vision import (DEFAULT_SOFT_TOKENS, IMAGE_MARKER, VISION_DEFAULTS, Image, ImageError, has_vision, image_ids,
-                     load_image, preprocess)
+from .vision import (DEFAULT_SOFT_TOKENS, IMAGE_MARKER, VISION_DEFAULTS, Image, ImageError, detail_tokens, has_vision,
+                     image_ids, load_image, preprocess)
 from .weights import load_model, read_generation_config, resolve
 
 SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -137,9 +137,10 @@ class Pipeline:
         except ValueError as e:
             raise GenerationError(str(e)) from None
 
-    def image(self, src: Any) -> Image:
+    def image(self, src: Any, max_soft_tokens: int | None = None) -> Image:
         """One image, read (a path, encoded bytes, a data: URL or a PIL image; a `vision.Image` is taken as it is)
-        and preprocessed for this model.
+        and preprocessed for this model, in at most `max_soft_tokens` tokens (70, 140, 280, 560 or 1120; default
+        the checkpoint's `vision_soft_tokens_per_image`, 280 for the released model).
         A model without a vision tower is a GenerationError."""
         if not has_vision(self.model):
             raise GenerationError("this model has no vision tower, so it takes text only (its checkpoint carries "
@@ -149,8 +150,8 @@ class Pipeline:
         if src is None or src == "":
             raise GenerationError("no image given")
         c = {**VISION_DEFAULTS, **(self.model.cfg.vision_config or {})}
-        kw = dict(patch=c["patch_size"], kernel=c["pooling_kernel_size"],
-                  max_soft_tokens=self.model.cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS)
+        kw = dict(patch=c["patch_size"], kernel=c["pooling_kernel_size"], max_soft_tokens=max_soft_tokens
+                  or self.model.cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS)
         try:
             if hasattr(src, "convert") and hasattr(src, "size"):  # a PIL image
                 return preprocess(src.convert("RGB"), **kw)
@@ -162,8 +163,9 @@ class Pipeline:
         """Messages whose content may be a list of parts, as transformers and OpenAI write them, made into what the
         chat template takes: text parts joined by newlines, each image part (`{"type": "image", "image": path,
         bytes or PIL image}`, `{"type": "image", "url" | "path": ...}` or OpenAI's `{"type": "image_url",
-        "image_url": {"url": "data:..."}}`) the `<|image|>` marker (Gemma 4's template writes it before the text,
-        no newline); and the images, read, in order."""
+        "image_url": {"url": "data:...", "detail": ...}}`) the `<|image|>` marker (Gemma 4's template writes it
+        before the text, no newline); and the images, read, in order. An image's token budget: its part's
+        `max_soft_tokens`, or OpenAI's `detail` ("low" 70, "high" 1120, "auto" the checkpoint's default)."""
         out, images = [], []
         for i, m in enumerate(messages):
             content = m.get("content") if isinstance(m, Mapping) else None
@@ -178,11 +180,16 @@ class Pipeline:
                 elif kind in ("image", "image_url"):
                     src = part.get("image", part.get("path", part.get("url"))) if kind == "image" else \
                         part.get("image_url")
+                    detail = part.get("detail")
                     if isinstance(src, Mapping):
-                        src = src.get("url")
+                        src, detail = src.get("url"), src.get("detail", detail)
                     if src is None:
                         raise GenerationError(f"messages[{i}].content[{j}]: an image part needs its image")
-                    images.append(self.image(src))
+                    try:
+                        budget = part.get("max_soft_tokens") or detail_tokens(detail)
+                    except ImageError as e:
+                        raise GenerationError(f"messages[{i}].content[{j}]: {e}") from None
+                    images.append(self.image(src, budget))
                     text += IMAGE_MARKER
                 else:
                     raise GenerationError(f"messages[{i}].content[{j}]: parts are text or images, got {kind!r}")

@@ -434,6 +434,19 @@ def _keep(model, tower: VisionTower) -> None:
     model.__dict__["vision"] = tower
 
 
+DETAIL_TOKENS = {"low": 70, "high": 1120}  # OpenAI's image detail as a token budget ("auto": the default)
+
+
+def detail_tokens(detail) -> int | None:
+    """The soft-token budget OpenAI's `detail` asks for: "low" the fewest (70), "high" the most (1120), "auto" or
+    none the checkpoint's default (None)."""
+    if detail in (None, "auto"):
+        return None
+    if detail not in DETAIL_TOKENS:
+        raise ImageError(f"detail must be 'low', 'high' or 'auto', got {detail!r}")
+    return DETAIL_TOKENS[detail]
+
+
 def image_ids(cfg, image: Image) -> list[int]:
     """The prompt ids one image takes: boi, one image token per soft token, eoi."""
     return [cfg.boi_token_id] + [cfg.image_token_id] * image.tokens + [cfg.eoi_token_id]

@@ -671,3 +671,34 @@ def test_the_tower_follows_the_model(model):
     assert got.dtype == torch.bfloat16 and tower.misses == misses + 1
     assert vision.vision_tower(model).embed_vision.embedding_projection.weight.dtype == torch.float32
     assert (got.float() - want).abs().max().item() < 0.1  # bf16 rounding
+
+
+def test_image_token_budget(ckpt, http, capsys):
+    """OpenAI's `detail` (low: 70 tokens, high: up to 1120, auto: the checkpoint's default), a part's
+    max_soft_tokens in Python, --image-tokens in the CLI; a bad detail is a 400 naming it."""
+    from test_serve import assert_error
+
+    from dgemma.cli import main
+
+    img = picture(640, 480, seed=80)
+    url = _data_url(img)
+
+    def tokens(detail=None):
+        part = {"url": url, **({"detail": detail} if detail else {})}
+        r = http.post("/tokenize", json={"model": "eyes", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": part}]}]})
+        return r.json()["tokens"].count(IMG)
+
+    low, auto, high = tokens("low"), tokens(), tokens("high")
+    assert low <= 70 < high <= 1120 and auto <= 70  # this checkpoint's default budget is 70 (its config)
+    assert tokens("auto") == auto
+    r = http.post("/v1/chat/completions", json={"model": "eyes", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "ultra"}}]}]})
+    assert_error(r, 400, param="messages.0.content.0.image_url.detail")
+    pipe = Pipeline.load(str(ckpt), device="cpu", quiet=True)
+    _, [big] = pipe.chat_messages([{"role": "user", "content": [
+        {"type": "image", "image": img, "max_soft_tokens": 1120}]}])
+    assert big.tokens == high
+    assert main(["generate", str(ckpt), "x", "--image-tokens", "1120", "--image", "nope.png"]) == 2  # no file
+    assert main(["generate", str(ckpt), "x", "--image-tokens", "1120"]) == 2
+    assert "--image-tokens goes with --image" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from ..generate import AR, Commit, Done, GenerationError, GenerationParams, min_
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
-from ..vision import IMAGE_MARKER, ImageError, has_vision, vision_tower
+from ..vision import IMAGE_MARKER, ImageError, detail_tokens, has_vision, vision_tower
 from .engine import Cancelled, Failed, Job
 from .errors import APIError, from_generation, from_validation, invalid, unsupported
 from .media import image_source
@@ -390,10 +390,14 @@ class Planner:
 
     def _image(self, spec: Any, where: str):
         """An image_url part's image: a base64 data: URL, or an http(s) / file:// URL where the server allows those
-        (media.py)."""
+        (media.py); `detail` "low" reads it in 70 tokens, "high" in up to 1120, "auto" in the checkpoint's default."""
         url = spec.get("url") if isinstance(spec, dict) else spec
         if not isinstance(url, str):
             raise invalid('an image_url part needs {"url": "data:image/...;base64,..."}', where)
+        try:
+            budget = detail_tokens(spec.get("detail") if isinstance(spec, dict) else None)
+        except ImageError as e:
+            raise invalid(str(e), where + ".image_url.detail") from None
         st = self.settings
         if not has_vision(self.pipe.model):  # before anything is fetched
             raise unsupported(f"model {st.model_name!r} has no vision tower, so it takes text only", where)
@@ -402,7 +406,7 @@ class Planner:
         except ImageError as e:
             raise unsupported(str(e), where) from None
         try:
-            return self.pipe.image(src)
+            return self.pipe.image(src, budget)
         except GenerationError as e:
             raise invalid(str(e), where) from None
 

@@ -187,7 +187,8 @@ def _parts(content: list, where: str) -> list[dict[str, Any]]:
             if not isinstance(url, str):
                 raise unsupported("an input_image needs image_url (a data: URL); file_id is not supported",
                                   f"{where}.{j}")
-            out.append({"type": "image_url", "image_url": {"url": url}})
+            out.append({"type": "image_url", "image_url": {"url": url, **({"detail": part["detail"]}
+                                                                         if "detail" in part else {})}})
         else:
             out.append({"type": "text", "text": _text([part], f"{where}.{j}")})
     return out
