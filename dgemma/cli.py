@@ -627,9 +627,7 @@ def cmd_serve(args) -> int:
                                 cors_origins=tuple(args.cors_origin or ()),
                                 allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy,
                                 batch_dir=args.batch_dir, responses_store=args.responses_store,
-                                responses_dir=args.responses_dir,
-                                allowed_media_domains=tuple(",".join(args.allowed_media_domains or ()).split(",")),
-                                allowed_local_media_path=args.allowed_local_media_path)
+                                responses_dir=args.responses_dir)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
@@ -649,7 +647,9 @@ def _server_settings(args, **kw):
         max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit, max_context=args.max_context,
         prefix_cache=args.prefix_cache, prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
-        adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk, **kw)
+        adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk,
+        allowed_media_domains=tuple(",".join(args.allowed_media_domains or ()).split(",")),
+        allowed_local_media_path=args.allowed_local_media_path, **kw)
 
 
 def _server_pipeline(args, settings):
@@ -1393,6 +1393,11 @@ def _add_server_engine_args(s) -> None:
                    help="with --prefix-cache: how far a cached context longer than the sliding window may be cut back "
                    "and reused (default: one canvas); each token widens every row's sliding-layer cache by one "
                    "position")
+    s.add_argument("--allowed-media-domains", metavar="HOST[,HOST...]", action="append",
+                   help="fetch http(s) image URLs from these hosts ('*': any; the default: none, images come inline "
+                   "as data: URLs); redirects must stay on them")
+    s.add_argument("--allowed-local-media-path", metavar="DIR", help="let file:// image URLs read images under DIR "
+                   "(nothing outside it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1481,11 +1486,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--responses-dir", metavar="DIR", help="keep stored responses and conversations under DIR as "
                    "well as in memory, so they outlive a restart (a background response a restart interrupted "
                    "comes back failed); default: in memory only")
-    s.add_argument("--allowed-media-domains", metavar="HOST[,HOST...]", action="append",
-                   help="fetch http(s) image URLs from these hosts ('*': any; the default: none, images come inline "
-                   "as data: URLs); redirects must stay on them")
-    s.add_argument("--allowed-local-media-path", metavar="DIR", help="let file:// image URLs read images under DIR "
-                   "(nothing outside it)")
     s.add_argument("--batch-dir", metavar="DIR", help="turn on OpenAI's Files and Batches APIs (/v1/files, "
                    "/v1/batches), keeping uploads, batch state and outputs under DIR; a batch's requests run as "
                    "background rows beside live traffic, and resume after a restart")
