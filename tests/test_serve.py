@@ -1512,7 +1512,7 @@ def test_an_engine_fault_fails_the_row_that_causes_it_alone(pipe):
 @pytest.mark.parametrize("policy", [False, True])
 def test_priority_scheduling(pipe, policy):
     """vLLM's --scheduling-policy priority: waiting rows are admitted lowest `priority` first, in arrival order
-    among equals (fcfs: arrival order alone); a running row is never preempted."""
+    among equals (fcfs: arrival order alone); a row that has sent text is never preempted."""
     from dgemma.serve.engine import Done, Job, Worker
 
     worker = Worker(pipe.engine(max_rows=1, max_len=256), max_queue=8, priority=policy)
@@ -1535,6 +1535,70 @@ def test_priority_scheduling(pipe, policy):
         assert order == (["a", "c", "e", "b", "d"] if policy else ["a", "b", "c", "d", "e"])
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("kind", ["priority", "background"])
+def test_preemption(pipe, kind):
+    """A job ranked first (a lower priority; a client's row before a batch's) takes the row of a running job that
+    has sent no text yet, which waits again and then starts over with its seed (the same tokens as alone)."""
+    from dgemma.serve.engine import Done, Draft, Job, Worker
+
+    worker = Worker(pipe.engine(max_rows=1, max_len=256, drafts=True), max_queue=8, priority=kind == "priority")
+    order, drafted, finished, done = [], threading.Event(), threading.Event(), {}
+
+    def sink(job, events):
+        if any(isinstance(e, Draft) for e in events):
+            drafted.set()
+        for e in events:
+            if isinstance(e, Done):
+                order.append(job.tag)
+                done[job.tag] = e.tokens
+                if len(order) == 2:
+                    finished.set()
+
+    slow = pipe.params(max_new_tokens=16, ignore_eos=True, seed=3, steps=400, stability=400)  # no early stop
+    quick = pipe.params(max_new_tokens=8, ignore_eos=True, seed=0)
+    low = Job(pipe.encode("low"), slow, sink, tag="low", drafts=True,
+              priority=5 if kind == "priority" else 0, background=kind == "background")
+    high = Job(pipe.encode("high"), quick, sink, tag="high")
+    worker.start()
+    try:
+        worker.submit([low])
+        assert drafted.wait(30)  # running, no text sent
+        worker.submit([high])
+        assert finished.wait(120)
+        assert order == ["high", "low"] and low.preempted == 1 and high.preempted == 0
+        assert worker.metrics.preemptions.values == {(): 1}
+    finally:
+        worker.stop()
+    assert done["low"] == [ev for ev in pipe.engine(max_rows=1, max_len=256).run([pipe.encode("low")], slow)
+                           if isinstance(ev, Done)][0].tokens
+    # a row that has sent text finishes first; so does one of equal rank
+    from dgemma.serve.engine import Commit
+
+    committed = threading.Event()
+
+    def sink2(job, events):
+        if any(isinstance(e, Commit) for e in events):
+            committed.set()
+        sink(job, events)
+
+    for first, wait in ((Job(pipe.encode("a"), slow.replace(max_new_tokens=48), sink2, tag="a", priority=5),
+                         committed), (Job(pipe.encode("a"), slow, sink2, tag="a"), drafted)):
+        worker = Worker(pipe.engine(max_rows=1, max_len=256, drafts=True), max_queue=8, priority=True)
+        order.clear()
+        finished.clear()
+        committed.clear()
+        drafted.clear()
+        first.drafts = True
+        worker.start()
+        try:
+            worker.submit([first])
+            assert wait.wait(60)
+            worker.submit([Job(pipe.encode("b"), quick, sink2, tag="b")])
+            assert finished.wait(120) and order == ["a", "b"] and not worker.metrics.preemptions.values
+        finally:
+            worker.stop()
 
 
 def test_priority_needs_the_policy(http):

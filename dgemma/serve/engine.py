@@ -75,6 +75,7 @@ class Job:
     background: bool = False  # a Batch API request: admitted only when no other job waits
     commits: int = 0  # Commit events sent: text the client has (a row with none can start again unseen)
     retried: bool = False  # started again, alone, after an engine fault
+    preempted: int = 0  # times its row was given to a job ranked before it (it had sent no text)
     t_submit: float = field(default_factory=time.perf_counter)
 
     @property
@@ -87,8 +88,10 @@ class Worker:
                  priority: bool = False):
         self.engine = engine
         # vLLM's scheduling policies: "fcfs" admits waiting jobs in arrival order; priority=True (--scheduling-policy
-        # priority) admits the lowest `Job.priority` first, arrival order among equals. Running rows are never
-        # preempted: a canvas in flight finishes.
+        # priority) admits the lowest `Job.priority` first, arrival order among equals. When no row is free, a
+        # waiting job preempts a running one that would be admitted after it (a lower priority, or a batch's row
+        # for a client's), if that one has sent no text yet: its row is freed and it waits again, to start over
+        # with the same seed (as vLLM recomputes a preempted request). Rows that have sent text always finish.
         self.priority = priority
         self.max_rows = len(engine.free) + len(engine.rows)
         self.max_queue = max_queue
@@ -189,7 +192,7 @@ class Worker:
                     for job in cancels:
                         if job.state == "waiting":
                             (self._suspects if job in self._suspects else self._waiting).remove(job)
-                    admitted = []
+                    admitted, preempted = [], []
                     # Cancelled rows free their slots below, before the admitted rows take theirs.
                     stopping = sum(j.state == "running" for j in cancels)
                     room = len(self.engine.free) + stopping
@@ -202,6 +205,7 @@ class Worker:
                     else:
                         while self._waiting and len(admitted) < room:
                             admitted.append(self._next())
+                        preempted = self._preempt(set(cancels), admitted)
                     self._active = len(self._running) + len(admitted)
                 for job in cancels:
                     if job.state == "running":
@@ -209,6 +213,11 @@ class Worker:
                         self._running.pop(job.rid, None)
                     if job.state in ("waiting", "running"):
                         self._finish(job, "cancelled", Cancelled())
+                for job in preempted:  # back to waiting (already queued again, under the lock)
+                    self.engine.cancel(job.rid)
+                    self._running.pop(job.rid, None)
+                    job.rid = None
+                    self.metrics.inc(self.metrics.preemptions)
                 for job in admitted:
                     self._admit(job)
                 with self._cond:
@@ -248,6 +257,32 @@ class Worker:
         del self._waiting[best]
         return job
 
+    @staticmethod
+    def _rank(job: Job, priority: bool) -> tuple:
+        """Admission order: a client's rows before a batch's, then (priority scheduling) the lower priority."""
+        return job.background, job.priority if priority else 0
+
+    def _preempt(self, cancels: set, admitted: list[Job]) -> list[Job]:
+        """(Under the lock.) While jobs wait and no row is free, the running job that would be admitted last, if
+        it has sent no text and ranks after the job next in line, gives its row to that job: it is queued again
+        (in front of its equals) and returned, for the worker to free its engine row."""
+        out = []
+        while self._waiting:
+            nxt = min(self._waiting, key=lambda j: self._rank(j, self.priority))
+            pool = [j for j in self._running.values() if j.state == "running" and not j.commits
+                    and j not in cancels and j is not self._alone]
+            if not pool:
+                break
+            victim = max(pool, key=lambda j: (self._rank(j, self.priority), j.t_submit))
+            if not self._rank(nxt, self.priority) < self._rank(victim, self.priority):
+                break
+            admitted.append(self._next())
+            victim.state, victim.preempted = "waiting", victim.preempted + 1
+            self._waiting.appendleft(victim)
+            out.append(victim)
+            cancels.add(victim)  # not a victim twice in one pass
+        return out
+
     def _admit(self, job: Job) -> None:
         try:
             job.rid = self.engine.add(job.prompt, job.params)
@@ -256,7 +291,7 @@ class Worker:
             return
         job.state = "running"
         self._running[job.rid] = job
-        if not job.retried:
+        if not job.retried and not job.preempted:
             self.metrics.observe(self.metrics.queue_wait, time.perf_counter() - job.t_submit)
             self.metrics.inc(self.metrics.prompt_tokens, by=len(job.prompt))
 

@@ -87,6 +87,8 @@ class Metrics:
         self.rows = Counter("dgemma_rows_total", "Engine rows (one per choice) by outcome and model.",
                             ("outcome", "model"))
         self.engine_steps = Counter("dgemma_engine_steps_total", "Engine steps run.")
+        self.preemptions = Counter("dgemma_preemptions_total", "Running rows (none of their text sent) that gave "
+                                   "their engine row to a job ranked before them, to start over later.")
         self.rejected = Counter("dgemma_rejected_total", "Requests turned away before running, by reason.",
                                 ("reason",))
         self.gauges: list[tuple[str, str, Callable[[], float]]] = []
@@ -129,8 +131,8 @@ class Metrics:
         with self.lock:
             lines: list[str] = []
             for m in (self.requests, self.latency, self.ttft, self.queue_wait, self.step_time,
-                      self.steps_per_canvas, self.tokens, self.prompt_tokens, self.cached_tokens, self.rows, self.engine_steps,
-                      self.rejected):
+                      self.steps_per_canvas, self.tokens, self.prompt_tokens, self.cached_tokens, self.rows,
+                      self.engine_steps, self.preemptions, self.rejected):
                 lines += m.render()
         for name, help, fn in self.gauges:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {_num(fn())}"]
