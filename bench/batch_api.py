@@ -9,7 +9,9 @@ one after another (a user at a prompt), in three conditions:
 - alone: nothing else runs;
 - batch: a `--batch`-request batch runs through /v1/batches (background rows, at most ROWS in flight);
 - clients: the same requests sent as ordinary concurrent requests, ROWS at a time (what a batch would be without
-  background rows: a script looping over the file with a thread pool).
+  background rows: a script looping over the file with a thread pool);
+- priority: the same clients, the probes sent with a lower `priority` (the server runs `--scheduling-policy
+  priority`): a probe preempts a client's row that has sent no text yet, instead of queueing for a free row.
 The table gives the probes' median and worst latency, and what the load got done meanwhile.
 """
 
@@ -41,16 +43,16 @@ def body(i: int, max_tokens: int) -> dict:
     return {"prompt": f"def {NAMES[i % len(NAMES)]}_{i}(x):\n", "max_tokens": max_tokens, "seed": i}
 
 
-def probe(http, i: int, max_tokens: int) -> float:
+def probe(http, i: int, max_tokens: int, **extra) -> float:
     t0 = time.perf_counter()
-    r = http.post("/v1/completions", json=body(10_000 + i, max_tokens))
+    r = http.post("/v1/completions", json={**body(10_000 + i, max_tokens), **extra})
     r.raise_for_status()
     return time.perf_counter() - t0
 
 
-def probes(http, n: int, max_tokens: int) -> list[float]:
+def probes(http, n: int, max_tokens: int, **extra) -> list[float]:
     time.sleep(1.0)  # let the load fill the rows first
-    return [probe(http, i, max_tokens) for i in range(n)]
+    return [probe(http, i, max_tokens, **extra) for i in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         server = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", args.model, "--port", str(port),
                                    "--max-concurrency", str(args.rows), "--batch-dir", d, "--max-queue", "256",
+                                   "--scheduling-policy", "priority",  # every priority 0 but the last condition's
                                    "--log-level", "warning"], env=dict(os.environ))
         try:
             url = f"http://127.0.0.1:{port}"
@@ -110,26 +113,31 @@ def main(argv: list[str] | None = None) -> int:
                 while client.batches.retrieve(b.id).status not in ("cancelled", "completed"):
                     time.sleep(0.2)
 
-                stop, count = threading.Event(), [0]
+                for name, extra in (("clients", {}), ("priority", {"priority": -1})):
+                    stop, count = threading.Event(), [0]
 
-                def loop(k: int) -> None:
-                    i = k
-                    with httpx.Client(base_url=url, timeout=600) as h:
-                        while not stop.is_set():
-                            h.post("/v1/completions", json=body(i, args.max_tokens)).raise_for_status()
-                            count[0] += 1
-                            i += args.rows
+                    def loop(k: int) -> None:
+                        i = k
+                        with httpx.Client(base_url=url, timeout=600) as h:
+                            while not stop.is_set():
+                                h.post("/v1/completions", json=body(i, args.max_tokens)).raise_for_status()
+                                count[0] += 1
+                                i += args.rows
 
-                with ThreadPoolExecutor(args.rows) as pool:
-                    t0 = time.perf_counter()
-                    futures = [pool.submit(loop, k) for k in range(args.rows)]
-                    lat = probes(http, args.probes, args.max_tokens)
-                    wall = time.perf_counter() - t0
-                    done = count[0]
-                    stop.set()
-                    for fut in futures:
-                        fut.result()
-                record("clients", lat, done, wall)
+                    with ThreadPoolExecutor(args.rows) as pool:
+                        t0 = time.perf_counter()
+                        futures = [pool.submit(loop, k) for k in range(args.rows)]
+                        lat = probes(http, args.probes, args.max_tokens, **extra)
+                        wall = time.perf_counter() - t0
+                        done = count[0]
+                        stop.set()
+                        for fut in futures:
+                            fut.result()
+                    record(name, lat, done, wall)
+                metrics = http.get("/metrics").text
+                preempted = next((float(line.split()[-1]) for line in metrics.splitlines()
+                                  if line.startswith("dgemma_preemptions_total")), 0.0)
+                print(f"preemptions: {preempted:.0f}")
         finally:
             server.terminate()
             server.wait(30)
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Path(args.out).write_text(json.dumps({
         "model": args.model, "rows": args.rows, "batch": args.batch, "probes": args.probes,
-        "max_tokens": args.max_tokens, "runs": rows,
+        "max_tokens": args.max_tokens, "runs": rows, "preemptions": preempted,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__}}, indent=2) + "\n")
     print(f"wrote {args.out}")
