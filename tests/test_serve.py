@@ -1556,7 +1556,7 @@ def test_preemption(pipe, kind):
                 if len(order) == 2:
                     finished.set()
 
-    slow = pipe.params(max_new_tokens=16, ignore_eos=True, seed=3, steps=400, stability=400)  # no early stop
+    slow = pipe.params(max_new_tokens=16, ignore_eos=True, seed=3, steps=60, stability=60)  # no early stop
     quick = pipe.params(max_new_tokens=8, ignore_eos=True, seed=0)
     low = Job(pipe.encode("low"), slow, sink, tag="low", drafts=True,
               priority=5 if kind == "priority" else 0, background=kind == "background")
@@ -1583,7 +1583,7 @@ def test_preemption(pipe, kind):
             committed.set()
         sink(job, events)
 
-    for first, wait in ((Job(pipe.encode("a"), slow.replace(max_new_tokens=48), sink2, tag="a", priority=5),
+    for first, wait in ((Job(pipe.encode("a"), slow.replace(max_new_tokens=32), sink2, tag="a", priority=5),
                          committed), (Job(pipe.encode("a"), slow, sink2, tag="a"), drafted)):
         worker = Worker(pipe.engine(max_rows=1, max_len=256, drafts=True), max_queue=8, priority=True)
         order.clear()

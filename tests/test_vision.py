@@ -153,16 +153,11 @@ def _prompt(model, image, before=(2, 5, 6), after=(8, 9, 10, 11)):
     return list(before) + vision.image_ids(model.cfg, image) + list(after)
 
 
-@torch.no_grad()
-def test_encoder_with_an_image_matches_transformers(model, hf):
-    """The image's features replace its placeholders' embeddings and its tokens see each other both ways (also
-    across the sliding window), with generate's masks (transformers' bare encoder forward drops them)."""
+def _hf_encoder_logits(hf, ids: torch.Tensor, ref) -> torch.Tensor:
+    """transformers' encoder logits for `ids` with the processor's images `ref`, under the masks its `generate`
+    builds (a bare encoder call drops the image spans' bidirectional masks)."""
     from transformers.cache_utils import DynamicCache
 
-    img = picture(150, 100, seed=2)
-    ref = _processor()(img, return_tensors="pt")
-    image = vision.preprocess(img, max_soft_tokens=70)
-    ids = torch.tensor([_prompt(model, image)])
     cache = DynamicCache(config=hf.config.text_config)
     pos = torch.arange(ids.shape[1])[None]
     masks = hf.model.encoder.create_masks_for_generate(
@@ -170,7 +165,18 @@ def test_encoder_with_an_image_matches_transformers(model, hf):
         past_key_values=cache, position_ids=pos, mm_token_type_ids=(ids == IMG).long())
     h = hf.model.encoder(input_ids=ids, pixel_values=ref["pixel_values"], image_position_ids=ref["image_position_ids"],
                          attention_mask=masks, past_key_values=cache, position_ids=pos).last_hidden_state
-    want = torch.tanh(hf.lm_head(h).float() / 30.0) * 30.0
+    return torch.tanh(hf.lm_head(h).float() / 30.0) * 30.0
+
+
+@torch.no_grad()
+def test_encoder_with_an_image_matches_transformers(model, hf):
+    """The image's features replace its placeholders' embeddings and its tokens see each other both ways (also
+    across the sliding window), with generate's masks (transformers' bare encoder forward drops them)."""
+    img = picture(150, 100, seed=2)
+    ref = _processor()(img, return_tensors="pt")
+    image = vision.preprocess(img, max_soft_tokens=70)
+    ids = torch.tensor([_prompt(model, image)])
+    want = _hf_encoder_logits(hf, ids, ref)
     feats = vision.vision_tower(model).features(image)
     [(start, end)] = vision.image_spans(ids[0].tolist(), IMG)
     for kw in ({}, {"known_lengths": [0], "valid_lengths": [ids.shape[1]]}):  # batched and per-row attention
@@ -631,21 +637,12 @@ def test_training_records_with_images(ckpt, tmp_path):
 @torch.no_grad()
 def test_two_images_in_one_prompt_match_transformers(model, hf):
     """Two images of different sizes: two spans, each bidirectional within itself only, features in order."""
-    from transformers.cache_utils import DynamicCache
-
     imgs = [picture(150, 100, seed=60), picture(64, 200, seed=61)]
     ref = _processor()(imgs, return_tensors="pt")
     ours = [vision.preprocess(im, max_soft_tokens=70) for im in imgs]
     ids = [2, 5] + vision.image_ids(model.cfg, ours[0]) + [7, 8] + vision.image_ids(model.cfg, ours[1]) + [9]
     x = torch.tensor([ids])
-    cache = DynamicCache(config=hf.config.text_config)
-    pos = torch.arange(x.shape[1])[None]
-    masks = hf.model.encoder.create_masks_for_generate(
-        config=hf.config, inputs_embeds=torch.empty(1, x.shape[1], 0), attention_mask=torch.ones_like(x).bool(),
-        past_key_values=cache, position_ids=pos, mm_token_type_ids=(x == IMG).long())
-    h = hf.model.encoder(input_ids=x, pixel_values=ref["pixel_values"], image_position_ids=ref["image_position_ids"],
-                         attention_mask=masks, past_key_values=cache, position_ids=pos).last_hidden_state
-    want = torch.tanh(hf.lm_head(h).float() / 30.0) * 30.0
+    want = _hf_encoder_logits(hf, x, ref)
     spans = vision.image_spans(ids, IMG)
     assert [b - a for a, b in spans] == [o.tokens for o in ours] and ours[0].tokens != ours[1].tokens
     tower = vision.vision_tower(model)
