@@ -30,7 +30,8 @@ def _num(x: float) -> str:
 class Counter:
     def __init__(self, name: str, help: str, labels: Sequence[str] = ()):
         self.name, self.help, self.labels = name, help, tuple(labels)
-        self.values: dict[tuple, float] = {}
+        # a counter without labels reads 0 from the start (a labelled one has a series per label value seen)
+        self.values: dict[tuple, float] = {} if self.labels else {(): 0}
 
     def inc(self, *labels: str, by: float = 1) -> None:
         self.values[labels] = self.values.get(labels, 0) + by
