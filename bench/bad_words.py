@@ -14,8 +14,6 @@ words are the free outputs' three most common pairs of non-blank tokens, so the 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from collections import Counter
@@ -27,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _results import write_results  # noqa: E402
 from dgemma.generate import generate  # noqa: E402
-from dgemma.io import atomic_write_text  # noqa: E402
 from dgemma.pipeline import Pipeline  # noqa: E402
 from prediction import cases  # noqa: E402
 
@@ -80,11 +78,8 @@ def main(argv=None) -> int:
                          "outputs_with_banned": n_with, "outputs": len(r["outs"])}
         spc = f"{r['steps_per_canvas']:.1f}" if r["steps_per_canvas"] is not None else "-"
         print(f"{name:>24}{results[name]['tok_s']:>9.1f}{spc:>14}{n_with:>22} of {len(r['outs'])}", flush=True)
-    out = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "model": args.model,
-           "words": [list(w) for w in words], "single": list(single), "results": results,
-           "command": "python bench/bad_words.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    atomic_write_text(args.out, json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, "bad_words.py", argv, args.threads, model=args.model, words=[list(w) for w in words],
+                  single=list(single), results=results)
     return 0
 
 

@@ -14,8 +14,6 @@ the wall time until every request is done. Each setting runs twice; the second r
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import sysconfig
@@ -27,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import write_results  # noqa: E402
 from dgemma.generate import Commit  # noqa: E402
-from dgemma.io import atomic_write_text  # noqa: E402
 from dgemma.pipeline import Pipeline  # noqa: E402
 from dgemma.tasks.code import is_held_out, list_files  # noqa: E402
 
@@ -98,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[c] = run(pipe, chunk, prompt)
         print(f"{c:>6}{r['max_step_s']:>16.3f}{r['median_step_s']:>15.3f}{r['steps_to_first_commit']:>17}"
               f"{r['time_to_first_commit_s']:>16.2f}{r['wall_s']:>8.2f}", flush=True)
-    out = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "dtype": dtype,
-           "model": args.model, "prompt_tokens": len(prompt), "results": results,
-           "command": "python bench/chunked_prefill.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    atomic_write_text(args.out, json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, "chunked_prefill.py", argv, args.threads, dtype=dtype, model=args.model,
+                  prompt_tokens=len(prompt), results=results)
     return 0
 
 

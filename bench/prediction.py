@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import json
-import platform
 import statistics
 import sys
 import sysconfig
@@ -37,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dgemma.io import atomic_write_text  # noqa: E402
+from _results import write_results  # noqa: E402
 from dgemma.pipeline import Pipeline  # noqa: E402
 from dgemma.tasks.code import is_held_out, list_files  # noqa: E402
 
@@ -119,12 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = "-" if s["prediction_kept"] is None else f"{s['prediction_kept']:.1%}"
         print(f"{name:<8}{s['wall_s']:>9.2f}{s['tokens_per_s']:>9.1f}{steps:>14}{s['target_matched']:>16.1%}"
               f"{kept:>17}")
-    result = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "dtype": dtype,
-              "model": args.model,
-              "tokens": args.tokens, "summary": summary, "cases": rows,
-              "command": "python bench/prediction.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    atomic_write_text(args.out, json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, "prediction.py", argv, args.threads, dtype=dtype, model=args.model, tokens=args.tokens,
+                  summary=summary, cases=rows)
     return 0
 
 

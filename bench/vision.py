@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dgemma.io import atomic_write_text  # noqa: E402
+from _results import write_results  # noqa: E402
 from dgemma.vision import RELEASED_VISION_CONFIG, VisionTower, load_image  # noqa: E402
 
 
@@ -84,11 +83,8 @@ def main(argv=None) -> int:
                             "preprocess_s": pre[s], "tower_s": sec, "patches_per_s": n / sec})
             print(f"{name:>9}{img.tokens:>12}{n:>9}{'%dx%d' % img.size:>12}{pre[s]:>14.3f}{sec:>9.2f}"
                   f"{n / sec:>11.0f}", flush=True)
-    out = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-           "tower_params": params, "source_image": "1280x960 JPEG", "results": results,
-           "command": "python bench/vision.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    atomic_write_text(args.out, json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_results(args.out, "vision.py", argv, args.threads, tower_params=params, source_image="1280x960 JPEG",
+                  results=results)
     return 0
 
 
