@@ -323,14 +323,16 @@ class VisionTower(nn.Module):
             out.append((f.cos().to(dtype), f.sin().to(dtype)))
         return tuple(out)
 
-    def features(self, image: Image) -> torch.Tensor:
+    def features(self, image: Image, cached: bool = True) -> torch.Tensor:
         """The image's soft tokens in the text stack's input space: `[image.tokens, text hidden]`.
 
         Kept in a small LRU cache by the image's digest (`cache_bytes` of features, 128 MiB by default: ~80 images
         of 280 tokens at the released size in bf16), so an image sent again (each turn of a chat resends the
         conversation) costs no second tower forward, and a server can run the tower while it plans a request,
         beside the engine's steps, leaving the engine a cache hit. Thread-safe; callers must not modify the
-        tensor."""
+        tensor. cached=False runs the tower whatever the cache holds, and keeps nothing (benchmarks)."""
+        if not cached:
+            return self._features(image)
         with self._lock:
             hit = self._cache.get(image.digest)
             if hit is not None:
