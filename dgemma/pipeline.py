@@ -17,8 +17,8 @@ from .generate import AR, DIFFUSION, Done, Engine, GenerationError, GenerationPa
 from .model import DiffusionGemma
 from .runtime import cpu_dtype
 from .sampler import SamplerConfig
-from .vision import (DEFAULT_SOFT_TOKENS, IMAGE_MARKER, VISION_DEFAULTS, Image, ImageError, detail_tokens, has_vision,
-                     image_ids, load_image, preprocess)
+from .vision import (DEFAULT_SOFT_TOKENS, IMAGE_MARKER, VISION_DEFAULTS, Image, ImageError, add_text, detail_tokens,
+                     has_vision, image_ids, load_image, preprocess)
 from .weights import load_model, read_generation_config, resolve
 
 SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -176,7 +176,7 @@ class Pipeline:
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, Mapping) else None
                 if kind == "text" and isinstance(part.get("text"), str):
-                    text += ("\n" if text and not text.endswith(IMAGE_MARKER) else "") + part["text"]
+                    text = add_text(text, part["text"])
                 elif kind in ("image", "image_url"):
                     src = part.get("image", part.get("path", part.get("url"))) if kind == "image" else \
                         part.get("image_url")

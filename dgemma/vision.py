@@ -449,6 +449,12 @@ def detail_tokens(detail) -> int | None:
     return DETAIL_TOKENS[detail]
 
 
+def add_text(content: str, text: str) -> str:
+    """A message's content so far plus a text part: parts are joined by newlines, none after an image's marker
+    (Gemma 4's template writes the image, then the text)."""
+    return content + ("\n" if content and not content.endswith(IMAGE_MARKER) else "") + text
+
+
 def image_ids(cfg, image: Image) -> list[int]:
     """The prompt ids one image takes: boi, one image token per soft token, eoi."""
     return [cfg.boi_token_id] + [cfg.image_token_id] * image.tokens + [cfg.eoi_token_id]

@@ -41,7 +41,7 @@ from ..generate import AR, Commit, Done, GenerationError, GenerationParams, min_
 from ..structured import Grammar, GrammarError
 from ..tokenizer import THOUGHT_OPEN, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
-from ..vision import IMAGE_MARKER, ImageError, detail_tokens, has_vision, vision_tower
+from ..vision import IMAGE_MARKER, ImageError, add_text, detail_tokens, has_vision, vision_tower
 from .engine import Cancelled, Failed, Job
 from .errors import APIError, from_generation, from_validation, invalid, unsupported
 from .media import image_source
@@ -377,7 +377,7 @@ class Planner:
                         raise unsupported(f"content parts of type {part.type!r} (audio, files) are not supported: "
                                           "send text and images", where)
                     else:
-                        text += ("\n" if text and not text.endswith(IMAGE_MARKER) else "") + part.text
+                        text = add_text(text, part.text)
                 content = text
             message = {"role": m.role, "content": content if content is not None else ""}
             if m.tool_calls:
