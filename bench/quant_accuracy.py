@@ -2,6 +2,7 @@
 
     python bench/quant_accuracy.py [--presets tiny-a,tiny-b,tiny-c,small] [--threads 1]
     python bench/quant_accuracy.py --checkpoints dgemma/models/code,dgemma/models/sudoku   # trained models
+    python bench/quant_accuracy.py ... --embeddings   # also each scheme with the embedding / LM head quantized
 
 Accuracy: logits of a quantized model vs the same fp32 model, over a prefill (32 tokens), a first denoise step and
 a second one with self-conditioning (batch 1). Max and mean absolute error, the fp32 logits' standard deviation
@@ -66,7 +67,7 @@ def logits(model, seed=0):
     return [enc[0], den[0], den2[0]]
 
 
-HEADER = f"{'model':<8}{'init':<10}{'scheme':<10}{'max abs':>10}{'mean abs':>10}{'logit std':>11}{'top-1':>8}"
+HEADER = f"{'model':<8}{'init':<10}{'scheme':<13}{'max abs':>10}{'mean abs':>10}{'logit std':>11}{'top-1':>8}"
 
 
 def compare(name: str, init: str, base) -> None:
@@ -74,14 +75,26 @@ def compare(name: str, init: str, base) -> None:
     activations: dgemma's default dtype on CUDA and on CPUs with native bf16)."""
     ref = logits(base)
     r = torch.cat([t.flatten() for t in ref])
-    for q in [*SCHEMES, None]:
+    for q in [*schemes(), None]:
         model = copy.deepcopy(base)
         out = logits(quantize_model(model, q) if q is not None else model.to(torch.bfloat16))
         out = [t.float() for t in out]
         d = (torch.cat([t.flatten() for t in out]) - r).abs()
         top1 = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(out, ref)]).mean()
-        tag = "bf16" if q is None else q.scheme + (f"-g{q.group_size}" if q.group_size else "")
-        print(f"{name:<8}{init:<10}{tag:<10}{d.max():>10.2e}{d.mean():>10.2e}{r.std():>11.3f}{top1:>8.3f}", flush=True)
+        print(f"{name:<8}{init:<10}{'bf16' if q is None else tag(q):<13}{d.max():>10.2e}{d.mean():>10.2e}{r.std():>11.3f}{top1:>8.3f}", flush=True)
+
+
+EMBEDDINGS = False  # --embeddings
+
+
+def schemes() -> list[QuantConfig]:
+    """SCHEMES, and with --embeddings each also with the embedding / tied LM head quantized."""
+    extra = [QuantConfig(q.scheme, q.group_size, embeddings=True) for q in SCHEMES] if EMBEDDINGS else []
+    return [*SCHEMES, *extra]
+
+
+def tag(q: QuantConfig) -> str:
+    return q.scheme + (f"-g{q.group_size}" if q.group_size else "") + ("+e" if q.embeddings else "")
 
 
 def accuracy(names, inits) -> None:
@@ -125,9 +138,8 @@ def memory() -> None:
         for rest in (torch.float32, torch.bfloat16):
             row = [f"fp32 {weight_bytes(cfg, None, torch.float32) / gib:8.3f}" if rest == torch.float32 else
                    f"bf16 {weight_bytes(cfg, None, torch.bfloat16) / gib:8.3f}"]
-            for q in SCHEMES:
-                tag = q.scheme + (f"-g{q.group_size}" if q.group_size else "")
-                row.append(f"{tag} {weight_bytes(cfg, q, rest) / gib:8.3f}")
+            for q in schemes():
+                row.append(f"{tag(q)} {weight_bytes(cfg, q, rest) / gib:8.3f}")
             print(f"  {name:<8} rest {str(rest)[6:]:<9} GiB: " + "  ".join(row))
 
 
@@ -139,7 +151,11 @@ def main() -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--checkpoints", help="comma list of trained checkpoints to measure instead of random models, "
                    "e.g. dgemma/models/code,dgemma/models/sudoku")
+    p.add_argument("--embeddings", action="store_true", help="also each scheme with the embedding / tied LM head "
+                   "quantized (+e; dgemma quantize --embeddings)")
     args = p.parse_args()
+    global EMBEDDINGS
+    EMBEDDINGS = args.embeddings
     torch.set_num_threads(args.threads)
     if args.checkpoints:
         accuracy_trained(args.checkpoints.split(","))

@@ -14,6 +14,7 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
   dgemma-int8          the default path on the same weights after `dgemma quantize --scheme int8` (per channel)
   dgemma-int4          the same after `--scheme int4` (groups of 128); both report their weights' bytes and
                        whether their tokens equal the full-precision run's
+  dgemma-int8e, -int4e the same with `--embeddings` (the embedding / tied LM head quantized too)
   transformers         DiffusionGemmaForBlockDiffusion.generate, same weights and seed (the reference)
   forward              not a generator: the machine's matmul peak (in the bench's dtype), and the share of it
                        that one canvas forward reaches (a step after the first: self-conditioning MLP, stack
@@ -40,8 +41,10 @@ import time
 from pathlib import Path
 
 ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-compiled", "dgemma-reference", "dgemma-top-p", "dgemma-ar",
-           "dgemma-int8", "dgemma-int4", "transformers", "forward")
-QUANT_ENGINES = {"dgemma-int8": ("int8", None), "dgemma-int4": ("int4", 128)}
+           "dgemma-int8", "dgemma-int4", "dgemma-int8e", "dgemma-int4e", "transformers", "forward")
+# engine -> (scheme, group size, embedding quantized too)
+QUANT_ENGINES = {"dgemma-int8": ("int8", None, False), "dgemma-int4": ("int4", 128, False),
+                 "dgemma-int8e": ("int8", None, True), "dgemma-int4e": ("int4", 128, True)}
 
 
 def machine() -> dict:
@@ -180,7 +183,7 @@ def worker(engine: str, ckpt: str, prompt: list[int], max_new: int, steps: int, 
 
 
 def _quant_path(ckpt, engine: str) -> Path:
-    return Path(str(ckpt) + "-" + QUANT_ENGINES[engine][0])
+    return Path(str(ckpt) + "-" + engine.removeprefix("dgemma-"))
 
 
 def _gpu_memory(dev) -> dict:
@@ -301,8 +304,8 @@ def bench_config(name: str, vocab: int, args) -> list[dict]:
             if engine in QUANT_ENGINES:
                 from .quant import QuantConfig, quantize_checkpoint
 
-                scheme, group = QUANT_ENGINES[engine]
-                quantize_checkpoint(ckpt, _quant_path(ckpt, engine), QuantConfig(scheme, group))
+                scheme, group, emb = QUANT_ENGINES[engine]
+                quantize_checkpoint(ckpt, _quant_path(ckpt, engine), QuantConfig(scheme, group, embeddings=emb))
         g = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(3, min(vocab, 30_000), (args.prompt_tokens,), generator=g).tolist()
         rows = []

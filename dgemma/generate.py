@@ -1073,7 +1073,7 @@ class Engine:
         m = self.model
         k, draws = inputs
         scale = float(m.embed_scale())
-        E = m.embed_tokens.weight
+        E = m.embedding()
         want = [r.p.logprobs for r in rows if r.p.logprobs is not None]
         top = max(want) if want else None
         # A canvas's last budgeted step conditions no further step (a restart or the next canvas starts without

@@ -580,11 +580,18 @@ class DiffusionGemma(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype  # a float tensor whatever is quantized (the embedding may hold int8 codes)
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
+
+    def embedding(self):
+        """The embedding / tied LM head matrix `[V, H]` as the model reads it: the weight tensor, or on a model whose
+        embedding is quantized (`dgemma quantize --embeddings`) a `quant.QuantRows`, which gathers and slices
+        the same way, dequantizing only what is read."""
+        E = self.embed_tokens
+        return E.weight if isinstance(E, nn.Embedding) else E.rows(self.dtype)
 
     def embed_scale(self, dtype=None) -> torch.Tensor:
         # The scale is rounded to the weight dtype first (bf16: sqrt(2816) = 53.0, not 53.07), as the reference does.
@@ -592,8 +599,10 @@ class DiffusionGemma(nn.Module):
 
     def soft_embed(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input from the previous step's processed logits: `softmax(l) @ E * scale` `[B,T,H]`."""
-        E = self.embed_tokens.weight
-        return (F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype) @ E) * self.embed_scale(E.dtype)
+        E = self.embedding()
+        p = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype)
+        soft = p @ E if isinstance(E, torch.Tensor) else E.matmul(p, vocab_block(p.device))
+        return soft * self.embed_scale(E.dtype)
 
     def logits(self, h: torch.Tensor, blocked: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`, `[..., H] -> [..., V]`.
@@ -603,7 +612,7 @@ class DiffusionGemma(nn.Module):
         out: a contiguous fp32 buffer of the result's size to write into (blocked only). Reusing one matters at
         large vocabularies: a fresh 256 MiB tensor is new memory, and touching it costs ~90 ms of page faults here.
         """
-        E, V = self.embed_tokens.weight, self.cfg.vocab_size
+        E, V = self.embedding(), self.cfg.vocab_size
         if not blocked:
             return head_block_logits(h, E, 0, V, self.cfg.final_logit_softcapping, exact=True)
         flat = h.reshape(-1, h.shape[-1])
@@ -690,7 +699,8 @@ class DiffusionGemma(nn.Module):
             block = torch.full((B, T), -1, dtype=torch.long, device=ids.device)
         ctx = _Ctx(cache, denoise, positions, n_valid, slots, known_lengths, valid_lengths, block)
 
-        h = self.embed_tokens(ids) * self.embed_scale()
+        E = self.embed_tokens
+        h = (E(ids) if isinstance(E, nn.Embedding) else self.embedding()[ids]) * self.embed_scale()
         if block is not None:
             for b, row in enumerate(images):
                 for j, (off, feats) in enumerate(row or ()):

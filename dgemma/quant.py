@@ -2,8 +2,10 @@
 
 The model never sees it (gpt-fast's `WeightOnlyInt8QuantHandler` is the pattern): `quantize_model` replaces each
 `nn.Linear` of the attention, the dense MLP and the self-conditioning MLP with a `QuantLinear`, and each `Experts`
-with a `QuantExperts`; both keep the forward signature of what they replace. The router, the norms and the
-embedding / tied LM head stay at full precision (the model reads `embed_tokens.weight` directly in three places).
+with a `QuantExperts`; both keep the forward signature of what they replace. The router and the norms stay at
+full precision; so does the embedding / tied LM head unless asked (`QuantConfig(embeddings=True)`, `dgemma quantize
+--embeddings`): then `embed_tokens` becomes a `QuantEmbedding`, which the model reads through `model.embedding()` as
+`QuantRows` (rows gathered, vocabulary blocks dequantized as the LM head and the self-conditioning matmul reach them).
 
 Schemes (`w` is one output row, `K` input features):
   int8   symmetric, one scale per output channel:   w ~ q * scale,              q in [-127, 127]
@@ -25,6 +27,7 @@ Tensors (HF names; `P` is `model.decoder.layers.N.self_attn.q_proj` and the like
          byte j of a row holds input j in its low nibble and input j + in/2 in its high nibble, so unpacking
          writes two contiguous halves.
   experts: the same with a leading [E] and no `.weight` (`...experts.gate_up_proj`, `..._scale`, `..._zero`).
+  embedding (with --embeddings): `model.decoder.embed_tokens.weight` [V, H] and its scales, as a Linear's [out, in].
 config.json records `"quantization_config": {"quant_method": "dgemma", "scheme": ..., "group_size": ...}` (also
 in each safetensors file's metadata) and `weights.load_model` swaps the modules before assigning the memory-mapped
 tensors. transformers cannot load these checkpoints (it knows no `dgemma` quant_method).
@@ -316,11 +319,14 @@ class QuantConfig:
     """What `config.json`'s `quantization_config` records. group_size: inputs per scale (int4: default 128; int8
     and fp8: None, one scale per output channel, unless given).
     ignore: the layers (dgemma module names, e.g. `self_conditioning.gate_proj`, `layers.3.experts`) that stay at
-    full precision although they are of a quantized kind (a checkpoint converted from one that kept them so)."""
+    full precision although they are of a quantized kind (a checkpoint converted from one that kept them so).
+    embeddings: the embedding / tied LM head is quantized too, with the same scheme (its rows are the LM head's
+    output channels); off by default, as in llama.cpp's and llm-compressor's usual recipes."""
 
     scheme: str
     group_size: int | None = None
     ignore: tuple[str, ...] = ()
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -337,12 +343,16 @@ class QuantConfig:
         if isinstance(self.ignore, str) or not all(isinstance(n, str) for n in self.ignore):
             raise QuantError("quantization_config's ignore must be a list of module names")
         object.__setattr__(self, "ignore", tuple(sorted(set(self.ignore))))
+        if not isinstance(self.embeddings, bool):
+            raise QuantError("quantization_config's embeddings must be true or false")
 
     def make(self) -> Int8 | Int4:
         return {"int8": Int8, "fp8": Fp8, "int4": Int4, "nvfp4": Nvfp4}[self.scheme](self.group_size)
 
     def to_dict(self) -> dict:
         d = {"quant_method": METHOD, "scheme": self.scheme, "group_size": self.group_size}
+        if self.embeddings:
+            d["embeddings"] = True
         return {**d, "ignore": list(self.ignore)} if self.ignore else d
 
     @classmethod
@@ -358,7 +368,8 @@ class QuantConfig:
             raise QuantError(f"{QUANT_KEY} has quant_method {method!r}; dgemma loads its own int8/int4/fp8/nvfp4 "
                              f"checkpoints (quant_method {METHOD!r}), llm-compressor's (compressed-tensors) and "
                              "ModelOpt's (modelopt), not GPTQ/AWQ/bitsandbytes/GGUF/MLX exports")
-        return cls(scheme=d.get("scheme"), group_size=d.get("group_size"), ignore=tuple(d.get("ignore") or ()))
+        return cls(scheme=d.get("scheme"), group_size=d.get("group_size"), ignore=tuple(d.get("ignore") or ()),
+                   embeddings=d.get("embeddings", False))
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "QuantConfig | None":
@@ -464,6 +475,93 @@ class QuantExperts(nn.Module):
         return f"num_experts={self.num_experts}, {self.scheme.name}{g}"
 
 
+class QuantEmbedding(nn.Module):
+    """Stand-in for the `nn.Embedding` that is also the tied LM head: its `[V, H]` weight quantized as a Linear's
+    `[out, in]` (one scale per vocabulary entry, or per group of its inputs). The model reads it through `rows`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.scheme = num_embeddings, embedding_dim, scheme
+        for suffix, (shape, dtype) in scheme.specs((), num_embeddings, embedding_dim).items():
+            self.register_buffer("weight" + suffix, torch.zeros(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, scheme) -> "QuantEmbedding":
+        q = cls(emb.num_embeddings, emb.embedding_dim, scheme, device=emb.weight.device)
+        with torch.no_grad():
+            for suffix, t in quantize_rows(scheme, emb.weight.detach()).items():
+                setattr(q, "weight" + suffix, t)
+        return q
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {s: getattr(self, "weight" + s) for s in self.scheme.suffixes}
+
+    def rows(self, dtype: torch.dtype) -> "QuantRows":
+        return QuantRows(self.scheme, self.tensors(), dtype, self.embedding_dim)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.scheme.dequantize(self.tensors(), dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a quantized embedding is read through DiffusionGemma.embedding() (it needs the model's dtype)")
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.scheme.name}{g}"
+
+
+class QuantRows:
+    """A quantized `[V, H]` embedding as the model reads its embedding matrix: `shape`, `dtype` (what its rows
+    dequantize to), `rows[ids]` (gathered, then dequantized: an input embedding or a pinned token's), `rows[lo:hi]`
+    (a vocabulary block, dequantized: the LM head's and the self-conditioning matmul's operand) and `matmul(p)`
+    (`p @ E`, block by block). The last block is kept, so the fused sampler step's logits and soft embedding of one
+    block dequantize it once. Only the block being used is ever expanded: at the real vocabulary the whole matrix in
+    fp32 would be 2.9 GiB."""
+
+    def __init__(self, scheme, tensors: dict[str, torch.Tensor], dtype: torch.dtype, width: int):
+        self.scheme, self.tensors, self.dtype = scheme, tensors, dtype
+        self.shape = torch.Size((tensors[""].shape[0], width))
+        self.device = tensors[""].device
+        self._last: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self.shape[0])
+            if step != 1:
+                raise ValueError("QuantRows slices take contiguous rows")
+            if self._last is not None and self._last[0] == (lo, hi):
+                return self._last[1]
+            block = self.scheme.dequantize({s: t[lo:hi] for s, t in self.tensors.items()}, self.dtype)
+            self._last = ((lo, hi), block)
+            return block
+        ids = torch.as_tensor(key, device=self.device)
+        flat = ids.reshape(-1)
+        rows = self.scheme.dequantize({s: t[flat] for s, t in self.tensors.items()}, self.dtype)
+        return rows.view(*ids.shape, self.shape[1])
+
+    def matmul(self, p: torch.Tensor, block: int) -> torch.Tensor:
+        """`p @ E` for `p` `[..., V]` in `self.dtype`: a sum over vocabulary blocks of `p[..., lo:hi] @ E[lo:hi]`."""
+        V = self.shape[0]
+        out = None
+        for lo in range(0, V, block):
+            hi = min(lo + block, V)
+            part = p[..., lo:hi] @ self[lo:hi]
+            out = part if out is None else out.add_(part)
+        return out
+
+
+def quantize_rows(scheme, w: torch.Tensor, rows: int = 8192) -> dict[str, torch.Tensor]:
+    """Quantize a large `[out, in]` matrix (the embedding) `rows` rows at a time, so that only one block is ever
+    in fp32 (the 26B model's embedding is 2.9 GiB in fp32)."""
+    out, inp = w.shape
+    specs = scheme.specs((), out, inp)
+    res = {s: torch.empty(shape, dtype=dtype, device=w.device) for s, (shape, dtype) in specs.items()}
+    for lo in range(0, out, rows):
+        for s, t in scheme.quantize(w[lo:lo + rows]).items():
+            res[s][lo:lo + t.shape[0]] = t
+    return res
+
+
 def quantize_stacked(scheme, get: Callable[[int], torch.Tensor], n: int, parts: int = 1) -> dict[str, torch.Tensor]:
     """Quantize n stacked matrices one at a time (`get(i)` -> `[out, in]`), so only one is ever in fp32. parts:
     each matrix is that many matrices stacked along its rows (gate_up_proj: gate, then up), quantized one by one:
@@ -480,10 +578,11 @@ def quantize_stacked(scheme, get: Callable[[int], torch.Tensor], n: int, parts: 
 
 
 # ---------------------------------------------------------------- the swap
-def targets(model: nn.Module, ignore: tuple[str, ...] = ()) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+def targets(model: nn.Module, ignore: tuple[str, ...] = (), embeddings: bool = False
+            ) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
     """(qualified name, parent, attribute, module) for every layer that is quantized: every Linear but the
     routers' (routing decisions are discrete: keep them exact, the router is tiny) and every Experts, less the
-    names in `ignore`."""
+    names in `ignore`; with `embeddings`, the embedding / tied LM head too."""
     for prefix, parent in list(model.named_modules()):
         if isinstance(parent, (Router, QuantLinear, QuantExperts)):
             continue
@@ -491,6 +590,28 @@ def targets(model: nn.Module, ignore: tuple[str, ...] = ()) -> Iterator[tuple[st
             qname = f"{prefix}.{name}" if prefix else name
             if isinstance(child, (nn.Linear, Experts)) and qname not in ignore:
                 yield qname, parent, name, child
+            elif embeddings and isinstance(child, nn.Embedding) and qname == "embed_tokens":
+                yield qname, parent, name, child
+
+
+def _quantized(child: nn.Module, scheme) -> nn.Module:
+    """The quantized stand-in of one target layer, from its weights."""
+    if isinstance(child, nn.Linear):
+        return QuantLinear.from_linear(child, scheme)
+    if isinstance(child, nn.Embedding):
+        return QuantEmbedding.from_embedding(child, scheme)
+    return QuantExperts.from_experts(child, scheme)
+
+
+def _empty(child: nn.Module, scheme) -> nn.Module:
+    """An empty quantized stand-in of one target layer, on its device (meta, for loading)."""
+    if isinstance(child, nn.Linear):
+        return QuantLinear(child.in_features, child.out_features, scheme, bias=child.bias is not None,
+                           device=child.weight.device)
+    if isinstance(child, nn.Embedding):
+        return QuantEmbedding(child.num_embeddings, child.embedding_dim, scheme, device=child.weight.device)
+    E, two_i, H = child.gate_up_proj.shape
+    return QuantExperts(E, H, two_i // 2, scheme, device=child.gate_up_proj.device)
 
 
 def quantize_model(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
@@ -498,10 +619,8 @@ def quantize_model(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
     if QuantConfig.of(model.cfg) is not None:
         raise QuantError(f"the model is already quantized ({QuantConfig.of(model.cfg).scheme})")
     scheme = qcfg.make()
-    for _, parent, name, child in list(targets(model, qcfg.ignore)):
-        new = (QuantLinear.from_linear(child, scheme) if isinstance(child, nn.Linear)
-               else QuantExperts.from_experts(child, scheme))
-        setattr(parent, name, new)
+    for _, parent, name, child in list(targets(model, qcfg.ignore, qcfg.embeddings)):
+        setattr(parent, name, _quantized(child, scheme))
     model.cfg = qcfg.apply_to(model.cfg)
     return model
 
@@ -509,14 +628,8 @@ def quantize_model(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
 def swap_modules(model: DiffusionGemma, qcfg: QuantConfig) -> DiffusionGemma:
     """Replace the quantized layers with empty quantized modules on the same device (meta, for loading)."""
     scheme = qcfg.make()
-    for _, parent, name, child in list(targets(model, qcfg.ignore)):
-        if isinstance(child, nn.Linear):
-            new = QuantLinear(child.in_features, child.out_features, scheme, bias=child.bias is not None,
-                              device=child.weight.device)
-        else:
-            E, two_i, H = child.gate_up_proj.shape
-            new = QuantExperts(E, H, two_i // 2, scheme, device=child.gate_up_proj.device)
-        setattr(parent, name, new)
+    for _, parent, name, child in list(targets(model, qcfg.ignore, qcfg.embeddings)):
+        setattr(parent, name, _empty(child, scheme))
     return model
 
 
@@ -533,7 +646,7 @@ def quantized_names(model: nn.Module) -> set[str]:
     """State-dict names of the codes, scales and zeros of every quantized module (empty for a float model)."""
     out = set()
     for prefix, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantExperts)):
+        if isinstance(m, (QuantLinear, QuantExperts, QuantEmbedding)):
             out.update(f"{prefix}.{n}" for n, _ in m.named_buffers(recurse=False))
     return out
 
@@ -622,15 +735,20 @@ def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.
     precision tensor of one state entry and `get_expert(name, like, e)` one expert's matrix of a stacked weight.
     """
     scheme = qcfg.make()
-    linears, experts = set(), set()
-    for qname, _, _, child in targets(model, qcfg.ignore):
+    linears, experts, embeddings = set(), set(), set()
+    for qname, _, _, child in targets(model, qcfg.ignore, qcfg.embeddings):
         if isinstance(child, nn.Linear):
             linears.add(qname + ".weight")
+        elif isinstance(child, nn.Embedding):
+            embeddings.add(qname + ".weight")
         else:
             experts.update(f"{qname}.{w}" for w in EXPERT_WEIGHTS)
     for name, like in model.state_dict().items():
         if name in linears:
             for s, t in scheme.quantize(get(name, like)).items():
+                yield name + s, t, True
+        elif name in embeddings:
+            for s, t in quantize_rows(scheme, get(name, like)).items():
                 yield name + s, t, True
         elif name in experts:
             parts = 2 if name.endswith("gate_up_proj") else 1
@@ -750,6 +868,6 @@ def write_random_quantized(cfg: ModelConfig, dst, qcfg: QuantConfig, *, seed: in
     return _write(Path(dst), qcfg.apply_to(cfg), tensors, dtype=None, max_shard_bytes=max_shard_bytes, log=log)
 
 
-__all__ = ["QuantConfig", "QuantError", "QuantLinear", "QuantExperts", "Int8", "Int4", "Fp8", "Nvfp4", "quantize_model",
+__all__ = ["QuantConfig", "QuantError", "QuantLinear", "QuantExperts", "QuantEmbedding", "QuantRows", "Int8", "Int4", "Fp8", "Nvfp4", "quantize_model",
            "swap_modules", "prepare_for_load", "quantized_names", "quantize_checkpoint", "write_random_quantized",
            "weight_bytes", "safetensors_metadata", "convert_checkpoint"]

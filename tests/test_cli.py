@@ -297,10 +297,10 @@ def test_bench_smoke(tmp_path):
     for compiled in (r for r in res if r["engine"] == "dgemma-compiled"):
         assert compiled["same_tokens_as_eager"] is True and compiled["compile_s"] > 0
     p = run("bench", "--vocabs", "512", "--max-new-tokens", "16", "--steps", "2", "--prompt-tokens", "8",
-            "--engines", "dgemma-diffusion,dgemma-int8,dgemma-int4", "--out", str(out))
+            "--engines", "dgemma-diffusion,dgemma-int8,dgemma-int4,dgemma-int4e", "--out", str(out))
     res = {r["engine"]: r for r in json.loads(out.read_text())["results"]}
-    mib = [res[e]["weights_mib"] for e in ("dgemma-int4", "dgemma-int8", "dgemma-diffusion")]
-    assert mib == sorted(mib) and len(set(mib)) == 3
+    mib = [res[e]["weights_mib"] for e in ("dgemma-int4e", "dgemma-int4", "dgemma-int8", "dgemma-diffusion")]
+    assert mib == sorted(mib) and len(set(mib)) == 4
     assert isinstance(res["dgemma-int8"]["same_tokens_as_full_precision"], bool) and "weights" in p.stdout
 
 

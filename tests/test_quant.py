@@ -14,8 +14,8 @@ from conftest import randomize, tiny_config
 from dgemma.cli import main as cli_main
 from dgemma.generate import GenerationParams, generate
 from dgemma.model import DiffusionGemma, Experts
-from dgemma.quant import (Int4, Int8, QuantConfig, QuantError, QuantExperts, QuantLinear, quantize_checkpoint,
-                          quantize_model, weight_bytes, write_random_quantized)
+from dgemma.quant import (Int4, Int8, QuantConfig, QuantEmbedding, QuantError, QuantExperts, QuantLinear,
+                          quantize_checkpoint, quantize_model, weight_bytes, write_random_quantized)
 from dgemma.sampler import SamplerConfig
 from dgemma.weights import CheckpointError, load_model, save_model
 
@@ -49,6 +49,8 @@ def _dequantized_float_model(float_model, qmodel):
                 for w in ("gate_up_proj", "down_proj"):
                     t = {s: getattr(m, w + s) for s in m.scheme.suffixes}
                     sd[f"{name}.{w}"].copy_(m.scheme.dequantize(t, torch.float32))
+            elif isinstance(m, QuantEmbedding):
+                sd[name + ".weight"].copy_(m.dequantize())
     return out
 
 
@@ -95,9 +97,13 @@ def test_quant_config_validation():
     ig = QuantConfig("fp8", ignore=("b", "a", "b"))
     assert ig.ignore == ("a", "b") and QuantConfig.from_dict(ig.to_dict()) == ig
     assert "ignore" not in QuantConfig("int8").to_dict()  # configs without it are written as before
+    assert "embeddings" not in QuantConfig("int8").to_dict()
+    emb = QuantConfig("int4", 32, embeddings=True)
+    assert emb.to_dict()["embeddings"] is True and QuantConfig.from_dict(emb.to_dict()) == emb
     assert QuantConfig("int8").group_size is None and QuantConfig("fp8", 32).group_size == 32
     for bad in [dict(scheme="int3"), dict(scheme="int8", group_size=48), dict(scheme="fp8", group_size=0),
-                dict(scheme="int4", group_size=48), dict(scheme="int8", ignore="layers.0.experts")]:
+                dict(scheme="int4", group_size=48), dict(scheme="int8", ignore="layers.0.experts"),
+                dict(scheme="int8", embeddings="yes")]:
         with pytest.raises(QuantError):
             QuantConfig(**bad)
     with pytest.raises(QuantError, match="quant_method"):
@@ -179,6 +185,47 @@ def test_swap_targets_everything_but_router_and_embedding():
         quantize_model(model, QuantConfig("int4"))
 
 
+# ---------------------------------------------------------------- the embedding / tied LM head
+EMBEDDING_SCHEMES = [QuantConfig("int8", embeddings=True), QuantConfig("int4", 32, embeddings=True),
+                     QuantConfig("nvfp4", embeddings=True)]
+
+
+@pytest.mark.parametrize("qcfg", EMBEDDING_SCHEMES, ids=lambda q: q.scheme)
+def test_quantized_embedding_computes_with_its_dequantized_rows(qcfg):
+    """--embeddings: the input embedding, the LM head and the self-conditioning matmul all read the dequantized
+    matrix, one vocabulary block at a time (9,000 entries: three CPU blocks, the last short), and give the logits
+    of the float model that holds it."""
+    base = randomize(DiffusionGemma(tiny_config("a", vocab_size=9000)), seed=1)
+    qmodel = quantize_model(copy.deepcopy(base), qcfg)
+    assert isinstance(qmodel.embed_tokens, QuantEmbedding) and qmodel.dtype == torch.float32
+    assert qmodel.embed_tokens.weight.dtype == {"int8": torch.int8, "int4": torch.uint8, "nvfp4": torch.uint8}[
+        qcfg.scheme]
+    ref = _dequantized_float_model(base, qmodel)
+    assert (_logits(qmodel) - _logits(ref)).abs().max() < 1e-4  # the float model's soft embedding is one matmul
+    E, R = qmodel.embedding(), ref.embedding()
+    ids = torch.tensor([[0, 8999, 4096], [5, 5, 4095]])
+    assert torch.equal(E[ids], R[ids]) and torch.equal(E[torch.tensor(7)], R[7]) and E[4096:8192].shape == (4096, 64)
+    p = torch.softmax(torch.randn(3, 9000), -1)
+    assert torch.allclose(E.matmul(p, 4096), p @ R, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_generation_with_a_quantized_embedding(fused):
+    """Generation on an embedding-quantized model gives the tokens of the float model holding its dequantized
+    weights, on the fused and the plain paths, with an infill's pinned tokens (their embeddings gathered as
+    self-conditioning) and log-probabilities."""
+    base = randomize(DiffusionGemma(tiny_config("a", vocab_size=9000)), seed=2).eval()
+    qmodel = quantize_model(copy.deepcopy(base), QuantConfig("int8", embeddings=True))
+    ref = _dequantized_float_model(base, qmodel)
+    T = base.cfg.canvas_length
+    params = GenerationParams(max_new_tokens=2 * T, seed=3, logprobs=2, sampler=SamplerConfig(max_denoising_steps=4),
+                              ignore_eos=True, fixed={T - 3: 11, T - 2: 12, T - 1: 13})
+    a = generate(qmodel, [[5, 6, 7], [9]], params, fused_head=fused)
+    b = generate(ref, [[5, 6, 7], [9]], params, fused_head=fused)
+    assert [d.tokens for d in a] == [d.tokens for d in b] and len(a[0].tokens) > 0
+    assert all(torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5) for x, y in zip(a, b))
+
+
 # ---------------------------------------------------------------- accuracy
 @pytest.mark.parametrize("qcfg", SCHEMES, ids=lambda q: f"{q.scheme}-{q.group_size}")
 def test_swapped_model_equals_float_model_with_dequantized_weights(cfg_name, qcfg):
@@ -248,9 +295,10 @@ def test_save_load_quantized(float_ckpt, tmp_path, qcfg):
     assert c.layers[0].self_attn.q_proj.weight_scale.dtype == qmodel.layers[0].self_attn.q_proj.weight_scale.dtype
 
 
-def test_streamed_quantize_equals_in_memory(float_ckpt, tmp_path):
+@pytest.mark.parametrize("embeddings", [False, True], ids=["layers", "with-embedding"])
+def test_streamed_quantize_equals_in_memory(float_ckpt, tmp_path, embeddings):
     model, src = float_ckpt
-    qcfg = QuantConfig("int4", 64)
+    qcfg = QuantConfig("int4", 64, embeddings=embeddings)
     quantize_checkpoint(src, tmp_path / "q", qcfg, max_shard_bytes=20_000)
     assert (tmp_path / "q" / "model.safetensors.index.json").exists()  # several shards
     assert json.loads((tmp_path / "q" / "generation_config.json").read_text())["max_denoising_steps"] == 6
@@ -305,6 +353,11 @@ def test_weight_bytes():
     fp32, int8, int4 = (weight_bytes(cfg, q) for q in (None, QuantConfig("int8"), QuantConfig("int4")))
     assert 100e9 < fp32 < 101.5e9  # 25.2B parameters
     assert int4 < int8 / 1.7 and int8 < fp32 / 3.4
+    # --embeddings: the 738M-entry embedding from bf16 (1.38 GiB) to int8 (0.69) / int4 g128 (0.35)
+    for q, saved in [(QuantConfig("int8"), 0.68), (QuantConfig("int4"), 1.0)]:
+        emb = QuantConfig(q.scheme, q.group_size, embeddings=True)
+        assert abs((weight_bytes(cfg, q, torch.bfloat16) - weight_bytes(cfg, emb, torch.bfloat16)) / 2**30
+                   - saved) < 0.02
 
 
 # ---------------------------------------------------------------- generation
@@ -342,6 +395,12 @@ def test_cli_quantize(float_ckpt, tmp_path, capsys):
     assert q4["quantization"]["scheme"] == "int4" and "quantization" not in full
     assert q4["weights_bytes"]["float32"] < full["weights_bytes"]["float32"]
     assert q4["files_bytes"] < full["files_bytes"]
+    rc, out, err = _cli(capsys, src, tmp_path / "q8e", "--scheme", "int8", "--embeddings", "--quiet")
+    assert rc == 0, err
+    assert "int8, embedding too" in out
+    q8e = load_model(tmp_path / "q8e")
+    assert isinstance(q8e.embed_tokens, QuantEmbedding) and q8e.cfg.extra["quantization_config"]["embeddings"]
+    assert info_dict(str(tmp_path / "q8e"))["quantization"]["embeddings"] is True
 
 
 @pytest.mark.parametrize("args,msg", [
