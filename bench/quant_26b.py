@@ -1,11 +1,12 @@
 """The real-size check: a random int4 (or int8) 26B-A4B checkpoint, loaded memory-mapped on a small machine,
 running one prefill and denoising steps over a full 256-token canvas.
 
-    python bench/quant_26b.py [--dir DIR] [--scheme int4] [--group-size 128] [--keep]
+    python bench/quant_26b.py [--dir DIR] [--scheme int4] [--group-size 128] [--embeddings] [--keep]
 
 1. write   `dgemma quantize --random-preset 26b-a4b DIR --scheme int4` in a child process: random weights made
            and quantized layer by layer (one expert at a time), never the ~100 GB fp32 model. Full-precision
-           tensors (embedding, norms, router) are stored in bfloat16, like the released checkpoint.
+           tensors (embedding, norms, router) are stored in bfloat16, like the released checkpoint; with
+           --embeddings the embedding / tied LM head is quantized too (`dgemma quantize --embeddings`).
 2. measure in a fresh child process (so its peak RSS is its own): `load_model(DIR, dtype=float32)` (the CPU
            default: the bf16 embedding is converted, everything quantized stays memory-mapped), one prefill of
            `--prompt-tokens` tokens, a first denoise step (no self-conditioning) and a second one with it.
@@ -80,6 +81,7 @@ def main() -> int:
     p.add_argument("--preset", default="26b-a4b")
     p.add_argument("--scheme", default="int4")
     p.add_argument("--group-size", type=int)
+    p.add_argument("--embeddings", action="store_true", help="quantize the embedding / tied LM head too")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--steps", type=int, default=2, help="denoise steps to time (the first has no self-conditioning)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -100,6 +102,8 @@ def main() -> int:
                    "--scheme", args.scheme, "--dtype", "bfloat16"]
             if args.group_size:
                 cmd += ["--group-size", str(args.group_size)]
+            if args.embeddings:
+                cmd.append("--embeddings")
             t = time.perf_counter()
             subprocess.run(cmd, check=True)
             result["write_s"] = time.perf_counter() - t

@@ -151,7 +151,9 @@ def head_block_logits(hidden: torch.Tensor, embedding: torch.Tensor, lo: int, hi
     is exact math; the rounding differs from tanh's by ~1e-5 on logits up to the cap. `exact=True` keeps
     transformers' `tanh(x / c) * c`, bit for bit (for replaying its draws).
     """
-    x = F.linear(hidden, embedding[lo:hi]).float()
+    # a quantized embedding (quant.QuantRows) multiplies its own block
+    x = (F.linear(hidden, embedding[lo:hi]) if isinstance(embedding, torch.Tensor) else
+         embedding.linear(hidden, lo, hi)).float()
     if softcap:
         if x.requires_grad:  # training: autograd needs tanh's output intact
             x = torch.tanh(x / softcap) * softcap

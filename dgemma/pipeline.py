@@ -58,8 +58,9 @@ class Pipeline:
     def load(cls, path_or_id: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
              device: str | None = None, quiet: bool = False, compile: bool = False) -> "Pipeline":
         """A checkpoint (directory or hub id) with its tokenizer and generation defaults. `adapter`: a LoRA
-        adapter directory (`dgemma train --lora-rank`), folded into the weights as they load. An adapter
-        directory given as the checkpoint itself loads the base it records (`base_model_name_or_path`).
+        adapter directory (`dgemma train --lora-rank`), folded into the weights as they load (kept unmerged over a
+        quantized checkpoint: QLoRA). An adapter directory given as the checkpoint itself loads the base it records
+        (`base_model_name_or_path`).
         compile: torch.compile the denoiser (`DiffusionGemma.compile_denoiser`), compiled here, before use."""
         device = device or default_device()
         ckpt = resolve(path_or_id)
@@ -359,14 +360,14 @@ def adapter_base(adapter: Path) -> Path:
 
 
 def _fold_adapter(model: DiffusionGemma, adapter: str | Path) -> None:
-    """Apply a LoRA adapter and merge it into the weights in place: the result runs at the base's speed."""
+    """Apply a LoRA adapter and merge it into the weights in place: the result runs at the base's speed. Over a
+    quantized base the adapter stays unmerged (`train.lora.LoRALinear` beside each quantized layer)."""
     from .quant import QuantConfig
-    from .train.lora import LoRAError, load_adapter, merge_lora
+    from .train.lora import load_adapter, merge_lora
 
-    q = QuantConfig.of(model.cfg)
-    if q is not None:
-        raise LoRAError(f"a LoRA adapter cannot be folded into a {q.scheme}-quantized checkpoint: merge it into the "
-                        "full-precision base (dgemma train merge BASE ADAPTER OUT), then quantize that")
     with torch.no_grad():
         load_adapter(model, adapter)
-        merge_lora(model)
+        if QuantConfig.of(model.cfg) is None:
+            merge_lora(model)
+        # a quantized base (an adapter trained over it: QLoRA) keeps the adapter unmerged: folding it in would
+        # need its weights in floats (and requantized, other numbers than those it was trained against)

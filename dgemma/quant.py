@@ -382,6 +382,32 @@ class QuantConfig:
         return cfg.replace(extra={**cfg.extra, QUANT_KEY: self.to_dict()})
 
 
+# ---------------------------------------------------------------- training through frozen quantized weights
+class _FrozenQuantLinear(torch.autograd.Function):
+    """`scheme.linear(x, t)` for an input that needs a gradient (LoRA over a quantized base: QLoRA). The weight is
+    frozen, so only the input's gradient is wanted, `g @ W`; autograd would keep the dequantized weight of every
+    layer until the backward pass (a full-precision copy of the model), so here nothing is kept but references to
+    the stored codes and scales, and the backward dequantizes the weight again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scheme, t: dict[str, torch.Tensor], dequantize_first: bool) -> torch.Tensor:
+        ctx.scheme, ctx.t = scheme, t
+        return F.linear(x, scheme.dequantize(t, x.dtype)) if dequantize_first else scheme.linear(x, t)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g @ ctx.scheme.dequantize(ctx.t, g.dtype), None, None, None
+
+
+def quant_linear(scheme, x: torch.Tensor, t: dict[str, torch.Tensor], dequantize_first: bool = False
+                 ) -> torch.Tensor:
+    """`x` times a quantized weight `t`: the scheme's matmul (or `F.linear` with the dequantized weight), through
+    `_FrozenQuantLinear` when `x` needs a gradient (the same values; only what the backward keeps differs)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FrozenQuantLinear.apply(x, scheme, t, dequantize_first)
+    return F.linear(x, scheme.dequantize(t, x.dtype)) if dequantize_first else scheme.linear(x, t)
+
+
 # ---------------------------------------------------------------- modules
 class QuantLinear(nn.Module):
     """Stand-in for a bias-optional `nn.Linear` holding quantized codes (`weight`) and `weight_scale` [/ `_zero`]."""
@@ -410,7 +436,7 @@ class QuantLinear(nn.Module):
         return self.scheme.dequantize(self.tensors(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.scheme.linear(x, self.tensors())
+        y = quant_linear(self.scheme, x, self.tensors())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -425,7 +451,7 @@ class QuantExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inner: int, scheme, device=None):
         super().__init__()
-        self.num_experts, self.scheme = num_experts, scheme
+        self.num_experts, self.hidden, self.inner, self.scheme = num_experts, hidden, inner, scheme
         shapes = {"gate_up_proj": (2 * inner, hidden), "down_proj": (hidden, inner)}
         for name, (out, inp) in shapes.items():
             for suffix, (shape, dtype) in scheme.specs((num_experts,), out, inp).items():
@@ -454,6 +480,8 @@ class QuantExperts(nn.Module):
         matmul, when it takes the operands and the expanded weights fit `STACK_BUDGET`: the same bits as one
         expert at a time, and on a GPU no host read of the experts' row counts. Otherwise one expert at a time."""
         E = self.num_experts
+        if xs.requires_grad and torch.is_grad_enabled():  # QLoRA: one expert at a time, nothing kept for backward
+            return groups.per_expert(xs, lambda e, rows: quant_linear(self.scheme, rows, self.expert(name, e)))
         if xs.shape[0] >= E:
             t = {s: getattr(self, name + s) for s in self.scheme.suffixes}
             out, inp = getattr(self, name + "_scale").shape[1], xs.shape[1]
@@ -538,6 +566,13 @@ class QuantRows:
         flat = ids.reshape(-1)
         rows = self.scheme.dequantize({s: t[flat] for s, t in self.tensors.items()}, self.dtype)
         return rows.view(*ids.shape, self.shape[1])
+
+    def linear(self, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """`h @ E[lo:hi]^T`, the LM head's block: with the dequantized block (its bits at inference), and when `h`
+        needs a gradient (training over a frozen quantized embedding) without keeping the block for backward."""
+        if h.requires_grad and torch.is_grad_enabled():
+            return quant_linear(self.scheme, h, {s: t[lo:hi] for s, t in self.tensors.items()}, dequantize_first=True)
+        return F.linear(h, self[lo:hi])
 
     def matmul(self, p: torch.Tensor, block: int) -> torch.Tensor:
         """`p @ E` for `p` `[..., V]` in `self.dtype`: a sum over vocabulary blocks of `p[..., lo:hi] @ E[lo:hi]`."""

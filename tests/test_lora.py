@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -173,11 +174,113 @@ def test_adapter_loads_folded_into_its_base(tmp_path, inputs):
     other = save_model(randomize(DiffusionGemma(tiny_config("b")), seed=0), tmp_path / "other")
     with pytest.raises(LoRAError, match="does not fit the model|shape"):
         Pipeline.load(str(other), adapter=str(adapter), device="cpu", quiet=True)
+    # over a quantized base (QLoRA) the adapter stays unmerged: the LoRA-wrapped quantized model itself
     quantize_checkpoint(base_dir, tmp_path / "q8", QuantConfig("int8"))
-    with pytest.raises(LoRAError, match="quantized"):
-        Pipeline.load(str(tmp_path / "q8"), adapter=str(adapter), device="cpu", quiet=True)
+    pipe = Pipeline.load(str(tmp_path / "q8"), adapter=str(adapter), dtype=torch.float32, device="cpu", quiet=True)
+    assert has_lora(pipe.model) and isinstance(pipe.model.layers[0].self_attn.q_proj, LoRALinear)
+    want = load_adapter(load_model(tmp_path / "q8", quiet=True), adapter).eval()
+    assert torch.equal(logits(pipe.model, *inputs), logits(want, *inputs))
+    with pytest.raises(LoRAError, match="cannot be folded into int8-quantized weights"):
+        merge(str(tmp_path / "q8"), str(adapter), str(tmp_path / "merged-q8"))
+    assert not (tmp_path / "merged-q8").exists()
     with pytest.raises(LoRAError, match="not a LoRA adapter directory"):
         Pipeline.load(str(base_dir), adapter=str(tmp_path), device="cpu", quiet=True)
     r = subprocess.run([sys.executable, "-m", "dgemma.cli", "generate", str(base_dir), "hi", "--adapter",
                         str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
     assert r.returncode == 2 and "not a LoRA adapter directory" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- QLoRA: LoRA over a quantized base
+def _dequantized(float_model, qmodel):
+    from test_quant import _dequantized_float_model
+
+    return _dequantized_float_model(float_model, qmodel)
+
+
+def _loss_and_grads(model, ids, canvas):
+    cache = model.new_cache(ids.shape[0], 64)
+    model.encode(ids, cache)
+    h = model.denoise(canvas, cache, head=False)
+    loss = model.logits(h).logsumexp(-1).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("qcfg", ["int8", "int4-32+e"])
+def test_qlora_gradients_equal_lora_over_the_dequantized_weights(inputs, qcfg):
+    """LoRA over a quantized checkpoint (QLoRA) trains the adapter of the float model holding the dequantized
+    weights: the same loss and adapter gradients. The frozen quantized matmuls keep no weight for backward (they
+    dequantize again there): what autograd saves is what it saves for the activations alone, where a plain
+    dequantize-then-matmul would keep a float copy of every layer."""
+    import dgemma.quant as Q
+
+    scheme, _, rest = qcfg.partition("-")
+    q = Q.QuantConfig(scheme, int(rest[:2]) if rest else None, embeddings=rest.endswith("+e"))
+    base = base_model()
+    qmodel = Q.quantize_model(copy.deepcopy(base), q)
+    fmodel = _dequantized(base, qmodel)
+    for m in (qmodel, fmodel):
+        apply_lora(m, LoRAConfig(rank=4), seed=3)
+        perturb(m)
+    lq, gq = _loss_and_grads(qmodel, *inputs)
+    lf, gf = _loss_and_grads(fmodel, *inputs)
+    assert abs(lq - lf) < 1e-5 and gq.keys() == gf.keys() and len(gq) > 20
+    # int8 scales its matmul's output, the float model its weight: float rounding apart
+    assert all((gq[k] - gf[k]).abs().max() <= 1e-4 * gf[k].abs().max() for k in gq)
+    assert not any(p.requires_grad for n, p in qmodel.named_parameters() if "lora" not in n and not
+                   n.endswith(("_A", "_B")))
+
+    def saved_bytes(model):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            cache = model.new_cache(inputs[0].shape[0], 64)
+            model.encode(inputs[0], cache)
+            model.denoise(inputs[1], cache, head=False).sum()
+        return sum(total)
+
+    ours = saved_bytes(qmodel)
+    plain = Q.quant_linear
+    try:  # the naive path: autograd through dequantize + matmul
+        Q.quant_linear = lambda scheme, x, t, dequantize_first=False: (
+            torch.nn.functional.linear(x, scheme.dequantize(t, x.dtype)) if dequantize_first else scheme.linear(x, t))
+        naive = saved_bytes(qmodel)
+    finally:
+        Q.quant_linear = plain
+    weights = sum(m.in_features * m.out_features * 4 for m in qmodel.modules() if isinstance(m, Q.QuantLinear))
+    assert naive - ours > 0.9 * weights
+
+
+def test_qlora_train_serve_and_merge_loop(tmp_path, inputs):
+    """`dgemma train --model QUANTIZED --lora-rank R` (QLoRA), then the adapter served unmerged over the quantized
+    base, and merged into the full-precision one; a full fine-tune of a quantized checkpoint is a clear error."""
+    from dgemma.pipeline import Pipeline
+    from dgemma.quant import QuantConfig, QuantLinear, quantize_checkpoint
+    from dgemma.weights import load_model, save_model
+
+    base_dir = save_model(base_model(), tmp_path / "base")
+    qdir = quantize_checkpoint(base_dir, tmp_path / "q4", QuantConfig("int4", 32))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt_ids": [2, {5 + i}, 9], "response_ids": [{7 + i}, 8, 1]}}\n' for i in range(8)))
+    common = ["--data", str(data), "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--threads", "1"]
+    run = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", "--model", str(qdir), "--out",
+                          str(tmp_path / "run"), "--lora-rank", "4", *common],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
+    assert run.returncode == 0, run.stderr
+    final = tmp_path / "run" / "final"
+    pipe = Pipeline.load(str(final), dtype=torch.float32, device="cpu", quiet=True)  # its base: the int4 copy
+    q_proj = pipe.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.base, QuantLinear)
+    assert (logits(pipe.model, *inputs) - logits(load_model(qdir, quiet=True).eval(), *inputs)).abs().max() > 1e-4
+    merged = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", "merge", str(base_dir), str(final),
+                             str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
+    assert merged.returncode == 0, merged.stderr
+    full = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", "--model", str(qdir), "--out",
+                           str(tmp_path / "full"), *common], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=ENV)
+    assert full.returncode == 2 and "int4-quantized" in full.stderr and "--lora-rank" in full.stderr
+    assert "Traceback" not in full.stderr and not (tmp_path / "full" / "final").exists()

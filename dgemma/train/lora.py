@@ -2,7 +2,8 @@
 
 `apply_lora` replaces each targeted `nn.Linear` by a `LoRALinear` (y = W x + s * B A x, s = alpha / r) and each
 targeted `Experts` stack by `LoRAExperts` (the same per expert), freezes every base weight, and leaves only A and B
-trainable. B starts at zero, so a fresh adapter changes nothing. `merge_lora` folds s * B A into the base weights
+trainable. On a quantized checkpoint (`dgemma quantize`) the same wraps the `QuantLinear` / `QuantExperts` layers:
+QLoRA, the base staying in its int8 / int4 / fp8 / nvfp4 codes. B starts at zero, so a fresh adapter changes nothing. `merge_lora` folds s * B A into the base weights
 and swaps the plain modules back, giving an ordinary model that `save_model` writes in the usual HF format.
 
 Adapter files (PEFT-like names; the experts' 3-D A/B are dgemma's own):
@@ -73,19 +74,37 @@ def _init_a(shape, gen) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
 
+def _quantized(base: nn.Module) -> bool:
+    from ..quant import QuantExperts, QuantLinear
+
+    return isinstance(base, (QuantLinear, QuantExperts))
+
+
+def _no_merge(base: nn.Module) -> LoRAError:
+    return LoRAError(f"a LoRA adapter cannot be folded into {base.scheme.name}-quantized weights: merge it into the "
+                     "full-precision base (dgemma train merge BASE ADAPTER OUT; an adapter trained on a quantized copy "
+                     "has the same tensor names), or serve it unmerged over the quantized base")
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, scale: float, gen: torch.Generator):
+    """y = base(x) + s * B A x over an `nn.Linear`, or over a frozen `QuantLinear` (QLoRA: the base's weight stays
+    quantized; its matmul keeps nothing for backward, `quant.quant_linear`). dtype: the adapter's (the model's
+    float dtype; a quantized base's weight holds codes)."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, gen: torch.Generator, dtype: torch.dtype):
         super().__init__()
         self.base, self.scale = base, scale
-        w = base.weight
-        self.lora_A = nn.Parameter(_init_a((rank, w.shape[1]), gen).to(w.device, w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+        dev = base.weight.device  # a QuantLinear's codes are its `weight` too
+        self.lora_A = nn.Parameter(_init_a((rank, base.in_features), gen).to(dev, dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
+        if _quantized(self.base):
+            raise _no_merge(self.base)
         self.base.weight += (self.lora_B.float() @ self.lora_A.float() * self.scale).to(self.base.weight.dtype)
         return self.base
 
@@ -95,12 +114,14 @@ class LoRAExperts(nn.Module):
 
     dense = False  # see Experts
 
-    def __init__(self, base: Experts, rank: int, scale: float, gen: torch.Generator):
+    def __init__(self, base: nn.Module, rank: int, scale: float, gen: torch.Generator, dtype: torch.dtype):
         super().__init__()
         self.base, self.scale, self.num_experts = base, scale, base.num_experts
-        E, I2, H = base.gate_up_proj.shape
-        I = base.down_proj.shape[2]
-        dev, dt = base.gate_up_proj.device, base.gate_up_proj.dtype
+        if _quantized(base):  # QuantExperts: the shapes it was built with (its codes may be packed)
+            E, I2, H, I = base.num_experts, 2 * base.inner, base.hidden, base.inner
+        else:
+            (E, I2, H), I = base.gate_up_proj.shape, base.down_proj.shape[2]
+        dev, dt = base.gate_up_proj.device, dtype
         self.gate_up_A = nn.Parameter(_init_a((E, rank, H), gen).to(dev, dt))
         self.gate_up_B = nn.Parameter(torch.zeros(E, I2, rank, device=dev, dtype=dt))
         self.down_A = nn.Parameter(_init_a((E, rank, I), gen).to(dev, dt))
@@ -117,6 +138,8 @@ class LoRAExperts(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> Experts:
+        if _quantized(self.base):
+            raise _no_merge(self.base)
         b, s = self.base, self.scale
         b.gate_up_proj += (torch.bmm(self.gate_up_B.float(), self.gate_up_A.float()) * s).to(b.gate_up_proj.dtype)
         b.down_proj += (torch.bmm(self.down_B.float(), self.down_A.float()) * s).to(b.down_proj.dtype)
@@ -128,13 +151,15 @@ def _targets(model: nn.Module, names: tuple[str, ...]):
     for full, mod in model.named_modules():
         if isinstance(mod, (LoRALinear, LoRAExperts)):
             raise LoRAError("the model already has LoRA adapters")
+    from ..quant import QuantExperts, QuantLinear
+
     out = []
     for full, mod in list(model.named_modules()):
         for attr, child in mod.named_children():
             path = f"{full}.{attr}" if full else attr
-            if isinstance(child, Experts) and "experts" in names:
+            if isinstance(child, (Experts, QuantExperts)) and "experts" in names:
                 out.append((mod, attr, path))
-            elif isinstance(child, nn.Linear):
+            elif isinstance(child, (nn.Linear, QuantLinear)):
                 kind = "router" if attr == "proj" and full.endswith("router") else attr
                 if kind in names:
                     out.append((mod, attr, path))
@@ -149,10 +174,13 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
         raise LoRAError(f"no module of the model matches the LoRA targets {list(cfg.targets)}")
     for p in model.parameters():
         p.requires_grad_(False)
+    from ..quant import QuantLinear
+
+    dtype = getattr(model, "dtype", torch.float32)  # the model's float dtype (DiffusionGemma: its norms')
     for parent, attr, _ in found:
         child = getattr(parent, attr)
-        wrap = LoRAExperts if isinstance(child, Experts) else LoRALinear
-        setattr(parent, attr, wrap(child, cfg.rank, cfg.scale, gen))
+        wrap = LoRALinear if isinstance(child, (nn.Linear, QuantLinear)) else LoRAExperts
+        setattr(parent, attr, wrap(child, cfg.rank, cfg.scale, gen, dtype))
     model.lora_config = cfg
     return [path for _, _, path in found]
 

@@ -324,6 +324,12 @@ class Trainer:
         if len(train_data) == 0:
             raise TrainError("the training set is empty")
         # model, adapters, optimizer
+        from ..quant import QuantConfig
+
+        q = QuantConfig.of(model.cfg)
+        if q is not None and not cfg.lora_rank:
+            raise TrainError(f"the model is {q.scheme}-quantized: its layers are frozen codes. Train a LoRA adapter "
+                             "over it (QLoRA: --lora-rank R), or fine-tune the full-precision checkpoint")
         if cfg.lora_rank and not has_lora(model):
             apply_lora(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets), seed=cfg.seed)
         if resume_from is not None and has_lora(model):
