@@ -45,7 +45,7 @@ def write(variant: str, cfg, path: Path) -> None:
     from dgemma.quant import QuantConfig, write_random_quantized
 
     q = VARIANTS[variant]
-    if q is None:  # bf16 random weights, written layer by layer the same way with nothing quantized
+    if q is None:  # bf16 random weights (made in fp32 in memory first: ~9 GiB for 2 layers of the 26B)
         from dgemma.weights import init_random, save_model
 
         save_model(init_random(cfg, seed=0).to(torch.bfloat16), path)

@@ -392,7 +392,7 @@ class _FrozenQuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scheme, t: dict[str, torch.Tensor], dequantize_first: bool) -> torch.Tensor:
         ctx.scheme, ctx.t = scheme, t
-        return F.linear(x, scheme.dequantize(t, x.dtype)) if dequantize_first else scheme.linear(x, t)
+        return _matmul(scheme, x, t, dequantize_first)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -405,6 +405,10 @@ def quant_linear(scheme, x: torch.Tensor, t: dict[str, torch.Tensor], dequantize
     `_FrozenQuantLinear` when `x` needs a gradient (the same values; only what the backward keeps differs)."""
     if x.requires_grad and torch.is_grad_enabled():
         return _FrozenQuantLinear.apply(x, scheme, t, dequantize_first)
+    return _matmul(scheme, x, t, dequantize_first)
+
+
+def _matmul(scheme, x: torch.Tensor, t: dict[str, torch.Tensor], dequantize_first: bool) -> torch.Tensor:
     return F.linear(x, scheme.dequantize(t, x.dtype)) if dequantize_first else scheme.linear(x, t)
 
 
