@@ -823,6 +823,9 @@ def _add_train_options(s, *, steps=1000, batch=32, lr=3e-4, warmup=100, wd=0.0, 
                    "weighted 0 where not routed; fewer kernels, no host sync); auto: dense on CUDA with few experts")
     s.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for the training "
                    "passes (a one-off compile time; evaluation stays eager)")
+    s.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing: keep only each "
+                   "layer's input and run the layer again in the backward (far less activation memory for about "
+                   "one more forward's time; the same losses)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
                    help="model config override for a new model, e.g. --set hidden_size=128 (repeatable)")
 
@@ -841,7 +844,7 @@ def _train_config(args):
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         device=args.device, bf16=args.bf16, threads=args.threads, workers=args.workers, moe=args.moe,
-        compile=args.compile)
+        compile=args.compile, gradient_checkpointing=args.gradient_checkpointing)
 
 
 def _finish_training(trainer) -> int:

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import runtime
 from .attention import denoiser_mask, encoder_mask, no_cache_mask, same_block
@@ -392,9 +393,11 @@ class ExpertGroups:
         also the empty ones: for a decoding step's one token the loop is faster there). It gives the loop's bits
         (tests check). On CUDA it is what keeps the MoE free of host syncs: the loop reads each expert's row count
         on the host, the grouped kernel takes the offsets on the device (torch runs it as one kernel on compute
-        capability 9.0 and up; on older GPUs torch itself falls back to a loop)."""
+        capability 9.0 and up; on older GPUs torch itself falls back to a loop). Under torch.compile, bf16 only."""
         dtypes = (torch.float32, torch.bfloat16) if xs.device.type == "cpu" else \
             (torch.bfloat16,) if xs.device.type == "cuda" else ()
+        if torch.compiler.is_compiling():  # traced (`dgemma train --compile`): torch's shape function takes bf16 only
+            dtypes = tuple(d for d in dtypes if d == torch.bfloat16)
         few_rows = xs.shape[0] < w.shape[0] and runtime.host_reads_free(xs.device)
         return (_GROUPED_MM and xs.dtype == w.dtype and xs.dtype in dtypes and not few_rows
                 and _aligned16(xs) and _aligned16(w)
@@ -511,6 +514,34 @@ class Block(nn.Module):
                 ) * scalar
 
 
+def _checkpointed(layer: Block, h: torch.Tensor, cos, sin, ctx: "_Ctx") -> torch.Tensor:
+    """`layer(h, cos, sin, ctx)` under activation checkpointing (`DiffusionGemma.gradient_checkpointing_enable`).
+
+    The backward runs the layer a second time. An encoder layer also writes its K/V into the cache, which by then
+    holds them (and the denoiser has read them, with gradients flowing back into the first run's tensors): the rerun
+    must see the cache as the first run did and leave it as it is, which the cache does in `replay` (the training
+    cache, `train.loss.TrainCache`; an inference cache is written under no_grad and never gets here).
+    """
+    cache = ctx.cache if not ctx.denoise else None
+    if cache is None:
+        return checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+    if not hasattr(cache, "replay"):
+        raise ValueError(f"gradient checkpointing of an encoder pass needs a cache that can replay its writes; "
+                         f"{type(cache).__name__} cannot (train through train.loss.TrainCache)")
+    index = layer.self_attn.layer
+    before = cache.layer_state(index)
+    runs = []
+
+    def run(x):
+        runs.append(None)
+        if len(runs) == 1:
+            return layer(x, cos, sin, ctx)
+        with cache.replay(index, before):
+            return layer(x, cos, sin, ctx)
+
+    return checkpoint(run, h, use_reentrant=False)
+
+
 _REGIONS = (Block._project, Block._mix, Block._finish)
 _COMPILED: tuple | None = None
 
@@ -571,6 +602,7 @@ class DiffusionGemma(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
+        self.gradient_checkpointing = False  # gradient_checkpointing_enable
         self.rebuild_buffers()
 
     def rebuild_buffers(self, device=None) -> None:
@@ -715,8 +747,9 @@ class DiffusionGemma(nn.Module):
             h = self.self_conditioning(h, sc)
         rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, h.dtype)
                 for kind in set(self.cfg.layer_types)}
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer, block in zip(self.layers, self.cfg.layer_types):
-            h = layer(h, *rope[block], ctx)
+            h = _checkpointed(layer, h, *rope[block], ctx) if recompute else layer(h, *rope[block], ctx)
         if cache is not None and not denoise:
             cache.advance(n_valid)
         h = self.norm(h)
@@ -773,6 +806,18 @@ class DiffusionGemma(nn.Module):
                 raise CompileError(f"torch.compile failed on this machine ({first[:300]}); run without --compile"
                                    ) from e
         return self
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> "DiffusionGemma":
+        """Activation checkpointing (`dgemma train --gradient-checkpointing`, transformers' method of the same name):
+        a forward that records gradients keeps only each layer's input, and the backward runs the layer again to
+        get what it needs. The activations kept fall from every layer's (attention, the dense MLP, every expert's
+        inner rows) to one hidden state per layer, for one more forward's time; losses and gradients stay the same.
+        Inference (no gradients) is unaffected."""
+        self.gradient_checkpointing = enable
+        return self
+
+    def gradient_checkpointing_disable(self) -> "DiffusionGemma":
+        return self.gradient_checkpointing_enable(False)
 
     def set_dense_experts(self, dense: bool) -> "DiffusionGemma":
         """Every expert over every token (see `Experts`), in every MoE layer, quantized and LoRA ones included."""

@@ -74,9 +74,11 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = run([sys.executable, "-m", "dgemma.cli", *common, "--out", str(tmp_path / "one")], env, str(tmp_path))
     assert one.returncode == 0, one.stderr
-    # two ranks of 4 examples each, and each rank accumulates two micro-batches of 2
+    # two ranks of 4 examples each, and each rank accumulates two micro-batches of 2, with activation checkpointing
+    # (the same gradients: DDP's reducer sees each parameter's gradient once, when the rerun layer's backward ends)
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dgemma.cli", *common, "--micro-batch", "2", "--out", str(tmp_path / "two")], env, str(tmp_path))
+               "-m", "dgemma.cli", *common, "--micro-batch", "2", "--gradient-checkpointing",
+               "--out", str(tmp_path / "two")], env, str(tmp_path))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))

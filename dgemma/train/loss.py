@@ -27,6 +27,7 @@ Choices where the public references differ (SPEC §5):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,22 @@ class TrainCache:
     def advance(self, n_valid: torch.Tensor) -> None:
         self.lengths = self.lengths + n_valid
 
+    def layer_state(self, layer: int) -> tuple:
+        """What an encoder layer reads of the cache: its K/V and capacity (see `replay`)."""
+        return self.k[layer], self.v[layer], self.capacity[layer]
+
+    @contextlib.contextmanager
+    def replay(self, layer: int, state: tuple):
+        """Gradient checkpointing's rerun of an encoder layer in the backward pass (`model._checkpointed`): the layer
+        reads `state` (`layer_state` before its first run), and what it writes again is dropped; the K/V of the first
+        run, which the denoiser read, stay."""
+        kept = self.layer_state(layer)
+        self.k[layer], self.v[layer], self.capacity[layer] = state
+        try:
+            yield
+        finally:
+            self.k[layer], self.v[layer], self.capacity[layer] = kept
+
     def select(self, rows: torch.Tensor) -> "TrainCache":
         """The same cache restricted to some rows (an autograd-tracked index, not a copy of the graph)."""
         sub = object.__new__(TrainCache)
@@ -106,14 +123,22 @@ class ObjectiveConfig:
     diffusion_weight: float = 1.0
     ar_weight: float = 1.0
     ar_on_prompt: bool = False
-    ce_chunk: int = 8192  # rows of logits materialised at once (recomputed in backward): bounds [N, vocab] memory
+    # Logits materialised at once by the loss (recomputed in the backward when there is more than one chunk):
+    # at most 8,192 rows, fewer where the vocabulary is wide (512 at the real 262,144, 512 MiB in fp32).
+    ce_chunk: int = 8192
+    ce_elements: int = 2**27
+
+    def ce_rows(self, vocab: int) -> int:
+        return max(1, min(self.ce_chunk, self.ce_elements // vocab))
 
 
-def chunked_ce(model, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_ce(model, h: torch.Tensor, targets: torch.Tensor, chunk: int, recompute: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of cross-entropy and number of correct argmaxes over rows of hidden states `h` `[N, H]`.
 
     With a big vocabulary the fp32 logits `[N, V]` dominate memory; each chunk's logits are recomputed in the
-    backward pass (activation checkpointing) instead of kept.
+    backward pass (activation checkpointing) instead of kept, when there are several chunks or `recompute`
+    (the model's gradient checkpointing) asks.
     """
     total = h.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=h.device)
@@ -124,7 +149,7 @@ def chunked_ce(model, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> tup
 
     for i in range(0, h.shape[0], chunk):
         hc, tc = h[i:i + chunk], targets[i:i + chunk]
-        if h.requires_grad and h.shape[0] > chunk:
+        if h.requires_grad and (h.shape[0] > chunk or recompute):
             ce, ok = checkpoint(piece, hc, tc, use_reentrant=False)
         else:
             ce, ok = piece(hc, tc)
@@ -141,6 +166,7 @@ def objective(model, batch: Batch, ocfg: ObjectiveConfig, *, canvas_norm: float,
     gradient of the global token-mean loss, however the batch was split.
     """
     cfg = model.cfg
+    chunk, recompute = ocfg.ce_rows(cfg.vocab_size), getattr(model, "gradient_checkpointing", False)
     cache = TrainCache(cfg, batch.rows, device=batch.enc_ids.device, dtype=model.dtype)
     # 1. encode (also fills the cache)
     images = None
@@ -153,7 +179,7 @@ def objective(model, batch: Batch, ocfg: ObjectiveConfig, *, canvas_norm: float,
     loss = h_enc.new_zeros((), dtype=torch.float32)
     sel = batch.ar_targets != IGNORE
     if ocfg.ar_weight and bool(sel.any()):
-        ar_sum, ar_ok = chunked_ce(model, h_enc[sel], batch.ar_targets[sel], ocfg.ce_chunk)
+        ar_sum, ar_ok = chunked_ce(model, h_enc[sel], batch.ar_targets[sel], chunk, recompute)
         loss = loss + ocfg.ar_weight * ar_sum / ar_norm
         stats.update(ar_sum=ar_sum.detach(), ar_correct=ar_ok, ar_tokens=sel.sum())
     # 3. anchor the denoiser at each row's canvas
@@ -172,7 +198,7 @@ def objective(model, batch: Batch, ocfg: ObjectiveConfig, *, canvas_norm: float,
     h = model.forward(batch.noisy, cache, denoise=True, sc=sc, head=False)
     # 6. canvas loss over all positions
     T = batch.clean.shape[1]
-    ce_sum, ok = chunked_ce(model, h.reshape(-1, h.shape[-1]), batch.clean.reshape(-1), ocfg.ce_chunk)
+    ce_sum, ok = chunked_ce(model, h.reshape(-1, h.shape[-1]), batch.clean.reshape(-1), chunk, recompute)
     loss = loss + ocfg.diffusion_weight * ce_sum / canvas_norm
     stats.update(canvas_sum=ce_sum.detach(), canvas_correct=ok, canvas_tokens=torch.tensor(batch.rows * T))
     return loss, stats

@@ -100,6 +100,7 @@ class TrainConfig:
     workers: int = 0  # processes that build the next steps' batches ahead (0 = inline); results are identical
     moe: str = "auto"  # sorted | dense (every expert over every token) | auto: dense on CUDA with few experts
     compile: bool = False  # torch.compile each decoder layer (training passes only; evaluation runs eagerly)
+    gradient_checkpointing: bool = False  # keep each layer's input only; the backward reruns the layer
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
@@ -336,6 +337,7 @@ class Trainer:
             load_adapter(model, resume_from)
         self.model = model.to(self.device).train()
         model.set_dense_experts(dense_experts(cfg.moe, model.cfg, self.device))
+        model.gradient_checkpointing_enable(cfg.gradient_checkpointing)
         if cfg.compile:
             from torch import _dynamo
 
