@@ -29,7 +29,8 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 EOF
 # The device tests (tests/test_device.py: CPU parity, fused = plain, reproducible seeds, batch invariance in bf16
 # (bit for bit on the CPU; on a GPU unknown until this runs), int8/int4, a step without host syncs under
-# torch.cuda.set_sync_debug_mode("error"), --compile's bits, the vision tower and an image prompt).
+# torch.cuda.set_sync_debug_mode("error"), --compile's bits, the vision tower and an image prompt, a training step
+# with and without activation checkpointing).
 "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 | tee "$OUT/device-tests.log"
 # The CPU bench's settings (8 steps, 3 repeats) on the GPU, bf16 for every engine, the compiled engine beside eager.
 "$PY" -m dgemma.bench --device "$DEVICE" --vocabs "$VOCABS" --steps 8 --repeats 3 \

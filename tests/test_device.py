@@ -168,3 +168,30 @@ def test_images_on_the_device():
                               images=(image,))
     a, b = generate(dev, [prompt], params)[0], generate(cpu, [prompt], params)[0]
     assert len(a.tokens) == len(b.tokens) or a.finish_reason == "stop"
+
+
+def test_a_training_step_on_the_device_with_and_without_checkpointing():
+    """The training objective on the device (encoder + AR loss, both self-conditioning passes, backward) gives the
+    CPU's loss and gradients, and activation checkpointing gives the same ones there (to the kernels' rounding:
+    some CUDA backward kernels sum in a run-dependent order)."""
+    from test_train import batch_for, examples
+
+    from dgemma.train.loss import ObjectiveConfig, objective
+
+    cpu = randomize(DiffusionGemma(tiny_config("a")), seed=1)
+    cfg = cpu.cfg
+    b = batch_for(cfg, examples(cfg, [(5, 30), (7, 12), (4, 20)]), sc_prob=0.5)
+    b.self_condition = torch.tensor([True, False, True])
+
+    def step(model, batch, checkpointing):
+        model.gradient_checkpointing_enable(checkpointing).zero_grad(set_to_none=True)
+        loss, _ = objective(model, batch, ObjectiveConfig(), canvas_norm=float(batch.clean.numel()), ar_norm=10.0)
+        loss.backward()
+        return loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = step(cpu, b, False)
+    dev = copy.deepcopy(cpu).to(DEVICE)
+    for checkpointing in (False, True):
+        loss, grads = step(dev, b.to(DEVICE), checkpointing)
+        assert loss == pytest.approx(want_loss, abs=1e-4) and grads.keys() == want.keys()
+        assert all((grads[k] - want[k]).abs().max() <= 1e-3 * (1 + want[k].abs().max()) for k in want), checkpointing
