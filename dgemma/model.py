@@ -638,6 +638,28 @@ class DiffusionGemma(nn.Module):
         soft = p @ E if isinstance(E, torch.Tensor) else E.matmul(p, vocab_block(p.device))
         return soft * self.embed_scale(E.dtype)
 
+    def soft_embed_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """`soft_embed(logits(h))` without the logits: the softmax over the vocabulary is accumulated one `vocab_block`
+        at a time against a running max (as flash attention's softmax), so `[..., V]` is never held. Training's first
+        self-conditioning pass feeds its second this way at wide vocabularies (at the real 262,144 the logits and
+        softmax of one canvas row would be 512 MiB). Equal to `soft_embed(logits(h))` to float rounding."""
+        E, V, H = self.embedding(), self.cfg.vocab_size, self.cfg.hidden_size
+        flat = h.reshape(-1, H)
+        top = torch.full((flat.shape[0], 1), -math.inf, dtype=torch.float32, device=h.device)
+        total = torch.zeros_like(top)
+        acc = torch.zeros(flat.shape[0], H, dtype=torch.float32, device=h.device)
+        block = vocab_block(h.device)
+        for lo in range(0, V, block):
+            hi = min(lo + block, V)
+            x = head_block_logits(flat, E, lo, hi, self.cfg.final_logit_softcapping)
+            new = torch.maximum(top, x.amax(-1, keepdim=True))
+            carry = torch.exp(top - new)  # 0 on the first block
+            e = torch.exp(x - new)
+            total = total * carry + e.sum(-1, keepdim=True)
+            acc = acc * carry + (e.to(E.dtype) @ E[lo:hi]).float()
+            top = new
+        return (acc / total).to(E.dtype).view(*h.shape[:-1], H) * self.embed_scale(E.dtype)
+
     def logits(self, h: torch.Tensor, blocked: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tied LM head, in fp32, soft-capped: `cap * tanh(h E^T / cap)`, `[..., H] -> [..., V]`.
 

@@ -306,6 +306,40 @@ def test_loss_chunks_follow_the_vocabulary_and_give_the_same_loss(model):
     assert all((g0[k] - g1[k]).abs().max() <= 1e-5 * (1 + g0[k].abs().max()) for k in g0)
 
 
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8+e"])
+def test_blocked_soft_embedding_equals_the_softmax_of_the_logits(kind):
+    """At wide vocabularies the first self-conditioning pass never holds its logits: softmax @ E accumulated block by
+    block against a running max equals soft_embed(logits) to float rounding (a 9,000-entry vocabulary: 3 CPU
+    blocks), for fp32, bf16 and a quantized embedding; the objective then gives the plain path's loss."""
+    import copy
+
+    from dgemma.quant import QuantConfig, quantize_model
+
+    m = randomize(DiffusionGemma(tiny_config("a", vocab_size=9000)), seed=5)
+    if kind == "bf16":
+        m = m.to(torch.bfloat16)
+    elif kind == "int8+e":
+        m = quantize_model(copy.deepcopy(m), QuantConfig("int8", embeddings=True))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 16, m.cfg.hidden_size, generator=g).to(m.dtype) * 4
+    with torch.no_grad():
+        want, got = m.soft_embed(m.logits(h)), m.soft_embed_hidden(h)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = 1e-2 if kind == "bf16" else 1e-5  # bf16: the result rounded (0.6% of its largest here)
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    if kind != "fp32":
+        return
+    cfg = m.cfg
+    b = batch_for(cfg, examples(cfg, [(5, 30), (7, 12)]), sc_prob=0.5)
+    b.self_condition = torch.tensor([True, True])
+    wide = ObjectiveConfig(ce_elements=cfg.vocab_size * 64)  # 64-row loss chunks: the wide-vocabulary path
+    assert wide.ce_rows(cfg.vocab_size) < wide.ce_chunk
+    with torch.no_grad():
+        plain, _ = objective(m, b, ObjectiveConfig(), canvas_norm=float(b.clean.numel()), ar_norm=10.0)
+        blocked, _ = objective(m, b, wide, canvas_norm=float(b.clean.numel()), ar_norm=10.0)
+    assert blocked.item() == pytest.approx(plain.item(), abs=1e-5)
+
+
 def test_grouped_experts_stay_out_of_a_traced_fp32_forward(monkeypatch):
     """`dgemma train --compile` on the CPU in fp32: torch's shape function for the grouped expert matmul takes
     bf16 only, so a traced forward without gradients (self-conditioning's first pass) takes the loop."""

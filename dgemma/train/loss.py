@@ -6,7 +6,8 @@ One step over a batch (see data.py for the layout):
   2. AR loss  next-token cross-entropy of the encoder on the clean response
   3. anchor   set each row's cache length to its canvas start P + sel*T: the denoiser then sees exactly the clean
               prompt and the clean blocks before the canvas
-  4. pass 1   (only if some row self-conditions) denoise x_t without self-conditioning, no gradient
+  4. pass 1   (only if some row self-conditions) denoise x_t without self-conditioning, no gradient (at wide
+              vocabularies the soft embedding is accumulated block by block, without the pass's logits)
   5. pass 2   denoise x_t with softmax(pass-1 logits) @ E * scale for the self-conditioning rows, 0 for the rest
   6. canvas   cross-entropy over every position of the canvas (corrupted or not, EOS padding included), unweighted
 
@@ -190,11 +191,15 @@ def objective(model, batch: Batch, ocfg: ObjectiveConfig, *, canvas_norm: float,
     rows = batch.self_condition.nonzero().squeeze(1)
     if rows.numel():
         with torch.no_grad():
-            first = model.forward(batch.noisy[rows], cache.select(rows), denoise=True)
+            if chunk < ocfg.ce_chunk:  # a wide vocabulary: the soft embedding without the pass's logits
+                soft = model.soft_embed_hidden(model.forward(batch.noisy[rows], cache.select(rows), denoise=True,
+                                                             head=False))
+            else:
+                soft = model.soft_embed(model.forward(batch.noisy[rows], cache.select(rows), denoise=True))
             sc = torch.zeros(batch.rows, *batch.noisy.shape[1:], cfg.hidden_size, dtype=model.dtype,
-                             device=first.device)
-            sc[rows] = model.soft_embed(first).to(sc.dtype)  # bf16 under autocast
-        del first
+                             device=soft.device)
+            sc[rows] = soft.to(sc.dtype)  # bf16 under autocast
+        del soft
     h = model.forward(batch.noisy, cache, denoise=True, sc=sc, head=False)
     # 6. canvas loss over all positions
     T = batch.clean.shape[1]
