@@ -530,11 +530,12 @@ def _checkpointed(layer: Block, h: torch.Tensor, cos, sin, ctx: "_Ctx") -> torch
                          f"{type(cache).__name__} cannot (train through train.loss.TrainCache)")
     index = layer.self_attn.layer
     before = cache.layer_state(index)
-    runs = []
+    rerun = False
 
     def run(x):
-        runs.append(None)
-        if len(runs) == 1:
+        nonlocal rerun
+        if not rerun:  # the forward's own run
+            rerun = True
             return layer(x, cos, sin, ctx)
         with cache.replay(index, before):
             return layer(x, cos, sin, ctx)
