@@ -93,6 +93,12 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
             out["vision"] = {"tower_parameters": tower_params(cfg),
                              "soft_tokens_per_image": cfg.vision_soft_tokens_per_image or DEFAULT_SOFT_TOKENS}
         out["files_bytes"] = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        from .gguf_model import LINK
+
+        if (ckpt / LINK).exists():  # a GGUF's sidecar directory: the file and its tensor types
+            link = json.loads((ckpt / LINK).read_text())
+            out["gguf"] = {"file": link["path"], "tensor_types": link["tensor_types"]}
+            out["files_bytes"] = link["size"]
         gen = read_generation_config(ckpt)
         if gen:
             out["generation_config"] = gen
@@ -136,6 +142,9 @@ def print_info(d: dict) -> None:
               f"{v['soft_tokens_per_image']} tokens per image")
     s = d["special_tokens"]
     print(f"  special tokens  pad {s['pad']}, bos {s['bos']}, eos {s['eos']}")
+    if "gguf" in d:
+        types = ", ".join(f"{n} {k}" for k, n in sorted(d["gguf"]["tensor_types"].items(), key=lambda kv: -kv[1]))
+        print(f"  gguf            {d['gguf']['file']}: tensors {types}")
     if "tokenizer" in d:
         t = d["tokenizer"]
         print(f"  tokenizer       {t}" if "error" in t else
@@ -144,7 +153,8 @@ def print_info(d: dict) -> None:
         g = d["generation_config"]
         keys = ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold", "restarts")
         shown = ", ".join(f"{k} {g[k]}" for k in keys if k in g)
-        print(f"  generation      {shown}")
+        if shown:
+            print(f"  generation      {shown}")
 
 
 def cmd_info(args) -> int:
@@ -321,7 +331,7 @@ def split_model_prompt(args) -> None:
     if args.prompt is not None or args.model is None:
         return
     given = args.model
-    if Path(given).expanduser().is_dir():
+    if Path(given).expanduser().is_dir() or (given.endswith(".gguf") and Path(given).expanduser().is_file()):
         return
     if re.fullmatch(r"[\w.-]+/[\w.-]+", given) and (args.prompt_file or not sys.stdin.isatty()):
         return
@@ -1257,6 +1267,7 @@ def cmd_quantize(args) -> int:
 
     from .compressed import foreign_config
     from .config import preset
+    from .gguf_model import linked_file
     from .quant import QuantConfig, quantize_checkpoint, weight_bytes, write_random_quantized
     from .weights import load_config, resolve
 
@@ -1267,6 +1278,8 @@ def cmd_quantize(args) -> int:
         fq = foreign_config(src, cfg)  # llm-compressor's, ModelOpt's: without --scheme, into dgemma's layout
         if fq is not None and args.scheme is None:
             return _convert(args, src, Path(paths[1]), fq["quant_method"])
+        if args.scheme is None and linked_file(src) is not None:  # a GGUF: into a float dgemma checkpoint
+            return _convert_gguf(args, src, Path(paths[1]))
     if args.scheme is None:
         raise UsageError("give --scheme int8, int4, fp8 or nvfp4")
     qcfg = QuantConfig(args.scheme, args.group_size, embeddings=args.embeddings)
@@ -1306,6 +1319,40 @@ def cmd_quantize(args) -> int:
     g = (f" group {qcfg.group_size}" if qcfg.group_size else "") + (", embedding too" if qcfg.embeddings else "")
     print(f"{dst}: {qcfg.scheme}{g}, {_fmt_bytes(size)} of weights "
           f"(float32: {_fmt_bytes(weight_bytes(cfg, None, torch.float32))}), {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _convert_gguf(args, src: Path, dst: Path) -> int:
+    import shutil
+    import time
+
+    import torch
+
+    from .gguf_model import GGUFError, convert, linked_file
+    from .quant import weight_bytes
+    from .weights import load_config
+
+    if dst.absolute() == src.absolute():
+        raise UsageError("DST must be a new directory, not SRC")
+    if args.group_size is not None or args.embeddings:
+        raise UsageError("--group-size and --embeddings go with --scheme")
+    dtype = getattr(torch, args.dtype or "bfloat16")
+    parent = _check_destination(dst, args.overwrite)
+    need = weight_bytes(load_config(src), None, dtype)
+    if shutil.disk_usage(parent).free < need * 1.05:
+        raise UsageError(f"{parent} has {_fmt_bytes(shutil.disk_usage(parent).free)} free; the converted "
+                         f"checkpoint needs about {_fmt_bytes(need)} (or give --scheme int4 to requantize)")
+    log = None if args.quiet else (lambda m: print(f"dgemma quantize: {m}", file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    try:
+        convert(src, dst, dtype=dtype, max_shard_bytes=int(args.max_shard_gib * (1 << 30)), log=log)
+    except OSError as e:
+        raise UsageError(f"writing {dst} failed: {e.strerror or e}") from None
+    except GGUFError as e:
+        raise UsageError(str(e)) from None
+    size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+    print(f"{dst}: converted from {linked_file(src).name} into {str(dtype).removeprefix('torch.')}, "
+          f"{_fmt_bytes(size)} of weights, {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -1354,7 +1401,7 @@ def _add_quantize_parser(sub) -> None:
                        "(compressed-tensors) or ModelOpt checkpoint such as RedHatAI's FP8-dynamic or NVIDIA's "
                        "NVFP4 is converted into dgemma's layout, which loads memory-mapped (dgemma also loads the "
                        "original as it is).")
-    s.add_argument("src", nargs="?", metavar="SRC", help="full-precision checkpoint directory or hub id")
+    s.add_argument("src", nargs="?", metavar="SRC", help="full-precision checkpoint directory, hub id or .gguf file")
     s.add_argument("dst", nargs="?", metavar="DST", help="new directory to write (atomically)")
     s.add_argument("--scheme", help="int8 or fp8 (e4m3; both per output channel), int4 (group-wise), or nvfp4 "
                    "(e2m1 codes, e4m3 scales per 16 inputs)")
@@ -1414,14 +1461,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     s = sub.add_parser("info", help="config, parameter counts, memory and special tokens of a checkpoint")
-    s.add_argument("model", help="checkpoint directory, hub id (org/name), or a preset name with --preset")
+    s.add_argument("model", help="checkpoint directory, hub id (org/name), .gguf file, or a preset name with --preset")
     s.add_argument("--preset", action="store_true", help="MODEL names a preset (26b-a4b, tiny, small, bench-80m)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("generate", help="generate text from a prompt (diffusion, or --ar)",
                        usage="dgemma generate [MODEL] [PROMPT] [options]")
-    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (default: the shipped code model)")
+    s.add_argument("model", nargs="?", help="checkpoint directory, hub id or .gguf file (default: the shipped code "
+                   "model)")
     s.add_argument("prompt", nargs="?", help="prompt text (or --prompt-file, or stdin)")
     s.add_argument("--prompt-file", help="read the prompt from a file")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
@@ -1448,7 +1496,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="an interactive multi-turn chat (chat template)")
-    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (default: the shipped code model)")
+    s.add_argument("model", nargs="?", help="checkpoint directory, hub id or .gguf file (default: the shipped code "
+                   "model)")
     s.add_argument("--system", help="system prompt")
     s.add_argument("--show-canvas", action="store_true", help="draw the canvas live while it denoises")
     s.add_argument("--think", action="store_true", help="thinking on (the template's enable_thinking): the reply "
@@ -1469,8 +1518,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live draft streaming and a web page")
-    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (org/name); default: the shipped code "
-                   "model")
+    s.add_argument("model", nargs="?", help="checkpoint directory, hub id (org/name) or .gguf file; default: the "
+                   "shipped code model")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
@@ -1505,8 +1554,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run-batch", help="answer a file of requests in the OpenAI Batch format, offline (vLLM's "
                        "run-batch)", usage="dgemma run-batch [MODEL] -i INPUT.jsonl -o OUTPUT.jsonl [options]")
-    s.add_argument("model", nargs="?", help="checkpoint directory or hub id (org/name); default: the shipped code "
-                   "model")
+    s.add_argument("model", nargs="?", help="checkpoint directory, hub id (org/name) or .gguf file; default: the "
+                   "shipped code model")
     s.add_argument("-i", "--input-file", required=True, help="JSONL, one request a line: {custom_id, method: POST, "
                    "url: /v1/chat/completions (or /v1/completions, /v1/responses, /v1/messages), body}; a local "
                    "file or an http(s) URL to GET")

@@ -835,10 +835,20 @@ def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | Non
     """Quantize checkpoint `src` into `dst`, streaming: the source stays memory-mapped and each layer is read,
     quantized (one expert at a time) and written before the next, so memory holds about one shard.
 
-    dtype converts the tensors that stay at full precision (embedding, norms, router); None keeps the source's.
+    dtype converts the tensors that stay at full precision (embedding, norms, router); None keeps the source's
+    (bf16 for a GGUF source, whose block formats decode to float32).
     """
-    from .weights import load_model
+    from .gguf_model import GGUFFile, linked_file
+    from .weights import checkpoint_entries, hf_name, load_model, resolve
 
+    gpath = linked_file(resolve(src))
+    if gpath is not None:  # a GGUF: dequantize one tensor (one expert) at a time, never the whole model
+        model, _ = checkpoint_entries(resolve(src))
+        g = GGUFFile(gpath)
+        tensors = _stream(model, qcfg, lambda name, like: g.tensor(hf_name(name)),
+                          lambda name, like, e: g.expert(hf_name(name), e))
+        return _write(Path(dst), qcfg.apply_to(model.cfg), tensors, dtype=dtype or torch.bfloat16,
+                      max_shard_bytes=max_shard_bytes, copy_from=resolve(src), log=log)
     model = load_model(src, quiet=True)  # built on meta, tensors memory-mapped: nothing is copied yet
     if QuantConfig.of(model.cfg) is not None:
         raise QuantError(f"{src} is already quantized ({QuantConfig.of(model.cfg).scheme}); "

@@ -11,9 +11,7 @@ benchmarks get the real 262,144-token Gemma tokenizer offline: the `gemma3-270m-
 from __future__ import annotations
 
 import json
-import mmap
 import re
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -562,82 +560,13 @@ def _compile(template: str):
 
 
 # ---- GGUF -> tokenizer.json ---------------------------------------------------------------------------------
-def _import_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf") from None
-    return gguf
-
-
 def read_gguf_tokenizer(gguf_path: str | Path) -> dict[str, Any]:
-    """The `tokenizer.*` and `general.architecture` metadata of a GGUF file, without touching its tensors.
+    """The `tokenizer.*` and `general.architecture` metadata of a GGUF file, without touching its tensors."""
+    from .gguf_model import read_header
 
-    gguf's own GGUFReader builds numpy views for every string of the vocabulary and takes ~25 s on a
-    262k-token file; walking the key/value section with struct takes about a second. The value-type and
-    magic constants still come from the gguf package."""
-    gguf = _import_gguf()
-    import numpy as np
-
-    path = Path(gguf_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    if path.stat().st_size < 24:
-        raise ValueError(f"{path} is too small to be a GGUF file")
-    T = gguf.GGUFValueType
-    formats = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i",
-               T.FLOAT32: "f", T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}
-
-    # struct reads the mmap in place and slicing it copies to bytes, so no view outlives the `with` below.
-    # Slicing past the end silently returns less, hence the explicit bounds checks.
-    def take(mm, pos, n):
-        if pos + n > len(mm):
-            raise struct.error(f"{n} bytes wanted at offset {pos}, the file ends at {len(mm)}")
-        return mm[pos: pos + n]
-
-    def string(mm, pos):
-        (n,) = struct.unpack_from("<Q", mm, pos)
-        return take(mm, pos + 8, n).decode("utf-8"), pos + 8 + n
-
-    def value(mm, pos, vtype, keep):
-        if vtype == T.STRING:
-            return string(mm, pos)
-        if vtype in formats:
-            fmt = "<" + formats[vtype]
-            return struct.unpack_from(fmt, mm, pos)[0], pos + struct.calcsize(fmt)
-        if vtype != T.ARRAY:
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
-        etype, count = struct.unpack_from("<IQ", mm, pos)
-        pos += 12
-        if etype in formats:
-            width = struct.calcsize("<" + formats[etype])
-            arr = np.frombuffer(take(mm, pos, count * width), "<" + formats[etype]) if keep else None
-            return arr, pos + count * width
-        items = []
-        for _ in range(count):  # strings have no fixed width: walk them even when skipped
-            item, pos = value(mm, pos, etype, keep)
-            if keep:
-                items.append(item)
-        return items, pos
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        try:
-            magic, version = struct.unpack_from("<II", mm, 0)
-            if magic != gguf.GGUF_MAGIC:
-                raise ValueError(f"{path} is not a GGUF file (bad magic bytes)")
-            if version & 0xFFFF == 0 or version < 2:
-                raise ValueError(f"{path}: GGUF version {version} (or a big-endian file) is not supported")
-            (_, kv_count), pos, out = struct.unpack_from("<QQ", mm, 8), 24, {}
-            for _ in range(kv_count):
-                key, pos = string(mm, pos)
-                (vtype,) = struct.unpack_from("<I", mm, pos)
-                keep = key.startswith("tokenizer.") or key == "general.architecture"
-                val, pos = value(mm, pos + 4, vtype, keep)
-                if keep:
-                    out[key] = val
-        except (struct.error, UnicodeDecodeError, IndexError) as e:
-            raise ValueError(f"{path}: truncated or corrupt GGUF metadata ({e})") from None
-    return out
+    meta, _ = read_header(gguf_path, lambda key: key.startswith("tokenizer.") or key == "general.architecture",
+                          tensors=False)
+    return meta
 
 
 def tokenizer_json_from_gguf(gguf_path: str | Path, out_path: str | Path, *,
@@ -648,17 +577,19 @@ def tokenizer_json_from_gguf(gguf_path: str | Path, out_path: str | Path, *,
     normalised to "▁", the decoder undoing that, control tokens as special added tokens and user-defined ones
     (newline runs, HTML tags ...) as plain added tokens. `rename` replaces tokens by id, marking them control:
     pass GEMMA4_CONTROL_TOKENS to give a Gemma 3 vocabulary Gemma 4's chat markers."""
-    _write_tokenizer_json(read_gguf_tokenizer(gguf_path), gguf_path, Path(out_path), rename)
+    _write_tokenizer_json(read_gguf_tokenizer(gguf_path), gguf_path, Path(out_path), rename, set())
     return Path(out_path)
 
 
 def convert_gguf_tokenizer(gguf_path: str | Path, out_dir: str | Path, *,
-                           rename: Mapping[int, str] | None = None) -> Path:
+                           rename: Mapping[int, str] | None = None, control: Iterable[str] = ()) -> Path:
     """A complete tokenizer directory from a GGUF file: tokenizer.json, plus a tokenizer_config.json naming the
-    file's bos/eos/pad/unk tokens (and its chat template, if it has one). Load it with `Tokenizer.from_dir`."""
+    file's bos/eos/pad/unk tokens (and its chat template, if it has one). Load it with `Tokenizer.from_dir`.
+    `control` names tokens to mark as control tokens whatever type the file gives them (llama.cpp's Gemma 4
+    converter writes the tool and channel markers as user-defined, so that its parser sees them)."""
     out_dir = Path(out_dir)
     fields = read_gguf_tokenizer(gguf_path)
-    tokens = _write_tokenizer_json(fields, gguf_path, out_dir / "tokenizer.json", rename)
+    tokens = _write_tokenizer_json(fields, gguf_path, out_dir / "tokenizer.json", rename, set(control))
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for gguf_name, name in (("bos", "bos"), ("eos", "eos"), ("unknown", "unk"), ("padding", "pad")):
         token_id = fields.get(f"tokenizer.ggml.{gguf_name}_token_id")
@@ -670,8 +601,10 @@ def convert_gguf_tokenizer(gguf_path: str | Path, out_dir: str | Path, *,
     return out_dir
 
 
-def _write_tokenizer_json(fields: dict, gguf_path, out_path: Path, rename: Mapping[int, str] | None) -> list[str]:
+def _write_tokenizer_json(fields: dict, gguf_path, out_path: Path, rename: Mapping[int, str] | None,
+                          control: set[str]) -> list[str]:
     tokens, types = _gguf_vocab(fields, gguf_path, rename)
+    types = [_CONTROL if t in control else ty for t, ty in zip(tokens, types)]
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError(f"{gguf_path}: the vocabulary has duplicate tokens (after `rename`, if given)")
@@ -703,9 +636,9 @@ _CONTROL, _USER_DEFINED = 3, 4  # gguf.TokenType values, as llama.cpp writes the
 def _gguf_vocab(fields: dict, gguf_path, rename: Mapping[int, str] | None) -> tuple[list[str], list[int]]:
     """The vocabulary as the tokenizer.json spells it, and each token's type."""
     model = fields.get("tokenizer.ggml.model")
-    if model != "llama":
+    if model not in ("llama", "gemma4"):  # gemma4: Gemma 4's vocabulary, the same SentencePiece-style BPE
         raise ValueError(f"{gguf_path}: tokenizer model {model!r} is not supported; only SentencePiece-style "
-                         "'llama' vocabularies (Gemma, Llama 2) are")
+                         "vocabularies ('llama': Gemma, Llama 2; 'gemma4') are")
     if "tokenizer.ggml.tokens" not in fields:
         raise ValueError(f"{gguf_path}: no tokenizer.ggml.tokens in the metadata")
     # Gemma stores its runs of 2-31 spaces as real spaces, but the normaliser turns text spaces into "▁" before

@@ -61,7 +61,15 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise CheckpointError(f"{p} is a file; a checkpoint is a directory holding config.json and weights")
+            from . import gguf_model
+
+            if gguf_model.is_gguf_file(p):  # llama.cpp's format: a cached directory stands for it (gguf_model.py)
+                try:
+                    return gguf_model.sidecar(p)
+                except gguf_model.GGUFError as e:
+                    raise CheckpointError(str(e)) from None
+            raise CheckpointError(f"{p} is a file; a checkpoint is a directory holding config.json and weights "
+                                  "(or a DiffusionGemma .gguf file)")
         return p
     s = str(path_or_id)
     if s.count("/") != 1 or s.startswith((".", "/", "~")):
@@ -137,11 +145,21 @@ def load_config(ckpt: Path) -> ModelConfig:
 
 def checkpoint_entries(ckpt: Path) -> tuple[DiffusionGemma, dict]:
     """The model for a checkpoint directory, on the meta device, and its tensors as {HF key: (file, reader)}, read
-    one at a time when asked. An llm-compressor (compressed-tensors) or ModelOpt checkpoint is rewritten here into
-    dgemma's quantized layout (compressed.py): its entries convert lazily and model.cfg records the dgemma scheme."""
+    one at a time when asked. A GGUF file's sidecar directory reads them from the GGUF (gguf_model.py). An
+    llm-compressor (compressed-tensors) or ModelOpt checkpoint is rewritten here into dgemma's quantized layout
+    (compressed.py): its entries convert lazily and model.cfg records the dgemma scheme."""
+    from . import gguf_model
+
     cfg = load_config(ckpt)
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
+    try:
+        gpath = gguf_model.linked_file(ckpt)
+        if gpath is not None:  # a GGUF's sidecar directory: its tensors, dequantized when read
+            g = gguf_model.GGUFFile(gpath)
+            return model, {key: (gpath, lambda k=key: g.tensor(k)) for key in g.keys}
+    except gguf_model.GGUFError as e:
+        raise CheckpointError(str(e)) from None
     entries = {}
     for f in weight_files(ckpt):
         handle = _open(f)
