@@ -21,8 +21,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/dgemma demo
 
+# One pytest worker per core (pytest-xdist); each takes its share of torch's threads (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto --dist worksteal tests
 
 bench: install
 	$(BIN)/dgemma bench

@@ -43,10 +43,14 @@ def real_file(out: dict) -> None:
         _, infos = gguf_model.read_header(path)
         ours = time.perf_counter() - t
         t = time.perf_counter()
-        gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
         theirs = time.perf_counter() - t
+        mine = {i.name: (i.offset, i.shape, i.qtype, i.nbytes) for i in infos}
+        agree = len(reader.tensors) == len(infos) and all(
+            mine.get(r.name) == (r.data_offset, tuple(int(x) for x in reversed(r.shape)), int(r.tensor_type),
+                                 r.n_bytes) for r in reader.tensors)
         out["header"] = {"file_mib": path.stat().st_size / 2**20, "tensors": len(infos), "dgemma_s": ours,
-                         "gguf_reader_s": theirs}
+                         "gguf_reader_s": theirs, "same_tensor_directory_as_gguf_reader": agree}
         g = gguf_model.GGUFFile.__new__(gguf_model.GGUFFile)  # the decoder only: this file is Gemma 3
         g.path, g._mm = path, None
         by_type: dict[str, list] = {}
@@ -154,7 +158,8 @@ def main() -> None:
         real_file(out)
         h = out["header"]
         print(f"Gemma 3 270M Q4_K_M ({h['file_mib']:.0f} MiB, {h['tensors']} tensors): header {h['dgemma_s']:.2f} s "
-              f"(gguf's GGUFReader {h['gguf_reader_s']:.1f} s)")
+              f"(gguf's GGUFReader {h['gguf_reader_s']:.1f} s; the same offsets, shapes and types: "
+              f"{h['same_tensor_directory_as_gguf_reader']})")
         print(f"{'type':<6}{'tensors':>8}{'M weights':>11}{'s':>7}{'M weights/s':>13}")
         for r in out["decode"]:
             print(f"{r['type']:<6}{r['tensors']:>8}{r['mweights']:>11.1f}{r['seconds']:>7.2f}"

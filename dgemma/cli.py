@@ -333,7 +333,7 @@ def split_model_prompt(args) -> None:
     given = args.model
     if Path(given).expanduser().is_dir() or (given.endswith(".gguf") and Path(given).expanduser().is_file()):
         return
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", given) and (args.prompt_file or not sys.stdin.isatty()):
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", given) and (args.prompt_file or not sys.stdin.isatty()):
         return
     args.model, args.prompt = None, given
 

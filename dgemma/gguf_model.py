@@ -211,6 +211,8 @@ def hf_key(name: str) -> str | None:
         return _GLOBAL[name]
     if name in _SKIP:
         return None
+    if name == "output.weight":
+        raise GGUFError("the file has an untied output.weight; DiffusionGemma ties its LM head to the embedding")
     m = _ENC_SCALAR.match(name)
     if m:
         return f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar"
@@ -253,7 +255,8 @@ class GGUFFile:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
         return self._mm[info.offset: info.offset + info.nbytes]
 
-    def _decode(self, info: TensorInfo, raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    def _decode(self, info: TensorInfo, raw: np.ndarray, shape: tuple[int, ...],
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         gguf = import_gguf()
         Q = gguf.GGMLQuantizationType
         qtype = Q(info.qtype)
@@ -267,24 +270,32 @@ class GGUFFile:
             return torch.from_numpy(raw.view(np.float64).reshape(shape)).float()
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         rows = raw.reshape(-1, shape[-1] // block * size)
-        try:
-            out = gguf.quants.dequantize(rows, qtype)
-        except NotImplementedError:
-            raise GGUFError(f"{self.path}: tensor {info.name} is {qtype.name}, which the gguf package cannot "
-                            "dequantize") from None
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(shape))
+        # float32 rows a chunk at a time (64 MiB of them) into the result's dtype: the 26B's embedding is 2.9 GiB in
+        # float32, half that in bf16
+        out = torch.empty(rows.shape[0], shape[-1], dtype=dtype or torch.float32)
+        step = max(1, (64 << 20) // (4 * shape[-1]))
+        for i in range(0, rows.shape[0], step):
+            try:
+                part = gguf.quants.dequantize(rows[i: i + step], qtype)
+            except NotImplementedError:
+                raise GGUFError(f"{self.path}: tensor {info.name} is {qtype.name}, which the gguf package cannot "
+                                "dequantize") from None
+            out[i: i + step] = torch.from_numpy(np.asarray(part, dtype=np.float32))
+        return out.view(shape)
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """The tensor stored for HF key `key` (gate and up halves concatenated where the file splits them). A file
-        without the encoder's layer scalars gives the decoder's, as a checkpoint directory without them does."""
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor stored for HF key `key` (gate and up halves concatenated where the file splits them), in
+        `dtype` (None: float types as stored, block types as float32). A file without the encoder's layer scalars
+        gives the decoder's, as a checkpoint directory without them does."""
         parts = self.keys.get(key)
         if parts is None:
             m = re.match(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$", key)
             parts = self.keys.get(f"{DECODER}layers.{m.group(1)}.layer_scalar") if m else None
             if parts is None:
                 raise GGUFError(f"{self.path} has no tensor for {key}")
-        ts = [self._decode(i, self._raw(i), i.shape) for i in parts]
-        t = ts[0] if len(ts) == 1 else torch.cat([t.float() for t in ts], dim=1)
+        ts = [self._decode(i, self._raw(i), i.shape, dtype) for i in parts]
+        t = ts[0] if len(ts) == 1 else torch.cat([t.to(dtype or torch.float32) for t in ts], dim=1)
+        t = t if dtype is None else t.to(dtype)
         return t.reshape(1) if t.dim() == 0 else t
 
     def expert(self, key: str, e: int) -> torch.Tensor:
@@ -362,8 +373,6 @@ def config_dict(f: GGUFFile, tok: dict[str, Any]) -> dict[str, Any]:
     embd = f.infos.get("token_embd.weight")
     if embd is None:
         raise GGUFError(f"{f.path} has no token_embd.weight")
-    if "output.weight" in f.infos:
-        raise GGUFError(f"{f.path} has an untied output.weight; DiffusionGemma ties its LM head to the embedding")
     vocab_size = embd.shape[0]
     if vocab and len(vocab) != vocab_size:
         raise GGUFError(f"{f.path}: {len(vocab)} tokens in the vocabulary, {vocab_size} rows in token_embd")
@@ -458,6 +467,36 @@ def sidecar(path: str | Path) -> Path:
         (tmp / LINK).write_text(json.dumps({"path": str(path), "size": st.st_size,
                                             "tensor_types": f.qtypes()}, indent=2) + "\n")
     return target
+
+
+def hub_file(repo: str, tag: str, revision: str | None = None) -> Path:
+    """The one .gguf file of hub repo `repo` whose name holds `tag` (case-insensitive, as llama.cpp's `-hf
+    org/name:Q4_K_M` picks it; mmproj files aside), from the local huggingface_hub cache when it is there."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def pick(names: list[str]) -> str | None:
+        hits = sorted(n for n in names if n.lower().endswith(".gguf") and tag.lower() in Path(n).name.lower()
+                      and "mmproj" not in Path(n).name.lower())
+        if len(hits) > 1:
+            raise GGUFError(f"{repo}:{tag} matches several files ({', '.join(hits)}); name a more precise tag"
+                            + (" (split GGUF files are not supported: merge them with llama-gguf-split --merge)"
+                               if any(re.search(r"-\d{5}-of-\d{5}\.gguf$", h) for h in hits) else ""))
+        return hits[0] if hits else None
+
+    try:
+        snap = Path(snapshot_download(repo, revision=revision, allow_patterns=["*.gguf"], local_files_only=True))
+        name = pick([str(f.relative_to(snap)) for f in snap.rglob("*.gguf")])
+        if name is not None:
+            return snap / name
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    files = HfApi().list_repo_files(repo, revision=revision)
+    name = pick(files)
+    if name is None:
+        have = ", ".join(sorted(f for f in files if f.endswith(".gguf"))[:8]) or "none"
+        raise GGUFError(f"no .gguf file in {repo} has {tag!r} in its name (its GGUF files: {have})")
+    return Path(hf_hub_download(repo, name, revision=revision))
 
 
 def linked_file(ckpt: Path) -> Path | None:
@@ -600,7 +639,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = tor
         raise GGUFError(f"{src} is not a GGUF file")
     model, _ = checkpoint_entries(ckpt)
     g = GGUFFile(gpath)
-    tensors = ((name, g.tensor(hf_name(name)), False) for name in model.state_dict())
+    tensors = ((name, g.tensor(hf_name(name), dtype=dtype), False) for name in model.state_dict())
     out = _write(Path(dst), model.cfg, tensors, dtype=dtype, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
                  copy_from=ckpt, log=log)
     load_model(out, quiet=True)
@@ -608,5 +647,5 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = tor
 
 
 __all__ = ["GGUFError", "GGUFFile", "TensorInfo", "read_header", "hf_key", "config_dict", "generation_dict",
-           "sidecar", "linked_file", "is_gguf_file", "eos_ids",
+           "sidecar", "linked_file", "hub_file", "is_gguf_file", "eos_ids",
            "convert", "gguf_name", "metadata", "rope_freqs", "write_gguf"]

@@ -766,12 +766,14 @@ class _ShardWriter:
 
 
 def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.Tensor], torch.Tensor],
-            get_expert: Callable[[str, torch.Tensor, int], torch.Tensor]
+            get_expert: Callable[[str, torch.Tensor, int], torch.Tensor],
+            get_kept: Callable[[str, torch.Tensor], torch.Tensor] | None = None
             ) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """(state name, tensor, is_quantized) in state-dict order, quantizing the target layers' weights as they come.
 
     `model` gives names and shapes only (it may live on the meta device); `get(name, like)` returns the full-
-    precision tensor of one state entry and `get_expert(name, like, e)` one expert's matrix of a stacked weight.
+    precision tensor of one state entry and `get_expert(name, like, e)` one expert's matrix of a stacked weight;
+    `get_kept` (default `get`) the entries that stay unquantized, which a source may read at their final dtype.
     """
     scheme = qcfg.make()
     linears, experts, embeddings = set(), set(), set()
@@ -794,7 +796,7 @@ def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.
             for s, t in quantize_stacked(scheme, lambda e: get_expert(name, like, e), like.shape[0], parts).items():
                 yield name + s, t, True
         else:
-            yield name, get(name, like), False
+            yield name, (get_kept or get)(name, like), False
 
 
 def _write(dst: Path, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor, bool]], *, dtype,
@@ -844,10 +846,11 @@ def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | Non
     gpath = linked_file(resolve(src))
     if gpath is not None:  # a GGUF: dequantize one tensor (one expert) at a time, never the whole model
         model, _ = checkpoint_entries(resolve(src))
-        g = GGUFFile(gpath)
+        g, kept = GGUFFile(gpath), dtype or torch.bfloat16
         tensors = _stream(model, qcfg, lambda name, like: g.tensor(hf_name(name)),
-                          lambda name, like, e: g.expert(hf_name(name), e))
-        return _write(Path(dst), qcfg.apply_to(model.cfg), tensors, dtype=dtype or torch.bfloat16,
+                          lambda name, like, e: g.expert(hf_name(name), e),
+                          lambda name, like: g.tensor(hf_name(name), dtype=kept))
+        return _write(Path(dst), qcfg.apply_to(model.cfg), tensors, dtype=kept,
                       max_shard_bytes=max_shard_bytes, copy_from=resolve(src), log=log)
     model = load_model(src, quiet=True)  # built on meta, tensors memory-mapped: nothing is copied yet
     if QuantConfig.of(model.cfg) is not None:

@@ -77,6 +77,21 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    if ":" in s:  # org/name:QUANT, llama.cpp's -hf syntax: the GGUF file of that quantization in the repo
+        from . import gguf_model
+
+        repo, tag = s.split(":", 1)
+        try:
+            return gguf_model.sidecar(gguf_model.hub_file(repo, tag, revision))
+        except gguf_model.GGUFError as e:
+            raise CheckpointError(str(e)) from None
+        except RepositoryNotFoundError:
+            raise CheckpointError(f"{repo!r} was not found on the Hugging Face Hub (or needs a token: set "
+                                  "HF_TOKEN)") from None
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+            raise CheckpointError(f"cannot fetch {s!r}: the Hugging Face Hub is not reachable and the file is not "
+                                  f"in the local cache ({type(e).__name__})") from None
+
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.model"]
     try:
         return Path(snapshot_download(s, revision=revision, allow_patterns=patterns, local_files_only=True))

@@ -10,7 +10,8 @@ import torch
 
 from dgemma.config import FULL, SLIDING, ModelConfig
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two torch threads at most; under pytest-xdist (`make test` runs one worker per core) a core per worker.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 # The CPU's default dtype follows its instructions (bf16 where it has native bf16: runtime.cpu_dtype). Pin it so
 # the suite runs the same arithmetic on every machine CI lands on; the bf16 path has tests of its own that ask
 # for it by name (test_parity, test_runtime). Subprocesses (CLI, server) inherit the pin.

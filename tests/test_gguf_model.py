@@ -209,6 +209,9 @@ def test_errors_are_clear(model, tmp_path, capsys):
     odd = write_gguf(model, tmp_path / "odd.gguf", add={"blk.0.some_future_tensor.weight": np.zeros(4, np.float32)})
     with pytest.raises(CheckpointError, match="'blk.0.some_future_tensor.weight' is not part of llama.cpp"):
         load_model(odd)
+    untied = write_gguf(model, tmp_path / "untied.gguf", add={"output.weight": np.zeros((320, 64), np.float32)})
+    with pytest.raises(CheckpointError, match="untied output.weight"):
+        load_model(untied)
     missing = write_gguf(model, tmp_path / "miss.gguf", drop=["blk.1.attn_q.weight"])
     with pytest.raises(CheckpointError, match="missing tensor.*layers.1.self_attn.q_proj"):
         load_model(missing)
@@ -261,3 +264,27 @@ def test_q8_0_requantizes_losslessly_to_int8_group_32(model, tmp_path):
     assert len(linears) > 20
     for name, mod in linears:
         assert torch.equal(mod.dequantize(torch.float32), g.tensor(f"model.decoder.{name}.weight")), name
+
+
+def test_hub_repo_and_quant_tag(model, tmp_path, monkeypatch):
+    """`org/name:Q8_0` (llama.cpp's -hf syntax) picks that file of a GGUF repo, here from the local hub cache."""
+    import huggingface_hub.constants as c
+
+    repo = tmp_path / "hub" / "models--acme--tiny-dg-GGUF"
+    snap = repo / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    write_gguf(model, snap / "tiny-dg-Q8_0.gguf", Q.Q8_0)
+    write_gguf(model, snap / "tiny-dg-F32.gguf")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    link = json.loads((resolve("acme/tiny-dg-GGUF:q8_0") / "gguf.json").read_text())
+    assert link["path"].endswith("tiny-dg-Q8_0.gguf") and link["tensor_types"]["Q8_0"] > 20
+    loaded = load_model("acme/tiny-dg-GGUF:F32")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="matches several files"):
+        resolve("acme/tiny-dg-GGUF:tiny")
+    with pytest.raises(CheckpointError, match="not reachable and the file is not in the local cache"):
+        resolve("acme/tiny-dg-GGUF:Q4_K_M")
