@@ -359,7 +359,9 @@ def config_dict(f: GGUFFile, tok: dict[str, Any]) -> dict[str, Any]:
         raise GGUFError(f"{f.path}: KV head counts {kv} vary within sliding or full layers")
     head_dim_full = int(need("attention.key_length"))
     head_dim = int(meta.get(f"{a}.attention.key_length_swa", head_dim_full))
-    partial = 1.0
+    from .config import DEFAULT_ROPE
+
+    partial = DEFAULT_ROPE["full_attention"]["partial_rotary_factor"]  # the released model's, without rope_freqs
     if "rope_freqs.weight" in f.infos:  # 1.0 for rotated frequency pairs, 1e30 for the unrotated rest
         freqs = f._decode(f.infos["rope_freqs.weight"], f._raw(f.infos["rope_freqs.weight"]),
                           f.infos["rope_freqs.weight"].shape).float()
