@@ -254,7 +254,16 @@ def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | to
                 missing.remove(k)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{ckpt} is missing tensor(s): {', '.join(missing[:5])}{more}")
+        where = ckpt
+        from .gguf_model import LINK, linked_file
+
+        if (ckpt / LINK).exists():  # name the file, and the known gap of early llama.cpp conversions
+            where = linked_file(ckpt)
+            if any(".self_conditioning." in k for k in missing):
+                more += ("; some llama.cpp conversions of DiffusionGemma leave out the self-conditioning MLP "
+                         "(self_cond_*: optional to the draft loader), without which the model does not denoise "
+                         "as trained: use a conversion that keeps it")
+        raise CheckpointError(f"{where} is missing tensor(s): {', '.join(missing[:5])}{more}")
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
         raise CheckpointError(f"{ckpt} has tensor(s) dgemma does not know: {', '.join(unused[:3])}{more}")

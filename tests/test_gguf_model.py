@@ -213,8 +213,11 @@ def test_errors_are_clear(model, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="untied output.weight"):
         load_model(untied)
     missing = write_gguf(model, tmp_path / "miss.gguf", drop=["blk.1.attn_q.weight"])
-    with pytest.raises(CheckpointError, match="missing tensor.*layers.1.self_attn.q_proj"):
+    with pytest.raises(CheckpointError, match="miss.gguf is missing tensor.*layers.1.self_attn.q_proj"):
         load_model(missing)
+    no_sc = write_gguf(model, tmp_path / "nosc.gguf", drop=[n for n in gguf_model._GLOBAL if n.startswith("self_cond")])
+    with pytest.raises(CheckpointError, match="self_conditioning.*some llama.cpp conversions"):
+        load_model(no_sc)
     data = write_gguf(model, tmp_path / "full.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     assert cli_main(["generate", str(tmp_path / "cut.gguf"), "hi"]) != 0
