@@ -291,3 +291,15 @@ def test_hub_repo_and_quant_tag(model, tmp_path, monkeypatch):
         resolve("acme/tiny-dg-GGUF:tiny")
     with pytest.raises(CheckpointError, match="not reachable and the file is not in the local cache"):
         resolve("acme/tiny-dg-GGUF:Q4_K_M")
+
+
+def test_fine_tune_from_a_gguf(model, tmp_path):
+    """`dgemma train --model FILE.gguf`: the file's tokenizer reads the data; the result is a dgemma checkpoint."""
+    path = write_gguf(model, tmp_path / "m.gguf", Q.Q8_0)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "ab", "response": "ba"}\n{"prompt": "he", "response": "ll"}\n')
+    assert cli_main(["train", "--model", str(path), "--data", str(data), "--steps", "1", "--batch-size", "2",
+                     "--out", str(tmp_path / "run")]) == 0
+    tuned = load_model(tmp_path / "run" / "final")
+    assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    assert not torch.equal(tuned.layers[0].mlp.up_proj.weight, load_model(path).layers[0].mlp.up_proj.weight)

@@ -60,7 +60,11 @@ def model_config(source: dict) -> ModelConfig:
 def _tokenizer(source: dict):
     from ..tokenizer import Tokenizer
 
-    where = source.get("tokenizer") or source.get("model")
+    where = source.get("tokenizer")
+    if where is None and source.get("model"):  # the model's own: a hub id or a .gguf file resolves to its directory
+        from ..weights import resolve
+
+        where = resolve(source["model"])
     if where and (Path(where) / "tokenizer.json").is_file():
         return Tokenizer.from_dir(where)
     if source.get("tokenizer"):
