@@ -229,6 +229,9 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.meta, infos = read_header(self.path, lambda key: not key.startswith("tokenizer."))
+        if int(self.meta.get("split.count", 1)) > 1:
+            raise GGUFError(f"{self.path} is part of a split GGUF ({int(self.meta['split.count'])} files), which "
+                            "dgemma does not read: merge the parts with llama-gguf-split --merge")
         arch = self.meta.get("general.architecture")
         if arch != ARCH:
             raise GGUFError(f"{self.path} holds a {arch!r} model; dgemma runs DiffusionGemma ({ARCH!r} in "

@@ -223,6 +223,9 @@ def test_errors_are_clear(model, tmp_path, capsys):
     assert cli_main(["generate", str(tmp_path / "cut.gguf"), "hi"]) != 0
     err = capsys.readouterr().err
     assert "runs past the end of the file (truncated?)" in err and "Traceback" not in err
+    split = write_gguf(model, tmp_path / "m-00001-of-00002.gguf", meta={"split.count": 2, "split.no": 0})
+    with pytest.raises(CheckpointError, match="part of a split GGUF .2 files.*llama-gguf-split --merge"):
+        load_model(split)
     (tmp_path / "x.bin").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="is a file; a checkpoint is a directory .*or a DiffusionGemma .gguf"):
         resolve(tmp_path / "x.bin")
