@@ -306,3 +306,27 @@ def test_fine_tune_from_a_gguf(model, tmp_path):
     tuned = load_model(tmp_path / "run" / "final")
     assert (tmp_path / "run" / "final" / "tokenizer.json").exists()
     assert not torch.equal(tuned.layers[0].mlp.up_proj.weight, load_model(path).layers[0].mlp.up_proj.weight)
+
+
+def test_hub_repo_and_quant_tag_online(model, tmp_path, monkeypatch):
+    """Not cached: the repo's file list picks the file (mmproj aside), then that one file is downloaded."""
+    import huggingface_hub
+
+    src = write_gguf(model, tmp_path / "dl" / "tiny-dg-Q8_0.gguf", Q.Q8_0)
+    fetched = []
+
+    def no_cache(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    def download(repo, name, revision=None):
+        fetched.append((repo, name, revision))
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_cache)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: [
+        "README.md", "mmproj-Q8_0.gguf", "tiny-dg-Q4_K_M.gguf", "tiny-dg-Q8_0.gguf", "BF16/tiny-dg-BF16.gguf"])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert load_model("acme/tiny-dg-GGUF:Q8_0").cfg.hidden_size == model.cfg.hidden_size
+    assert fetched == [("acme/tiny-dg-GGUF", "tiny-dg-Q8_0.gguf", None)]
+    with pytest.raises(CheckpointError, match="no .gguf file in acme/tiny-dg-GGUF has 'IQ2_M'.*tiny-dg-Q4_K_M.gguf"):
+        resolve("acme/tiny-dg-GGUF:IQ2_M")
