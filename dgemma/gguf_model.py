@@ -33,6 +33,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .weights import ENC_SCALAR
+
 ARCH = "diffusion-gemma"
 LINK = "gguf.json"  # in a sidecar directory: which GGUF file holds the weights
 DECODER = "model.decoder."
@@ -292,7 +294,7 @@ class GGUFFile:
         gives the decoder's, as a checkpoint directory without them does."""
         parts = self.keys.get(key)
         if parts is None:
-            m = re.match(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$", key)
+            m = ENC_SCALAR.match(key)
             parts = self.keys.get(f"{DECODER}layers.{m.group(1)}.layer_scalar") if m else None
             if parts is None:
                 raise GGUFError(f"{self.path} has no tensor for {key}")
@@ -521,7 +523,7 @@ def linked_file(ckpt: Path) -> Path | None:
 # ---------------------------------------------------------------- writing
 def gguf_name(key: str) -> str:
     """HF checkpoint key -> the name llama.cpp's converter gives it (the inverse of `hf_key`)."""
-    m = re.match(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$", key)
+    m = ENC_SCALAR.match(key)
     if m:
         return f"blk.{m.group(1)}.enc_layer_output_scale.weight"
     for name, hf in _GLOBAL.items():

@@ -843,16 +843,17 @@ def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | Non
     from .gguf_model import GGUFFile, linked_file
     from .weights import checkpoint_entries, hf_name, load_model, resolve
 
-    gpath = linked_file(resolve(src))
+    ckpt = resolve(src)
+    gpath = linked_file(ckpt)
     if gpath is not None:  # a GGUF: dequantize one tensor (one expert) at a time, never the whole model
-        model, _ = checkpoint_entries(resolve(src))
+        model, _ = checkpoint_entries(ckpt)
         g, kept = GGUFFile(gpath), dtype or torch.bfloat16
         tensors = _stream(model, qcfg, lambda name, like: g.tensor(hf_name(name)),
                           lambda name, like, e: g.expert(hf_name(name), e),
                           lambda name, like: g.tensor(hf_name(name), dtype=kept))
         return _write(Path(dst), qcfg.apply_to(model.cfg), tensors, dtype=kept,
-                      max_shard_bytes=max_shard_bytes, copy_from=resolve(src), log=log)
-    model = load_model(src, quiet=True)  # built on meta, tensors memory-mapped: nothing is copied yet
+                      max_shard_bytes=max_shard_bytes, copy_from=ckpt, log=log)
+    model = load_model(ckpt, quiet=True)  # built on meta, tensors memory-mapped: nothing is copied yet
     if QuantConfig.of(model.cfg) is not None:
         raise QuantError(f"{src} is already quantized ({QuantConfig.of(model.cfg).scheme}); "
                          "quantize the full-precision checkpoint")
