@@ -62,7 +62,7 @@ def real_file(out: dict) -> None:
         for name, items in sorted(by_type.items()):
             t, n = time.perf_counter(), 0
             for i in items:
-                n += g._decode(i, g._raw(i), i.shape).numel()
+                n += g._decode(i, i.shape).numel()
             s = time.perf_counter() - t
             decode.append({"type": name, "tensors": len(items), "mweights": n / 1e6, "seconds": s,
                            "mweights_per_s": n / 1e6 / s})
@@ -70,7 +70,7 @@ def real_file(out: dict) -> None:
             for sch in schemes.get(name, []):
                 rel, kept = [], []
                 for i in sample:
-                    w = g._decode(i, g._raw(i), i.shape).float()
+                    w = g._decode(i, i.shape).float()
                     e = sch.dequantize(sch.quantize(w), torch.float32) - w
                     rel.append((e.pow(2).mean() / w.pow(2).mean()).sqrt().item())
                     kept.append((e.abs() <= 1e-2 * w.abs()).float().mean().item())
@@ -79,7 +79,7 @@ def real_file(out: dict) -> None:
         out["decode"], out["requantize"] = decode, requant
 
 
-def write_26b(path: Path, layers: int) -> None:
+def write_26b(path: Path, layers: int, name: str = "26b-a4b") -> None:
     import gguf
     import numpy as np
 
@@ -89,7 +89,7 @@ def write_26b(path: Path, layers: int) -> None:
     from dgemma.weights import hf_name
 
     Q = gguf.GGMLQuantizationType
-    cfg = preset("26b-a4b").replace(num_hidden_layers=layers, layer_types=None)
+    cfg = preset(name).replace(num_hidden_layers=layers, layer_types=None)
     import torch
 
     with torch.device("meta"):

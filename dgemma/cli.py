@@ -177,6 +177,12 @@ def add_model_args(s) -> None:
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass (a one-off "
                    "compile of 5-20 s; the same tokens as without it; no faster on the CPUs measured, see "
                    "BENCHMARKS.md)")
+    s.add_argument("--quantization", metavar="SCHEME", help="int8, int4, fp8 or nvfp4: quantize a full-precision "
+                   "MODEL (or a .gguf) as it loads, weight-only, one layer at a time: memory holds the quantized "
+                   "model, never the float one (vLLM's --quantization; the same weights as `dgemma quantize` into a "
+                   "directory, which loads faster next time)")
+    s.add_argument("--quantization-group-size", type=int, metavar="N", help="with --quantization: inputs per "
+                   "scale, 16 to 256 (int4 default 128; int8 / fp8 default: one scale per output channel; nvfp4: 16)")
 
 
 def add_sampling_args(s) -> None:
@@ -313,9 +319,15 @@ def load_pipeline(args):
 
     from .pipeline import Pipeline
 
+    from .quant import QuantConfig
+
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
-    kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False))
+    scheme, group = getattr(args, "quantization", None), getattr(args, "quantization_group_size", None)
+    if group is not None and scheme is None:
+        raise UsageError("--quantization-group-size goes with --quantization")
+    kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False),
+              quantization=None if scheme is None else QuantConfig(scheme, group))
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
         from .pipeline import adapter_base
 

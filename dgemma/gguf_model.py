@@ -20,12 +20,15 @@ ggml formats: load the file directly for small models, or convert it once (`dgem
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import mmap
+import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -224,6 +227,17 @@ def hf_key(name: str) -> str | None:
     raise GGUFError(f"tensor {name!r} is not part of llama.cpp's diffusion-gemma layout as dgemma knows it")
 
 
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The threads that decode block data: one pool per size, kept for the process (a forked child, e.g. a data
+    loader worker, makes its own: the parent's threads do not exist there)."""
+    return _pools(threads, os.getpid())
+
+
+@functools.lru_cache(maxsize=None)
+def _pools(threads: int, pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="dgemma-gguf")
+
+
 class GGUFFile:
     """One GGUF file's tensors under HF names, read on demand (float types memory-mapped, block types dequantized
     to float32)."""
@@ -255,37 +269,67 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: {key} has only one of ffn_gate_exps / ffn_up_exps")
         self._mm = None
 
-    def _raw(self, info: TensorInfo) -> np.ndarray:
+    def _raw(self, info: TensorInfo, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Bytes lo:hi of a tensor's data, memory-mapped (float types are used in place)."""
         if self._mm is None:  # copy-on-write: torch wants writable arrays, and nothing is ever written back
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
-        return self._mm[info.offset: info.offset + info.nbytes]
+        return self._mm[info.offset + lo: info.offset + (info.nbytes if hi is None else hi)]
 
-    def _decode(self, info: TensorInfo, raw: np.ndarray, shape: tuple[int, ...],
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _read(self, pos: int, n: int) -> np.ndarray:
+        """n bytes at file offset pos, read (not mapped): block data is decoded once and dropped, so it goes through
+        the page cache rather than into this process's resident pages (a 15 GB file read through a map would add
+        15 GB to its RSS)."""
+        buf = np.empty(n, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(pos)
+            if f.readinto(memoryview(buf)) != n:
+                raise GGUFError(f"{self.path} is truncated: tensor data ends past the end of the file")
+        return buf
+
+    def _decode(self, info: TensorInfo, shape: tuple[int, ...], dtype: torch.dtype | None = None, lo: int = 0,
+                hi: int | None = None) -> torch.Tensor:
+        """Bytes lo:hi of a tensor (whole rows; default all) as a tensor of `shape`: float types memory-mapped, block
+        types read and decoded 64 MiB of float32 rows at a time straight into `dtype` (default float32)."""
         gguf = import_gguf()
         Q = gguf.GGMLQuantizationType
         qtype = Q(info.qtype)
-        if qtype == Q.F32:
-            return torch.from_numpy(raw.view(np.float32).reshape(shape))
-        if qtype == Q.F16:
-            return torch.from_numpy(raw.view(np.float16).reshape(shape))
-        if qtype == Q.BF16:
-            return torch.from_numpy(raw.view(np.int16).reshape(shape)).view(torch.bfloat16)
-        if qtype == Q.F64:
+        hi = info.nbytes if hi is None else hi
+        if qtype in (Q.F32, Q.F16, Q.BF16, Q.F64):
+            raw = self._raw(info, lo, hi)
+            if qtype == Q.F32:
+                return torch.from_numpy(raw.view(np.float32).reshape(shape))
+            if qtype == Q.F16:
+                return torch.from_numpy(raw.view(np.float16).reshape(shape))
+            if qtype == Q.BF16:
+                return torch.from_numpy(raw.view(np.int16).reshape(shape)).view(torch.bfloat16)
             return torch.from_numpy(raw.view(np.float64).reshape(shape)).float()
         block, size = gguf.GGML_QUANT_SIZES[qtype]
-        rows = raw.reshape(-1, shape[-1] // block * size)
-        # float32 rows a chunk at a time (64 MiB of them) into the result's dtype: the 26B's embedding is 2.9 GiB in
-        # float32, half that in bf16
-        out = torch.empty(rows.shape[0], shape[-1], dtype=dtype or torch.float32)
-        step = max(1, (64 << 20) // (4 * shape[-1]))
-        for i in range(0, rows.shape[0], step):
+        row_bytes = shape[-1] // block * size
+        n_rows = (hi - lo) // row_bytes
+        out = torch.empty(n_rows, shape[-1], dtype=dtype or torch.float32)
+        # float32 rows a chunk at a time into the result's dtype (the 26B's embedding is 2.9 GiB in float32, half that
+        # in bf16): chunks of at most 64 MiB, and one per torch thread where they are smaller, decoded in parallel
+        # (numpy's decoders mostly release the GIL: 1.1-1.6x on 2 cores)
+        threads = max(1, torch.get_num_threads())
+        step = max(1, min((64 << 20) // (4 * shape[-1]), -(-n_rows // threads)))
+
+        def chunk(i: int) -> None:
+            k = min(step, n_rows - i)
+            rows = self._read(info.offset + lo + i * row_bytes, k * row_bytes).reshape(k, row_bytes)
             try:
-                part = gguf.quants.dequantize(rows[i: i + step], qtype)
+                part = gguf.quants.dequantize(rows, qtype)
             except NotImplementedError:
                 raise GGUFError(f"{self.path}: tensor {info.name} is {qtype.name}, which the gguf package cannot "
                                 "dequantize") from None
-            out[i: i + step] = torch.from_numpy(np.asarray(part, dtype=np.float32))
+            out[i: i + k] = torch.from_numpy(np.asarray(part, dtype=np.float32))
+
+        starts = range(0, n_rows, step)
+        if threads == 1 or len(starts) == 1:
+            for i in starts:
+                chunk(i)
+        else:
+            for _ in _pool(threads).map(chunk, starts):  # in order; the first error is raised here
+                pass
         return out.view(shape)
 
     def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -298,7 +342,7 @@ class GGUFFile:
             parts = self.keys.get(f"{DECODER}layers.{m.group(1)}.layer_scalar") if m else None
             if parts is None:
                 raise GGUFError(f"{self.path} has no tensor for {key}")
-        ts = [self._decode(i, self._raw(i), i.shape, dtype) for i in parts]
+        ts = [self._decode(i, i.shape, dtype) for i in parts]
         t = ts[0] if len(ts) == 1 else torch.cat([t.to(dtype or torch.float32) for t in ts], dim=1)
         t = t if dtype is None else t.to(dtype)
         return t.reshape(1) if t.dim() == 0 else t
@@ -310,8 +354,7 @@ class GGUFFile:
             raise GGUFError(f"{self.path} has no tensor for {key}")
         for info in self.keys[key]:
             per = info.nbytes // info.shape[0]
-            raw = self._raw(info)[e * per: (e + 1) * per]
-            out.append(self._decode(info, raw, info.shape[1:]).float())
+            out.append(self._decode(info, info.shape[1:], lo=e * per, hi=(e + 1) * per).float())
         return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
     def qtypes(self) -> dict[str, int]:
@@ -322,6 +365,25 @@ class GGUFFile:
             name = gguf.GGMLQuantizationType(i.qtype).name
             counts[name] = counts.get(name, 0) + 1
         return counts
+
+
+class Reader:
+    """`weights.checkpoint_entries`' reader of one HF key from a GGUF: called, the tensor in `dtype` (block types
+    decoded straight into it, a row chunk at a time); `exact()`: at its stored precision (block types as float32,
+    what quantization starts from); `expert(e)`: one expert's matrix of a stacked weight, decoding only its
+    blocks."""
+
+    def __init__(self, g: GGUFFile, key: str, dtype: torch.dtype | None = None):
+        self.g, self.key, self.dtype = g, key, dtype
+
+    def __call__(self) -> torch.Tensor:
+        return self.g.tensor(self.key, self.dtype)
+
+    def exact(self) -> torch.Tensor:
+        return self.g.tensor(self.key)
+
+    def expert(self, e: int) -> torch.Tensor:
+        return self.g.expert(self.key, e)
 
 
 # ---------------------------------------------------------------- config, generation config, tokenizer
@@ -368,8 +430,8 @@ def config_dict(f: GGUFFile, tok: dict[str, Any]) -> dict[str, Any]:
 
     partial = DEFAULT_ROPE["full_attention"]["partial_rotary_factor"]  # the released model's, without rope_freqs
     if "rope_freqs.weight" in f.infos:  # 1.0 for rotated frequency pairs, 1e30 for the unrotated rest
-        freqs = f._decode(f.infos["rope_freqs.weight"], f._raw(f.infos["rope_freqs.weight"]),
-                          f.infos["rope_freqs.weight"].shape).float()
+        info = f.infos["rope_freqs.weight"]
+        freqs = f._decode(info, info.shape).float()
         partial = 2 * int((freqs < 1e3).sum()) / head_dim_full
     rot_swa = int(meta.get(f"{a}.rope.dimension_count_swa", head_dim))
     if rot_swa != head_dim:

@@ -15,6 +15,7 @@ import torch
 
 from .generate import AR, DIFFUSION, Done, Engine, GenerationError, GenerationParams, generate
 from .model import DiffusionGemma
+from .quant import QuantConfig
 from .runtime import cpu_dtype
 from .sampler import SamplerConfig
 from .vision import (DEFAULT_SOFT_TOKENS, IMAGE_MARKER, VISION_DEFAULTS, Image, ImageError, add_text, detail_tokens,
@@ -56,17 +57,23 @@ class Pipeline:
 
     @classmethod
     def load(cls, path_or_id: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
-             device: str | None = None, quiet: bool = False, compile: bool = False) -> "Pipeline":
+             device: str | None = None, quiet: bool = False, compile: bool = False,
+             quantization: QuantConfig | str | None = None) -> "Pipeline":
         """A checkpoint (directory or hub id) with its tokenizer and generation defaults. `adapter`: a LoRA
         adapter directory (`dgemma train --lora-rank`), folded into the weights as they load (kept unmerged over a
         quantized checkpoint: QLoRA). An adapter directory given as the checkpoint itself loads the base it records
         (`base_model_name_or_path`).
-        compile: torch.compile the denoiser (`DiffusionGemma.compile_denoiser`), compiled here, before use."""
+        compile: torch.compile the denoiser (`DiffusionGemma.compile_denoiser`), compiled here, before use.
+        quantization: a scheme ("int8", "int4", "fp8", "nvfp4") or a QuantConfig: weight-only quantization of a
+        full-precision checkpoint as it loads (vLLM's `quantization`), one weight at a time."""
         device = device or default_device()
         ckpt = resolve(path_or_id)
         if adapter is None and (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
             ckpt, adapter = adapter_base(ckpt), ckpt
-        model = load_model(ckpt, dtype=dtype or default_dtype(device), device=device, quiet=quiet)
+        if isinstance(quantization, str):
+            quantization = QuantConfig(quantization)
+        model = load_model(ckpt, dtype=dtype or default_dtype(device), device=device, quiet=quiet,
+                           quantize=quantization)
         if adapter is not None:
             _fold_adapter(model, adapter)
         if compile:

@@ -765,6 +765,30 @@ class _ShardWriter:
         return n
 
 
+def target_weights(model: DiffusionGemma, qcfg: QuantConfig) -> dict[str, str]:
+    """State-dict name of every weight `qcfg` quantizes -> its kind: "linear", "embedding" or "experts"."""
+    out = {}
+    for qname, _, _, child in targets(model, qcfg.ignore, qcfg.embeddings):
+        if isinstance(child, nn.Linear):
+            out[qname + ".weight"] = "linear"
+        elif isinstance(child, nn.Embedding):
+            out[qname + ".weight"] = "embedding"
+        else:
+            out.update({f"{qname}.{w}": "experts" for w in EXPERT_WEIGHTS})
+    return out
+
+
+def quantize_weight(scheme, name: str, kind: str, get: Callable[[], torch.Tensor],
+                    get_expert: Callable[[int], torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """One target weight's quantized tensors {suffix: tensor}: `get()` gives the whole full-precision weight,
+    `get_expert(e)` one expert's matrix of a stacked one (experts are quantized one at a time)."""
+    if kind == "linear":
+        return scheme.quantize(get())
+    if kind == "embedding":
+        return quantize_rows(scheme, get())
+    return quantize_stacked(scheme, get_expert, num_experts, 2 if name.endswith("gate_up_proj") else 1)
+
+
 def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.Tensor], torch.Tensor],
             get_expert: Callable[[str, torch.Tensor, int], torch.Tensor],
             get_kept: Callable[[str, torch.Tensor], torch.Tensor] | None = None
@@ -776,27 +800,65 @@ def _stream(model: DiffusionGemma, qcfg: QuantConfig, get: Callable[[str, torch.
     `get_kept` (default `get`) the entries that stay unquantized, which a source may read at their final dtype.
     """
     scheme = qcfg.make()
-    linears, experts, embeddings = set(), set(), set()
-    for qname, _, _, child in targets(model, qcfg.ignore, qcfg.embeddings):
-        if isinstance(child, nn.Linear):
-            linears.add(qname + ".weight")
-        elif isinstance(child, nn.Embedding):
-            embeddings.add(qname + ".weight")
-        else:
-            experts.update(f"{qname}.{w}" for w in EXPERT_WEIGHTS)
+    kinds = target_weights(model, qcfg)
     for name, like in model.state_dict().items():
-        if name in linears:
-            for s, t in scheme.quantize(get(name, like)).items():
-                yield name + s, t, True
-        elif name in embeddings:
-            for s, t in quantize_rows(scheme, get(name, like)).items():
-                yield name + s, t, True
-        elif name in experts:
-            parts = 2 if name.endswith("gate_up_proj") else 1
-            for s, t in quantize_stacked(scheme, lambda e: get_expert(name, like, e), like.shape[0], parts).items():
-                yield name + s, t, True
-        else:
+        kind = kinds.get(name)
+        if kind is None:
             yield name, (get_kept or get)(name, like), False
+            continue
+        tensors = quantize_weight(scheme, name, kind, lambda: get(name, like),
+                                  lambda e: get_expert(name, like, e), like.shape[0])
+        for s, t in tensors.items():
+            yield name + s, t, True
+
+
+def quantizing_entries(model: DiffusionGemma, entries: dict, qcfg: QuantConfig) -> dict:
+    """`weights.checkpoint_entries`' {HF key: (file, reader)} of a full-precision checkpoint, with each weight that
+    `qcfg` quantizes replaced by its quantized tensors (codes, scales, zeros), computed when the first of them is
+    read: load-time quantization (`load_model(..., quantize=)`, `--quantization`). The same functions as
+    `quantize_checkpoint`, so the same bits as quantizing into a directory and loading that. Call before the
+    model's modules are swapped (its float shapes name the weights). A reader with an `expert(e)` method (a GGUF's)
+    gives one expert at a time; one with `exact()` gives the weight at its stored precision (a GGUF block type
+    decoded to float32 rather than to the dtype kept)."""
+    from .weights import dgemma_name, hf_name
+
+    scheme = qcfg.make()
+    kinds = target_weights(model, qcfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    out = {}
+    for key, (f, read) in entries.items():
+        name = dgemma_name(key)
+        kind = kinds.get(name)
+        if kind is None:
+            out[key] = (f, read)
+            continue
+        shape = shapes[name]
+        pending: dict[str, torch.Tensor] = {}
+
+        def piece(s, name=name, kind=kind, read=read, shape=shape, pending=pending):
+            if not pending:  # the first piece read quantizes the weight; the others are handed out as they are read
+                full, whole = getattr(read, "exact", read), []
+
+                def check(t, want):
+                    if tuple(t.shape) != want:
+                        what = "" if want == shape else " per expert"
+                        raise QuantError(f"tensor {hf_name(name)} has shape {tuple(t.shape)}{what}, expected {want}")
+                    return t
+
+                def get_expert(e):
+                    if hasattr(read, "expert"):
+                        return check(read.expert(e), shape[1:])
+                    if not whole:
+                        whole.append(check(full(), shape))
+                    return whole[0][e]
+
+                pending.update(quantize_weight(scheme, name, kind, lambda: check(full(), shape), get_expert, shape[0]))
+            return pending.pop(s)
+
+        lead = shape[:-2]
+        for s in scheme.specs(lead, shape[-2], shape[-1]):
+            out[hf_name(name + s)] = (f, lambda s=s, piece=piece: piece(s))
+    return out
 
 
 def _write(dst: Path, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor, bool]], *, dtype,

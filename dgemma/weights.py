@@ -158,9 +158,10 @@ def load_config(ckpt: Path) -> ModelConfig:
         raise CheckpointError(f"{ckpt / 'config.json'}: {e}") from None
 
 
-def checkpoint_entries(ckpt: Path) -> tuple[DiffusionGemma, dict]:
+def checkpoint_entries(ckpt: Path, dtype: torch.dtype | None = None) -> tuple[DiffusionGemma, dict]:
     """The model for a checkpoint directory, on the meta device, and its tensors as {HF key: (file, reader)}, read
-    one at a time when asked. A GGUF file's sidecar directory reads them from the GGUF (gguf_model.py). An
+    one at a time when asked. A GGUF file's sidecar directory reads them from the GGUF (gguf_model.py), its block
+    types decoded straight into `dtype` (None: float32; a reader's `exact()` and `expert(e)` read float32). An
     llm-compressor (compressed-tensors) or ModelOpt checkpoint is rewritten here into dgemma's quantized layout
     (compressed.py): its entries convert lazily and model.cfg records the dgemma scheme."""
     from . import gguf_model
@@ -172,7 +173,7 @@ def checkpoint_entries(ckpt: Path) -> tuple[DiffusionGemma, dict]:
         gpath = gguf_model.linked_file(ckpt)
         if gpath is not None:  # a GGUF's sidecar directory: its tensors, dequantized when read
             g = gguf_model.GGUFFile(gpath)
-            return model, {key: (gpath, lambda k=key: g.tensor(k)) for key in g.keys}
+            return model, {key: (gpath, gguf_model.Reader(g, key, dtype)) for key in g.keys}
     except gguf_model.GGUFError as e:
         raise CheckpointError(str(e)) from None
     entries = {}
@@ -195,15 +196,29 @@ def checkpoint_entries(ckpt: Path) -> tuple[DiffusionGemma, dict]:
 
 
 def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               revision: str | None = None, quiet: bool = False) -> DiffusionGemma:
+               revision: str | None = None, quiet: bool = False, quantize: quant.QuantConfig | None = None
+               ) -> DiffusionGemma:
     """Build the model on the meta device, then assign the checkpoint's tensors (memory-mapped) into it.
 
     dtype: None keeps the checkpoint's dtype; otherwise tensors are converted (which copies them).
+    quantize: quantize a full-precision checkpoint (or GGUF) as it loads, one weight (one expert) at a time, so
+    memory holds the quantized model and one layer's weight in float, never the float model; the same bits as
+    `dgemma quantize` into a directory and loading that.
     """
     from safetensors import SafetensorError
 
     ckpt = resolve(path_or_id, revision)
-    model, entries = checkpoint_entries(ckpt)
+    model, entries = checkpoint_entries(ckpt, dtype)
+    if quantize is not None:
+        have = quant.QuantConfig.of(model.cfg)
+        if have is not None:
+            raise CheckpointError(f"{ckpt} is already quantized ({have.scheme}); load it without quantization, or "
+                                  "quantize its full-precision checkpoint")
+        try:
+            entries = quant.quantizing_entries(model, entries, quantize)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt}: {e}") from None
+        model.cfg = quantize.apply_to(model.cfg)
     # --- quantized checkpoints (quant.py): config.json's quantization_config swaps in quantized modules here,
     # before assigning, so their int8/uint8 codes and scales are memory-mapped like every other tensor.
     try:

@@ -125,6 +125,27 @@ def test_quantized_base(base, adapters):
     assert (a[1] - r[1]).abs().max() < (a[1] - a[0]).abs().max()
 
 
+def test_adapter_over_a_base_quantized_as_it_loads(base, adapters, tmp_path):
+    """`--adapter` with `--quantization`: the base quantized as it loads, the adapter kept unmerged over it."""
+    from dgemma.pipeline import Pipeline
+    from dgemma.quant import QuantConfig, QuantLinear, quantize_model
+    from dgemma.train.lora import LoRALinear
+    from dgemma.weights import save_model
+
+    save_model(base, tmp_path / "base")
+    pipe = Pipeline.load(str(tmp_path / "base"), adapter=adapters[1], quantization="int8", dtype=torch.float32,
+                         device="cpu", quiet=True)
+    q_proj = pipe.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.base, QuantLinear)
+    ref = quantize_model(copy.deepcopy(base), QuantConfig("int8"))
+    load_adapter(ref, adapters[1])
+    ids = torch.randint(3, base.cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = pipe.model.encode(ids, pipe.model.new_cache(1, 16))
+        b = ref.encode(ids, ref.new_cache(1, 16))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_bad_adapters(base, adapters, served, tmp_path):
     other = randomize(DiffusionGemma(tiny_config("c")), seed=1)
     wrong = make_adapter(other, tmp_path / "other", ("q_proj",), 0)

@@ -122,6 +122,22 @@ def test_block_formats_decode_as_gguf_does(model, tmp_path, qtype):
     assert torch.isfinite(_logits(loaded)).all()
 
 
+def test_threaded_decode_is_the_same(model, tmp_path):
+    """Block data is decoded by torch's thread count of threads, in chunks: the same values, in order."""
+    path = write_gguf(model, tmp_path / "m.gguf", Q.Q4_0)
+    g = gguf_model.GGUFFile(path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = {k: g.tensor(k) for k in g.keys}
+        torch.set_num_threads(3)
+        three = {k: g.tensor(k, torch.bfloat16) for k in g.keys}
+    finally:
+        torch.set_num_threads(before)
+    for k, v in one.items():
+        assert torch.equal(three[k], v.to(torch.bfloat16)), k
+
+
 def test_kquant_tensors(tmp_path):
     """Q4_K / Q6_K / Q5_K (gguf's Python side cannot quantize them): random blocks, decoded as gguf decodes them,
     whole and one expert at a time."""
@@ -250,7 +266,7 @@ def test_a_real_llama_cpp_file(gemma_source, tmp_path):  # noqa: F811
         if name in seen:
             continue
         seen.add(name)
-        t = g._decode(i, g._raw(i), i.shape)
+        t = g._decode(i, i.shape)
         assert t.shape == i.shape and torch.isfinite(t.float()).all() and t.float().abs().max() > 0, i.name
     assert seen == {"F32", "Q5_0", "Q4_K", "Q8_0", "Q6_K"}
     with pytest.raises(CheckpointError, match="holds a 'gemma3' model; dgemma runs DiffusionGemma"):
@@ -270,6 +286,34 @@ def test_q8_0_requantizes_losslessly_to_int8_group_32(model, tmp_path):
     assert len(linears) > 20
     for name, mod in linears:
         assert torch.equal(mod.dequantize(torch.float32), g.tensor(f"model.decoder.{name}.weight")), name
+
+
+def test_quantize_a_gguf_as_it_loads(model, tmp_path, capsys):
+    """`--quantization` on a GGUF: one expert decoded at a time, the same tensors as `dgemma quantize FILE.gguf`
+    then a load; the tensors kept are decoded straight into the dtype asked, the same bits as float32 then
+    converted."""
+    path = write_gguf(model, tmp_path / "m.gguf", Q.Q4_0, split_experts=True)
+    from dgemma.quant import QuantConfig, QuantExperts
+
+    qcfg = QuantConfig("int4", 32)
+    assert cli_main(["quantize", str(path), str(tmp_path / "q"), "--scheme", "int4", "--group-size", "32",
+                     "--quiet"]) == 0
+    want = load_model(tmp_path / "q").state_dict()
+    got = load_model(path, dtype=torch.bfloat16, quantize=qcfg)
+    assert isinstance(got.layers[0].experts, QuantExperts)
+    assert got.state_dict().keys() == want.keys()
+    for k, v in got.state_dict().items():
+        assert v.dtype == want[k].dtype and torch.equal(v, want[k]), k
+    # the kept tensors (embedding: Q4_0 here) decoded into bf16 as float32 then converted
+    plain = load_model(path, dtype=torch.bfloat16).state_dict()
+    ref = load_model(path, dtype=torch.float32).state_dict()
+    for k, v in plain.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, ref[k].to(torch.bfloat16)), k
+    capsys.readouterr()
+    argv = ["generate", str(path), "hello", "--max-new-tokens", "8", "--steps", "3", "--json"]
+    assert cli_main([*argv, "--quantization", "int4", "--quantization-group-size", "32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) > 0
 
 
 def test_hub_repo_and_quant_tag(model, tmp_path, monkeypatch):

@@ -310,6 +310,56 @@ def test_streamed_quantize_equals_in_memory(float_ckpt, tmp_path, embeddings):
         quantize_checkpoint(tmp_path / "q", tmp_path / "qq", qcfg)
 
 
+@pytest.mark.parametrize("qcfg", [QuantConfig("int8"), QuantConfig("int4", 64, embeddings=True),
+                                  QuantConfig("nvfp4")], ids=["int8", "int4-64-embeddings", "nvfp4"])
+def test_quantize_at_load_equals_quantize_then_load(float_ckpt, tmp_path, qcfg):
+    """`load_model(..., quantize=)` (`--quantization`): the same tensors, bit for bit, as `dgemma quantize` into a
+    directory and loading that; the float tensors kept converted to the dtype asked."""
+    _, src = float_ckpt
+    quantize_checkpoint(src, tmp_path / "q", qcfg)
+    want = load_model(tmp_path / "q", dtype=torch.bfloat16)
+    got = load_model(src, dtype=torch.bfloat16, quantize=qcfg)
+    assert QuantConfig.of(got.cfg) == qcfg
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for k, a in got.state_dict().items():
+        b = want.state_dict()[k]
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    assert got.embed_tokens.__class__ is want.embed_tokens.__class__
+    assert torch.equal(_logits(got), _logits(want))
+
+
+def test_quantize_at_load_errors(float_ckpt, tmp_path, capsys):
+    _, src = float_ckpt
+    quantize_checkpoint(src, tmp_path / "q", QuantConfig("int8"))
+    with pytest.raises(CheckpointError, match=r"already quantized \(int8\)"):
+        load_model(tmp_path / "q", quantize=QuantConfig("int4"))
+    # a weight of the wrong shape: named, as a plain load names it
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, tmp_path / "bad")
+    sd = load_file(str(tmp_path / "bad" / "model.safetensors"))
+    for key in ("model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.1.experts.down_proj"):
+        sd[key] = sd[key][..., :-2].contiguous()
+    save_file(sd, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers.0.self_attn.q_proj.weight has shape \(\d+, \d+\), expected"):
+        load_model(tmp_path / "bad", quantize=QuantConfig("int4", 32))
+    sd["model.decoder.layers.0.self_attn.q_proj.weight"] = load_file(str(src / "model.safetensors"))[
+        "model.decoder.layers.0.self_attn.q_proj.weight"]
+    save_file(sd, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layers.1.experts.down_proj has shape"):
+        load_model(tmp_path / "bad", quantize=QuantConfig("int8"))
+    for model, flags, msg in [(src, ["--quantization", "int3"], "unknown quantization scheme 'int3'"),
+                              (src, ["--quantization", "int4", "--quantization-group-size", "48"],
+                               "group size must be one of"),
+                              (src, ["--quantization-group-size", "32"], "goes with --quantization"),
+                              (tmp_path / "q", ["--quantization", "int4"], "already quantized (int8)")]:
+        assert cli_main(["generate", str(model), "x", "--max-new-tokens", "4", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_random_preset_writer(tmp_path):
     cfg = tiny_config("c")
     write_random_quantized(cfg, tmp_path / "r", QuantConfig("int4", 32), seed=1, max_shard_bytes=50_000)
