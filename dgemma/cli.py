@@ -177,12 +177,28 @@ def add_model_args(s) -> None:
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass (a one-off "
                    "compile of 5-20 s; the same tokens as without it; no faster on the CPUs measured, see "
                    "BENCHMARKS.md)")
+    add_quantization_args(s, "(vLLM's --quantization; the same weights as `dgemma quantize` into a directory, "
+                          "which loads faster next time; default: an adapter's base as it was trained)")
+
+
+def add_quantization_args(s, what: str) -> None:
     s.add_argument("--quantization", metavar="SCHEME", help="int8, int4, fp8 or nvfp4: quantize a full-precision "
                    "MODEL (or a .gguf) as it loads, weight-only, one layer at a time: memory holds the quantized "
-                   "model, never the float one (vLLM's --quantization; the same weights as `dgemma quantize` into a "
-                   "directory, which loads faster next time)")
+                   "model, never the float one " + what)
     s.add_argument("--quantization-group-size", type=int, metavar="N", help="with --quantization: inputs per "
                    "scale, 16 to 256 (int4 default 128; int8 / fp8 default: one scale per output channel; nvfp4: 16)")
+
+
+def quantization_arg(args):
+    """The QuantConfig of --quantization / --quantization-group-size, or None."""
+    scheme, group = getattr(args, "quantization", None), getattr(args, "quantization_group_size", None)
+    if group is not None and scheme is None:
+        raise UsageError("--quantization-group-size goes with --quantization")
+    if scheme is None:
+        return None
+    from .quant import QuantConfig
+
+    return QuantConfig(scheme, group)
 
 
 def add_sampling_args(s) -> None:
@@ -319,15 +335,10 @@ def load_pipeline(args):
 
     from .pipeline import Pipeline
 
-    from .quant import QuantConfig
-
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
-    scheme, group = getattr(args, "quantization", None), getattr(args, "quantization_group_size", None)
-    if group is not None and scheme is None:
-        raise UsageError("--quantization-group-size goes with --quantization")
     kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False),
-              quantization=None if scheme is None else QuantConfig(scheme, group))
+              quantization=quantization_arg(args))
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
         from .pipeline import adapter_base
 
@@ -891,9 +902,19 @@ def cmd_train(args) -> int:
         return _finish_training(prepare(None, None, resume=True, out=args.out))
     if args.model and (args.preset or args.config):
         raise UsageError("give either --model PATH (fine-tune) or --preset/--config (from scratch), not both")
+    quantization = quantization_arg(args)
+    if quantization is not None and not args.model:
+        raise UsageError("--quantization quantizes the --model being fine-tuned (QLoRA); a model trained from "
+                         "scratch starts in full precision")
+    if quantization is not None and not args.lora_rank:
+        raise UsageError(f"--quantization {quantization.scheme} freezes the weights in {quantization.scheme}: train "
+                         "LoRA adapters over them (--lora-rank R, QLoRA), or fine-tune the full-precision model "
+                         "without --quantization")
     source = {"model": args.model, "preset": args.preset, "config": args.config,
               "overrides": _overrides(args, parse_overrides), "tokenizer": args.tokenizer, "data": args.data,
               "eval_data": args.eval_data, "max_len": args.max_len}
+    if quantization is not None:
+        source["quantization"] = quantization.to_dict()
     return _finish_training(prepare(_train_config(args), source))
 
 
@@ -912,6 +933,8 @@ def _add_train_parser(sub) -> None:
     s.add_argument("--eval-data", help="held-out JSONL, evaluated every --eval-every steps")
     src = s.add_argument_group("model (one of)")
     src.add_argument("--model", help="checkpoint to fine-tune (directory or hub id)")
+    add_quantization_args(s, "(with --lora-rank: QLoRA from a full-precision checkpoint, no quantized copy on "
+                          "disk; the adapter records it, and loading the adapter quantizes its base the same way)")
     src.add_argument("--preset", help="train a new model from scratch: tiny, small, bench-80m, 26b-a4b")
     src.add_argument("--config", help="train a new model from scratch from this config.json")
     s.add_argument("--tokenizer", help="directory with tokenizer.json (default: the model's)")

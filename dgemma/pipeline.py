@@ -72,6 +72,8 @@ class Pipeline:
             ckpt, adapter = adapter_base(ckpt), ckpt
         if isinstance(quantization, str):
             quantization = QuantConfig(quantization)
+        if quantization is None and adapter is not None:  # an adapter trained over a base quantized as it loaded
+            quantization = _adapter_base_quantization(adapter, ckpt)
         model = load_model(ckpt, dtype=dtype or default_dtype(device), device=device, quiet=quiet,
                            quantize=quantization)
         if adapter is not None:
@@ -347,6 +349,18 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path) -> Path:
 
     gen = {**pipe.generation_config, **pipe.sampler.to_generation_config(), "max_new_tokens": pipe.max_new_tokens}
     return save_model(pipe.model, out_dir, generation_config=gen, tokenizer=pipe.tokenizer)
+
+
+def _adapter_base_quantization(adapter, base: Path) -> QuantConfig | None:
+    """The quantization an adapter's base was given as it loaded for training (`dgemma train --quantization`), or
+    None; none for a base that is a quantized checkpoint already (it loads as it is)."""
+    from .train.lora import BASE_QUANTIZATION, read_adapter_config
+    from .weights import load_config
+
+    q = read_adapter_config(adapter).get(BASE_QUANTIZATION)
+    if q is None or QuantConfig.of(load_config(base)) is not None:
+        return None
+    return QuantConfig.from_dict(q)
 
 
 def adapter_base(adapter: Path) -> Path:

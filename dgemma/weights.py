@@ -286,6 +286,7 @@ def load_model(path_or_id, *, dtype: torch.dtype | None = None, device: str | to
     model.rebuild_buffers(device)
     model.passthrough = passthrough
     model.source = ckpt
+    model.quantized_at_load = quantize  # a LoRA adapter trained over it records it (train.lora.save_adapter)
     return model
 
 

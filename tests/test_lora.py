@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import randomize, tiny_config
 from dgemma.model import DiffusionGemma
@@ -255,7 +257,7 @@ def test_qlora_gradients_equal_lora_over_the_dequantized_weights(inputs, qcfg):
     assert naive - ours > 0.9 * weights
 
 
-def test_qlora_train_serve_and_merge_loop(tmp_path, inputs):
+def test_qlora_train_serve_and_merge_loop(tmp_path, inputs, capsys):
     """`dgemma train --model QUANTIZED --lora-rank R` (QLoRA), then the adapter served unmerged over the quantized
     base, and merged into the full-precision one; a full fine-tune of a quantized checkpoint is a clear error."""
     from dgemma.pipeline import Pipeline
@@ -284,3 +286,31 @@ def test_qlora_train_serve_and_merge_loop(tmp_path, inputs):
                           env=ENV)
     assert full.returncode == 2 and "int4-quantized" in full.stderr and "--lora-rank" in full.stderr
     assert "Traceback" not in full.stderr and not (tmp_path / "full" / "final").exists()
+
+    # `--quantization int4` on the full-precision base (no quantized copy on disk): the same base bits, so the same
+    # adapter, bit for bit; the adapter records it, and loads over its base quantized the same way
+    run2 = subprocess.run([sys.executable, "-m", "dgemma.cli", "train", "--model", str(base_dir), "--quantization",
+                           "int4", "--quantization-group-size", "32", "--out", str(tmp_path / "run2"),
+                           "--lora-rank", "4", *common], capture_output=True, text=True, cwd=ROOT, timeout=300, env=ENV)
+    assert run2.returncode == 0, run2.stderr
+    final2 = tmp_path / "run2" / "final"
+    a, b = load_file(str(final / ADAPTER_WEIGHTS)), load_file(str(final2 / ADAPTER_WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    conf = json.loads((final2 / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(base_dir)
+    assert conf["dgemma_base_quantization"] == QuantConfig("int4", 32).to_dict()
+    pipe2 = Pipeline.load(str(final2), dtype=torch.float32, device="cpu", quiet=True)
+    assert isinstance(pipe2.model.layers[0].self_attn.q_proj.base, QuantLinear)
+    assert torch.equal(logits(pipe2.model, *inputs), logits(pipe.model, *inputs))
+    # a base that is a quantized checkpoint already loads as it is
+    pipe3 = Pipeline.load(str(qdir), adapter=str(final2), dtype=torch.float32, device="cpu", quiet=True)
+    assert torch.equal(logits(pipe3.model, *inputs), logits(pipe.model, *inputs))
+    from dgemma.cli import main as cli_main
+
+    capsys.readouterr()
+    for extra, msg in [(["--model", str(base_dir)], "train LoRA adapters over them (--lora-rank R"),
+                       (["--lora-rank", "4", "--preset", "tiny"], "--quantization quantizes the --model")]:
+        assert cli_main(["train", "--out", str(tmp_path / "bad"), "--quantization", "int8", *common, *extra]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()

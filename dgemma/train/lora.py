@@ -36,6 +36,9 @@ KNOWN_TARGETS = ALL_TARGETS + ("router",)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
+# adapter_config.json: the quantization a base was given as it loaded for training (QLoRA from a full-precision
+# checkpoint), so that loading the adapter quantizes its base the same way
+BASE_QUANTIZATION = "dgemma_base_quantization"
 
 
 class LoRAError(ValueError):
@@ -228,6 +231,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base: str | None = None,
         save_file(adapter_state(model), str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         conf = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": list(cfg.resolved()),
                 "base_model_name_or_path": base, "bias": "none", "dgemma_lora": 1}
+        quantized = getattr(model, "quantized_at_load", None)
+        if quantized is not None:  # trained over a base quantized as it loaded (`train --quantization`): served so
+            conf[BASE_QUANTIZATION] = quantized.to_dict()
         (d / ADAPTER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
 
     if into is not None:

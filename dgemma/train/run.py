@@ -76,7 +76,11 @@ def _base_factory(source: dict, seed: int):
     if source.get("model"):
         from ..weights import load_model
 
-        return lambda: load_model(source["model"], dtype=torch.float32, quiet=True)
+        from ..quant import QuantConfig
+
+        q = source.get("quantization")
+        quantize = None if q is None else QuantConfig.from_dict(q)
+        return lambda: load_model(source["model"], dtype=torch.float32, quiet=True, quantize=quantize)
     cfg = model_config(source)
     from ..weights import init_random
 
