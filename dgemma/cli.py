@@ -71,7 +71,7 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
     import torch
 
     from .compressed import foreign_config
-    from .quant import QuantConfig, weight_bytes
+    from .quant import SCHEMES, QuantConfig, weight_bytes
 
     foreign = foreign_config(ckpt, cfg) if ckpt is not None else None  # llm-compressor's, ModelOpt's
     qcfg = QuantConfig.of(cfg)
@@ -85,6 +85,8 @@ def info_dict(target: str, is_preset: bool = False) -> dict:
             out["quantization"].update(quant_method=foreign["quant_method"],
                                        format=foreign.get("format") or foreign.get("quant_algo"))
         out["weights_bytes"] = {name: weight_bytes(cfg, qcfg, getattr(torch, name)) for name in DTYPE_BYTES}
+    else:  # what `--quantization` / `dgemma quantize` would make of it (defaults; embedding etc. in bf16)
+        out["quantized_weights_bytes"] = {s: weight_bytes(cfg, QuantConfig(s), torch.bfloat16) for s in SCHEMES}
     if ckpt is not None:
         from .vision import DEFAULT_SOFT_TOKENS, TOWER, tower_params
         from .weights import checkpoint_entries
@@ -132,6 +134,9 @@ def print_info(d: dict) -> None:
         ", embedding too" if q.get("embeddings") else "")
     print("  memory          " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in d["weights_bytes"].items())
           + f"  (weights{quant}" + (f"; {_fmt_bytes(d['files_bytes'])} on disk)" if d.get("files_bytes") else ")"))
+    if "quantized_weights_bytes" in d:
+        print("  quantized       " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in d["quantized_weights_bytes"].items())
+              + "  (--quantization or dgemma quantize; the rest in bfloat16)")
     kv = d["kv_cache_bytes"]
     print("  kv cache        " + ", ".join(
         f"{k} {_fmt_bytes(v['per_token_full_layers'] * 1024)}/1k tokens + {_fmt_bytes(v['sliding_layers_fixed'])}"
@@ -694,6 +699,20 @@ def _server_pipeline(args, settings):
     pipe = load_pipeline(args)
     if settings.lora_modules:
         from .adapters import AdapterError, attach_adapters
+        from .quant import QuantConfig
+        from .train.lora import BASE_QUANTIZATION, LoRAError, read_adapter_config
+
+        have = QuantConfig.of(pipe.model.cfg)
+        for name, path in settings.lora_modules:  # trained over a base quantized as it loaded (train --quantization)
+            try:
+                want = read_adapter_config(path).get(BASE_QUANTIZATION)
+            except LoRAError:
+                continue  # attach_adapters says what is wrong with it
+            if want is not None and (have is None or have.to_dict() != want):
+                print(f"dgemma serve: warning: LoRA module {name!r} was trained over a base quantized as "
+                      f"{QuantConfig.from_dict(want).scheme} as it loaded (--quantization); this base is "
+                      f"{'not quantized' if have is None else 'quantized otherwise'}, so its outputs differ from "
+                      "those it was trained for", file=sys.stderr)
 
         try:
             attach_adapters(pipe.model, [path for _, path in settings.lora_modules])

@@ -305,7 +305,18 @@ def test_qlora_train_serve_and_merge_loop(tmp_path, inputs, capsys):
     # a base that is a quantized checkpoint already loads as it is
     pipe3 = Pipeline.load(str(qdir), adapter=str(final2), dtype=torch.float32, device="cpu", quiet=True)
     assert torch.equal(logits(pipe3.model, *inputs), logits(pipe.model, *inputs))
+    from dgemma.cli import UsageError, _server_pipeline, _server_settings, build_parser
     from dgemma.cli import main as cli_main
+
+    # `serve BASE --lora NAME=ADAPTER` over a base not quantized as the adapter's was: a warning, not silence
+    for extra, warned in (([], True), (["--quantization", "int4", "--quantization-group-size", "32"], False)):
+        capsys.readouterr()
+        args = build_parser().parse_args(["serve", str(base_dir), "--lora", f"q={final2}", "--device", "cpu",
+                                          "--dtype", "float32", *extra])
+        with pytest.raises(UsageError, match="no tokenizer.json"):  # checked after the adapters (ids-only model)
+            _server_pipeline(args, _server_settings(args))
+        err = capsys.readouterr().err
+        assert ("trained over a base quantized as int4" in err) == warned, err
 
     capsys.readouterr()
     for extra, msg in [(["--model", str(base_dir)], "train LoRA adapters over them (--lora-rank R"),

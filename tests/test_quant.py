@@ -445,6 +445,12 @@ def test_cli_quantize(float_ckpt, tmp_path, capsys):
     assert q4["quantization"]["scheme"] == "int4" and "quantization" not in full
     assert q4["weights_bytes"]["float32"] < full["weights_bytes"]["float32"]
     assert q4["files_bytes"] < full["files_bytes"]
+    # and, for a full-precision one, what each scheme would make of it (the rest in bf16): as written
+    assert "quantized_weights_bytes" not in q4
+    rc, out, err = _cli(capsys, src, tmp_path / "q8b", "--scheme", "int8", "--dtype", "bfloat16", "--quiet")
+    assert rc == 0, err
+    held = sum(t.numel() * t.element_size() for t in load_model(tmp_path / "q8b").state_dict().values())
+    assert full["quantized_weights_bytes"]["int8"] == held
     rc, out, err = _cli(capsys, src, tmp_path / "q8e", "--scheme", "int8", "--embeddings", "--quiet")
     assert rc == 0, err
     assert "int8, embedding too" in out
