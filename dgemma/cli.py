@@ -1478,11 +1478,14 @@ def _add_quantize_parser(sub) -> None:
 # ---------------------------------------------------------------- main
 def _add_server_engine_args(s) -> None:
     """The model and engine options `serve` and `run-batch` share."""
-    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name)")
-    s.add_argument("--max-concurrency", type=int, default=8, help="engine rows denoised together (default 8)")
+    s.add_argument("--model-name", "--served-model-name", help="the model id clients send (default: the "
+                   "checkpoint's directory name; vLLM's --served-model-name)")
+    s.add_argument("--max-concurrency", "--max-num-seqs", type=int, default=8, help="engine rows denoised together "
+                   "(default 8; vLLM's --max-num-seqs)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
-    s.add_argument("--max-context", type=int, default=8192,
-                   help="KV-cache positions per row: prompt plus committed canvases (default 8192)")
+    s.add_argument("--max-context", "--max-model-len", type=int, default=8192,
+                   help="KV-cache positions per row: prompt plus committed canvases (default 8192; vLLM's "
+                   "--max-model-len)")
     s.add_argument("--lora", action="append", metavar="NAME=PATH",
                    help="serve the LoRA adapter at PATH (dgemma train --lora-rank) over the base, as model NAME "
                    "(repeatable): requests choose it by `model`, and rows of different adapters share a forward")
@@ -1490,8 +1493,8 @@ def _add_server_engine_args(s) -> None:
                    help="load-adaptive step budget: a canvas that starts while more than ROWS requests are "
                    "denoising gets N * ROWS / rows of its N steps, at least MIN_STEPS (default 4); requests that "
                    "name their `steps` keep them. Off by default: a seed's tokens then depend on the load")
-    s.add_argument("--prefix-cache", action="store_true",
-                   help="reuse the KV cache a finished request leaves for the next prompt that starts the same way "
+    s.add_argument("--prefix-cache", "--enable-prefix-caching", action="store_true",
+                   help="(vLLM's --enable-prefix-caching) reuse the KV cache a finished request leaves for the next prompt that starts the same way "
                    "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "
                    "on what ran before, by float rounding (README, Prefix caching)")
     s.add_argument("--prefill-chunk", type=int, metavar="TOKENS",

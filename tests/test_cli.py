@@ -400,3 +400,13 @@ def test_chat_with_tools_and_thinking(tmp_path, monkeypatch, capsys):
     assert "--tool-choice needs --tools" in capsys.readouterr().err
     assert main(["chat", str(ckpt), "--tools", "[{\"type\": \"function\", \"function\": {\"name\": \"a b\"}}]"]) == 2
     assert "1-64 letters" in capsys.readouterr().err
+
+
+def test_vllm_option_names_are_aliases():
+    from dgemma.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "--served-model-name", "m", "--max-num-seqs", "3", "--max-model-len", "512",
+                                   "--enable-prefix-caching", "--quantization", "int4"])
+    b = build_parser().parse_args(["serve", "--model-name", "m", "--max-concurrency", "3", "--max-context", "512",
+                                   "--prefix-cache", "--quantization", "int4"])
+    assert vars(a) == vars(b) and a.max_concurrency == 3 and a.prefix_cache
