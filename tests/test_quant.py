@@ -353,11 +353,19 @@ def test_quantize_at_load_errors(float_ckpt, tmp_path, capsys):
     for model, flags, msg in [(src, ["--quantization", "int3"], "unknown quantization scheme 'int3'"),
                               (src, ["--quantization", "int4", "--quantization-group-size", "48"],
                                "group size must be one of"),
-                              (src, ["--quantization-group-size", "32"], "goes with --quantization"),
+                              (src, ["--quantization-group-size", "32"], "go with --quantization"),
+                              (src, ["--quantization-embeddings"], "go with --quantization"),
                               (tmp_path / "q", ["--quantization", "int4"], "already quantized (int8)")]:
         assert cli_main(["generate", str(model), "x", "--max-new-tokens", "4", *flags]) == 2, flags
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    from dgemma.cli import build_parser, load_pipeline
+
+    args = build_parser().parse_args(["generate", str(src), "x", "--quantization", "int8",
+                                      "--quantization-embeddings", "--device", "cpu"])
+    pipe = load_pipeline(args)
+    assert isinstance(pipe.model.embed_tokens, QuantEmbedding)
+    assert QuantConfig.of(pipe.model.cfg) == QuantConfig("int8", embeddings=True)
 
 
 def test_random_preset_writer(tmp_path):
