@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's --dtype names
 
 
 class UsageError(Exception):
@@ -173,9 +174,10 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------- generate / chat
 def add_model_args(s) -> None:
-    s.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights and activations dtype (default: the "
-                   "device's fastest: bfloat16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; float32 "
-                   "on other CPUs; DGEMMA_CPU_DTYPE pins the CPU's)")
+    s.add_argument("--dtype", choices=["auto", *sorted(DTYPE_BYTES), *sorted(DTYPE_ALIASES)],
+                   help="weights and activations dtype (default auto: the device's fastest: bfloat16 on CUDA and on "
+                   "CPUs with native bf16, AVX512-BF16 or AMX; float32 on other CPUs; DGEMMA_CPU_DTYPE pins the "
+                   "CPU's; vLLM's half and float name float16 and float32)")
     s.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
                    "weights as they load; a MODEL that is itself an adapter directory loads the base it records")
@@ -343,7 +345,8 @@ def load_pipeline(args):
 
     from .pipeline import Pipeline
 
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    name = DTYPE_ALIASES.get(getattr(args, "dtype", None), getattr(args, "dtype", None))
+    dtype = getattr(torch, name) if name and name != "auto" else None
     adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
     kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False),
               quantization=quantization_arg(args))

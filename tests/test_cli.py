@@ -410,3 +410,11 @@ def test_vllm_option_names_are_aliases():
     b = build_parser().parse_args(["serve", "--model-name", "m", "--max-concurrency", "3", "--max-context", "512",
                                    "--prefix-cache", "--quantization", "int4"])
     assert vars(a) == vars(b) and a.max_concurrency == 3 and a.prefix_cache
+    import torch
+
+    from dgemma.assets import shipped_model
+    from dgemma.cli import load_pipeline
+
+    for name, want in (("auto", torch.float32), ("float", torch.float32), ("half", torch.float16)):  # tests pin fp32
+        args = build_parser().parse_args(["generate", str(shipped_model()), "x", "--dtype", name, "--device", "cpu"])
+        assert load_pipeline(args).model.dtype == want, name
