@@ -1460,7 +1460,8 @@ def _add_quantize_parser(sub) -> None:
                        "command; transformers cannot load it. Without --scheme, an llm-compressor "
                        "(compressed-tensors) or ModelOpt checkpoint such as RedHatAI's FP8-dynamic or NVIDIA's "
                        "NVFP4 is converted into dgemma's layout, which loads memory-mapped (dgemma also loads the "
-                       "original as it is).")
+                       "original as it is). To quantize without writing a copy, give generate / chat / serve / "
+                       "run-batch --quantization SCHEME: the same weights, computed at each load.")
     s.add_argument("src", nargs="?", metavar="SRC", help="full-precision checkpoint directory, hub id or .gguf file")
     s.add_argument("dst", nargs="?", metavar="DST", help="new directory to write (atomically)")
     s.add_argument("--scheme", help="int8 or fp8 (e4m3; both per output channel), int4 (group-wise), or nvfp4 "
