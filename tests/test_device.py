@@ -100,6 +100,20 @@ def test_quantized_model_runs_on_the_device(scheme):
         assert (a - b).abs().max() < 1e-4
 
 
+def test_quantized_as_it_loads_onto_the_device(tmp_path):
+    """`--quantization` with `--device cuda`: quantized on the host as it loads (dgemma quantize's bits), then moved."""
+    from dgemma.weights import load_model, save_model
+
+    save_model(_model(), tmp_path / "m")
+    scheme = QuantConfig("int4", 32)
+    cpu = load_model(tmp_path / "m", quantize=scheme)
+    dev = load_model(tmp_path / "m", quantize=scheme, device=DEVICE)
+    for k, v in dev.state_dict().items():
+        assert v.device.type == torch.device(DEVICE).type and torch.equal(v.cpu(), cpu.state_dict()[k]), k
+    for a, b in zip(_passes(cpu, "cpu"), _passes(dev, DEVICE)):
+        assert (a - b).abs().max() < 1e-4
+
+
 def test_a_denoising_step_does_not_sync(monkeypatch):
     """The canvas forward and the fused sampler step queue their kernels without waiting for the device: on CUDA
     under torch's sync debug mode set to raise (which sees every wait, also inside ops); on the CPU under HostSyncs
