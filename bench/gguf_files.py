@@ -120,9 +120,9 @@ def write_26b(path: Path, layers: int, name: str = "26b-a4b") -> None:
 
 
 def worker(a) -> dict:
-    import resource
-
     import torch
+
+    from dgemma.bench import peak_rss_mib
 
     from dgemma.gguf_model import convert
     from dgemma.quant import QuantConfig, quantize_checkpoint
@@ -135,7 +135,7 @@ def worker(a) -> dict:
         convert(a.src, a.dst, dtype=torch.bfloat16)
     s = time.perf_counter() - t
     size = sum(f.stat().st_size for f in Path(a.dst).glob("*.safetensors"))
-    return {"mode": a.worker, "seconds": s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"mode": a.worker, "seconds": s, "peak_rss_mib": peak_rss_mib(),
             "out_mib": size / 2**20}
 
 

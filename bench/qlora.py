@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -86,6 +85,7 @@ def kept_for_backward(model, step) -> int:
 def worker(ckpt: str, a) -> dict:
     import torch
 
+    from dgemma.bench import peak_rss_mib
     from dgemma.quant import QuantConfig, weight_bytes
     from dgemma.train.data import Example
     from dgemma.train.trainer import ListDataset, TrainConfig, Trainer
@@ -112,7 +112,7 @@ def worker(ckpt: str, a) -> dict:
             losses.append(tr.train_step()["loss"])
             times.append(time.perf_counter() - t)
     return {"weights_mib": weight_bytes(model.cfg, QuantConfig.of(model.cfg), torch.float32) / 2**20,
-            "loaded_rss_mib": loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loaded_rss_mib": loaded, "peak_rss_mib": peak_rss_mib(),
             "kept_for_backward_mib": kept / 2**20,
             "s_per_step": statistics.median(times), "step_times": times, "losses": losses,
             "adapter_params": trainable}

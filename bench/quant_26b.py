@@ -10,7 +10,7 @@ running one prefill and denoising steps over a full 256-token canvas.
 2. measure in a fresh child process (so its peak RSS is its own): `load_model(DIR, dtype=float32)` (the CPU
            default: the bf16 embedding is converted, everything quantized stays memory-mapped), one prefill of
            `--prompt-tokens` tokens, a first denoise step (no self-conditioning) and a second one with it.
-           Peak RSS is `ru_maxrss`, which counts the mapped checkpoint pages a step touches (page cache the
+           Peak RSS is /proc's VmHWM, which counts the mapped checkpoint pages a step touches (page cache the
            kernel can drop) as well as anonymous memory; both are reported at the end from /proc/self/status.
    With --gguf, step 1 writes a Q4_K_M-like GGUF of the preset's shape instead (random blocks, as
            bench/gguf_files.py writes them: Q4_K, Q5_0 where rows do not fill 256-blocks, the embedding Q6_K), and
@@ -47,7 +47,7 @@ def _status() -> dict:
 def measure(ckpt: str, prompt_tokens: int, threads: int, steps: int, quantize=None) -> dict:
     import torch
 
-    from dgemma.bench import machine
+    from dgemma.bench import machine, peak_rss_mib
     from dgemma.weights import load_model
 
     torch.set_num_threads(threads)
@@ -73,7 +73,7 @@ def measure(ckpt: str, prompt_tokens: int, threads: int, steps: int, quantize=No
             assert torch.isfinite(logits).all()
             sc = model.soft_embed(logits / 0.8)  # the next step's self-conditioning input
         res["denoise_step_s"] = step_s
-    res.update(peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, rss_at_end_gib=_status(),
+    res.update(peak_rss_gib=peak_rss_mib() / 1024, rss_at_end_gib=_status(),
                machine=machine(), quantization=cfg.extra.get("quantization_config"),
                prompt_tokens=prompt_tokens, canvas_tokens=cfg.canvas_length)
     return res

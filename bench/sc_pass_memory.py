@@ -23,11 +23,11 @@ from _results import write_results  # noqa: E402
 
 
 def worker(a) -> dict:
-    import resource
     import time
 
     import torch
 
+    from dgemma.bench import peak_rss_mib
     from dgemma.config import preset
     from dgemma.weights import init_random
 
@@ -37,7 +37,7 @@ def worker(a) -> dict:
     g = torch.Generator().manual_seed(0)
     canvas = torch.randint(0, cfg.vocab_size, (a.rows, cfg.canvas_length), generator=g)
     prompt = torch.randint(0, cfg.vocab_size, (a.rows, 64), generator=g)
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
+    peak = peak_rss_mib
     with torch.no_grad():
         cache = m.new_cache(a.rows, 64 + cfg.canvas_length)
         m.encode(prompt, cache)

@@ -68,6 +68,15 @@ def machine() -> dict:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: /proc's VmHWM where there is one, which starts afresh at exec.
+    (`ru_maxrss` does not: a child started by fork + exec reports at least its parent's RSS at the fork, so a bench
+    worker spawned by a parent holding a model would read the parent's memory as its own.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

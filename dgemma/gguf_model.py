@@ -368,16 +368,16 @@ class GGUFFile:
 
 
 class Reader:
-    """`weights.checkpoint_entries`' reader of one HF key from a GGUF: called, the tensor in `dtype` (block types
+    """`weights.checkpoint_entries`' reader of one HF key from a GGUF: called, the tensor in `into` (block types
     decoded straight into it, a row chunk at a time); `exact()`: at its stored precision (block types as float32,
     what quantization starts from); `expert(e)`: one expert's matrix of a stacked weight, decoding only its
     blocks."""
 
-    def __init__(self, g: GGUFFile, key: str, dtype: torch.dtype | None = None):
-        self.g, self.key, self.dtype = g, key, dtype
+    def __init__(self, g: GGUFFile, key: str, into: torch.dtype | None = None):
+        self.g, self.key, self.into = g, key, into
 
     def __call__(self) -> torch.Tensor:
-        return self.g.tensor(self.key, self.dtype)
+        return self.g.tensor(self.key, self.into)
 
     def exact(self) -> torch.Tensor:
         return self.g.tensor(self.key)

@@ -240,3 +240,28 @@ def test_reads_transformers_per_layer_config():
     back = ModelConfig.from_hf_dict(theirs)
     assert (back.global_head_dim, back.num_global_key_value_heads) == (24, 2)
     assert back.layer_types == ours.layer_types
+
+
+def test_a_tensor_read_without_the_map_is_the_mapped_one(tmp_path):
+    """What load_model reads through a plain read (a tensor converted or quantized as it loads) is safetensors' own
+    tensor, bit for bit, for every dtype; a truncated file is a clear error."""
+    from safetensors.torch import save_file
+
+    from dgemma.weights import _directory, _open, _Read
+
+    g = torch.Generator().manual_seed(0)
+    ts = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 2, generator=g).bfloat16(),
+          "f16": torch.randn(7, generator=g).half(), "i8": torch.randint(-128, 127, (2, 3), dtype=torch.int8),
+          "u8": torch.randint(0, 255, (6,), dtype=torch.uint8), "fp8": torch.randn(2, 4).to(torch.float8_e4m3fn),
+          "scalar": torch.tensor(2.5), "empty": torch.empty(0, 3), "flag": torch.tensor([True, False])}
+    f = tmp_path / "t.safetensors"
+    save_file(ts, str(f), metadata={"format": "pt"})
+    handle, where = _open(f), _directory(f)
+    for k, want in ts.items():
+        r = _Read(handle, f, k, where[k])
+        got = r.exact()
+        assert r.dtype == want.dtype and got.dtype == want.dtype and got.shape == want.shape, k
+        assert torch.equal(got.reshape(-1).view(torch.uint8), r().reshape(-1).view(torch.uint8)), k  # the bytes
+    f.write_bytes(f.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="truncated"):
+        _Read(handle, f, "flag", where["flag"]).exact()
