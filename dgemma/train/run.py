@@ -74,9 +74,8 @@ def _tokenizer(source: dict):
 
 def _base_factory(source: dict, seed: int):
     if source.get("model"):
-        from ..weights import load_model
-
         from ..quant import QuantConfig
+        from ..weights import load_model
 
         q = source.get("quantization")
         quantize = None if q is None else QuantConfig.from_dict(q)
