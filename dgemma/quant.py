@@ -896,8 +896,9 @@ def _write(dst: Path, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tenso
 
 def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | None = None,
                         max_shard_bytes: int = DEFAULT_SHARD_BYTES, log=None) -> Path:
-    """Quantize checkpoint `src` into `dst`, streaming: the source stays memory-mapped and each layer is read,
-    quantized (one expert at a time) and written before the next, so memory holds about one shard.
+    """Quantize checkpoint `src` into `dst`, streaming: each weight quantized is read (not mapped), quantized (one
+    expert at a time) and written before the next, the rest copied from the memory-mapped source, so memory holds
+    about one shard.
 
     dtype converts the tensors that stay at full precision (embedding, norms, router); None keeps the source's
     (bf16 for a GGUF source, whose block formats decode to float32).
@@ -920,7 +921,25 @@ def quantize_checkpoint(src, dst, qcfg: QuantConfig, *, dtype: torch.dtype | Non
         raise QuantError(f"{src} is already quantized ({QuantConfig.of(model.cfg).scheme}); "
                          "quantize the full-precision checkpoint")
     state = model.state_dict()
-    tensors = _stream(model, qcfg, lambda name, like: state[name], lambda name, like, e: state[name][e])
+    # the weights quantized are read rather than taken through the map (whose pages would stay resident until the
+    # end: for the 47 GiB bf16 26B, the whole file), a stacked expert weight once for all its experts
+    _, entries = checkpoint_entries(ckpt)
+    current: dict[str, torch.Tensor] = {}
+
+    def read(name: str) -> torch.Tensor:
+        r = entries[hf_name(name)][1]
+        return getattr(r, "exact", r)()
+
+    def get_expert(name: str, like: torch.Tensor, e: int) -> torch.Tensor:
+        if name not in current:
+            current.clear()
+            current[name] = read(name)
+        w = current[name][e]
+        if e == like.shape[0] - 1:
+            current.clear()
+        return w
+
+    tensors = _stream(model, qcfg, lambda name, like: read(name), get_expert, lambda name, like: state[name])
     return _write(Path(dst), qcfg.apply_to(model.cfg), tensors, dtype=dtype, max_shard_bytes=max_shard_bytes,
                   copy_from=Path(model.source), passthrough=getattr(model, "passthrough", {}), log=log)
 
