@@ -5,10 +5,11 @@
 
 A random model of the preset (with --layers, only its first N layers: `--preset 26b-a4b --layers 2` is the released
 model's shape at a size this machine holds in float32) is saved in bfloat16 (as the released checkpoint is);
-then, each in a fresh process (so its peak RSS is its own), the median over --repeats of: the plain load (memory-mapped, float32 for the CPU),
-a load that quantizes as it loads (`load_model(..., quantize=)`, what `--quantization SCHEME` does), and a load of
-the same scheme written once by `dgemma quantize` (memory-mapped; the writing too is timed, with its peak RSS, in
-a process of its own). Prints a table; JSON: bench/results-quant-load.json.
+then, each in a fresh process (so its peak RSS is its own), the median over --repeats of: the plain load
+(memory-mapped, float32 for the CPU), a load that quantizes as it loads (`load_model(..., quantize=)`, what
+`--quantization SCHEME` does), and a load of the same scheme written once by `dgemma quantize` (memory-mapped; the
+writing too is timed, with its peak RSS, in a process of its own). Prints a table; JSON:
+bench/results-quant-load.json.
 """
 
 from __future__ import annotations

@@ -1501,9 +1501,9 @@ def _add_server_engine_args(s) -> None:
                    "denoising gets N * ROWS / rows of its N steps, at least MIN_STEPS (default 4); requests that "
                    "name their `steps` keep them. Off by default: a seed's tokens then depend on the load")
     s.add_argument("--prefix-cache", "--enable-prefix-caching", action="store_true",
-                   help="(vLLM's --enable-prefix-caching) reuse the KV cache a finished request leaves for the next prompt that starts the same way "
-                   "(a chat's earlier turns, a shared system prompt); off by default: a seed's tokens then depend "
-                   "on what ran before, by float rounding (README, Prefix caching)")
+                   help="(vLLM's --enable-prefix-caching) reuse the KV cache a finished request leaves for the next "
+                   "prompt that starts the same way (a chat's earlier turns, a shared system prompt); off by default: "
+                   "a seed's tokens then depend on what ran before, by float rounding (README, Prefix caching)")
     s.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
                    help="chunked prefill: encode at most TOKENS of a new prompt per engine step, so a long prompt "
                    "does not hold up the requests already denoising (their steps go on between its chunks); off "
