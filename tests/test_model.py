@@ -54,6 +54,31 @@ def test_grouped_experts_equal_the_per_expert_loop(dtype, tokens, monkeypatch):
         torch.testing.assert_close(grouped, _loop_moe(ex, x, w, idx), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_off_16_bytes_in_memory_take_the_grouped_matmul_on_the_cpu(dtype, monkeypatch):
+    """A memory-mapped checkpoint's weights sit where the file put them (most tensors of an fp32 safetensors file
+    4 or 8 bytes off 16): the CPU's grouped matmul takes any address, with the loop's bits."""
+    cfg = tiny_config("b")
+    ex = Experts(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ex.parameters():  # each weight 1 element past an aligned buffer's start
+            buf = torch.empty(p.numel() + 1, dtype=dtype)
+            p.data = buf[1:].view(p.shape).copy_(torch.randn(p.shape, generator=g) * 0.2)
+    assert ex.gate_up_proj.data_ptr() % 16 and ex.down_proj.data_ptr() % 16
+    x = torch.randn(40, cfg.hidden_size, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k_experts] for _ in range(40)])
+    w = torch.rand(40, cfg.top_k_experts, generator=g).to(dtype)
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    with torch.no_grad():
+        grouped = ex(x, w, idx)
+        assert len(calls) == 2  # gate_up and down
+        monkeypatch.setattr(M, "_GROUPED_MM", False)
+        assert torch.equal(grouped, ex(x, w, idx))
+
+
 def test_experts_train_through_the_loop():
     """Under autograd (training) the per-expert loop runs, and gradients reach every hit expert."""
     cfg = tiny_config("a")
