@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     print(f"{'path':<10}{'median ms':>11}{'min ms':>9}")
     for name, r in rows.items():
         print(f"{name:<10}{r['median_ms']:>11.3f}{r['min_ms']:>9.3f}")
-    print(f"loop / grouped (medians): {rows['loop']['median_ms'] / rows['grouped']['median_ms']:.2f}x; same bits: {same}")
+    ratio = rows["loop"]["median_ms"] / rows["grouped"]["median_ms"]
+    print(f"loop / grouped (medians): {ratio:.2f}x; same bits: {same}")
     write_results(a.out, "moe_layer.py", argv, a.threads, preset=a.preset, dtype=a.dtype, tokens=a.tokens,
                   rounds=a.rounds, bytes_off_16=offsets, results=rows, same_bits=same)
     return 0

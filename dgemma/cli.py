@@ -349,7 +349,7 @@ def load_pipeline(args):
     dtype = getattr(torch, name) if name and name != "auto" else None
     adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
     kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False),
-              quantization=quantization_arg(args))
+              quantization=quantization_arg(args), revision=getattr(args, "revision", None))
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
         from .pipeline import adapter_base
 
@@ -624,13 +624,39 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- serve
 def _lora_module(spec: str) -> tuple[str, str]:
-    """`--lora NAME=PATH` -> (NAME, PATH), the directory checked here so a typo fails before the model loads."""
+    """`--lora NAME=PATH` (or vLLM's `{"name": NAME, "path": PATH}`) -> (NAME, PATH), the directory checked here so
+    a typo fails before the model loads."""
+    if spec.lstrip().startswith("{"):
+        try:
+            d = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--lora-modules {spec}: not valid JSON ({e.msg})") from None
+        name, path = d.get("name"), d.get("path")
+        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+            raise UsageError(f"--lora-modules {spec}: needs string \"name\" and \"path\"")
+        spec = f"{name}={path}"
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise UsageError(f"--lora takes NAME=PATH, got {spec!r}")
     if not (Path(path).expanduser() / "adapter_config.json").is_file():
         raise UsageError(f"--lora {spec}: {path} is not a LoRA adapter directory (no adapter_config.json)")
     return name, str(Path(path).expanduser())
+
+
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
+def _origins(text: str) -> list[str] | str:
+    """--cors-origin ORIGIN, or vLLM's --allowed-origins '["*"]' (a JSON list)."""
+    if not text.lstrip().startswith("["):
+        return text
+    try:
+        origins = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"not a JSON list of origins: {text!r}") from None
+    if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins):
+        raise argparse.ArgumentTypeError(f"not a JSON list of origins: {text!r}")
+    return origins
 
 
 def _adaptive_steps(text: str | None) -> tuple[int, int] | None:
@@ -662,6 +688,7 @@ def _need_serve(command: str, *names: str) -> None:
 def cmd_serve(args) -> int:
     import os
 
+    check_vllm_args(args, "serve")
     _need_serve("serve", "fastapi", "uvicorn", *(("httpx", "python_multipart") if args.batch_dir else ()),
                 *(("httpx",) if args.allowed_media_domains else ()))
     from .serve.app import check_dirs, check_port, run
@@ -669,16 +696,19 @@ def cmd_serve(args) -> int:
     settings = _server_settings(args, host=args.host, port=args.port,
                                 api_key=args.api_key or os.environ.get("DGEMMA_API_KEY") or None,
                                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                                cors_origins=tuple(args.cors_origin or ()),
+                                cors_origins=tuple(o for x in args.cors_origin or ()
+                                                   for o in (x if isinstance(x, list) else [x])),
                                 allow_runtime_lora=args.allow_runtime_lora, scheduling_policy=args.scheduling_policy,
                                 batch_dir=args.batch_dir, responses_store=args.responses_store,
-                                responses_dir=args.responses_dir)
+                                responses_dir=args.responses_dir, root_path=args.root_path,
+                                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                                access_log=not args.disable_uvicorn_access_log)
     if (settings.lora_modules or settings.allow_runtime_lora) and args.compile:
         raise UsageError("--lora and --allow-runtime-lora cannot be combined with --compile (torch.compile does not "
                          "apply to a model serving LoRA adapters)")
     check_port(settings.host, settings.port)  # before the (slow) model load
     check_dirs(settings)
-    run(_server_pipeline(args, settings), settings, log_level=args.log_level)
+    run(_server_pipeline(args, settings), settings, log_level=args.uvicorn_log_level or args.log_level)
     return 0
 
 
@@ -686,9 +716,10 @@ def _server_settings(args, **kw):
     """The ServerSettings of the options `serve` and `run-batch` share, plus `kw`."""
     from .serve.settings import ServerSettings
 
+    names = args.served_model_name or [args.model_name or (Path(str(args.adapter or args.model).rstrip("/")).name
+                                                           if args.adapter or args.model else "dgemma-code")]
     return ServerSettings(
-        model_name=args.model_name or (Path(str(args.adapter or args.model).rstrip("/")).name
-                                       if args.adapter or args.model else "dgemma-code"),
+        model_name=names[0], model_aliases=tuple(names[1:]),
         max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit, max_context=args.max_context,
         prefix_cache=args.prefix_cache, prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
@@ -702,7 +733,10 @@ def _server_pipeline(args, settings):
     if settings.lora_modules and args.compile:
         raise UsageError("--lora cannot be combined with --compile (torch.compile does not apply to a model "
                          "serving LoRA adapters)")
+    gpu_memory_limit(args.gpu_memory_utilization, args.device)
     pipe = load_pipeline(args)
+    if args.chat_template is not None and pipe.tokenizer is not None:
+        pipe.tokenizer.chat_template = args.chat_template
     if settings.lora_modules:
         from .adapters import AdapterError, attach_adapters
         from .quant import QuantConfig
@@ -770,6 +804,7 @@ def cmd_run_batch(args) -> int:
     import tempfile
 
     _need_serve("run-batch", "fastapi", "httpx")
+    check_vllm_args(args, "run-batch")
     settings = _server_settings(args)
     tmp_dir = Path(args.output_tmp_dir or tempfile.gettempdir())
     if not tmp_dir.is_dir():
@@ -1485,8 +1520,8 @@ def _add_quantize_parser(sub) -> None:
 # ---------------------------------------------------------------- main
 def _add_server_engine_args(s) -> None:
     """The model and engine options `serve` and `run-batch` share."""
-    s.add_argument("--model-name", "--served-model-name", help="the model id clients send (default: the "
-                   "checkpoint's directory name; vLLM's --served-model-name)")
+    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name; "
+                   "vLLM's --served-model-name, below, also takes aliases)")
     s.add_argument("--max-concurrency", "--max-num-seqs", type=int, default=8, help="engine rows denoised together "
                    "(default 8; vLLM's --max-num-seqs)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
@@ -1517,6 +1552,116 @@ def _add_server_engine_args(s) -> None:
                    "as data: URLs); redirects must stay on them")
     s.add_argument("--allowed-local-media-path", metavar="DIR", help="let file:// image URLs read images under DIR "
                    "(nothing outside it)")
+    _add_vllm_engine_args(s)
+
+
+VLLM_PARSERS = ("gemma4",)  # the tool-call and reasoning formats dgemma reads (Gemma 4's), by vLLM's parser names
+
+
+def _add_vllm_engine_args(s) -> None:
+    """vLLM's `serve` / `run-batch` options that `dgemma serve` / `run-batch` take as they are, so a vLLM command line
+    runs unchanged: each does what vLLM's does, is a no-op where dgemma already behaves as the option asks (said in
+    its help), or is an error naming what dgemma cannot do (several GPUs, another tool-call format)."""
+    g = s.add_argument_group("vLLM's options", "taken as `vllm serve` takes them (README, \"vLLM's command line\")")
+    g.add_argument("--model", dest="model_option", metavar="MODEL", help="MODEL as an option (vLLM's older form)")
+    g.add_argument("--served-model-name", nargs="+", metavar="NAME", help="the model id clients send; more names "
+                   "are aliases of the first, which responses and /v1/models' first card carry")
+    g.add_argument("--revision", help="branch, tag or commit of a hub id MODEL (default: main)")
+    g.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE", help="a Jinja chat template (a file, or the "
+                   "template itself) instead of the checkpoint's")
+    g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",
+                   help="vLLM's --lora: NAME=PATH or {\"name\": NAME, \"path\": PATH} (several)")
+    g.add_argument("--enable-lora", action="store_true", help="(no effect: dgemma serves LoRA modules without it)")
+    g.add_argument("--trust-remote-code", action="store_true", help="(no effect: dgemma runs no code from a "
+                   "checkpoint)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", help="(no effect: a request with tools always "
+                   "has its reply read for tool calls, tool_choice auto included)")
+    g.add_argument("--tool-call-parser", metavar="NAME", help=f"{' or '.join(VLLM_PARSERS)}: the format dgemma reads "
+                   "tool calls in (Gemma 4's); no other")
+    g.add_argument("--reasoning-parser", metavar="NAME", help=f"{' or '.join(VLLM_PARSERS)}: the thought comes back "
+                   "as reasoning_content either way; no other")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N", help="1 only: dgemma runs "
+                   "a model on one device")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="N", help="1 only")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N", help="1 only: one engine per "
+                   "process (start more servers behind a balancer)")
+    g.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE", help="auto only: the KV cache is kept in "
+                   "the model's dtype")
+    g.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION", help="on CUDA, the share of the "
+                   "GPU's memory this process may allocate (torch's per-process limit: past it, an allocation fails "
+                   "instead of taking the rest); dgemma reserves nothing up front, so it is a ceiling, not a "
+                   "reservation; no effect on the CPU")
+    g.add_argument("--enforce-eager", action="store_true", help="(no effect: eager is the default; not with "
+                   "--compile)")
+    g.add_argument("--disable-log-requests", action="store_true", help="(no effect: dgemma logs no request's "
+                   "contents; uvicorn's line per request: --disable-uvicorn-access-log)")
+    g.add_argument("--disable-log-stats", action="store_true", help="(no effect: dgemma logs no periodic stats; "
+                   "/metrics has them)")
+
+
+def check_vllm_args(args, command: str) -> None:
+    """vLLM's options that ask for what dgemma cannot do, as one line each; MODEL given as --model moved into
+    place. Before the model loads."""
+    if args.model_option is not None:
+        if args.model is not None and args.model != args.model_option:
+            raise UsageError(f"MODEL given twice: {args.model!r} and --model {args.model_option!r}")
+        args.model = args.model_option
+    if args.served_model_name and args.model_name:
+        raise UsageError("--model-name and --served-model-name name the same thing; give one")
+    for flag, n in (("--tensor-parallel-size", args.tensor_parallel_size),
+                    ("--pipeline-parallel-size", args.pipeline_parallel_size),
+                    ("--data-parallel-size", args.data_parallel_size)):
+        if n != 1:
+            raise UsageError(f"{flag} {n}: dgemma {command} runs the model on one device (1 only)")
+    if args.kv_cache_dtype != "auto":
+        raise UsageError(f"--kv-cache-dtype {args.kv_cache_dtype}: not supported; dgemma keeps the KV cache in the "
+                         "model's dtype (auto)")
+    for flag, name in (("--tool-call-parser", args.tool_call_parser), ("--reasoning-parser", args.reasoning_parser)):
+        if name is not None and name not in VLLM_PARSERS:
+            raise UsageError(f"{flag} {name}: dgemma reads Gemma 4's format only ({', '.join(VLLM_PARSERS)})")
+    fraction = args.gpu_memory_utilization
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UsageError(f"--gpu-memory-utilization takes a fraction in (0, 1], got {fraction}")
+    if args.enforce_eager and getattr(args, "compile", False):
+        raise UsageError("--enforce-eager and --compile ask opposite things; give one")
+    if args.chat_template is not None:
+        args.chat_template = chat_template_arg(args.chat_template)
+
+
+def chat_template_arg(text: str) -> str:
+    """--chat-template: a file's text, or the template itself (vLLM's rule: what names no file and holds a Jinja
+    delimiter or a newline is a template), checked to parse."""
+    from .tokenizer import check_chat_template
+
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--chat-template {path}: cannot read it ({e})") from None
+    elif not any(c in text for c in "{}\n"):
+        raise UsageError(f"--chat-template {text}: no such file (and not a Jinja template)")
+    try:
+        check_chat_template(text)
+    except ValueError as e:
+        raise UsageError(f"--chat-template: {e}") from None
+    return text
+
+
+def gpu_memory_limit(fraction: float | None, device) -> None:
+    """--gpu-memory-utilization: cap this process's share of a CUDA device's memory before the model loads."""
+    if fraction is None:
+        return
+    import torch
+
+    from .pipeline import default_device
+
+    dev = torch.device(device or default_device())
+    if dev.type != "cuda":
+        print(f"dgemma: note: --gpu-memory-utilization applies to CUDA devices; no effect on {dev.type}",
+              file=sys.stderr)
+        return
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1610,9 +1755,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-dir", metavar="DIR", help="turn on OpenAI's Files and Batches APIs (/v1/files, "
                    "/v1/batches), keeping uploads, batch state and outputs under DIR; a batch's requests run as "
                    "background rows beside live traffic, and resume after a restart")
-    s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--cors-origin", "--allowed-origins", action="append", metavar="ORIGIN", type=_origins,
+                   help="allow browser requests from ORIGIN (repeatable; CORS is off by default; vLLM's "
+                   "--allowed-origins, a JSON list, also works)")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    g = [g for g in s._action_groups if g.title == "vLLM's options"][0]
+    g.add_argument("--uvicorn-log-level", choices=LOG_LEVELS, help="the same as --log-level")
+    g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
+    g.add_argument("--root-path", default="", metavar="PATH", help="the path prefix a proxy serves this server under")
+    g.add_argument("--ssl-keyfile", metavar="FILE", help="serve HTTPS with this private key (and --ssl-certfile)")
+    g.add_argument("--ssl-certfile", metavar="FILE", help="the certificate (chain) for --ssl-keyfile")
     add_model_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -1631,7 +1783,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "until they are PUT there (default: the system's temp directory; a rerun resumes from it)")
     s.add_argument("--summary-json", metavar="PATH", help="also write the counts, tokens and wall time as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
-    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     _add_server_engine_args(s)
     add_model_args(s)
     s.set_defaults(func=cmd_run_batch)

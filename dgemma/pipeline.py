@@ -58,16 +58,17 @@ class Pipeline:
     @classmethod
     def load(cls, path_or_id: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
              device: str | None = None, quiet: bool = False, compile: bool = False,
-             quantization: QuantConfig | str | None = None) -> "Pipeline":
+             quantization: QuantConfig | str | None = None, revision: str | None = None) -> "Pipeline":
         """A checkpoint (directory or hub id) with its tokenizer and generation defaults. `adapter`: a LoRA
         adapter directory (`dgemma train --lora-rank`), folded into the weights as they load (kept unmerged over a
         quantized checkpoint: QLoRA). An adapter directory given as the checkpoint itself loads the base it records
         (`base_model_name_or_path`).
         compile: torch.compile the denoiser (`DiffusionGemma.compile_denoiser`), compiled here, before use.
         quantization: a scheme ("int8", "int4", "fp8", "nvfp4") or a QuantConfig: weight-only quantization of a
-        full-precision checkpoint as it loads (vLLM's `quantization`), one weight at a time."""
+        full-precision checkpoint as it loads (vLLM's `quantization`), one weight at a time.
+        revision: a branch, tag or commit of a hub id (default: main)."""
         device = device or default_device()
-        ckpt = resolve(path_or_id)
+        ckpt = resolve(path_or_id, revision)
         if adapter is None and (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
             ckpt, adapter = adapter_base(ckpt), ckpt
         if isinstance(quantization, str):

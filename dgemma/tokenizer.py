@@ -537,6 +537,11 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], **contex
         raise ValueError(f"chat template failed: {e}") from None
 
 
+def check_chat_template(template: str) -> None:
+    """ValueError, saying where, if `template` does not parse as a chat template."""
+    _compile(template)
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str):
     import jinja2

@@ -178,6 +178,17 @@ def test_batch_refuses_a_partial_of_other_input_and_keeps_everything(ckpt, tmp_p
     assert run(ckpt, inp, out) == 2 and "holds 2 answers but" in capsys.readouterr().err
 
 
+def test_batch_takes_vllms_command_line(ckpt, tmp_path):
+    """`vllm run-batch -i IN -o OUT --model M --served-model-name ...` as it is: an alias answers as the first name."""
+    inp = write(tmp_path / "in.jsonl", [req("a", "/v1/chat/completions", model="alias", max_tokens=4,
+                                            messages=[{"role": "user", "content": "hi"}])])
+    out = tmp_path / "out.jsonl"
+    assert main(["run-batch", "-i", str(inp), "-o", str(out), "--model", str(ckpt), "--served-model-name", NAME,
+                 "alias", "--device", "cpu", "--quiet", "--trust-remote-code", "--enforce-eager"]) == 0
+    [answer] = read(out)
+    assert answer["response"]["status_code"] == 200 and answer["response"]["body"]["model"] == NAME
+
+
 def test_batch_cli_errors(ckpt, tmp_path, capsys):
     inp = write(tmp_path / "in.jsonl", [req("a", prompt="x")])
     for args, msg in [(["-i", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl")], "no such file"),
@@ -187,6 +198,8 @@ def test_batch_cli_errors(ckpt, tmp_path, capsys):
         assert main(["run-batch", str(ckpt), *args, "--device", "cpu"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("dgemma run-batch: error: ") and msg in err and "\n" not in err, err
+    assert main(["run-batch", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "--model", str(ckpt), "-tp", "2"]) == 2
+    assert "--tensor-parallel-size 2: dgemma run-batch runs the model on one device" in capsys.readouterr().err
     (tmp_path / "latin1.jsonl").write_bytes(b'{"custom_id": "\xe9"}\n')
     assert run(ckpt, tmp_path / "latin1.jsonl", tmp_path / "o.jsonl") == 2
     assert "not UTF-8" in capsys.readouterr().err

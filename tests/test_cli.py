@@ -405,11 +405,21 @@ def test_chat_with_tools_and_thinking(tmp_path, monkeypatch, capsys):
 def test_vllm_option_names_are_aliases():
     from dgemma.cli import build_parser
 
-    a = build_parser().parse_args(["serve", "--served-model-name", "m", "--max-num-seqs", "3", "--max-model-len", "512",
-                                   "--enable-prefix-caching", "--quantization", "int4"])
-    b = build_parser().parse_args(["serve", "--model-name", "m", "--max-concurrency", "3", "--max-context", "512",
-                                   "--prefix-cache", "--quantization", "int4"])
-    assert vars(a) == vars(b) and a.max_concurrency == 3 and a.prefix_cache
+    a = build_parser().parse_args(["serve", "--max-num-seqs", "3", "--max-model-len", "512",
+                                   "--enable-prefix-caching", "--quantization", "int4", "--allowed-origins", '["o"]',
+                                   "--uvicorn-log-level", "debug"])
+    b = build_parser().parse_args(["serve", "--max-concurrency", "3", "--max-context", "512",
+                                   "--prefix-cache", "--quantization", "int4", "--cors-origin", "o", "--log-level",
+                                   "debug"])
+    same = ("max_concurrency", "max_context", "prefix_cache", "quantization")
+    assert [getattr(a, k) for k in same] == [getattr(b, k) for k in same] == [3, 512, True, "int4"]
+    assert a.cors_origin == [["o"]] and b.cors_origin == ["o"] and a.uvicorn_log_level == b.log_level == "debug"
+    # --served-model-name takes aliases after the name (vLLM's), --model-name one name
+    from dgemma.cli import _server_settings
+
+    for argv, names in ((["--served-model-name", "m", "n"], ("m", ("n",))), (["--model-name", "m"], ("m", ()))):
+        st = _server_settings(build_parser().parse_args(["serve", *argv]))
+        assert (st.model_name, st.model_aliases) == names
     import torch
 
     from dgemma.assets import shipped_model

@@ -1987,9 +1987,116 @@ def test_health_and_metrics(server, http):
 
 def test_web_page_is_served(http):
     page = http.get("/")
-    assert page.status_code == 200 and 'id="grid"' in page.text and "/static/app.js" in page.text
+    assert page.status_code == 200 and 'id="grid"' in page.text and '"static/app.js"' in page.text
     for asset in ("/static/app.js", "/static/style.css"):
         assert http.get(asset).status_code == 200
+    # every path the page asks for is relative, so it works under a proxy's prefix (--root-path)
+    assert not re.search(r'(src|href)="/|fetch\("/|"/v1/', page.text + http.get("/static/app.js").text)
+
+
+# ---------------------------------------------------------------- the CLI
+def test_a_vllm_serve_command_line_runs_as_it_is(ckpt, tmp_path):
+    """vLLM's options on `dgemma serve`: several served names (the first answers for all), a chat template file,
+    --allowed-origins as JSON, uvicorn's options, HTTPS, and the options that change nothing here."""
+    import shutil
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}<<model>>{% endif %}")
+    tls = []
+    if shutil.which("openssl"):
+        key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                               "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                               "subjectAltName=IP:127.0.0.1"], capture_output=True)
+        if made.returncode == 0:
+            tls = ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma.cli", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--device", "cpu", "--served-model-name", "gemma", "dg", "--chat-template", str(template),
+                             "--allowed-origins", '["http://example.test"]', "--tensor-parallel-size", "1",
+                             "--trust-remote-code", "--enable-auto-tool-choice", "--tool-call-parser", "gemma4",
+                             "--reasoning-parser", "gemma4", "--enforce-eager", "--kv-cache-dtype", "auto",
+                             "--gpu-memory-utilization", "0.9", "--disable-log-requests", "--disable-log-stats",
+                             "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log", "--root-path", "/dg",
+                             *tls],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    try:
+        import ssl
+
+        with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(cert)) if tls else True,
+                          timeout=60) as h:
+            def up():
+                try:
+                    return h.get("/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            assert wait_until(up, timeout=60), proc.stdout.read() if proc.poll() is not None else "no answer"
+            assert [m["id"] for m in h.get("/v1/models").json()["data"]] == ["gemma", "dg"]
+            r = h.post("/v1/chat/completions", json={"model": "dg", "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and r.json()["model"] == "gemma"  # vLLM's: the first name
+            assert_error(h.post("/v1/completions", json={"model": "other", "prompt": "x"}), 404, "model_not_found")
+            ids = h.post("/tokenize", json={"model": "gemma", "messages": [{"role": "user", "content": "hi"}]})
+            text = h.post("/detokenize", json={"tokens": ids.json()["tokens"]}).json()["prompt"]
+            assert text.endswith("<<user>>hi<<model>>")
+            assert h.get("/").status_code == 200  # a proxy strips --root-path; its requests come as these
+            cors = h.get("/v1/models", headers={"Origin": "http://example.test"})
+            assert cors.headers["access-control-allow-origin"] == "http://example.test"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+    assert "GET /v1/models" not in out  # --disable-uvicorn-access-log
+    assert "--gpu-memory-utilization applies to CUDA devices" in out  # said, not silently dropped
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2: dgemma serve runs the model on one device"),
+    (["-pp", "2"], "--pipeline-parallel-size 2"),
+    (["--tool-call-parser", "hermes"], "--tool-call-parser hermes: dgemma reads Gemma 4's format only"),
+    (["--reasoning-parser", "deepseek_r1"], "--reasoning-parser deepseek_r1"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: not supported"),
+    (["--gpu-memory-utilization", "0"], "a fraction in (0, 1]"),
+    (["--enforce-eager", "--compile"], "ask opposite things"),
+    (["--chat-template", "no-such.jinja"], "no such file"),
+    (["--chat-template", "{% if %}"], "does not parse"),
+    (["--model-name", "a", "--served-model-name", "b"], "give one"),
+    (["--served-model-name", "a", "a"], "distinct"),
+    (["--lora-modules", '{"name": "x"}'], 'needs string "name" and "path"'),
+    (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
+    (["--model", "elsewhere"], "MODEL given twice"),
+])
+def test_vllm_options_dgemma_cannot_honour_are_one_line_errors(ckpt, argv, message):
+    r = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(free_port()), *argv],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_memory_utilization_caps_the_cuda_allocator(monkeypatch, capsys):
+    import torch
+
+    from dgemma.cli import gpu_memory_limit
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    gpu_memory_limit(0.5, "cuda:0")
+    assert calls == [(0.5, torch.device("cuda:0"))]
+    gpu_memory_limit(0.5, "cpu")
+    gpu_memory_limit(None, "cuda")
+    assert len(calls) == 1 and "no effect on cpu" in capsys.readouterr().err
+
+
+def test_lora_modules_take_vllms_json_form(tmp_path):
+    from dgemma.cli import UsageError, _lora_module
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert _lora_module(json.dumps({"name": "sql", "path": str(tmp_path), "base_model_name": "x"})) == \
+        ("sql", str(tmp_path)) == _lora_module(f"sql={tmp_path}")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        _lora_module("{sql")
 
 
 # ---------------------------------------------------------------- the CLI

@@ -213,6 +213,16 @@ def test_hub_id_from_local_cache(saved, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve("acme/tiny-dg") == snap
     assert load_model("acme/tiny-dg").cfg.hidden_size == 48
+    # a revision (a branch or tag: refs/NAME), as `serve --revision` (vLLM's) passes it through Pipeline.load
+    other = repo / "snapshots" / ("b" * 40)
+    shutil.copytree(d, other)
+    (other / "generation_config.json").write_text(json.dumps({"max_new_tokens": 77}))
+    (repo / "refs" / "v2").write_text("b" * 40)
+    assert resolve("acme/tiny-dg", "v2") == other
+    from dgemma.cli import build_parser, load_pipeline
+
+    args = build_parser().parse_args(["serve", "acme/tiny-dg", "--revision", "v2", "--device", "cpu"])
+    assert load_pipeline(args).max_new_tokens == 77
 
 
 def test_not_a_path_or_id():

@@ -126,9 +126,10 @@ class State:
         """The base model's card, then one per LoRA module (vLLM's shape: `parent` names the base, `root` the
         adapter's directory)."""
         base = self.model_card()
-        return [base] + [ModelCard(id=name, created=self.created, root=path, parent=self.settings.model_name,
-                                   dgemma=dict(base.dgemma, adapter=i))
-                         for name, (i, path) in list(self.adapters.items())]
+        aliases = [base.model_copy(update={"id": name}) for name in self.settings.model_aliases]
+        return [base, *aliases] + [ModelCard(id=name, created=self.created, root=path,
+                                             parent=self.settings.model_name, dgemma=dict(base.dgemma, adapter=i))
+                                   for name, (i, path) in list(self.adapters.items())]
 
     # ------------------------------------------------------------ LoRA adapters at run time
     def _runtime_lora(self) -> None:
@@ -143,7 +144,8 @@ class State:
         from ..adapters import AdapterError, install_adapter, read_adapter
 
         self._runtime_lora()
-        if not name.strip() or name == self.settings.model_name or name in self.adapters:
+        bases = (self.settings.model_name, *self.settings.model_aliases)
+        if not name.strip() or name in bases or name in self.adapters:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded." if name in self.adapters
                            else "lora_name must be a new, non-empty name (not the base model's)", param="lora_name")
         try:
@@ -781,16 +783,24 @@ def check_dirs(settings: ServerSettings) -> None:
     media = settings.allowed_local_media_path
     if media is not None and not Path(media).expanduser().is_dir():
         raise ValueError(f"--allowed-local-media-path {media}: not a directory")
+    if (settings.ssl_keyfile is None) != (settings.ssl_certfile is None):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    for flag, path in (("--ssl-keyfile", settings.ssl_keyfile), ("--ssl-certfile", settings.ssl_certfile)):
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"{flag} {path}: no such file")
 
 
 def run(pipeline, settings: ServerSettings, log_level: str = "info") -> None:
     import uvicorn
 
     check_port(settings.host, settings.port)
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level="DEBUG" if log_level == "trace" else log_level.upper(),  # trace: uvicorn's, below debug
+                        format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the batches' in-process requests, one line each
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model",
                     settings.host)
     app = create_app(pipeline, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5,
+                root_path=settings.root_path, ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile,
+                access_log=settings.access_log)

@@ -527,11 +527,12 @@ class Planner:
     # ------------------------------------------------------------ pieces
     def _adapter(self, model: str | None) -> int:
         """The LoRA adapter a request's `model` names (0: the base model); 404 for a model not served here."""
-        if model is None or model == self.settings.model_name:
+        if model is None or model == self.settings.model_name or model in self.settings.model_aliases:
             return 0
         i = self.adapters.get(model, (None,))[0]
         if i is None:
-            served = ", ".join(f"`{n}`" for n in [self.settings.model_name, *self.adapters])
+            served = ", ".join(f"`{n}`" for n in [self.settings.model_name, *self.settings.model_aliases,
+                                                   *self.adapters])
             raise APIError(404, f"The model `{model}` does not exist. This server serves {served}.", param="model",
                            code="model_not_found")
         return i
@@ -661,7 +662,8 @@ class Planner:
         for img in images or ():  # the tower runs here, in the planning thread, beside the engine's steps
             vision_tower(self.pipe.model).features(img)  # (cached: the engine's prefill finds it)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Plan(kind=kind, model=req.model or self.settings.model_name, choices=choices,
+        model = self.settings.model_name if req.model in (None, *self.settings.model_aliases) else req.model
+        return Plan(kind=kind, model=model, choices=choices,
                     prompt_tokens=sum(len(p) for p, _ in prompts), stream=req.stream, drafts=req.stream_drafts,
                     include_usage=include_usage, seed=seed, token_ids=req.return_token_ids,
                     continuous_usage=include_usage and req.stream_options.continuous_usage_stats,

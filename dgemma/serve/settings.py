@@ -8,6 +8,7 @@ from dataclasses import dataclass
 @dataclass
 class ServerSettings:
     model_name: str = "dgemma"
+    model_aliases: tuple[str, ...] = ()  # more names requests may give the base model (vLLM's --served-model-name)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # Bearer token for /v1/* and /metrics; None = open
@@ -41,6 +42,11 @@ class ServerSettings:
     # directory file:// images may be read from (None: none)
     allowed_media_domains: tuple[str, ...] = ()
     allowed_local_media_path: str | None = None
+    # uvicorn's: the path prefix a proxy serves the app under, HTTPS, and its line per request
+    root_path: str = ""
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
@@ -69,9 +75,13 @@ class ServerSettings:
             raise ValueError("api-key is empty")
         if not self.model_name:
             raise ValueError("model-name is empty")
+        self.model_aliases = tuple(self.model_aliases)
+        bases = [self.model_name, *self.model_aliases]
+        if any(not n or bases.count(n) > 1 for n in bases):
+            raise ValueError(f"served model names must be non-empty and distinct, got {bases}")
         self.lora_modules = tuple((str(n), str(p)) for n, p in self.lora_modules)
         names = [n for n, _ in self.lora_modules]
         for n in names:
-            if not n or n == self.model_name or names.count(n) > 1:
+            if not n or n in bases or names.count(n) > 1:
                 raise ValueError(f"LoRA module name {n!r} must be non-empty, unique and not the base model's name "
-                                 f"({self.model_name!r})")
+                                 f"({', '.join(map(repr, bases))})")

@@ -27,7 +27,7 @@ function showError(msg) {
 // ------------------------------------------------------------------ model info
 async function loadModel() {
   try {
-    const r = await fetch("/v1/models", { headers: headers() });
+    const r = await fetch("v1/models", { headers: headers() });
     const body = await r.json();
     if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
     const card = body.data[0];
@@ -215,7 +215,7 @@ function requestBody(mode, ar) {
 
 async function runOne(ar) {
   const mode = document.querySelector("input[name=mode]:checked").value;
-  const url = mode === "chat" ? "/v1/chat/completions" : "/v1/completions";
+  const url = mode === "chat" ? "v1/chat/completions" : "v1/completions";
   const t0 = performance.now();
   let ttft = null, usage = null, text = "";
   const out = ar ? $("ar-output") : $("output");
