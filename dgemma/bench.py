@@ -15,6 +15,7 @@ Engines, each timed in its own fresh process (so peak RSS is that engine's alone
   dgemma-int4          the same after `--scheme int4` (groups of 128); both report their weights' bytes and
                        whether their tokens equal the full-precision run's
   dgemma-int8e, -int4e the same with `--embeddings` (the embedding / tied LM head quantized too)
+  dgemma-fp8, -nvfp4   the same after `--scheme fp8` (e4m3, per channel) and `--scheme nvfp4` (e2m1, groups of 16)
   transformers         DiffusionGemmaForBlockDiffusion.generate, same weights and seed (the reference)
   forward              not a generator: the machine's matmul peak (in the bench's dtype), and the share of it
                        that one canvas forward reaches (a step after the first: self-conditioning MLP, stack
@@ -41,10 +42,12 @@ import time
 from pathlib import Path
 
 ENGINES = ("dgemma-diffusion", "dgemma-plain", "dgemma-compiled", "dgemma-reference", "dgemma-top-p", "dgemma-ar",
-           "dgemma-int8", "dgemma-int4", "dgemma-int8e", "dgemma-int4e", "transformers", "forward")
+           "dgemma-int8", "dgemma-int4", "dgemma-int8e", "dgemma-int4e", "dgemma-fp8", "dgemma-nvfp4", "transformers",
+           "forward")
 # engine -> (scheme, group size, embedding quantized too)
 QUANT_ENGINES = {"dgemma-int8": ("int8", None, False), "dgemma-int4": ("int4", 128, False),
-                 "dgemma-int8e": ("int8", None, True), "dgemma-int4e": ("int4", 128, True)}
+                 "dgemma-int8e": ("int8", None, True), "dgemma-int4e": ("int4", 128, True),
+                 "dgemma-fp8": ("fp8", None, False), "dgemma-nvfp4": ("nvfp4", None, False)}
 
 
 def machine() -> dict:

@@ -181,6 +181,9 @@ def add_model_args(s) -> None:
     s.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
                    "weights as they load; a MODEL that is itself an adapter directory loads the base it records")
+    s.add_argument("--revision", help="branch, tag or commit of a hub id MODEL (default: main; vLLM's)")
+    s.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE", help="a Jinja chat template (a file, or the "
+                   "template itself) instead of the checkpoint's (vLLM's)")
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass (a one-off "
                    "compile of 5-20 s; the same tokens as without it; no faster on the CPUs measured, see "
                    "BENCHMARKS.md)")
@@ -348,13 +351,22 @@ def load_pipeline(args):
     name = DTYPE_ALIASES.get(getattr(args, "dtype", None), getattr(args, "dtype", None))
     dtype = getattr(torch, name) if name and name != "auto" else None
     adapter, device = getattr(args, "adapter", None), getattr(args, "device", None)
+    template = getattr(args, "chat_template", None)
+    if template is not None:  # read and checked before the model loads
+        template = chat_template_arg(template)
     kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False),
               quantization=quantization_arg(args), revision=getattr(args, "revision", None))
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
         from .pipeline import adapter_base
 
-        return Pipeline.load(str(adapter_base(Path(adapter))), **kw)
-    return Pipeline.load(model_path(args), **kw)
+        pipe = Pipeline.load(str(adapter_base(Path(adapter))), **kw)
+    else:
+        pipe = Pipeline.load(model_path(args), **kw)
+    if template is not None:
+        if pipe.tokenizer is None:
+            raise UsageError("--chat-template: this checkpoint has no tokenizer.json to render it with")
+        pipe.tokenizer.chat_template = template
+    return pipe
 
 
 def split_model_prompt(args) -> None:
@@ -735,8 +747,6 @@ def _server_pipeline(args, settings):
                          "serving LoRA adapters)")
     gpu_memory_limit(args.gpu_memory_utilization, args.device)
     pipe = load_pipeline(args)
-    if args.chat_template is not None and pipe.tokenizer is not None:
-        pipe.tokenizer.chat_template = args.chat_template
     if settings.lora_modules:
         from .adapters import AdapterError, attach_adapters
         from .quant import QuantConfig
@@ -1566,9 +1576,6 @@ def _add_vllm_engine_args(s) -> None:
     g.add_argument("--model", dest="model_option", metavar="MODEL", help="MODEL as an option (vLLM's older form)")
     g.add_argument("--served-model-name", nargs="+", metavar="NAME", help="the model id clients send; more names "
                    "are aliases of the first, which responses and /v1/models' first card carry")
-    g.add_argument("--revision", help="branch, tag or commit of a hub id MODEL (default: main)")
-    g.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE", help="a Jinja chat template (a file, or the "
-                   "template itself) instead of the checkpoint's")
     g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",
                    help="vLLM's --lora: NAME=PATH or {\"name\": NAME, \"path\": PATH} (several)")
     g.add_argument("--enable-lora", action="store_true", help="(no effect: dgemma serves LoRA modules without it)")
@@ -1624,8 +1631,6 @@ def check_vllm_args(args, command: str) -> None:
         raise UsageError(f"--gpu-memory-utilization takes a fraction in (0, 1], got {fraction}")
     if args.enforce_eager and getattr(args, "compile", False):
         raise UsageError("--enforce-eager and --compile ask opposite things; give one")
-    if args.chat_template is not None:
-        args.chat_template = chat_template_arg(args.chat_template)
 
 
 def chat_template_arg(text: str) -> str:

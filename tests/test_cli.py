@@ -102,6 +102,23 @@ def test_generate_text_and_json(ckpt_tok):
     assert ar["stats"]["mode"] == "ar"
 
 
+def test_chat_template_option_on_every_model_command(ckpt_tok, tmp_path):
+    """--chat-template (vLLM's): a file or the template itself, on generate / chat / serve / run-batch alike."""
+    from dgemma.cli import build_parser, load_pipeline
+
+    template = "{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    msgs = [{"role": "user", "content": "hi"}]
+    for command, given in (("generate", str(tmp_path / "t.jinja")), ("chat", template), ("serve", template),
+                           ("run-batch", template)):
+        extra = ["-i", "x", "-o", "y"] if command == "run-batch" else []
+        pipe = load_pipeline(build_parser().parse_args([command, str(ckpt_tok), *extra, "--device", "cpu",
+                                                        "--chat-template", given]))
+        assert pipe.tokenizer.apply_chat_template(msgs) == "[user:hi]"
+    p = run("generate", str(ckpt_tok), "hi", "--chat", "--chat-template", "{% if %}", check=False)
+    assert p.returncode == 2 and "--chat-template: chat template does not parse" in p.stderr
+
+
 def test_generate_with_a_prediction(ckpt_tok, tmp_path):
     """--prediction / --prediction-file: the engine's prediction (the same tokens as through Python), counted."""
     from dgemma.pipeline import Pipeline
@@ -297,10 +314,13 @@ def test_bench_smoke(tmp_path):
     for compiled in (r for r in res if r["engine"] == "dgemma-compiled"):
         assert compiled["same_tokens_as_eager"] is True and compiled["compile_s"] > 0
     p = run("bench", "--vocabs", "512", "--max-new-tokens", "16", "--steps", "2", "--prompt-tokens", "8",
-            "--engines", "dgemma-diffusion,dgemma-int8,dgemma-int4,dgemma-int4e", "--out", str(out))
+            "--engines", "dgemma-diffusion,dgemma-int8,dgemma-int4,dgemma-int4e,dgemma-fp8,dgemma-nvfp4", "--out",
+            str(out))
     res = {r["engine"]: r for r in json.loads(out.read_text())["results"]}
     mib = [res[e]["weights_mib"] for e in ("dgemma-int4e", "dgemma-int4", "dgemma-int8", "dgemma-diffusion")]
     assert mib == sorted(mib) and len(set(mib)) == 4
+    assert res["dgemma-fp8"]["weights_mib"] == res["dgemma-int8"]["weights_mib"]  # a byte and a scale per channel
+    assert res["dgemma-int4"]["weights_mib"] < res["dgemma-nvfp4"]["weights_mib"] < res["dgemma-int8"]["weights_mib"]
     assert isinstance(res["dgemma-int8"]["same_tokens_as_full_precision"], bool) and "weights" in p.stdout
 
 
