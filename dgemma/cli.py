@@ -184,6 +184,12 @@ def add_model_args(s) -> None:
     s.add_argument("--revision", help="branch, tag or commit of a hub id MODEL (default: main; vLLM's)")
     s.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE", help="a Jinja chat template (a file, or the "
                    "template itself) instead of the checkpoint's (vLLM's)")
+    s.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR", help="the sampling defaults: "
+                   "auto, the checkpoint's generation_config.json (default); vllm, the built-in ones (transformers'); "
+                   "DIR, the generation_config.json in DIR (vLLM's)")
+    s.add_argument("--override-generation-config", metavar="JSON", help="defaults set over those, e.g. "
+                   "'{\"max_denoising_steps\": 16, \"entropy_bound\": 0.2, \"max_new_tokens\": 512}' (the sampler's "
+                   "knobs and max_new_tokens; vLLM's)")
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser's canvas pass (a one-off "
                    "compile of 5-20 s; the same tokens as without it; no faster on the CPUs measured, see "
                    "BENCHMARKS.md)")
@@ -354,6 +360,7 @@ def load_pipeline(args):
     template = getattr(args, "chat_template", None)
     if template is not None:  # read and checked before the model loads
         template = chat_template_arg(template)
+    source, override = generation_config_arg(args)
     kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False),
               quantization=quantization_arg(args), revision=getattr(args, "revision", None))
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
@@ -366,7 +373,58 @@ def load_pipeline(args):
         if pipe.tokenizer is None:
             raise UsageError("--chat-template: this checkpoint has no tokenizer.json to render it with")
         pipe.tokenizer.chat_template = template
+    if source is not None or override:
+        base = pipe.generation_config if source is None else source
+        try:
+            pipe.set_generation_config({**base, **override})
+        except ValueError as e:
+            raise UsageError(f"--override-generation-config: {e}") from None
     return pipe
+
+
+GENERATION_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                   "confidence_threshold", "restarts", "max_new_tokens")
+
+
+def generation_config_arg(args) -> tuple[dict | None, dict]:
+    """--generation-config (None: the checkpoint's) and --override-generation-config, read and checked before the
+    model loads. The override's entropy_bound goes where generation_config.json keeps it (sampler_config)."""
+    from .sampler import SamplerConfig
+    from .weights import read_generation_config
+
+    given = getattr(args, "generation_config", None) or "auto"
+    source = None
+    if given == "vllm":
+        source = {}
+    elif given != "auto":
+        if not (Path(given).expanduser() / "generation_config.json").is_file():
+            raise UsageError(f"--generation-config takes auto, vllm or a directory holding generation_config.json; "
+                             f"got {given!r}")
+        source = read_generation_config(Path(given).expanduser())
+    text = getattr(args, "override_generation_config", None)
+    if not text:
+        return source, {}
+    try:
+        override = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--override-generation-config is not valid JSON ({e.msg})") from None
+    if not isinstance(override, dict):
+        raise UsageError("--override-generation-config takes a JSON object")
+    unknown = sorted(set(override) - set(GENERATION_KEYS))
+    if unknown:
+        raise UsageError(f"--override-generation-config: unknown key(s) {', '.join(unknown)}; dgemma's are "
+                         f"{', '.join(GENERATION_KEYS)}")
+    if "entropy_bound" in override:
+        override["sampler_config"] = {"entropy_bound": override.pop("entropy_bound"),
+                                      "_cls_name": "EntropyBoundSamplerConfig"}
+    max_new = override.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+        raise UsageError(f"--override-generation-config: max_new_tokens must be a positive integer, got {max_new!r}")
+    try:
+        SamplerConfig.from_generation_config(override)
+    except ValueError as e:
+        raise UsageError(f"--override-generation-config: {e}") from None
+    return source, override
 
 
 def split_model_prompt(args) -> None:

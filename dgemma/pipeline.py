@@ -51,8 +51,14 @@ class Pipeline:
     def __init__(self, model: DiffusionGemma, tokenizer=None, generation_config: Mapping[str, Any] | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.generation_config = dict(generation_config or {})
-        self.sampler = SamplerConfig.from_generation_config(self.generation_config)
+        self.set_generation_config(generation_config or {})
+
+    def set_generation_config(self, generation_config: Mapping[str, Any]) -> None:
+        """The defaults every call starts from (generation_config.json's keys: the sampler's and max_new_tokens);
+        ValueError for a value the sampler refuses, before anything changes."""
+        sampler = SamplerConfig.from_generation_config(dict(generation_config))
+        self.generation_config = dict(generation_config)
+        self.sampler = sampler
         self.max_new_tokens = int(self.generation_config.get("max_new_tokens") or 256)
 
     @classmethod

@@ -119,6 +119,34 @@ def test_chat_template_option_on_every_model_command(ckpt_tok, tmp_path):
     assert p.returncode == 2 and "--chat-template: chat template does not parse" in p.stderr
 
 
+def test_generation_config_options(ckpt_tok, tmp_path, capsys):
+    """vLLM's --generation-config auto|vllm|DIR and --override-generation-config: the defaults every request of
+    generate / chat / serve / run-batch starts from."""
+    from dgemma.cli import build_parser, load_pipeline, main
+    from dgemma.sampler import SamplerConfig
+
+    def pipe(*argv):
+        return load_pipeline(build_parser().parse_args(["serve", str(ckpt_tok), "--device", "cpu", *argv]))
+
+    own = pipe()
+    assert own.sampler != SamplerConfig()  # the test checkpoint has its own defaults
+    assert pipe("--generation-config", "vllm").sampler == SamplerConfig()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_denoising_steps": 5, "max_new_tokens": 9}))
+    from_dir = pipe("--generation-config", str(tmp_path))
+    assert (from_dir.sampler.max_denoising_steps, from_dir.max_new_tokens) == (5, 9)
+    over = pipe("--override-generation-config", '{"max_denoising_steps": 3, "entropy_bound": 0.5, "max_new_tokens": 7}')
+    assert over.sampler == own.sampler.replace(max_denoising_steps=3, entropy_bound=0.5) and over.max_new_tokens == 7
+    assert over.params().sampler.max_denoising_steps == 3 and over.params(steps=4).sampler.max_denoising_steps == 4
+    for flags, msg in ((["--override-generation-config", "{x"], "not valid JSON"),
+                       (["--override-generation-config", '{"temperature": 0.5}'], "unknown key(s) temperature"),
+                       (["--override-generation-config", '{"t_min": -1}'], "t_min"),
+                       (["--override-generation-config", '{"max_new_tokens": 0}'], "positive integer"),
+                       (["--generation-config", str(tmp_path / "nowhere")], "auto, vllm or a directory")):
+        assert main(["generate", str(ckpt_tok), "hi", "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, err
+
+
 def test_generate_with_a_prediction(ckpt_tok, tmp_path):
     """--prediction / --prediction-file: the engine's prediction (the same tokens as through Python), counted."""
     from dgemma.pipeline import Pipeline

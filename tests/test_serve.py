@@ -2019,7 +2019,7 @@ def test_a_vllm_serve_command_line_runs_as_it_is(ckpt, tmp_path):
                              "--reasoning-parser", "gemma4", "--enforce-eager", "--kv-cache-dtype", "auto",
                              "--gpu-memory-utilization", "0.9", "--disable-log-requests", "--disable-log-stats",
                              "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log", "--root-path", "/dg",
-                             *tls],
+                             "--override-generation-config", '{"max_denoising_steps": 3, "max_new_tokens": 5}', *tls],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
@@ -2034,7 +2034,9 @@ def test_a_vllm_serve_command_line_runs_as_it_is(ckpt, tmp_path):
                     return False
 
             assert wait_until(up, timeout=60), proc.stdout.read() if proc.poll() is not None else "no answer"
-            assert [m["id"] for m in h.get("/v1/models").json()["data"]] == ["gemma", "dg"]
+            cards = h.get("/v1/models").json()["data"]
+            assert [m["id"] for m in cards] == ["gemma", "dg"]
+            assert (cards[0]["dgemma"]["steps"], cards[0]["dgemma"]["default_max_tokens"]) == (3, 5)
             r = h.post("/v1/chat/completions", json={"model": "dg", "max_tokens": 4,
                                                      "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 200 and r.json()["model"] == "gemma"  # vLLM's: the first name
