@@ -481,6 +481,15 @@ def test_structured_output(client):
         assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
     r = complete(client, "x", seed=5, max_tokens=40, n=2, extra_body={"structured_outputs": {"regex": "[a-d]{4}"}})
     assert all(re.fullmatch("[a-d]{4}", c.text) for c in r.choices)
+    # vLLM's older guided_* fields are the same constraints, with the same tokens
+    old = complete(client, "x", seed=5, max_tokens=40, n=2, extra_body={"guided_regex": "[a-d]{4}",
+                                                                        "guided_decoding_backend": "xgrammar"})
+    assert [c.text for c in old.choices] == [c.text for c in r.choices]
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a record"}], seed=2,
+                                       max_tokens=48, extra_body={"guided_json": schema})
+    assert set(json.loads(r.choices[0].message.content)) == {"n", "ok"}
+    assert complete(client, "x", max_tokens=8, extra_body={"guided_choice": ["up", "down"]}).choices[0].text in \
+        ("up", "down")
     chunks = complete(client, "x", seed=5, max_tokens=40, stream=True,
                       extra_body={"structured_outputs": {"choice": ["left", "right"]}})
     assert "".join(c.choices[0].text for c in chunks) in ("left", "right")
@@ -1689,6 +1698,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"grammar": "start: undefined_rule"}}, 400,
      "invalid_value", "structured_outputs"),
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"xml": "a"}}, 400, None, None),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}, 400, None, None),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "a", "response_format": {"type": "json_object"}}, 400, None,
+     None),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "(("}, 400, "invalid_value", "structured_outputs"),
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a"}, "response_format": {
         "type": "json_object"}}, 400, "invalid_value", "response_format"),
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}, "ignore_eos": True}, 400,

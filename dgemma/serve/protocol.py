@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from ..sampler import MAX_RESTARTS
 from .errors import invalid
@@ -101,6 +101,24 @@ class _Common(DiffusionOptions):
     # structured output: OpenAI's response_format (text / json_object / json_schema), or vLLM's structured_outputs
     response_format: dict[str, Any] | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for the same constraints (its `guided_*` fields, before structured_outputs), read as them;
+    # the backend choice is accepted and, dgemma having one engine of its own, changes nothing
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+
+    @model_validator(mode="after")
+    def _guided(self):
+        given = {k: v for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
+                                   ("choice", self.guided_choice), ("grammar", self.guided_grammar)) if v is not None}
+        if not given:
+            return self
+        if len(given) > 1 or self.structured_outputs is not None or self.response_format is not None:
+            raise ValueError("send one constraint: one guided_* field, or structured_outputs, or response_format")
+        self.structured_outputs = StructuredOutputs(**given)
+        return self
 
 
 class CompletionRequest(_Common):
