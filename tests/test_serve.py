@@ -462,6 +462,19 @@ def test_vllm_sampling_extras(client, http, pipe):
     assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"]
 
 
+def test_invocations_route_by_body(http):
+    """SageMaker's /invocations (vLLM's): a chat completion or a completion by the body's fields."""
+    chat = http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                           "seed": 1})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+    assert chat.json()["choices"] == http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 1}).json()["choices"]
+    text = http.post("/invocations", json={"prompt": "hi", "max_tokens": 4})
+    assert text.status_code == 200 and text.json()["object"] == "text_completion"
+    assert_error(http.post("/invocations", json={"input": "hi"}), 400, "invalid_value")
+    assert_error(http.post("/invocations", json={"prompt": "hi", "max_tokens": "x"}), 400)
+
+
 def test_structured_output(client):
     """response_format (OpenAI) and structured_outputs (vLLM): a random model's text still matches, in chat and
     completions, diffusion and AR, n > 1, streaming, with logprobs; usage reports the usual counts."""

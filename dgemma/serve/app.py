@@ -8,6 +8,7 @@
     GET  /v1/models[/{model}]   the model this server serves, and its LoRA adapters (--lora)
     POST /v1/completions        text or token-id prompts, `suffix` fill-in-the-middle, `echo`
     POST /v1/chat/completions   the checkpoint's chat template, multi-turn
+    POST /invocations           SageMaker's route (vLLM's): chat completions or completions, by the body's fields
     POST /v1/responses          OpenAI's Responses API, through the chat path (responses.py)
     POST /v1/messages           Anthropic's Messages API, through the chat path (messages.py), and its count_tokens
     POST /tokenize, /detokenize text or chat messages -> token ids, and back (vLLM's endpoints)
@@ -69,7 +70,7 @@ STATIC = Path(__file__).parent / "static"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
              "/v1/models", "/tokenize", "/detokenize", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
              "/v1/files", "/v1/batches", "/v1/conversations", "/health", "/ping", "/version", "/reset_prefix_cache",
-             "/metrics", "/")
+             "/metrics", "/invocations", "/")
 
 
 def _has_call_tokens(tokenizer) -> bool:
@@ -541,6 +542,20 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         req = parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
         return await execute(request, state, await asyncio.to_thread(state.planner.chat, req))
+
+    @api.post("/invocations")
+    async def invocations(request: Request):
+        """SageMaker's inference route (vLLM's): a chat completion when the body has `messages`, a completion when
+        it has `prompt`."""
+        body = await read_json(request, settings.max_body_bytes)
+        if isinstance(body, dict) and "messages" in body:
+            req, plan = parse(ChatCompletionRequest, body), state.planner.chat
+        elif isinstance(body, dict) and "prompt" in body:
+            req, plan = parse(CompletionRequest, body), state.planner.completion
+        else:
+            raise APIError(400, "/invocations takes a chat completion request (with messages) or a completion "
+                                "request (with prompt)", code="invalid_value")
+        return await execute(request, state, await asyncio.to_thread(plan, req))
 
     @api.post("/v1/responses")
     async def responses(request: Request):
