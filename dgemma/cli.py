@@ -1586,8 +1586,8 @@ def _add_quantize_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------- main
-def _add_server_engine_args(s) -> None:
-    """The model and engine options `serve` and `run-batch` share."""
+def _add_server_engine_args(s):
+    """The model and engine options `serve` and `run-batch` share; returns the group of vLLM's options."""
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint's directory name; "
                    "vLLM's --served-model-name, below, also takes aliases)")
     s.add_argument("--max-concurrency", "--max-num-seqs", type=int, default=8, help="engine rows denoised together "
@@ -1620,13 +1620,13 @@ def _add_server_engine_args(s) -> None:
                    "as data: URLs); redirects must stay on them")
     s.add_argument("--allowed-local-media-path", metavar="DIR", help="let file:// image URLs read images under DIR "
                    "(nothing outside it)")
-    _add_vllm_engine_args(s)
+    return _add_vllm_engine_args(s)
 
 
 VLLM_PARSERS = ("gemma4",)  # the tool-call and reasoning formats dgemma reads (Gemma 4's), by vLLM's parser names
 
 
-def _add_vllm_engine_args(s) -> None:
+def _add_vllm_engine_args(s):
     """vLLM's `serve` / `run-batch` options that `dgemma serve` / `run-batch` take as they are, so a vLLM command line
     runs unchanged: each does what vLLM's does, is a no-op where dgemma already behaves as the option asks (said in
     its help), or is an error naming what dgemma cannot do (several GPUs, another tool-call format)."""
@@ -1662,6 +1662,7 @@ def _add_vllm_engine_args(s) -> None:
                    "contents; uvicorn's line per request: --disable-uvicorn-access-log)")
     g.add_argument("--disable-log-stats", action="store_true", help="(no effect: dgemma logs no periodic stats; "
                    "/metrics has them)")
+    return g
 
 
 def check_vllm_args(args, command: str) -> None:
@@ -1807,7 +1808,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                    help="the order waiting requests get engine rows: fcfs (arrival, default) or priority (a "
                    "request's `priority`, lower first, then arrival; vLLM's; running rows are not preempted)")
-    _add_server_engine_args(s)
+    vllm = _add_server_engine_args(s)
     s.add_argument("--responses-store", type=int, default=1000, metavar="N",
                    help="the Responses API keeps the last N responses in memory, so a request can continue one by "
                    "previous_response_id (OpenAI's `store`, on unless a request says false), and up to N "
@@ -1822,12 +1823,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow browser requests from ORIGIN (repeatable; CORS is off by default; vLLM's "
                    "--allowed-origins, a JSON list, also works)")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
-    g = [g for g in s._action_groups if g.title == "vLLM's options"][0]
-    g.add_argument("--uvicorn-log-level", choices=LOG_LEVELS, help="the same as --log-level")
-    g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
-    g.add_argument("--root-path", default="", metavar="PATH", help="the path prefix a proxy serves this server under")
-    g.add_argument("--ssl-keyfile", metavar="FILE", help="serve HTTPS with this private key (and --ssl-certfile)")
-    g.add_argument("--ssl-certfile", metavar="FILE", help="the certificate (chain) for --ssl-keyfile")
+    vllm.add_argument("--uvicorn-log-level", choices=LOG_LEVELS, help="the same as --log-level")
+    vllm.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
+    vllm.add_argument("--root-path", default="", metavar="PATH", help="the path prefix a proxy serves this server "
+                      "under")
+    vllm.add_argument("--ssl-keyfile", metavar="FILE", help="serve HTTPS with this private key (and --ssl-certfile)")
+    vllm.add_argument("--ssl-certfile", metavar="FILE", help="the certificate (chain) for --ssl-keyfile")
     add_model_args(s)
     s.set_defaults(func=cmd_serve)
 
@@ -1846,7 +1847,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "until they are PUT there (default: the system's temp directory; a rerun resumes from it)")
     s.add_argument("--summary-json", metavar="PATH", help="also write the counts, tokens and wall time as JSON")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
-    s.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
+    s.add_argument("--log-level", default="warning", choices=LOG_LEVELS[:-1])  # trace: uvicorn's, serve only
     _add_server_engine_args(s)
     add_model_args(s)
     s.set_defaults(func=cmd_run_batch)
