@@ -793,7 +793,7 @@ def _server_settings(args, **kw):
         max_concurrency=args.max_concurrency, max_tokens_limit=args.max_tokens_limit, max_context=args.max_context,
         prefix_cache=args.prefix_cache, prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
-        adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk,
+        adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk, seed=args.seed,
         allowed_media_domains=tuple(",".join(args.allowed_media_domains or ()).split(",")),
         allowed_local_media_path=args.allowed_local_media_path, **kw)
 
@@ -1634,6 +1634,8 @@ def _add_vllm_engine_args(s):
     g.add_argument("--model", dest="model_option", metavar="MODEL", help="MODEL as an option (vLLM's older form)")
     g.add_argument("--served-model-name", nargs="+", metavar="NAME", help="the model id clients send; more names "
                    "are aliases of the first, which responses and /v1/models' first card carry")
+    g.add_argument("--seed", type=int, metavar="N", help="draw the seeds of requests that name none from a "
+                   "generator seeded with N, in the order they are planned (default: each at random)")
     g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",
                    help="vLLM's --lora: NAME=PATH or {\"name\": NAME, \"path\": PATH} (several)")
     g.add_argument("--enable-lora", action="store_true", help="(no effect: dgemma serves LoRA modules without it)")

@@ -462,6 +462,22 @@ def test_vllm_sampling_extras(client, http, pipe):
     assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"]
 
 
+def test_server_seed_makes_unseeded_requests_repeat(ckpt):
+    """--seed (vLLM's): requests without a seed draw theirs from one seeded generator, so a restarted server gives
+    the same answers to the same requests in the same order; without it, each its own random seed."""
+    def answers(seed):
+        settings = ServerSettings(model_name=NAME, max_concurrency=2, seed=seed)
+        with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+            return [httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 6}, timeout=60).json()
+                    ["dgemma"]["seed"] for _ in range(3)]
+
+    first = answers(7)
+    assert answers(7) == first and len(set(first)) == 3
+    assert answers(None) != first
+    with pytest.raises(ValueError, match="seed must be"):
+        ServerSettings(seed=-1)
+
+
 def test_invocations_route_by_body(http):
     """SageMaker's /invocations (vLLM's): a chat completion or a completion by the body's fields."""
     chat = http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,

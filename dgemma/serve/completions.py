@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import random
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -310,6 +312,16 @@ class Planner:
         self.pipe, self.worker, self.settings = pipeline, worker, settings
         self.adapters = adapters if adapters is not None else {}  # LoRA module name -> (index, path), live
         self.canvas = pipeline.model.cfg.canvas_length
+        # --seed: unseeded requests' seeds from one generator (plans are made on several threads: one at a time)
+        self._seeds = random.Random(settings.seed) if settings.seed is not None else None
+        self._seeds_lock = threading.Lock()
+
+    def fresh_seed(self) -> int:
+        """The seed of a request that names none."""
+        if self._seeds is None:
+            return secrets.randbelow(2**31)
+        with self._seeds_lock:
+            return self._seeds.randrange(2**31)
 
     def completion(self, req: CompletionRequest) -> Plan:
         self._common(req)
@@ -598,7 +610,7 @@ class Planner:
                           "n")
         if logprobs is not None and self.pipe.tokenizer is None:
             raise invalid("this checkpoint has no tokenizer, so logprobs cannot name their tokens", "logprobs")
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        seed = req.seed if req.seed is not None else self.fresh_seed()
         if seed + req.n - 1 >= SEED_LIMIT:
             raise invalid("seed + n - 1 must be below 2**63", "seed")
         stops = tuple([req.stop] if isinstance(req.stop, str) else (req.stop or []))

@@ -47,6 +47,9 @@ class ServerSettings:
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
     access_log: bool = True
+    # vLLM's --seed: the seeds of requests that name none are drawn from a generator seeded with this, in the order
+    # the server plans them (None: each from the OS's randomness)
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
@@ -75,6 +78,8 @@ class ServerSettings:
             raise ValueError("api-key is empty")
         if not self.model_name:
             raise ValueError("model-name is empty")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         self.model_aliases = tuple(self.model_aliases)
         bases = [self.model_name, *self.model_aliases]
         if any(not n or bases.count(n) > 1 for n in bases):
