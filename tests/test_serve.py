@@ -150,6 +150,9 @@ def test_models(client, http):
     assert [m.id for m in client.models.list().data] == [NAME]
     card = client.models.retrieve(NAME)
     assert card.id == NAME and card.model_extra["dgemma"]["canvas_length"] == CANVAS
+    # vLLM's max_model_len, which clients size prompts by: the context /tokenize reports too
+    assert card.model_extra["max_model_len"] == card.model_extra["dgemma"]["max_context"] == \
+        http.post("/tokenize", json={"prompt": "x"}).json()["max_model_len"]
     assert card.model_extra["dgemma"]["tools"] is True  # the byte-level test tokenizer has Gemma 4's call tokens
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")

@@ -129,7 +129,8 @@ class State:
         base = self.model_card()
         aliases = [base.model_copy(update={"id": name}) for name in self.settings.model_aliases]
         return [base, *aliases] + [ModelCard(id=name, created=self.created, root=path,
-                                             parent=self.settings.model_name, dgemma=dict(base.dgemma, adapter=i))
+                                             parent=self.settings.model_name, max_model_len=base.max_model_len,
+                                             dgemma=dict(base.dgemma, adapter=i))
                                    for name, (i, path) in list(self.adapters.items())]
 
     # ------------------------------------------------------------ LoRA adapters at run time
@@ -195,7 +196,7 @@ class State:
 
     def model_card(self) -> ModelCard:
         s = self.pipe.sampler
-        return ModelCard(id=self.settings.model_name, created=self.created, dgemma={
+        return ModelCard(id=self.settings.model_name, created=self.created, max_model_len=self.max_context, dgemma={
             "canvas_length": self.pipe.model.cfg.canvas_length, "max_context": self.max_context,
             "max_tokens_limit": self.settings.max_tokens_limit, "default_max_tokens": self.pipe.max_new_tokens,
             "steps": s.max_denoising_steps, "entropy_bound": s.entropy_bound, "t_min": s.t_min, "t_max": s.t_max,

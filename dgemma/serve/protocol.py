@@ -275,6 +275,7 @@ class ModelCard(BaseModel):
     owned_by: str = "dgemma"
     root: str | None = None  # a LoRA module: its adapter directory
     parent: str | None = None  # a LoRA module: the base model it runs over
+    max_model_len: int | None = None  # vLLM's: the context a request may use (clients size prompts by it)
     dgemma: dict[str, Any] | None = None  # canvas length, context, default sampler options
 
 
