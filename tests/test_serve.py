@@ -481,6 +481,17 @@ def test_server_seed_makes_unseeded_requests_repeat(ckpt):
         ServerSettings(seed=-1)
 
 
+def test_every_response_carries_a_request_id(client, http):
+    """X-Request-Id, as OpenAI sends it (the openai client's `_request_id`): the client's own, else a new one."""
+    r = client.completions.with_raw_response.create(model=NAME, prompt="x", max_tokens=2)
+    assert r.headers["x-request-id"].startswith("req_") and r.parse()._request_id == r.headers["x-request-id"]
+    assert http.get("/health", headers={"X-Request-Id": "trace-42"}).headers["x-request-id"] == "trace-42"
+    other = http.get("/v1/models", headers={"X-Request-Id": "x" * 500}).headers["x-request-id"]
+    assert other.startswith("req_") and other != http.get("/v1/models").headers["x-request-id"]
+    assert_error(http.post("/v1/completions", json={"prompt": 1.5}), 400)  # errors carry one too
+    assert http.post("/v1/completions", json={"prompt": 1.5}).headers["x-request-id"].startswith("req_")
+
+
 def test_invocations_route_by_body(http):
     """SageMaker's /invocations (vLLM's): a chat completion or a completion by the body's fields."""
     chat = http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,

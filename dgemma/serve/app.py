@@ -37,6 +37,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -468,6 +469,28 @@ class MetricsMiddleware:
             self.metrics.count_request(endpoint, status[0], time.perf_counter() - t0)
 
 
+class RequestIdMiddleware:
+    """`X-Request-Id` on every response, as OpenAI's API sends it (the openai client's `_request_id`) and vLLM's
+    `--enable-request-id-headers`: the client's own when it sent a usable one, else a new one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"")
+        rid = given if 0 < len(given) <= 128 and given.isascii() and given.decode().isprintable() else \
+            f"req_{uuid.uuid4().hex}".encode()
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
 def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving `pipeline`. The engine worker starts and stops with the app's lifespan."""
     settings = settings or ServerSettings()
@@ -508,6 +531,7 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)
 
     api = APIRouter(dependencies=[Depends(make_auth(settings))])
 
