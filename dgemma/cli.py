@@ -1827,6 +1827,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     vllm.add_argument("--uvicorn-log-level", choices=LOG_LEVELS, help="the same as --log-level")
     vllm.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
+    vllm.add_argument("--enable-request-id-headers", action="store_true", help="(no effect: every response carries "
+                      "X-Request-Id)")
     vllm.add_argument("--root-path", default="", metavar="PATH", help="the path prefix a proxy serves this server "
                       "under")
     vllm.add_argument("--ssl-keyfile", metavar="FILE", help="serve HTTPS with this private key (and --ssl-certfile)")

@@ -2075,6 +2075,7 @@ def test_a_vllm_serve_command_line_runs_as_it_is(ckpt, tmp_path):
                              "--reasoning-parser", "gemma4", "--enforce-eager", "--kv-cache-dtype", "auto",
                              "--gpu-memory-utilization", "0.9", "--disable-log-requests", "--disable-log-stats",
                              "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log", "--root-path", "/dg",
+                             "--enable-request-id-headers",
                              "--override-generation-config", '{"max_denoising_steps": 3, "max_new_tokens": 5}', *tls],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
