@@ -126,6 +126,9 @@ class GenerationParams:
     grammar: Grammar | None = None
     # the LoRA adapter this row runs with, on a model serving several (`adapters.attach_adapters`); 0 = the base
     adapter: int = 0
+    # prefix caching (`Engine(prefix_cache=True)`): a row reuses only keys left by a row of the same salt (vLLM's
+    # cache_salt: users of a shared server cannot tell from timing which prompts the others sent)
+    cache_salt: str | None = None
     # whether an engine's load-adaptive step budget (`Engine(adaptive_steps=...)`) may shorten this row's canvases
     # (the server turns it off for a request that names its `steps`)
     adaptive_steps: bool = True
@@ -513,6 +516,7 @@ class Engine:
         self.free = list(range(max_rows))  # least recently freed first: the slot a new prompt evicts
         self.held: list[list[int] | None] = [[] for _ in range(max_rows)]  # per free slot: the tokens it holds
         self.held_adapter = [0] * max_rows  # ... and the LoRA adapter whose keys they are
+        self.held_salt: list[str | None] = [None] * max_rows  # ... and the cache salt of the row that left them
         self.rows: dict[int, _Row] = {}
         self.next_id = 0
         eos = eos_ids if eos_ids is not None else (tokenizer.eos_ids if tokenizer is not None else cfg.eos_token_id)
@@ -657,6 +661,7 @@ class Engine:
         if row is not None:
             self.held[row.slot] = row.held
             self.held_adapter[row.slot] = row.p.adapter
+            self.held_salt[row.slot] = row.p.cache_salt
             self.free.append(row.slot)
 
     def _pick_slot(self, prompt: Sequence[int], params: GenerationParams) -> tuple[int, int]:
@@ -671,7 +676,7 @@ class Engine:
             limit = min(limit, image_spans(prompt, self.cfg.image_token_id)[0][0])
         for slot in self.free:
             held = self.held[slot]
-            if not held or self.held_adapter[slot] != params.adapter:
+            if not held or self.held_adapter[slot] != params.adapter or self.held_salt[slot] != params.cache_salt:
                 continue
             n = common_prefix(held, prompt, limit)
             if n > best[1] and self.cache.can_rewind(len(held), n):

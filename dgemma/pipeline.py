@@ -30,7 +30,7 @@ PARAM_OPTIONS = {"max_new_tokens", "seed", "stop", "ar_temperature", "fixed", "i
                  "ignore_eos", "rng", "drafts", "logprobs", "logit_bias", "prompt_logprobs", "grammar",
                  "presence_penalty", "frequency_penalty", "ar_fallback", "adapter", "top_k", "top_p", "min_p", "adaptive_steps",
                  "repetition_penalty", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
-                 "allowed_token_ids", "skip_special_tokens", "bad_words", "images"}
+                 "allowed_token_ids", "skip_special_tokens", "bad_words", "images", "cache_salt"}
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 

@@ -92,6 +92,21 @@ def test_prefix_cache_reuses_a_finished_rows_keys(model, monkeypatch):
     assert d.stats["cached_prompt_tokens"] == len(longer) and d.stats["encoder_passes"] == 0 and seen == []
 
 
+def test_cache_salt_keeps_each_salts_prefixes_apart(model):
+    """vLLM's cache_salt: a row reuses only keys a row of the same salt left, so one user cannot tell from timing
+    what another sent; the tokens are those of an unsalted run."""
+    p = _prompt(24, 7)
+    params = GenerationParams(max_new_tokens=8, seed=2, sampler=SamplerConfig(max_denoising_steps=2))
+    engine = Engine(model, max_rows=1, max_len=128, prefix_cache=True)
+    first = _run(engine, p, params.replace(cache_salt="alice"))
+    other = _run(engine, p, params.replace(cache_salt="bob"))  # alice's keys are not bob's
+    assert other.stats["cached_prompt_tokens"] == 0
+    assert _run(engine, p, params).stats["cached_prompt_tokens"] == 0  # nor an unsalted request's
+    _run(engine, p, params.replace(cache_salt="alice"))
+    again = _run(engine, p, params.replace(cache_salt="alice"))
+    assert again.stats["cached_prompt_tokens"] == len(p) and again.tokens == first.tokens == other.tokens
+
+
 def test_prefix_cache_off_by_default_and_for_prompt_scoring(model):
     p = _prompt(20, 6)
     params = GenerationParams(max_new_tokens=8, sampler=SamplerConfig(max_denoising_steps=1))

@@ -1858,6 +1858,14 @@ def test_prefix_cache_usage_and_metrics(ckpt, client, pipe):
             assert h.post("/reset_prefix_cache").json() == {"reset": True, "slots": 1}
             again = c.chat.completions.create(messages=second, **ask)
             assert again.usage.prompt_tokens_details.cached_tokens == 0
+            # vLLM's cache_salt: another salt (or none) never reads a salted request's keys, the same salt does
+            salted = [c.chat.completions.create(messages=second, extra_body={"cache_salt": salt}, **ask)
+                      for salt in ("s1", "s2", "s1")]
+            assert [r.usage.prompt_tokens_details.cached_tokens for r in salted] == [0, 0, 0]  # s2 came between
+            r = c.chat.completions.create(messages=second, extra_body={"cache_salt": "s1"}, **ask)
+            assert r.usage.prompt_tokens_details.cached_tokens == len(prompt2)
+            assert c.chat.completions.create(messages=second, **ask).usage.prompt_tokens_details.cached_tokens == 0
+            assert_error(h.post("/v1/completions", json={"prompt": "x", "cache_salt": ""}), 400)
 
 
 def test_chunked_prefill_setting(ckpt, pipe):

@@ -633,7 +633,7 @@ class Planner:
                     allowed_token_ids=self._token_ids(req.allowed_token_ids, "allowed_token_ids", empty=False),
                     bad_words=self._bad_words(req),
                     include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=skip_special,
-                    ar_fallback=req.ar_fallback, adapter=self._adapter(req.model),
+                    ar_fallback=req.ar_fallback, adapter=self._adapter(req.model), cache_salt=req.cache_salt,
                     adaptive_steps=req.steps is None,  # steps named in the request are kept under load
                     logit_bias=self._logit_bias(req.logit_bias),
                     prompt_logprobs=logprobs if echo and logprobs is not None else req.prompt_logprobs,

@@ -92,6 +92,8 @@ class _Common(DiffusionOptions):
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids in the response
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's logprob, rank and top n
     priority: int = 0  # vLLM's: with --scheduling-policy priority, lower is admitted first
+    # vLLM's: with --prefix-cache, this request reuses (and leaves) cached keys only among requests of this salt
+    cache_salt: str | None = Field(None, min_length=1)
     # vLLM's: true leaves the special tokens the model writes out of the text (None / false: kept, dgemma's
     # default); chat with tools or thinking keeps them, to read the calls and the thought from them
     skip_special_tokens: bool | None = None
