@@ -794,6 +794,7 @@ def _server_settings(args, **kw):
         prefix_cache=args.prefix_cache, prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
         adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk, seed=args.seed,
+        trust_request_chat_template=args.trust_request_chat_template,
         allowed_media_domains=tuple(",".join(args.allowed_media_domains or ()).split(",")),
         allowed_local_media_path=args.allowed_local_media_path, **kw)
 
@@ -1636,6 +1637,8 @@ def _add_vllm_engine_args(s):
                    "are aliases of the first, which responses and /v1/models' first card carry")
     g.add_argument("--seed", type=int, metavar="N", help="draw the seeds of requests that name none from a "
                    "generator seeded with N, in the order they are planned (default: each at random)")
+    g.add_argument("--trust-request-chat-template", action="store_true", help="let chat and /tokenize requests "
+                   "bring their own chat_template (a Jinja template, rendered in a sandbox); off: a 400")
     g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",
                    help="vLLM's --lora: NAME=PATH or {\"name\": NAME, \"path\": PATH} (several)")
     g.add_argument("--enable-lora", action="store_true", help="(no effect: dgemma serves LoRA modules without it)")

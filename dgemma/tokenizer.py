@@ -355,13 +355,14 @@ class Tokenizer:
     # ---- chat ----------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             enable_thinking: bool = False, continue_final_message: bool = False,
-                            **kwargs: Any) -> str:
+                            chat_template: str | None = None, **kwargs: Any) -> str:
         """Render `messages` ({"role", "content"} dicts; roles system/developer/user/assistant/model) to the
         prompt string, the way transformers renders a chat template. Extra kwargs reach the template.
 
         continue_final_message (vLLM's and transformers' option; Anthropic's prefill): the last message is the
         start of the assistant's reply, which the model continues: the messages before it are rendered with the
-        generation prompt (the model's turn opened as for any reply), then that message's text as it is."""
+        generation prompt (the model's turn opened as for any reply), then that message's text as it is.
+        chat_template: this template instead of the tokenizer's (vLLM's per-request `chat_template`)."""
         messages = validate_messages(messages)
         tail = ""
         if continue_final_message:
@@ -375,7 +376,8 @@ class Tokenizer:
         tok = lambda i: (self.id_to_token(i) or "") if i is not None else ""  # noqa: E731
         context = dict(bos_token=tok(self.bos_id), eos_token=tok(self.eos_id), pad_token=tok(self.pad_id),
                        unk_token=tok(self.token_to_id("<unk>")), tools=None, documents=None)
-        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+        return render_chat_template(chat_template or self.chat_template, messages,
+                                    add_generation_prompt=add_generation_prompt,
                                     enable_thinking=enable_thinking, **{**context, **kwargs}) + tail
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,

@@ -492,6 +492,25 @@ def test_every_response_carries_a_request_id(client, http):
     assert http.post("/v1/completions", json={"prompt": 1.5}).headers["x-request-id"].startswith("req_")
 
 
+def test_a_request_brings_its_chat_template_only_where_trusted(ckpt, http):
+    """vLLM's per-request chat_template: a 400 naming the flag unless the server runs with
+    --trust-request-chat-template; then chat and /tokenize render with it."""
+    msgs = [{"role": "user", "content": "hi"}]
+    template = "{% for m in messages %}<{{ m['role'] }}|{{ m['content'] }}>{% endfor %}"
+    err = assert_error(http.post("/v1/chat/completions", json={"messages": msgs, "chat_template": template,
+                                                               "max_tokens": 2}), 400, param="chat_template")
+    assert "--trust-request-chat-template" in err["message"]
+    settings = ServerSettings(model_name=NAME, max_concurrency=1, trust_request_chat_template=True)
+    with ServerThread(create_app(Pipeline.load(str(ckpt), device="cpu", quiet=True), settings)) as s:
+        ids = httpx.post(s.url + "/tokenize", json={"messages": msgs, "chat_template": template}).json()["tokens"]
+        assert httpx.post(s.url + "/detokenize", json={"tokens": ids}).json()["prompt"].endswith("<user|hi>")
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "chat_template": template,
+                                                             "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
+        assert_error(httpx.post(s.url + "/v1/chat/completions", json={"messages": msgs, "chat_template": "{% if %}"}),
+                     400, param="chat_template")
+
+
 def test_invocations_route_by_body(http):
     """SageMaker's /invocations (vLLM's): a chat completion or a completion by the body's fields."""
     chat = http.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,

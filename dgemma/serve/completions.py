@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from ..generate import AR, Commit, Done, GenerationError, GenerationParams, min_text, stop_cut, tokens_for_prefix
 from ..structured import Grammar, GrammarError
-from ..tokenizer import THOUGHT_OPEN, split_thought
+from ..tokenizer import THOUGHT_OPEN, check_chat_template, split_thought
 from ..tools import TOOL_CALL, ToolCall, ToolError, check_tokenizer, check_tools, read_reply, tool_grammar, tool_names
 from ..vision import IMAGE_MARKER, ImageError, add_text, detail_tokens, has_vision, vision_tower
 from .engine import Cancelled, Failed, Job
@@ -432,14 +432,22 @@ class Planner:
         return {"add_generation_prompt": req.add_generation_prompt and not req.continue_final_message,
                 "continue_final_message": req.continue_final_message}
 
-    @staticmethod
-    def _template_kwargs(req) -> dict[str, Any]:
+    def _template_kwargs(self, req) -> dict[str, Any]:
         kw = dict(req.chat_template_kwargs or {})
         if set(kw) - {"enable_thinking"}:
             raise invalid(f"chat_template_kwargs: only enable_thinking is supported, got {sorted(kw)}",
                           "chat_template_kwargs")
         if "enable_thinking" in kw and not isinstance(kw["enable_thinking"], bool):
             raise invalid("chat_template_kwargs.enable_thinking must be a boolean", "chat_template_kwargs")
+        if req.chat_template is not None:  # vLLM's rule: only where the server was told to trust them
+            if not self.settings.trust_request_chat_template:
+                raise invalid("chat_template was sent, but this server renders with its own template only (start "
+                              "it with --trust-request-chat-template to allow templates in requests)", "chat_template")
+            try:
+                check_chat_template(req.chat_template)
+            except ValueError as e:
+                raise invalid(str(e), "chat_template") from None
+            kw["chat_template"] = req.chat_template
         return kw
 
     def _tools(self, req: ChatCompletionRequest) -> tuple[list | None, Grammar | None, list[str] | None]:
@@ -519,7 +527,7 @@ class Planner:
         if req.prompt is not None:
             return self.pipe.encode(req.prompt, add_bos=req.add_special_tokens)
         chat = ChatCompletionRequest(messages=req.messages, tools=req.tools,
-                                     chat_template_kwargs=req.chat_template_kwargs)
+                                     chat_template_kwargs=req.chat_template_kwargs, chat_template=req.chat_template)
         tools, kw = self._tools(chat)[0], self._template_kwargs(chat)
         messages, images = self._messages(chat)
         try:

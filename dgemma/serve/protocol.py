@@ -159,6 +159,7 @@ class ChatCompletionRequest(_Common):
     function_call: Any = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's: a Jinja template for this request (--trust-request-chat-template)
     # vLLM's: continue_final_message continues the last (assistant) message instead of opening a new reply;
     # add_generation_prompt false renders the conversation without opening the model's turn
     add_generation_prompt: bool = True
@@ -180,6 +181,7 @@ class TokenizeRequest(_Strict):
     continue_final_message: bool = False
     tools: list[Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
     return_token_strs: bool = False
 
 

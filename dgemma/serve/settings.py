@@ -50,6 +50,8 @@ class ServerSettings:
     # vLLM's --seed: the seeds of requests that name none are drawn from a generator seeded with this, in the order
     # the server plans them (None: each from the OS's randomness)
     seed: int | None = None
+    # vLLM's --trust-request-chat-template: requests may bring their own Jinja chat template (off: a 400)
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
         self.cors_origins = tuple(self.cors_origins)
