@@ -182,6 +182,10 @@ def add_model_args(s) -> None:
     s.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (dgemma train --lora-rank) folded into MODEL's "
                    "weights as they load; a MODEL that is itself an adapter directory loads the base it records")
     s.add_argument("--revision", help="branch, tag or commit of a hub id MODEL (default: main; vLLM's)")
+    s.add_argument("--download-dir", metavar="DIR", help="the Hugging Face cache directory hub ids are fetched into "
+                   "and looked up in (default: huggingface_hub's own; vLLM's)")
+    s.add_argument("--tokenizer", metavar="DIR_OR_ID", help="use this directory's (or hub id's) tokenizer instead of "
+                   "MODEL's (vLLM's)")
     s.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE", help="a Jinja chat template (a file, or the "
                    "template itself) instead of the checkpoint's (vLLM's)")
     s.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR", help="the sampling defaults: "
@@ -362,7 +366,8 @@ def load_pipeline(args):
         template = chat_template_arg(template)
     source, override = generation_config_arg(args)
     kw = dict(adapter=adapter, dtype=dtype, device=device, compile=getattr(args, "compile", False),
-              quantization=quantization_arg(args), revision=getattr(args, "revision", None))
+              quantization=quantization_arg(args), revision=getattr(args, "revision", None),
+              download_dir=getattr(args, "download_dir", None), tokenizer=getattr(args, "tokenizer", None))
     if adapter and not getattr(args, "model", None):  # `--adapter DIR` alone: the base the adapter records
         from .pipeline import adapter_base
 

@@ -538,7 +538,7 @@ def sidecar(path: str | Path) -> Path:
     return target
 
 
-def hub_file(repo: str, tag: str, revision: str | None = None) -> Path:
+def hub_file(repo: str, tag: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
     """The one .gguf file of hub repo `repo` whose name holds `tag` (case-insensitive, as llama.cpp's `-hf
     org/name:Q4_K_M` picks it; mmproj files aside), from the local huggingface_hub cache when it is there."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
@@ -554,7 +554,8 @@ def hub_file(repo: str, tag: str, revision: str | None = None) -> Path:
         return hits[0] if hits else None
 
     try:
-        snap = Path(snapshot_download(repo, revision=revision, allow_patterns=["*.gguf"], local_files_only=True))
+        snap = Path(snapshot_download(repo, revision=revision, allow_patterns=["*.gguf"], local_files_only=True,
+                                      cache_dir=cache_dir))
         name = pick([str(f.relative_to(snap)) for f in snap.rglob("*.gguf")])
         if name is not None:
             return snap / name
@@ -565,7 +566,7 @@ def hub_file(repo: str, tag: str, revision: str | None = None) -> Path:
     if name is None:
         have = ", ".join(sorted(f for f in files if f.endswith(".gguf"))[:8]) or "none"
         raise GGUFError(f"no .gguf file in {repo} has {tag!r} in its name (its GGUF files: {have})")
-    return Path(hf_hub_download(repo, name, revision=revision))
+    return Path(hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir))
 
 
 def linked_file(ckpt: Path) -> Path | None:

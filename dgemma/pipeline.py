@@ -20,7 +20,7 @@ from .runtime import cpu_dtype
 from .sampler import SamplerConfig
 from .vision import (DEFAULT_SOFT_TOKENS, IMAGE_MARKER, VISION_DEFAULTS, Image, ImageError, add_text, detail_tokens,
                      has_vision, image_ids, load_image, preprocess)
-from .weights import load_model, read_generation_config, resolve
+from .weights import CheckpointError, load_model, read_generation_config, resolve
 
 SAMPLER_OPTIONS = {f.name for f in dataclasses.fields(SamplerConfig)}
 # Short names users type (CLI flags, server body fields) for the sampler's options.
@@ -64,7 +64,8 @@ class Pipeline:
     @classmethod
     def load(cls, path_or_id: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
              device: str | None = None, quiet: bool = False, compile: bool = False,
-             quantization: QuantConfig | str | None = None, revision: str | None = None) -> "Pipeline":
+             quantization: QuantConfig | str | None = None, revision: str | None = None,
+             download_dir: str | None = None, tokenizer: str | None = None) -> "Pipeline":
         """A checkpoint (directory or hub id) with its tokenizer and generation defaults. `adapter`: a LoRA
         adapter directory (`dgemma train --lora-rank`), folded into the weights as they load (kept unmerged over a
         quantized checkpoint: QLoRA). An adapter directory given as the checkpoint itself loads the base it records
@@ -72,11 +73,21 @@ class Pipeline:
         compile: torch.compile the denoiser (`DiffusionGemma.compile_denoiser`), compiled here, before use.
         quantization: a scheme ("int8", "int4", "fp8", "nvfp4") or a QuantConfig: weight-only quantization of a
         full-precision checkpoint as it loads (vLLM's `quantization`), one weight at a time.
-        revision: a branch, tag or commit of a hub id (default: main)."""
+        revision: a branch, tag or commit of a hub id (default: main). download_dir: the huggingface_hub cache
+        directory hub ids are fetched into (default: its own). tokenizer: a directory or hub id whose tokenizer to
+        use instead of the checkpoint's (vLLM's `tokenizer`)."""
+        from .tokenizer import Tokenizer
+
         device = device or default_device()
-        ckpt = resolve(path_or_id, revision)
+        ckpt = resolve(path_or_id, revision, download_dir)
         if adapter is None and (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").is_file():
             ckpt, adapter = adapter_base(ckpt), ckpt
+        tok = None  # read before the model: a wrong --tokenizer fails at once
+        source = ckpt if tokenizer is None else resolve(tokenizer, cache_dir=download_dir)
+        if (source / "tokenizer.json").exists():
+            tok = Tokenizer.from_dir(source)
+        elif tokenizer is not None:
+            raise CheckpointError(f"tokenizer {tokenizer!r}: no tokenizer.json in {source}")
         if isinstance(quantization, str):
             quantization = QuantConfig(quantization)
         if quantization is None and adapter is not None:  # an adapter trained over a base quantized as it loaded
@@ -87,11 +98,9 @@ class Pipeline:
             _fold_adapter(model, adapter)
         if compile:
             model.compile_denoiser()
-        tok = None
-        if (ckpt / "tokenizer.json").exists():
-            from .tokenizer import Tokenizer
-
-            tok = Tokenizer.from_dir(ckpt)
+        if tok is not None and tokenizer is not None and tok.vocab_size > model.cfg.vocab_size:
+            raise CheckpointError(f"tokenizer {tokenizer!r} has {tok.vocab_size} tokens; the model's embedding has "
+                                  f"{model.cfg.vocab_size}")
         return cls(model, tok, read_generation_config(ckpt))
 
     # ------------------------------------------------------------ options

@@ -56,8 +56,9 @@ def dgemma_name(key: str) -> str | None:
 
 
 # ---------------------------------------------------------------- resolve
-def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint directory, or a hub id fetched through huggingface_hub (its cache first when offline)."""
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local checkpoint directory, or a hub id fetched through huggingface_hub (its cache first when offline;
+    `cache_dir`: that cache's directory instead of huggingface_hub's own, vLLM's --download-dir)."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -82,7 +83,7 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
 
         repo, tag = s.split(":", 1)
         try:
-            return gguf_model.sidecar(gguf_model.hub_file(repo, tag, revision))
+            return gguf_model.sidecar(gguf_model.hub_file(repo, tag, revision, cache_dir))
         except gguf_model.GGUFError as e:
             raise CheckpointError(str(e)) from None
         except RepositoryNotFoundError:
@@ -94,11 +95,12 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.model"]
     try:
-        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns, local_files_only=True,
+                                      cache_dir=cache_dir))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
     try:
-        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(s, revision=revision, allow_patterns=patterns, cache_dir=cache_dir))
     except RepositoryNotFoundError:
         raise CheckpointError(f"{s!r} was not found on the Hugging Face Hub (or needs a token: set HF_TOKEN)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:

@@ -119,6 +119,19 @@ def test_chat_template_option_on_every_model_command(ckpt_tok, tmp_path):
     assert p.returncode == 2 and "--chat-template: chat template does not parse" in p.stderr
 
 
+def test_tokenizer_option(ckpt, ckpt_tok, tmp_path, capsys):
+    """--tokenizer (vLLM's): another directory's tokenizer; a directory without one, or one larger than the model's
+    vocabulary, is a one-line error."""
+    from dgemma.cli import build_parser, load_pipeline, main
+
+    assert load_pipeline(build_parser().parse_args(["generate", str(ckpt), "--device", "cpu"])).tokenizer is None
+    pipe = load_pipeline(build_parser().parse_args(["generate", str(ckpt), "--device", "cpu", "--tokenizer",
+                                                    str(ckpt_tok)]))
+    assert pipe.tokenizer is not None and pipe.decode(pipe.encode("abc", add_bos=False)) == "abc"
+    assert main(["generate", str(ckpt_tok), "hi", "--tokenizer", str(tmp_path)]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+
+
 def test_generation_config_options(ckpt_tok, tmp_path, capsys):
     """vLLM's --generation-config auto|vllm|DIR and --override-generation-config: the defaults every request of
     generate / chat / serve / run-batch starts from."""

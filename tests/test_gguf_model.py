@@ -362,7 +362,7 @@ def test_hub_repo_and_quant_tag_online(model, tmp_path, monkeypatch):
     def no_cache(*a, **k):
         raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
 
-    def download(repo, name, revision=None):
+    def download(repo, name, revision=None, cache_dir=None):
         fetched.append((repo, name, revision))
         return str(src)
 

@@ -223,6 +223,17 @@ def test_hub_id_from_local_cache(saved, monkeypatch, tmp_path):
 
     args = build_parser().parse_args(["serve", "acme/tiny-dg", "--revision", "v2", "--device", "cpu"])
     assert load_pipeline(args).max_new_tokens == 77
+    # --download-dir (vLLM's): a cache directory of its own instead of huggingface_hub's
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(cache, elsewhere)
+    shutil.rmtree(cache)
+    with pytest.raises(CheckpointError):
+        resolve("acme/tiny-dg")
+    assert resolve("acme/tiny-dg", cache_dir=str(elsewhere)) == elsewhere / "models--acme--tiny-dg" / "snapshots" / (
+        "a" * 40)
+    args = build_parser().parse_args(["generate", "acme/tiny-dg", "x", "--download-dir", str(elsewhere),
+                                      "--revision", "v2", "--device", "cpu"])
+    assert load_pipeline(args).max_new_tokens == 77
 
 
 def test_not_a_path_or_id():
