@@ -799,7 +799,7 @@ def _server_settings(args, **kw):
         prefix_cache=args.prefix_cache, prefix_margin=args.prefix_cache_margin,
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
         adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk, seed=args.seed,
-        trust_request_chat_template=args.trust_request_chat_template,
+        trust_request_chat_template=args.trust_request_chat_template, max_lora_rank=args.max_lora_rank,
         allowed_media_domains=tuple(",".join(args.allowed_media_domains or ()).split(",")),
         allowed_local_media_path=args.allowed_local_media_path, **kw)
 
@@ -809,6 +809,15 @@ def _server_pipeline(args, settings):
     if settings.lora_modules and args.compile:
         raise UsageError("--lora cannot be combined with --compile (torch.compile does not apply to a model "
                          "serving LoRA adapters)")
+    if settings.lora_modules and settings.max_lora_rank is not None:  # before the (slow) model load
+        from .adapters import AdapterError
+        from .serve.app import check_lora_rank
+
+        try:
+            for _, path in settings.lora_modules:
+                check_lora_rank(path, settings.max_lora_rank)
+        except AdapterError as e:
+            raise UsageError(str(e)) from None
     gpu_memory_limit(args.gpu_memory_utilization, args.device)
     pipe = load_pipeline(args)
     if settings.lora_modules:
@@ -1647,6 +1656,10 @@ def _add_vllm_engine_args(s):
     g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",
                    help="vLLM's --lora: NAME=PATH or {\"name\": NAME, \"path\": PATH} (several)")
     g.add_argument("--enable-lora", action="store_true", help="(no effect: dgemma serves LoRA modules without it)")
+    g.add_argument("--max-lora-rank", type=int, metavar="R", help="refuse adapters of a rank above R (at start-up and "
+                   "through /v1/load_lora_adapter; default: any)")
+    g.add_argument("--max-loras", type=int, metavar="N", help="(no effect: rows of every served adapter share each "
+                   "forward, so there is no per-batch limit)")
     g.add_argument("--trust-remote-code", action="store_true", help="(no effect: dgemma runs no code from a "
                    "checkpoint)")
     g.add_argument("--enable-auto-tool-choice", action="store_true", help="(no effect: a request with tools always "

@@ -2042,6 +2042,25 @@ def test_runtime_lora_loading(ckpt, tmp_path, http):
         assert h.get("/v1/models/late").json()["dgemma"]["adapter"] == 2
 
 
+def test_max_lora_rank(ckpt, tmp_path):
+    """vLLM's --max-lora-rank: an adapter of a higher rank is refused at start-up (one line, before the model loads)
+    and through /v1/load_lora_adapter (a 400 naming the flag); --max-loras is accepted and changes nothing."""
+    from test_adapters import make_adapter
+
+    base = Pipeline.load(str(ckpt), device="cpu", quiet=True)
+    path = str(make_adapter(base.model, tmp_path / "r4", ("q_proj",), 1, rank=4))
+    r = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(free_port()),
+                        "--enable-lora", "--lora-modules", f"x={path}", "--max-lora-rank", "2", "--max-loras", "4"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "rank 4, above this server's --max-lora-rank 2" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    settings = ServerSettings(model_name=NAME, max_concurrency=1, allow_runtime_lora=True, max_lora_rank=2)
+    with ServerThread(create_app(base, settings)) as s:
+        err = assert_error(httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path}),
+                           400, param="lora_path")
+        assert "--max-lora-rank 2" in err["message"]
+
+
 # ---------------------------------------------------------------- health, metrics, page
 def test_health_and_metrics(server, http):
     h = http.get("/health").json()

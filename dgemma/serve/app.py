@@ -152,6 +152,7 @@ class State:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded." if name in self.adapters
                            else "lora_name must be a new, non-empty name (not the base model's)", param="lora_name")
         try:
+            check_lora_rank(path, self.settings.max_lora_rank)
             loaded = await asyncio.to_thread(read_adapter, self.pipe.model, Path(path).expanduser())
         except AdapterError as e:
             raise APIError(400, str(e), param="lora_path") from None
@@ -467,6 +468,22 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.count_request(endpoint, status[0], time.perf_counter() - t0)
+
+
+def check_lora_rank(path, max_rank: int | None) -> None:
+    """vLLM's --max-lora-rank: an AdapterError for an adapter of a higher rank (a directory that is no adapter is
+    left to read_adapter to name)."""
+    from ..adapters import AdapterError
+    from ..train.lora import LoRAError, read_adapter_config
+
+    if max_rank is None:
+        return
+    try:
+        rank = int(read_adapter_config(Path(path).expanduser())["r"])
+    except (LoRAError, OSError, ValueError):
+        return
+    if rank > max_rank:
+        raise AdapterError(f"the adapter at {path} has rank {rank}, above this server's --max-lora-rank {max_rank}")
 
 
 class RequestIdMiddleware:
