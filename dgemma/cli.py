@@ -718,6 +718,26 @@ def _lora_module(spec: str) -> tuple[str, str]:
     return name, str(Path(path).expanduser())
 
 
+def _image_limit(text: str | None) -> int | None:
+    """--limit-mm-per-prompt '{"image": N}' (vLLM's) -> N; video and audio only as 0 (dgemma takes neither)."""
+    if text is None:
+        return None
+    try:
+        limits = json.loads(text)
+    except json.JSONDecodeError:
+        limits = None
+    if not isinstance(limits, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in limits.values()):
+        raise UsageError(f"--limit-mm-per-prompt takes a JSON object of counts, e.g. '{{\"image\": 2}}'; got {text!r}")
+    unknown = sorted(set(limits) - {"image", "video", "audio"})
+    if unknown:
+        raise UsageError(f"--limit-mm-per-prompt: unknown modality {', '.join(unknown)} (image, video, audio)")
+    for kind in ("video", "audio"):
+        if limits.get(kind):
+            raise UsageError(f"--limit-mm-per-prompt: dgemma takes no {kind} input ({kind} may only be 0)")
+    return limits.get("image")
+
+
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 
@@ -800,6 +820,7 @@ def _server_settings(args, **kw):
         lora_modules=tuple(_lora_module(m) for m in args.lora or ()),
         adaptive_steps=_adaptive_steps(args.adaptive_steps), prefill_chunk=args.prefill_chunk, seed=args.seed,
         trust_request_chat_template=args.trust_request_chat_template, max_lora_rank=args.max_lora_rank,
+        limit_images=_image_limit(args.limit_mm_per_prompt),
         allowed_media_domains=tuple(",".join(args.allowed_media_domains or ()).split(",")),
         allowed_local_media_path=args.allowed_local_media_path, **kw)
 
@@ -1651,6 +1672,8 @@ def _add_vllm_engine_args(s):
                    "are aliases of the first, which responses and /v1/models' first card carry")
     g.add_argument("--seed", type=int, metavar="N", help="draw the seeds of requests that name none from a "
                    "generator seeded with N, in the order they are planned (default: each at random)")
+    g.add_argument("--limit-mm-per-prompt", metavar="JSON", help="'{\"image\": N}': at most N images in one request "
+                   "(0: text only); video and audio, which dgemma does not take, may only be 0")
     g.add_argument("--trust-request-chat-template", action="store_true", help="let chat and /tokenize requests "
                    "bring their own chat_template (a Jinja template, rendered in a sandbox); off: a 400")
     g.add_argument("--lora-modules", nargs="+", action="extend", dest="lora", metavar="NAME=PATH",

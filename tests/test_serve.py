@@ -2121,7 +2121,7 @@ def test_a_vllm_serve_command_line_runs_as_it_is(ckpt, tmp_path):
                              "--reasoning-parser", "gemma4", "--enforce-eager", "--kv-cache-dtype", "auto",
                              "--gpu-memory-utilization", "0.9", "--disable-log-requests", "--disable-log-stats",
                              "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log", "--root-path", "/dg",
-                             "--enable-request-id-headers",
+                             "--enable-request-id-headers", "--limit-mm-per-prompt", '{"image": 0, "video": 0}',
                              "--override-generation-config", '{"max_denoising_steps": 3, "max_new_tokens": 5}', *tls],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
@@ -2144,6 +2144,10 @@ def test_a_vllm_serve_command_line_runs_as_it_is(ckpt, tmp_path):
                                                      "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 200 and r.json()["model"] == "gemma"  # vLLM's: the first name
             assert_error(h.post("/v1/completions", json={"model": "other", "prompt": "x"}), 404, "model_not_found")
+            image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+            err = assert_error(h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "hi"}, image]}]}), 400, param="messages.0.content.1")
+            assert "at most 0 image(s)" in err["message"] and "--limit-mm-per-prompt" in err["message"]
             ids = h.post("/tokenize", json={"model": "gemma", "messages": [{"role": "user", "content": "hi"}]})
             text = h.post("/detokenize", json={"tokens": ids.json()["tokens"]}).json()["prompt"]
             assert text.endswith("<<user>>hi<<model>>")
@@ -2172,6 +2176,9 @@ def test_a_vllm_serve_command_line_runs_as_it_is(ckpt, tmp_path):
     (["--lora-modules", '{"name": "x"}'], 'needs string "name" and "path"'),
     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
     (["--model", "elsewhere"], "MODEL given twice"),
+    (["--limit-mm-per-prompt", '{"video": 1}'], "dgemma takes no video input"),
+    (["--limit-mm-per-prompt", "image=2"], "takes a JSON object of counts"),
+    (["--limit-mm-per-prompt", '{"pointcloud": 1}'], "unknown modality pointcloud"),
 ])
 def test_vllm_options_dgemma_cannot_honour_are_one_line_errors(ckpt, argv, message):
     r = subprocess.run([sys.executable, "-m", "dgemma.cli", "serve", str(ckpt), "--port", str(free_port()), *argv],

@@ -383,6 +383,10 @@ class Planner:
                 for j, part in enumerate(content):
                     where = f"messages.{i}.content.{j}"
                     if part.type == "image_url":
+                        limit = self.settings.limit_images
+                        if limit is not None and len(images) >= limit:  # before this one is read or fetched
+                            raise invalid(f"at most {limit} image(s) may be sent in one request on this server "
+                                          "(--limit-mm-per-prompt)", where)
                         images.append(self._image(getattr(part, "image_url", None), where))
                         text += IMAGE_MARKER
                     elif part.type != "text" or part.text is None:

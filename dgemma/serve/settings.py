@@ -50,6 +50,8 @@ class ServerSettings:
     # vLLM's --seed: the seeds of requests that name none are drawn from a generator seeded with this, in the order
     # the server plans them (None: each from the OS's randomness)
     seed: int | None = None
+    # vLLM's --limit-mm-per-prompt '{"image": N}': at most N images in one request (None: no limit but the body's)
+    limit_images: int | None = None
     # vLLM's --max-lora-rank: adapters of a higher rank are refused, at start-up and at run time (None: any rank)
     max_lora_rank: int | None = None
     # vLLM's --trust-request-chat-template: requests may bring their own Jinja chat template (off: a 400)
@@ -82,6 +84,8 @@ class ServerSettings:
             raise ValueError("api-key is empty")
         if not self.model_name:
             raise ValueError("model-name is empty")
+        if self.limit_images is not None and (not isinstance(self.limit_images, int) or self.limit_images < 0):
+            raise ValueError(f"the image limit must be >= 0, got {self.limit_images!r}")
         if self.max_lora_rank is not None and (not isinstance(self.max_lora_rank, int) or self.max_lora_rank < 1):
             raise ValueError(f"max-lora-rank must be a positive integer, got {self.max_lora_rank!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
