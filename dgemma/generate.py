@@ -762,7 +762,7 @@ class Engine:
             r.prefilled = r.reused
             if r.p.prompt_logprobs is None:
                 key = (tuple(r.prompt), r.p.adapter, r.p.mode == AR or r.p.ar_fallback is not None,
-                       tuple(img.digest for img in r.p.images or ()))
+                       tuple(img.digest for img in r.p.images or ()), r.p.cache_salt)
                 groups.setdefault(key, []).append(r)
         for group in groups.values():
             src = max(group, key=lambda r: r.reused)  # the one with the least left to encode

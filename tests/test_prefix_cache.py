@@ -105,6 +105,9 @@ def test_cache_salt_keeps_each_salts_prefixes_apart(model):
     _run(engine, p, params.replace(cache_salt="alice"))
     again = _run(engine, p, params.replace(cache_salt="alice"))
     assert again.stats["cached_prompt_tokens"] == len(p) and again.tokens == first.tokens == other.tokens
+    # rows of one prefill share a prompt's encoding only within a salt too
+    done = generate(model, [p] * 3, [params.replace(cache_salt=s) for s in ("a", "b", "a")])
+    assert [d.stats["cached_prompt_tokens"] for d in done] == [0, 0, len(p)]
 
 
 def test_prefix_cache_off_by_default_and_for_prompt_scoring(model):
