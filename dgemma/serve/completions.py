@@ -353,9 +353,9 @@ class Planner:
             raise unsupported("the deprecated functions / function_call fields are not supported: send tools and "
                               "tool_choice", "functions" if req.functions else "function_call")
         tools, tool_grammar_, tool_names = self._tools(req)
-        prompt, images = self._encode_chat(req, tools)
-        kw = self._template_kwargs(req)
-        thinking = bool(kw.get("enable_thinking")) and self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
+        prompt, images = self._encode_chat(req, tools)  # checks chat_template_kwargs and chat_template
+        thinking = bool((req.chat_template_kwargs or {}).get("enable_thinking")) and \
+            self.pipe.tokenizer.token_to_id(THOUGHT_OPEN) is not None
         grammar = tool_grammar_
         if grammar is None and thinking:  # structured output holds the answer, after the thought
             grammar = self._grammar(req, suffix=False)
